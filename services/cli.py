@@ -1,0 +1,372 @@
+"""The `fitscope` command line. One small function per command; heavy imports inside commands.
+
+Exit codes: 0 success, 1 a failure inside fitscope or a trial, 2 bad input (a spec, a flag, a
+setting or URL, a schema that needs `fitscope db upgrade`), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(help="fitscope: grids of training runs through a real queue into a shared database.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+BAD_INPUT = 2
+
+
+class ExportWhat(StrEnum):
+    epochs = "epochs"
+    trials = "trials"
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    json = "json"
+
+
+def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
+    """Print one sentence to stderr and exit; never a traceback for an error a user can cause."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings():
+    from services.config import ConfigError, get_settings
+
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _engine(settings, *, check_schema: bool = True):
+    from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine
+    from services.migrate import ensure_schema_at_head
+
+    engine = make_engine(settings.effective_database_url)
+    if check_schema:
+        try:
+            ensure_schema_at_head(engine)
+        except (SchemaNotAtHead, DatabaseUnreachable) as exc:
+            fail(str(exc))
+    return engine
+
+
+def _read_spec(path: Path, settings):
+    from services.spec import SpecError, parse_spec
+
+    if not path.is_file():
+        fail(f"spec file {str(path)!r} not found; pass the path of a YAML grid spec")
+    if path.stat().st_size > settings.max_spec_bytes:
+        fail(f"spec file {str(path)!r} is {path.stat().st_size} bytes, over the cap of "
+             f"{settings.max_spec_bytes} (FITSCOPE_MAX_SPEC_BYTES)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"spec file {str(path)!r} is not UTF-8 text; save it as UTF-8")
+    try:
+        spec = parse_spec(text, max_bytes=settings.max_spec_bytes)
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(BAD_INPUT) from None
+    for warning in spec.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    return spec, text
+
+
+@app.command()
+def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
+             json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """Check a spec and print how many trials it expands to, or every problem with its key."""
+    from services.spec import SpecError, count_trials, expand
+
+    settings = _settings()
+    spec, _ = _read_spec(spec_file, settings)
+    try:
+        trials = len(expand(spec, max_trials=settings.max_trials_per_experiment))
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(BAD_INPUT) from None
+    assert trials == count_trials(spec)
+    if json_output:
+        typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": trials, "warnings": spec.warnings}))
+    else:
+        typer.echo(f"{spec.name}: {trials} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+
+
+@app.command()
+def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
+           wait: Annotated[bool, typer.Option("--wait", help="Show progress until every trial has ended.")] = False,
+           json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 0):
+    """Write an experiment and its trials in one transaction, then queue the trials."""
+    from services.db import session_scope
+    from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+    from services.spec import SpecError
+    from services.submission import submit as submit_spec
+
+    settings = _settings()
+    spec, text = _read_spec(spec_file, settings)
+    engine = _engine(settings)
+    producer = make_celery(settings)
+    try:
+        check_broker(producer)  # before writing, so a dead broker leaves no orphan rows
+    except BrokerUnreachable as exc:
+        fail(str(exc))
+    try:
+        with session_scope(engine) as session:
+            submitted = submit_spec(session, spec=spec, spec_text=text, submitted_by=_submitter(settings),
+                                    max_trials=settings.max_trials_per_experiment)
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(BAD_INPUT) from None
+    try:
+        enqueue_trials(producer, submitted.trials)
+    except Exception as exc:
+        fail(f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
+             f"({type(exc).__name__}); once the broker is back run `fitscope requeue "
+             f"{submitted.experiment_id} --status queued`", code=1)
+    if not json_output:
+        typer.echo(f"experiment {submitted.experiment_id}: {len(submitted.trials)} trials queued")
+    summary = _wait(engine, submitted.experiment_id, timeout=timeout, quiet=json_output) if wait else None
+    if json_output:
+        payload = {"experiment_id": submitted.experiment_id, "trial_ids": submitted.trial_ids}
+        if summary is not None:
+            payload["summary"] = summary.as_json()
+        typer.echo(json.dumps(payload))
+    if summary is not None and summary.counts.get("failed", 0):
+        raise typer.Exit(1)
+
+
+def _submitter(settings) -> str | None:
+    import getpass
+
+    if settings.submitted_by:
+        return settings.submitted_by
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return None
+
+
+def _wait(engine, experiment_id: int, *, timeout: float, quiet: bool):
+    from services.db import session_scope
+    from services.queries import get_experiment
+
+    started = time.monotonic()
+    last_line = ""
+    while True:
+        with session_scope(engine) as session:
+            summary = get_experiment(session, experiment_id)
+        line = _progress_line(summary)
+        if not quiet and line != last_line:
+            typer.echo("\r" + line, nl=False, err=True)
+            last_line = line
+        if summary.finished:
+            if not quiet:
+                typer.echo("", err=True)
+            return summary
+        if timeout and time.monotonic() - started > timeout:
+            if not quiet:
+                typer.echo("", err=True)
+            fail(f"experiment {experiment_id} did not finish within {timeout:g} s", code=1)
+        time.sleep(0.1)
+
+
+def _progress_line(summary) -> str:
+    width = 30
+    filled = int(round(summary.progress * width))
+    counts = " ".join(f"{k}={v}" for k, v in summary.counts.items() if v)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {summary.progress:6.1%}  {counts}"
+
+
+@app.command()
+def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.")] = None,
+           json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N experiments.")] = 50):
+    """Experiments with their trial counts per status."""
+    from services.db import session_scope
+    from services.queries import list_experiments
+
+    settings = _settings()
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        ids = [experiment_id] if experiment_id is not None else None
+        summaries = list_experiments(session, experiment_ids=ids, limit=limit)
+    if experiment_id is not None and not summaries:
+        fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
+    if json_output:
+        typer.echo(json.dumps([s.as_json() for s in summaries]))
+        return
+    if not summaries:
+        typer.echo("no experiments yet; submit one with `fitscope submit examples/quickstart.yaml`")
+        return
+    statuses = list(summaries[0].counts)
+    typer.echo(f"{'id':>5}  {'name':<28} {'trials':>6} " + " ".join(f"{s:>9}" for s in statuses) + "  progress")
+    for s in summaries:
+        counts = " ".join(f"{s.counts[k]:>9}" for k in statuses)
+        typer.echo(f"{s.id:>5}  {s.name[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
+
+
+@app.command()
+def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.")]):
+    """Cancel queued trials now; running ones stop at their next epoch boundary and keep their rows."""
+    from services.db import session_scope
+    from services.queries import get_experiment
+    from services.trials import cancel_experiment
+
+    engine = _engine(_settings())
+    with session_scope(engine) as session:
+        if get_experiment(session, experiment_id) is None:
+            fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
+        counts = cancel_experiment(session, experiment_id)
+    typer.echo(f"experiment {experiment_id}: {counts['cancelled']} queued trials cancelled, "
+               f"{counts['stopping']} running trials asked to stop")
+
+
+@app.command()
+def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.")],
+            status_: Annotated[list[str], typer.Option("--status", help="Statuses to re-queue (repeatable).")]
+            = ["failed", "cancelled"]):  # noqa: B006 - typer needs a literal default
+    """Re-queue ended trials (default: failed and cancelled) with fresh attempts."""
+    from services.db import session_scope
+    from services.models import TrialStatus
+    from services.queries import get_experiment
+    from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+    from services.trials import requeue_trials
+
+    allowed = {s.value for s in TrialStatus} - {"running"}
+    for value in status_:
+        if value not in allowed:
+            fail(f"--status {value!r} is not a re-queueable status; use one of {', '.join(sorted(allowed))}")
+    settings = _settings()
+    engine = _engine(settings)
+    producer = make_celery(settings)
+    try:
+        check_broker(producer)
+    except BrokerUnreachable as exc:
+        fail(str(exc))
+    with session_scope(engine) as session:
+        if get_experiment(session, experiment_id) is None:
+            fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
+        trials = requeue_trials(session, experiment_id, statuses=tuple(status_))
+    enqueue_trials(producer, trials)
+    typer.echo(f"experiment {experiment_id}: {len(trials)} trials re-queued")
+
+
+@app.command()
+def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.")],
+           what: Annotated[ExportWhat, typer.Option(help="epochs: one row per trial and epoch; "
+                                                         "trials: one row per trial.")] = ExportWhat.trials,
+           format_: Annotated[ExportFormat, typer.Option("--format", help="csv or json.")] = ExportFormat.csv,
+           output: Annotated[Path | None, typer.Option("-o", "--output", help="File; default stdout.")] = None):
+    """Export an experiment's trials or per-epoch metrics as CSV or JSON."""
+    from services.db import session_scope
+    from services.export import write_rows
+    from services.queries import epoch_rows, get_experiment, trial_rows
+
+    engine = _engine(_settings())
+    with session_scope(engine) as session:
+        if get_experiment(session, experiment_id) is None:
+            fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
+        rows = epoch_rows(session, experiment_id) if what == ExportWhat.epochs else trial_rows(session, experiment_id)
+    if output is not None and not output.parent.is_dir():
+        fail(f"--output folder {str(output.parent)!r} does not exist; create it or choose another path")
+    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        write_rows(rows, stream, format_.value)
+    finally:
+        if output:
+            stream.close()
+    if output:
+        typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
+
+
+@app.command()
+def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu, gpu.")] = "cpu",
+           concurrency: Annotated[int | None, typer.Option(min=1, max=256,
+                                                           help="Training processes; default the setting.")] = None,
+           name: Annotated[str | None, typer.Option(help="Worker name; default fitscope@host.")] = None,
+           loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO"):
+    """Run a Celery worker that trains trials from the given queues."""
+    from services.queue import QUEUES, BrokerUnreachable, check_broker
+    from worker.celery_app import create_app
+
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in chosen if q not in QUEUES]
+    if not chosen or unknown:
+        fail(f"--queues {queues!r} names unknown queues; use cpu, gpu or cpu,gpu")
+    settings = _settings()
+    engine = _engine(settings)
+    engine.dispose()  # nothing inherited into the pool's forked processes
+    celery_app = create_app(settings)
+    try:
+        check_broker(celery_app)
+    except BrokerUnreachable as exc:
+        fail(str(exc))
+    argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
+            f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
+    if name:
+        argv.append(f"--hostname={name}")
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def up():
+    """Run everything on this machine: broker (embedded unless configured), migrations, one worker and
+    the dashboard. Ctrl-C stops them all."""
+    from services.launcher import LaunchError, run_stack
+
+    try:
+        raise typer.Exit(run_stack(_settings(), echo=typer.echo))
+    except LaunchError as exc:
+        fail(str(exc), code=1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"):
+    """Create or upgrade the schema (safe to run from several processes at once)."""
+    from services.db import DatabaseUnreachable
+    from services.migrate import current_revision, upgrade
+
+    settings = _settings()
+    engine = _engine(settings, check_schema=False)
+    try:
+        current_revision(engine)  # one clear sentence when the database does not answer
+    except DatabaseUnreachable as exc:
+        fail(str(exc))
+    upgrade(settings.effective_database_url, revision)
+    typer.echo(f"database at {engine.url.render_as_string(hide_password=True)} is at {current_revision(engine)}")
+
+
+@db_app.command("current")
+def db_current():
+    """Print the schema revision of the database and the one this fitscope needs."""
+    from services.db import DatabaseUnreachable
+    from services.migrate import current_revision, head_revision
+
+    engine = _engine(_settings(), check_schema=False)
+    try:
+        typer.echo(json.dumps({"current": current_revision(engine), "head": head_revision()}))
+    except DatabaseUnreachable as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

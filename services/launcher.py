@@ -1,0 +1,114 @@
+"""`fitscope up`: start the broker (embedded Valkey unless one is configured), migrate, then one worker
+and the dashboard as child processes; stop them all on Ctrl-C or when one of them dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.config import Settings
+
+DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+class LaunchError(RuntimeError):
+    """Something `fitscope up` needs could not start; the message says what to change."""
+
+
+def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int:
+    from services.broker import BrokerStartError, start_embedded_broker
+    from services.db import DatabaseUnreachable, make_engine
+    from services.migrate import current_revision, upgrade
+    from services.queue import BrokerUnreachable, check_broker, make_celery
+
+    broker = None
+    if settings.uses_embedded_broker:
+        try:
+            broker = start_embedded_broker(data_dir=settings.home / "broker", port=settings.embedded_broker_port,
+                                           host=settings.bind_host)
+        except BrokerStartError as exc:
+            raise LaunchError(str(exc)) from None
+        echo(f"broker     {broker.url} (embedded Valkey, append-only file in {broker.data_dir})")
+    children: list[tuple[str, subprocess.Popen]] = []
+    try:
+        if broker is None:
+            try:
+                check_broker(make_celery(settings))
+            except BrokerUnreachable as exc:
+                raise LaunchError(str(exc)) from None
+            echo(f"broker     {settings.effective_broker_url}")
+        try:
+            current_revision(make_engine(settings.effective_database_url))
+        except DatabaseUnreachable as exc:
+            raise LaunchError(str(exc)) from None
+        upgrade(settings.effective_database_url)
+        echo(f"database   {_redacted_db(settings)} (schema at head)")
+        env = {**os.environ, "FITSCOPE_BROKER_URL": settings.effective_broker_url,
+               "FITSCOPE_DATABASE_URL": settings.effective_database_url}
+        children.append(("worker", _spawn([sys.executable, "-m", "services.cli", "worker"], env)))
+        children.append(("dashboard", _spawn(_dashboard_command(settings), env)))
+        echo(f"dashboard  http://{settings.bind_host}:{settings.dashboard_port}")
+        echo("worker     1 process on queue cpu (add more with `fitscope worker` in another shell)")
+        echo("Ctrl-C stops everything.")
+        return _supervise(children, echo)
+    finally:
+        for _name, process in reversed(children):
+            _stop(process)
+        if broker is not None:
+            broker.stop()
+
+
+def _dashboard_command(settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP),
+            "--server.address", settings.bind_host, "--server.port", str(settings.dashboard_port),
+            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # Own process group, so that Ctrl-C reaches us once and we stop the children in order.
+    return subprocess.Popen(command, env=env, start_new_session=True)
+
+
+def _supervise(children: list[tuple[str, subprocess.Popen]], echo: Callable[[str], None]) -> int:
+    stop = {"requested": False}
+
+    def _request_stop(_signum, _frame):
+        stop["requested"] = True
+
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop["requested"]:
+            for name, process in children:
+                if process.poll() is not None:
+                    echo(f"{name} exited with code {process.returncode}; stopping the rest")
+                    return 1
+            time.sleep(0.5)
+        echo("stopping ...")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _redacted_db(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.effective_database_url).render_as_string(hide_password=True)

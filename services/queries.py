@@ -1,0 +1,128 @@
+"""The read side that the CLI and the dashboard share. Returns plain DTOs and rows, never ORM objects."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from services.models import TERMINAL_STATUSES, EpochMetric, Experiment, Trial, TrialStatus
+from services.trials import EPOCH_METRIC_FIELDS
+
+
+@dataclass(frozen=True)
+class ExperimentSummary:
+    id: int
+    name: str
+    method: str
+    submitted_by: str | None
+    created_at: datetime
+    trials: int
+    counts: dict[str, int] = field(default_factory=dict)  # every TrialStatus, zeros included
+    epochs_done: int = 0
+    epochs_planned: int = 0
+
+    @property
+    def ended(self) -> int:
+        return sum(self.counts.get(status, 0) for status in TERMINAL_STATUSES)
+
+    @property
+    def finished(self) -> bool:
+        return self.ended == self.trials
+
+    @property
+    def progress(self) -> float:
+        """Fraction of planned epochs done, counting ended trials as complete (0..1)."""
+        return 1.0 if self.finished else (self.epochs_done / self.epochs_planned if self.epochs_planned else 0.0)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["progress"] = round(self.progress, 4)
+        data["finished"] = self.finished
+        return data
+
+
+def list_experiments(session: Session, *, experiment_ids: list[int] | None = None,
+                     limit: int = 500) -> list[ExperimentSummary]:
+    """Experiments newest first, each with trial counts per status and epoch progress."""
+    query = select(Experiment).order_by(Experiment.id.desc()).limit(limit)
+    if experiment_ids is not None:
+        query = query.where(Experiment.id.in_(experiment_ids))
+    experiments = session.scalars(query).all()
+    if not experiments:
+        return []
+    ids = [experiment.id for experiment in experiments]
+    counts: dict[int, dict[str, int]] = {i: {status.value: 0 for status in TrialStatus} for i in ids}
+    for experiment_id, status, n in session.execute(
+        select(Trial.experiment_id, Trial.status, func.count())
+        .where(Trial.experiment_id.in_(ids)).group_by(Trial.experiment_id, Trial.status)
+    ):
+        counts[experiment_id][status] = n
+    epochs: dict[int, tuple[int, int]] = {}
+    for experiment_id, done, planned in _epoch_progress(session, ids):
+        epochs[experiment_id] = (done, planned)
+    return [
+        ExperimentSummary(
+            id=e.id, name=e.name, method=e.method, submitted_by=e.submitted_by, created_at=e.created_at,
+            trials=sum(counts[e.id].values()), counts=counts[e.id],
+            epochs_done=epochs.get(e.id, (0, 0))[0], epochs_planned=epochs.get(e.id, (0, 0))[1],
+        )
+        for e in experiments
+    ]
+
+
+def _epoch_progress(session: Session, ids: list[int]):
+    # Planned epochs per trial come from its JSON config; summed in Python to stay dialect-neutral.
+    rows = session.execute(
+        select(Trial.experiment_id, Trial.epochs_done, Trial.config["epochs"].as_integer())
+        .where(Trial.experiment_id.in_(ids))
+    ).all()
+    totals: dict[int, list[int]] = {}
+    for experiment_id, done, planned in rows:
+        total = totals.setdefault(experiment_id, [0, 0])
+        total[0] += done or 0
+        total[1] += planned or 0
+    return [(experiment_id, done, planned) for experiment_id, (done, planned) in totals.items()]
+
+
+def get_experiment(session: Session, experiment_id: int) -> ExperimentSummary | None:
+    found = list_experiments(session, experiment_ids=[experiment_id])
+    return found[0] if found else None
+
+
+def trial_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
+    """One flat row per trial: id, status, every config parameter, and every final metric."""
+    trials = session.scalars(
+        select(Trial).where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
+    ).all()
+    rows = []
+    for trial in trials:
+        row: dict[str, Any] = {
+            "trial_id": trial.id, "ordinal": trial.ordinal, "status": trial.status, "attempts": trial.attempts,
+            "worker": trial.worker, "epochs_done": trial.epochs_done, "best_epoch": trial.best_epoch,
+            "started_at": _iso(trial.started_at), "finished_at": _iso(trial.finished_at), "error": trial.error,
+        }
+        row.update(trial.config)
+        row.update(trial.final_metrics or {})
+        rows.append(row)
+    return rows
+
+
+def epoch_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
+    """Every per-epoch row of an experiment, with its trial id, ordered by trial then epoch."""
+    columns = [getattr(EpochMetric, name) for name in EPOCH_METRIC_FIELDS]
+    result = session.execute(
+        select(EpochMetric.trial_id, EpochMetric.epoch, *columns)
+        .join(Trial, Trial.id == EpochMetric.trial_id)
+        .where(Trial.experiment_id == experiment_id)
+        .order_by(EpochMetric.trial_id, EpochMetric.epoch)
+    )
+    return [dict(row._mapping) for row in result]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,78 @@
+"""The Celery side that both the submitter and the worker share: configuration, queue names, and
+sending trial ids. Messages carry ids only (JSON); workers re-fetch state from the database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+from kombu import Queue
+
+from services.config import Settings
+
+RUN_TRIAL_TASK = "fitscope.run_trial"
+QUEUES = ("cpu", "gpu")
+
+
+class BrokerUnreachable(RuntimeError):
+    """The broker URL does not answer; the message names the URL and what to check."""
+
+
+def celery_config(settings: Settings) -> dict:
+    """Settings for a long-running-task queue: late acks, one message at a time, JSON only."""
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Redis re-delivers an unacknowledged message after this long, so it must outlast any trial.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_backend": None,  # results live in the database, not in Celery
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_queue": "cpu",
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, *, name: str = "fitscope") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def check_broker(app: Celery, *, timeout_s: float = 5.0) -> None:
+    """Fail fast with one sentence when the broker does not answer."""
+    url = app.conf.broker_url
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+    except Exception as exc:  # kombu raises several unrelated types for a dead broker
+        raise BrokerUnreachable(
+            f"cannot reach the broker at {_redact(url)} ({type(exc).__name__}); start it with `fitscope up` "
+            "or set FITSCOPE_BROKER_URL to a running Redis"
+        ) from None
+
+
+def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
+    """Send one message per (trial_id, queue) over one connection; call only after the commit."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for trial_id, queue in trials:
+            app.send_task(RUN_TRIAL_TASK, args=[trial_id], queue=queue, producer=producer)
+            sent += 1
+    return sent
+
+
+def _redact(url: str) -> str:
+    from services.config import _redact as redact
+
+    return redact(url)

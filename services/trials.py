@@ -1,0 +1,138 @@
+"""A trial's life in the database: claim, per-epoch rows, finish, cancel, re-queue.
+
+Each helper takes a session and never commits. Claims are single conditional UPDATEs, so two
+workers handed the same trial cannot both run it, and a re-delivered message for a trial that has
+already ended changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialStatus, utcnow
+
+EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds")
+
+
+@dataclass(frozen=True)
+class Claim:
+    trial_id: int
+    config: dict[str, Any]
+    attempt: int
+
+
+def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
+                redelivered: bool = False) -> Claim | None:
+    """Mark the trial running on ``worker`` and return what to train, or None when there is
+    nothing to do (finished, cancelled, unknown, running elsewhere, or out of attempts, which
+    marks it failed).
+
+    A trial already ``running`` whose message the broker *re-delivered* was left by a worker that
+    died: it is taken over, and the rows of the dead attempt are removed so no epoch is written
+    twice. A plain duplicate message for a running trial is ignored.
+    """
+    trial = session.get(Trial, trial_id)
+    if trial is None or trial.status in TERMINAL_STATUSES:
+        return None
+    if trial.status == TrialStatus.running and not redelivered:
+        return None
+    if trial.attempts >= max_attempts:
+        finish_trial(session, trial_id, status=TrialStatus.failed,
+                     error=f"gave up after {trial.attempts} attempts: the worker running it stopped each time")
+        return None
+    previous_status, previous_attempts = trial.status, trial.attempts
+    claimed = session.execute(
+        update(Trial)
+        .where(Trial.id == trial_id, Trial.status == previous_status, Trial.attempts == previous_attempts)
+        .values(status=TrialStatus.running, attempts=previous_attempts + 1, worker=worker,
+                started_at=utcnow(), epochs_done=0, error=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed != 1:
+        return None  # another worker got there first
+    if previous_status == TrialStatus.running:
+        session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id))
+    return Claim(trial_id=trial_id, config=dict(trial.config), attempt=previous_attempts + 1)
+
+
+def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
+    """Write one epoch's row and advance the trial's progress. Returns True when the trial has
+    been asked to stop (cancelled), so the engine ends at this epoch boundary."""
+    epoch = int(metrics["epoch"])
+    row = {name: _finite_or_none(metrics.get(name)) for name in EPOCH_METRIC_FIELDS}
+    session.execute(insert(EpochMetric), [{"trial_id": trial_id, "epoch": epoch, **row}])
+    session.execute(
+        update(Trial).where(Trial.id == trial_id).values(epochs_done=epoch)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
+
+
+def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
+                 best_epoch: int | None = None, error: str | None = None) -> None:
+    """Record how a trial ended. ``error`` is kept short enough to show in a table."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
+    if final_metrics is not None:
+        values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
+        values["best_epoch"] = best_epoch
+    session.execute(
+        update(Trial).where(Trial.id == trial_id).values(**values).execution_options(synchronize_session=False)
+    )
+
+
+def cancel_experiment(session: Session, experiment_id: int) -> dict[str, int]:
+    """Queued trials become ``cancelled`` at once (they will never start); running ones are asked to
+    stop at their next epoch boundary. Returns how many of each."""
+    queued = session.execute(
+        update(Trial)
+        .where(Trial.experiment_id == experiment_id, Trial.status == TrialStatus.queued)
+        .values(status=TrialStatus.cancelled, cancel_requested=True, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    running = session.execute(
+        update(Trial)
+        .where(Trial.experiment_id == experiment_id, Trial.status == TrialStatus.running)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return {"cancelled": queued, "stopping": running}
+
+
+def requeue_trials(session: Session, experiment_id: int, *, statuses: tuple[str, ...] = (
+        TrialStatus.failed, TrialStatus.cancelled)) -> list[tuple[int, str]]:
+    """Put ended trials of the given statuses back in the queue with a fresh attempt count and no
+    rows; returns (trial id, queue) to send after the commit."""
+    trials = session.execute(
+        select(Trial.id, Trial.queue).where(Trial.experiment_id == experiment_id, Trial.status.in_(statuses))
+    ).all()
+    ids = [row.id for row in trials]
+    if ids:
+        session.execute(delete(EpochMetric).where(EpochMetric.trial_id.in_(ids)))
+        session.execute(
+            update(Trial).where(Trial.id.in_(ids))
+            .values(status=TrialStatus.queued, attempts=0, cancel_requested=False, worker=None, error=None,
+                    epochs_done=0, best_epoch=None, final_metrics=None, started_at=None, finished_at=None)
+            .execution_options(synchronize_session=False)
+        )
+    return [(row.id, row.queue) for row in trials]
+
+
+def count_epoch_rows(session: Session, trial_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(EpochMetric).where(EpochMetric.trial_id == trial_id))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clip(text: str | None, limit: int = 4000) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 20] + " ... (truncated)"

@@ -1,0 +1,84 @@
+"""Celery tasks: thin, like web views. They take a trial id, claim it, call the training engine and
+persist what it reports. A message re-delivered for a trial that has ended does nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from dataclasses import asdict
+
+from celery import Celery, Task
+from sqlalchemy import Engine
+
+from services.config import get_settings
+from services.db import make_engine, session_scope
+from services.models import TrialStatus
+from services.queue import RUN_TRIAL_TASK
+from services.trials import Claim, claim_trial, finish_trial, record_epoch
+
+log = logging.getLogger(__name__)
+_engine: Engine | None = None
+
+
+def _get_engine() -> Engine:
+    global _engine
+    if _engine is None:
+        _engine = make_engine(get_settings().effective_database_url)
+    return _engine
+
+
+def reset_process_state() -> None:
+    """Called in each new pool process: never reuse connections inherited through a fork."""
+    global _engine
+    if _engine is not None:
+        _engine.dispose(close=False)
+    _engine = None
+
+
+def register(app: Celery) -> None:
+    app.task(name=RUN_TRIAL_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_trial)
+
+
+def run_trial(task: Task, trial_id: int) -> str:
+    """Train one trial end to end; returns its final status (or "skipped")."""
+    engine = _get_engine()
+    worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"
+    with session_scope(engine) as session:
+        claim = claim_trial(session, int(trial_id), worker=worker, max_attempts=get_settings().max_attempts,
+                            redelivered=bool((task.request.delivery_info or {}).get("redelivered")))
+    if claim is None:
+        log.info("trial %s: nothing to do (already ended or taken)", trial_id)
+        return "skipped"
+    return execute_claim(engine, claim)
+
+
+def execute_claim(engine: Engine, claim: Claim) -> str:
+    """Run a claimed trial through the engine, writing each epoch's row as it ends."""
+    from services.trial_config import TrialConfig
+    from worker.training import DeviceUnavailable, train_trial
+
+    def on_epoch(metrics) -> bool:
+        with session_scope(engine) as session:
+            return record_epoch(session, claim.trial_id, asdict(metrics))
+
+    try:
+        config = TrialConfig.model_validate(claim.config)
+        result = train_trial(config, on_epoch=on_epoch)
+    except DeviceUnavailable as exc:
+        return _fail(engine, claim.trial_id, str(exc))
+    except Exception as exc:  # a bug or bad state in one trial must not take the worker down
+        log.exception("trial %s failed", claim.trial_id)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        return _fail(engine, claim.trial_id, f"{detail}\n{traceback.format_exc(limit=8)}")
+    with session_scope(engine) as session:
+        finish_trial(session, claim.trial_id, status=TrialStatus(result.status),
+                     final_metrics=result.final_metrics, best_epoch=result.best_epoch, error=result.message)
+    return result.status
+
+
+def _fail(engine: Engine, trial_id: int, error: str) -> str:
+    with session_scope(engine) as session:
+        finish_trial(session, trial_id, status=TrialStatus.failed, error=error)
+    return TrialStatus.failed.value
