@@ -111,12 +111,14 @@ class WorkerProcess:
                                         cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 90, processes: int = 1) -> None:
+        """Until the worker consumes and its training processes have warmed up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            if "ready." in self.log():
+            log = self.log()
+            if "ready." in log and log.count("training process") >= processes:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")

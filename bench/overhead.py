@@ -1,0 +1,108 @@
+"""What the service costs over training directly.
+
+Runs the same 40 small trials (20 epochs each) twice in one go:
+  direct  - the training function called in a loop in this process, no database, no queue;
+  service - submitted (one transaction), queued on a real Valkey broker, trained by a real
+            `fitscope worker` process that writes one row per epoch into SQLite, waited for
+            by polling the database as `fitscope submit --wait` does.
+and prints both wall times and their ratio. Both sides use one torch thread per training process.
+
+    .venv/bin/python bench/overhead.py [--trials 40] [--epochs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.broker import free_port, start_embedded_broker  # noqa: E402
+from services.config import Settings  # noqa: E402
+from services.db import make_engine, session_scope  # noqa: E402
+from services.migrate import upgrade  # noqa: E402
+from services.queries import get_experiment  # noqa: E402
+from services.queue import enqueue_trials, make_celery  # noqa: E402
+from services.spec import expand, parse_spec  # noqa: E402
+from services.submission import submit  # noqa: E402
+from tests.servers import WorkerProcess, fitscope_env  # noqa: E402
+
+
+def bench_spec(trials: int, epochs: int) -> str:
+    # 40 distinct configurations: 10 learning rates x 4 seeds, on moons.
+    lrs = [round(0.002 * (i + 1), 4) for i in range(max(1, trials // 4))]
+    return (
+        "name: overhead-bench\nmethod: grid\nseeds: [0, 1, 2, 3]\nparameters:\n"
+        "  dataset: {value: moons}\n  n_train: {value: 500}\n  width: {value: 64}\n  depth: {value: 2}\n"
+        f"  batch_size: {{value: 32}}\n  epochs: {{value: {epochs}}}\n  lr: {{values: {lrs}}}\n"
+    )
+
+
+def run_direct(configs) -> float:
+    import torch
+
+    from worker.training import train_trial
+
+    torch.set_num_threads(1)
+    train_trial(configs[0].model_copy(update={"epochs": 1}))  # warm up, as the worker's process is warm
+    started = time.perf_counter()
+    for config in configs:
+        result = train_trial(config)
+        assert result.status == "succeeded", result
+    return time.perf_counter() - started
+
+
+def run_service(spec_text: str, workdir: Path) -> tuple[float, int]:
+    broker = start_embedded_broker(data_dir=workdir / "valkey", port=free_port())
+    database_url = f"sqlite:///{workdir / 'bench.db'}"
+    upgrade(database_url)
+    env = fitscope_env(database_url=database_url, broker_url=broker.url, home=workdir,
+                       FITSCOPE_TORCH_THREADS="1")
+    worker = WorkerProcess(env, workdir / "worker.log")
+    try:
+        worker.wait_ready()
+        settings = Settings(database_url=database_url, broker_url=broker.url)
+        engine = make_engine(database_url)
+        producer = make_celery(settings)
+        spec = parse_spec(spec_text)
+        started = time.perf_counter()
+        with session_scope(engine) as session:
+            submitted = submit(session, spec=spec, spec_text=spec_text, submitted_by="bench", max_trials=10_000)
+        enqueue_trials(producer, submitted.trials)
+        while True:
+            with session_scope(engine) as session:
+                summary = get_experiment(session, submitted.experiment_id)
+            if summary.finished:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        assert summary.counts["succeeded"] == summary.trials, summary.counts
+        return elapsed, summary.epochs_done
+    finally:
+        worker.stop()
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
+    args = parser.parse_args()
+    spec_text = bench_spec(args.trials, args.epochs)
+    configs = expand(parse_spec(spec_text), max_trials=10_000)
+    print(f"{len(configs)} trials x {args.epochs} epochs (moons, n_train 500, width 64, depth 2, batch 32), "
+          f"{os.cpu_count()} CPUs")
+    direct = run_direct(configs)
+    print(f"direct  (train_trial in a loop)                 {direct:8.2f} s")
+    with tempfile.TemporaryDirectory(prefix="fitscope-bench-") as workdir:
+        service, epoch_rows = run_service(spec_text, Path(workdir))
+    print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {service:8.2f} s")
+    print(f"ratio service/direct = {service / direct:.3f}  (overhead {100 * (service / direct - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
