@@ -52,7 +52,7 @@ class Settings(BaseSettings):
             url = make_url(value)
         except ArgumentError:
             raise ValueError(
-                f"FITSCOPE_DATABASE_URL={_redact(value)!r} is not a database URL; "
+                f"FITSCOPE_DATABASE_URL={redact_url(value)!r} is not a database URL; "
                 "use sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/dbname"
             ) from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         scheme, sep, rest = value.partition("://")
         if not sep or scheme not in _BROKER_SCHEMES or not rest:
             raise ValueError(
-                f"FITSCOPE_BROKER_URL={_redact(value)!r} is not a Redis URL; "
+                f"FITSCOPE_BROKER_URL={redact_url(value)!r} is not a Redis URL; "
                 "use redis://host:6379/0 (or unset it to use the embedded broker)"
             )
         return value.replace("valkey", "redis", 1) if scheme.startswith("valkey") else value
@@ -97,8 +97,8 @@ class Settings(BaseSettings):
         return f"redis://{self.bind_host}:{self.embedded_broker_port}/0"
 
 
-def _redact(url: str) -> str:
-    """Hide the password of a URL so that error messages never print a secret."""
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, so that messages never print a secret."""
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
         creds, _, host = rest.rpartition("@")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.config import Settings
+from services.config import Settings, redact_url
 
 DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 
@@ -47,7 +47,7 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         except DatabaseUnreachable as exc:
             raise LaunchError(str(exc)) from None
         upgrade(settings.effective_database_url)
-        echo(f"database   {_redacted_db(settings)} (schema at head)")
+        echo(f"database   {redact_url(settings.effective_database_url)} (schema at head)")
         env = {**os.environ, "FITSCOPE_BROKER_URL": settings.effective_broker_url,
                "FITSCOPE_DATABASE_URL": settings.effective_database_url}
         children.append(("worker", _spawn([sys.executable, "-m", "services.cli", "worker"], env)))
@@ -107,8 +107,3 @@ def _stop(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
     except ProcessLookupError:
         pass
 
-
-def _redacted_db(settings: Settings) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(settings.effective_database_url).render_as_string(hide_password=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from celery import Celery
 from kombu import Queue
 
-from services.config import Settings
+from services.config import Settings, redact_url
 
 RUN_TRIAL_TASK = "fitscope.run_trial"
 QUEUES = ("cpu", "gpu")
@@ -57,7 +57,7 @@ def check_broker(app: Celery, *, timeout_s: float = 5.0) -> None:
             connection.ensure_connection(max_retries=1, timeout=timeout_s)
     except Exception as exc:  # kombu raises several unrelated types for a dead broker
         raise BrokerUnreachable(
-            f"cannot reach the broker at {_redact(url)} ({type(exc).__name__}); start it with `fitscope up` "
+            f"cannot reach the broker at {redact_url(url)} ({type(exc).__name__}); start it with `fitscope up` "
             "or set FITSCOPE_BROKER_URL to a running Redis"
         ) from None
 
@@ -71,8 +71,3 @@ def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
             sent += 1
     return sent
 
-
-def _redact(url: str) -> str:
-    from services.config import _redact as redact
-
-    return redact(url)

@@ -1,0 +1,1 @@
+"""fitscope's Streamlit dashboard: `streamlit run dashboard/app.py` (or `fitscope up`)."""

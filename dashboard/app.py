@@ -1,0 +1,23 @@
+"""fitscope's dashboard: `streamlit run dashboard/app.py`. A router over the pages in app_pages/
+and a sidebar that says which database and broker this dashboard is looking at."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import data
+
+st.set_page_config(page_title="fitscope", layout="wide")
+
+page = st.navigation([
+    st.Page("app_pages/experiments.py", title="Experiments", icon=":material/view_list:", default=True),
+    st.Page("app_pages/experiment.py", title="Experiment", icon=":material/monitoring:"),
+])
+
+data.settings()  # a bad setting stops the app here, in the main area, with one sentence
+with st.sidebar:
+    st.caption(f"Database: `{data.database_label()}`")
+    st.caption(f"Broker: `{data.broker_label()}`")
+    st.caption(f"Pages refresh every {data.REFRESH_SECONDS} s.")
+
+page.run()

@@ -1,0 +1,100 @@
+"""Experiments: every experiment with its progress and its trials per status, refreshed live, and
+what can be done to each one: open it, cancel it, re-queue its failed and cancelled trials,
+download its trials or its per-epoch metrics as CSV."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, data
+from services.db import DatabaseUnreachable
+from services.queue import BrokerUnreachable
+
+NEWEST = 50
+EMPTY_STATE = ("No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml` "
+               "and it appears here as soon as its trials are queued.")
+ERRORS = "experiments_errors"  # experiment id -> the last action's error sentence
+NOTICE = "experiments_notice"  # what the last action did, shown once as a toast
+
+
+def cancel_clicked(experiment_id: int) -> None:
+    st.session_state[ERRORS].pop(experiment_id, None)
+    try:
+        counts = data.cancel(experiment_id)
+    except DatabaseUnreachable as exc:
+        st.session_state[ERRORS][experiment_id] = data.sentence(str(exc))
+        return
+    st.session_state[NOTICE] = (f"Experiment {experiment_id}: {counts['cancelled']} queued trials cancelled, "
+                                f"{counts['stopping']} running trials asked to stop.")
+
+
+def requeue_clicked(experiment_id: int) -> None:
+    st.session_state[ERRORS].pop(experiment_id, None)
+    try:
+        sent = data.requeue(experiment_id)
+    except (BrokerUnreachable, DatabaseUnreachable) as exc:
+        st.session_state[ERRORS][experiment_id] = data.sentence(str(exc))
+        return
+    st.session_state[NOTICE] = f"Experiment {experiment_id}: {sent} trials re-queued."
+
+
+def experiment_card(experiment) -> None:
+    with st.container(border=True, key=f"experiments_card_{experiment.id}"):
+        heading, open_link = st.columns([5, 1])
+        heading.markdown(f"**#{experiment.id} {experiment.name}** · {experiment.method} · "
+                         f"{experiment.trials} trials" +
+                         (f" · by {experiment.submitted_by}" if experiment.submitted_by else ""))
+        open_link.page_link("app_pages/experiment.py", label="Open", icon=":material/monitoring:",
+                            query_params={"experiment": str(experiment.id)})
+        st.progress(float(experiment.progress),
+                    text=f"{experiment.progress:.0%} of planned epochs · {experiment.ended} of "
+                         f"{experiment.trials} trials ended")
+        st.markdown(charts.status_badges(experiment._asdict()))
+        if experiment.id in st.session_state[ERRORS]:
+            st.error(st.session_state[ERRORS][experiment.id])
+        action_buttons(experiment)
+
+
+def action_buttons(experiment) -> None:
+    cancel, requeue, trials_csv, epochs_csv = st.columns(4)
+    cancel.button(
+        "Cancel", key=f"experiments_cancel_{experiment.id}", icon=":material/cancel:",
+        disabled=experiment.queued + experiment.running == 0, on_click=cancel_clicked, args=(experiment.id,),
+        help="Queued trials are cancelled now; running ones stop at the end of their current epoch.",
+    )
+    requeue.button(
+        "Re-queue failed/cancelled", key=f"experiments_requeue_{experiment.id}", icon=":material/replay:",
+        disabled=experiment.failed + experiment.cancelled == 0, on_click=requeue_clicked, args=(experiment.id,),
+        help="Run the failed and cancelled trials again from scratch.",
+    )
+    trials_csv.download_button(
+        "Trials CSV", data=data.csv_export(experiment.id, "trials"), key=f"experiments_trials_csv_{experiment.id}",
+        file_name=f"experiment-{experiment.id}-trials.csv", mime="text/csv", icon=":material/download:",
+        on_click="ignore", help="One row per trial: status, parameters, final metrics.",
+    )
+    epochs_csv.download_button(
+        "Epochs CSV", data=data.csv_export(experiment.id, "epochs"), key=f"experiments_epochs_csv_{experiment.id}",
+        file_name=f"experiment-{experiment.id}-epochs.csv", mime="text/csv", icon=":material/download:",
+        on_click="ignore", help="One row per trial and epoch: train and validation loss and accuracy.",
+    )
+
+
+@st.fragment(run_every=data.REFRESH_SECONDS)
+def experiments_panel() -> None:
+    # Shown here rather than in the button's callback: a callback of a fragment must not draw elements.
+    if notice := st.session_state.pop(NOTICE, None):
+        st.toast(notice, icon=":material/check_circle:")
+    experiments = data.experiments(limit=NEWEST)
+    if experiments.empty:
+        st.info(EMPTY_STATE, icon=":material/science:")
+        return
+    st.plotly_chart(charts.progress_bar_chart(experiments), key="experiments_progress_chart")
+    if len(experiments) == NEWEST:
+        st.caption(f"The newest {NEWEST} experiments; `fitscope status --limit N` lists more.")
+    for experiment in experiments.itertuples(index=False):
+        experiment_card(experiment)
+
+
+st.session_state.setdefault(ERRORS, {})
+st.title("Experiments")
+experiments_panel()
