@@ -1,6 +1,7 @@
 """What the service costs over training directly.
 
-Runs the same 40 small trials (20 epochs each) twice in one go:
+Runs the same 40 small trials (20 epochs each) both ways in one go, twice, in the order
+direct, service, service, direct:
   direct  - the training function called in a loop in this process, no database, no queue;
   service - submitted (one transaction), queued on a real Valkey broker, trained by a real
             `fitscope worker` process that writes one row per epoch into SQLite, waited for
@@ -43,12 +44,8 @@ def bench_spec(trials: int, epochs: int) -> str:
 
 
 def run_direct(configs) -> float:
-    import torch
-
     from worker.training import train_trial
 
-    torch.set_num_threads(1)
-    train_trial(configs[0].model_copy(update={"epochs": 1}))  # warm up, as the worker's process is warm
     started = time.perf_counter()
     for config in configs:
         result = train_trial(config)
@@ -56,35 +53,41 @@ def run_direct(configs) -> float:
     return time.perf_counter() - started
 
 
-def run_service(spec_text: str, workdir: Path) -> tuple[float, int]:
-    broker = start_embedded_broker(data_dir=workdir / "valkey", port=free_port())
-    database_url = f"sqlite:///{workdir / 'bench.db'}"
-    upgrade(database_url)
-    env = fitscope_env(database_url=database_url, broker_url=broker.url, home=workdir,
-                       FITSCOPE_TORCH_THREADS="1")
-    worker = WorkerProcess(env, workdir / "worker.log")
-    try:
-        worker.wait_ready()
-        settings = Settings(database_url=database_url, broker_url=broker.url)
-        engine = make_engine(database_url)
-        producer = make_celery(settings)
+class Service:
+    """A real broker, a migrated SQLite file and one warm `fitscope worker` process."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.broker = start_embedded_broker(data_dir=workdir / "valkey", port=free_port())
+        database_url = f"sqlite:///{workdir / 'bench.db'}"
+        upgrade(database_url)
+        env = fitscope_env(database_url=database_url, broker_url=self.broker.url, home=workdir,
+                           FITSCOPE_TORCH_THREADS="1")
+        self.worker = WorkerProcess(env, workdir / "worker.log")
+        self.worker.wait_ready()
+        self.engine = make_engine(database_url)
+        self.producer = make_celery(Settings(database_url=database_url, broker_url=self.broker.url))
+
+    def run(self, spec_text: str) -> tuple[float, int]:
+        """Submit, queue, and poll the database until every trial has ended."""
         spec = parse_spec(spec_text)
         started = time.perf_counter()
-        with session_scope(engine) as session:
+        with session_scope(self.engine) as session:
             submitted = submit(session, spec=spec, spec_text=spec_text, submitted_by="bench", max_trials=10_000)
-        enqueue_trials(producer, submitted.trials)
+        enqueue_trials(self.producer, submitted.trials)
         while True:
-            with session_scope(engine) as session:
+            with session_scope(self.engine) as session:
                 summary = get_experiment(session, submitted.experiment_id)
             if summary.finished:
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)  # as `fitscope submit --wait` polls
         elapsed = time.perf_counter() - started
         assert summary.counts["succeeded"] == summary.trials, summary.counts
         return elapsed, summary.epochs_done
-    finally:
-        worker.stop()
-        broker.stop()
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.worker.stop()
+        self.broker.stop()
 
 
 def main() -> None:
@@ -95,12 +98,30 @@ def main() -> None:
     spec_text = bench_spec(args.trials, args.epochs)
     configs = expand(parse_spec(spec_text), max_trials=10_000)
     print(f"{len(configs)} trials x {args.epochs} epochs (moons, n_train 500, width 64, depth 2, batch 32), "
-          f"{os.cpu_count()} CPUs")
-    direct = run_direct(configs)
-    print(f"direct  (train_trial in a loop)                 {direct:8.2f} s")
+          f"{os.cpu_count()} CPUs, 1 torch thread per training process")
+    import torch
+
+    from worker.training import train_trial
+
+    torch.set_num_threads(1)
+    train_trial(configs[0].model_copy(update={"epochs": 1}))  # warm, as the worker's process is
+    # direct, service, service, direct: a slow drift of the machine's speed cancels out of the sums.
+    direct = service = 0.0
     with tempfile.TemporaryDirectory(prefix="fitscope-bench-") as workdir:
-        service, epoch_rows = run_service(spec_text, Path(workdir))
-    print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {service:8.2f} s")
+        stack = Service(Path(workdir))
+        try:
+            for order in ("direct", "service", "service", "direct"):
+                if order == "direct":
+                    seconds = run_direct(configs)
+                    direct += seconds
+                    print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s")
+                else:
+                    seconds, epoch_rows = stack.run(spec_text)
+                    service += seconds
+                    print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s")
+        finally:
+            stack.close()
+    print(f"total: direct {direct:.2f} s, service {service:.2f} s")
     print(f"ratio service/direct = {service / direct:.3f}  (overhead {100 * (service / direct - 1):+.1f}%)")
 
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         24 * 3600, ge=60, description="Longer than the longest trial, or Redis re-delivers a running one."
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Runs of one trial before it is marked failed.")
+    metrics_flush_s: float = Field(
+        1.0, ge=0, le=3600, description="Seconds between writes of a running trial's epoch rows; 0 = every epoch.")
     worker_concurrency: int = Field(1, ge=1, le=256)
     torch_threads: int = Field(1, ge=1, le=256, description="Threads per training process.")
     submitted_by: str | None = Field(None, description="Who submits, recorded on each experiment.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session
 
 # Stable constraint names, so migrations can refer to them on every dialect.
 NAMING_CONVENTION = {
@@ -70,7 +70,7 @@ def is_sqlite(engine: Engine) -> bool:
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any exception."""
-    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    session = Session(bind=engine, expire_on_commit=False)
     try:
         yield session
         session.commit()

@@ -42,6 +42,7 @@ class Experiment(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_text: Mapped[str] = mapped_column(Text)
     submitted_by: Mapped[str | None] = mapped_column(String(200))
+    epochs_planned: Mapped[int] = mapped_column(Integer, comment="sum of the trials' epochs, for progress")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     trials: Mapped[list[Trial]] = relationship(back_populates="experiment", order_by="Trial.ordinal")

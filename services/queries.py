@@ -57,36 +57,21 @@ def list_experiments(session: Session, *, experiment_ids: list[int] | None = Non
         return []
     ids = [experiment.id for experiment in experiments]
     counts: dict[int, dict[str, int]] = {i: {status.value: 0 for status in TrialStatus} for i in ids}
-    for experiment_id, status, n in session.execute(
-        select(Trial.experiment_id, Trial.status, func.count())
+    epochs_done: dict[int, int] = dict.fromkeys(ids, 0)
+    for experiment_id, status, n, done in session.execute(
+        select(Trial.experiment_id, Trial.status, func.count(), func.sum(Trial.epochs_done))
         .where(Trial.experiment_id.in_(ids)).group_by(Trial.experiment_id, Trial.status)
     ):
         counts[experiment_id][status] = n
-    epochs: dict[int, tuple[int, int]] = {}
-    for experiment_id, done, planned in _epoch_progress(session, ids):
-        epochs[experiment_id] = (done, planned)
+        epochs_done[experiment_id] += int(done or 0)
     return [
         ExperimentSummary(
             id=e.id, name=e.name, method=e.method, submitted_by=e.submitted_by, created_at=e.created_at,
             trials=sum(counts[e.id].values()), counts=counts[e.id],
-            epochs_done=epochs.get(e.id, (0, 0))[0], epochs_planned=epochs.get(e.id, (0, 0))[1],
+            epochs_done=epochs_done[e.id], epochs_planned=e.epochs_planned,
         )
         for e in experiments
     ]
-
-
-def _epoch_progress(session: Session, ids: list[int]):
-    # Planned epochs per trial come from its JSON config; summed in Python to stay dialect-neutral.
-    rows = session.execute(
-        select(Trial.experiment_id, Trial.epochs_done, Trial.config["epochs"].as_integer())
-        .where(Trial.experiment_id.in_(ids))
-    ).all()
-    totals: dict[int, list[int]] = {}
-    for experiment_id, done, planned in rows:
-        total = totals.setdefault(experiment_id, [0, 0])
-        total[0] += done or 0
-        total[1] += planned or 0
-    return [(experiment_id, done, planned) for experiment_id, (done, planned) in totals.items()]
 
 
 def get_experiment(session: Session, experiment_id: int) -> ExperimentSummary | None:

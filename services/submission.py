@@ -36,6 +36,7 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
         spec=spec.raw,
         spec_text=spec_text,
         submitted_by=submitted_by,
+        epochs_planned=sum(config.epochs for config in configs),
     )
     session.add(experiment)
     session.flush()

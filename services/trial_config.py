@@ -57,7 +57,7 @@ class TrialConfig(BaseModel):
                                  "nesterov = SGD with Nesterov momentum.")
     lr: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = Field(0.01, description="Learning rate.")
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = Field(
-        0.9, description="Momentum for momentum, nesterov and rmsprop.")
+        0.9, description="Momentum of the momentum and nesterov optimizers (SGD).")
     weight_decay: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = Field(
         0.0, description="L2 penalty with torch's meaning for the optimizer (decoupled under adamw).")
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Literal["full"] = Field(

@@ -60,17 +60,25 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
     return Claim(trial_id=trial_id, config=dict(trial.config), attempt=previous_attempts + 1)
 
 
-def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
-    """Write one epoch's row and advance the trial's progress. Returns True when the trial has
-    been asked to stop (cancelled), so the engine ends at this epoch boundary."""
-    epoch = int(metrics["epoch"])
-    row = {name: _finite_or_none(metrics.get(name)) for name in EPOCH_METRIC_FIELDS}
-    session.execute(insert(EpochMetric), [{"trial_id": trial_id, "epoch": epoch, **row}])
-    session.execute(
-        update(Trial).where(Trial.id == trial_id).values(epochs_done=epoch)
-        .execution_options(synchronize_session=False)
-    )
+def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]]) -> bool:
+    """Write epoch rows (one executemany) and advance the trial's progress. Returns True when the
+    trial has been asked to stop (cancelled), so the engine ends at this epoch boundary."""
+    if rows:
+        session.execute(insert(EpochMetric), [
+            {"trial_id": trial_id, "epoch": int(row["epoch"]),
+             **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS}}
+            for row in rows
+        ])
+        session.execute(
+            update(Trial).where(Trial.id == trial_id).values(epochs_done=max(int(row["epoch"]) for row in rows))
+            .execution_options(synchronize_session=False)
+        )
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
+
+
+def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
+    """One epoch's row; see :func:`record_epochs`."""
+    return record_epochs(session, trial_id, [metrics])
 
 
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,

@@ -26,6 +26,7 @@ def upgrade() -> None:
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('spec_text', sa.Text(), nullable=False),
     sa.Column('submitted_by', sa.String(length=200), nullable=True),
+    sa.Column('epochs_planned', sa.Integer(), nullable=False, comment="sum of the trials' epochs, for progress"),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_experiments'))
     )
