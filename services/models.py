@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from services.db import Base
@@ -69,6 +69,10 @@ class Trial(Base):
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
     final_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    parameter_count: Mapped[int | None] = mapped_column(Integer, comment="the x-axis of capacity plots")
+    verdict: Mapped[str | None] = mapped_column(
+        String(16), comment="fit diagnosis: underfit, overfit, good_fit, diverged, not_converged")
+    diagnosis: Mapped[dict[str, Any] | None] = mapped_column(JSON, comment="the numbers that decided the verdict")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -91,4 +95,38 @@ class EpochMetric(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
     epoch_seconds: Mapped[float | None] = mapped_column(Float)
+    train_rmse: Mapped[float | None] = mapped_column(Float)
+    val_rmse: Mapped[float | None] = mapped_column(Float)
+    train_mae: Mapped[float | None] = mapped_column(Float)
+    val_mae: Mapped[float | None] = mapped_column(Float)
+    train_r2: Mapped[float | None] = mapped_column(Float)
+    val_r2: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float, comment="L2 norm of the last step's gradient")
+    weight_norm: Mapped[float | None] = mapped_column(Float, comment="L2 norm of all weights at epoch end")
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrialArtifact(Base):
+    """A small picture of what a trial learned, for plotting: kilobytes of JSON, one per trial and kind."""
+
+    __tablename__ = "trial_artifacts"
+
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True, comment="curve_1d or boundary_2d")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Dataset(Base):
+    """A user's CSV, validated at submit and stored by content, so every worker trains on the same rows."""
+
+    __tablename__ = "datasets"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300), comment="file name as first submitted")
+    n_rows: Mapped[int] = mapped_column(Integer)
+    n_columns: Mapped[int] = mapped_column(Integer)
+    columns: Mapped[list[str]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(Integer, comment="size of the original file")
+    content: Mapped[bytes] = mapped_column(LargeBinary, comment="the file's bytes, gzip-compressed")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialStatus, utcnow
 
-EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds")
+EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds",
+                       "train_rmse", "val_rmse", "train_mae", "val_mae", "train_r2", "val_r2",
+                       "grad_norm", "weight_norm")
 
 
 @dataclass(frozen=True)

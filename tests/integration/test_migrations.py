@@ -14,7 +14,7 @@ from tests.servers import REPO, fitscope_env
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"experiments", "trials", "epoch_metrics", "alembic_version"}
+TABLES = {"experiments", "trials", "epoch_metrics", "trial_artifacts", "datasets", "alembic_version"}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
