@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from services.broker import EmbeddedBroker, free_port, start_embedded_broker
 from services.config import get_settings
@@ -14,11 +16,16 @@ from services.db import make_engine
 from services.migrate import upgrade
 from tests.servers import PostgresCluster, postgres_bin_dir, remove_postgres, start_postgres
 
+# CI runs the same examples every time, so a green run stays green; locally hypothesis explores.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Settings are cached per process; each test starts from the environment it sets."""
-    for name in [n for n in __import__("os").environ if n.startswith("FITSCOPE_")]:
+    for name in [n for n in os.environ if n.startswith("FITSCOPE_")]:
         monkeypatch.delenv(name)
     get_settings.cache_clear()
     yield
