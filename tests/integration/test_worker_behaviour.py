@@ -104,3 +104,17 @@ def test_validate_counts_trials_and_warns_about_wandb_keys(migrated_sqlite_url, 
     assert "program" in result.stderr and "warning" in result.stderr
     missing = fitscope("validate", str(tmp_path / "nope.yaml"), env=env)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_torch_is_loaded_only_in_the_training_processes_never_before_the_fork(env_and_worker):
+    _env, worker = env_and_worker
+    parent = worker.process.pid
+    children = [int(pid) for pid in open(f"/proc/{parent}/task/{parent}/children").read().split()]
+    assert children, "the prefork pool has no training process"
+
+    def loads_torch(pid: int) -> bool:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "libtorch" in maps.read()
+
+    assert not loads_torch(parent), "the worker's parent process loaded torch before forking its pool"
+    assert all(loads_torch(child) for child in children)
