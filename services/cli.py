@@ -88,16 +88,21 @@ def _read_spec(path: Path, settings):
 def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
              json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """Check a spec and print how many trials it expands to, or every problem with its key."""
+    from services.datasets import CsvLimits, DatasetError, resolve_csv_configs
     from services.spec import SpecError, count_trials, expand
 
     settings = _settings()
     spec, _ = _read_spec(spec_file, settings)
     try:
-        trials = len(expand(spec, max_trials=settings.max_trials_per_experiment))
+        configs = expand(spec, max_trials=settings.max_trials_per_experiment)
+        resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
+        trials = len(configs)
     except SpecError as exc:
         for problem in exc.problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(BAD_INPUT) from None
+    except DatasetError as exc:
+        fail(str(exc))
     assert trials == count_trials(spec)
     if json_output:
         typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": trials, "warnings": spec.warnings}))
@@ -111,6 +116,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
            json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
            timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 0):
     """Write an experiment and its trials in one transaction, then queue the trials."""
+    from services.datasets import CsvLimits, DatasetError
     from services.db import session_scope
     from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
     from services.spec import SpecError
@@ -127,11 +133,14 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     try:
         with session_scope(engine) as session:
             submitted = submit_spec(session, spec=spec, spec_text=text, submitted_by=_submitter(settings),
-                                    max_trials=settings.max_trials_per_experiment)
+                                    max_trials=settings.max_trials_per_experiment, base_dir=spec_file.parent,
+                                    csv_limits=CsvLimits.from_settings(settings))
     except SpecError as exc:
         for problem in exc.problems:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(BAD_INPUT) from None
+    except DatasetError as exc:
+        fail(str(exc))
     try:
         enqueue_trials(producer, submitted.trials)
     except Exception as exc:

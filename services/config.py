@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     dashboard_port: int = Field(8501, ge=1, le=65535)
     max_trials_per_experiment: int = Field(10_000, ge=1, le=1_000_000)
     max_spec_bytes: int = Field(1_000_000, ge=1_000)
+    max_csv_bytes: int = Field(50_000_000, ge=1_000, description="Largest CSV data set a spec may name.")
+    max_csv_rows: int = Field(1_000_000, ge=2, description="Most data rows in a CSV data set.")
+    max_csv_columns: int = Field(1000, ge=2, description="Most columns in a CSV data set.")
     visibility_timeout_s: int = Field(
         24 * 3600, ge=60, description="Longer than the longest trial, or Redis re-delivers a running one."
     )

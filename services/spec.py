@@ -418,6 +418,8 @@ def _parameters(value: Any, method: str | None, problems: list[str], warnings: l
             known = tuple(p for p in TRIAL_PARAMETERS if p != "seed")
             problems.append(f"parameters.{name}: unknown parameter{suggest(name, known, noun='a trial parameter:')}")
         else:
+            if isinstance(body, dict) and "csv" in body:
+                body = {"value": body}  # dataset: {csv: data.csv, target: y} is one CSV data set
             parameter = parse_parameter(name, body, method=method, problems=problems, warnings=warnings)
             if parameter is not None:
                 parameters[name] = parameter

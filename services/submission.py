@@ -4,10 +4,12 @@ the caller commits (session_scope) and only then sends the queue messages."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from services.datasets import CsvLimits, resolve_csv_configs
 from services.models import Experiment, Trial, TrialStatus
 from services.spec import GridSpec, expand
 
@@ -23,10 +25,16 @@ class Submitted:
 
 
 def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: str | None,
-           max_trials: int) -> Submitted:
+           max_trials: int, base_dir: Path | None = None, csv_limits: CsvLimits | None = None) -> Submitted:
     """Write the experiment and one ``queued`` trial per expanded configuration. A second submit of
-    the same spec is a new experiment. Raises SpecError before writing anything."""
+    the same spec is a new experiment. Raises SpecError before writing anything, DatasetError when a
+    CSV data set (its path relative to ``base_dir``; default the working directory) is not valid."""
     configs = expand(spec, max_trials=max_trials)
+    if csv_limits is None:
+        from services.config import get_settings
+
+        csv_limits = CsvLimits.from_settings(get_settings())
+    configs = resolve_csv_configs(configs, base_dir=base_dir, limits=csv_limits, session=session)
     experiment = Experiment(
         name=spec.name,
         description=spec.description,

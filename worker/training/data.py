@@ -9,19 +9,31 @@ have separate streams too, so:
 
 Labels cycle 0, 1, ..., n_classes-1, 0, ... so classes are balanced; training shuffles anyway.
 ``noise`` is the standard deviation of Gaussian noise added to the inputs (classification) or to
-the target (sine). Features are standardised with the training split's mean and std only.
+the target (sine, polynomial, linear). Features are standardised with the training split's mean and
+std only.
+
+Regression: ``sine`` is sin(2 pi x); ``polynomial`` is a random Legendre series of degree
+``true_degree`` (coefficients from data_seed), scaled so its largest |y| on [-1, 1] is 1; ``linear``
+is x . w + b with ``n_features`` standard-normal inputs, w ~ N(0, 1/n_features) and b ~ N(0, 1) from
+data_seed. The function itself comes from its own stream, so every split shares it.
+
+Real data (digits, breast_cancer, wine from scikit-learn; users' CSVs) are permuted by data_seed and
+split by val_fraction / test_fraction (class-stratified), or by a CSV's split column; training rows
+are then capped to ``config.train_size``. ``label_noise`` flips that fraction of the training labels
+(exactly round(fraction * n_train) of them) to another class, for every classification set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import cache, partial
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from services.trial_config import TrialConfig
+from services.datasets import fraction_sizes, parse_csv
+from services.trial_config import REAL_DATASETS, SYNTHETIC_REGRESSION, CsvDataset, TrialConfig
 
 _CIRCLES_INNER_RADIUS = 0.5  # sklearn's make_circles(factor=0.5): outer radius 1, inner 0.5
 _BLOBS_RADIUS = 1.0  # blob centres sit evenly on a circle of this radius; `noise` is their spread
@@ -47,28 +59,66 @@ class Splits:
     task: str  # "classification" | "regression"
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
+    # 1-D synthetic regression only: raw x [N, 1] (or [N]) -> noiseless y [N, 1], to draw the truth.
+    truth: Callable[[np.ndarray], np.ndarray] | None = None
+    class_names: tuple[str, ...] | None = None  # classification: the label of each class index
 
 
-def make_dataset(config: TrialConfig) -> Splits:
-    """Draw the configured data set and split it into train / val / test (sizes from the config)."""
-    split_seeds = np.random.SeedSequence(config.data_seed).spawn(3)
-    sizes = (config.n_train, config.n_val, config.n_test)
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
-        _draw_split(config, n=n, seed=seed) for n, seed in zip(sizes, split_seeds, strict=True)
-    )
+def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Splits:
+    """Draw or load the configured data set and split it into train / val / test.
+
+    ``csv_content`` is the CSV file's original (decompressed) bytes, as
+    ``services.datasets.load_dataset_content`` returns them; required when ``config.dataset`` is a CSV.
+    """
+    streams = np.random.SeedSequence(config.data_seed).spawn(_STREAMS)
+    class_names = None
+    truth = None
+    if isinstance(config.dataset, CsvDataset):
+        if csv_content is None:
+            raise ValueError(f"dataset {config.dataset_name} is a CSV; pass its bytes as csv_content")
+        table = parse_csv(csv_content, config.dataset)
+        task, n_classes, class_names = table.task, len(table.classes) or None, table.classes or None
+        parts = _split_rows(config, table.features, table.target, split=table.split, n_classes=n_classes,
+                            stream=streams[_FUNCTION])
+    elif config.dataset in REAL_DATASETS:
+        x, y = _load_real(config.dataset)
+        task, n_classes = "classification", int(y.max()) + 1
+        parts = _split_rows(config, x, y, split=None, n_classes=n_classes, stream=streams[_FUNCTION])
+    else:
+        task = config.task
+        n_classes = None if task == "regression" else _n_classes(config)
+        function = _regression_function(config, streams[_FUNCTION]) if task == "regression" else None
+        sizes = (config.train_size, config.n_val, config.n_test)
+        parts = [_draw_split(config, n=n, seed=seed, function=function)
+                 for n, seed in zip(sizes, streams[:3], strict=True)]
+        if function is not None and parts[0][0].shape[1] == 1:
+            truth = function
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
+    if n_classes is not None and config.label_noise > 0:
+        y_train = flip_labels(y_train, fraction=config.label_noise, n_classes=n_classes,
+                              rng=np.random.default_rng(streams[_LABEL_NOISE]))
+    x_train, x_val, x_test = _fill_missing(x_train, x_val, x_test)
     mean, std = standardisation_stats(x_train)
     x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
 
-    regression = config.task == "regression"
+    regression = task == "regression"
     return Splits(
         x_train=_features(x_train), y_train=_targets(y_train, regression=regression),
         x_val=_features(x_val), y_val=_targets(y_val, regression=regression),
         x_test=_features(x_test), y_test=_targets(y_test, regression=regression),
         n_features=x_train.shape[1],
-        n_outputs=1 if regression else _n_classes(config),
-        task=config.task,
+        n_outputs=1 if regression else n_classes,
+        task=task,
         feature_mean=_features(mean), feature_std=_features(std),
+        truth=truth, class_names=class_names,
     )
+
+
+# Streams spawned from data_seed: 0-2 the synthetic splits (as before), then the data set's fixed
+# function (polynomial coefficients, linear weights) or the real/CSV rows' permutation, then label noise.
+_STREAMS = 5
+_FUNCTION = 3
+_LABEL_NOISE = 4
 
 
 def standardisation_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,17 +128,123 @@ def standardisation_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 0, std, 1.0)
 
 
+def true_function(config: TrialConfig, x_raw: np.ndarray) -> np.ndarray | None:
+    """The noiseless target of a 1-D synthetic regression set at raw inputs x [N, 1] (or [N]), as
+    y [N, 1]; None for every other data set (nothing to draw a curve against)."""
+    if config.dataset not in SYNTHETIC_REGRESSION or (config.dataset == "linear" and config.n_features != 1):
+        return None
+    streams = np.random.SeedSequence(config.data_seed).spawn(_STREAMS)
+    return _regression_function(config, streams[_FUNCTION])(np.asarray(x_raw, dtype=np.float64))
+
+
+def flip_labels(y: np.ndarray, *, fraction: float, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``y`` with round(fraction * len(y)) labels, chosen at random, moved to another class."""
+    flipped = y.copy()
+    chosen = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+    flipped[chosen] = (y[chosen] + rng.integers(1, n_classes, size=len(chosen))) % n_classes
+    return flipped
+
+
 def _draw_split(
-    config: TrialConfig, *, n: int, seed: np.random.SeedSequence
+    config: TrialConfig, *, n: int, seed: np.random.SeedSequence,
+    function: Callable[[np.ndarray], np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     position_rng, noise_rng = (np.random.default_rng(s) for s in seed.spawn(2))
-    if config.dataset == "sine":
-        x = position_rng.uniform(-1.0, 1.0, size=(n, 1))
-        y = np.sin(2 * np.pi * x) + config.noise * noise_rng.standard_normal((n, 1))
-        return x, y
+    if function is not None:
+        if config.dataset == "linear":
+            x = position_rng.standard_normal((n, config.n_features))
+        else:
+            x = position_rng.uniform(-1.0, 1.0, size=(n, 1))
+        return x, function(x) + config.noise * noise_rng.standard_normal((n, 1))
     labels = np.arange(n) % _n_classes(config)
     x = _CLEAN_POINTS[config.dataset](labels, n_classes=_n_classes(config), rng=position_rng)
     return x + config.noise * noise_rng.standard_normal(x.shape), labels
+
+
+def _regression_function(config: TrialConfig, seed: np.random.SeedSequence) -> Callable[[np.ndarray], np.ndarray]:
+    """The noiseless target of a synthetic regression set: raw x [N, F] -> y [N, 1]."""
+    assert config.dataset in SYNTHETIC_REGRESSION
+    rng = np.random.default_rng(seed)
+    if config.dataset == "sine":
+        return _sine
+    if config.dataset == "polynomial":
+        coefficients = rng.standard_normal(config.true_degree + 1)
+        peak = np.abs(np.polynomial.legendre.legval(np.linspace(-1, 1, 2001), coefficients)).max()
+        return partial(_legendre, coefficients=coefficients / peak)
+    weights = rng.standard_normal(config.n_features) / np.sqrt(config.n_features)
+    return partial(_linear, weights=weights, bias=float(rng.standard_normal()))
+
+
+def _sine(x: np.ndarray) -> np.ndarray:
+    return np.sin(2 * np.pi * np.reshape(x, (-1, 1)))
+
+
+def _legendre(x: np.ndarray, *, coefficients: np.ndarray) -> np.ndarray:
+    return np.polynomial.legendre.legval(np.reshape(x, (-1, 1)), coefficients)
+
+
+def _linear(x: np.ndarray, *, weights: np.ndarray, bias: float) -> np.ndarray:
+    return (np.reshape(x, (-1, len(weights))) @ weights + bias).reshape(-1, 1)
+
+
+@cache
+def _load_real(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float64) and class indices of a data set shipped inside scikit-learn."""
+    from sklearn import datasets  # heavy; only trials on real data pay for it
+
+    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
+              "wine": datasets.load_wine}[name]
+    x, y = loader(return_X_y=True)
+    x, y = x.astype(np.float64), y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False  # cached: shared by every trial in this process
+    return x, y
+
+
+def _split_rows(
+    config: TrialConfig, x: np.ndarray, y: np.ndarray, *, split: np.ndarray | None, n_classes: int | None,
+    stream: np.random.SeedSequence,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Train/val/test rows of a table: by its split labels, else by fractions of a data_seed
+    permutation (interleaved by class, so each split keeps the class shares); then cap training."""
+    rng = np.random.default_rng(stream)
+    if split is not None:
+        train, val, test = (np.flatnonzero(split == name) for name in ("train", "val", "test"))
+        train = rng.permutation(train)  # so a cap on n_train takes a random subset, not the file's first rows
+    else:
+        n_train, n_val, n_test = fraction_sizes(len(y), val_fraction=config.val_fraction,
+                                                test_fraction=config.test_fraction)
+        order = _stratified_order(len(y), labels=y if n_classes is not None else None, rng=rng)
+        val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    if config.train_size is not None:
+        if config.train_size > len(train):
+            raise ValueError(f"n_train {config.train_size} is more than the {len(train)} training rows of "
+                             f"{config.dataset_name}; use at most {len(train)}")
+        train = train[:config.train_size]
+    return [(x[rows], y[rows]) for rows in (train, val, test)]
+
+
+def _stratified_order(n: int, *, labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """A random order of n rows; with class ``labels``, interleaved so that every prefix holds each
+    class in about its overall share (a stratified split with exact split sizes)."""
+    order = rng.permutation(n)
+    if labels is None:
+        return order
+    position = np.empty(n)
+    for label in np.unique(labels):
+        rows = order[labels[order] == label]
+        position[rows] = (np.arange(len(rows)) + 0.5) / len(rows)  # where in its class each row falls
+    return order[np.argsort(position[order], kind="stable")]
+
+
+def _fill_missing(*splits: np.ndarray) -> tuple[np.ndarray, ...]:
+    """CSV with missing: mean: NaN feature cells become the training mean of their column."""
+    if not any(np.isnan(x).any() for x in splits):
+        return splits
+    present = ~np.isnan(splits[0])
+    counts = present.sum(axis=0)
+    sums = np.where(present, splits[0], 0.0).sum(axis=0)
+    fill = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # a column empty in training: 0
+    return tuple(np.where(np.isnan(x), fill, x) for x in splits)
 
 
 def _moons(labels: np.ndarray, *, n_classes: int, rng: np.random.Generator) -> np.ndarray:
