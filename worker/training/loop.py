@@ -1,35 +1,56 @@
-"""One trial, top to bottom: data -> model -> optimizer -> epochs -> result.
+"""One trial, top to bottom: data -> model -> optimizer and schedule -> epochs -> result.
 
-Reproducible: the data come from config.data_seed, and one ``torch.Generator`` seeded with
-config.seed draws the initial weights and then every epoch's data order, so the same config and
-seed on the CPU give bitwise the same metrics run to run. The global RNGs are never read.
+Reproducible: the data come from config.data_seed; one ``torch.Generator`` seeded with config.seed
+draws the initial weights and then every epoch's data order, and a second one derived from the same
+seed (models.make_noise_generator) draws the training noise (dropout masks, input noise). So the
+same config and seed on the CPU give bitwise the same metrics run to run. The global RNGs are never
+read.
 
-After each epoch the model is evaluated in eval mode, without gradients, on the full training and
-validation sets (one forward pass each), and ``on_epoch`` receives that row of metrics. A loss
-that stops being finite ends the trial as "diverged"; ``on_epoch`` returning True ends it as
-"cancelled". Neither raises.
+Each step: optional Gaussian input noise -> forward -> data loss (+ l1 penalty on the weights) ->
+backward -> optional gradient clipping -> optimizer step -> per-step schedule. After each epoch the
+model is evaluated in eval mode, without gradients, on the full training and validation sets (one
+forward pass each), and ``on_epoch`` receives that row of metrics. Reported losses are the data loss
+alone (no l1 term). A loss that stops being finite ends the trial as "diverged"; ``on_epoch``
+returning True ends it as "cancelled"; early stopping ends it as "succeeded" with ``stopped_epoch``.
+None of these raises.
+
+At the end the model holds the weights of its best-validation epoch (the one early stopping keeps,
+and the one the test set and the prediction artifacts see).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker.training.data import Splits, make_dataset
-from worker.training.models import build_model, parameter_count
+from worker.training.losses import (
+    LossFn,
+    baseline_loss,
+    build_loss,
+    constant_predictor,
+    l1_penalty,
+    measure,
+    model_outputs,
+    penalised_weights,
+    resolve_loss,
+)
+from worker.training.models import build_model, fit_input_features, make_noise_generator, parameter_count
 from worker.training.optim import build_optimizer
+from worker.training.schedules import LearningRateSchedule, build_schedule
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, labels or targets
 
 
@@ -39,15 +60,26 @@ class DeviceUnavailable(ValueError):
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """One row of per-epoch metrics, measured after the epoch's last step. Losses are means per example."""
+    """One row of per-epoch metrics, measured after the epoch's last step. Losses are means per example.
+
+    Its fields are ``epoch`` followed by services.trials.EPOCH_METRIC_FIELDS, in that order.
+    """
 
     epoch: int  # 1-based
     train_loss: float
     val_loss: float
     train_accuracy: float | None  # fraction in [0, 1]; None for regression
     val_accuracy: float | None
-    lr: float
+    lr: float  # the learning rate of the epoch (one_cycle: of its first step)
     epoch_seconds: float  # wall time of the epoch's steps plus its evaluation
+    train_rmse: float | None = None  # regression only, in target units
+    val_rmse: float | None = None
+    train_mae: float | None = None
+    val_mae: float | None = None
+    train_r2: float | None = None  # 1 - SSE/SST on that set; None when its targets are constant
+    val_r2: float | None = None
+    grad_norm: float | None = None  # L2 norm of the epoch's last full gradient, before clipping
+    weight_norm: float | None = None  # L2 norm of all parameters at the epoch's end
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,16 @@ class TrialResult:
     best_epoch: int | None  # epoch with the lowest validation loss
     final_metrics: dict
     message: str | None
+    artifacts: dict[str, dict] = field(default_factory=dict)  # name -> small JSON-able plotting data
+
+
+@dataclass(frozen=True)
+class _Regularization:
+    l1: float
+    l1_weights: list[torch.Tensor]
+    input_noise: float
+    grad_clip: float | None
+    noise_generator: torch.Generator
 
 
 def train_trial(
@@ -66,59 +108,95 @@ def train_trial(
     *,
     on_epoch: Callable[[EpochMetrics], bool | None] = lambda metrics: None,
     device: str | None = None,
+    csv_content: bytes | None = None,
 ) -> TrialResult:
-    """Train the trial that ``config`` describes; ``device`` overrides config.device (cpu, cuda, auto)."""
+    """Train the trial that ``config`` describes; ``device`` overrides config.device (cpu, cuda, auto);
+    ``csv_content`` is the stored file of a CSV data set."""
     target = resolve_device(device or config.device)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)  # init first, then the data order
-    splits = make_dataset(config)
-    model = build_model(config, splits.n_features, splits.n_outputs, generator=generator).to(target)
+    splits = make_dataset(config, csv_content=csv_content)
+    task = splits.task
+    loss_name = resolve_loss(config, task=task, n_classes=None if task == "regression" else splits.n_outputs)
+    noise_generator = make_noise_generator(config.seed, target)
+    model = build_model(config, splits.n_features, model_outputs(loss_name, splits.n_outputs),
+                        generator=generator, noise_generator=noise_generator, task=task)
+    fit_input_features(model, splits.x_train)
+    model.to(target)
     optimizer = build_optimizer(config, model.parameters())
-    loss_fn = _loss_function(config)
+    loss_fn = build_loss(config, loss_name)
     x_train, y_train, x_val, y_val = (
         t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val)
     )
-    batch_size = splits.x_train.shape[0] if config.batch_size == "full" else config.batch_size
+    n_train = x_train.shape[0]
+    batch_size = n_train if config.batch_size == "full" else min(config.batch_size, n_train)
+    merge_single = config.norm == "batch" and config.model == "mlp" and config.depth > 0
+    schedule = build_schedule(config, optimizer, steps_per_epoch=steps_per_epoch(
+        n_train, batch_size=batch_size, merge_single=merge_single))
+    regularization = _Regularization(
+        l1=config.l1, l1_weights=penalised_weights(model), input_noise=config.input_noise,
+        grad_clip=config.grad_clip, noise_generator=noise_generator,
+    )
+    constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
+    baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
+                 "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
 
     history: list[EpochMetrics] = []
     best: EpochMetrics | None = None  # the first epoch with the lowest validation loss
     best_weights: dict[str, torch.Tensor] | None = None  # the model as it was after that epoch
-    status, message = "succeeded", None
+    stopper = _EarlyStopper(config.early_stopping) if config.early_stopping else None
+    status, message, stopped_epoch = "succeeded", None, None
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        batches = get_batches(x_train, y_train, batch_size=batch_size, generator=generator)
-        train_one_epoch(model, optimizer, loss_fn, batches)
-        train_loss, train_accuracy = evaluate(model, loss_fn, x_train, y_train)
-        val_loss, val_accuracy = evaluate(model, loss_fn, x_val, y_val)
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            which, bad = ("training", train_loss) if not math.isfinite(train_loss) else ("validation", val_loss)
+        lr = optimizer.param_groups[0]["lr"]
+        batches = get_batches(x_train, y_train, batch_size=batch_size, generator=generator,
+                              merge_single=merge_single)
+        grad_norm = train_one_epoch(model, optimizer, loss_fn, batches, schedule=schedule,
+                                    regularization=regularization)
+        model.eval()
+        with torch.no_grad():
+            train = measure(model(x_train), y_train, loss_fn=loss_fn, loss=loss_name)
+            val = measure(model(x_val), y_val, loss_fn=loss_fn, loss=loss_name)
+        if not (math.isfinite(train["loss"]) and math.isfinite(val["loss"])):
+            which, bad = ("training", train["loss"]) if not math.isfinite(train["loss"]) else (
+                "validation", val["loss"])
             status, message = "diverged", f"{which} loss became {bad} at epoch {epoch}"
             break
 
         metrics = EpochMetrics(
-            epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-            train_accuracy=train_accuracy, val_accuracy=val_accuracy,
-            lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.perf_counter() - epoch_started,
+            epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
+            train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr,
+            epoch_seconds=time.perf_counter() - epoch_started,
+            train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
+            train_r2=train["r2"], val_r2=val["r2"], grad_norm=_finite_or_none(grad_norm),
+            weight_norm=_finite_or_none(_l2_norm(list(model.parameters())).item()),
         )
         history.append(metrics)
-        if best is None or val_loss < best.val_loss:
+        if best is None or metrics.val_loss < best.val_loss:
             best, best_weights = metrics, _copy_weights(model)
         if on_epoch(metrics):
             status, message = "cancelled", f"cancelled after epoch {epoch}"
             break
+        if stopper is not None and stopper.should_stop(metrics.val_loss):
+            stopped_epoch = epoch
+            break
+        schedule.after_epoch(metrics.val_loss)
 
-    test_loss, test_accuracy = _test_at_best(
-        model, best_weights, splits=splits, loss_fn=loss_fn, device=target
-    )
-    final_metrics = _final_metrics(
-        last=history[-1] if history and status != "diverged" else None, best=best,
-        test_loss=test_loss, test_accuracy=test_accuracy,
-    )
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    test = _test_at_best(model, best_weights, splits=splits, loss_fn=loss_fn, loss=loss_name, device=target)
+    # Early stopping keeps the best model, so its "final" numbers are the best epoch's.
+    last = None if status == "diverged" or not history else (best if stopper is not None else history[-1])
+    final_metrics = _final_metrics(last=last, best=best, test=test)
+    final_metrics.update(baselines)
+    final_metrics["stopped_epoch"] = stopped_epoch
+    final_metrics["final_epoch"] = history[-1].epoch if history else None
     final_metrics["parameter_count"] = parameter_count(model)
+    artifacts = _prediction_artifacts(model, splits, config, target) if best_weights is not None else {}
     final_metrics["train_seconds"] = time.perf_counter() - started
     return TrialResult(
         status=status, epochs_run=len(history), best_epoch=best.epoch if best else None,
-        final_metrics=final_metrics, message=message,
+        final_metrics=final_metrics, message=message, artifacts=artifacts,
     )
 
 
@@ -137,11 +215,13 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def get_batches(
-    x: torch.Tensor, y: torch.Tensor, *, batch_size: int, generator: torch.Generator
+    x: torch.Tensor, y: torch.Tensor, *, batch_size: int, generator: torch.Generator, merge_single: bool = False
 ) -> Iterator[Batch]:
     """Yield one epoch of mini-batches in a fresh random order; the last batch may be smaller.
 
     A batch that covers the whole set is the set itself, in order (full-batch gradient descent).
+    ``merge_single`` folds a last batch of one example into the batch before it (batch norm cannot
+    normalise a single example).
     """
     n = x.shape[0]
     if batch_size >= n:
@@ -151,36 +231,74 @@ def get_batches(
     order = torch.randperm(n, generator=generator).to(x.device)
     x, y = x[order], y[order]
     for start in range(0, n, batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
+        end = start + batch_size
+        if merge_single and end == n - 1:
+            end = n
+        yield x[start:end], y[start:end]
+        if end == n:
+            return
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
-) -> tuple[float, float | None]:
-    """Mean loss and (classification) accuracy of the model on a whole set, in eval mode."""
-    model.eval()
-    output = model(x)
-    loss = loss_fn(output, y).item()
-    if y.dtype != torch.int64:
-        return loss, None
-    return loss, (output.argmax(dim=1) == y).sum().item() / y.shape[0]
+def steps_per_epoch(n: int, *, batch_size: int, merge_single: bool = False) -> int:
+    """Optimizer steps in one epoch of :func:`get_batches`."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if merge_single and steps > 1 and n % batch_size == 1 else steps
 
 
 def train_one_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batches: Iterable[Batch]
-) -> None:
-    """One optimizer step per batch. No .item() here: the loss is measured once, at the epoch's end."""
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batches: Iterator[Batch],
+    *,
+    schedule: LearningRateSchedule,
+    regularization: _Regularization,
+) -> float:
+    """One optimizer step per batch; returns the L2 norm of the last step's gradient (before clipping).
+
+    No .item() per step: the norm tensor of the last step is read once, at the epoch's end.
+    """
     model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Locals, not attribute look-ups, inside the step loop: per-step Python is what a small trial costs.
+    input_noise, l1, grad_clip = regularization.input_noise, regularization.l1, regularization.grad_clip
+    l1_weights, noise_generator = regularization.l1_weights, regularization.noise_generator
+    per_step_schedule = schedule.per_step
+    grad_norm = None
     for x, y in batches:
+        if input_noise:
+            noise = torch.randn(x.shape, device=noise_generator.device, generator=noise_generator)
+            x = x + input_noise * noise.to(x.device)
         loss = loss_fn(model(x), y)
+        if l1:
+            loss = loss + l1 * l1_penalty(l1_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+        if per_step_schedule:
+            schedule.after_step()
+    if grad_norm is None:
+        # The step leaves .grad as backward made it, so the last step's gradient is still there.
+        grad_norm = _l2_norm([p.grad for p in params if p.grad is not None])
+    return grad_norm.item()
 
 
-def _loss_function(config: TrialConfig) -> LossFn:
-    return F.mse_loss if config.resolved_loss == "mse" else F.cross_entropy
+class _EarlyStopper:
+    """Counts epochs since validation loss last improved by more than min_delta."""
+
+    def __init__(self, settings) -> None:
+        self.patience, self.min_delta = settings.patience, settings.min_delta
+        self.best = math.inf
+        self.waited = 0
+
+    def should_stop(self, val_loss: float) -> bool:
+        if val_loss < self.best - self.min_delta:
+            self.best, self.waited = val_loss, 0
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
 
 
 def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -193,32 +311,63 @@ def _test_at_best(
     *,
     splits: Splits,
     loss_fn: LossFn,
+    loss: str,
     device: torch.device,
-) -> tuple[float | None, float | None]:
+) -> dict[str, float | None]:
     # The test set is touched once, with the weights that early stopping on validation would keep.
     if best_weights is None or splits.x_test.shape[0] == 0:
-        return None, None
-    model.load_state_dict(best_weights)
-    loss, accuracy = evaluate(model, loss_fn, splits.x_test.to(device), splits.y_test.to(device))
-    return (loss if math.isfinite(loss) else None), accuracy
+        return {"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}
+    model.eval()
+    with torch.no_grad():
+        test = measure(model(splits.x_test.to(device)), splits.y_test.to(device), loss_fn=loss_fn, loss=loss)
+    return {key: _finite_or_none(value) for key, value in test.items()}
 
 
-def _final_metrics(
-    *,
-    last: EpochMetrics | None,
-    best: EpochMetrics | None,
-    test_loss: float | None,
-    test_accuracy: float | None,
-) -> dict:
+def _final_metrics(*, last: EpochMetrics | None, best: EpochMetrics | None, test: dict) -> dict:
     # A diverged trial has no final loss (it is not a number: None); its best epoch still counts.
+    def of(metrics: EpochMetrics | None, name: str) -> float | None:
+        return getattr(metrics, name) if metrics else None
+
     return {
-        "final_train_loss": last.train_loss if last else None,
-        "final_val_loss": last.val_loss if last else None,
-        "final_train_accuracy": last.train_accuracy if last else None,
-        "final_val_accuracy": last.val_accuracy if last else None,
-        "best_val_loss": best.val_loss if best else None,
-        "best_val_accuracy": best.val_accuracy if best else None,
-        "test_loss": test_loss,
-        "test_accuracy": test_accuracy,
+        "final_train_loss": of(last, "train_loss"),
+        "final_val_loss": of(last, "val_loss"),
+        "final_train_accuracy": of(last, "train_accuracy"),
+        "final_val_accuracy": of(last, "val_accuracy"),
+        "best_val_loss": of(best, "val_loss"),
+        "best_val_accuracy": of(best, "val_accuracy"),
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
         "generalization_gap": last.val_loss - last.train_loss if last else None,
+        "final_train_rmse": of(last, "train_rmse"),
+        "final_val_rmse": of(last, "val_rmse"),
+        "final_val_mae": of(last, "val_mae"),
+        "final_val_r2": of(last, "val_r2"),
+        "best_val_rmse": of(best, "val_rmse"),
+        "test_rmse": test["rmse"],
+        "test_mae": test["mae"],
+        "test_r2": test["r2"],
     }
+
+
+def _prediction_artifacts(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device) -> dict:
+    # Written by the fit-diagnosis work; a trial without it (or whose plot fails) still succeeds.
+    try:
+        from worker.training.artifacts import prediction_artifacts
+    except ImportError:
+        return {}
+    model.eval()
+    try:
+        return dict(prediction_artifacts(model, splits, config, device))
+    except Exception:
+        log.exception("prediction artifacts of a %s trial failed; the trial keeps its metrics", config.dataset_name)
+        return {}
+
+
+def _l2_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # The L2 norm of all the tensors as one vector. One fused call: torch.nn.utils.get_total_norm
+    # does the same with more Python around it, which shows in a trial of tiny steps.
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -6,11 +6,12 @@
 - adagrad:  Adagrad
 - rmsprop:  RMSprop with torch's defaults (alpha=0.99, momentum=0): config.momentum is NOT used,
             so rmsprop stays the textbook "divide by the running RMS" method
-- adam:     Adam; weight_decay is an L2 term added to the gradient (torch's coupled form)
-- adamw:    AdamW; weight_decay is decoupled. torch's own default is 0.01, ours is config's (0.0)
+- adam:     Adam with config.betas; weight_decay is an L2 term added to the gradient (torch's coupled form)
+- adamw:    AdamW with config.betas; weight_decay is decoupled. torch's own default is 0.01, ours is
+            config's (0.0)
 
-weight_decay is passed through to every optimizer unchanged. There is no learning-rate schedule:
-every epoch uses config.lr.
+weight_decay is passed through to every optimizer unchanged. The learning rate starts at config.lr;
+schedules.py moves it from there.
 
 fused=True picks torch's one-kernel-per-step implementation of the same update where torch has one
 (all but RMSprop): a trial's steps are tiny, so per-step overhead, not arithmetic, sets the pace.
@@ -30,7 +31,7 @@ Params = Iterable[torch.Tensor]
 
 
 def build_optimizer(config: TrialConfig, params: Params) -> torch.optim.Optimizer:
-    """The torch optimizer that config.optimizer names, with config's lr, momentum and weight_decay."""
+    """The torch optimizer that config.optimizer names, with config's lr, momentum, betas and weight_decay."""
     return _BUILDERS[config.optimizer](params, config)
 
 
@@ -60,11 +61,11 @@ def _rmsprop(params: Params, config: TrialConfig) -> torch.optim.Optimizer:
 
 
 def _adam(params: Params, config: TrialConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=True)
 
 
 def _adamw(params: Params, config: TrialConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=True)
 
 
 _BUILDERS: dict[str, Callable[[Params, TrialConfig], torch.optim.Optimizer]] = {

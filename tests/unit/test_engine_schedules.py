@@ -1,0 +1,130 @@
+"""Learning-rate schedules: each one's rate sequence equals torch's own scheduler run side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from services.trial_config import TrialConfig
+from worker.training import EpochMetrics, train_trial
+from worker.training.schedules import build_schedule
+
+EPOCHS, STEPS, LR = 30, 4, 0.1
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _optimizer(lr: float = LR) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+
+
+def _engine_rates(config: TrialConfig, val_losses: list[float]) -> list[float]:
+    """The rate of every step, as the engine's schedule sets it."""
+    optimizer = _optimizer()
+    schedule = build_schedule(config, optimizer, steps_per_epoch=STEPS)
+    rates = []
+    for epoch in range(config.epochs):
+        for _ in range(STEPS):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_step()
+        schedule.after_epoch(val_losses[epoch])
+    return rates
+
+
+def _torch_rates(make, *, per_step: bool, val_losses: list[float], epochs: int = EPOCHS,
+                 lr: float = LR) -> list[float]:
+    optimizer = _optimizer(lr)
+    scheduler = make(optimizer)
+    rates = []
+    for epoch in range(epochs):
+        for _ in range(STEPS):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if per_step:
+                scheduler.step()
+        if not per_step:
+            if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_losses[epoch])
+            else:
+                scheduler.step()
+    return rates
+
+
+# Validation loss that improves for 8 epochs, then stalls: plateau must decay a few times.
+VAL_LOSSES = [1.0 - 0.1 * min(e, 8) for e in range(EPOCHS)]
+
+CASES = {
+    "constant": (dict(), lambda o: lr_scheduler.LambdaLR(o, lambda e: 1.0), False),
+    "step": (dict(step_size=7, gamma=0.3), lambda o: lr_scheduler.StepLR(o, step_size=7, gamma=0.3), False),
+    "multistep": (dict(milestones=(5, 12, 20), gamma=0.5),
+                  lambda o: lr_scheduler.MultiStepLR(o, milestones=[5, 12, 20], gamma=0.5), False),
+    "exponential": (dict(gamma=0.9), lambda o: lr_scheduler.ExponentialLR(o, gamma=0.9), False),
+    "cosine": (dict(min_lr=0.01), lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=EPOCHS, eta_min=0.01), False),
+    "warmup_cosine": (
+        dict(warmup_epochs=5, min_lr=0.01),
+        lambda o: lr_scheduler.SequentialLR(o, [
+            lr_scheduler.LinearLR(o, start_factor=1 / 5, end_factor=1.0, total_iters=4),
+            lr_scheduler.CosineAnnealingLR(o, T_max=EPOCHS - 5, eta_min=0.01),
+        ], milestones=[5]),
+        False,
+    ),
+    "one_cycle": (dict(), lambda o: lr_scheduler.OneCycleLR(
+        o, max_lr=LR, total_steps=EPOCHS * STEPS, cycle_momentum=False), True),
+    "plateau": (dict(gamma=0.5, plateau_patience=3),
+                lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=3), False),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(CASES))
+def test_rate_sequence_equals_torchs_scheduler(schedule: str) -> None:
+    fields, make, per_step = CASES[schedule]
+    config = TrialConfig(schedule=schedule, lr=LR, epochs=EPOCHS, **fields)
+
+    engine = _engine_rates(config, VAL_LOSSES)
+    reference = _torch_rates(make, per_step=per_step, val_losses=VAL_LOSSES)
+
+    assert engine == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    if schedule != "constant":
+        assert len(set(round(r, 12) for r in engine)) > 1, "the schedule never moved the rate"
+
+
+def test_warmup_cosine_rises_linearly_then_falls_to_the_floor() -> None:
+    config = TrialConfig(schedule="warmup_cosine", lr=LR, epochs=EPOCHS, warmup_epochs=5, min_lr=0.01)
+    per_epoch = _engine_rates(config, VAL_LOSSES)[::STEPS]
+
+    assert per_epoch[:5] == pytest.approx([LR * k / 5 for k in range(1, 6)])
+    assert per_epoch[5] == pytest.approx(LR)
+    assert all(a >= b for a, b in zip(per_epoch[5:], per_epoch[6:], strict=False))
+    assert 0.01 < per_epoch[-1] < 0.012
+
+
+def test_plateau_with_gamma_one_keeps_the_rate() -> None:
+    config = TrialConfig(schedule="plateau", lr=LR, epochs=EPOCHS, gamma=1.0, plateau_patience=1)
+    assert set(_engine_rates(config, VAL_LOSSES)) == {LR}
+
+
+@pytest.mark.parametrize("schedule", ["step", "one_cycle", "plateau"])
+def test_the_lr_metric_is_the_rate_each_epoch_trained_at(schedule: str) -> None:
+    config = TrialConfig(schedule=schedule, step_size=2, gamma=0.5, plateau_patience=1, lr=0.05, epochs=6,
+                         n_train=64, n_val=32, n_test=0, width=8, batch_size=16)
+    rows: list[EpochMetrics] = []
+    train_trial(config, on_epoch=rows.append)
+
+    if schedule == "step":
+        assert [m.lr for m in rows] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125])
+    elif schedule == "one_cycle":
+        reference = _torch_rates(lambda o: lr_scheduler.OneCycleLR(
+            o, max_lr=0.05, total_steps=6 * 4, cycle_momentum=False), per_step=True, val_losses=[], epochs=6, lr=0.05)
+        assert [m.lr for m in rows] == pytest.approx(reference[::4])  # 64 / 16 = 4 steps per epoch
+    else:  # torch's scheduler, fed the validation losses the trial reported
+        reference = _torch_rates(lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1),
+                                 per_step=False, val_losses=[m.val_loss for m in rows], epochs=6, lr=0.05)
+        assert [m.lr for m in rows] == pytest.approx(reference[::4])
