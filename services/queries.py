@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.models import TERMINAL_STATUSES, EpochMetric, Experiment, Trial, TrialStatus
+from services.models import TERMINAL_STATUSES, EpochMetric, Experiment, Trial, TrialArtifact, TrialStatus
 from services.trials import EPOCH_METRIC_FIELDS
 
 
@@ -80,7 +80,8 @@ def get_experiment(session: Session, experiment_id: int) -> ExperimentSummary | 
 
 
 def trial_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
-    """One flat row per trial: id, status, every config parameter, and every final metric."""
+    """One flat row per trial: id, status, verdict, parameter count, every config parameter, every
+    final metric, and the diagnosis's measured numbers as ``diag_<name>`` (thresholds left out)."""
     trials = session.scalars(
         select(Trial).where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
     ).all()
@@ -90,11 +91,21 @@ def trial_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
             "trial_id": trial.id, "ordinal": trial.ordinal, "status": trial.status, "attempts": trial.attempts,
             "worker": trial.worker, "epochs_done": trial.epochs_done, "best_epoch": trial.best_epoch,
             "started_at": _iso(trial.started_at), "finished_at": _iso(trial.finished_at), "error": trial.error,
+            "verdict": trial.verdict, "parameter_count": trial.parameter_count,
         }
         row.update(trial.config)
         row.update(trial.final_metrics or {})
+        numbers = (trial.diagnosis or {}).get("numbers", {})
+        row.update({f"diag_{name}": value for name, value in numbers.items()
+                    if not name.endswith("_limit") and name != "tail_fraction"})
         rows.append(row)
     return rows
+
+
+def trial_artifacts(session: Session, trial_id: int) -> dict[str, dict]:
+    """A trial's prediction artifacts, kind (curve_1d, boundary_2d) -> its JSON data; {} when none."""
+    result = session.execute(select(TrialArtifact.kind, TrialArtifact.data).where(TrialArtifact.trial_id == trial_id))
+    return {kind: data for kind, data in result}
 
 
 def epoch_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:

@@ -176,6 +176,9 @@ class TrialConfig(BaseModel):
             if self.n_train > available:
                 raise ValueError(f"n_train {self.n_train} is more than the {available} training rows of "
                                  f"{self.dataset} (after val_fraction and test_fraction); use at most {available}")
+        if self.poly_degree > 1 and self.task == "classification":
+            raise ValueError(f"poly_degree {self.poly_degree} applies to regression only and "
+                             f"{self.dataset_name} is classification; leave poly_degree at 1")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of the rows for training")
         return self

@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialStatus, utcnow
+from services.analysis import diagnose
+from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialArtifact, TrialStatus, utcnow
 
 EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds",
                        "train_rmse", "val_rmse", "train_mae", "val_mae", "train_r2", "val_r2",
@@ -84,15 +85,36 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
 
 
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
-                 best_epoch: int | None = None, error: str | None = None) -> None:
-    """Record how a trial ended. ``error`` is kept short enough to show in a table."""
+                 best_epoch: int | None = None, error: str | None = None,
+                 artifacts: dict[str, dict] | None = None) -> None:
+    """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from the epoch rows
+    already written in this session) and the prediction artifacts, which replace any earlier ones.
+    ``error`` is kept short enough to show in a table."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
     if final_metrics is not None:
         values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
         values["best_epoch"] = best_epoch
+        values["parameter_count"] = final_metrics.get("parameter_count")
+    diagnosis = diagnose(_loss_rows(session, trial_id), final_metrics or {}, status=TrialStatus(status).value)
+    values["verdict"] = diagnosis.verdict
+    values["diagnosis"] = {"reasons": diagnosis.reasons,
+                           "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
     session.execute(
         update(Trial).where(Trial.id == trial_id).values(**values).execution_options(synchronize_session=False)
     )
+    session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
+    if artifacts:
+        session.execute(insert(TrialArtifact), [
+            {"trial_id": trial_id, "kind": kind, "data": data} for kind, data in artifacts.items()
+        ])
+
+
+def _loss_rows(session: Session, trial_id: int) -> list[dict[str, Any]]:
+    result = session.execute(
+        select(EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss)
+        .where(EpochMetric.trial_id == trial_id).order_by(EpochMetric.epoch)
+    )
+    return [dict(row._mapping) for row in result]
 
 
 def cancel_experiment(session: Session, experiment_id: int) -> dict[str, int]:
@@ -123,10 +145,12 @@ def requeue_trials(session: Session, experiment_id: int, *, statuses: tuple[str,
     ids = [row.id for row in trials]
     if ids:
         session.execute(delete(EpochMetric).where(EpochMetric.trial_id.in_(ids)))
+        session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id.in_(ids)))
         session.execute(
             update(Trial).where(Trial.id.in_(ids))
             .values(status=TrialStatus.queued, attempts=0, cancel_requested=False, worker=None, error=None,
-                    epochs_done=0, best_epoch=None, final_metrics=None, started_at=None, finished_at=None)
+                    epochs_done=0, best_epoch=None, final_metrics=None, started_at=None, finished_at=None,
+                    verdict=None, diagnosis=None, parameter_count=None)
             .execution_options(synchronize_session=False)
         )
     return [(row.id, row.queue) for row in trials]

@@ -86,7 +86,7 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
     buffer = EpochBuffer(engine, claim.trial_id, flush_s=get_settings().metrics_flush_s)
     try:
         config = TrialConfig.model_validate(claim.config)
-        result = train_trial(config, on_epoch=buffer)
+        result = train_trial(config, on_epoch=buffer, **_csv_content(engine, config))
     except DeviceUnavailable as exc:
         return _fail(engine, claim.trial_id, str(exc), buffer.pending)
     except Exception as exc:  # a bug or bad state in one trial must not take the worker down
@@ -96,8 +96,20 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
     with session_scope(engine) as session:
         record_epochs(session, claim.trial_id, buffer.pending)
         finish_trial(session, claim.trial_id, status=TrialStatus(result.status),
-                     final_metrics=result.final_metrics, best_epoch=result.best_epoch, error=result.message)
+                     final_metrics=result.final_metrics, best_epoch=result.best_epoch, error=result.message,
+                     artifacts=result.artifacts)
     return result.status
+
+
+def _csv_content(engine: Engine, config) -> dict[str, bytes]:
+    """``{"csv_content": bytes}`` for a trial on a stored CSV data set, else nothing."""
+    from services.datasets import load_dataset_content
+    from services.trial_config import CsvDataset
+
+    if not isinstance(config.dataset, CsvDataset) or config.dataset.sha256 is None:
+        return {}
+    with session_scope(engine) as session:
+        return {"csv_content": load_dataset_content(session, config.dataset.sha256)}
 
 
 def _fail(engine: Engine, trial_id: int, error: str, pending: list[dict[str, Any]]) -> str:

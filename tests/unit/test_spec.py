@@ -560,16 +560,23 @@ def test_any_valid_grid_expands_to_the_product_of_its_values(data: dict[str, Any
 
 
 _BAD_VALUES = st.sampled_from(["oops", -5, None, [1], {"a": 1}, math.nan, True, ""])
+# Parameters whose default is None (n_train, early_stopping, grad_clip) accept None: not a breakage there.
+_ACCEPTS_NONE = {name for name, field in TrialConfig.model_fields.items() if field.default is None}
+
+
+def _bad_value_for(name: str, draw: st.DrawFn) -> Any:
+    return draw(_BAD_VALUES.filter(lambda value: not (value is None and name in _ACCEPTS_NONE)))
 
 
 def _replace_a_value(data: dict[str, Any], draw: st.DrawFn) -> None:
     if not data["parameters"]:
         data["parameters"]["width"] = {"values": [8]}
-    body = data["parameters"][draw(st.sampled_from(sorted(data["parameters"])))]
+    name = draw(st.sampled_from(sorted(data["parameters"])))
+    body = data["parameters"][name]
     if "values" in body:
-        body["values"][draw(st.integers(0, len(body["values"]) - 1))] = draw(_BAD_VALUES)
+        body["values"][draw(st.integers(0, len(body["values"]) - 1))] = _bad_value_for(name, draw)
     else:
-        body["value"] = draw(_BAD_VALUES)
+        body["value"] = _bad_value_for(name, draw)
 
 
 def _mutations(draw: st.DrawFn, data: dict[str, Any]) -> None:
@@ -594,7 +601,8 @@ def _mutations(draw: st.DrawFn, data: dict[str, Any]) -> None:
         data["parameters"][draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in TRIAL_PARAMETERS))] = {
             "value": 1}
     else:
-        data["parameters"][draw(st.sampled_from(sorted(_VALUES)))] = draw(_BAD_VALUES)
+        name = draw(st.sampled_from(sorted(_VALUES)))
+        data["parameters"][name] = _bad_value_for(name, draw)
 
 
 @settings(max_examples=200, deadline=None)

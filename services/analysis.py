@@ -1,0 +1,228 @@
+"""Fit diagnosis: one verdict per trial, from its learning curves, with the numbers that decided it.
+
+Every loss is measured in units of the data set's *baseline*: the loss of the best constant
+predictor (the class frequencies for classification, the mean target for regression). A ratio of 1
+means "learned nothing", 0 means "perfect". This makes one set of thresholds mean the same thing
+for cross-entropy on moons and MSE on a sine. When the engine did not report a baseline, the
+first epoch's train loss stands in for it (``numbers["baseline_source"]`` says which).
+
+The rule, checked in this order (first match wins):
+
+1. No verdict (None) for a trial that failed or was cancelled.
+2. ``diverged``: the trial ended as diverged, a recorded loss is not finite, or the final train
+   loss is above ``DIVERGED_RATIO`` x the baseline.
+3. ``underfit``: the best train loss is above ``UNDERFIT_RATIO`` x the baseline, or (given the
+   best train loss among the experiment's trials on the same data, ``reference_train_loss``) it is
+   more than ``REFERENCE_MARGIN`` x the baseline above that reference. Exception: when the train
+   loss is still falling steeply (see 5) the verdict is ``not_converged`` instead: more epochs, not
+   more capacity, is the first thing to try.
+4. ``overfit``: the final generalization gap (val - train) is above ``OVERFIT_GAP`` x the
+   baseline, or validation loss rose from its minimum to the last epoch by more than
+   ``OVERFIT_RISE`` x the baseline while the train loss kept falling.
+5. ``not_converged``: over the last ``TAIL_FRACTION`` of the epochs the train loss fell by more
+   than ``NOT_CONVERGED_DROP`` x the baseline.
+6. ``good_fit`` otherwise.
+
+Pure functions: no torch, no database.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+UNDERFIT_RATIO = 0.30  # best train loss / baseline above this: the model did not fit the training data
+REFERENCE_MARGIN = 0.20  # (best train - best sibling train) / baseline above this: far behind its siblings
+OVERFIT_GAP = 0.25  # (final val - final train) / baseline above this: memorised, does not generalise
+OVERFIT_RISE = 0.10  # (final val - min val) / baseline above this, with train still falling: overfitting
+NOT_CONVERGED_DROP = 0.05  # train-loss fall over the tail / baseline above this: still learning
+TAIL_FRACTION = 0.2  # the share of the last epochs that "still falling" looks at (at least 2 epochs)
+DIVERGED_RATIO = 3.0  # final train loss / baseline above this: blew up without becoming inf
+
+THRESHOLDS = {
+    "underfit_ratio_limit": UNDERFIT_RATIO,
+    "reference_margin_limit": REFERENCE_MARGIN,
+    "overfit_gap_limit": OVERFIT_GAP,
+    "overfit_rise_limit": OVERFIT_RISE,
+    "not_converged_drop_limit": NOT_CONVERGED_DROP,
+    "tail_fraction": TAIL_FRACTION,
+    "diverged_ratio_limit": DIVERGED_RATIO,
+}
+VERDICTS = ("underfit", "overfit", "good_fit", "diverged", "not_converged")
+
+# The trial parameters that decide which data a trial sees: siblings equal on all of them share a
+# data set, so their train losses are comparable.
+DATA_PARAMETERS = ("dataset", "n_train", "n_val", "n_test", "val_fraction", "test_fraction", "noise",
+                   "label_noise", "n_classes", "n_features", "true_degree", "data_seed")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A trial's verdict (None when it failed or was cancelled), why in words, and the numbers."""
+
+    verdict: str | None
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)  # flat, JSON-able; thresholds end in _limit
+
+    def as_json(self) -> dict[str, Any]:
+        """What trials.diagnosis stores."""
+        return {"reasons": list(self.reasons), "numbers": dict(self.numbers)}
+
+    @property
+    def measured(self) -> dict[str, Any]:
+        """The numbers without the thresholds (what a table of trials shows)."""
+        return {k: v for k, v in self.numbers.items() if not k.endswith("_limit") and k != "tail_fraction"}
+
+
+def diagnose(
+    epochs: list[dict],
+    final_metrics: dict,
+    *,
+    status: str,
+    reference_train_loss: float | None = None,
+) -> Diagnosis:
+    """The verdict of one trial from its per-epoch rows (in epoch order; each with train_loss and
+    val_loss) and its final metrics (baseline_train_loss / baseline_val_loss when known)."""
+    numbers: dict[str, Any] = {**THRESHOLDS, "epochs": len(epochs)}
+    if status in ("failed", "cancelled"):
+        return Diagnosis(None, [f"no verdict: the trial {status} after {len(epochs)} epochs"], numbers)
+
+    train = [_number(row.get("train_loss")) for row in epochs]
+    val = [_number(row.get("val_loss")) for row in epochs]
+    if status == "diverged" or not epochs or not all(map(_finite, train + val)):
+        bad = next((i for i, (t, v) in enumerate(zip(train, val, strict=True))
+                    if not (_finite(t) and _finite(v))), None)
+        # The engine stops at the first non-finite epoch without recording it: that is the next one.
+        numbers["first_bad_epoch"] = _epoch_of(epochs, bad) if bad is not None else len(epochs) + 1
+        return Diagnosis("diverged", [f"diverged: the loss stopped being a finite number at epoch "
+                                      f"{numbers['first_bad_epoch']}"], numbers)
+
+    baseline_train, baseline_val, source = _baselines(final_metrics, train)
+    numbers.update(baseline_train_loss=baseline_train, baseline_val_loss=baseline_val, baseline_source=source)
+    best_train = min(train)
+    best_val_index = min(range(len(val)), key=val.__getitem__)  # the first epoch with the lowest val loss
+    # The tail is the last ceil(TAIL_FRACTION * n) epochs (at least 2, at most n - 1); its fall is
+    # measured from the epoch just before it to the last one.
+    tail_epochs = min(len(train) - 1, max(2, math.ceil(TAIL_FRACTION * len(train))))
+    numbers.update(
+        best_train_loss=best_train,
+        final_train_loss=train[-1],
+        final_val_loss=val[-1],
+        min_val_loss=val[best_val_index],
+        min_val_epoch=_epoch_of(epochs, best_val_index),
+        train_ratio=best_train / baseline_train,
+        final_train_ratio=train[-1] / baseline_train,
+        generalization_gap=val[-1] - train[-1],
+        gap_ratio=(val[-1] - train[-1]) / baseline_val,
+        val_rise=val[-1] - val[best_val_index],
+        val_rise_ratio=(val[-1] - val[best_val_index]) / baseline_val,
+        train_fell_after_min_val=train[-1] < train[best_val_index],
+        tail_epochs=tail_epochs,
+        tail_drop_ratio=(train[-1 - tail_epochs] - train[-1]) / baseline_train if tail_epochs > 0 else 0.0,
+    )
+    if reference_train_loss is not None and _finite(reference_train_loss):
+        numbers["reference_train_loss"] = reference_train_loss
+        numbers["reference_excess"] = (best_train - reference_train_loss) / baseline_train
+    return Diagnosis(*_decide(numbers), numbers)
+
+
+def diagnose_experiment(trials: list[dict]) -> dict[int, Diagnosis]:
+    """Re-diagnose an experiment's trials against each other. Each trial is a dict with trial_id,
+    status, epochs (rows in order), final_metrics and config. Trials whose config agrees on every
+    DATA_PARAMETERS entry share a reference: the lowest best-train loss among those of them that,
+    judged alone, are good_fit, underfit or not_converged. Overfit siblings are left out: a loss
+    reached by memorising the noise is no yardstick for how well the data can be fitted."""
+    references: dict[tuple, float] = {}
+    for trial in trials:
+        epochs = trial.get("epochs") or []
+        alone = diagnose(epochs, trial.get("final_metrics") or {}, status=trial.get("status", "succeeded"))
+        best = _best_train(epochs)
+        if alone.verdict in ("good_fit", "underfit", "not_converged") and best is not None:
+            key = _data_key(trial.get("config") or {})
+            references[key] = min(best, references.get(key, math.inf))
+    return {
+        trial["trial_id"]: diagnose(
+            trial.get("epochs") or [], trial.get("final_metrics") or {}, status=trial.get("status", "succeeded"),
+            reference_train_loss=references.get(_data_key(trial.get("config") or {})),
+        )
+        for trial in trials
+    }
+
+
+def _decide(n: dict[str, Any]) -> tuple[str, list[str]]:
+    still_falling = n["tail_drop_ratio"] > NOT_CONVERGED_DROP
+    falling = (f"over the last {n['tail_epochs']} epochs the train loss fell by {n['tail_drop_ratio']:.3f} "
+               f"x baseline (> {NOT_CONVERGED_DROP})")
+    if n["final_train_ratio"] > DIVERGED_RATIO:
+        return "diverged", [f"diverged: the final train loss {n['final_train_loss']:.4g} is "
+                            f"{n['final_train_ratio']:.2f} x the baseline (> {DIVERGED_RATIO})"]
+
+    underfit = []
+    if n["train_ratio"] > UNDERFIT_RATIO:
+        underfit.append(f"the best train loss {n['best_train_loss']:.4g} is {n['train_ratio']:.3f} x the "
+                        f"baseline {n['baseline_train_loss']:.4g} (> {UNDERFIT_RATIO})")
+    if n.get("reference_excess", -math.inf) > REFERENCE_MARGIN:
+        underfit.append(f"the best train loss is {n['reference_excess']:.3f} x baseline above the best "
+                        f"sibling's {n['reference_train_loss']:.4g} (> {REFERENCE_MARGIN})")
+    if underfit and still_falling:
+        return "not_converged", [f"not converged: {falling}", *underfit]
+    if underfit:
+        return "underfit", [f"underfit: {reason}" for reason in underfit]
+
+    overfit = []
+    if n["gap_ratio"] > OVERFIT_GAP:
+        overfit.append(f"the final gap val - train = {n['generalization_gap']:.4g} is {n['gap_ratio']:.3f} x the "
+                       f"baseline (> {OVERFIT_GAP})")
+    if n["val_rise_ratio"] > OVERFIT_RISE and n["train_fell_after_min_val"]:
+        overfit.append(f"validation loss rose from {n['min_val_loss']:.4g} at epoch {n['min_val_epoch']} to "
+                       f"{n['final_val_loss']:.4g}, {n['val_rise_ratio']:.3f} x baseline (> {OVERFIT_RISE}), "
+                       "while the train loss kept falling")
+    if overfit:
+        return "overfit", [f"overfit: {reason}" for reason in overfit]
+    if still_falling:
+        return "not_converged", [f"not converged: {falling}"]
+    return "good_fit", [
+        f"good fit: best train loss {n['train_ratio']:.3f} x baseline (<= {UNDERFIT_RATIO}), final gap "
+        f"{n['gap_ratio']:.3f} x baseline (<= {OVERFIT_GAP}), validation rise {n['val_rise_ratio']:.3f} x "
+        f"baseline, train-loss fall over the tail {n['tail_drop_ratio']:.3f} x baseline (<= {NOT_CONVERGED_DROP})"
+    ]
+
+
+def _baselines(final_metrics: dict, train: list[float]) -> tuple[float, float, str]:
+    baseline_train = _number(final_metrics.get("baseline_train_loss"))
+    baseline_val = _number(final_metrics.get("baseline_val_loss"))
+    if _positive(baseline_train):
+        return baseline_train, baseline_val if _positive(baseline_val) else baseline_train, "constant_predictor"
+    # Unknown baseline: the loss after the first epoch is the scale (a weaker yardstick; it is said).
+    first = train[0] if train[0] > 0 else max(max(train), 1e-12)
+    return first, first, "first_epoch"
+
+
+def _best_train(epochs: Iterable[dict]) -> float | None:
+    losses = [loss for loss in (_number(row.get("train_loss")) for row in epochs) if _finite(loss)]
+    return min(losses) if losses else None
+
+
+def _data_key(config: dict) -> tuple:
+    return tuple(repr(config.get(name)) for name in DATA_PARAMETERS)
+
+
+def _epoch_of(epochs: list[dict], index: int) -> int:
+    return int(epochs[index].get("epoch", index + 1))
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+__all__ = ["DATA_PARAMETERS", "THRESHOLDS", "VERDICTS", "Diagnosis", "diagnose", "diagnose_experiment"]

@@ -1,0 +1,133 @@
+"""Pictures for later: a few kilobytes of JSON that show what a trial learned.
+
+- 1-D regression -> ``curve_1d``: the model's curve on ``CURVE_POINTS`` inputs spanning the training
+  inputs (padded by ``PADDING`` of their range on each side), the noiseless truth on the same inputs
+  when the data set has one, and up to ``MAX_POINTS`` training points.
+- 2-D classification -> ``boundary_2d``: on a ``GRID`` x ``GRID`` grid over the training inputs
+  (padded likewise), the predicted class and its probability per cell, plus up to ``MAX_POINTS``
+  training points with their labels.
+
+Everything is in the data's raw coordinates: grid inputs are standardised with the training mean
+and std before they reach the model, exactly as the training inputs were. Any other task or shape
+gets no artifact ({}).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from services.trial_config import TrialConfig
+    from worker.training.data import Splits
+
+CURVE_POINTS = 200
+GRID = 60
+MAX_POINTS = 300
+PADDING = 0.05  # share of the input range added on each side of the plot
+DECIMALS = 3
+
+
+def prediction_artifacts(
+    model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device | str
+) -> dict[str, dict]:
+    """kind -> JSON-able data: ``curve_1d`` for 1-D regression, ``boundary_2d`` for 2-D classification."""
+    if splits.x_train.shape[0] == 0:
+        return {}
+    if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
+        return {"curve_1d": _curve_1d(model, splits, config, device)}
+    if splits.task == "classification" and splits.n_features == 2:
+        return {"boundary_2d": _boundary_2d(model, splits, device)}
+    return {}
+
+
+def _curve_1d(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device | str) -> dict[str, Any]:
+    raw_x = _raw(splits, splits.x_train)[:, 0]
+    low, high = _padded_range(raw_x)
+    x = torch.linspace(low, high, CURVE_POINTS)
+    y_pred = _predict(model, splits, x[:, None], device)[:, 0]
+    keep = _subsample(raw_x.shape[0])
+    return {
+        "x": _rounded(x),
+        "y_pred": _rounded(y_pred),
+        "y_true": _truth(splits, config, x),
+        "train_x": _rounded(raw_x[keep]),
+        "train_y": _rounded(splits.y_train[keep, 0]),
+    }
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """[N, classes] probabilities from a classifier's outputs: softmax over several logits, or for a
+    single bce logit the sigmoid as class 1's probability beside its complement."""
+    if logits.shape[1] == 1:
+        positive = torch.sigmoid(logits)
+        return torch.cat([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def _boundary_2d(model: nn.Module, splits: Splits, device: torch.device | str) -> dict[str, Any]:
+    raw = _raw(splits, splits.x_train)
+    (x_low, x_high), (y_low, y_high) = _padded_range(raw[:, 0]), _padded_range(raw[:, 1])
+    xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
+    logits = _predict(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
+    probability, predicted = class_probabilities(logits).max(dim=1)
+    keep = _subsample(raw.shape[0])
+    return {
+        "x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
+        "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
+        "resolution": GRID,
+        "classes": list(range(splits.n_outputs)),
+        "predicted_class": predicted.reshape(GRID, GRID).tolist(),  # [row = y][column = x]
+        "probability": [_rounded(row) for row in probability.reshape(GRID, GRID)],  # of that class
+        "train_x": _rounded(raw[keep, 0]),
+        "train_y": _rounded(raw[keep, 1]),
+        "train_label": splits.y_train[keep].tolist(),
+    }
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, splits: Splits, raw_x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        standardised = (raw_x - splits.feature_mean) / splits.feature_std
+        return model(standardised.to(device)).float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def _truth(splits: Splits, config: TrialConfig, x: torch.Tensor) -> list[float] | None:
+    # data.true_function(config, raw x [N, 1]) is the noiseless target, or None (no truth to draw).
+    from worker.training import data
+
+    truth = getattr(data, "true_function", None)  # guarded: the data module may predate it
+    values = truth(config, x.numpy()[:, None].astype("float64")) if truth is not None else None
+    if values is None:
+        return None
+    return _rounded(torch.as_tensor(values, dtype=torch.float32).reshape(-1))
+
+
+def _raw(splits: Splits, x: torch.Tensor) -> torch.Tensor:
+    return x * splits.feature_std + splits.feature_mean
+
+
+def _padded_range(values: torch.Tensor) -> tuple[float, float]:
+    low, high = values.min().item(), values.max().item()
+    pad = PADDING * (high - low) if high > low else 1.0
+    return low - pad, high + pad
+
+
+def _subsample(n: int) -> torch.Tensor:
+    # Evenly spaced indices: deterministic, and the data are already in random order.
+    if n <= MAX_POINTS:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, MAX_POINTS).round().long()
+
+
+def _rounded(values: torch.Tensor) -> list[float | None]:
+    # JSON has no NaN/inf (PostgreSQL refuses them): a non-finite prediction is stored as null.
+    return [round(v, DECIMALS) if math.isfinite(v) else None for v in values.tolist()]
