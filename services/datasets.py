@@ -208,15 +208,16 @@ def _with_stored_dataset(config: TrialConfig, validated: ValidatedCsv) -> TrialC
 
 def store_dataset(session: Session, validated: ValidatedCsv) -> str:
     """Insert the file's bytes (gzip) under their sha256 unless that row exists; never commits."""
-    from services.models import Dataset
+    from services.db import insert_if_absent
+    from services.models import Dataset, utcnow
 
-    if session.get(Dataset, validated.sha256) is None:
-        session.add(Dataset(
-            sha256=validated.sha256, name=Path(validated.name).name[:300], n_rows=validated.table.file_rows,
-            n_columns=len(validated.table.columns), columns=list(validated.table.columns),
-            size_bytes=len(validated.content), content=gzip.compress(validated.content, mtime=0),
-        ))
-        session.flush()
+    if session.get(Dataset, validated.sha256) is None:  # skip compressing a file we already have
+        insert_if_absent(session, Dataset, {
+            "sha256": validated.sha256, "name": Path(validated.name).name[:300],
+            "n_rows": validated.table.file_rows, "n_columns": len(validated.table.columns),
+            "columns": list(validated.table.columns), "size_bytes": len(validated.content),
+            "content": gzip.compress(validated.content, mtime=0), "created_at": utcnow(),
+        })
     return validated.sha256
 
 

@@ -81,6 +81,16 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
+def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on the primary key: two transactions storing the same
+    content-addressed row at the same moment both succeed, and one row remains."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    session.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
+
+
 def describe_url(engine: Engine) -> str:
     """The engine's URL without its password, for messages."""
     return engine.url.render_as_string(hide_password=True)
