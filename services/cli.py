@@ -39,6 +39,13 @@ def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
     raise typer.Exit(code)
 
 
+def fail_spec(exc) -> NoReturn:
+    """Every problem of a spec, one line each, then exit 2."""
+    for problem in exc.problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(BAD_INPUT) from None
+
+
 def _settings():
     from services.config import ConfigError, get_settings
 
@@ -76,9 +83,7 @@ def _read_spec(path: Path, settings):
     try:
         spec = parse_spec(text, max_bytes=settings.max_spec_bytes)
     except SpecError as exc:
-        for problem in exc.problems:
-            typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(BAD_INPUT) from None
+        fail_spec(exc)
     for warning in spec.warnings:
         typer.echo(f"warning: {warning}", err=True)
     return spec, text
@@ -98,9 +103,7 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
         resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
         trials = len(configs)
     except SpecError as exc:
-        for problem in exc.problems:
-            typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(BAD_INPUT) from None
+        fail_spec(exc)
     except DatasetError as exc:
         fail(str(exc))
     assert trials == count_trials(spec)
@@ -136,9 +139,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
                                     max_trials=settings.max_trials_per_experiment, base_dir=spec_file.parent,
                                     csv_limits=CsvLimits.from_settings(settings))
     except SpecError as exc:
-        for problem in exc.problems:
-            typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(BAD_INPUT) from None
+        fail_spec(exc)
     except DatasetError as exc:
         fail(str(exc))
     try:

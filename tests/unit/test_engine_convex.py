@@ -13,15 +13,6 @@ from worker.training import train_trial
 from worker.training.data import make_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors: several threads only add synchronisation (and contention on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("poly_degree", [1, 3])
 def test_linear_regression_reaches_the_least_squares_loss(poly_degree: int) -> None:
     # Linear regression on the features [x, x^2, ..., x^d] is convex: its optimum is least squares.

@@ -23,13 +23,6 @@ from worker.training.models import PolynomialFeatures, build_model, parameter_co
 SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_epoch_rows_carry_exactly_the_database_columns() -> None:
     assert tuple(f.name for f in dataclasses.fields(EpochMetrics)) == ("epoch", *EPOCH_METRIC_FIELDS)

@@ -16,13 +16,6 @@ from worker.training.models import build_model
 SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def keep_model(monkeypatch):

@@ -13,13 +13,6 @@ from worker.training.schedules import build_schedule
 EPOCHS, STEPS, LR = 30, 4, 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _optimizer(lr: float = LR) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
