@@ -26,6 +26,7 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
     from services.migrate import current_revision, upgrade
     from services.queue import BrokerUnreachable, check_broker, make_celery
 
+    stop = _StopSignals()  # before anything starts, so a signal during start-up still cleans up
     broker = None
     if settings.uses_embedded_broker:
         try:
@@ -55,12 +56,13 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         echo(f"dashboard  http://{settings.bind_host}:{settings.dashboard_port}")
         echo("worker     1 process on queue cpu (add more with `fitscope worker` in another shell)")
         echo("Ctrl-C stops everything.")
-        return _supervise(children, echo)
+        return _supervise(children, stop, echo)
     finally:
         for _name, process in reversed(children):
             _stop(process)
         if broker is not None:
             broker.stop()
+        stop.restore()
 
 
 def _dashboard_command(settings: Settings) -> list[str]:
@@ -74,28 +76,45 @@ def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
-def _supervise(children: list[tuple[str, subprocess.Popen]], echo: Callable[[str], None]) -> int:
-    stop = {"requested": False}
+class _StopSignals:
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all ask for an orderly stop. The children run
+    in their own sessions, so without this a hang-up would leave them running."""
 
-    def _request_stop(_signum, _frame):
-        stop["requested"] = True
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+
+    def _request(self, _signum, _frame) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        raise KeyboardInterrupt  # interrupts a start-up step; the finally blocks stop what started
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(children: list[tuple[str, subprocess.Popen]], stop: _StopSignals,
+               echo: Callable[[str], None]) -> int:
     try:
-        while not stop["requested"]:
+        while True:
             for name, process in children:
                 if process.poll() is not None:
                     echo(f"{name} exited with code {process.returncode}; stopping the rest")
                     return 1
             time.sleep(0.5)
+    except KeyboardInterrupt:
         echo("stopping ...")
         return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM to the child's whole process group. A worker's training process dies at once and
+    Celery puts its trial straight back in the queue (it costs one of the trial's attempts); a warm
+    shutdown would instead wait for a trial that may run for hours."""
     if process.poll() is not None:
         return
     try:

@@ -63,19 +63,40 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
     return Claim(trial_id=trial_id, config=dict(trial.config), attempt=previous_attempts + 1)
 
 
-def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]]) -> bool:
+class TrialSuperseded(RuntimeError):
+    """This worker's attempt no longer owns the trial (a takeover, a cancel-and-requeue, or it ended):
+    it must stop without writing anything more."""
+
+
+def _claim_still_held(session: Session, trial_id: int, attempt: int, values: dict[str, Any]) -> None:
+    """Update the trial only while ``attempt`` still runs it; the UPDATE takes the row lock first, so a
+    concurrent takeover waits for this transaction and then sees (and deletes) what it wrote."""
+    held = session.execute(
+        update(Trial)
+        .where(Trial.id == trial_id, Trial.status == TrialStatus.running, Trial.attempts == attempt)
+        .values(**values).execution_options(synchronize_session=False)
+    ).rowcount
+    if held != 1:
+        raise TrialSuperseded(f"trial {trial_id}: attempt {attempt} no longer owns it")
+
+
+def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *,
+                  attempt: int | None = None) -> bool:
     """Write epoch rows (one executemany) and advance the trial's progress. Returns True when the
-    trial has been asked to stop (cancelled), so the engine ends at this epoch boundary."""
+    trial has been asked to stop (cancelled), so the engine ends at this epoch boundary. With
+    ``attempt``, raises TrialSuperseded (writing nothing) when that attempt no longer owns the trial."""
+    done = {"epochs_done": max(int(row["epoch"]) for row in rows)} if rows else {}
+    if attempt is not None:
+        _claim_still_held(session, trial_id, attempt, done or {"epochs_done": Trial.epochs_done})
+    elif done:
+        session.execute(update(Trial).where(Trial.id == trial_id).values(**done)
+                        .execution_options(synchronize_session=False))
     if rows:
         session.execute(insert(EpochMetric), [
             {"trial_id": trial_id, "epoch": int(row["epoch"]),
              **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS}}
             for row in rows
         ])
-        session.execute(
-            update(Trial).where(Trial.id == trial_id).values(epochs_done=max(int(row["epoch"]) for row in rows))
-            .execution_options(synchronize_session=False)
-        )
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
 
 
@@ -86,10 +107,11 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
 
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
                  best_epoch: int | None = None, error: str | None = None,
-                 artifacts: dict[str, dict] | None = None) -> None:
+                 artifacts: dict[str, dict] | None = None, attempt: int | None = None) -> None:
     """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from the epoch rows
     already written in this session) and the prediction artifacts, which replace any earlier ones.
-    ``error`` is kept short enough to show in a table."""
+    ``error`` is kept short enough to show in a table. With ``attempt``, raises TrialSuperseded
+    (writing nothing) when that attempt no longer owns the trial."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
     if final_metrics is not None:
         values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
@@ -99,9 +121,11 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
-    session.execute(
-        update(Trial).where(Trial.id == trial_id).values(**values).execution_options(synchronize_session=False)
-    )
+    if attempt is not None:
+        _claim_still_held(session, trial_id, attempt, values)
+    else:
+        session.execute(update(Trial).where(Trial.id == trial_id).values(**values)
+                        .execution_options(synchronize_session=False))
     session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
     if artifacts:
         session.execute(insert(TrialArtifact), [

@@ -15,6 +15,7 @@ from services.trials import (
     count_epoch_rows,
     finish_trial,
     record_epoch,
+    record_epochs,
     requeue_trials,
 )
 
@@ -138,3 +139,74 @@ def test_requeue_resets_ended_trials_and_their_rows(engine, experiment):
         trial = session.get(Trial, trial_id)
         assert (trial.status, trial.attempts, trial.error) == ("queued", 0, None)
         assert count_epoch_rows(session, trial_id) == 0
+
+
+def test_a_superseded_attempt_can_write_nothing_more(engine, experiment):
+    from services.trials import TrialSuperseded
+
+    trial_id = experiment.trial_ids[0]
+    with session_scope(engine) as session:
+        first = claim_trial(session, trial_id, worker="slow", max_attempts=3)
+    with session_scope(engine) as session:
+        record_epochs(session, trial_id, [_epoch(1)], attempt=first.attempt)
+    with session_scope(engine) as session:  # the broker re-delivered while "slow" still ran
+        second = claim_trial(session, trial_id, worker="next", max_attempts=3, redelivered=True)
+    with pytest.raises(TrialSuperseded), session_scope(engine) as session:
+        record_epochs(session, trial_id, [_epoch(2)], attempt=first.attempt)
+    with pytest.raises(TrialSuperseded), session_scope(engine) as session:
+        finish_trial(session, trial_id, status="succeeded", final_metrics={}, attempt=first.attempt)
+    with session_scope(engine) as session:
+        record_epochs(session, trial_id, [_epoch(1)], attempt=second.attempt)
+        finish_trial(session, trial_id, status="succeeded", final_metrics={}, attempt=second.attempt)
+    with session_scope(engine) as session:
+        trial = session.get(Trial, trial_id)
+        assert (trial.status, trial.worker, trial.attempts) == ("succeeded", "next", 2)
+        assert session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial_id)).all() == [1]
+
+
+def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import services.trials as trials_module
+    import worker.tasks as tasks
+
+    monkeypatch.setattr(tasks, "DB_RETRY_DELAYS_S", (0.01, 0.01))
+    real_finish, failures = trials_module.finish_trial, []
+
+    def flaky_finish(*args, **kwargs):
+        if len(failures) < 2:  # the database is down for the first two tries
+            failures.append(1)
+            raise OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "finish_trial", flaky_finish)
+    trial_id = experiment.trial_ids[0]
+    with session_scope(engine) as session:
+        claim = claim_trial(session, trial_id, worker="w", max_attempts=3)
+    status = tasks.execute_claim(engine, claim)
+    assert status == "succeeded" and len(failures) == 2
+    with session_scope(engine) as session:
+        trial = session.get(Trial, trial_id)
+        assert trial.status == "succeeded"
+        assert count_epoch_rows(session, trial_id) == 3
+
+
+def test_a_database_down_for_good_raises_database_down_and_keeps_the_trial_takeable(engine, experiment,
+                                                                                   monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import worker.tasks as tasks
+
+    def always_down(*_args, **_kwargs):
+        raise OperationalError("UPDATE trials", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(tasks, "finish_trial", always_down)
+    trial_id = experiment.trial_ids[0]
+    with session_scope(engine) as session:
+        claim = claim_trial(session, trial_id, worker="w", max_attempts=3)
+    monkeypatch.setattr(tasks, "DB_RETRY_DELAYS_S", (0.01,))
+    with pytest.raises(tasks.DatabaseDown, match="did not answer"):
+        tasks.execute_claim(engine, claim)
+    with session_scope(engine) as session:  # the task re-queues itself as a takeover: the claim takes it
+        takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
+    assert takeover is not None and takeover.attempt == 2

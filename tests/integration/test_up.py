@@ -89,3 +89,27 @@ def _wait_for(condition, timeout: float, log_path) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+def test_a_hang_up_stops_everything_up_started(tmp_path):
+    broker_port, dashboard_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FITSCOPE_")}
+    env.update({"FITSCOPE_HOME": str(tmp_path / "home"), "FITSCOPE_EMBEDDED_BROKER_PORT": str(broker_port),
+                "FITSCOPE_DASHBOARD_PORT": str(dashboard_port), "PYTHONUNBUFFERED": "1"})
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: "Ctrl-C stops everything." in log_path.read_text(), 120, log_path)
+        up.send_signal(signal.SIGHUP)  # the terminal closed
+        up.wait(60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    deadline = time.monotonic() + 30
+    while (port_in_use("127.0.0.1", broker_port) or port_in_use("127.0.0.1", dashboard_port)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not port_in_use("127.0.0.1", broker_port), log_path.read_text()[-2000:]
+    assert not port_in_use("127.0.0.1", dashboard_port), log_path.read_text()[-2000:]
