@@ -59,7 +59,10 @@ def _engine(settings, *, check_schema: bool = True):
     from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine
     from services.migrate import ensure_schema_at_head
 
-    engine = make_engine(settings.effective_database_url)
+    try:
+        engine = make_engine(settings.effective_database_url)
+    except DatabaseUnreachable as exc:
+        fail(str(exc))
     if check_schema:
         try:
             ensure_schema_at_head(engine)
@@ -71,6 +74,8 @@ def _engine(settings, *, check_schema: bool = True):
 def _read_spec(path: Path, settings):
     from services.spec import SpecError, parse_spec
 
+    if path.is_dir():
+        fail(f"spec file {str(path)!r} is a folder; pass the path of a YAML grid spec")
     if not path.is_file():
         fail(f"spec file {str(path)!r} not found; pass the path of a YAML grid spec")
     if path.stat().st_size > settings.max_spec_bytes:
@@ -80,6 +85,8 @@ def _read_spec(path: Path, settings):
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         fail(f"spec file {str(path)!r} is not UTF-8 text; save it as UTF-8")
+    except OSError as exc:
+        fail(f"spec file {str(path)!r} cannot be read ({exc.strerror}); check its permissions")
     try:
         spec = parse_spec(text, max_bytes=settings.max_spec_bytes)
     except SpecError as exc:
@@ -272,7 +279,12 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
         if get_experiment(session, experiment_id) is None:
             fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
         trials = requeue_trials(session, experiment_id, statuses=tuple(status_))
-    enqueue_trials(producer, trials)
+    try:
+        enqueue_trials(producer, trials)
+    except Exception as exc:
+        fail(f"experiment {experiment_id}: {len(trials)} trials were reset but could not be queued "
+             f"({type(exc).__name__}); once the broker is back run `fitscope requeue {experiment_id} "
+             "--status queued`", code=1)
     typer.echo(f"experiment {experiment_id}: {len(trials)} trials re-queued")
 
 
@@ -292,9 +304,14 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
         if get_experiment(session, experiment_id) is None:
             fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
         rows = epoch_rows(session, experiment_id) if what == ExportWhat.epochs else trial_rows(session, experiment_id)
+    if output is not None and output.is_dir():
+        fail(f"--output {str(output)!r} is a folder; give a file name such as {output / 'epochs.csv'}")
     if output is not None and not output.parent.is_dir():
         fail(f"--output folder {str(output.parent)!r} does not exist; create it or choose another path")
-    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    except OSError as exc:
+        fail(f"--output {str(output)!r} cannot be written ({exc.strerror}); choose another path")
     try:
         write_rows(rows, stream, format_.value)
     finally:

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
         1.0, ge=0, le=3600, description="Seconds between writes of a running trial's epoch rows; 0 = every epoch.")
     worker_concurrency: int = Field(1, ge=1, le=256)
     torch_threads: int = Field(1, ge=1, le=256, description="Threads per training process.")
-    submitted_by: str | None = Field(None, description="Who submits, recorded on each experiment.")
+    submitted_by: str | None = Field(None, max_length=200, pattern=r"^[^\x00]*$",
+                                     description="Who submits, recorded on each experiment.")
 
     @field_validator("database_url")
     @classmethod

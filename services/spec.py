@@ -42,6 +42,7 @@ MAX_NESTING = 20  # a real spec nests 4 deep (parameters.lr.values[0])
 MAX_NODES = 50_000  # values in the spec, counting what anchors and aliases expand to
 MAX_SEEDS = 1000
 MAX_NAME_CHARS = 200
+MAX_METRIC_NAME_CHARS = 100  # the experiments.metric_name column
 MAX_CROSS_FIELD_REPORTS = 5
 
 _KEYS = ("name", "description", "method", "count", "metric", "seeds", "sampler_seed", "fuse", "parameters")
@@ -374,6 +375,9 @@ def _metric(value: Any, problems: list[str], warnings: list[str]) -> tuple[str, 
     name = value.get("name", "val_loss")
     if not isinstance(name, str) or not name.strip():
         problems.append(f"metric.name: must be the name of a metric such as val_loss, got {describe(name)}")
+    elif len(name.strip()) > MAX_METRIC_NAME_CHARS or "\x00" in name:
+        problems.append(f"metric.name: must be at most {MAX_METRIC_NAME_CHARS} characters without NUL, "
+                        "such as val_loss")
     goal = value.get("goal", "minimize")
     if goal not in ("minimize", "maximize"):
         problems.append(f"metric.goal: must be minimize or maximize, got {describe(goal)}")

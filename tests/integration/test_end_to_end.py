@@ -137,3 +137,33 @@ def test_a_schema_not_at_head_names_the_fix(sqlite_url, broker_url, tmp_path):
     assert result.returncode == 2
     assert "run `fitscope db upgrade`" in result.stderr
     assert Path(sqlite_url.removeprefix("sqlite:///")).exists()
+
+
+@pytest.mark.parametrize(("make_args", "expected"), [
+    (lambda tmp: ("validate", str(tmp)), "is a folder; pass the path of a YAML grid spec"),
+    (lambda tmp: ("export", "1", "-o", str(tmp)), "is a folder; give a file name"),
+    (lambda tmp: ("export", "1", "-o", str(tmp / "missing" / "x.csv")), "does not exist; create it"),
+])
+def test_user_errors_on_paths_are_one_sentence(migrated_sqlite_url, broker_url, tmp_path, make_args, expected):
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path)
+    if make_args(tmp_path)[0] == "export":  # an experiment to export
+        assert fitscope("submit", str(QUICKSTART), env=env).returncode == 0
+    result = fitscope(*make_args(tmp_path), env=env)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sqlite_folder_that_cannot_be_made_is_one_sentence(broker_url, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    env = fitscope_env(database_url=f"sqlite:///{blocker}/sub/x.db", broker_url=broker_url, home=tmp_path)
+    result = fitscope("status", env=env)
+    assert result.returncode == 2
+    assert "cannot create the folder of the SQLite file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_over_long_metric_name_is_refused_before_postgresql_would(tmp_path):
+    from services.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="metric.name: must be at most 100 characters"):
+        parse_spec("name: m\nmetric: {name: " + "x" * 150 + "}\n")
