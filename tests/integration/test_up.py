@@ -47,7 +47,8 @@ def test_a_taken_port_is_one_clear_sentence(broker, tmp_path):
         start_embedded_broker(data_dir=tmp_path, port=broker.port)
 
 
-def test_up_runs_broker_worker_and_dashboard_and_ctrl_c_stops_them_all(tmp_path):
+def _start_up(tmp_path):
+    """`fitscope up` with nothing configured but its home and free ports, as a user would run it."""
     broker_port, dashboard_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FITSCOPE_")}
     env.update({"FITSCOPE_HOME": str(tmp_path / "home"), "FITSCOPE_EMBEDDED_BROKER_PORT": str(broker_port),
@@ -56,6 +57,11 @@ def test_up_runs_broker_worker_and_dashboard_and_ctrl_c_stops_them_all(tmp_path)
     with open(log_path, "wb") as log:
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], cwd=REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
+    return up, env, log_path, broker_port, dashboard_port
+
+
+def test_up_runs_broker_worker_and_dashboard_and_ctrl_c_stops_them_all(tmp_path):
+    up, env, log_path, broker_port, dashboard_port = _start_up(tmp_path)
     try:
         _wait_for(lambda: "Ctrl-C stops everything." in log_path.read_text(), 120, log_path)
         _wait_for(lambda: _health(dashboard_port) == "ok", 90, log_path)
@@ -92,14 +98,7 @@ def _wait_for(condition, timeout: float, log_path) -> None:
 
 
 def test_a_hang_up_stops_everything_up_started(tmp_path):
-    broker_port, dashboard_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FITSCOPE_")}
-    env.update({"FITSCOPE_HOME": str(tmp_path / "home"), "FITSCOPE_EMBEDDED_BROKER_PORT": str(broker_port),
-                "FITSCOPE_DASHBOARD_PORT": str(dashboard_port), "PYTHONUNBUFFERED": "1"})
-    log_path = tmp_path / "up.log"
-    with open(log_path, "wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    up, _env, log_path, broker_port, dashboard_port = _start_up(tmp_path)
     try:
         _wait_for(lambda: "Ctrl-C stops everything." in log_path.read_text(), 120, log_path)
         up.send_signal(signal.SIGHUP)  # the terminal closed
