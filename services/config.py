@@ -43,6 +43,17 @@ class Settings(BaseSettings):
         1.0, ge=0, le=3600, description="Seconds between writes of a running trial's epoch rows; 0 = every epoch.")
     worker_concurrency: int = Field(1, ge=1, le=256)
     torch_threads: int = Field(1, ge=1, le=256, description="Threads per training process.")
+    checkpoint_every_epochs: int = Field(
+        10, ge=0, le=1_000_000, description="A running trial checkpoints every this many epochs; 0 = never by count.")
+    checkpoint_every_s: float = Field(
+        30.0, ge=0, le=86_400, description="... or when this many seconds passed since its last one; 0 = never by time.")
+    checkpoint_url: str | None = Field(
+        None, description="file:///shared/dir for checkpoint bytes; default: in the database.")
+    heartbeat_s: float = Field(10.0, gt=0, le=3600, description="Seconds between a worker's heartbeats.")
+    worker_lost_after_s: float = Field(
+        60.0, gt=0, le=86_400, description="A worker silent this long is lost; its running trials are re-queued.")
+    fuse: bool = Field(True, description="Train compatible trials of a grid together as one batched model.")
+    fuse_max_trials: int = Field(64, ge=1, le=4096, description="Most trials in one fused job.")
     submitted_by: str | None = Field(None, max_length=200, pattern=r"^[^\x00]*$",
                                      description="Who submits, recorded on each experiment.")
 

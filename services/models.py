@@ -43,6 +43,8 @@ class Experiment(Base):
     spec_text: Mapped[str] = mapped_column(Text)
     submitted_by: Mapped[str | None] = mapped_column(String(200))
     epochs_planned: Mapped[int] = mapped_column(Integer, comment="sum of the trials' epochs, for progress")
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list, comment="short labels to find it by")
+    note: Mapped[str | None] = mapped_column(Text, comment="free text from the submitter")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     trials: Mapped[list[Trial]] = relationship(back_populates="experiment", order_by="Trial.ordinal")
@@ -130,3 +132,40 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, comment="size of the original file")
     content: Mapped[bytes] = mapped_column(LargeBinary, comment="the file's bytes, gzip-compressed")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrialCheckpoint(Base):
+    """The latest checkpoint of a running trial (model, optimizer, schedule, RNG states, epoch), so a
+    trial re-delivered after its worker died resumes instead of starting over. One row per trial:
+    each save replaces the last. ``data`` holds torch.save bytes (read back with weights_only=True),
+    or is NULL when the bytes live at ``location`` (FITSCOPE_CHECKPOINT_URL)."""
+
+    __tablename__ = "trial_checkpoints"
+
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, comment="the attempt that wrote it")
+    epoch: Mapped[int] = mapped_column(Integer, comment="last epoch whose metrics it includes")
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    location: Mapped[str | None] = mapped_column(String(1000), comment="where the bytes are, when not in data")
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerNode(Base):
+    """A Celery worker that has announced itself. It beats every FITSCOPE_HEARTBEAT_S; one silent
+    for FITSCOPE_WORKER_LOST_AFTER_S is lost, and its running trials are re-queued once.
+    Trials name their worker as ``f"{name}/{pid}"`` (pid of the training process)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True, comment="Celery node name, e.g. cpu1@host")
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(200), comment="cpu, or cuda and the GPU's name")
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    concurrency: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), comment="online, stopped or lost")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -25,7 +25,8 @@ class Submitted:
 
 
 def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: str | None,
-           max_trials: int, base_dir: Path | None = None, csv_limits: CsvLimits | None = None) -> Submitted:
+           max_trials: int, base_dir: Path | None = None, csv_limits: CsvLimits | None = None,
+           tags: list[str] | tuple[str, ...] = (), note: str | None = None) -> Submitted:
     """Write the experiment and one ``queued`` trial per expanded configuration. A second submit of
     the same spec is a new experiment. Raises SpecError before writing anything, DatasetError when a
     CSV data set (its path relative to ``base_dir``; default the working directory) is not valid."""
@@ -44,6 +45,8 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
         spec=spec.raw,
         spec_text=spec_text,
         submitted_by=submitted_by,
+        tags=list(tags),
+        note=note,
         epochs_planned=sum(config.epochs for config in configs),
     )
     session.add(experiment)
