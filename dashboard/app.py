@@ -11,7 +11,11 @@ st.set_page_config(page_title="fitscope", layout="wide")
 
 page = st.navigation([
     st.Page("app_pages/experiments.py", title="Experiments", icon=":material/view_list:", default=True),
+    st.Page("app_pages/new_experiment.py", title="New experiment", icon=":material/add_circle:"),
     st.Page("app_pages/experiment.py", title="Experiment", icon=":material/monitoring:"),
+    st.Page("app_pages/fit_analysis.py", title="Fit analysis", icon=":material/insights:"),
+    st.Page("app_pages/optimizers.py", title="Optimizers and schedules", icon=":material/speed:"),
+    st.Page("app_pages/trial.py", title="Trial", icon=":material/search:"),
 ])
 
 data.settings()  # a bad setting stops the app here, in the main area, with one sentence

@@ -127,7 +127,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     """Write an experiment and its trials in one transaction, then queue the trials."""
     from services.datasets import CsvLimits, DatasetError
     from services.db import session_scope
-    from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+    from services.queue import BrokerUnreachable, check_broker, enqueue_submission, make_celery
     from services.spec import SpecError
     from services.submission import submit as submit_spec
 
@@ -149,7 +149,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     except DatasetError as exc:
         fail(str(exc))
     try:
-        enqueue_trials(producer, submitted.trials)
+        enqueue_submission(producer, submitted)
     except Exception as exc:
         fail(f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
              f"({type(exc).__name__}); once the broker is back run `fitscope requeue "

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from services.models import TERMINAL_STATUSES, EpochMetric, Experiment, Trial, TrialArtifact, TrialStatus
@@ -24,6 +24,8 @@ class ExperimentSummary:
     counts: dict[str, int] = field(default_factory=dict)  # every TrialStatus, zeros included
     epochs_done: int = 0
     epochs_planned: int = 0
+    tags: list[str] = field(default_factory=list)
+    note: str | None = None
 
     @property
     def ended(self) -> int:
@@ -47,11 +49,19 @@ class ExperimentSummary:
 
 
 def list_experiments(session: Session, *, experiment_ids: list[int] | None = None,
-                     limit: int = 500) -> list[ExperimentSummary]:
-    """Experiments newest first, each with trial counts per status and epoch progress."""
+                     limit: int = 500, search: str | None = None) -> list[ExperimentSummary]:
+    """Experiments newest first, each with trial counts per status and epoch progress. ``search``
+    keeps those whose name, description, note, tags or submitter contain it (any case)."""
     query = select(Experiment).order_by(Experiment.id.desc()).limit(limit)
     if experiment_ids is not None:
         query = query.where(Experiment.id.in_(experiment_ids))
+    if search and search.strip():
+        pattern = f"%{_escape_like(search.strip().lower())}%"
+        query = query.where(or_(*(
+            func.lower(column).like(pattern, escape="\\")
+            for column in (Experiment.name, Experiment.description, Experiment.note, Experiment.submitted_by,
+                           cast(Experiment.tags, String))
+        )))
     experiments = session.scalars(query).all()
     if not experiments:
         return []
@@ -69,6 +79,7 @@ def list_experiments(session: Session, *, experiment_ids: list[int] | None = Non
             id=e.id, name=e.name, method=e.method, submitted_by=e.submitted_by, created_at=e.created_at,
             trials=sum(counts[e.id].values()), counts=counts[e.id],
             epochs_done=epochs_done[e.id], epochs_planned=e.epochs_planned,
+            tags=list(e.tags or []), note=e.note,
         )
         for e in experiments
     ]
@@ -122,3 +133,7 @@ def epoch_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

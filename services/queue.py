@@ -71,3 +71,9 @@ def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
             sent += 1
     return sent
 
+
+
+def enqueue_submission(app: Celery, submitted) -> int:
+    """Send what a submission (services.submission.Submitted) asks for; call only after the commit.
+    Returns the number of messages sent."""
+    return enqueue_trials(app, submitted.trials)
