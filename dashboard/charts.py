@@ -10,6 +10,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
+from plotly.subplots import make_subplots
+
+from services import analysis
 
 # Left to right in a stacked bar: what has ended well, what is under way, what went wrong.
 STATUS_ORDER = ("succeeded", "running", "queued", "diverged", "failed", "cancelled")
@@ -135,3 +138,315 @@ def status_badges(counts: dict[str, int] | pd.Series) -> str:
     badges = [f":{STATUS_BADGES[status]}-badge[{int(counts[status])} {status}]"
               for status in STATUS_ORDER if status in counts and int(counts[status])]
     return " ".join(badges) if badges else "no trials"
+
+
+# --- the analysis pages: seed bands, capacity, heatmaps, verdicts, predictions ---------------------
+# Builders below take the raw trial table or epoch rows, aggregate through services.analysis (so the
+# numbers are the ones the unit tests check) and ship one line and one band per group, never one
+# line per trial: a page over 1,000 trials draws a few hundred points.
+
+VERDICT_ORDER = ("underfit", "not_converged", "good_fit", "overfit", "diverged")
+VERDICT_COLORS = {
+    "underfit": "#4c78a8",       # blue: too little capacity or data fit
+    "not_converged": "#e6b800",  # amber: still learning, more epochs first
+    "good_fit": "#2ca02c",       # green
+    "overfit": "#d62728",        # red: memorised, does not generalise
+    "diverged": "#3b3b3b",       # near-black: the loss blew up
+}
+SPLIT_NAMES = {"train": "train", "val": "validation"}
+ALL_TRIALS = "all trials"  # a color_by that draws every trial as one group
+
+
+def _one_group(frame: pd.DataFrame, color_by: str) -> pd.DataFrame:
+    return frame.assign(**{ALL_TRIALS: "all"}) if color_by == ALL_TRIALS else frame
+
+
+def learning_curve_bands(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: str, metric: str = "loss",
+                         band: str = "std") -> go.Figure:
+    """Train (solid) and validation (dashed) ``metric`` per epoch: one mean line per value of
+    ``color_by``, with a band over the trials that share it (seeds, and any parameter not split out).
+
+    ``curves`` has trial_id, epoch, train_<metric>, val_<metric>; ``trials`` has trial_id and ``color_by``.
+    """
+    trials = _one_group(trials, color_by)
+    long = _by_split(curves.merge(trials[_unique(["trial_id", color_by])], on="trial_id"),
+                     {split: f"{split}_{metric}" for split in SPLIT_DASH})
+    bands = analysis.seed_bands(long, by=_unique([color_by, "split", "epoch"]), value="value", band=band)
+    return _band_figure(bands, x="epoch", color_by=color_by, band=band, x_title="epoch", y_title=metric,
+                        title=f"{metric.capitalize()} per epoch")
+
+
+def metric_against(trials: pd.DataFrame, *, x: str, color_by: str, columns: dict[str, str], band: str = "std",
+                   title: str | None = None, y_title: str = "loss") -> go.Figure:
+    """A final metric against the parameter ``x`` (e.g. parameter_count for capacity, n_train, weight_decay,
+    lr), one line per value of ``color_by`` with a band over seeds. ``columns`` maps a split (train, val)
+    to the trial-table column drawn for it, e.g. {"train": "final_train_loss", "val": "final_val_loss"};
+    train is solid, validation dashed. Numeric x spanning more than a factor of 20 gets a log axis."""
+    rows = _one_group(trials[trials[x].notna()] if x in trials else trials.iloc[:0], color_by)
+    long = _by_split(rows, columns)
+    bands = analysis.seed_bands(long, by=_unique([color_by, "split", x]), value="value", band=band)
+    values = bands[x].tolist()
+    log_x = (len(values) > 0 and all(_is_number(v) and v > 0 for v in values)
+             and max(values) / min(values) > 20)
+    return _band_figure(bands, x=x, color_by=color_by, band=band, x_title=x, y_title=y_title,
+                        title=title or f"{y_title} against {x}", log_x=log_x)
+
+
+def metric_heatmap(trials: pd.DataFrame, *, x: str, y: str, metric: str) -> go.Figure:
+    """The mean of ``metric`` in each cell of the ``x`` by ``y`` grid (over seeds and any other
+    parameter), written in the cell; the count of runs is in the hover text."""
+    cells = analysis.seed_bands(trials, by=_unique([x, y]), value=metric) if metric in trials else pd.DataFrame()
+    x_labels, y_labels = _axis_labels(cells, x), _axis_labels(cells, y)
+    z = np.full((len(y_labels), len(x_labels)), np.nan)
+    counts = np.zeros_like(z)
+    for cell in cells.to_dict("records"):
+        i, j = y_labels.index(_format_value(cell[y])), x_labels.index(_format_value(cell[x]))
+        z[i, j], counts[i, j] = cell["mean"], cell["n"]
+    figure = go.Figure(go.Heatmap(
+        x=x_labels, y=y_labels, z=z.tolist(), customdata=counts.tolist(), colorscale="Viridis",
+        texttemplate="%{z:.3g}", colorbar={"title": {"text": metric}},
+        hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>mean {metric} %{{z:.4g}} over %{{customdata}} runs<extra></extra>",
+    ))
+    figure.update_layout(title={"text": f"Mean {metric}"}, xaxis={"title": x, "type": "category"},
+                         yaxis={"title": y, "type": "category"}, margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return figure
+
+
+def verdict_grid(trials: pd.DataFrame, *, x: str, y: str, verdict: str = "sibling_verdict") -> go.Figure:
+    """A colour-coded grid over two parameters: each cell takes the most common verdict of its trials
+    (seeds and other parameters), in VERDICT_COLORS, and says how many of them share it."""
+    judged = trials[trials[verdict].isin(VERDICT_ORDER)] if verdict in trials else trials.iloc[:0]
+    x_labels, y_labels = _axis_labels(judged, x), _axis_labels(judged, y)
+    z = np.full((len(y_labels), len(x_labels)), np.nan)
+    text = [["" for _ in x_labels] for _ in y_labels]
+    for key, cell in judged.groupby(_unique([x, y]), sort=False, dropna=False):
+        x_value, y_value = key[0], key[-1]  # one key when x and y are the same parameter
+        counts = cell[verdict].value_counts()
+        # The most common verdict; a tie goes to the worse one (later in VERDICT_ORDER), to be safe.
+        top = max(counts.index, key=lambda name: (counts[name], VERDICT_ORDER.index(name)))
+        i, j = y_labels.index(_format_value(y_value)), x_labels.index(_format_value(x_value))
+        z[i, j] = VERDICT_ORDER.index(top)
+        text[i][j] = f"{top.replace('_', ' ')} {counts[top]}/{len(cell)}"
+    steps = len(VERDICT_ORDER)
+    # A stepped colour scale: verdict k (0..4) fills the interval [k/5, (k+1)/5] with its colour.
+    colorscale = [[edge, VERDICT_COLORS[name]] for k, name in enumerate(VERDICT_ORDER)
+                  for edge in (k / steps, (k + 1) / steps)]
+    figure = go.Figure(go.Heatmap(
+        x=x_labels, y=y_labels, z=z.tolist(), text=text, texttemplate="%{text}", zmin=-0.5, zmax=steps - 0.5,
+        colorscale=colorscale, xgap=2, ygap=2, hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>%{{text}}<extra></extra>",
+        colorbar={"tickvals": list(range(steps)), "ticktext": [name.replace("_", " ") for name in VERDICT_ORDER]},
+    ))
+    figure.update_layout(title={"text": "Fit verdict", "subtitle": {"text": "most common verdict among the cell's "
+                                                                            "trials, judged among siblings"}},
+                         xaxis={"title": x, "type": "category"}, yaxis={"title": y, "type": "category"},
+                         margin={"l": 10, "r": 10, "t": 70, "b": 40})
+    return figure
+
+
+def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, str]) -> go.Figure:
+    """Side by side, one panel per trial: the fitted 1-D curve against the truth and the training points
+    (``curve_1d``), or the 2-D decision regions with the training points (``boundary_2d``). Trials
+    without an artifact are left out."""
+    shown = [(trial_id, kinds) for trial_id, kinds in artifacts.items() if kinds]
+    figure = make_subplots(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04,
+                           subplot_titles=[titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown])
+    for column, (_, kinds) in enumerate(shown, start=1):
+        if "curve_1d" in kinds:
+            _add_curve_1d(figure, kinds["curve_1d"], column=column)
+        elif "boundary_2d" in kinds:
+            _add_boundary_2d(figure, kinds["boundary_2d"], column=column)
+    figure.update_layout(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30}, showlegend=False)
+    return figure
+
+
+def schedule_over_loss(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: str, metric: str = "val_loss"
+                       ) -> go.Figure:
+    """The learning rate (dotted, right axis) drawn over the mean ``metric`` curve (solid, left axis),
+    one colour per value of ``color_by``, so the loss's steps line up with the schedule's."""
+    merged = curves.merge(trials[_unique(["trial_id", color_by])], on="trial_id")
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    means = merged.groupby(_unique([color_by, "epoch"]), sort=False, dropna=False)[[metric, "lr"]].mean().reset_index()
+    colors = _color_map(means[color_by].tolist())
+    for value, rows in sorted(means.groupby(color_by, sort=False, dropna=False),
+                              key=lambda item: _sort_key(_unwrap(item[0]))):
+        label = _format_value(_unwrap(value))
+        rows = rows.sort_values("epoch")
+        color = colors.get(label, _MISSING_COLOR)
+        figure.add_scatter(x=rows["epoch"].tolist(), y=rows[metric].tolist(), mode="lines", name=f"{color_by}={label}",
+                           line={"color": color}, legendgroup=label, secondary_y=False)
+        figure.add_scatter(x=rows["epoch"].tolist(), y=rows["lr"].tolist(), mode="lines", name=f"lr ({label})",
+                           line={"color": color, "dash": "dot"}, legendgroup=label, showlegend=False,
+                           secondary_y=True)
+    figure.update_layout(title={"text": "Learning-rate schedule over the loss",
+                                "subtitle": {"text": f"solid: mean {metric} (left), dotted: learning rate (right)"}},
+                         margin={"l": 10, "r": 10, "t": 70, "b": 40}, legend={"title": {"text": color_by}})
+    figure.update_xaxes(title_text="epoch")
+    figure.update_yaxes(title_text=metric, secondary_y=False)
+    figure.update_yaxes(title_text="learning rate", secondary_y=True)
+    return figure
+
+
+def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: float, x: str, color_by: str,
+                          column: str = "val_loss") -> go.Figure:
+    """Mean epochs to reach ``column`` <= ``target`` per ``x`` and ``color_by``, among the trials that
+    reached it; each bar says how many of its trials did (a group where none did has no bar).
+
+    ``reached`` is the first epoch at the target per trial id (services.analysis.epochs_to_target, or
+    the database's aggregate of the same rule); trials of ``trials`` missing from it never got there.
+    """
+    merged = trials[_unique(["trial_id", x, color_by])].merge(
+        reached.rename("epochs_to_target").rename_axis("trial_id").reset_index(), on="trial_id", how="left")
+    summary = merged.groupby(_unique([color_by, x]), sort=False, dropna=False)["epochs_to_target"].agg(
+        ["mean", "count", "size"]).reset_index()
+    summary["text"] = [f"{int(got)}/{int(of)}" for got, of in zip(summary["count"], summary["size"], strict=True)]
+    return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text",
+                         title=f"Epochs until {column} <= {target:g}", y_title="epochs (mean of those that got there)")
+
+
+def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure:
+    """The share of trained trials that diverged per ``x`` and ``color_by`` (services.analysis.divergence_rate)."""
+    rates = analysis.divergence_rate(trials, by=_unique([color_by, x]))
+    rates["text"] = [f"{int(d)}/{int(n)}" for d, n in zip(rates["diverged"], rates["trials"], strict=True)]
+    figure = _grouped_bars(rates, x=x, color_by=color_by, value="rate", text="text", title="Divergence rate",
+                           y_title="share of trials that diverged")
+    figure.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    return figure
+
+
+def difference_interval(result: analysis.MeanDifference, *, label_a: str, label_b: str, metric: str) -> go.Figure:
+    """The mean difference A - B as a point with its 95% confidence interval, beside a line at 0."""
+    figure = go.Figure()
+    if result.low is not None and result.high is not None:
+        error = {"type": "data", "symmetric": False, "array": [result.high - result.difference],
+                 "arrayminus": [result.difference - result.low]}
+    else:
+        error = None
+    figure.add_scatter(x=[result.difference], y=["A - B"], mode="markers", marker={"size": 12, "color": "#1f77b4"},
+                       error_x=error, hovertemplate=f"{metric}: A - B = %{{x:.4g}}<extra></extra>")
+    figure.add_vline(x=0, line={"color": "#7f7f7f", "dash": "dash"})
+    figure.update_layout(title={"text": f"Mean {metric}: A - B, with its 95% confidence interval",
+                                "subtitle": {"text": f"A: {label_a} · B: {label_b}"}},
+                         height=220, margin={"l": 10, "r": 10, "t": 70, "b": 40}, xaxis={"title": metric})
+    return figure
+
+
+def points_shipped(figure: go.Figure) -> int:
+    """How many data values a figure sends to the browser (x, y, z and text arrays of every trace)."""
+    total = 0
+    for trace in figure.data:
+        for name in ("x", "y", "z"):
+            values = getattr(trace, name, None)
+            if values is not None and not isinstance(values, str):
+                total += int(np.size(np.asarray(values, dtype=object)))
+    return total
+
+
+def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,
+                 log_x: bool = False) -> go.Figure:
+    """One translucent band and one mean line per (group, split); train solid, validation dashed."""
+    figure = go.Figure()
+    colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
+    numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
+    in_legend: set[str] = set()
+    groups = bands.groupby(_unique([color_by, "split"]), sort=False, dropna=False) if len(bands) else []
+    for (value, split), rows in sorted(groups, key=lambda item: (_sort_key(item[0][0]), item[0][1])):
+        label = _format_value(value)
+        color = colors.get(label, _MISSING_COLOR)
+        rows = rows.sort_values(x, key=lambda column: column.map(_sort_key)) if not numeric_x else rows.sort_values(x)
+        xs = rows[x].tolist() if numeric_x else [_format_value(v) for v in rows[x]]
+        if (rows["upper"] > rows["lower"]).any():
+            figure.add_scatter(
+                x=xs + xs[::-1], y=rows["upper"].tolist() + rows["lower"].tolist()[::-1], fill="toself",
+                fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                legendgroup=label, mode="lines",
+            )
+        figure.add_scatter(
+            x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
+            mode="lines+markers" if len(xs) < 30 else "lines",
+            line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
+            name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}", legendgroup=label,
+            showlegend=label not in in_legend,
+            hovertemplate=(f"{color_by}={label}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
+                           f"{y_title} %{{y:.4g}} (mean of %{{customdata}})<extra></extra>"),
+        )
+        in_legend.add(label)
+    figure.update_layout(
+        title={"text": title, "subtitle": {"text": f"solid: train, dashed: validation; band: "
+                                                   f"{analysis.BANDS[band]} over the runs in each group"}},
+        margin={"l": 10, "r": 10, "t": 70, "b": 40},
+        xaxis={"title": x_title, "type": "log" if log_x else ("linear" if numeric_x else "category")},
+        yaxis={"title": y_title}, legend={"title": {"text": color_by}}, hovermode="closest",
+    )
+    return figure
+
+
+def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
+                  y_title: str) -> go.Figure:
+    figure = go.Figure()
+    colors = _color_map(table[color_by].tolist() if color_by in table else [])
+    for group, rows in sorted(table.groupby(color_by, sort=False, dropna=False) if len(table) else [],
+                              key=lambda item: _sort_key(_unwrap(item[0]))):
+        label = _format_value(_unwrap(group))
+        rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
+        figure.add_bar(x=[_format_value(v) for v in rows[x]], y=rows[value].tolist(), text=rows[text].tolist(),
+                       name=f"{color_by}={label}", marker_color=colors.get(label, _MISSING_COLOR),
+                       hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")
+    figure.update_layout(barmode="group", title={"text": title}, xaxis={"title": x, "type": "category"},
+                         yaxis={"title": y_title}, legend={"title": {"text": color_by}},
+                         margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return figure
+
+
+def _add_curve_1d(figure: go.Figure, curve: dict, *, column: int) -> None:
+    figure.add_scatter(x=curve["train_x"], y=curve["train_y"], mode="markers", name="training points",
+                       marker={"size": 4, "color": "#9e9e9e"}, row=1, col=column)
+    if curve.get("y_true"):
+        figure.add_scatter(x=curve["x"], y=curve["y_true"], mode="lines", name="truth",
+                           line={"color": "#000000", "dash": "dash"}, row=1, col=column)
+    figure.add_scatter(x=curve["x"], y=curve["y_pred"], mode="lines", name="model",
+                       line={"color": "#d62728", "width": 2.5}, row=1, col=column)
+
+
+def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
+    (x_low, x_high), (y_low, y_high), n = boundary["x_range"], boundary["y_range"], boundary["resolution"]
+    classes = boundary["classes"] or [0]
+    palette = [qualitative.Plotly[k % len(qualitative.Plotly)] for k in range(len(classes))]
+    scale = [[edge, palette[k]] for k in range(len(classes))
+             for edge in (k / len(classes), (k + 1) / len(classes))]
+    # Cell centres as stored: column j is x_low + j * step, row i likewise in y (artifacts.py's grid).
+    xs, ys = np.linspace(x_low, x_high, n).round(3).tolist(), np.linspace(y_low, y_high, n).round(3).tolist()
+    figure.add_heatmap(x=xs, y=ys, z=boundary["predicted_class"], zmin=-0.5, zmax=len(classes) - 0.5, colorscale=scale,
+                       opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
+    figure.add_scatter(x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
+                       marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],
+                               "line": {"width": 0.5, "color": "#ffffff"}},
+                       row=1, col=column)
+
+
+def _by_split(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Long format: one row per input row and split, the split's column as ``value``."""
+    parts = [frame.drop(columns=[c for c in columns.values() if c in frame]).assign(split=split, value=frame[column])
+             for split, column in columns.items() if column in frame]
+    return pd.concat(parts, ignore_index=True) if parts else frame.assign(split=[], value=[]).iloc[:0]
+
+
+def _axis_labels(frame: pd.DataFrame, column: str) -> list[str]:
+    values = frame[column].tolist() if column in frame else []
+    return list(dict.fromkeys(_format_value(v) for v in sorted(values, key=_sort_key)))
+
+
+def _translucent(color: str, alpha: float = 0.18) -> str:
+    if color.startswith("#") and len(color) == 7:
+        red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    else:  # "rgb(r, g, b)" from sample_colorscale
+        red, green, blue = (int(float(part)) for part in color[color.index("(") + 1:-1].split(",")[:3])
+    return f"rgba({red}, {green}, {blue}, {alpha})"
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def _unwrap(key: Any) -> Any:
+    """pandas gives a group key as a 1-tuple when grouping by a list of one column."""
+    return key[0] if isinstance(key, tuple) and len(key) == 1 else key

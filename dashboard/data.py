@@ -8,9 +8,14 @@ seconds, so a live panel and several browser tabs share one read). A database th
 
 from __future__ import annotations
 
+import getpass
 import io
+import json
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pandas as pd
@@ -19,20 +24,44 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from services.analysis import rejudge_among_siblings
 from services.config import ConfigError, Settings, get_settings, redact_url
+from services.datasets import (
+    CsvLimits,
+    DatasetError,
+    load_dataset_content,
+    resolve_csv_configs,
+    store_dataset,
+    validate_csv,
+)
 from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, session_scope
 from services.export import write_rows
 from services.migrate import ensure_schema_at_head
 from services.models import TrialStatus
-from services.queries import ExperimentSummary, epoch_rows, get_experiment, list_experiments, trial_rows
-from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
-from services.trial_config import TRIAL_PARAMETERS
+from services.queries import (
+    ExperimentSummary,
+    epoch_curves,
+    epoch_rows,
+    get_experiment,
+    list_experiments,
+    stored_diagnoses,
+    trial_artifacts_of,
+    trial_detail,
+    trial_rows,
+)
+from services.queries import epochs_to_reach as queries_epochs_to_reach
+from services.queue import BrokerUnreachable, check_broker, enqueue_submission, enqueue_trials, make_celery
+from services.spec import GridSpec, SpecError, count_trials, expand, parse_spec
+from services.submission import Submitted
+from services.submission import submit as submit_spec
+from services.trial_config import TRIAL_PARAMETERS, CsvDataset
 from services.trials import EPOCH_METRIC_FIELDS, cancel_experiment, requeue_trials
+from services.workers import list_workers
 
 REFRESH_SECONDS = 2  # live panels rerun this often; query results are cached as long
 STATUSES = tuple(status.value for status in TrialStatus)
 EXPERIMENT_COLUMNS = ("id", "name", "method", "submitted_by", "created_at", "trials", *STATUSES,
-                      "ended", "epochs_done", "epochs_planned", "progress", "finished")
+                      "ended", "epochs_done", "epochs_planned", "progress", "finished", "tags", "note")
 # Columns of services.queries.trial_rows that describe the run rather than a parameter or a metric.
 TRIAL_FIELDS = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch",
                 "started_at", "finished_at", "error")
@@ -97,12 +126,13 @@ def _reading(url: str) -> Iterator[None]:
 
 # --- reads ----------------------------------------------------------------------------------------
 
-def experiments(*, limit: int = 50) -> pd.DataFrame:
+def experiments(*, limit: int = 50, search: str | None = None) -> pd.DataFrame:
     """The newest ``limit`` experiments, one row each: EXPERIMENT_COLUMNS, with a count per status
-    and ``progress`` as the fraction (0..1) of planned epochs done."""
+    and ``progress`` as the fraction (0..1) of planned epochs done. ``search`` keeps those whose
+    name, description, note, tags or submitter contain it (any case)."""
     url = _ready_url()
     with _reading(url):
-        return _experiments(url, limit)
+        return _experiments(url, limit, (search or "").strip() or None)
 
 
 def experiment(experiment_id: int) -> dict[str, Any] | None:
@@ -147,9 +177,9 @@ def csv_export(experiment_id: int, what: str) -> Callable[[], str]:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _experiments(url: str, limit: int) -> pd.DataFrame:
+def _experiments(url: str, limit: int, search: str | None = None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        return _experiment_frame(list_experiments(session, limit=limit))
+        return _experiment_frame(list_experiments(session, limit=limit, search=search))
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -178,7 +208,7 @@ def _experiment_frame(summaries: list[ExperimentSummary]) -> pd.DataFrame:
         {"id": s.id, "name": s.name, "method": s.method, "submitted_by": s.submitted_by,
          "created_at": s.created_at, "trials": s.trials, **{status: s.counts.get(status, 0) for status in STATUSES},
          "ended": s.ended, "epochs_done": s.epochs_done, "epochs_planned": s.epochs_planned,
-         "progress": s.progress, "finished": s.finished}
+         "progress": s.progress, "finished": s.finished, "tags": list(s.tags), "note": s.note}
         for s in summaries
     ]
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
@@ -200,6 +230,110 @@ def metric_columns(trial_table: pd.DataFrame) -> list[str]:
     """The final-metric columns of a trials table (whatever the engine reported)."""
     known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS)
     return [name for name in trial_table.columns if name not in known]
+
+
+# --- reads of the analysis pages (Fit analysis, Optimizers and schedules, Trial) ------------------
+
+CURVE_ROW_BUDGET = 20_000  # epoch rows a banded curve chart reads (and aggregates) at most
+LINE_ROW_BUDGET = 5_000  # epoch rows a chart with one line per trial reads, and ships, at most
+DIAGNOSIS_COLUMNS = ("trial_id", "sibling_verdict", "reasons", "train_ratio", "gap_ratio", "val_rise_ratio",
+                     "tail_drop_ratio", "reference_excess")
+
+
+def epoch_step(n_trials: int, n_epochs: int, *, budget: int = CURVE_ROW_BUDGET) -> int:
+    """Read every k-th epoch (k returned) so that ``n_trials`` curves of ``n_epochs`` stay within
+    ``budget`` rows; 1 (every epoch) when they fit."""
+    rows = max(n_trials, 0) * max(n_epochs, 0)
+    return max(1, -(-rows // budget))
+
+
+def curves(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None,
+           fields: tuple[str, ...] = ("train_loss", "val_loss"), every: int = 1) -> pd.DataFrame:
+    """Per-epoch rows (trial_id, epoch, ``fields``) of the chosen trials, every ``every``-th epoch
+    plus each trial's first and last (see services.queries.epoch_curves)."""
+    url = _ready_url()
+    with _reading(url):
+        return _curves(url, experiment_id, trial_ids, fields, every)
+
+
+def epochs_to_reach(experiment_id: int, *, field: str, target: float) -> pd.Series:
+    """The first epoch at which each trial's ``field`` got to ``target`` or below, by trial id; trials
+    that never did are absent (services.queries.epochs_to_reach: one aggregate query)."""
+    url = _ready_url()
+    with _reading(url):
+        return _epochs_to_reach(url, experiment_id, field, target)
+
+
+def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
+    """The fit verdict of every ended trial judged among its siblings (services.analysis.rejudge_among_siblings,
+    the rule of diagnose_experiment applied to the stored diagnoses): DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
+    url = _ready_url()
+    with _reading(url):
+        return _sibling_diagnoses(url, experiment_id)
+
+
+def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
+    """Prediction artifacts (curve_1d, boundary_2d) of a few trials: trial id -> kind -> data."""
+    url = _ready_url()
+    with _reading(url):
+        return _artifacts(url, trial_ids)
+
+
+def trial(trial_id: int) -> dict[str, Any] | None:
+    """One trial with its config, final metrics and stored diagnosis (services.queries.trial_detail)."""
+    url = _ready_url()
+    with _reading(url):
+        return _trial(url, trial_id)
+
+
+def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
+    """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
+    early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
+    nested = [name for name in parameter_columns(trial_table)
+              if trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    return trial_table.assign(**{name: trial_table[name].map(_as_text) for name in nested})
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _curves(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None, fields: tuple[str, ...],
+            every: int) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        rows = epoch_curves(session, experiment_id, fields=fields, every=every,
+                            trial_ids=list(trial_ids) if trial_ids is not None else None)
+    return pd.DataFrame(rows, columns=["trial_id", "epoch", *fields])
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _epochs_to_reach(url: str, experiment_id: int, field: str, target: float) -> pd.Series:
+    with session_scope(_engine(url)) as session:
+        reached = queries_epochs_to_reach(session, experiment_id, field=field, target=target)
+    return pd.Series(reached, name="epochs_to_target", dtype=float).rename_axis("trial_id")
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _sibling_diagnoses(url: str, experiment_id: int) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        stored = stored_diagnoses(session, experiment_id)
+    rows = [{"trial_id": trial_id, "sibling_verdict": found.verdict, "reasons": "; ".join(found.reasons),
+             **{name: found.numbers.get(name) for name in DIAGNOSIS_COLUMNS[3:]}}
+            for trial_id, found in rejudge_among_siblings(stored).items()]
+    return pd.DataFrame(rows, columns=list(DIAGNOSIS_COLUMNS))
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
+    with session_scope(_engine(url)) as session:
+        return trial_artifacts_of(session, list(trial_ids))
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
+    with session_scope(_engine(url)) as session:
+        return trial_detail(session, trial_id)
+
+
+def _as_text(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
 # --- writes the pages trigger ---------------------------------------------------------------------
@@ -249,8 +383,194 @@ def _writing(url: str) -> Iterator[None]:
 
 
 def _forget_reads() -> None:
-    for cached in (_experiments, _experiment, _trials, _epochs):
+    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach, _sibling_diagnoses,
+                   _artifacts, _trial):
         cached.clear()
+
+
+# --- workers and the New experiment page (`fitscope validate` / `submit` behind widgets) ----------
+
+MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS, MAX_SUBMITTER_CHARS = 20, 50, 2000, 200
+
+
+def workers() -> list[dict[str, Any]]:
+    """Every known worker (services.workers.list_workers), online ones first: name, host, queues,
+    device, status (``lost`` when silent longer than FITSCOPE_WORKER_LOST_AFTER_S), current_trials..."""
+    url = _ready_url()
+    with _reading(url):
+        return _workers(url, settings().worker_lost_after_s)
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _workers(url: str, lost_after_s: float) -> list[dict[str, Any]]:
+    with session_scope(_engine(url)) as session:
+        return list_workers(session, lost_after_s=lost_after_s)
+
+
+class FieldError(ValueError):
+    """A submission field a user got wrong; the message is one sentence naming the field and the fix."""
+
+
+@dataclass(frozen=True)
+class SpecPreview:
+    """What `fitscope validate` says about a spec: its trial count, or every problem as the CLI
+    prints it (without the ``error: `` prefix), plus the warnings it prints either way."""
+
+    name: str | None = None
+    method: str | None = None
+    seeds: int = 0
+    trials: int | None = None
+    warnings: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredCsv:
+    """An uploaded CSV data set that passed submit's checks and is stored in the database."""
+
+    name: str  # what a spec calls it: {csv: NAME, target: ...}
+    sha256: str
+    target: str
+    missing: str
+    rows: int
+    columns: tuple[str, ...]
+    task: str
+
+
+def default_submitter() -> str:
+    """FITSCOPE_SUBMITTED_BY, else the dashboard process's login name (what the CLI records)."""
+    if settings().submitted_by:
+        return settings().submitted_by
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return ""
+
+
+def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str | None, list[str], str | None]:
+    """The submitter, the comma-separated tags (deduplicated) and the note, trimmed and held to
+    their caps; raises FieldError naming the field."""
+    for field, text in (("submitted by", submitted_by), ("tags", tags_text), ("note", note)):
+        if "\x00" in text:
+            raise FieldError(f"{field} contains a NUL character; remove it")
+    submitter = submitted_by.strip()
+    if len(submitter) > MAX_SUBMITTER_CHARS:
+        raise FieldError(f"submitted by is {len(submitter)} characters long, over the limit of "
+                         f"{MAX_SUBMITTER_CHARS}; shorten it")
+    tags = list(dict.fromkeys(tag.strip() for tag in tags_text.split(",") if tag.strip()))
+    if len(tags) > MAX_TAGS:
+        raise FieldError(f"tags: {len(tags)} given, over the limit of {MAX_TAGS}; keep the ones you will search by")
+    for tag in tags:
+        if len(tag) > MAX_TAG_CHARS:
+            raise FieldError(f"tags: {tag[:20]!r}... is {len(tag)} characters long, over the limit of "
+                             f"{MAX_TAG_CHARS}; shorten it (tags are separated by commas)")
+    note = note.strip()
+    if len(note) > MAX_NOTE_CHARS:
+        raise FieldError(f"note is {len(note)} characters long, over the limit of {MAX_NOTE_CHARS}; shorten it")
+    return submitter or None, tags, note or None
+
+
+def preview(spec_text: str, uploads: dict[str, str]) -> SpecPreview:
+    """What `fitscope validate` would print for ``spec_text``: the same parse, expansion and CSV
+    checks, so the same sentences. ``uploads`` maps each CSV data set uploaded on the page (the
+    only CSV files the dashboard reads) to its sha256."""
+    current = settings()
+    url = _ready_url()
+    with _reading(url):
+        return _preview(url, spec_text, tuple(sorted(uploads.items())), current.max_spec_bytes,
+                        current.max_trials_per_experiment, CsvLimits.from_settings(current))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _preview(url: str, spec_text: str, uploads: tuple[tuple[str, str], ...], max_spec_bytes: int,
+             max_trials: int, csv_limits: CsvLimits) -> SpecPreview:
+    spec = None
+    try:
+        spec = parse_spec(spec_text, max_bytes=max_spec_bytes)
+        configs = expand(spec, max_trials=max_trials)
+        with _csv_folder(url, spec, dict(uploads)) as folder:
+            resolve_csv_configs(configs, base_dir=folder, limits=csv_limits)
+    except (SpecError, DatasetError) as exc:
+        problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
+        return SpecPreview(name=spec and spec.name, warnings=tuple(spec.warnings if spec else ()),
+                           problems=tuple(problems))
+    return SpecPreview(name=spec.name, method=spec.method, seeds=len(spec.seeds), trials=count_trials(spec),
+                       warnings=tuple(spec.warnings))
+
+
+def store_csv(*, file_name: str, content: bytes, target: str, missing: str = "error") -> StoredCsv:
+    """Check an uploaded CSV as `fitscope submit` checks a spec's CSV (the FITSCOPE_MAX_CSV_* caps,
+    the same sentences) and store it in the database by its sha256. Raises DatasetError, and then
+    writes nothing."""
+    current = settings()
+    name = Path(file_name.replace("\\", "/")).name.strip()[:200]
+    if name in ("", ".", ".."):
+        name = "data.csv"
+    if not target.strip():
+        raise DatasetError(f"{name}: choose the target column, the one the model should predict")
+    try:
+        dataset = CsvDataset(csv=name, target=target.strip(), missing=missing)
+    except ValueError as exc:  # pydantic's ValidationError: a target name over 200 characters
+        raise DatasetError(f"{name}: target {target[:40]!r} is not a usable column name "
+                           f"({exc.errors()[0]['msg']}); rename the column") from None
+    limits = CsvLimits.from_settings(current)
+    with tempfile.TemporaryDirectory(prefix="fitscope-upload-") as folder:
+        path = Path(folder) / name
+        path.write_bytes(content)
+        validated = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
+                                 max_columns=limits.max_columns)
+    url = _ready_url()
+    with _writing(url), session_scope(_engine(url)) as session:
+        store_dataset(session, validated)
+    return StoredCsv(name=name, sha256=validated.sha256, target=dataset.target, missing=missing,
+                     rows=validated.table.n_rows, columns=validated.table.columns, task=validated.table.task)
+
+
+def submit(*, spec_text: str, submitted_by: str | None, tags: list[str], note: str | None,
+           uploads: dict[str, str]) -> Submitted:
+    """`fitscope submit` from the page: the broker is checked first, the experiment and its trials
+    are written in one transaction, and services.queue.enqueue_submission sends the messages after
+    the commit. Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable; nothing is
+    written when one of them is raised before the commit."""
+    current = settings()
+    spec = parse_spec(spec_text, max_bytes=current.max_spec_bytes)
+    producer = _producer(current.effective_broker_url, current)
+    check_broker(producer, timeout_s=3.0)  # before writing, so a dead broker leaves no orphan rows
+    url = _ready_url()
+    with _csv_folder(url, spec, uploads) as folder, _writing(url), session_scope(_engine(url)) as session:
+        submitted = submit_spec(session, spec=spec, spec_text=spec_text, submitted_by=submitted_by,
+                                max_trials=current.max_trials_per_experiment, base_dir=folder,
+                                csv_limits=CsvLimits.from_settings(current), tags=tags, note=note)
+    _forget_reads()
+    try:
+        enqueue_submission(producer, submitted)
+    except Exception as exc:  # kombu raises several unrelated types for a broker that went away
+        raise BrokerUnreachable(
+            f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
+            f"({type(exc).__name__}); once the broker is back run `fitscope requeue {submitted.experiment_id} "
+            "--status queued`"
+        ) from None
+    return submitted
+
+
+@contextmanager
+def _csv_folder(url: str, spec: GridSpec, uploads: dict[str, str]) -> Iterator[Path | None]:
+    """A temporary folder holding the uploaded CSV data sets the spec names, for the checks that read
+    files. A name that was not uploaded is refused: the dashboard never reads its server's files."""
+    dataset = spec.parameters.get("dataset")
+    names = sorted({value.csv for value in (dataset.values if dataset else ()) if isinstance(value, CsvDataset)})
+    if not names:
+        yield None
+        return
+    for name in names:
+        if name not in uploads:
+            raise DatasetError(f"{name}: the dashboard reads only CSV data sets uploaded on this page; upload it "
+                               "under 'Your own data (CSV)', or name one that is uploaded")
+    with tempfile.TemporaryDirectory(prefix="fitscope-csv-") as folder:
+        with session_scope(_engine(url)) as session:
+            for name in names:
+                (Path(folder) / name).write_bytes(load_dataset_content(session, uploads[name]))
+        yield Path(folder)
 
 
 # --- helpers --------------------------------------------------------------------------------------

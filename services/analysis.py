@@ -23,6 +23,9 @@ The rule, checked in this order (first match wins):
    than ``NOT_CONVERGED_DROP`` x the baseline.
 6. ``good_fit`` otherwise.
 
+Below the verdict: the statistics the dashboard's comparison charts show (seed bands, epochs to a
+target loss, divergence rates, a mean difference with its confidence interval).
+
 Pure functions: no torch, no database.
 """
 
@@ -31,7 +34,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 UNDERFIT_RATIO = 0.30  # best train loss / baseline above this: the model did not fit the training data
 REFERENCE_MARGIN = 0.20  # (best train - best sibling train) / baseline above this: far behind its siblings
@@ -151,6 +157,31 @@ def diagnose_experiment(trials: list[dict]) -> dict[int, Diagnosis]:
     }
 
 
+def rejudge_among_siblings(trials: list[dict]) -> dict[int, Diagnosis]:
+    """What :func:`diagnose_experiment` returns, from the diagnoses stored when the trials ended
+    instead of their curves: each trial is a dict with trial_id, config, verdict and ``numbers`` (the
+    stored ``diagnosis["numbers"]``). The stored numbers hold everything the rule reads, so only the
+    sibling reference is new; an experiment of 1,000 trials is re-judged without reading its 100,000
+    epoch rows. Trials without a verdict or without numbers (failed, cancelled) keep what they have."""
+    references: dict[tuple, float] = {}
+    for trial in trials:
+        best = _number((trial.get("numbers") or {}).get("best_train_loss"))
+        if trial.get("verdict") in ("good_fit", "underfit", "not_converged") and _finite(best):
+            key = _data_key(trial.get("config") or {})
+            references[key] = min(best, references.get(key, math.inf))
+    judged = {}
+    for trial in trials:
+        numbers = dict(trial.get("numbers") or {})
+        reference = references.get(_data_key(trial.get("config") or {}))
+        if trial.get("verdict") in (None, "diverged") or "train_ratio" not in numbers or reference is None:
+            judged[trial["trial_id"]] = Diagnosis(trial.get("verdict"), list(trial.get("reasons") or []), numbers)
+            continue
+        numbers["reference_train_loss"] = reference
+        numbers["reference_excess"] = (numbers["best_train_loss"] - reference) / numbers["baseline_train_loss"]
+        judged[trial["trial_id"]] = Diagnosis(*_decide(numbers), numbers)
+    return judged
+
+
 def _decide(n: dict[str, Any]) -> tuple[str, list[str]]:
     still_falling = n["tail_drop_ratio"] > NOT_CONVERGED_DROP
     falling = (f"over the last {n['tail_epochs']} epochs the train loss fell by {n['tail_drop_ratio']:.3f} "
@@ -190,6 +221,148 @@ def _decide(n: dict[str, Any]) -> tuple[str, list[str]]:
     ]
 
 
+# --- statistics over trials: what the dashboard's comparison charts show --------------------------
+# These take pandas DataFrames (imported inside them: the worker and the CLI import this module and
+# never need pandas) and return small ones, so a chart ships aggregates rather than every trial.
+
+BANDS = {"std": "mean ± 1 std", "minmax": "mean, band from min to max"}
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom, then a few larger ones; the
+# normal quantile (1.96) is the limit. In a table rather than scipy, which fitscope does not depend on.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+_T975_LARGE = ((30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (math.inf, 1.960))
+
+
+def seed_bands(frame: pd.DataFrame, *, by: list[str], value: str, band: str = "std") -> pd.DataFrame:
+    """The mean of ``value`` for each distinct combination of the ``by`` columns, with a band around
+    it: ``std`` is mean ± one sample standard deviation (0 for a single run), ``minmax`` the smallest
+    and largest run. Returns the ``by`` columns and ``mean``, ``lower``, ``upper``, ``n`` (runs in the
+    group). Rows with no value (a trial that has not reached that epoch, a failed trial) are left out."""
+    import pandas as pd
+
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(BANDS)}, not {band!r}")
+    rows = frame.loc[frame[value].notna(), [*by, value]]
+    columns = [*by, "mean", "lower", "upper", "n"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = rows.astype({value: float}).groupby(by, sort=False, dropna=False)[value]
+    stats = grouped.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    if band == "std":
+        spread = stats["std"].fillna(0.0)
+        stats["lower"], stats["upper"] = stats["mean"] - spread, stats["mean"] + spread
+    else:
+        stats["lower"], stats["upper"] = stats["min"], stats["max"]
+    return stats.rename(columns={"count": "n"})[columns]
+
+
+def epochs_to_target(curves: pd.DataFrame, *, target: float, column: str = "val_loss") -> pd.Series:
+    """For each trial in ``curves`` (rows with trial_id, epoch and ``column``), the first epoch at which
+    ``column`` is at or below ``target``; NaN for a trial that never got there. Indexed by trial_id."""
+    trial_ids = curves["trial_id"].drop_duplicates()
+    reached = curves[curves[column] <= target]
+    return reached.groupby("trial_id")["epoch"].min().reindex(trial_ids).astype(float).rename("epochs_to_target")
+
+
+def divergence_rate(trials: pd.DataFrame, *, by: list[str]) -> pd.DataFrame:
+    """The share of trained trials that diverged, per combination of the ``by`` columns: the ``by``
+    columns and ``trials``, ``diverged``, ``rate`` (0..1). Trained means succeeded or diverged; a
+    failed, cancelled or unfinished trial says nothing about the optimizer and is not counted. A
+    trial counts as diverged when the engine said so or its verdict is ``diverged`` (a loss that
+    blew up without becoming infinite)."""
+    import pandas as pd
+
+    trained = trials[trials["status"].isin(["succeeded", "diverged"])]
+    columns = [*by, "trials", "diverged", "rate"]
+    if trained.empty:
+        return pd.DataFrame(columns=columns)
+    verdict = trained["verdict"] if "verdict" in trained else pd.Series(None, index=trained.index)
+    flagged = trained.assign(_diverged=(trained["status"] == "diverged") | (verdict == "diverged"))
+    counts = flagged.groupby(by, sort=False, dropna=False)["_diverged"].agg(["size", "sum"]).reset_index()
+    counts = counts.rename(columns={"size": "trials", "sum": "diverged"})
+    counts["diverged"] = counts["diverged"].astype(int)
+    counts["rate"] = counts["diverged"] / counts["trials"]
+    return counts[columns]
+
+
+@dataclass(frozen=True)
+class MeanDifference:
+    """Mean of A minus mean of B with a 95% confidence interval (Student's t). ``low``/``high`` are
+    None when there are too few runs for an interval (``reason`` says why)."""
+
+    mean_a: float
+    mean_b: float
+    difference: float
+    low: float | None
+    high: float | None
+    n_a: int
+    n_b: int
+    paired: bool
+    degrees_of_freedom: float | None
+    reason: str | None = None
+
+
+def t_quantile_975(degrees_of_freedom: float) -> float:
+    """The 97.5% quantile of Student's t (the half-width factor of a two-sided 95% interval). A
+    fractional df below 30 is rounded down (a slightly wider, conservative interval); above 30 the
+    table is interpolated in 1/df, which is accurate to 0.002."""
+    if degrees_of_freedom < 1:
+        raise ValueError("a t quantile needs at least 1 degree of freedom")
+    if degrees_of_freedom <= 30:
+        return _T975[int(degrees_of_freedom) - 1]
+    for (df_low, t_low), (df_high, t_high) in zip(_T975_LARGE, _T975_LARGE[1:], strict=False):
+        if degrees_of_freedom <= df_high:
+            share = (1 / df_low - 1 / degrees_of_freedom) / (1 / df_low - (0 if math.isinf(df_high) else 1 / df_high))
+            return t_low + share * (t_high - t_low)
+    return 1.960
+
+
+def mean_difference(a: Iterable[float], b: Iterable[float], *, paired: bool) -> MeanDifference:
+    """mean(a) - mean(b) with a 95% confidence interval. ``paired``: a[i] and b[i] are runs with the
+    same seed (so the same data order and initial-weight draw): the interval comes from the per-seed
+    differences, which cancels the seed's own effect. Otherwise Welch's interval for two groups with
+    unequal variances. Non-finite values are dropped (pairwise when paired)."""
+    a, b = [_number(x) for x in a], [_number(x) for x in b]
+    if paired:
+        if len(a) != len(b):
+            raise ValueError("paired runs need as many values in a as in b")
+        pairs = [(x, y) for x, y in zip(a, b, strict=True) if _finite(x) and _finite(y)]
+        a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    else:
+        a, b = [x for x in a if _finite(x)], [y for y in b if _finite(y)]
+    if not a or not b:
+        return MeanDifference(math.nan, math.nan, math.nan, None, None, len(a), len(b), paired, None,
+                              "no finished run on one side")
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    base = {"mean_a": mean_a, "mean_b": mean_b, "difference": mean_a - mean_b, "n_a": len(a), "n_b": len(b),
+            "paired": paired}
+    if paired:
+        if len(a) < 2:
+            return MeanDifference(**base, low=None, high=None, degrees_of_freedom=None,
+                                  reason="an interval needs at least two seeds")
+        differences = [x - y for x, y in zip(a, b, strict=True)]
+        df = len(differences) - 1
+        standard_error = math.sqrt(_variance(differences) / len(differences))
+    else:
+        if len(a) < 2 or len(b) < 2:
+            return MeanDifference(**base, low=None, high=None, degrees_of_freedom=None,
+                                  reason="an interval needs at least two runs on each side")
+        share_a, share_b = _variance(a) / len(a), _variance(b) / len(b)
+        standard_error = math.sqrt(share_a + share_b)
+        # Welch-Satterthwaite; with both variances 0 the interval is a point, any df will do.
+        df = ((share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+              if standard_error > 0 else len(a) + len(b) - 2)
+    half_width = t_quantile_975(df) * standard_error
+    return MeanDifference(**base, low=mean_a - mean_b - half_width, high=mean_a - mean_b + half_width,
+                          degrees_of_freedom=df)
+
+
+def _variance(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
 def _baselines(final_metrics: dict, train: list[float]) -> tuple[float, float, str]:
     baseline_train = _number(final_metrics.get("baseline_train_loss"))
     baseline_val = _number(final_metrics.get("baseline_val_loss"))
@@ -225,4 +398,6 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-__all__ = ["DATA_PARAMETERS", "THRESHOLDS", "VERDICTS", "Diagnosis", "diagnose", "diagnose_experiment"]
+__all__ = ["BANDS", "DATA_PARAMETERS", "THRESHOLDS", "VERDICTS", "Diagnosis", "MeanDifference", "diagnose",
+           "diagnose_experiment", "divergence_rate", "epochs_to_target", "mean_difference", "rejudge_among_siblings",
+           "seed_bands", "t_quantile_975"]

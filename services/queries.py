@@ -113,6 +113,23 @@ def trial_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
     return rows
 
 
+def trial_detail(session: Session, trial_id: int) -> dict[str, Any] | None:
+    """Everything stored about one trial, for its own page: the row of :func:`trial_rows` plus
+    experiment_id, experiment_name, the resolved ``config``, ``final_metrics`` and the stored
+    ``diagnosis`` (reasons and numbers, thresholds included); None when there is no such trial."""
+    trial = session.get(Trial, trial_id)
+    if trial is None:
+        return None
+    return {
+        "trial_id": trial.id, "experiment_id": trial.experiment_id, "experiment_name": trial.experiment.name,
+        "ordinal": trial.ordinal, "status": trial.status, "attempts": trial.attempts, "worker": trial.worker,
+        "epochs_done": trial.epochs_done, "best_epoch": trial.best_epoch, "started_at": _iso(trial.started_at),
+        "finished_at": _iso(trial.finished_at), "error": trial.error, "verdict": trial.verdict,
+        "parameter_count": trial.parameter_count, "config": dict(trial.config),
+        "final_metrics": dict(trial.final_metrics or {}), "diagnosis": dict(trial.diagnosis or {}),
+    }
+
+
 def trial_artifacts(session: Session, trial_id: int) -> dict[str, dict]:
     """A trial's prediction artifacts, kind (curve_1d, boundary_2d) -> its JSON data; {} when none."""
     result = session.execute(select(TrialArtifact.kind, TrialArtifact.data).where(TrialArtifact.trial_id == trial_id))
@@ -129,6 +146,76 @@ def epoch_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
         .order_by(EpochMetric.trial_id, EpochMetric.epoch)
     )
     return [dict(row._mapping) for row in result]
+
+
+def trial_artifacts_of(session: Session, trial_ids: list[int]) -> dict[int, dict[str, dict]]:
+    """The prediction artifacts of several trials at once: trial id -> kind -> JSON data (trials
+    without any are left out). Callers keep ``trial_ids`` short: a decision boundary is ~60 KB."""
+    found: dict[int, dict[str, dict]] = {}
+    if not trial_ids:
+        return found
+    result = session.execute(select(TrialArtifact.trial_id, TrialArtifact.kind, TrialArtifact.data)
+                             .where(TrialArtifact.trial_id.in_(trial_ids)))
+    for trial_id, kind, data in result:
+        found.setdefault(trial_id, {})[kind] = data
+    return found
+
+
+def epoch_curves(session: Session, experiment_id: int, *, fields: tuple[str, ...] = ("train_loss", "val_loss"),
+                 trial_ids: list[int] | None = None, every: int = 1) -> list[dict[str, Any]]:
+    """Per-epoch rows of an experiment for charts: trial_id, epoch and only the named ``fields``,
+    ordered by trial then epoch. ``trial_ids`` keeps those trials only; ``every`` > 1 keeps every
+    ``every``-th epoch plus each trial's first and last recorded one, so a chart of many long runs
+    reads a fraction of the rows and still shows where each curve starts and ends."""
+    unknown = set(fields) - set(EPOCH_METRIC_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown epoch metric fields: {', '.join(sorted(unknown))}")
+    epochs = EpochMetric.__table__.c
+    query = (select(epochs.trial_id, epochs.epoch, *(epochs[name] for name in fields))
+             .where(_of_experiment(experiment_id, epochs.trial_id)).order_by(epochs.trial_id, epochs.epoch))
+    if trial_ids is not None:
+        query = query.where(epochs.trial_id.in_(trial_ids))
+    if every > 1:
+        last = select(Trial.epochs_done).where(Trial.id == epochs.trial_id).scalar_subquery()
+        query = query.where(or_(epochs.epoch % every == 0, epochs.epoch == 1, epochs.epoch == last))
+    columns = ["trial_id", "epoch", *fields]
+    # .all() fetches in one call; iterating the result would fetch row by row, ~2x slower on 100k rows.
+    return [dict(zip(columns, row, strict=True)) for row in session.connection().execute(query).all()]
+
+
+def epochs_to_reach(session: Session, experiment_id: int, *, field: str, target: float) -> dict[int, int]:
+    """For each trial of the experiment whose ``field`` (an epoch metric, e.g. val_loss) ever got to
+    ``target`` or below, the first epoch it did: one aggregate query, whatever the number of epochs.
+    Trials that never got there are absent. The same rule as services.analysis.epochs_to_target."""
+    if field not in EPOCH_METRIC_FIELDS:
+        raise ValueError(f"unknown epoch metric field: {field}")
+    epochs = EpochMetric.__table__.c
+    result = session.connection().execute(
+        select(epochs.trial_id, func.min(epochs.epoch))
+        .where(_of_experiment(experiment_id, epochs.trial_id), epochs[field] <= target)
+        .group_by(epochs.trial_id)
+    )
+    return {trial_id: epoch for trial_id, epoch in result}
+
+
+def stored_diagnoses(session: Session, experiment_id: int) -> list[dict[str, Any]]:
+    """What services.analysis.rejudge_among_siblings takes, for every ended trial of an experiment:
+    trial_id, config, verdict, and the stored diagnosis's ``reasons`` and ``numbers``. One query of
+    the trials table; no epoch rows are read."""
+    result = session.execute(
+        select(Trial.id, Trial.config, Trial.verdict, Trial.diagnosis)
+        .where(Trial.experiment_id == experiment_id, Trial.status.in_(TERMINAL_STATUSES))
+        .order_by(Trial.ordinal)
+    )
+    return [{"trial_id": trial_id, "config": config, "verdict": verdict,
+             "reasons": (diagnosis or {}).get("reasons", []), "numbers": (diagnosis or {}).get("numbers", {})}
+            for trial_id, config, verdict, diagnosis in result]
+
+
+def _of_experiment(experiment_id: int, trial_id_column):
+    # An IN (subquery) rather than a join: SQLite then walks the (trial_id, epoch) index in order,
+    # about twice as fast as the join's plan on 100k rows.
+    return trial_id_column.in_(select(Trial.id).where(Trial.experiment_id == experiment_id))
 
 
 def _iso(value: datetime | None) -> str | None:

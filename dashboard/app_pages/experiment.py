@@ -1,37 +1,27 @@
 """Experiment: one experiment, chosen in a selectbox or by `?experiment=ID`. Its progress, the
 error of every failed trial, learning curves coloured by a parameter that varies across its
-trials, and a table of every trial's status, parameters and final metrics. Refreshed live."""
+trials, and a table of every trial's status, parameters and final metrics with a link to each
+trial's own page. Refreshed live; the Fit analysis and Optimizers pages go deeper."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data
+from dashboard import charts, data, widgets
 
-MAX_CURVES = 200  # trials drawn at once; more lines than this is unreadable and slow in a browser
-NO_EXPERIMENTS = "No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml`."
+MAX_CURVES = 100  # trials drawn at once; more lines than this is unreadable and slow in a browser
 NO_EPOCHS = ("No trial has finished an epoch yet. Learning curves appear here as soon as a worker "
              "reports the first epoch (start one with `fitscope worker` or `fitscope up`).")
 
 
-def choose_experiment(experiments: pd.DataFrame) -> int:
-    """The selectbox of experiments, kept in step with the `?experiment=` query parameter."""
-    labels = {int(row.id): f"#{row.id} {row.name}" for row in experiments.itertuples(index=False)}
-    asked = st.query_params.get("experiment")
-    if asked != st.session_state.get("experiment_query"):  # arrived by a link: the link decides
-        st.session_state["experiment_query"] = asked
-        if asked is not None and asked.isdigit() and int(asked) in labels:
-            st.session_state["experiment_selected"] = int(asked)
-        elif asked is not None:
-            st.warning(f"Experiment {asked!r} does not exist; choose one below.")
-    chosen = st.selectbox("Experiment", options=list(labels), format_func=labels.get, key="experiment_selected")
-    st.query_params["experiment"] = st.session_state["experiment_query"] = str(chosen)
-    return chosen
-
-
 def summary(experiment: dict) -> None:
     st.subheader(f"#{experiment['id']} {experiment['name']}")
+    fit, optimizers = st.columns(2)
+    fit.page_link("app_pages/fit_analysis.py", label="Fit analysis", icon=":material/insights:",
+                  query_params={"experiment": str(experiment["id"])})
+    optimizers.page_link("app_pages/optimizers.py", label="Optimizers and schedules", icon=":material/speed:",
+                         query_params={"experiment": str(experiment["id"])})
     st.progress(float(experiment["progress"]),
                 text=f"{experiment['progress']:.0%} of planned epochs · {experiment['ended']} of "
                      f"{experiment['trials']} trials ended")
@@ -49,11 +39,16 @@ def failed_trials(trials: pd.DataFrame) -> None:
                 st.code(error, language=None)
 
 
-def learning_curves(experiment_id: int, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
     st.subheader("Learning curves")
-    if epochs.empty:
+    started = trials[trials["epochs_done"] > 0]
+    if started.empty:
         st.info(NO_EPOCHS, icon=":material/hourglass_empty:")
         return
+    shown = started.head(MAX_CURVES)
+    every = data.epoch_step(len(shown), int(shown["epochs_done"].max()), budget=data.LINE_ROW_BUDGET)
+    epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]), every=every,
+                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
     varying = data.varying_parameters(trials)
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
     metrics = ["loss"] + (["accuracy"] if epochs["val_accuracy"].notna().any() else [])
@@ -64,25 +59,28 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame, epochs: pd.DataFra
     )
     chosen_metric = metric.segmented_control("Metric", metrics, default="loss",
                                              key=f"experiment_metric_{experiment_id}") or "loss"
-    shown_trials = epochs["trial_id"].drop_duplicates().head(MAX_CURVES)
-    if len(shown_trials) < epochs["trial_id"].nunique():
-        st.caption(f"Showing the first {MAX_CURVES} trials; download the epochs CSV for all of them.")
-    st.plotly_chart(
-        charts.learning_curves(epochs[epochs["trial_id"].isin(shown_trials)], trials, chosen_colour,
-                               metric=chosen_metric),
-        key=f"experiment_curves_{experiment_id}",
-    )
+    st.plotly_chart(charts.learning_curves(epochs, trials, chosen_colour, metric=chosen_metric),
+                    key=f"experiment_curves_{experiment_id}")
+    notes = []
+    if len(shown) < len(started):
+        notes.append(f"the first {MAX_CURVES} of {len(started)} trials are drawn (Fit analysis shows all of them "
+                     "as bands)")
+    if every > 1:
+        notes.append(f"every {every}th epoch is drawn, and each run's first and last")
+    if notes:
+        st.caption("To keep the chart light, " + "; ".join(notes) + ". The epochs CSV has everything.")
 
 
 def trial_table(trials: pd.DataFrame) -> None:
     st.subheader("Trials")
     varying = data.varying_parameters(trials)
     metrics = data.metric_columns(trials)
-    table = trials.assign(error=trials["error"].map(_first_line))
+    table = trials.assign(error=trials["error"].map(_first_line), link=trials["trial_id"].map(widgets.trial_page_link))
     st.dataframe(
-        table[["ordinal", "status", *varying, "epochs_done", "best_epoch", *metrics, "error"]],
+        table[["ordinal", "status", *varying, "epochs_done", "best_epoch", *metrics, "error", "link"]],
         hide_index=True, key="experiment_trials_table",
         column_config={"ordinal": st.column_config.NumberColumn("trial"),
+                       "link": st.column_config.LinkColumn("details", display_text="open"),
                        **{name: st.column_config.NumberColumn(format="%.4g") for name in metrics}},
     )
     shared = [name for name in data.parameter_columns(trials) if name not in varying]
@@ -102,16 +100,12 @@ def experiment_panel(experiment_id: int) -> None:
     if experiment is None:
         st.warning(f"Experiment {experiment_id} no longer exists.")
         return
-    trials, epochs = data.trials(experiment_id), data.epochs(experiment_id)
+    trials = data.trials(experiment_id)
     summary(experiment)
     failed_trials(trials)
-    learning_curves(experiment_id, trials, epochs)
+    learning_curves(experiment_id, trials)
     trial_table(trials)
 
 
 st.title("Experiment")
-experiments = data.experiments(limit=500)
-if experiments.empty:
-    st.info(NO_EXPERIMENTS, icon=":material/science:")
-    st.stop()
-experiment_panel(choose_experiment(experiments))
+experiment_panel(widgets.experiment_or_stop("experiment"))

@@ -1,9 +1,11 @@
-"""Experiments: every experiment with its progress and its trials per status, refreshed live, and
-what can be done to each one: open it, cancel it, re-queue its failed and cancelled trials,
-download its trials or its per-epoch metrics as CSV."""
+"""Experiments: the workers that train trials, and every experiment with its progress and its
+trials per status, both refreshed live; a search over names, descriptions, notes, tags and
+submitters; and what can be done to each experiment: open it or its fit analysis, cancel it,
+re-queue its failed and cancelled trials, download its trials or its per-epoch metrics as CSV."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data
@@ -13,8 +15,11 @@ from services.queue import BrokerUnreachable
 NEWEST = 50
 EMPTY_STATE = ("No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml` "
                "and it appears here as soon as its trials are queued.")
+NO_WORKER = "No worker online: start one with `fitscope worker`; queued trials wait until one is."
 ERRORS = "experiments_errors"  # experiment id -> the last action's error sentence
 NOTICE = "experiments_notice"  # what the last action did, shown once as a toast
+SEARCH = "experiments_search"
+LOST_STYLE = "color: #d62728; font-weight: 600"  # the red of a lost worker's row
 
 
 def cancel_clicked(experiment_id: int) -> None:
@@ -43,8 +48,13 @@ def experiment_card(experiment) -> None:
         heading, open_link = st.columns([5, 1])
         heading.markdown(f"**#{experiment.id} {experiment.name}** · {experiment.method} · "
                          f"{experiment.trials} trials" +
-                         (f" · by {experiment.submitted_by}" if experiment.submitted_by else ""))
+                         (f" · by {experiment.submitted_by}" if experiment.submitted_by else "") +
+                         "".join(f" :gray-badge[{_escaped(tag)}]" for tag in experiment.tags))
+        if isinstance(experiment.note, str) and experiment.note:  # pandas holds a missing note as NaN
+            heading.caption(_escaped(experiment.note))
         open_link.page_link("app_pages/experiment.py", label="Open", icon=":material/monitoring:",
+                            query_params={"experiment": str(experiment.id)})
+        open_link.page_link("app_pages/fit_analysis.py", label="Fit analysis", icon=":material/insights:",
                             query_params={"experiment": str(experiment.id)})
         st.progress(float(experiment.progress),
                     text=f"{experiment.progress:.0%} of planned epochs · {experiment.ended} of "
@@ -80,11 +90,32 @@ def action_buttons(experiment) -> None:
 
 
 @st.fragment(run_every=data.REFRESH_SECONDS)
-def experiments_panel() -> None:
+def workers_panel() -> None:
+    workers = data.workers()
+    if not any(worker["status"] == "online" for worker in workers):
+        st.warning(NO_WORKER, icon=":material/warning:")
+    if not workers:
+        return
+    table = pd.DataFrame([{
+        "worker": w["name"], "status": w["status"], "queues": ", ".join(w["queues"]),
+        "running trials": ", ".join(str(t) for t in w["current_trials"]) or "-",
+        "processes": w["concurrency"], "device": w["device"], "host": w["host"], "pid": w["pid"],
+        "last heartbeat": f"{w['seconds_since_heartbeat']:.0f} s ago", "torch": w["torch_version"],
+    } for w in workers])
+    st.dataframe(table.style.apply(lambda row: [LOST_STYLE if row["status"] == "lost" else ""] * len(row), axis=1),
+                 hide_index=True, key="experiments_workers")
+
+
+@st.fragment(run_every=data.REFRESH_SECONDS)
+def experiments_panel(search: str) -> None:
     # Shown here rather than in the button's callback: a callback of a fragment must not draw elements.
     if notice := st.session_state.pop(NOTICE, None):
         st.toast(notice, icon=":material/check_circle:")
-    experiments = data.experiments(limit=NEWEST)
+    experiments = data.experiments(limit=NEWEST, search=search)
+    if experiments.empty and search.strip():
+        st.info(f"No experiment's name, description, note, tags or submitter contains {search.strip()!r}.",
+                icon=":material/search_off:")
+        return
     if experiments.empty:
         st.info(EMPTY_STATE, icon=":material/science:")
         return
@@ -95,6 +126,16 @@ def experiments_panel() -> None:
         experiment_card(experiment)
 
 
+def _escaped(text: str) -> str:
+    """User text shown as itself in Streamlit markdown, not as formatting or a badge's end."""
+    return "".join(f"\\{char}" if char in "\\`*_[]{}()#+-.!:<>|~$" else char for char in text)
+
+
 st.session_state.setdefault(ERRORS, {})
 st.title("Experiments")
-experiments_panel()
+st.subheader("Workers")
+workers_panel()
+st.subheader("Experiments")
+search = st.text_input("Search", key=SEARCH, placeholder="name, description, note, tag or submitter",
+                       max_chars=200, icon=":material/search:", label_visibility="collapsed")
+experiments_panel(search)

@@ -1,4 +1,129 @@
-"""Placeholder: being written."""
+"""Trial: one trial, opened by `?trial=ID` (the links in the other pages' tables) or chosen by
+experiment and trial. Its resolved config, learning curves, the stored fit diagnosis with every
+number that decided it, its error text when it failed, and the picture of what it learned."""
+
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
 
-st.info("This page is being written.")
+from dashboard import charts, data, widgets
+
+NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
+
+
+def choose_trial() -> int | None:
+    """The trial named by `?trial=ID`, else the one chosen in the experiment and trial selectboxes."""
+    asked = st.query_params.get("trial")
+    if asked is not None and asked != st.session_state.get("trial_query"):  # arrived by a link
+        st.session_state["trial_query"] = asked
+        found = data.trial(int(asked)) if asked.isdigit() else None
+        if found is None:
+            st.warning(f"Trial {asked!r} does not exist; choose one below.")
+        else:
+            st.query_params["experiment"] = str(found["experiment_id"])
+            st.session_state["trial_selected"] = found["trial_id"]
+    experiment_id = widgets.experiment_or_stop("trial_experiment")
+    trials = data.trials(experiment_id)
+    if trials.empty:
+        st.info("This experiment has no trials.")
+        return None
+    varying = widgets.grouping_choices(trials)
+    labels = {int(row["trial_id"]): widgets.trial_label(row, varying) for _, row in trials.iterrows()}
+    if st.session_state.get("trial_selected") not in labels:
+        st.session_state.pop("trial_selected", None)
+    chosen = st.selectbox("Trial", list(labels), format_func=labels.get, key="trial_selected")
+    st.query_params["trial"] = st.session_state["trial_query"] = str(chosen)
+    return chosen
+
+
+def header(trial: dict) -> None:
+    st.subheader(f"Trial {trial['ordinal']} of #{trial['experiment_id']} {trial['experiment_name']}")
+    st.markdown(charts.status_badges({trial["status"]: 1}).replace("[1 ", "[")
+                + f" · {trial['epochs_done']} epochs" + (f" · worker `{trial['worker']}`" if trial["worker"] else "")
+                + f" · attempt {trial['attempts']}")
+    st.page_link("app_pages/fit_analysis.py", label="Fit analysis of this experiment", icon=":material/insights:",
+                 query_params={"experiment": str(trial["experiment_id"])})
+    if trial["error"]:
+        first, _, rest = trial["error"].partition("\n")
+        st.error(f"This trial {trial['status']}: {first}", icon=":material/error:")
+        if rest:
+            with st.expander("Full error"):
+                st.code(trial["error"], language=None)
+
+
+def curves(trial: dict) -> None:
+    st.subheader("Learning curves")
+    epochs = data.curves(trial["experiment_id"], trial_ids=(trial["trial_id"],),
+                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"))
+    if epochs.empty:
+        st.info(NOT_STARTED, icon=":material/hourglass_empty:")
+        return
+    row = pd.DataFrame([{"trial_id": trial["trial_id"], "ordinal": trial["ordinal"]}])
+    loss, accuracy = st.columns(2)
+    loss.plotly_chart(charts.learning_curves(epochs, row, "ordinal"), key="trial_loss_chart")
+    if epochs["val_accuracy"].notna().any():
+        accuracy.plotly_chart(charts.learning_curves(epochs, row, "ordinal", metric="accuracy"),
+                              key="trial_accuracy_chart")
+    if trial["best_epoch"]:
+        st.caption(f"Best validation epoch: {trial['best_epoch']} of {trial['epochs_done']}.")
+
+
+def diagnosis(trial: dict) -> None:
+    st.subheader("Fit diagnosis")
+    stored = trial["diagnosis"]
+    if not trial["verdict"] and not stored:
+        st.info("No verdict yet: a trial is diagnosed when it ends.")
+        return
+    verdict = (trial["verdict"] or "none").replace("_", " ")
+    st.markdown(f"Verdict (judged alone, as stored): **{verdict}**")
+    for reason in stored.get("reasons", []):
+        st.markdown(f"- {reason}")
+    numbers = stored.get("numbers", {})
+    if numbers:
+        measured = {k: v for k, v in numbers.items() if not k.endswith("_limit") and k != "tail_fraction"}
+        limits = {k: v for k, v in numbers.items() if k.endswith("_limit") or k == "tail_fraction"}
+        left, right = st.columns(2)
+        left.dataframe(_table(measured), hide_index=True, key="trial_numbers_table")
+        right.dataframe(_table(limits, header="threshold"), hide_index=True, key="trial_limits_table")
+
+
+def predictions(trial: dict) -> None:
+    found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
+    if found:
+        st.subheader("What the model learned")
+        st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
+                        key="trial_prediction_chart")
+
+
+def config_and_metrics(trial: dict) -> None:
+    config, metrics = st.columns(2)
+    with config:
+        st.subheader("Resolved config")
+        st.json(trial["config"], expanded=True)
+    with metrics:
+        st.subheader("Final metrics")
+        st.dataframe(_table(trial["final_metrics"], header="value"), hide_index=True, key="trial_metrics_table")
+
+
+def _table(values: dict, *, header: str = "value") -> pd.DataFrame:
+    return pd.DataFrame({"name": list(values), header: [_shown(value) for value in values.values()]})
+
+
+def _shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+st.title("Trial")
+trial_id = choose_trial()
+if trial_id is None:
+    st.stop()
+chosen = data.trial(trial_id)
+if chosen is None:
+    st.warning(f"Trial {trial_id} no longer exists.")
+    st.stop()
+header(chosen)
+curves(chosen)
+diagnosis(chosen)
+predictions(chosen)
+config_and_metrics(chosen)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
+import pytest
 
 from dashboard import charts
+from services import analysis
 
 
 def epochs_of(trial_ids: list[int], n_epochs: int = 3) -> pd.DataFrame:
@@ -84,3 +88,156 @@ def test_status_badges_name_only_statuses_with_trials():
 def test_learning_curves_coloured_by_trial_when_no_parameter_varies():
     figure = charts.learning_curves(epochs_of([10, 11]), TRIALS, "ordinal")
     assert [trace.name for trace in figure.data] == ["ordinal=0"] * 2 + ["ordinal=1"] * 2
+
+
+# --- the analysis pages' builders ----------------------------------------------------------------------
+
+def seed_grid() -> pd.DataFrame:
+    """Trials over width (capacity) x 3 seeds, with final losses shaped as capacity theory says: train
+    falls with width; validation falls, bottoms out at width 64 and rises again (the U)."""
+    val_by_width = {4: 0.9, 16: 0.5, 64: 0.3, 256: 0.45, 1024: 0.7}
+    rows = []
+    for k, (width, val) in enumerate(val_by_width.items()):
+        for seed in range(3):
+            rows.append({"trial_id": 100 + 3 * k + seed, "ordinal": 3 * k + seed, "width": width, "seed": seed,
+                         "n_train": 200, "parameter_count": 10 * width, "status": "succeeded",
+                         "final_train_loss": 1.0 / (1 + k) + 0.01 * seed, "final_val_loss": val + 0.02 * (seed - 1)})
+    return pd.DataFrame(rows)
+
+
+def mean_lines(figure) -> list:
+    return [trace for trace in figure.data if trace.fill != "toself"]
+
+
+def band_traces(figure) -> list:
+    return [trace for trace in figure.data if trace.fill == "toself"]
+
+
+def test_learning_curve_bands_draw_one_mean_and_one_band_per_group_and_split():
+    trials = TRIALS.assign(seed=[0, 1, 0, 1])  # width 8: trials 10 and 12; width 64: 11 and 13
+    curves = epochs_of([10, 11, 12, 13])
+    curves.loc[curves["trial_id"] == 12, "train_loss"] += 0.2  # two seeds of width 8 disagree
+
+    figure = charts.learning_curve_bands(curves, trials, color_by="width")
+
+    assert sorted((trace.name, trace.line.dash) for trace in mean_lines(figure)) == [
+        ("width=64", "dash"), ("width=64", "solid"), ("width=8", "dash"), ("width=8", "solid")]
+    width_8_train = next(t for t in mean_lines(figure) if t.name == "width=8" and t.line.dash == "solid")
+    assert list(width_8_train.y) == pytest.approx([1.1, 0.6, 1 / 3 + 0.1])
+    assert list(width_8_train.customdata) == [2, 2, 2]  # each point is the mean of two runs
+    (band,) = band_traces(figure)  # only width 8's train runs differ; identical runs draw no band
+    assert band.legendgroup == "8"
+    assert "mean ± 1 std" in figure.layout.title.subtitle.text
+
+
+def test_capacity_curve_shows_the_u_shaped_validation_curve_on_a_log_axis():
+    figure = charts.metric_against(seed_grid(), x="parameter_count", color_by="n_train",
+                                   columns={"train": "final_train_loss", "val": "final_val_loss"})
+
+    train, val = sorted(mean_lines(figure), key=lambda trace: trace.line.dash != "solid")
+    assert train.line.dash == "solid" and val.line.dash == "dash"
+    assert list(val.x) == [40, 160, 640, 2560, 10240]
+    lowest = list(val.y).index(min(val.y))
+    assert 0 < lowest < len(val.y) - 1  # the bottom of the U is inside, not at an end
+    assert list(val.y) == pytest.approx([0.9, 0.5, 0.3, 0.45, 0.7])
+    assert list(train.y) == sorted(train.y, reverse=True)  # train keeps falling with capacity
+    assert figure.layout.xaxis.type == "log"
+    assert len(band_traces(figure)) == 2  # seeds differ: a band for train and for validation
+
+
+def test_capacity_curve_with_min_max_bands_and_one_line_per_colour_value():
+    grid = pd.concat([seed_grid(), seed_grid().assign(n_train=1000, trial_id=lambda f: f.trial_id + 100)])
+    figure = charts.metric_against(grid, x="width", color_by="n_train", columns={"val": "final_val_loss"},
+                                   band="minmax")
+
+    assert sorted(trace.name for trace in mean_lines(figure)) == ["n_train=1000", "n_train=200"]
+    band = band_traces(figure)[0]
+    assert max(band.y) == pytest.approx(0.9 + 0.02) and min(band.y) == pytest.approx(0.3 - 0.02)
+    assert "min to max" in figure.layout.title.subtitle.text
+
+
+def test_metric_heatmap_writes_the_cell_means():
+    grid = seed_grid().assign(lr=lambda f: [0.01, 0.1, 0.1] * 5)
+    figure = charts.metric_heatmap(grid, x="width", y="lr", metric="final_val_loss")
+
+    (heatmap,) = figure.data
+    assert list(heatmap.x) == ["4", "16", "64", "256", "1024"] and list(heatmap.y) == ["0.01", "0.1"]
+    assert heatmap.z[0][2] == pytest.approx(0.28)  # width 64, lr 0.01: the seed-0 run alone
+    assert heatmap.z[1][2] == pytest.approx(0.31)  # width 64, lr 0.1: mean of seeds 1 and 2
+    assert heatmap.customdata[1][2] == 2
+
+
+def test_verdict_grid_colours_each_cell_by_its_most_common_verdict():
+    grid = seed_grid()
+    verdicts = {4: ["underfit"] * 3, 16: ["good_fit"] * 3, 64: ["good_fit", "good_fit", "overfit"],
+                256: ["overfit"] * 3, 1024: ["diverged", "overfit", "overfit"]}
+    grid["sibling_verdict"] = [v for width in grid["width"].unique() for v in verdicts[width]]
+
+    figure = charts.verdict_grid(grid, x="width", y="n_train")
+
+    (heatmap,) = figure.data
+    order = charts.VERDICT_ORDER
+    assert list(heatmap.z[0]) == [order.index("underfit"), order.index("good_fit"), order.index("good_fit"),
+                                  order.index("overfit"), order.index("overfit")]
+    assert heatmap.text[0][2] == "good fit 2/3" and heatmap.text[0][4] == "overfit 2/3"
+    # Each verdict's colour fills its own step of the scale.
+    scale = [color for _, color in heatmap.colorscale]
+    assert scale[2 * order.index("overfit")] == charts.VERDICT_COLORS["overfit"] == "#d62728"
+    assert scale[2 * order.index("good_fit")] == charts.VERDICT_COLORS["good_fit"]
+
+
+def test_difference_interval_draws_the_ci_numbers():
+    from services.analysis import mean_difference
+
+    result = mean_difference([1.0, 1.2, 1.4, 1.1], [0.8, 0.9, 1.2, 1.0], paired=True)
+    figure = charts.difference_interval(result, label_a="adam", label_b="sgd", metric="final_val_loss")
+
+    point = figure.data[0]
+    assert point.x[0] == pytest.approx(result.difference)
+    assert point.x[0] + point.error_x.array[0] == pytest.approx(result.high)
+    assert point.x[0] - point.error_x.arrayminus[0] == pytest.approx(result.low)
+    assert "A: adam" in figure.layout.title.subtitle.text
+
+
+def test_epochs_to_target_and_divergence_bars():
+    trials = TRIALS.assign(status=["succeeded", "diverged", "succeeded", "succeeded"],
+                           verdict=["good_fit", "diverged", "overfit", "good_fit"])
+    curves = epochs_of([10, 11, 12, 13], n_epochs=4)  # val loss 1.2 / epoch: <= 0.5 from epoch 3
+    curves.loc[curves["trial_id"] == 13, "val_loss"] = 0.9  # never gets there
+    first = analysis.epochs_to_target(curves, target=0.5).dropna()
+
+    reached = charts.epochs_to_target_bars(first, trials, target=0.5, x="optimizer", color_by="width")
+    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in reached.data}
+    assert by_name["width=8"] == {"adam": 3.0, "sgd": 3.0} and by_name["width=64"]["adam"] == 3.0
+    assert math.isnan(by_name["width=64"]["sgd"])
+    assert {trace.name: list(trace.text) for trace in reached.data}["width=64"] == ["1/1", "0/1"]
+
+    rates = charts.divergence_bars(trials, x="optimizer", color_by="width")
+    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in rates.data}
+    assert by_name == {"width=8": {"adam": 0.0, "sgd": 0.0}, "width=64": {"adam": 1.0, "sgd": 0.0}}
+
+
+def test_prediction_panels_put_curves_and_boundaries_side_by_side():
+    curve = {"x": [0.0, 0.5, 1.0], "y_pred": [0.0, 0.4, 0.9], "y_true": [0.0, 0.5, 1.0],
+             "train_x": [0.1, 0.9], "train_y": [0.1, 1.1]}
+    boundary = {"x_range": [-1.0, 1.0], "y_range": [-1.0, 1.0], "resolution": 2, "classes": [0, 1],
+                "predicted_class": [[0, 1], [1, 1]], "probability": [[0.9, 0.6], [0.7, 0.8]],
+                "train_x": [-0.5, 0.5], "train_y": [0.5, -0.5], "train_label": [0, 1]}
+
+    figure = charts.prediction_panels({1: {"curve_1d": curve}, 2: {"boundary_2d": boundary}, 3: {}},
+                                      {1: "width 4", 2: "width 256"})
+
+    assert [annotation.text for annotation in figure.layout.annotations] == ["width 4", "width 256"]
+    assert [trace.type for trace in figure.data] == ["scatter", "scatter", "scatter", "heatmap", "scatter"]
+    assert list(figure.data[2].y) == curve["y_pred"] and figure.data[3].xaxis == "x2"
+    # training points 2 x, 2 y; truth and model 3 + 3 each; grid 2 x, 2 y, 2 x 2 z; labelled points 2 + 2
+    assert charts.points_shipped(figure) == 4 + 6 + 6 + 8 + 4
+
+
+def test_schedule_over_loss_puts_the_learning_rate_on_the_right_axis():
+    curves = epochs_of([10, 11]).assign(lr=[0.1, 0.05, 0.025, 0.1, 0.1, 0.1])
+    figure = charts.schedule_over_loss(curves, TRIALS, color_by="width")
+
+    lr_traces = [trace for trace in figure.data if trace.line.dash == "dot"]
+    assert [list(trace.y) for trace in lr_traces] == [[0.1, 0.05, 0.025], [0.1, 0.1, 0.1]]
+    assert all(trace.yaxis == "y2" for trace in lr_traces)

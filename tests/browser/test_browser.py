@@ -1,0 +1,137 @@
+"""The dashboard in a real browser, against the real stack: an embedded Valkey broker, a migrated
+SQLite file, one `fitscope worker` and `streamlit run dashboard/app.py`, all on free ports. Debian's
+chromium, driven by Playwright, submits an example grid on the New experiment page, watches the
+Experiments page until the worker has trained every trial, and finds the capacity chart on the Fit
+analysis page. A screenshot of each page goes to test-output/browser/.
+
+Skipped, saying why, when /usr/bin/chromium or the playwright package is missing (`make test`
+installs both where it can: playwright from PyPI, chromium with apt-get when run as root)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.broker import free_port, start_embedded_broker
+from services.migrate import upgrade
+from tests.servers import REPO, WorkerProcess, fitscope_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "test-output" / "browser"
+EXAMPLE = "Capacity vs data size"  # examples/capacity_vs_data.yaml: 16 trials, seconds of training
+TRIALS = 16
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install chromium) to run the "
+                "browser test (`make test` does so when run as root)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing; "
+                               "pip install -e '.[test]' installs it")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[str]:
+    """The real stack on free ports; yields the dashboard's URL and stops everything after."""
+    broker = start_embedded_broker(data_dir=tmp_path / "valkey", port=free_port())
+    database_url = f"sqlite:///{tmp_path / 'fitscope.db'}"
+    upgrade(database_url)
+    env = fitscope_env(database_url=database_url, broker_url=broker.url, home=tmp_path / "home",
+                       FITSCOPE_SUBMITTED_BY="browser-test")
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    port = free_port()
+    dashboard_log = open(tmp_path / "dashboard.log", "wb")  # noqa: SIM115 - closed below
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), "--server.address",
+         "127.0.0.1", "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=dashboard_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        worker.wait_ready(timeout=120)
+        _wait_for_health(port, dashboard, tmp_path / "dashboard.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        dashboard.terminate()
+        try:
+            dashboard.wait(20)
+        except subprocess.TimeoutExpired:
+            dashboard.kill()
+            dashboard.wait()
+        dashboard_log.close()
+        worker.stop()
+        broker.stop()
+
+
+def _wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                if response.read().decode() == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the dashboard did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def page(stack: str):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-dev-shm-usage"])
+        try:
+            # Tall: Streamlit scrolls inside its own container, so a screenshot shows only the viewport.
+            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stack: str, page):
+    expect = sync_api.expect
+
+    # New experiment: pick the example grid, see its trial count, submit it with one click.
+    page.goto(f"{stack}/new_experiment")
+    expect(page.get_by_role("heading", name="New experiment")).to_be_visible()
+    page.locator(".st-key-new_example").get_by_role("button", name="Open").click()
+    page.get_by_role("option", name=EXAMPLE).click()
+    expect(page.get_by_text(f"capacity-vs-data-size: {TRIALS} trials (grid, 2 seed(s))")).to_be_visible()
+    screenshot(page, "1-new-experiment")
+    page.get_by_role("button", name=f"Submit {TRIALS} trials").click()
+    expect(page.get_by_text(f"submitted: {TRIALS} trials queued")).to_be_visible()
+    screenshot(page, "2-submitted")
+
+    # Experiments: the live panel refreshes until the worker has trained every trial.
+    page.get_by_role("link", name="Open experiment #1").wait_for()
+    page.goto(stack)
+    card = page.locator(".st-key-experiments_card_1")
+    expect(card.get_by_text("capacity-vs-data-size")).to_be_visible()
+    expect(card.get_by_text(f"{TRIALS} succeeded")).to_be_visible(timeout=300_000)
+    expect(page.get_by_text("No worker online")).to_have_count(0)  # the worker is listed online
+    screenshot(page, "3-experiments")
+
+    # Fit analysis, from the card's link: the capacity chart (dashboard/app_pages/fit_analysis.py draws it
+    # under "Capacity: ..." with the title "<Final|Best> loss against parameter count").
+    card.get_by_role("link", name="Fit analysis").click()
+    expect(page.get_by_role("heading", name="Capacity: train and validation against model size")).to_be_visible()
+    chart = page.locator(".st-key-fit_capacity_chart")
+    expect(chart.locator(".gtitle")).to_contain_text("against parameter count")
+    expect(chart.locator(".scatterlayer .trace").first).to_be_attached()  # the curves are drawn
+    chart.scroll_into_view_if_needed()
+    screenshot(page, "4-fit-analysis")
