@@ -1,14 +1,40 @@
-# One image for now (worker, dashboard, migrate); issue 6 splits a light dashboard image off.
-FROM python:3.11-slim
+# Two images from one file (docker-compose.yml builds both):
+#   --target dashboard  the dashboard and `fitscope db upgrade`: fitscope without torch
+#   --target worker     adds torch: CPU wheels by default; for CUDA,
+#                       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+FROM python:3.11-slim AS deps
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FITSCOPE_HOME=/home/fitscope/.fitscope
 WORKDIR /app
-# CPU torch by default; the pinned version keeps pip from pulling CUDA packages.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# Every dependency but torch, read from pyproject.toml so the two never disagree.
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && useradd --create-home --uid 10001 fitscope
+
+FROM deps AS dashboard
+COPY README.md alembic.ini ./
 COPY services services
 COPY worker worker
 COPY dashboard dashboard
 COPY migrations migrations
-RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX_URL} .
-COPY alembic.ini ./
-RUN useradd --create-home fitscope
+RUN pip install --no-deps .
 USER fitscope
+EXPOSE 8501
+CMD ["fitscope", "dashboard"]
+
+FROM deps AS worker
+# Before the code, so a code change does not download torch again. The pinned version comes from
+# pyproject.toml; the index decides CPU or CUDA wheels.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" \
+    "$(python -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('torch')))")"
+COPY README.md alembic.ini ./
+COPY services services
+COPY worker worker
+COPY dashboard dashboard
+COPY migrations migrations
+RUN pip install --no-deps .
+USER fitscope
+CMD ["fitscope", "worker", "--queues", "cpu"]

@@ -7,6 +7,8 @@ setting or URL, a schema that needs `fitscope db upgrade`), 130 interrupted.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from enum import StrEnum
@@ -64,23 +66,35 @@ def _engine(settings, *, check_schema: bool = True):
     except DatabaseUnreachable as exc:
         fail(str(exc))
     if check_schema:
+        from sqlalchemy.exc import DatabaseError
+
         try:
             ensure_schema_at_head(engine)
         except (SchemaNotAtHead, DatabaseUnreachable) as exc:
             fail(str(exc))
+        except DatabaseError as exc:  # e.g. FITSCOPE_DATABASE_URL names a file that is not SQLite
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            fail(f"the database at {engine.url.render_as_string(hide_password=True)} cannot be read ({reason}); "
+                 "check that FITSCOPE_DATABASE_URL names a fitscope database")
     return engine
 
 
 def _read_spec(path: Path, settings):
     from services.spec import SpecError, parse_spec
 
-    if path.is_dir():
-        fail(f"spec file {str(path)!r} is a folder; pass the path of a YAML grid spec")
-    if not path.is_file():
-        fail(f"spec file {str(path)!r} not found; pass the path of a YAML grid spec")
-    if path.stat().st_size > settings.max_spec_bytes:
-        fail(f"spec file {str(path)!r} is {path.stat().st_size} bytes, over the cap of "
-             f"{settings.max_spec_bytes} (FITSCOPE_MAX_SPEC_BYTES)")
+    try:
+        if path.is_dir():
+            fail(f"spec file {str(path)!r} is a folder; pass the path of a YAML grid spec")
+        if path.exists() and not path.is_file():  # reading a pipe or a device could block for ever
+            fail(f"spec file {str(path)!r} is not a regular file (a device or pipe); pass the path of a YAML "
+                 "grid spec")
+        if not path.is_file():
+            fail(f"spec file {str(path)!r} not found; pass the path of a YAML grid spec")
+        if path.stat().st_size > settings.max_spec_bytes:
+            fail(f"spec file {str(path)!r} is {path.stat().st_size} bytes, over the cap of "
+                 f"{settings.max_spec_bytes} (FITSCOPE_MAX_SPEC_BYTES)")
+    except OSError as exc:  # e.g. a file name longer than the file system allows
+        fail(f"spec file {str(path)[:100]!r} cannot be opened ({exc.strerror}); pass the path of a YAML grid spec")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -123,7 +137,10 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
 def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
            wait: Annotated[bool, typer.Option("--wait", help="Show progress until every trial has ended.")] = False,
            json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-           timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 0):
+           timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 0,
+           tag: Annotated[list[str] | None, typer.Option("--tag", help="A label to find it by (repeatable).")]
+           = None,
+           note: Annotated[str | None, typer.Option(help="Free text kept with the experiment.")] = None):
     """Write an experiment and its trials in one transaction, then queue the trials."""
     from services.datasets import CsvLimits, DatasetError
     from services.db import session_scope
@@ -131,6 +148,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     from services.spec import SpecError
     from services.submission import submit as submit_spec
 
+    tags, note = _check_attribution(tag or [], note)
     settings = _settings()
     spec, text = _read_spec(spec_file, settings)
     engine = _engine(settings)
@@ -143,7 +161,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
         with session_scope(engine) as session:
             submitted = submit_spec(session, spec=spec, spec_text=text, submitted_by=_submitter(settings),
                                     max_trials=settings.max_trials_per_experiment, base_dir=spec_file.parent,
-                                    csv_limits=CsvLimits.from_settings(settings))
+                                    csv_limits=CsvLimits.from_settings(settings), tags=tags, note=note)
     except SpecError as exc:
         fail_spec(exc)
     except DatasetError as exc:
@@ -164,6 +182,25 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
         typer.echo(json.dumps(payload))
     if summary is not None and summary.counts.get("failed", 0):
         raise typer.Exit(1)
+
+
+MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS, MAX_SEARCH_CHARS = 20, 50, 2000, 200
+# A trial records its worker as "<name>/<pid>" in 200 characters.
+MAX_WORKER_NAME_CHARS = 150
+
+
+def _check_attribution(tags: list[str], note: str | None) -> tuple[list[str], str | None]:
+    """Tags stripped and de-duplicated (in order), an empty note dropped; caps keep them searchable."""
+    tags = list(dict.fromkeys(t.strip() for t in tags if t.strip()))
+    if len(tags) > MAX_TAGS:
+        fail(f"--tag was given {len(tags)} times; an experiment takes at most {MAX_TAGS} tags")
+    for value in tags:
+        if len(value) > MAX_TAG_CHARS:
+            fail(f"--tag {value[:20]!r}... is {len(value)} characters; shorten it to at most {MAX_TAG_CHARS}")
+    note = note.strip() if note else None
+    if note and len(note) > MAX_NOTE_CHARS:
+        fail(f"--note is {len(note)} characters; shorten it to at most {MAX_NOTE_CHARS}")
+    return tags, note or None
 
 
 def _submitter(settings) -> str | None:
@@ -211,20 +248,27 @@ def _progress_line(summary) -> str:
 @app.command()
 def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.")] = None,
            json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-           limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N experiments.")] = 50):
+           limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N experiments.")] = 50,
+           search: Annotated[str | None, typer.Option(help="Only experiments whose name, description, note, "
+                                                          "tags or submitter contain this text.")] = None):
     """Experiments with their trial counts per status."""
     from services.db import session_scope
     from services.queries import list_experiments
 
+    if search is not None and len(search) > MAX_SEARCH_CHARS:
+        fail(f"--search is {len(search)} characters; search for at most {MAX_SEARCH_CHARS}")
     settings = _settings()
     engine = _engine(settings)
     with session_scope(engine) as session:
         ids = [experiment_id] if experiment_id is not None else None
-        summaries = list_experiments(session, experiment_ids=ids, limit=limit)
+        summaries = list_experiments(session, experiment_ids=ids, limit=limit, search=search)
     if experiment_id is not None and not summaries:
         fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
     if json_output:
         typer.echo(json.dumps([s.as_json() for s in summaries]))
+        return
+    if not summaries and search:
+        typer.echo(f"no experiment matches {search!r}")
         return
     if not summaries:
         typer.echo("no experiments yet; submit one with `fitscope submit examples/quickstart.yaml`")
@@ -234,6 +278,10 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
     for s in summaries:
         counts = " ".join(f"{s.counts[k]:>9}" for k in statuses)
         typer.echo(f"{s.id:>5}  {s.name[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
+        if s.tags or s.note:
+            labels = " ".join(f"#{t}" for t in s.tags)
+            note = (s.note or "").replace("\n", " ")
+            typer.echo(f"{'':>7}{labels}{'  ' if labels and note else ''}{note[:100]}")
 
 
 @app.command()
@@ -324,7 +372,8 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
 def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu, gpu.")] = "cpu",
            concurrency: Annotated[int | None, typer.Option(min=1, max=256,
                                                            help="Training processes; default the setting.")] = None,
-           name: Annotated[str | None, typer.Option(help="Worker name; default fitscope@host.")] = None,
+           name: Annotated[str | None, typer.Option(help="Worker name, unique among running workers; "
+                                                        "default fitscope-PID@HOST.")] = None,
            loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO"):
     """Run a Celery worker that trains trials from the given queues."""
     from services.queue import QUEUES, BrokerUnreachable, check_broker
@@ -334,6 +383,8 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     unknown = [q for q in chosen if q not in QUEUES]
     if not chosen or unknown:
         fail(f"--queues {queues!r} names unknown queues; use cpu, gpu or cpu,gpu")
+    if name is not None and not 0 < len(name) <= MAX_WORKER_NAME_CHARS:
+        fail(f"--name is {len(name)} characters; give a name of 1 to {MAX_WORKER_NAME_CHARS} characters")
     settings = _settings()
     engine = _engine(settings)
     engine.dispose()  # nothing inherited into the pool's forked processes
@@ -344,9 +395,44 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
         fail(str(exc))
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
             f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
-    if name:
-        argv.append(f"--hostname={name}")
+    # The name keys the worker's row in the database: two workers on one machine need two names.
+    argv.append(f"--hostname={name or f'fitscope-{os.getpid()}@{socket.gethostname()}'}")
     celery_app.worker_main(argv)
+
+
+@app.command()
+def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """Workers that have registered: online, stopped, or lost (silent for FITSCOPE_WORKER_LOST_AFTER_S)."""
+    from services.db import session_scope
+    from services.workers import list_workers
+
+    settings = _settings()
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        rows = list_workers(session, lost_after_s=settings.worker_lost_after_s)
+    if json_output:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo("no workers yet; start one with `fitscope worker`")
+        return
+    typer.echo(f"{'name':<36} {'status':<8} {'queues':<8} {'device':<10} {'torch':<12} {'last beat':>10}  trials")
+    for row in rows:
+        trials = ",".join(map(str, row["current_trials"][:10])) + ("..." if len(row["current_trials"]) > 10 else "")
+        typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {','.join(row['queues']):<8} "
+                   f"{row['device'][:10]:<10} {(row['torch_version'] or '-')[:12]:<12} "
+                   f"{row['seconds_since_heartbeat']:>4.0f} s ago  {trials or '-'}")
+
+
+@app.command()
+def dashboard():
+    """Run the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT (the compose file's dashboard)."""
+    from services.launcher import dashboard_command
+
+    settings = _settings()
+    _engine(settings).dispose()  # refuse a database whose schema is not at head, with the fix
+    command = dashboard_command(settings)
+    os.execv(command[0], command)
 
 
 @app.command()

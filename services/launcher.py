@@ -52,7 +52,7 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         env = {**os.environ, "FITSCOPE_BROKER_URL": settings.effective_broker_url,
                "FITSCOPE_DATABASE_URL": settings.effective_database_url}
         children.append(("worker", _spawn([sys.executable, "-m", "services.cli", "worker"], env)))
-        children.append(("dashboard", _spawn(_dashboard_command(settings), env)))
+        children.append(("dashboard", _spawn(dashboard_command(settings), env)))
         echo(f"dashboard  http://{settings.bind_host}:{settings.dashboard_port}")
         echo("worker     1 process on queue cpu (add more with `fitscope worker` in another shell)")
         echo("Ctrl-C stops everything.")
@@ -65,7 +65,8 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         stop.restore()
 
 
-def _dashboard_command(settings: Settings) -> list[str]:
+def dashboard_command(settings: Settings) -> list[str]:
+    """The streamlit command line that serves the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT."""
     return [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP),
             "--server.address", settings.bind_host, "--server.port", str(settings.dashboard_port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false"]

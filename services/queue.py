@@ -72,6 +72,18 @@ def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
     return sent
 
 
+def enqueue_takeovers(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
+    """Send ``run_trial(takeover=True)`` for trials left ``running`` by a worker that stopped
+    heart-beating (services.workers.sweep_stale); the claim then removes the dead attempt's rows.
+    Call only after the commit that declared the worker lost. Returns the number sent."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for trial_id, queue in trials:
+            app.send_task(RUN_TRIAL_TASK, args=[trial_id], kwargs={"takeover": True}, queue=queue,
+                          producer=producer)
+            sent += 1
+    return sent
+
 
 def enqueue_submission(app: Celery, submitted) -> int:
     """Send what a submission (services.submission.Submitted) asks for; call only after the commit.

@@ -12,7 +12,7 @@ import os
 import time
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
 from services.config import Settings, get_settings
@@ -31,6 +31,41 @@ def create_app(settings: Settings | None = None) -> Celery:
 
     tasks.register(app)
     return app
+
+
+# The worker's presence (registration, heartbeat, sweep of lost workers) lives in its main process.
+_presence = None
+_main_started_at = None
+
+
+@worker_init.connect
+def _note_start(**_kwargs) -> None:
+    """Before the pool forks: trials claimed from here on belong to this process, not to a dead one."""
+    global _main_started_at
+    from services.models import utcnow
+
+    _main_started_at = utcnow()
+
+
+@worker_ready.connect
+def _start_presence(sender=None, **_kwargs) -> None:
+    """Main process only (worker_ready is not sent in pool processes): register and start beating."""
+    global _presence
+    from worker.presence import Presence
+
+    controller = sender.controller
+    queues = sorted(sender.app.amqp.queues.consume_from or {"cpu": None})
+    _presence = Presence(get_settings(), name=sender.hostname, queues=queues,
+                         concurrency=int(controller.concurrency), started_at=_main_started_at)
+    _presence.start()
+
+
+@worker_shutdown.connect
+def _stop_presence(**_kwargs) -> None:
+    global _presence
+    if _presence is not None:
+        _presence.stop()
+        _presence = None
 
 
 @worker_process_init.connect

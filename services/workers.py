@@ -1,0 +1,141 @@
+"""Who is online. A worker registers when it starts, beats every FITSCOPE_HEARTBEAT_S and marks itself
+stopped on a clean shutdown. One that stays silent for FITSCOPE_WORKER_LOST_AFTER_S is *lost*: the
+first process to notice (any worker's heartbeat, or the next start of a worker of the same name)
+flips it to ``lost`` with one conditional UPDATE, and only that winner re-sends its running trials,
+so each is re-sent once.
+
+The trials stay ``running``: they are re-sent as takeovers (``run_trial(takeover=True)``), whose claim
+removes the dead attempt's rows and counts the attempt against FITSCOPE_MAX_ATTEMPTS. Marking them
+``queued`` instead would let a fresh claim collide with the dead attempt's epoch rows.
+
+Timestamps come from each machine's clock (UTC), so machines that share a database need their clocks
+in sync (NTP) to well within FITSCOPE_WORKER_LOST_AFTER_S. Helpers take a session and never commit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from services.models import Trial, TrialStatus, WorkerNode, utcnow
+
+ONLINE, STOPPED, LOST = "online", "stopped", "lost"
+# Rows of workers gone for this long are deleted when a worker registers, so the list stays short.
+FORGET_AFTER = timedelta(days=7)
+MAX_LISTED = 500
+
+
+def register(session: Session, *, name: str, host: str, pid: int, queues: list[str], device: str,
+             torch_version: str | None, concurrency: int, started_at: datetime | None = None
+             ) -> list[tuple[int, str]]:
+    """Announce the worker ``name`` (a Celery node name, unique among running workers) as online.
+
+    A row of that name still ``online`` was left by a previous process that died without stopping
+    cleanly: if this call wins the flip of that row to ``lost``, it returns that process's running
+    trials (trial id, queue), which the caller re-sends as takeovers after the commit.
+    ``started_at`` is when this process started; trials claimed since then are its own.
+    """
+    now = utcnow()
+    started_at = started_at or now
+    orphans = _declare_lost(session, name, started_before=started_at)
+    session.execute(delete(WorkerNode).where(WorkerNode.status != ONLINE, WorkerNode.heartbeat_at < now - FORGET_AFTER)
+                    .execution_options(synchronize_session=False))
+    values = {"host": host[:200], "pid": pid, "queues": list(queues), "device": device[:200],
+              "torch_version": torch_version, "concurrency": concurrency, "status": ONLINE,
+              "started_at": started_at, "heartbeat_at": now, "stopped_at": None}
+    updated = session.execute(update(WorkerNode).where(WorkerNode.name == name).values(**values)
+                              .execution_options(synchronize_session=False)).rowcount
+    if not updated:
+        session.execute(insert(WorkerNode).values(name=name, **values))
+    return orphans
+
+
+def heartbeat(session: Session, name: str) -> str | None:
+    """Record that ``name`` is alive now. Returns its status before this beat (``lost`` when others had
+    given it up and taken its trials over), or None when it has no row and must register again."""
+    previous = session.scalar(select(WorkerNode.status).where(WorkerNode.name == name))
+    if previous is not None:
+        session.execute(update(WorkerNode).where(WorkerNode.name == name)
+                        .values(heartbeat_at=utcnow(), status=ONLINE, stopped_at=None)
+                        .execution_options(synchronize_session=False))
+    return previous
+
+
+def mark_stopped(session: Session, name: str) -> None:
+    """A clean shutdown: the worker is shown as stopped, and nobody re-sends its trials."""
+    session.execute(update(WorkerNode).where(WorkerNode.name == name)
+                    .values(status=STOPPED, stopped_at=utcnow())
+                    .execution_options(synchronize_session=False))
+
+
+def sweep_stale(session: Session, *, lost_after_s: float, now: datetime | None = None) -> list[tuple[int, str]]:
+    """Flip every online worker silent for more than ``lost_after_s`` seconds to ``lost`` and return the
+    running trials (trial id, queue) of those whose flip this session won. Two sessions sweeping at
+    once never both get a trial: the flip is one conditional UPDATE, and only the winner reads on."""
+    cutoff = (now or utcnow()) - timedelta(seconds=lost_after_s)
+    silent = session.scalars(
+        select(WorkerNode.name).where(WorkerNode.status == ONLINE, WorkerNode.heartbeat_at < cutoff)
+    ).all()
+    trials: list[tuple[int, str]] = []
+    for name in silent:
+        trials += _declare_lost(session, name, silent_since=cutoff)
+    return trials
+
+
+def list_workers(session: Session, *, lost_after_s: float, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Every known worker, online ones first, as plain dicts: name, host, pid, queues, device,
+    torch_version, concurrency, status (an online worker silent for more than ``lost_after_s``
+    seconds reads ``lost``), started_at and heartbeat_at (ISO 8601), seconds_since_heartbeat, and
+    current_trials (ids of the running trials it claimed)."""
+    now = now or utcnow()
+    workers = session.scalars(select(WorkerNode).order_by(WorkerNode.heartbeat_at.desc()).limit(MAX_LISTED)).all()
+    running: dict[str, list[int]] = {}
+    for trial_id, claimed_by in session.execute(
+        select(Trial.id, Trial.worker).where(Trial.status == TrialStatus.running).order_by(Trial.id)
+    ):
+        # Trials name their worker "<node name>/<pid of the training process>".
+        running.setdefault((claimed_by or "").rpartition("/")[0], []).append(trial_id)
+    rows = []
+    for worker in workers:
+        silent_s = max(0.0, (now - _aware(worker.heartbeat_at)).total_seconds())
+        status = LOST if worker.status == ONLINE and silent_s > lost_after_s else worker.status
+        rows.append({
+            "name": worker.name, "host": worker.host, "pid": worker.pid, "queues": list(worker.queues or []),
+            "device": worker.device, "torch_version": worker.torch_version, "concurrency": worker.concurrency,
+            "status": status, "started_at": _aware(worker.started_at).isoformat(),
+            "heartbeat_at": _aware(worker.heartbeat_at).isoformat(),
+            "seconds_since_heartbeat": round(silent_s, 3),
+            "current_trials": running.get(worker.name, []),
+        })
+    rows.sort(key=lambda row: row["status"] != ONLINE)  # stable: newest heartbeat first within each group
+    return rows
+
+
+def _declare_lost(session: Session, name: str, *, silent_since: datetime | None = None,
+                  started_before: datetime | None = None) -> list[tuple[int, str]]:
+    """Flip ``name`` from online to lost (only if its heartbeat is older than ``silent_since``, or it
+    was started before ``started_before``, when given) and, if this UPDATE did it, return its running
+    trials (claimed before ``started_before``, when given). On PostgreSQL a concurrent flip waits
+    for the row lock and then matches nothing; on SQLite writers are serialised, with the same result."""
+    condition = [WorkerNode.name == name, WorkerNode.status == ONLINE]
+    if silent_since is not None:
+        condition.append(WorkerNode.heartbeat_at < silent_since)
+    if started_before is not None:  # an earlier process of that name, not this one registering again
+        condition.append(WorkerNode.started_at < started_before)
+    flipped = session.execute(update(WorkerNode).where(*condition).values(status=LOST)
+                              .execution_options(synchronize_session=False)).rowcount
+    if flipped != 1:
+        return []
+    query = select(Trial.id, Trial.queue).where(
+        Trial.status == TrialStatus.running, Trial.worker.startswith(f"{name}/", autoescape=True))
+    if started_before is not None:
+        query = query.where(Trial.started_at < started_before)
+    return [(row.id, row.queue) for row in session.execute(query.order_by(Trial.id))]
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,140 @@
+"""docker-compose.yml, Dockerfile and .env.example agree with each other and with the code: every
+command is a real CLI command, every variable is documented, nothing has a default password, and
+services start in order. (There is no Docker engine here; tests/integration/test_topology.py runs
+the same services as local processes.)"""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+
+from services.cli import app
+from services.config import Settings
+from tests.compose import (
+    MissingVariable,
+    compose_variables,
+    dockerfile_stages,
+    interpolate,
+    load_compose,
+    read_env_file,
+    service_environment,
+    stage_lines,
+)
+
+OUR_SERVICES = {"migrate", "worker", "worker-gpu", "dashboard"}
+SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def filled_env() -> dict[str, str]:
+    """.env.example with its required secrets filled in, as a user's .env would be."""
+    return {**read_env_file(), **{name: "s3cret" for name in SECRETS}}
+
+
+def test_the_topology_has_every_service(compose):
+    assert set(compose["services"]) == {"redis", "postgres", "migrate", "worker", "worker-gpu", "dashboard",
+                                        "flower"}
+    assert compose["services"]["worker-gpu"]["profiles"] == ["gpu"]
+    assert compose["services"]["flower"]["profiles"] == ["monitor"]
+    assert {"redis-data", "postgres-data"} <= set(compose["volumes"])
+
+
+@pytest.mark.parametrize("service", sorted(OUR_SERVICES))
+def test_each_service_runs_a_real_cli_command(compose, service):
+    command = compose["services"][service]["command"]
+    assert command[0] == "fitscope"
+    cli: click.Command = typer.main.get_command(app)
+    args = list(command[1:])
+    while isinstance(cli, click.Group):
+        name = args.pop(0)
+        assert name in cli.commands, f"{service}: `fitscope {name}` is not a command"
+        cli = cli.commands[name]
+    cli.make_context(f"fitscope {command[1]}", args)  # raises on an unknown option or a bad value
+
+
+def test_every_variable_is_documented_in_env_example_and_every_documented_one_is_used(compose):
+    used, documented = set(compose_variables(compose)), set(read_env_file())
+    assert used - documented == set(), "add these to .env.example"
+    assert documented - used == set(), "remove these from .env.example, or use them"
+
+
+def test_fitscope_variables_are_real_settings_with_valid_values(compose, filled_env):
+    fields = {f"FITSCOPE_{name.upper()}" for name in Settings.model_fields}
+    for service in OUR_SERVICES:
+        environment = service_environment(compose, service, filled_env)
+        assert set(environment) <= fields, f"{service}: {set(environment) - fields} are not settings"
+        Settings(**{key.removeprefix("FITSCOPE_").lower(): value for key, value in environment.items()})
+    documented = {name for name in read_env_file() if name.startswith("FITSCOPE_")}
+    assert documented <= fields
+
+
+def test_there_is_no_default_password(compose, filled_env):
+    variables = compose_variables(compose)
+    for secret in SECRETS:
+        assert variables[secret] == {":?"}, f"every use of {secret} must be ${{{secret}:?...}}"
+        assert read_env_file()[secret] == "", f".env.example must leave {secret} empty"
+        with pytest.raises(MissingVariable, match=secret):
+            interpolate(compose, {**filled_env, secret: ""})
+    assert "s3cret" in service_environment(compose, "worker", filled_env)["FITSCOPE_DATABASE_URL"]
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+
+
+def test_redis_is_a_durable_queue_with_a_password(compose):
+    command = compose["services"]["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    assert options["--appendonly"] == "yes"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert options["--requirepass"].startswith("${REDIS_PASSWORD:?")
+
+
+def test_services_wait_for_healthy_dependencies_and_the_migration(compose):
+    services = compose["services"]
+    for name in ("redis", "postgres", "dashboard"):
+        assert services[name]["healthcheck"]["test"], f"{name} needs a healthcheck"
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("worker", "worker-gpu", "dashboard"):
+        depends_on = services[name]["depends_on"]
+        assert depends_on["migrate"] == {"condition": "service_completed_successfully"}
+        assert depends_on["redis"] == depends_on["postgres"] == {"condition": "service_healthy"}
+    for name, service in services.items():
+        for dependency, rule in (service.get("depends_on") or {}).items():
+            if rule["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{name} waits for {dependency}'s missing healthcheck"
+
+
+def test_queues_and_the_gpu_reservation(compose):
+    services = compose["services"]
+    assert services["worker"]["command"][-2:] == ["--queues", "cpu"]
+    assert services["worker-gpu"]["command"][-2:] == ["--queues", "gpu"]
+    assert "deploy" in services["worker"] and "replicas" not in services["worker"]["deploy"]  # --scale decides
+    [device] = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" in device
+
+
+def test_dashboard_port_is_configurable_and_matches_what_it_listens_on(compose, filled_env):
+    dashboard = compose["services"]["dashboard"]
+    [published] = interpolate(dashboard["ports"], {**filled_env, "DASHBOARD_PORT": "9000"})
+    assert published == "127.0.0.1:9000:8501"
+    environment = service_environment(compose, "dashboard", filled_env)
+    assert environment["FITSCOPE_DASHBOARD_PORT"] == published.rsplit(":", 1)[1]
+    assert environment["FITSCOPE_BIND_HOST"] == "0.0.0.0"  # inside its container; published on 127.0.0.1
+    assert "8501/_stcore/health" in " ".join(dashboard["healthcheck"]["test"])
+
+
+def test_images_are_built_from_dockerfile_stages_and_the_dashboards_has_no_torch(compose):
+    stages = dockerfile_stages()
+    for name in OUR_SERVICES:
+        build = compose["services"][name]["build"]
+        assert build["target"] in stages, f"{name}: no stage {build['target']!r} in the Dockerfile"
+        for arg in build.get("args", {}):
+            assert any(line.strip().startswith(f"ARG {arg}") for line in stage_lines(stages, build["target"]))
+    dashboard_stage = "\n".join(stage_lines(stages, "dashboard"))
+    assert "TORCH_INDEX_URL" not in dashboard_stage and "not d.startswith('torch')" in dashboard_stage
+    assert "TORCH_INDEX_URL" in "\n".join(stage_lines(stages, "worker"))
+    assert compose["services"]["migrate"]["build"]["target"] == "dashboard"  # migrations need no torch
