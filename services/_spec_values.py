@@ -16,7 +16,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from services.trial_config import TrialConfig
 
@@ -130,11 +130,65 @@ def _pydantic_message(exc: ValidationError) -> str:
     return ", or ".join([messages[0], *rest])
 
 
+@cache
+def _takes_tuple(name: str) -> bool:
+    return get_origin(TrialConfig.model_fields[name].annotation) is tuple
+
+
+@cache
+def _mapping_model(name: str) -> type[BaseModel] | None:
+    """The model a field takes as a mapping (dataset: CsvDataset, early_stopping: EarlyStopping), if any."""
+    annotation = TrialConfig.model_fields[name].annotation
+    models = [arg for arg in (get_args(annotation) or (annotation,))
+              if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _mapping_problems(model: type[BaseModel], value: dict[Any, Any], path: str) -> list[str]:
+    """One line per bad key of a mapping value, named by its own path (``...value.target: is required``),
+    instead of pydantic's union message that lists every word the field would also accept."""
+    try:
+        model.model_validate(value, strict=True)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join([path, *(str(part) for part in error["loc"])])
+            if error["type"] == "extra_forbidden":
+                lines.append(f"{where}: unknown key{suggest(error['loc'][-1], tuple(model.model_fields))}")
+            elif error["type"] == "missing":
+                lines.append(f"{where}: is required")
+            else:
+                lines.append(f"{where}: {error['msg']}, got {describe(error['input'])}")
+        return lines
+    return []
+
+
+def _check_tuple(name: str, value: list[Any], path: str, problems: list[str]) -> Any:
+    try:
+        return _adapter(name).validate_python(tuple(value))
+    except ValidationError as exc:
+        for error in exc.errors():
+            index = error["loc"][0] if error["loc"] and isinstance(error["loc"][0], int) else None
+            if index is None:
+                problems.append(f"{path}: {error['msg']}, got {len(value)} items")
+            else:
+                problems.append(f"{path}[{index}]: {error['msg']}, got {describe(value[index])}")
+        return _INVALID
+
+
 def check_value(name: str, value: Any, path: str, problems: list[str], *, context: str = "") -> Any:
     """``value`` as the field ``name`` stores it, or _INVALID after recording why it is not valid."""
+    if isinstance(value, list) and _takes_tuple(name):
+        # YAML writes betas: [0.9, 0.99] as a list; strict mode wants the tuple
+        return _check_tuple(name, value, path, problems)
     try:
         return _adapter(name).validate_python(value)
     except ValidationError as exc:
+        model = _mapping_model(name) if isinstance(value, dict) else None
+        lines = _mapping_problems(model, value, path) if model is not None else []
+        if lines:
+            problems.extend(lines)
+            return _INVALID
         got = f", got {describe(value)}" if not context else ""
         problems.append(f"{path}: {context}{_pydantic_message(exc)}{got}")
         return _INVALID

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
 
         try:
             url = make_url(value)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a port that is not a number
             raise ValueError(
                 f"FITSCOPE_DATABASE_URL={redact_url(value)!r} is not a database URL; "
                 "use sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/dbname"
@@ -93,7 +94,29 @@ class Settings(BaseSettings):
                 f"FITSCOPE_BROKER_URL={redact_url(value)!r} is not a Redis URL; "
                 "use redis://host:6379/0 (or unset it to use the embedded broker)"
             )
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} has a port that is not a number from 1 "
+                             "to 65535; use redis://host:6379/0") from None
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} ends in {parts.path!r}, not a database "
+                             "number; use redis://host:6379/0")
         return value.replace("valkey", "redis", 1) if scheme.startswith("valkey") else value
+
+    @field_validator("checkpoint_url")
+    @classmethod
+    def _check_checkpoint_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(
+                f"FITSCOPE_CHECKPOINT_URL={redact_url(value)!r} is not a file:// URL of an absolute folder; use "
+                "file:///shared/dir (a folder every worker can reach) or unset it to keep checkpoints in the database"
+            )
+        return value
 
     @property
     def effective_database_url(self) -> str:
@@ -139,4 +162,6 @@ def _first_message(exc: ValidationError) -> str:
     if message.startswith("FITSCOPE_"):
         return message
     field = ".".join(str(part) for part in error.get("loc", ()))
-    return f"FITSCOPE_{field.upper()}: {message}"
+    given = error.get("input")  # shown so "nan" or "1e3" explain the message; never for URLs (passwords)
+    shown = f", got {given!r}" if isinstance(given, str) and len(given) <= 40 and not field.endswith("url") else ""
+    return f"FITSCOPE_{field.upper()}: {message}{shown}"

@@ -106,14 +106,23 @@ def fraction_sizes(n: int, *, val_fraction: float, test_fraction: float) -> tupl
 
 def validate_csv(path: Path, spec: CsvDataset, *, max_bytes: int, max_rows: int, max_columns: int) -> ValidatedCsv:
     """Read and check the CSV at ``path`` (``spec.csv`` resolved); raises DatasetError."""
-    if not path.is_file():
-        raise DatasetError(f"CSV file {spec.csv!r} not found (looked for {str(path)!r}); a relative path is read "
-                           "from the spec file's folder")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise DatasetError(f"{spec.csv}: the file is {size} bytes, over the cap of {max_bytes} "
-                           "(FITSCOPE_MAX_CSV_BYTES); use fewer rows or raise the cap")
-    content = path.read_bytes()
+    try:
+        if path.is_dir():
+            raise DatasetError(f"CSV file {spec.csv!r} is a folder ({str(path)!r}); name a CSV file in it")
+        if path.exists() and not path.is_file():
+            raise DatasetError(f"CSV file {spec.csv!r} is not a regular file (a device, pipe or socket); "
+                               "save the data as a CSV file and name that")
+        if not path.is_file():
+            raise DatasetError(f"CSV file {spec.csv!r} not found (looked for {str(path)!r}); a relative path is "
+                               "read from the spec file's folder")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DatasetError(f"{spec.csv}: the file is {size} bytes, over the cap of {max_bytes} "
+                               "(FITSCOPE_MAX_CSV_BYTES); use fewer rows or raise the cap")
+        content = path.read_bytes()
+    except OSError as exc:  # a name too long for the file system, no permission to read, ...
+        raise DatasetError(f"CSV file {spec.csv[:100]!r} cannot be read ({exc.strerror}); check the path and "
+                           "its permissions") from None
     table = parse_csv(content, spec, max_rows=max_rows, max_columns=max_columns)
     if (spec.split_column is not None and "split_column" in spec.model_fields_set
             and table.split is None):
@@ -179,14 +188,22 @@ def resolve_csv_configs(configs: list[TrialConfig], *, base_dir: Path | None, li
             resolved.append(config)
             continue
         if dataset not in validated:
-            path = Path(dataset.csv).expanduser()
-            path = path if path.is_absolute() else (base_dir or Path.cwd()) / path
+            path = _csv_path(dataset.csv, base_dir)
             validated[dataset] = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
                                               max_columns=limits.max_columns)
             if session is not None:
                 store_dataset(session, validated[dataset])
         resolved.append(_with_stored_dataset(config, validated[dataset]))
     return resolved
+
+
+def _csv_path(name: str, base_dir: Path | None) -> Path:
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # ~someone, and this machine has no such user
+        raise DatasetError(f"CSV file {name!r} starts with a ~ that names no home folder on this machine; "
+                           "give the path from / or from the spec file's folder") from None
+    return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
 
 def _with_stored_dataset(config: TrialConfig, validated: ValidatedCsv) -> TrialConfig:

@@ -16,6 +16,7 @@ import itertools
 import math
 import random
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -333,6 +334,9 @@ def _name(value: Any, problems: list[str]) -> str:
         problems.append(f"name: is {len(value)} characters long, over the limit of {MAX_NAME_CHARS}")
     elif "\x00" in value:
         problems.append("name: must not contain NUL characters")
+    elif any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
+        problems.append("name: must be one line without control characters (tabs, line breaks); "
+                        "put details in description")
     return value
 
 
