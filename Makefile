@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test install install-test lint bench bench-dashboard clean chromium
+.PHONY: up test install install-test lint bench bench-dashboard bench-fused clean chromium
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fitscope needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -47,6 +47,9 @@ bench: $(VENV)/.installed
 
 bench-dashboard: $(VENV)/.installed
 	$(BIN)/python bench/dashboard.py
+
+bench-fused: $(VENV)/.installed
+	$(BIN)/python bench/fused.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,7 +11,9 @@ from kombu import Queue
 from services.config import Settings, redact_url
 
 RUN_TRIAL_TASK = "fitscope.run_trial"
+RUN_JOB_TASK = "fitscope.run_job"  # several trial ids, trained fused (worker/jobs.py)
 QUEUES = ("cpu", "gpu")
+SOFT_SHUTDOWN_S = 20.0  # docker-compose.yml's stop_grace_period must outlast it
 
 
 class BrokerUnreachable(RuntimeError):
@@ -34,6 +36,12 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A cold shutdown (SIGQUIT; SIGTERM too where REMAP_SIGTERM=SIGQUIT, as in docker-compose.yml)
+        # lets running trials go on for this long, then cancels them; the broker connection then puts
+        # their unacknowledged messages back in the queue, marked redelivered, for another worker to
+        # take over. On idle too, so reserved-but-not-started messages are restored the same way.
+        "worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S,
+        "worker_enable_soft_shutdown_on_idle": True,
         "task_queues": [Queue(name) for name in QUEUES],
         "task_default_queue": "cpu",
         "task_create_missing_queues": False,
@@ -85,7 +93,23 @@ def enqueue_takeovers(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
     return sent
 
 
+def enqueue_jobs(app: Celery, jobs: Iterable[tuple[list[int], str]]) -> int:
+    """Send one message per (trial ids, queue) over one connection: a job of one trial as
+    run_trial, a job of several as run_job (trained fused); call only after the commit."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for trial_ids, queue in jobs:
+            if len(trial_ids) == 1:
+                app.send_task(RUN_TRIAL_TASK, args=[trial_ids[0]], queue=queue, producer=producer)
+            else:
+                app.send_task(RUN_JOB_TASK, args=[list(trial_ids)], queue=queue, producer=producer)
+            sent += 1
+    return sent
+
+
 def enqueue_submission(app: Celery, submitted) -> int:
-    """Send what a submission (services.submission.Submitted) asks for; call only after the commit.
-    Returns the number of messages sent."""
+    """Send what a submission (services.submission.Submitted) asks for: its planned jobs, or one
+    message per trial when it has none. Call only after the commit. Returns the messages sent."""
+    if submitted.jobs:
+        return enqueue_jobs(app, submitted.jobs)
     return enqueue_trials(app, submitted.trials)

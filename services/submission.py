@@ -3,7 +3,7 @@ the caller commits (session_scope) and only then sends the queue messages."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import insert, select
@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from services.datasets import CsvLimits, resolve_csv_configs
 from services.models import Experiment, Trial, TrialStatus
+from services.planner import plan_jobs
 from services.spec import GridSpec, expand
 
 
@@ -18,6 +19,9 @@ from services.spec import GridSpec, expand
 class Submitted:
     experiment_id: int
     trials: list[tuple[int, str]]  # (trial id, queue), in grid order
+    # What to send (services.planner): (trial ids, queue) per job; several ids train fused, one id
+    # is an ordinary trial. Empty: one job per trial.
+    jobs: list[tuple[list[int], str]] = field(default_factory=list)
 
     @property
     def trial_ids(self) -> list[int]:
@@ -26,15 +30,23 @@ class Submitted:
 
 def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: str | None,
            max_trials: int, base_dir: Path | None = None, csv_limits: CsvLimits | None = None,
-           tags: list[str] | tuple[str, ...] = (), note: str | None = None) -> Submitted:
+           tags: list[str] | tuple[str, ...] = (), note: str | None = None,
+           fuse: bool | None = None, fuse_max_trials: int | None = None) -> Submitted:
     """Write the experiment and one ``queued`` trial per expanded configuration. A second submit of
     the same spec is a new experiment. Raises SpecError before writing anything, DatasetError when a
-    CSV data set (its path relative to ``base_dir``; default the working directory) is not valid."""
+    CSV data set (its path relative to ``base_dir``; default the working directory) is not valid.
+
+    Trials that can train together are planned into fused jobs (services.planner) unless the spec
+    says ``fuse: false`` or ``fuse`` (default FITSCOPE_FUSE) is off; at most ``fuse_max_trials``
+    (default FITSCOPE_FUSE_MAX_TRIALS) per job."""
     configs = expand(spec, max_trials=max_trials)
-    if csv_limits is None:
+    if csv_limits is None or fuse is None or fuse_max_trials is None:
         from services.config import get_settings
 
-        csv_limits = CsvLimits.from_settings(get_settings())
+        settings = get_settings()
+        csv_limits = csv_limits or CsvLimits.from_settings(settings)
+        fuse = settings.fuse if fuse is None else fuse
+        fuse_max_trials = fuse_max_trials or settings.fuse_max_trials
     configs = resolve_csv_configs(configs, base_dir=base_dir, limits=csv_limits, session=session)
     experiment = Experiment(
         name=spec.name,
@@ -70,4 +82,10 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     trials = session.execute(
         select(Trial.id, Trial.queue).where(Trial.experiment_id == experiment.id).order_by(Trial.ordinal)
     ).all()
-    return Submitted(experiment_id=experiment.id, trials=[(row.id, row.queue) for row in trials])
+    trial_list = [(row.id, row.queue) for row in trials]
+    if spec.fuse and fuse:
+        jobs = [([trial_list[i][0] for i in job], trial_list[job[0]][1])
+                for job in plan_jobs(configs, max_trials=fuse_max_trials)]
+    else:
+        jobs = [([trial_id], queue) for trial_id, queue in trial_list]
+    return Submitted(experiment_id=experiment.id, trials=trial_list, jobs=jobs)

@@ -39,7 +39,7 @@ def _trials(engine):
 def test_cancel_stops_the_running_trial_keeps_its_rows_and_never_starts_the_rest(
         env_and_worker, migrated_sqlite_url, engine_for, tmp_path):
     env, worker = env_and_worker
-    spec = _write(tmp_path, "name: long\nseeds: [0, 1, 2]\nparameters:\n  epochs: {value: 3000}\n"
+    spec = _write(tmp_path, "name: long\nfuse: false\nseeds: [0, 1, 2]\nparameters:\n  epochs: {value: 3000}\n"
                             "  n_train: {value: 400}\n")
     submitted = fitscope("submit", spec, "--json", env=env)
     assert submitted.returncode == 0, submitted.stderr

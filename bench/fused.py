@@ -1,0 +1,77 @@
+"""Fused execution against one trial at a time, side by side in one process.
+
+Two grids, each trained both ways on one torch thread (as a worker's training process does):
+  (a) 64 trials: width 64, depth 2, moons (16 learning rates x 4 seeds), adam, 20 epochs
+  (b) 16 trials: width 256, depth 2, moons (4 learning rates x 4 seeds), adam, 20 epochs
+  one-by-one - worker/training/loop.py train_trial called once per trial;
+  fused      - worker/training/fused.py train_fused called once with every trial.
+Both ways are warmed up, then timed --repeats times, interleaved (the fastest run of each counts:
+the machine may be shared); prints trials/second for each and their ratio, and the largest gap
+between the two ways' final validation losses (a sanity check; tests/unit/test_fused.py tests parity).
+
+    .venv/bin/python bench/fused.py [--epochs 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from services.trial_config import TrialConfig  # noqa: E402
+from worker.training import train_trial  # noqa: E402
+from worker.training.fused import train_fused  # noqa: E402
+
+GRIDS = {
+    "(a) 64 trials, width 64": dict(trials=64, width=64),
+    "(b) 16 trials, width 256": dict(trials=16, width=256),
+}
+
+
+def grid(*, trials: int, width: int, epochs: int) -> list[TrialConfig]:
+    seeds = 4
+    lrs = [round(0.001 * (i + 1), 4) for i in range(trials // seeds)]
+    return [TrialConfig(dataset="moons", width=width, depth=2, lr=lr, seed=seed, epochs=epochs)
+            for lr in lrs for seed in range(seeds)]
+
+
+def one_by_one(configs: list[TrialConfig]) -> tuple[float, list[float]]:
+    started = time.perf_counter()
+    results = [train_trial(config) for config in configs]
+    return time.perf_counter() - started, [r.final_metrics["final_val_loss"] for r in results]
+
+
+def fused(configs: list[TrialConfig]) -> tuple[float, list[float]]:
+    started = time.perf_counter()
+    results = train_fused(configs)
+    return time.perf_counter() - started, [r.final_metrics["final_val_loss"] for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way (the fastest counts)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, {args.epochs} epochs per trial")
+    for name, shape in GRIDS.items():
+        configs = grid(**shape, epochs=args.epochs)
+        one_by_one(configs[:2]), fused(configs[:2])  # warm-up: lazy imports and first-call costs
+        solo_runs, fused_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so a load change on a shared machine hits both ways
+            solo_runs.append(one_by_one(configs))
+            fused_runs.append(fused(configs))
+        (solo_s, solo_loss), (fused_s, fused_loss) = (min(runs, key=lambda r: r[0]) for runs in (solo_runs, fused_runs))
+        gap = max(abs(a - b) for a, b in zip(solo_loss, fused_loss, strict=True))
+        print(f"{name}: one-by-one {len(configs) / solo_s:7.1f} trials/s ({solo_s:6.2f} s), "
+              f"fused {len(configs) / fused_s:7.1f} trials/s ({fused_s:6.2f} s), "
+              f"ratio {solo_s / fused_s:5.1f}x; largest final val_loss gap {gap:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Fused jobs through the real system: the CLI submits, a real Valkey broker carries one run_job
+message for the fusable trials and one run_trial message per other trial, a real `fitscope worker`
+trains them and writes SQLite rows. Every trial must end once, with one row per epoch."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from sqlalchemy import select
+
+from services.db import session_scope
+from services.models import EpochMetric, Trial
+from tests.servers import WorkerProcess, fitscope, fitscope_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EPOCHS = 4
+# Three seeds x two norms: the three norm-none trials share a fusion key; batch norm never fuses.
+SPEC = f"""name: fused-and-not
+seeds: [0, 1, 2]
+parameters:
+  norm: {{values: [none, batch]}}
+  lr: {{value: 0.02}}
+  width: {{value: 8}}
+  n_train: {{value: 64}}
+  n_val: {{value: 32}}
+  n_test: {{value: 32}}
+  epochs: {{value: {EPOCHS}}}
+"""
+
+
+@pytest.fixture
+def env_and_worker(request, migrated_sqlite_url, broker_url, tmp_path):
+    """A worker whose metrics flush every ``flush_s`` seconds (indirect parameter, default 0: every
+    epoch goes through the job's batched write)."""
+    flush_s = getattr(request, "param", "0")
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path,
+                       FITSCOPE_METRICS_FLUSH_S=flush_s)
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--name", f"fused@{tmp_path.name}")
+    worker.wait_ready()
+    yield env, worker
+    worker.stop()
+
+
+def test_a_fusable_grid_runs_as_one_job_and_every_trial_ends_once(env_and_worker, migrated_sqlite_url,
+                                                                  engine_for, tmp_path):
+    env, worker = env_and_worker
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    submitted = fitscope("submit", str(spec), "--wait", "--timeout", "180", "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr + worker.log()[-3000:]
+    trial_ids = json.loads(submitted.stdout)["trial_ids"]
+
+    engine = engine_for(migrated_sqlite_url)
+    with session_scope(engine) as session:
+        trials = session.scalars(select(Trial).where(Trial.id.in_(trial_ids)).order_by(Trial.ordinal)).all()
+        epochs = {trial.id: sorted(session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial.id)))
+                  for trial in trials}
+    assert [(t.status, t.attempts, t.epochs_done) for t in trials] == [("succeeded", 1, EPOCHS)] * 6
+    assert all(rows == list(range(1, EPOCHS + 1)) for rows in epochs.values()), epochs
+    fused = [t for t in trials if t.config["norm"] == "none"]
+    alone = [t for t in trials if t.config["norm"] == "batch"]
+    assert len(fused) == len(alone) == 3
+    # Same result shape both ways: every final metric, a verdict, the prediction artifact's data.
+    assert all(t.final_metrics.keys() == alone[0].final_metrics.keys() and t.verdict for t in trials)
+    assert len({t.final_metrics["final_val_loss"] for t in fused}) == 3  # three seeds, three models
+
+    log = worker.log()
+    jobs = re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)
+    singles = re.findall(r"Task fitscope\.run_trial\[[^\]]+\] received", log)
+    assert len(jobs) == 1 and len(singles) == 3, log[-3000:]
+    assert "fused job of 3 trials trained" in log
+    assert len({t.worker for t in fused}) == 1
+
+
+# Rows are written only every 600 s, so the cancel must come from the job's per-epoch flag read.
+@pytest.mark.parametrize("env_and_worker", ["600"], indirect=True)
+def test_a_cancel_stops_every_trial_of_a_running_fused_job_within_an_epoch(env_and_worker, migrated_sqlite_url,
+                                                                          engine_for, tmp_path):
+    env, worker = env_and_worker
+    spec = tmp_path / "long.yaml"
+    spec.write_text("name: long-fused\nseeds: [0, 1, 2]\nparameters:\n  epochs: {value: 5000}\n"
+                    "  width: {value: 8}\n  n_train: {value: 64}\n")
+    submitted = fitscope("submit", str(spec), "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    experiment_id = json.loads(submitted.stdout)["experiment_id"]
+    engine = engine_for(migrated_sqlite_url)
+
+    def trials():
+        with session_scope(engine) as session:
+            return session.scalars(select(Trial).where(Trial.experiment_id == experiment_id)).all()
+
+    deadline = time.monotonic() + 60
+    while not all(t.status == "running" for t in trials()):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few epochs (no rows reach the database before the job ends: flush is 600 s)
+    assert fitscope("cancel", str(experiment_id), env=env).returncode == 0
+    deadline = time.monotonic() + 30
+    while any(t.status == "running" for t in trials()):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
+    ended = trials()
+    assert [t.status for t in ended] == ["cancelled"] * 3 and all(1 <= t.epochs_done < 5000 for t in ended)
+    with session_scope(engine) as session:
+        for trial in ended:
+            epochs = session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial.id)).all()
+            assert sorted(epochs) == list(range(1, trial.epochs_done + 1))
+    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", worker.log())) == 1

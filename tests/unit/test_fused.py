@@ -1,0 +1,229 @@
+"""Fused execution against the one-trial path: the same trials, trained stacked and one at a time.
+
+Parity: initial weights bitwise, per-step losses to 1e-5 for every optimizer, and every per-trial
+number (schedules, weight decay, l1, clipping, early stopping, epochs, losses, layer norm) inside
+one stack. Dropout and input noise draw differently (same distribution), so they are compared over
+seeds. Endings stay per trial: divergence, cancellation, early stopping.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from services.trial_config import TrialConfig
+from worker.training import train_trial
+from worker.training.fused import train_fused
+from worker.training.fused_stack import initial_rows, module_weights
+from worker.training.models import build_model
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+SMALL = dict(n_train=64, n_val=48, n_test=32, width=16)
+
+
+def _solo(config: TrialConfig):
+    rows = []
+    result = train_trial(config, on_epoch=lambda metrics: rows.append(metrics))
+    return result, rows
+
+
+def _fused(configs: list[TrialConfig], stop: dict[int, int] | None = None):
+    """train_fused, with each trial's rows in order; ``stop`` {trial: epoch} asks it to stop then."""
+    rows: dict[int, list] = {i: [] for i in range(len(configs))}
+
+    def on_epoch(epoch_rows):
+        for index, metrics in epoch_rows.items():
+            rows[index].append(metrics)
+        return {i for i, epoch in (stop or {}).items() if i in epoch_rows and epoch_rows[i].epoch == epoch}
+
+    return train_fused(configs, on_epoch=on_epoch), rows
+
+
+def _assert_rows_match(fused_rows, solo_rows, *, tolerance: float) -> None:
+    assert [m.epoch for m in fused_rows] == [m.epoch for m in solo_rows]
+    for fused, solo in zip(fused_rows, solo_rows, strict=True):
+        for name in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_rmse", "val_r2",
+                     "lr", "grad_norm", "weight_norm"):
+            a, b = getattr(fused, name), getattr(solo, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                scale = tolerance * (1 if name.endswith("loss") else max(1.0, abs(b)))
+                assert abs(a - b) <= scale, (fused.epoch, name, a, b)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_initial_weights_are_bitwise_the_one_trial_models(optimizer):
+    configs = [TrialConfig(optimizer=optimizer, seed=seed, norm=norm, depth=depth, **SMALL)
+               for seed, norm, depth in [(0, "none", 2), (7, "none", 2), (123, "none", 2)]]
+    template = build_model(configs[0], 2, 2, generator=torch.Generator())
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    rows = initial_rows(template, generators)
+    for config, row, generator in zip(configs, rows, generators, strict=True):
+        reference_generator = torch.Generator().manual_seed(config.seed)
+        reference = build_model(config, 2, 2, generator=reference_generator).state_dict()
+        stacked = module_weights(template, row)
+        assert stacked.keys() == reference.keys()
+        assert all(torch.equal(stacked[name], reference[name]) for name in reference)
+        # ... and the generator is left where build_model leaves it, so the data order follows.
+        assert torch.equal(generator.get_state(), reference_generator.get_state())
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_first_ten_steps_match_the_one_trial_path(optimizer):
+    # Full batch: one step per epoch, so the 10 epoch rows are the losses after each of 10 steps.
+    lr = 0.1 if optimizer in ("sgd", "momentum", "nesterov") else 0.01
+    configs = [TrialConfig(optimizer=optimizer, seed=seed, lr=lr * scale, weight_decay=wd, momentum=mu,
+                           batch_size="full", epochs=10, **SMALL)
+               for seed, scale, wd, mu in [(0, 1.0, 0.0, 0.9), (1, 0.5, 0.01, 0.8), (2, 0.5, 0.0, 0.9)]]
+    # Mini-batches too (2 per epoch), so each trial's data order from its own generator is checked.
+    configs += [TrialConfig(optimizer=optimizer, seed=seed, lr=lr, batch_size=32, epochs=5, **SMALL)
+                for seed in (3, 4)]
+    minibatch = configs[3:]
+    results, rows = _fused(configs[:3])
+    results_mb, rows_mb = _fused(minibatch)
+    for config, fused_rows in zip(configs, [rows[i] for i in range(3)] + [rows_mb[0], rows_mb[1]], strict=True):
+        _, solo_rows = _solo(config)
+        _assert_rows_match(fused_rows, solo_rows, tolerance=1e-5)
+    assert [r.status for r in results + results_mb] == ["succeeded"] * 5
+
+
+def test_every_per_trial_number_in_one_stack_matches_its_own_run():
+    base = dict(optimizer="adam", **SMALL)
+    schedules = [
+        dict(schedule="step", step_size=2, gamma=0.5),
+        dict(schedule="multistep", milestones=(2, 4)),
+        dict(schedule="exponential", gamma=0.8),
+        dict(schedule="cosine", min_lr=0.001),
+        dict(schedule="warmup_cosine", warmup_epochs=2),
+        dict(schedule="one_cycle"),
+        dict(schedule="plateau", plateau_patience=1, gamma=0.5),
+        dict(weight_decay=0.05, l1=0.001, grad_clip=0.5),
+        dict(early_stopping={"patience": 1, "min_delta": 0.5}, lr=0.05),  # stops early
+        dict(epochs=2),  # ends first: the stack compacts, the others go on
+        dict(lr=0.003, betas=(0.8, 0.99)),
+    ]
+    configs = [TrialConfig(seed=i, norm="layer", **{"epochs": 6, **base, **extra}) for i, extra in enumerate(schedules)]
+    results, rows = _fused(configs)
+    for i, config in enumerate(configs):
+        solo, solo_rows = _solo(config)
+        _assert_rows_match(rows[i], solo_rows, tolerance=1e-5)
+        fused = results[i]
+        assert (fused.status, fused.epochs_run, fused.best_epoch) == (solo.status, solo.epochs_run, solo.best_epoch)
+        assert fused.final_metrics.keys() == solo.final_metrics.keys()
+        for key in ("stopped_epoch", "final_epoch", "parameter_count"):
+            assert fused.final_metrics[key] == solo.final_metrics[key], key
+        for key in ("final_val_loss", "best_val_loss", "test_loss", "test_accuracy", "baseline_val_loss"):
+            assert fused.final_metrics[key] == pytest.approx(solo.final_metrics[key], abs=1e-5), key
+        assert fused.artifacts.keys() == solo.artifacts.keys() == {"boundary_2d"}
+        assert fused.artifacts["boundary_2d"]["x_range"] == solo.artifacts["boundary_2d"]["x_range"]
+    assert results[8].final_metrics["stopped_epoch"] is not None  # early stopping did happen
+
+
+@pytest.mark.parametrize(("dataset", "loss", "extra"), [
+    ("sine", "mse", dict(poly_degree=3)), ("sine", "mae", {}), ("polynomial", "huber", dict(huber_delta=0.5)),
+    ("moons", "bce", {}), ("blobs", "cross_entropy", dict(label_smoothing=0.1, n_classes=4)),
+    ("moons", "cross_entropy", dict(model="linear")),
+])
+def test_every_loss_matches_the_one_trial_path(dataset, loss, extra):
+    configs = [TrialConfig(dataset=dataset, loss=loss, seed=seed, lr=lr, epochs=4, optimizer="momentum",
+                           **{**SMALL, **extra}) for seed, lr in [(0, 0.05), (1, 0.02)]]
+    results, rows = _fused(configs)
+    for i, config in enumerate(configs):
+        solo, solo_rows = _solo(config)
+        _assert_rows_match(rows[i], solo_rows, tolerance=1e-5)
+        assert results[i].artifacts.keys() == solo.artifacts.keys()
+        assert results[i].final_metrics["test_loss"] == pytest.approx(solo.final_metrics["test_loss"], abs=1e-5)
+
+
+def test_the_stack_shrinks_to_the_trials_still_training(monkeypatch):
+    from worker.training import fused_stack
+
+    compactions = []
+    original = fused_stack.StackedTraining.compact
+
+    def spy(self):
+        compacted = original(self)
+        compactions.append((compacted, list(self.slots)))
+        return compacted
+
+    monkeypatch.setattr(fused_stack.StackedTraining, "compact", spy)
+    configs = [TrialConfig(seed=seed, epochs=epochs, lr=0.02 * (seed + 1), **SMALL)
+               for seed, epochs in [(0, 2), (1, 7), (2, 2), (3, 3)]]
+    results, rows = _fused(configs)
+    assert (True, [1]) in compactions  # after epoch 3 only trial 1 still trains, alone in the stack
+    assert [r.epochs_run for r in results] == [2, 7, 2, 3]
+    for i, config in enumerate(configs):
+        _assert_rows_match(rows[i], _solo(config)[1], tolerance=1e-5)
+
+
+def test_each_trial_is_reported_right_after_the_epoch_it_ended_in():
+    configs = [TrialConfig(seed=seed, epochs=epochs, **SMALL) for seed, epochs in [(0, 4), (1, 2), (2, 3)]]
+    epochs_seen, reported = [0], []
+
+    def on_epoch(rows):
+        epochs_seen[0] = max(m.epoch for m in rows.values())
+
+    results = train_fused(configs, on_epoch=on_epoch,
+                          on_trials_end=lambda ended: reported.append((epochs_seen[0], sorted(ended))))
+    assert reported == [(2, [1]), (3, [2]), (4, [0])]
+    assert [r.epochs_run for r in results] == [4, 2, 3]
+
+
+def test_a_nan_in_one_trial_ends_only_that_trial():
+    configs = [TrialConfig(dataset="sine", optimizer="sgd", lr=lr, seed=seed, epochs=5, **SMALL)
+               for seed, lr in [(0, 0.05), (1, 10.0), (2, 0.02)]]
+    results, rows = _fused(configs)
+    solo_diverged, _ = _solo(configs[1])
+    assert results[1].status == solo_diverged.status == "diverged"
+    assert results[1].message == solo_diverged.message
+    for i in (0, 2):
+        assert results[i].status == "succeeded"
+        _assert_rows_match(rows[i], _solo(configs[i])[1], tolerance=1e-5)
+
+
+def test_a_cancelled_trial_stops_alone_and_the_others_are_unaffected():
+    configs = [TrialConfig(seed=seed, epochs=6, **SMALL) for seed in range(3)]
+    results, rows = _fused(configs, stop={1: 2})
+    assert (results[1].status, results[1].epochs_run, results[1].message) == ("cancelled", 2, "cancelled after epoch 2")
+    assert [len(rows[i]) for i in range(3)] == [6, 2, 6]
+    _assert_rows_match(rows[0], _solo(configs[0])[1], tolerance=1e-5)
+    _assert_rows_match(rows[2], _solo(configs[2])[1], tolerance=1e-5)
+
+
+def test_a_trials_results_do_not_depend_on_its_companions():
+    # Dropout and input noise come from the trial's own generators, whatever else is in the stack.
+    trial = TrialConfig(seed=5, dropout=0.3, input_noise=0.1, epochs=4, **SMALL)
+    with_a, _ = _fused([trial, TrialConfig(seed=1, lr=0.05, **{**SMALL, "width": 16})])
+    with_b, _ = _fused([TrialConfig(seed=2, dropout=0.5, epochs=2, **SMALL), trial,
+                        TrialConfig(seed=3, input_noise=0.5, **SMALL)])
+    assert with_a[0].final_metrics["final_val_loss"] == pytest.approx(with_b[1].final_metrics["final_val_loss"],
+                                                                      abs=1e-6)
+
+
+def test_dropout_and_input_noise_agree_with_the_one_trial_path_within_the_seed_spread():
+    seeds = range(8)
+    configs = [TrialConfig(seed=seed, dropout=0.3, input_noise=0.2, epochs=12, n_train=128, width=32) for seed in seeds]
+    fused = [r.final_metrics["final_val_loss"] for r in train_fused(configs)]
+    solo = [train_trial(c).final_metrics["final_val_loss"] for c in configs]
+    spread = max(statistics.stdev(fused), statistics.stdev(solo))
+    assert spread > 0
+    assert abs(statistics.mean(fused) - statistics.mean(solo)) <= spread, (fused, solo)
+    assert fused != solo  # the noise really is drawn (differently), not switched off
+
+
+def test_trials_that_cannot_share_a_stack_are_refused():
+    with pytest.raises(ValueError, match="trial 1 differs from trial 0"):
+        train_fused([TrialConfig(width=8), TrialConfig(width=16)])
+    with pytest.raises(ValueError, match="batch norm"):
+        train_fused([TrialConfig(norm="batch"), TrialConfig(norm="batch", seed=1)])
+
+
+def test_epoch_seconds_are_each_trials_share_of_the_stack():
+    configs = [TrialConfig(seed=seed, epochs=3, **SMALL) for seed in range(4)]
+    results, rows = _fused(configs)
+    assert all(m.epoch_seconds > 0 and math.isfinite(m.epoch_seconds) for r in rows.values() for m in r)
+    assert all(r.final_metrics["train_seconds"] >= sum(m.epoch_seconds for m in rows[i])
+               for i, r in enumerate(results))

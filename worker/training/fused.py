@@ -1,0 +1,368 @@
+"""Many trials as one batched model: train_trial's results for a whole group, many times faster.
+
+A grid is mostly small models that differ only in numbers. Trained one at a time, Python and kernel
+launches dominate; stacked (fused_stack.py), every trial rides on the same kernel calls. The trials
+of one call share a fusion key (services.planner): the same data, layers, loss, batch size,
+optimizer family and device. Everything else stays per trial:
+
+- identity: each trial's initial weights are drawn from a generator seeded by its seed exactly as
+  build_model draws them (bitwise the same), and that generator then draws its data order each
+  epoch; its dropout masks and input noise come from its own noise generator.
+- numbers: lr and schedule, weight decay, l1, momentum, betas and gradient clipping are per-trial
+  tensors; so are dropout and input noise; each trial runs its own number of epochs.
+- endings: early stopping, divergence (a NaN in one trial ends that trial only) and cancellation
+  (``on_epoch`` returns the trials asked to stop). An ended trial is frozen: left out of every
+  optimizer update, so its weights are never written again (never multiplied by 0, and a NaN in
+  them cannot leak); once half the stack has ended, the stack is compacted to the trials still
+  training. Its result is built and handed to ``on_trials_end`` right after the epoch it ended in.
+
+Per-step Python does not grow with the number of trials; per-epoch Python does (data order,
+metrics rows), and so does the end (each trial's TrialResult, built by loop.py's own helpers).
+
+Not bitwise the one-trial path: dropout masks and input noise are drawn for a stretch of steps at
+once (same distribution, other draws), and batched kernels round differently (epoch losses agree to
+about 1e-6). A trial's ``epoch_seconds`` is its share of the stack's epoch (the epoch's wall time
+over the trials that ran it), so summing them over all trials gives the job's time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from services.planner import fusable, fusion_key
+from worker.training.data import Splits, make_dataset
+from worker.training.fused_optim import row_order
+from worker.training.fused_stack import (
+    NoiseAhead,
+    PerTrialLoss,
+    StackedModel,
+    StackedTraining,
+    initial_rows,
+    measure_rows,
+    per_trial_loss,
+)
+from worker.training.loop import (
+    EpochMetrics,
+    TrialResult,
+    _EarlyStopper,
+    _final_metrics,
+    _finite_or_none,
+    _prediction_artifacts,
+    _test_at_best,
+    resolve_device,
+    steps_per_epoch,
+)
+from worker.training.losses import baseline_loss, build_loss, constant_predictor, model_outputs, resolve_loss
+from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
+from worker.training.schedules import LearningRateSchedule, build_schedule
+
+if TYPE_CHECKING:
+    from services.trial_config import TrialConfig
+
+OnEpoch = Callable[[dict[int, EpochMetrics]], "set[int] | None"]
+OnTrialsEnd = Callable[[dict[int, TrialResult]], None]
+
+
+def train_fused(
+    configs: Sequence[TrialConfig],
+    *,
+    on_epoch: OnEpoch = lambda rows: None,
+    on_trials_end: OnTrialsEnd = lambda results: None,
+    device: str | None = None,
+    csv_content: bytes | None = None,
+) -> list[TrialResult]:
+    """Train compatible trials together; returns one TrialResult per config, in order, shaped as
+    train_trial's. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
+    the epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets
+    ``{trial index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller
+    can record them while the others train on. Raises ValueError when the configs cannot be fused
+    (see services.planner)."""
+    _check_fusable(configs)
+    first = configs[0]
+    target = resolve_device(device or first.device)
+    started = time.perf_counter()
+    splits = make_dataset(first, csv_content=csv_content)
+    loss_name = resolve_loss(first, task=splits.task,
+                             n_classes=None if splits.task == "regression" else splits.n_outputs)
+    # One template model gives the layers; with dropout layers if any trial has dropout.
+    template = build_model(first.model_copy(update={"dropout": max(c.dropout for c in configs)}),
+                           splits.n_features, model_outputs(loss_name, splits.n_outputs),
+                           generator=torch.Generator(), task=splits.task)
+    fit_input_features(template, splits.x_train)
+    template.to(target)
+    generators = [torch.Generator().manual_seed(config.seed) for config in configs]  # init, then data order
+    order = row_order(configs)  # stack rows: trials that step alike side by side
+    model = StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(target))
+    training = StackedTraining(model, [configs[i] for i in order], slots=order)
+    x_train, y_train, x_val, y_val = (
+        t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val))
+    y_train_rows, y_val_rows = (y.reshape(-1) for y in (y_train, y_val))  # targets [n, 1] -> [n]
+    n_train = x_train.shape[0]
+    x_both = torch.cat([x_train, x_val])
+    batch_size = n_train if first.batch_size == "full" else min(first.batch_size, n_train)
+    steps = steps_per_epoch(n_train, batch_size=batch_size)
+    loss_fn, row_loss = build_loss(first, loss_name), per_trial_loss(first, loss_name)
+    constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
+    baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
+                 "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
+    trials = [_Trial(index=i, config=config, rates=_Rates(config, steps=steps),
+                     stopper=_EarlyStopper(config.early_stopping) if config.early_stopping else None,
+                     data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
+              for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
+    set_up_s = time.perf_counter() - started
+    results: dict[int, TrialResult] = {}
+
+    for epoch in range(1, max(config.epochs for config in configs) + 1):
+        epoch_started = time.perf_counter()
+        running = [trials[index] for index in training.slots]  # row order; some may have ended
+        rates = [trial.rates.epoch(epoch) for trial in running]
+        grad_norm = _train_one_epoch(training, running, x_train, y_train_rows, row_loss, rates=rates,
+                                     batch_size=batch_size)
+        with torch.no_grad():
+            outputs = model.evaluate(x_both)  # the training and validation sets in one pass
+            train = measure_rows(outputs[:, :, :n_train], y_train_rows, row_loss, loss=loss_name)
+            val = measure_rows(outputs[:, :, n_train:], y_val_rows, row_loss, loss=loss_name)
+            norms = torch.stack([grad_norm, torch.linalg.vector_norm(model.flat, dim=1)], 1).tolist()
+        share = (time.perf_counter() - epoch_started) / sum(trial.status == "running" for trial in running)
+
+        rows: dict[int, EpochMetrics] = {}
+        improved = []
+        for row, trial in enumerate(running):
+            if trial.status != "running":
+                continue
+            trial.seconds += share
+            bad = _divergence(train[row]["loss"], val[row]["loss"], epoch)
+            if bad:
+                trial.end(training, row, status="diverged", message=bad)
+                continue
+            metrics = _epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share, norms=norms[row])
+            trial.history.append(metrics)
+            rows[trial.index] = metrics
+            if trial.best is None or metrics.val_loss < trial.best.val_loss:
+                trial.best = metrics
+                improved.append(row)
+        training.keep_best(improved)
+        asked_to_stop = (on_epoch(rows) if rows else None) or set()
+        for row, trial in enumerate(running):
+            if trial.index not in rows:
+                continue
+            if trial.index in asked_to_stop:
+                trial.end(training, row, status="cancelled", message=f"cancelled after epoch {epoch}")
+            elif trial.stopper is not None and trial.stopper.should_stop(rows[trial.index].val_loss):
+                trial.stopped_epoch = epoch
+                trial.end(training, row, status="succeeded")
+            elif epoch == trial.config.epochs:
+                trial.end(training, row, status="succeeded")
+            else:
+                trial.rates.after_epoch(rows[trial.index].val_loss)
+        ended = [trial for trial in running if trial.status != "running" and trial.index not in results]
+        if ended:  # their test metrics and artifacts in one stacked pass, then reported at once
+            results.update(_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
+                                    device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
+            on_trials_end({trial.index: results[trial.index] for trial in ended})
+        if not any(trial.status == "running" for trial in running):
+            break
+        training.compact()
+    return [results[index] for index in range(len(configs))]
+
+
+@dataclass
+class _Rates:
+    """A trial's learning rate at each step: torch's own scheduler, on a stand-in optimizer, for
+    the epoch-wise schedules; OneCycleLR's formula for one_cycle (a whole epoch at a time, rather
+    than a scheduler call per trial per step)."""
+
+    config: TrialConfig
+    steps: int
+    schedule: LearningRateSchedule | None = None
+    holder: torch.optim.Optimizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.schedule != "one_cycle":
+            self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.config.lr)
+            self.schedule = build_schedule(self.config, self.holder, steps_per_epoch=self.steps)
+            self.holder.step()  # no gradient, so no change; tells the scheduler its optimizer steps
+
+    def epoch(self, epoch: int) -> list[float]:
+        """The rate of each step of this (1-based) epoch."""
+        if self.holder is not None:
+            return [self.holder.param_groups[0]["lr"]] * self.steps
+        return [self._one_cycle((epoch - 1) * self.steps + step) for step in range(self.steps)]
+
+    def after_epoch(self, val_loss: float) -> None:
+        if self.schedule is not None:
+            self.schedule.after_epoch(val_loss)
+
+    def _one_cycle(self, step: int) -> float:
+        # OneCycleLR.get_lr with fitscope's settings (pct_start 0.3, cos, div 25, final div 1e4).
+        total = self.config.epochs * self.steps
+        max_lr = self.config.lr
+        initial = max_lr / 25.0
+        phases = ((float(0.3 * total) - 1, initial, max_lr), (total - 1, max_lr, initial / 1e4))
+        start = 0.0
+        for i, (end, start_lr, end_lr) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                pct = (step - start) / (end - start)
+                return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+            start = end
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class _Trial:
+    """One trial's own state inside the stack."""
+
+    index: int
+    config: TrialConfig
+    rates: _Rates
+    stopper: _EarlyStopper | None
+    data_generator: torch.Generator  # drew the initial weights; now each epoch's data order
+    noise_generator: torch.Generator  # dropout masks and input noise
+    history: list[EpochMetrics] = field(default_factory=list)
+    best: EpochMetrics | None = None
+    best_weights: torch.Tensor | None = None  # its row at its best epoch, kept when it ends
+    status: str = "running"
+    message: str | None = None
+    stopped_epoch: int | None = None
+    seconds: float = 0.0
+
+    def end(self, training: StackedTraining, row: int, *, status: str, message: str | None = None) -> None:
+        self.status, self.message = status, message
+        if self.best is not None:
+            self.best_weights = training.best[row].clone()
+        training.freeze(row)
+
+
+def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.Tensor, y: torch.Tensor,
+                     row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int) -> torch.Tensor:
+    """One optimizer step per batch for every row; returns each row's last gradient norm (before
+    clipping). Each trial's batches come in its own order, drawn as get_batches draws it (nothing
+    is drawn when one batch covers the set)."""
+    n = x.shape[0]
+    training_rows = training.training
+    if batch_size >= n:
+        x_epoch, y_epoch = x.expand(len(running), *x.shape), y.expand(len(running), *y.shape)
+    else:
+        identity = torch.arange(n)
+        order = torch.stack([torch.randperm(n, generator=trial.data_generator) if is_training else identity
+                             for trial, is_training in zip(running, training_rows, strict=True)]).to(x.device)
+        x_epoch, y_epoch = x[order], y[order]
+    model = training.model
+    noise = NoiseAhead(
+        dropout=[trial.config.dropout for trial in running],
+        input_noise=[trial.config.input_noise for trial in running],
+        generators=[trial.noise_generator if is_training else None
+                    for trial, is_training in zip(running, training_rows, strict=True)],
+        dropout_layers=sum(isinstance(layer, Dropout) for layer in model.layers), width=running[0].config.width,
+        features=x.shape[1], n=n, batch_size=batch_size, device=x.device)
+    starts = range(0, n, batch_size)
+    step_rates = [list(column) for column in zip(*rates, strict=True)]  # per step, each row's rate
+    norm = None
+    for step, start in enumerate(starts):
+        end = min(start + batch_size, n)
+        inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
+        input_noise, dropout_scales = noise.rows(start, end)
+        if input_noise is not None:
+            inputs = inputs + input_noise
+        loss = row_loss(model.forward(inputs, dropout_scales=dropout_scales), labels).sum()
+        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(starts) - 1)
+    return norm
+
+
+class _SharedOutputs:
+    """The best models' outputs on one input, for every trial at once. The test set and the
+    prediction artifacts' grid are the same inputs for every trial of the stack, so one stacked
+    forward per input serves them all; each trial's stand-in module (:class:`_TrialOutputs`) reads
+    its row. Inputs are recognised by value (each trial's artifact builds its own grid tensor)."""
+
+    def __init__(self, model: StackedModel) -> None:
+        self.model = model
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, outputs of every row)
+
+    def row(self, x: torch.Tensor, row: int) -> torch.Tensor:
+        """The trial's outputs ``[n, outputs]``, as its nn.Module would return them."""
+        for inputs, outputs in self.seen:
+            if inputs.shape == x.shape and torch.equal(inputs, x):
+                return outputs[row].mT
+        self.seen.append((x.clone(), self.model.evaluate(x)))
+        return self.seen[-1][1][row].mT
+
+
+class _TrialOutputs(nn.Module):
+    """One trial's best model, as prediction_artifacts and the test metrics call it."""
+
+    def __init__(self, shared: _SharedOutputs, row: int) -> None:
+        super().__init__()
+        self.shared, self.row = shared, row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.row(x, self.row)
+
+
+def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_fn, loss: str,
+             device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
+    """Each trial's TrialResult, built as train_trial builds it (loop.py's own helpers), from its
+    weights at its best epoch; the test set and artifacts see all best models in one stacked pass."""
+    count = parameter_count(template)  # the same for every trial: they share the layers
+    nothing = torch.zeros(count, device=device)  # a trial that never finished an epoch has no best
+    best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
+    shared = _SharedOutputs(StackedModel(template, best_rows))
+    results = {}
+    for row, trial in enumerate(trials):
+        started = time.perf_counter()
+        model = _TrialOutputs(shared, row)
+        has_best = trial.best_weights is not None
+        test = _test_at_best(model, {} if has_best else None, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
+        history, best = trial.history, trial.best
+        last = None if trial.status == "diverged" or not history else (
+            best if trial.stopper is not None else history[-1])
+        final_metrics = _final_metrics(last=last, best=best, test=test)
+        final_metrics.update(baselines)
+        final_metrics["stopped_epoch"] = trial.stopped_epoch
+        final_metrics["final_epoch"] = history[-1].epoch if history else None
+        final_metrics["parameter_count"] = count
+        artifacts = _prediction_artifacts(model, splits, trial.config, device) if has_best else {}
+        final_metrics["train_seconds"] = set_up_s + trial.seconds + time.perf_counter() - started
+        results[trial.index] = TrialResult(status=trial.status, epochs_run=len(history),
+                                           best_epoch=best.epoch if best else None, final_metrics=final_metrics,
+                                           message=trial.message, artifacts=artifacts)
+    return results
+
+
+def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:
+    # The one-trial path's sentence.
+    if not math.isfinite(train_loss):
+        return f"training loss became {train_loss} at epoch {epoch}"
+    if not math.isfinite(val_loss):
+        return f"validation loss became {val_loss} at epoch {epoch}"
+    return None
+
+
+def _epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: float,
+                   norms: list[float]) -> EpochMetrics:
+    return EpochMetrics(
+        epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
+        train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr, epoch_seconds=seconds,
+        train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
+        train_r2=train["r2"], val_r2=val["r2"], grad_norm=_finite_or_none(norms[0]),
+        weight_norm=_finite_or_none(norms[1]),
+    )
+
+
+def _check_fusable(configs: Sequence[TrialConfig]) -> None:
+    if not configs:
+        raise ValueError("train_fused needs at least one trial")
+    for i, config in enumerate(configs):
+        reason = fusable(config)
+        if reason:
+            raise ValueError(f"trial {i} cannot be fused: {reason}")
+        if fusion_key(config) != fusion_key(configs[0]):
+            raise ValueError(f"trial {i} differs from trial 0 in data, layers, loss, batch size, optimizer or "
+                             "device, so they cannot be fused; see services.planner.fusion_key")
