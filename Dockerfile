@@ -19,22 +19,27 @@ COPY services services
 COPY worker worker
 COPY dashboard dashboard
 COPY migrations migrations
-RUN pip install --no-deps .
+COPY examples examples
+# Editable, so the code runs from /app and finds examples/ and migrations/ beside it.
+RUN pip install --no-deps -e .
 USER fitscope
 EXPOSE 8501
 CMD ["fitscope", "dashboard"]
 
 FROM deps AS worker
 # Before the code, so a code change does not download torch again. The pinned version comes from
-# pyproject.toml; the index decides CPU or CUDA wheels.
+# pyproject.toml; the index decides CPU or CUDA wheels. Only that index: with
+# PyPI beside it pip could pick PyPI's torch, which brings the CUDA libraries (gigabytes) along.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" \
+RUN pip install --index-url "${TORCH_INDEX_URL}" \
     "$(python -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('torch')))")"
 COPY README.md alembic.ini ./
 COPY services services
 COPY worker worker
 COPY dashboard dashboard
 COPY migrations migrations
-RUN pip install --no-deps .
+COPY examples examples
+# Editable, so the code runs from /app and finds examples/ and migrations/ beside it.
+RUN pip install --no-deps -e .
 USER fitscope
 CMD ["fitscope", "worker", "--queues", "cpu"]

@@ -197,6 +197,8 @@ def _check_attribution(tags: list[str], note: str | None) -> tuple[list[str], st
     for value in tags:
         if len(value) > MAX_TAG_CHARS:
             fail(f"--tag {value[:20]!r}... is {len(value)} characters; shorten it to at most {MAX_TAG_CHARS}")
+        if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in value):
+            fail(f"--tag {value[:20]!r} contains a newline or another control character; give a tag on one line")
     note = note.strip() if note else None
     if note and len(note) > MAX_NOTE_CHARS:
         fail(f"--note is {len(note)} characters; shorten it to at most {MAX_NOTE_CHARS}")
@@ -385,8 +387,14 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
         fail(f"--queues {queues!r} names unknown queues; use cpu, gpu or cpu,gpu")
     if name is not None and not 0 < len(name) <= MAX_WORKER_NAME_CHARS:
         fail(f"--name is {len(name)} characters; give a name of 1 to {MAX_WORKER_NAME_CHARS} characters")
+    if name is not None and "/" in name:
+        fail(f"--name {name!r} contains '/', which separates a worker's name from its process id in trial "
+             "records; give a name without '/'")
+    # The name keys the worker's row in the database: two workers on one machine need two names.
+    node = name or f"fitscope-{os.getpid()}@{socket.gethostname()}"
     settings = _settings()
     engine = _engine(settings)
+    _refuse_a_name_in_use(engine, node, lost_after_s=settings.worker_lost_after_s)
     engine.dispose()  # nothing inherited into the pool's forked processes
     celery_app = create_app(settings)
     try:
@@ -395,9 +403,21 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
         fail(str(exc))
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
             f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
-    # The name keys the worker's row in the database: two workers on one machine need two names.
-    argv.append(f"--hostname={name or f'fitscope-{os.getpid()}@{socket.gethostname()}'}")
+    argv.append(f"--hostname={node}")
     celery_app.worker_main(argv)
+
+
+def _refuse_a_name_in_use(engine, node: str, *, lost_after_s: float) -> None:
+    """Two live workers of one name would share one row and take each other's trials for a dead
+    worker's; a row of this very host and pid is this process's previous life, taken over at start."""
+    from services.db import session_scope
+    from services.workers import name_in_use
+
+    with session_scope(engine) as session:
+        other = name_in_use(session, node, host=socket.gethostname(), pid=os.getpid(), lost_after_s=lost_after_s)
+    if other:
+        fail(f"--name {node!r} is taken by a running worker on {other['host']} (pid {other['pid']}, last beat "
+             f"{other['seconds_since_heartbeat']:.0f} s ago); stop that worker or give this one another --name")
 
 
 @app.command()

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _BROKER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
@@ -117,6 +117,16 @@ class Settings(BaseSettings):
                 "file:///shared/dir (a folder every worker can reach) or unset it to keep checkpoints in the database"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_lost_after(self) -> Settings:
+        # A worker is called lost only after missing at least two beats in a row.
+        if self.worker_lost_after_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                f"FITSCOPE_WORKER_LOST_AFTER_S ({self.worker_lost_after_s:g} s) must be at least 3 x "
+                f"FITSCOPE_HEARTBEAT_S ({self.heartbeat_s:g} s), or live workers are called lost between two "
+                f"beats; raise it to {3 * self.heartbeat_s:g} or lower FITSCOPE_HEARTBEAT_S")
+        return self
 
     @property
     def effective_database_url(self) -> str:

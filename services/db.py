@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session
 
@@ -95,6 +96,16 @@ def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     session.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's clock, as an aware UTC datetime. Workers on several machines compare
+    heartbeats against this one clock, so their own clocks may drift. (PostgreSQL's now() is the
+    transaction's start; SQLite's clock is the local one, to the millisecond.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(text("SELECT now()")).astimezone(UTC)
+    value = session.scalar(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"))
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def describe_url(engine: Engine) -> str:

@@ -8,8 +8,12 @@ The trials stay ``running``: they are re-sent as takeovers (``run_trial(takeover
 removes the dead attempt's rows and counts the attempt against FITSCOPE_MAX_ATTEMPTS. Marking them
 ``queued`` instead would let a fresh claim collide with the dead attempt's epoch rows.
 
-Timestamps come from each machine's clock (UTC), so machines that share a database need their clocks
-in sync (NTP) to well within FITSCOPE_WORKER_LOST_AFTER_S. Helpers take a session and never commit.
+Until they are re-sent, those trials name ``<sweeper>/pending-takeover`` as their worker (set in
+the transaction that declares the worker lost), so if the sweeper itself dies before sending them,
+whoever sweeps *it* finds them too: a trial is re-sent at least once, not at most once.
+
+Every timestamp here is the database's clock (services.db.db_now), so workers whose own clocks
+drift still agree on who is silent. Helpers take a session and never commit.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from services.models import Trial, TrialStatus, WorkerNode, utcnow
+from services.db import db_now
+from services.models import Trial, TrialStatus, WorkerNode
 
 ONLINE, STOPPED, LOST = "online", "stopped", "lost"
+# The worker of a trial a sweeper has taken over but not yet re-sent: f"{sweeper}/{PENDING_TAKEOVER}".
+PENDING_TAKEOVER = "pending-takeover"
 # Rows of workers gone for this long are deleted when a worker registers, so the list stays short.
 FORGET_AFTER = timedelta(days=7)
 MAX_LISTED = 500
@@ -38,9 +45,9 @@ def register(session: Session, *, name: str, host: str, pid: int, queues: list[s
     trials (trial id, queue), which the caller re-sends as takeovers after the commit.
     ``started_at`` is when this process started; trials claimed since then are its own.
     """
-    now = utcnow()
+    now = db_now(session)
     started_at = started_at or now
-    orphans = _declare_lost(session, name, started_before=started_at)
+    orphans = _declare_lost(session, name, sweeper=name, started_before=started_at)
     session.execute(delete(WorkerNode).where(WorkerNode.status != ONLINE, WorkerNode.heartbeat_at < now - FORGET_AFTER)
                     .execution_options(synchronize_session=False))
     values = {"host": host[:200], "pid": pid, "queues": list(queues), "device": device[:200],
@@ -55,11 +62,12 @@ def register(session: Session, *, name: str, host: str, pid: int, queues: list[s
 
 def heartbeat(session: Session, name: str) -> str | None:
     """Record that ``name`` is alive now. Returns its status before this beat (``lost`` when others had
-    given it up and taken its trials over), or None when it has no row and must register again."""
+    given it up and taken its trials over), or None when it has no row and must register again.
+    A ``stopped`` row stays stopped: a beat racing the worker's own shutdown must not revive it."""
     previous = session.scalar(select(WorkerNode.status).where(WorkerNode.name == name))
     if previous is not None:
-        session.execute(update(WorkerNode).where(WorkerNode.name == name)
-                        .values(heartbeat_at=utcnow(), status=ONLINE, stopped_at=None)
+        session.execute(update(WorkerNode).where(WorkerNode.name == name, WorkerNode.status != STOPPED)
+                        .values(heartbeat_at=db_now(session), status=ONLINE, stopped_at=None)
                         .execution_options(synchronize_session=False))
     return previous
 
@@ -67,37 +75,56 @@ def heartbeat(session: Session, name: str) -> str | None:
 def mark_stopped(session: Session, name: str) -> None:
     """A clean shutdown: the worker is shown as stopped, and nobody re-sends its trials."""
     session.execute(update(WorkerNode).where(WorkerNode.name == name)
-                    .values(status=STOPPED, stopped_at=utcnow())
+                    .values(status=STOPPED, stopped_at=db_now(session))
                     .execution_options(synchronize_session=False))
 
 
-def sweep_stale(session: Session, *, lost_after_s: float, now: datetime | None = None) -> list[tuple[int, str]]:
+def sweep_stale(session: Session, *, lost_after_s: float, sweeper: str) -> list[tuple[int, str]]:
     """Flip every online worker silent for more than ``lost_after_s`` seconds to ``lost`` and return the
-    running trials (trial id, queue) of those whose flip this session won. Two sessions sweeping at
-    once never both get a trial: the flip is one conditional UPDATE, and only the winner reads on."""
-    cutoff = (now or utcnow()) - timedelta(seconds=lost_after_s)
+    running trials (trial id, queue) of those whose flip this session won; they now name
+    ``<sweeper>/pending-takeover`` as their worker until the takeover claims them. Two sessions
+    sweeping at once never both get a trial: the flip is one conditional UPDATE, and only the winner
+    reads on. Workers are flipped in name order, so two sweepers lock rows in the same order."""
+    cutoff = db_now(session) - timedelta(seconds=lost_after_s)
     silent = session.scalars(
         select(WorkerNode.name).where(WorkerNode.status == ONLINE, WorkerNode.heartbeat_at < cutoff)
+        .order_by(WorkerNode.name)
     ).all()
     trials: list[tuple[int, str]] = []
     for name in silent:
-        trials += _declare_lost(session, name, silent_since=cutoff)
+        trials += _declare_lost(session, name, sweeper=sweeper, silent_since=cutoff)
     return trials
 
 
-def list_workers(session: Session, *, lost_after_s: float, now: datetime | None = None) -> list[dict[str, Any]]:
+def name_in_use(session: Session, name: str, *, host: str, pid: int, lost_after_s: float) -> dict[str, Any] | None:
+    """The row of another live process (a different host or pid) that goes by ``name`` and beat within
+    ``lost_after_s`` seconds, or None. A row of this very host and pid is a previous life of this
+    process (a container restarted as PID 1), which register() takes over."""
+    row = session.get(WorkerNode, name)
+    if row is None or row.status != ONLINE or (row.host, row.pid) == (host[:200], pid):
+        return None
+    silent_s = (db_now(session) - _aware(row.heartbeat_at)).total_seconds()
+    if silent_s > lost_after_s:
+        return None
+    return {"host": row.host, "pid": row.pid, "seconds_since_heartbeat": max(0.0, silent_s)}
+
+
+def list_workers(session: Session, *, lost_after_s: float) -> list[dict[str, Any]]:
     """Every known worker, online ones first, as plain dicts: name, host, pid, queues, device,
     torch_version, concurrency, status (an online worker silent for more than ``lost_after_s``
     seconds reads ``lost``), started_at and heartbeat_at (ISO 8601), seconds_since_heartbeat, and
-    current_trials (ids of the running trials it claimed)."""
-    now = now or utcnow()
+    current_trials (ids of the running trials it claimed; a trial a sweeper has taken over but not
+    yet re-sent is nobody's)."""
+    now = db_now(session)
     workers = session.scalars(select(WorkerNode).order_by(WorkerNode.heartbeat_at.desc()).limit(MAX_LISTED)).all()
     running: dict[str, list[int]] = {}
     for trial_id, claimed_by in session.execute(
         select(Trial.id, Trial.worker).where(Trial.status == TrialStatus.running).order_by(Trial.id)
     ):
         # Trials name their worker "<node name>/<pid of the training process>".
-        running.setdefault((claimed_by or "").rpartition("/")[0], []).append(trial_id)
+        node, _, process = (claimed_by or "").rpartition("/")
+        if process != PENDING_TAKEOVER:
+            running.setdefault(node, []).append(trial_id)
     rows = []
     for worker in workers:
         silent_s = max(0.0, (now - _aware(worker.heartbeat_at)).total_seconds())
@@ -114,12 +141,13 @@ def list_workers(session: Session, *, lost_after_s: float, now: datetime | None 
     return rows
 
 
-def _declare_lost(session: Session, name: str, *, silent_since: datetime | None = None,
+def _declare_lost(session: Session, name: str, *, sweeper: str, silent_since: datetime | None = None,
                   started_before: datetime | None = None) -> list[tuple[int, str]]:
     """Flip ``name`` from online to lost (only if its heartbeat is older than ``silent_since``, or it
     was started before ``started_before``, when given) and, if this UPDATE did it, return its running
-    trials (claimed before ``started_before``, when given). On PostgreSQL a concurrent flip waits
-    for the row lock and then matches nothing; on SQLite writers are serialised, with the same result."""
+    trials (claimed before ``started_before``, when given), marked as pending takeover by ``sweeper``.
+    On PostgreSQL a concurrent flip waits for the row lock and then matches nothing; on SQLite
+    writers are serialised, with the same result."""
     condition = [WorkerNode.name == name, WorkerNode.status == ONLINE]
     if silent_since is not None:
         condition.append(WorkerNode.heartbeat_at < silent_since)
@@ -133,7 +161,14 @@ def _declare_lost(session: Session, name: str, *, silent_since: datetime | None 
         Trial.status == TrialStatus.running, Trial.worker.startswith(f"{name}/", autoescape=True))
     if started_before is not None:
         query = query.where(Trial.started_at < started_before)
-    return [(row.id, row.queue) for row in session.execute(query.order_by(Trial.id))]
+    trials = [(row.id, row.queue) for row in session.execute(query.order_by(Trial.id))]
+    if trials:
+        # In the same transaction as the flip: should the sweeper die before re-sending them, the
+        # sweep that finds the sweeper lost finds these trials under its name too.
+        session.execute(update(Trial).where(Trial.id.in_([trial_id for trial_id, _ in trials]))
+                        .values(worker=f"{sweeper}/{PENDING_TAKEOVER}"[:200])
+                        .execution_options(synchronize_session=False))
+    return trials
 
 
 def _aware(value: datetime) -> datetime:

@@ -8,6 +8,7 @@ are paid before the first real trial rather than inside it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 
@@ -27,24 +28,27 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = make_celery(settings, name="fitscope-worker")
     app.conf.worker_proc_alive_timeout = PROCESS_START_TIMEOUT_S
-    from worker import tasks
+    from worker import jobs, tasks
 
     tasks.register(app)
+    jobs.register(app)  # fused jobs: several trials trained as one batched model
     return app
 
 
 # The worker's presence (registration, heartbeat, sweep of lost workers) lives in its main process.
 _presence = None
 _main_started_at = None
+_concurrency = None  # training processes of this worker, known before the pool forks them
 
 
 @worker_init.connect
-def _note_start(**_kwargs) -> None:
+def _note_start(sender=None, **_kwargs) -> None:
     """Before the pool forks: trials claimed from here on belong to this process, not to a dead one."""
-    global _main_started_at
+    global _main_started_at, _concurrency
     from services.models import utcnow
 
     _main_started_at = utcnow()
+    _concurrency = getattr(sender, "concurrency", None)
 
 
 @worker_ready.connect
@@ -58,12 +62,16 @@ def _start_presence(sender=None, **_kwargs) -> None:
     _presence = Presence(get_settings(), name=sender.hostname, queues=queues,
                          concurrency=int(controller.concurrency), started_at=_main_started_at)
     _presence.start()
+    # A cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT as in docker-compose.yml) never
+    # sends worker_shutdown; atexit runs on both paths, after the broker connection has put the
+    # cancelled trials back in the queue. Pool processes leave with os._exit and skip it.
+    atexit.register(_stop_presence, main_pid=os.getpid())
 
 
 @worker_shutdown.connect
-def _stop_presence(**_kwargs) -> None:
+def _stop_presence(main_pid: int | None = None, **_kwargs) -> None:
     global _presence
-    if _presence is not None:
+    if _presence is not None and (main_pid is None or main_pid == os.getpid()):
         _presence.stop()
         _presence = None
 
@@ -76,10 +84,31 @@ def _init_training_process(**_kwargs) -> None:
     started = time.perf_counter()
     import torch
 
-    torch.set_num_threads(get_settings().torch_threads)
+    torch.set_num_threads(torch_threads(get_settings(), _concurrency))
     _warm_up()
     log.info("training process %d ready: torch %s, %d thread(s), warm-up %.1f s", os.getpid(),
              torch.__version__, torch.get_num_threads(), time.perf_counter() - started)
+
+
+def torch_threads(settings: Settings, concurrency: int | None) -> int:
+    """FITSCOPE_TORCH_THREADS when it is set. Otherwise, in a container with a CPU limit (compose's
+    WORKER_CPUS), that share split over the training processes, so they neither fight for cores nor
+    leave them idle; elsewhere the setting's default (small models train fastest on one thread)."""
+    share = cpu_quota()
+    if "torch_threads" in settings.model_fields_set or share is None:
+        return settings.torch_threads
+    return max(1, share // max(1, concurrency or settings.worker_concurrency))
+
+
+def cpu_quota() -> int | None:
+    """Whole CPUs this process's cgroup may use (what `cpus:` in docker-compose.yml sets), or None
+    when it has no quota."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as file:  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = file.read().split()
+        return max(1, int(quota) // int(period))
+    except (OSError, ValueError):  # no cgroup v2 here, or no quota ("max")
+        return None
 
 
 def _warm_up() -> None:

@@ -5,6 +5,10 @@ that stopped beating and re-sends their running trials as takeovers (services.wo
 worker's trials are picked up by whichever live worker notices first. A database or broker blip is
 logged and tried again at the next beat; takeovers that could not be sent are kept and sent then.
 
+A worker sweeps only once the database has answered it for FITSCOPE_WORKER_LOST_AFTER_S without a
+break: after an outage every worker's last beat predates it, and the first to get through must not
+declare the others lost before they have had the time to beat again.
+
 The main process never imports torch (it forks the training processes): the torch version comes
 from the installed package's metadata, the device from the queues.
 """
@@ -15,9 +19,12 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
 from importlib import metadata
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from services.config import Settings
@@ -40,14 +47,16 @@ class Presence:
     """Register, beat and sweep from a daemon thread; :meth:`stop` marks the worker stopped."""
 
     def __init__(self, settings: Settings, *, name: str, queues: list[str], concurrency: int,
-                 started_at: datetime | None = None) -> None:
+                 started_at: datetime | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.name, self.queues, self.concurrency = settings, name, queues, concurrency
         self.started_at = started_at or utcnow()
-        # No pool: a connection lives only for one beat, so nothing is shared with forked pool processes.
-        self.engine = make_engine(settings.effective_database_url, poolclass=NullPool)
+        self.engine = _heartbeat_engine(settings.effective_database_url)
         self.producer = make_celery(settings, name="fitscope-presence")
         self._registered = False
         self._unsent: list[tuple[int, str]] = []
+        self._clock = clock
+        # Since when (clock seconds) every beat has reached the database; None until one has.
+        self._db_ok_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fitscope-heartbeat", daemon=True)
 
@@ -55,9 +64,19 @@ class Presence:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop beating and mark this worker stopped (best effort: a dead database is only logged)."""
+        """Stop beating and mark this worker stopped (best effort: a dead database is only logged).
+        Takeovers it still owes stay marked pending under its name; the row is then left online, so
+        that whoever finds it silent re-sends them."""
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout_s)
+        if not self._thread.is_alive():  # a beat stuck on a dead database still owns the list
+            self._send_takeovers()
+        if self._unsent:
+            log.warning("worker %s stops owing the takeover of trials %s; left online so that another worker "
+                        "re-sends them once it finds this one silent", self.name, [i for i, _ in self._unsent])
+            self.engine.dispose()
+            return
         try:
             with session_scope(self.engine) as session:
                 mark_stopped(session, self.name)
@@ -91,25 +110,40 @@ class Presence:
             if not self._registered:
                 log.info("worker %s registered (beats every %g s)", self.name, self.settings.heartbeat_s)
                 self._registered = True
-            with session_scope(self.engine) as session:
-                stale = sweep_stale(session, lost_after_s=self.settings.worker_lost_after_s)
-            self._unsent += stale
+            now = self._clock()
+            if self._db_ok_since is None:
+                self._db_ok_since = now
+            if now - self._db_ok_since >= self.settings.worker_lost_after_s:
+                with session_scope(self.engine) as session:
+                    stale = sweep_stale(session, lost_after_s=self.settings.worker_lost_after_s, sweeper=self.name)
+                self._unsent += stale
         except Exception as exc:
+            self._db_ok_since = None
             log.warning("worker %s: heartbeat failed (%s); trying again in %g s", self.name, _reason(exc),
                         self.settings.heartbeat_s)
         self._send_takeovers()
 
     def _send_takeovers(self) -> None:
-        if not self._unsent:
-            return
+        """One message at a time, each dropped from the list once sent: a broker that fails half-way
+        through leaves only the unsent ones to send at the next beat."""
+        sent = []
         try:
-            enqueue_takeovers(self.producer, self._unsent)
+            while self._unsent:
+                enqueue_takeovers(self.producer, self._unsent[:1])
+                sent.append(self._unsent.pop(0)[0])
         except Exception as exc:
             log.warning("could not re-send %d trials of lost workers (%s); trying again at the next beat",
                         len(self._unsent), _reason(exc))
-            return
-        log.warning("re-sent trials %s of lost workers as takeovers", [trial_id for trial_id, _ in self._unsent])
-        self._unsent = []
+        if sent:
+            log.warning("re-sent trials %s of lost workers as takeovers", sent)
+
+
+def _heartbeat_engine(url: str):
+    """No pool: a connection lives only for one beat, so nothing is shared with forked pool processes.
+    On PostgreSQL a connection attempt gives up after 5 s, so a dead server costs one beat, not minutes."""
+    if make_url(url).get_backend_name() == "postgresql":
+        return make_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    return make_engine(url, poolclass=NullPool)
 
 
 def _reason(exc: Exception) -> str:

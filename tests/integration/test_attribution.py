@@ -22,6 +22,10 @@ def test_tags_and_note_are_capped_kept_and_searchable(migrated_sqlite_url, broke
         assert refused.returncode == 2, refused.stderr
         [line] = refused.stderr.strip().splitlines()
         assert line.startswith(f"error: {field}") and "at most" in line
+    for tag in ("two\nlines", "bell\x07", "c1\x85c1"):
+        refused = fitscope("submit", QUICKSTART, "--tag", tag, env=env)
+        [line] = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and line.startswith("error: --tag ") and "control character" in line, line
     assert json.loads(fitscope("status", "--json", env=env).stdout) == []  # nothing was written
 
     submitted = fitscope("submit", QUICKSTART, "--json", "--tag", "baseline", "--tag", " baseline ", "--tag", "moons",

@@ -50,16 +50,26 @@ def dot_env() -> dict[str, str]:
 
 @pytest.fixture
 def valkey(dot_env, tmp_path):
-    """The redis service's command, with valkey for redis-server, on a free port of 127.0.0.1."""
-    command = interpolate(load_compose()["services"]["redis"]["command"], dot_env)
-    assert command[0] == "redis-server"
+    """The redis service's command and environment, with valkey for redis-server, on a free port of
+    127.0.0.1 (the script passes extra arguments on to the server)."""
+    compose = load_compose()
+    command = interpolate(compose["services"]["redis"]["command"], dot_env)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "redis-server").symlink_to(valkey_binary())
     port = free_port()
-    process = subprocess.Popen([str(valkey_binary()), *command[1:], "--port", str(port), "--bind", "127.0.0.1",
-                                "--dir", str(tmp_path), "--save", ""],
+    environment = {**os.environ, **service_environment(compose, "redis", dot_env),
+                   "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen([*command, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(tmp_path), "--save", ""], env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = redis.Redis(host="127.0.0.1", port=port, password=dot_env["REDIS_PASSWORD"])
     try:
         _wait(lambda: _answers(client), 15, lambda: "valkey did not answer")
+        # The password works, yet no process's command line shows it (the shell exec'd the server).
+        command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        assert b"valkey" in command_line or b"redis-server" in command_line
+        assert dot_env["REDIS_PASSWORD"].encode() not in command_line
         yield port, client
     finally:
         client.close()
@@ -151,6 +161,17 @@ def test_the_compose_topology_runs_a_grid_across_two_workers(container_env, valk
         [summary] = json.loads(found.stdout)
         assert (summary["id"], summary["tags"], summary["note"]) == (payload["experiment_id"], ["team"],
                                                                       "two workers, one database")
+
+        # `docker compose stop`: SIGTERM to each container's main process, which compose's environment
+        # (REMAP_SIGTERM) turns into a cold shutdown that ends within stop_grace_period, marked stopped.
+        assert env("worker")["REMAP_SIGTERM"] == "SIGQUIT"
+        grace_s = float(services["worker"]["stop_grace_period"].removesuffix("s"))
+        for worker in workers:
+            worker.process.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.process.wait(grace_s)
+        stopped = {row["name"]: row["status"] for row in json.loads(fitscope("workers", "--json", env=user).stdout)}
+        assert stopped == dict.fromkeys(names, "stopped")
     finally:
         for worker in workers:
             worker.stop()

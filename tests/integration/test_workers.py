@@ -11,12 +11,16 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
+from sqlalchemy.pool import NullPool
 
-from services.db import session_scope
+from services.config import Settings
+from services.db import db_now, make_engine, session_scope
 from services.models import EpochMetric, Experiment, Trial, WorkerNode, utcnow
+from services.queue import SOFT_SHUTDOWN_S
 from services.workers import heartbeat, list_workers, mark_stopped, register, sweep_stale
 from tests.servers import WorkerProcess, fitscope, fitscope_env
+from worker.presence import Presence
 
 pytestmark = pytest.mark.integration
 
@@ -88,24 +92,143 @@ def test_two_sessions_sweeping_at_once_re_send_a_lost_workers_trials_once(databa
     def second_sweeper() -> None:
         first_flipped.wait(10)
         with session_scope(engine_for(database_url)) as session:
-            results["second"] = sweep_stale(session, lost_after_s=5)
+            results["second"] = sweep_stale(session, lost_after_s=5, sweeper="two@h2")
 
     thread = threading.Thread(target=second_sweeper)
     thread.start()
     with session_scope(engine) as session:
-        results["first"] = sweep_stale(session, lost_after_s=5)
+        results["first"] = sweep_stale(session, lost_after_s=5, sweeper="one@h1")
         first_flipped.set()
-        time.sleep(0.5)  # the second sweep is now blocked on the row (PostgreSQL) or the write lock (SQLite)
+        time.sleep(0.5)
+        # The second sweep is blocked on the row (PostgreSQL) or the write lock (SQLite) until we commit.
+        assert thread.is_alive() and "second" not in results
     thread.join(30)
     assert not thread.is_alive()
     assert sorted(results["first"]) == [(trial_id, "cpu") for trial_id in trial_ids]
     assert results["second"] == []
     with session_scope(engine) as session:
-        assert sweep_stale(session, lost_after_s=5) == []  # and never again
+        assert sweep_stale(session, lost_after_s=5, sweeper="one@h1") == []  # and never again
         statuses = dict(session.execute(select(WorkerNode.name, WorkerNode.status)).all())
-        # The trials are left running: the takeover's claim cleans up the dead attempt.
-        assert set(session.scalars(select(Trial.status).where(Trial.id.in_(trial_ids)))) == {"running"}
+        # The trials are left running (the takeover's claim cleans up the dead attempt), owed by the winner.
+        owed = set(session.execute(select(Trial.status, Trial.worker).where(Trial.id.in_(trial_ids))))
+    assert owed == {("running", "one@h1/pending-takeover")}
     assert statuses == {"dead_%@h1": "lost", "deadxx@h1": "online"}
+
+
+def test_trials_a_sweeper_dies_owing_are_swept_again_with_it(database_url, engine_for):
+    engine = engine_for(database_url)
+    with session_scope(engine) as session:
+        for name in ("dead@h1", "sweeper@h2", "third@h3"):
+            _register(session, name)
+        trial_ids = _running_trials(session, "dead@h1", 2)
+        own = _running_trials(session, "sweeper@h2", 1)
+        _silence(session, "dead@h1", 10)
+    with session_scope(engine) as session:
+        assert sweep_stale(session, lost_after_s=5, sweeper="sweeper@h2") == [(i, "cpu") for i in trial_ids]
+    with session_scope(engine) as session:
+        rows = {row["name"]: row for row in list_workers(session, lost_after_s=5)}
+    assert rows["sweeper@h2"]["current_trials"] == own  # it owes the takeovers, it does not run them
+    # The sweeper dies before sending them: whoever finds it silent gets its trials and those it owed.
+    with session_scope(engine) as session:
+        _silence(session, "sweeper@h2", 10)
+    with session_scope(engine) as session:
+        assert sorted(sweep_stale(session, lost_after_s=5, sweeper="third@h3")) == [
+            (i, "cpu") for i in sorted(trial_ids + own)]
+
+
+def test_db_now_is_the_databases_clock_in_utc_whatever_the_sessions_time_zone(database_url, engine_for):
+    engine = engine_for(database_url)
+    with session_scope(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(text("SET TIME ZONE 'Asia/Tokyo'"))
+        now = db_now(session)
+    assert now.utcoffset() == timedelta(0)
+    assert abs((now - utcnow()).total_seconds()) < 5
+
+
+def test_a_beat_never_revives_a_stopped_worker(database_url, engine_for):
+    engine = engine_for(database_url)
+    with session_scope(engine) as session:
+        _register(session, "w@h1")
+        mark_stopped(session, "w@h1")
+    with session_scope(engine) as session:  # a beat that raced the worker's own shutdown
+        assert heartbeat(session, "w@h1") == "stopped"
+    with session_scope(engine) as session:
+        assert session.get(WorkerNode, "w@h1").status == "stopped"
+
+
+def test_after_a_database_outage_a_worker_sweeps_only_once_others_had_time_to_beat(
+        migrated_sqlite_url, broker_url, engine_for):
+    """Every live worker's last beat predates an outage; the first to get through must not call them lost."""
+    import redis
+
+    engine = engine_for(migrated_sqlite_url)
+    with session_scope(engine) as session:
+        _register(session, "other@h2")
+        trial_ids = _running_trials(session, "other@h2", 1)
+        _silence(session, "other@h2", 10)  # silent for longer than lost_after_s: an outage just ended
+    settings = Settings(database_url=migrated_sqlite_url, broker_url=broker_url, heartbeat_s=1,
+                        worker_lost_after_s=3)
+    now = [100.0]
+    presence = Presence(settings, name="me@h1", queues=["cpu"], concurrency=1, clock=lambda: now[0])
+    queue = redis.Redis.from_url(broker_url)
+    try:
+        presence.beat()  # registers; the database has answered for 0 s
+        now[0] += 2
+        presence.beat()
+        assert _status(engine, "other@h2") == "online"
+        presence.engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")  # the database goes away
+        now[0] += 1
+        presence.beat()
+        presence.engine = make_engine(migrated_sqlite_url, poolclass=NullPool)  # and comes back
+        for _ in range(3):
+            now[0] += 1
+            presence.beat()
+            assert _status(engine, "other@h2") == "online", "swept before others could beat again"
+        assert queue.llen("cpu") == 0
+        now[0] += 1  # 3 s since the database came back: other@h2 has had three beats' time
+        presence.beat()
+        assert _status(engine, "other@h2") == "lost"
+        [message] = queue.lrange("cpu", 0, -1)
+        headers = json.loads(message)["headers"]
+        assert (headers["argsrepr"], headers["kwargsrepr"]) == (f"[{trial_ids[0]}]", "{'takeover': True}")
+    finally:
+        queue.close()
+        presence.engine.dispose()
+
+
+def test_a_worker_that_stops_owing_takeovers_stays_online_for_others_to_sweep(migrated_sqlite_url, engine_for):
+    engine = engine_for(migrated_sqlite_url)
+    with session_scope(engine) as session:
+        _register(session, "dead@h2")
+        trial_ids = _running_trials(session, "dead@h2", 2)
+        _silence(session, "dead@h2", 10)
+    # The broker is gone: the takeovers cannot be sent.
+    settings = Settings(database_url=migrated_sqlite_url, broker_url="redis://127.0.0.1:1/0", heartbeat_s=1,
+                        worker_lost_after_s=3)
+    now = [0.0]
+    presence = Presence(settings, name="me@h1", queues=["cpu"], concurrency=1, clock=lambda: now[0])
+    presence.beat()
+    now[0] += 3
+    presence.beat()
+    assert presence._unsent == [(i, "cpu") for i in trial_ids]
+    presence.stop()
+    with session_scope(engine) as session:
+        assert session.get(WorkerNode, "me@h1").status == "online"
+        assert set(session.scalars(select(Trial.worker).where(Trial.id.in_(trial_ids)))) == {
+            "me@h1/pending-takeover"}
+        _silence(session, "me@h1", 10)
+    with session_scope(engine) as session:
+        assert sorted(sweep_stale(session, lost_after_s=3, sweeper="next@h3")) == [(i, "cpu") for i in trial_ids]
+
+
+def test_lost_after_must_leave_room_for_two_missed_beats(migrated_sqlite_url, tmp_path):
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url="redis://127.0.0.1:1/0", home=tmp_path,
+                       FITSCOPE_HEARTBEAT_S="30")
+    refused = fitscope("workers", env=env)
+    [line] = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and "FITSCOPE_WORKER_LOST_AFTER_S (60 s) must be at least 3 x " \
+        "FITSCOPE_HEARTBEAT_S (30 s)" in line, refused.stderr
 
 
 def test_a_worker_restarted_under_its_name_takes_over_its_previous_process_trials_once(database_url, engine_for):
@@ -126,10 +249,27 @@ def test_a_worker_restarted_under_its_name_takes_over_its_previous_process_trial
         assert _register(session, "w@h1", pid=3) == []  # a clean stop leaves nothing behind
 
 
-def test_a_worker_name_too_long_for_the_trials_column_is_refused(migrated_sqlite_url, tmp_path):
+def test_a_worker_name_too_long_for_the_trials_column_or_with_a_slash_is_refused(migrated_sqlite_url, tmp_path):
     env = fitscope_env(database_url=migrated_sqlite_url, broker_url="redis://127.0.0.1:1/0", home=tmp_path)
     refused = fitscope("worker", "--name", "w" * 151, env=env)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --name is 151 characters"), refused.stderr
+    refused = fitscope("worker", "--name", "a/b", env=env)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --name 'a/b' contains '/'"), refused.stderr
+
+
+def test_a_name_a_live_worker_elsewhere_goes_by_is_refused(migrated_sqlite_url, tmp_path, engine_for):
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url="redis://127.0.0.1:1/0", home=tmp_path)
+    with session_scope(engine_for(migrated_sqlite_url)) as session:
+        _register(session, "gpu-box", host="other-host", pid=77)
+        _register(session, "old-box", host="other-host", pid=78)
+        _silence(session, "old-box", 120)  # silent for longer than FITSCOPE_WORKER_LOST_AFTER_S
+    refused = fitscope("worker", "--name", "gpu-box", env=env)
+    [line] = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and line.startswith(
+        "error: --name 'gpu-box' is taken by a running worker on other-host (pid 77, last beat "), line
+    # A silent one is not in the way: the start goes on, and fails only at the (absent) broker.
+    passed = fitscope("worker", "--name", "old-box", env=env)
+    assert passed.returncode == 2 and "cannot reach the broker" in passed.stderr, passed.stderr
 
 
 @pytest.mark.slow
@@ -167,40 +307,79 @@ def test_a_real_worker_registers_beats_is_listed_and_stops_cleanly(migrated_sqli
 def test_a_killed_workers_trial_is_re_sent_once_and_finished_by_another(migrated_sqlite_url, broker_url, tmp_path,
                                                                          engine_for):
     env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path,
-                       FITSCOPE_HEARTBEAT_S="1", FITSCOPE_WORKER_LOST_AFTER_S="3", FITSCOPE_METRICS_FLUSH_S="0.2",
+                       FITSCOPE_HEARTBEAT_S="1", FITSCOPE_WORKER_LOST_AFTER_S="5", FITSCOPE_METRICS_FLUSH_S="0.2",
                        FITSCOPE_CHECKPOINT_EVERY_EPOCHS="0", FITSCOPE_CHECKPOINT_EVERY_S="0")
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: long\nfuse: false\nparameters:\n  epochs: {value: 1500}\n")
     engine = engine_for(migrated_sqlite_url)
-    doomed = WorkerProcess(env, tmp_path / "doomed.log", "--name", "doomed@test")
-    survivor = None
+    # Both are up before the trial is sent; whichever takes it is killed, the other must finish it.
+    workers = {name: WorkerProcess(env, tmp_path / f"{name}.log", "--name", name) for name in ("w1@test", "w2@test")}
     try:
-        doomed.wait_ready()
+        for worker in workers.values():
+            worker.wait_ready()
         submitted = fitscope("submit", str(spec), "--json", env=env)
         assert submitted.returncode == 0, submitted.stderr
         [trial_id] = json.loads(submitted.stdout)["trial_ids"]
-        _wait(lambda: _trial(engine, trial_id).epochs_done >= 2, 60, doomed.log)
-        survivor = WorkerProcess(env, tmp_path / "survivor.log", "--name", "survivor@test")
-        survivor.wait_ready()
-        assert _trial(engine, trial_id).worker.startswith("doomed@test/")
+        _wait(lambda: _trial(engine, trial_id).epochs_done >= 2, 60, lambda: "".join(w.log() for w in workers.values()))
+        doomed_name = _trial(engine, trial_id).worker.rpartition("/")[0]
+        [survivor_name] = set(workers) - {doomed_name}
+        doomed, survivor = workers[doomed_name], workers[survivor_name]
 
         os.killpg(doomed.process.pid, signal.SIGKILL)  # the worker and its training process, no goodbye
         doomed.process.wait()
         _wait(lambda: _trial(engine, trial_id).status == "succeeded", 120, survivor.log)
     finally:
-        doomed.stop()
-        if survivor is not None:
-            survivor.stop()
+        for worker in workers.values():
+            worker.stop()
 
     trial = _trial(engine, trial_id)
-    assert trial.worker.startswith("survivor@test/") and trial.attempts == 2
+    assert trial.worker.startswith(f"{survivor_name}/") and trial.attempts == 2
     with session_scope(engine) as session:
         epochs = session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial_id)
                                  .order_by(EpochMetric.epoch)).all()
-        assert session.get(WorkerNode, "doomed@test").status == "lost"
+        assert session.get(WorkerNode, doomed_name).status == "lost"
         assert session.scalar(select(func.count()).select_from(WorkerNode)) == 2
     assert epochs == list(range(1, 1501))
     assert survivor.log().count("as takeovers") == 1, survivor.log()[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_as_docker_stop_sends_it_re_queues_the_running_trial_and_marks_the_worker_stopped(
+        migrated_sqlite_url, broker_url, tmp_path, engine_for):
+    """docker-compose.yml sets REMAP_SIGTERM=SIGQUIT: a cold shutdown that gives the trial
+    SOFT_SHUTDOWN_S, then cancels it and puts its message back, marked redelivered (a takeover)."""
+    import redis
+
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path,
+                       REMAP_SIGTERM="SIGQUIT", FITSCOPE_METRICS_FLUSH_S="0.2")
+    spec = tmp_path / "spec.yaml"
+    # Minutes of training: it outlasts the soft shutdown.
+    spec.write_text("name: long\nfuse: false\nparameters:\n  epochs: {value: 10000}\n")
+    engine = engine_for(migrated_sqlite_url)
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--name", "stopping@test")
+    queue = redis.Redis.from_url(broker_url)
+    try:
+        worker.wait_ready()
+        submitted = fitscope("submit", str(spec), "--json", env=env)
+        [trial_id] = json.loads(submitted.stdout)["trial_ids"]
+        _wait(lambda: _trial(engine, trial_id).epochs_done >= 1, 60, worker.log)
+        assert queue.llen("cpu") == 0
+        worker.process.send_signal(signal.SIGTERM)  # to the main process only, as `docker stop` does
+        worker.process.wait(SOFT_SHUTDOWN_S + 30)
+        [message] = queue.lrange("cpu", 0, -1)
+    finally:
+        queue.close()
+        worker.stop()
+    message = json.loads(message)
+    assert message["headers"]["argsrepr"] == f"[{trial_id}]"
+    assert message["properties"]["delivery_info"]["redelivered"] is True  # claimed as a takeover
+    with session_scope(engine) as session:
+        assert session.get(WorkerNode, "stopping@test").status == "stopped", worker.log()[-3000:]
+
+
+def _status(engine, name: str) -> str:
+    with session_scope(engine) as session:
+        return session.get(WorkerNode, name).status
 
 
 def _trial(engine, trial_id: int) -> Trial:

@@ -5,13 +5,17 @@ the same services as local processes.)"""
 
 from __future__ import annotations
 
+import shlex
+
 import click
 import pytest
 import typer
 
 from services.cli import app
 from services.config import Settings
+from services.queue import SOFT_SHUTDOWN_S
 from tests.compose import (
+    DOCKERFILE,
     MissingVariable,
     compose_variables,
     dockerfile_stages,
@@ -21,6 +25,7 @@ from tests.compose import (
     service_environment,
     stage_lines,
 )
+from tests.servers import REPO
 
 OUR_SERVICES = {"migrate", "worker", "worker-gpu", "dashboard"}
 SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
@@ -68,6 +73,7 @@ def test_fitscope_variables_are_real_settings_with_valid_values(compose, filled_
     fields = {f"FITSCOPE_{name.upper()}" for name in Settings.model_fields}
     for service in OUR_SERVICES:
         environment = service_environment(compose, service, filled_env)
+        environment.pop("REMAP_SIGTERM", None)  # Celery's own (test_docker_stop_re_queues_running_trials)
         assert set(environment) <= fields, f"{service}: {set(environment) - fields} are not settings"
         Settings(**{key.removeprefix("FITSCOPE_").lower(): value for key, value in environment.items()})
     documented = {name for name in read_env_file() if name.startswith("FITSCOPE_")}
@@ -85,12 +91,18 @@ def test_there_is_no_default_password(compose, filled_env):
     assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
 
 
-def test_redis_is_a_durable_queue_with_a_password(compose):
-    command = compose["services"]["redis"]["command"]
-    options = dict(zip(command[1::2], command[2::2], strict=False))
+def test_redis_is_a_durable_queue_with_a_password_that_stays_off_its_command_line(compose, filled_env):
+    redis = compose["services"]["redis"]
+    shell, flag, script = interpolate(redis["command"], filled_env)
+    assert (shell, flag) == ("sh", "-c")
+    words = shlex.split(script.splitlines()[0])
+    assert words[:3] == ["exec", "redis-server", "-"]  # its config file is stdin
+    options = dict(zip(words[3::2], words[4::2], strict=False))
     assert options["--appendonly"] == "yes"
     assert options["--maxmemory-policy"] == "noeviction"
-    assert options["--requirepass"].startswith("${REDIS_PASSWORD:?")
+    assert "s3cret" not in script and "requirepass" not in words  # only its shell knows the value
+    assert "requirepass $REDIS_PASSWORD" in script.splitlines()
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
 
 
 def test_services_wait_for_healthy_dependencies_and_the_migration(compose):
@@ -129,12 +141,62 @@ def test_dashboard_port_is_configurable_and_matches_what_it_listens_on(compose, 
 
 def test_images_are_built_from_dockerfile_stages_and_the_dashboards_has_no_torch(compose):
     stages = dockerfile_stages()
-    for name in OUR_SERVICES:
+    migrate, dashboard = compose["services"]["migrate"], compose["services"]["dashboard"]
+    # One image for both, built once: migrate only runs it (and must never pull it from a registry).
+    assert "build" not in migrate and migrate["pull_policy"] == "never" and migrate["image"] == dashboard["image"]
+    for name in OUR_SERVICES - {"migrate"}:
         build = compose["services"][name]["build"]
         assert build["target"] in stages, f"{name}: no stage {build['target']!r} in the Dockerfile"
         for arg in build.get("args", {}):
             assert any(line.strip().startswith(f"ARG {arg}") for line in stage_lines(stages, build["target"]))
     dashboard_stage = "\n".join(stage_lines(stages, "dashboard"))
     assert "TORCH_INDEX_URL" not in dashboard_stage and "not d.startswith('torch')" in dashboard_stage
-    assert "TORCH_INDEX_URL" in "\n".join(stage_lines(stages, "worker"))
-    assert compose["services"]["migrate"]["build"]["target"] == "dashboard"  # migrations need no torch
+    worker_stage = "\n".join(stage_lines(stages, "worker"))
+    # Only that index: beside PyPI, pip could take PyPI's torch and its CUDA libraries.
+    assert '--index-url "${TORCH_INDEX_URL}"' in worker_stage and "--extra-index-url" not in worker_stage
+    assert dashboard["build"]["target"] == "dashboard"  # migrations need no torch
+
+
+def test_every_copy_source_exists_and_the_code_runs_from_app():
+    dockerignore = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    for target, lines in dockerfile_stages().items():
+        for line in lines[1:]:
+            words = line.split()
+            if words and words[0] == "COPY" and not any(word.startswith("--from") for word in words):
+                for source in words[1:-1]:
+                    assert (REPO / source).exists(), f"{target}: COPY {source}: no such file"
+                    assert source not in dockerignore, f"{target}: COPY {source}, but .dockerignore leaves it out"
+        if target in ("dashboard", "worker"):
+            text = "\n".join(lines)
+            # The dashboard's example grids are found beside the code (parents[2] / "examples").
+            assert "COPY examples examples" in text and "pip install --no-deps -e ." in text
+    assert "WORKDIR /app" in DOCKERFILE.read_text()
+
+
+def test_redis_postgres_and_the_dashboard_are_published_on_this_machine_only_by_default(compose, filled_env):
+    defaults = {name: value for name, value in filled_env.items() if not name.endswith("_BIND_ADDRESS")}
+    for name in ("redis", "postgres", "dashboard", "flower"):
+        for published in interpolate(compose["services"][name]["ports"], defaults):
+            assert published.startswith("127.0.0.1:"), f"{name} is published on {published} by default"
+    assert {read_env_file()[f"{name}_BIND_ADDRESS"] for name in ("REDIS", "POSTGRES", "DASHBOARD")} == {"127.0.0.1"}
+
+
+def test_docker_stop_re_queues_running_trials(compose):
+    """SIGTERM becomes Celery's cold shutdown (soft for SOFT_SHUTDOWN_S), which puts running trials back
+    in the queue; compose must wait for that before its SIGKILL."""
+    for name in ("worker", "worker-gpu"):
+        service = compose["services"][name]
+        assert service["environment"]["REMAP_SIGTERM"] == "SIGQUIT"
+        assert service["init"] is True
+        assert float(service["stop_grace_period"].removesuffix("s")) >= SOFT_SHUTDOWN_S + 10
+
+
+def test_training_processes_split_the_containers_cpu_share_unless_told(monkeypatch):
+    from worker import celery_app
+
+    monkeypatch.setattr(celery_app, "cpu_quota", lambda: 4)  # compose's `cpus: 4` (WORKER_CPUS)
+    assert celery_app.torch_threads(Settings(), 2) == 2
+    assert celery_app.torch_threads(Settings(), 8) == 1
+    assert celery_app.torch_threads(Settings(torch_threads=3), 2) == 3  # FITSCOPE_TORCH_THREADS wins
+    monkeypatch.setattr(celery_app, "cpu_quota", lambda: None)  # no CPU limit: the setting's default
+    assert celery_app.torch_threads(Settings(), 1) == Settings().torch_threads
