@@ -30,7 +30,7 @@ STATUS_BADGES = {
     "succeeded": "green", "running": "blue", "queued": "gray",
     "diverged": "orange", "failed": "red", "cancelled": "violet",
 }
-SPLIT_DASH = {"train": "solid", "val": "dash"}
+SPLIT_DASH = {"train": "solid", "val": "dash", "gap": "dot"}
 _MISSING_COLOR = "#7f7f7f"
 
 
@@ -61,13 +61,16 @@ def progress_bar_chart(experiments: pd.DataFrame) -> go.Figure:
 
 
 def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *,
-                    metric: str = "loss") -> go.Figure:
+                    metric: str = "loss", log_y: bool = False,
+                    epoch_marks: dict[str, int | None] | None = None) -> go.Figure:
     """Train (solid) and validation (dashed) ``metric`` per epoch, one pair of lines per trial,
     coloured by the trial's value of the parameter ``color_by``.
 
     ``epochs`` has ``trial_id``, ``epoch``, ``train_<metric>`` and ``val_<metric>`` (metric is
     ``loss`` or ``accuracy``); ``trials`` has ``trial_id``, ``ordinal`` and the ``color_by`` column.
     Numeric parameters get an ordered colour scale (small to large), others distinct colours.
+    ``log_y`` draws the metric on a log axis (losses spanning decades); ``epoch_marks`` draws a labelled
+    vertical line at each named epoch (e.g. {"best": 12, "stopped": 22}; None values are skipped).
     """
     by_trial = trials.set_index("trial_id")
     colors = _color_map(by_trial[color_by].tolist() if color_by in by_trial else [])
@@ -77,7 +80,7 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
         value = by_trial.at[trial_id, color_by] if trial_id in by_trial.index and color_by in by_trial else None
         label = _format_value(value)
         ordinal = by_trial.at[trial_id, "ordinal"] if "ordinal" in by_trial and trial_id in by_trial.index else "?"
-        for split, dash in SPLIT_DASH.items():
+        for split, dash in (("train", "solid"), ("val", "dash")):
             figure.add_scatter(
                 x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
                 line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
@@ -92,11 +95,38 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
                "subtitle": {"text": "solid: train, dashed: validation"}},
         margin={"l": 10, "r": 10, "t": 70, "b": 40},
         xaxis={"title": "epoch"},
-        yaxis={"title": metric},
+        yaxis={"title": metric, "type": "log" if log_y else "linear"},
         legend={"title": {"text": color_by}},
         hovermode="closest",
     )
+    _mark_epochs(figure, epoch_marks)
     return figure
+
+
+def norm_curves(epochs: pd.DataFrame, *, epoch_marks: dict[str, int | None] | None = None) -> go.Figure:
+    """One trial's gradient norm (of each epoch's last step, before clipping) and weight norm per
+    epoch, on a log axis: a gradient norm falling by decades means vanishing gradients, one climbing
+    means exploding ones; weight decay and L1 show as a smaller weight norm. ``epochs`` has epoch,
+    grad_norm and weight_norm."""
+    figure = go.Figure()
+    for column, color, name in (("grad_norm", "#d62728", "gradient norm"), ("weight_norm", "#1f77b4", "weight norm")):
+        if column in epochs and epochs[column].notna().any():
+            rows = epochs.sort_values("epoch")
+            figure.add_scatter(x=rows["epoch"].tolist(), y=rows[column].tolist(), mode="lines", name=name,
+                               line={"color": color, "width": 2},
+                               hovertemplate=f"epoch %{{x}}<br>{name} %{{y:.4g}}<extra></extra>")
+    figure.update_layout(title={"text": "Gradient and weight norms", "subtitle": {"text": "L2 norms, log scale"}},
+                         margin={"l": 10, "r": 10, "t": 70, "b": 40}, xaxis={"title": "epoch"},
+                         yaxis={"title": "L2 norm", "type": "log"}, hovermode="closest")
+    _mark_epochs(figure, epoch_marks)
+    return figure
+
+
+def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None:
+    for label, epoch in (marks or {}).items():
+        if epoch:
+            figure.add_vline(x=int(epoch), line={"color": "#7f7f7f", "dash": "dot", "width": 1},
+                             annotation_text=f"{label} (epoch {int(epoch)})", annotation_position="top")
 
 
 def _color_map(values: list[Any]) -> dict[str, str]:
@@ -153,7 +183,7 @@ VERDICT_COLORS = {
     "overfit": "#d62728",        # red: memorised, does not generalise
     "diverged": "#3b3b3b",       # near-black: the loss blew up
 }
-SPLIT_NAMES = {"train": "train", "val": "validation"}
+SPLIT_NAMES = {"train": "train", "val": "validation", "gap": "generalization gap (val - train)"}
 ALL_TRIALS = "all trials"  # a color_by that draws every trial as one group
 
 
@@ -162,40 +192,62 @@ def _one_group(frame: pd.DataFrame, color_by: str) -> pd.DataFrame:
 
 
 def learning_curve_bands(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: str, metric: str = "loss",
-                         band: str = "std") -> go.Figure:
+                         band: str = "std", every: int = 1, columns: dict[str, str] | None = None,
+                         log_y: bool = False) -> go.Figure:
     """Train (solid) and validation (dashed) ``metric`` per epoch: one mean line per value of
     ``color_by``, with a band over the trials that share it (seeds, and any parameter not split out).
 
     ``curves`` has trial_id, epoch, train_<metric>, val_<metric>; ``trials`` has trial_id and ``color_by``.
+    ``columns`` maps a split to its column instead (e.g. {"value": "grad_norm"} for a metric with no
+    split). ``every``: the curves were read every ``every``-th epoch (plus each run's first and last);
+    the off-grid last epochs are dropped here, since a mean over the one or two runs that ended there
+    would zig-zag against the means over all runs at the grid's epochs.
     """
     trials = _one_group(trials, color_by)
-    long = _by_split(curves.merge(trials[_unique(["trial_id", color_by])], on="trial_id"),
-                     {split: f"{split}_{metric}" for split in SPLIT_DASH})
+    curves = _on_grid(curves, every)
+    columns = columns or {split: f"{split}_{metric}" for split in ("train", "val")}
+    long = _by_split(curves.merge(trials[_unique(["trial_id", color_by])], on="trial_id"), columns)
     bands = analysis.seed_bands(long, by=_unique([color_by, "split", "epoch"]), value="value", band=band)
     return _band_figure(bands, x="epoch", color_by=color_by, band=band, x_title="epoch", y_title=metric,
-                        title=f"{metric.capitalize()} per epoch")
+                        title=f"{metric.replace('_', ' ').capitalize()} per epoch", log_y=log_y)
+
+
+def _on_grid(curves: pd.DataFrame, every: int) -> pd.DataFrame:
+    """Rows at epoch 1 and at multiples of ``every`` (every run has them), without the off-grid last epochs."""
+    if every <= 1 or curves.empty:
+        return curves
+    return curves[(curves["epoch"] % every == 0) | (curves["epoch"] == 1)]
 
 
 def metric_against(trials: pd.DataFrame, *, x: str, color_by: str, columns: dict[str, str], band: str = "std",
-                   title: str | None = None, y_title: str = "loss") -> go.Figure:
+                   title: str | None = None, y_title: str = "loss", gap: bool = False,
+                   log_y: bool = False) -> go.Figure:
     """A final metric against the parameter ``x`` (e.g. parameter_count for capacity, n_train, weight_decay,
     lr), one line per value of ``color_by`` with a band over seeds. ``columns`` maps a split (train, val)
     to the trial-table column drawn for it, e.g. {"train": "final_train_loss", "val": "final_val_loss"};
-    train is solid, validation dashed. Numeric x spanning more than a factor of 20 gets a log axis."""
+    train is solid, validation dashed. ``gap`` adds the generalization gap (validation minus train, per
+    run, then averaged) dotted. Numeric x spanning more than a factor of 20 gets a log axis."""
     rows = _one_group(trials[trials[x].notna()] if x in trials else trials.iloc[:0], color_by)
+    if gap and {"train", "val"} <= set(columns) and {columns["train"], columns["val"]} <= set(rows.columns):
+        val = pd.to_numeric(rows[columns["val"]], errors="coerce")
+        rows = rows.assign(_gap=val - pd.to_numeric(rows[columns["train"]], errors="coerce"))
+        columns = {**columns, "gap": "_gap"}
     long = _by_split(rows, columns)
     bands = analysis.seed_bands(long, by=_unique([color_by, "split", x]), value="value", band=band)
     values = bands[x].tolist()
     log_x = (len(values) > 0 and all(_is_number(v) and v > 0 for v in values)
              and max(values) / min(values) > 20)
     return _band_figure(bands, x=x, color_by=color_by, band=band, x_title=x, y_title=y_title,
-                        title=title or f"{y_title} against {x}", log_x=log_x)
+                        title=title or f"{y_title} against {x}", log_x=log_x, log_y=log_y)
 
 
 def metric_heatmap(trials: pd.DataFrame, *, x: str, y: str, metric: str) -> go.Figure:
     """The mean of ``metric`` in each cell of the ``x`` by ``y`` grid (over seeds and any other
     parameter), written in the cell; the count of runs is in the hover text."""
-    cells = analysis.seed_bands(trials, by=_unique([x, y]), value=metric) if metric in trials else pd.DataFrame()
+    if metric in trials:  # a copy of the metric, so that it may also be an axis (parameter_count, say)
+        cells = analysis.seed_bands(trials.assign(_metric=trials[metric]), by=_unique([x, y]), value="_metric")
+    else:
+        cells = pd.DataFrame()
     x_labels, y_labels = _axis_labels(cells, x), _axis_labels(cells, y)
     z = np.full((len(y_labels), len(x_labels)), np.nan)
     counts = np.zeros_like(z)
@@ -259,13 +311,17 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
     return figure
 
 
-def schedule_over_loss(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: str, metric: str = "val_loss"
-                       ) -> go.Figure:
+def schedule_over_loss(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: str, metric: str = "val_loss",
+                       every: int = 1) -> go.Figure:
     """The learning rate (dotted, right axis) drawn over the mean ``metric`` curve (solid, left axis),
-    one colour per value of ``color_by``, so the loss's steps line up with the schedule's."""
-    merged = curves.merge(trials[_unique(["trial_id", color_by])], on="trial_id")
+    one colour per value of ``color_by``, so the loss's steps line up with the schedule's. ``color_by``
+    may be ``lr`` itself (the rate the trial was configured with; the drawn rate is the epoch's)."""
+    # The epoch's rate is renamed first: grouping by the configured ``lr`` would otherwise clash with it.
+    per_epoch = _on_grid(curves, every).rename(columns={"lr": "_epoch_lr"})
+    merged = per_epoch.merge(trials[_unique(["trial_id", color_by])], on="trial_id")
     figure = make_subplots(specs=[[{"secondary_y": True}]])
-    means = merged.groupby(_unique([color_by, "epoch"]), sort=False, dropna=False)[[metric, "lr"]].mean().reset_index()
+    means = (merged.groupby(_unique([color_by, "epoch"]), sort=False, dropna=False)[[metric, "_epoch_lr"]]
+             .mean().reset_index())
     colors = _color_map(means[color_by].tolist())
     for value, rows in sorted(means.groupby(color_by, sort=False, dropna=False),
                               key=lambda item: _sort_key(_unwrap(item[0]))):
@@ -274,7 +330,7 @@ def schedule_over_loss(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: 
         color = colors.get(label, _MISSING_COLOR)
         figure.add_scatter(x=rows["epoch"].tolist(), y=rows[metric].tolist(), mode="lines", name=f"{color_by}={label}",
                            line={"color": color}, legendgroup=label, secondary_y=False)
-        figure.add_scatter(x=rows["epoch"].tolist(), y=rows["lr"].tolist(), mode="lines", name=f"lr ({label})",
+        figure.add_scatter(x=rows["epoch"].tolist(), y=rows["_epoch_lr"].tolist(), mode="lines", name=f"lr ({label})",
                            line={"color": color, "dash": "dot"}, legendgroup=label, showlegend=False,
                            secondary_y=True)
     figure.update_layout(title={"text": "Learning-rate schedule over the loss",
@@ -342,7 +398,7 @@ def points_shipped(figure: go.Figure) -> int:
 
 
 def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,
-                 log_x: bool = False) -> go.Figure:
+                 log_x: bool = False, log_y: bool = False) -> go.Figure:
     """One translucent band and one mean line per (group, split); train solid, validation dashed."""
     figure = go.Figure()
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
@@ -354,7 +410,7 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         color = colors.get(label, _MISSING_COLOR)
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key)) if not numeric_x else rows.sort_values(x)
         xs = rows[x].tolist() if numeric_x else [_format_value(v) for v in rows[x]]
-        if (rows["upper"] > rows["lower"]).any():
+        if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap too would hide the rest
             figure.add_scatter(
                 x=xs + xs[::-1], y=rows["upper"].tolist() + rows["lower"].tolist()[::-1], fill="toself",
                 fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
@@ -371,13 +427,22 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         )
         in_legend.add(label)
     figure.update_layout(
-        title={"text": title, "subtitle": {"text": f"solid: train, dashed: validation; band: "
+        title={"text": title, "subtitle": {"text": f"{_line_styles(bands)}band: "
                                                    f"{analysis.BANDS[band]} over the runs in each group"}},
         margin={"l": 10, "r": 10, "t": 70, "b": 40},
         xaxis={"title": x_title, "type": "log" if log_x else ("linear" if numeric_x else "category")},
-        yaxis={"title": y_title}, legend={"title": {"text": color_by}}, hovermode="closest",
+        yaxis={"title": y_title, "type": "log" if log_y else "linear"}, legend={"title": {"text": color_by}},
+        hovermode="closest",
     )
     return figure
+
+
+def _line_styles(bands: pd.DataFrame) -> str:
+    """The legend of line styles, for the splits a band chart draws: "solid: train, dashed: validation; "."""
+    splits = set(bands["split"]) if "split" in bands else set()
+    styles = [f"{name}: {SPLIT_NAMES[split]}" for split, name in
+              (("train", "solid"), ("val", "dashed"), ("gap", "dotted")) if split in splits]
+    return "; ".join(styles) + "; " if styles else ""
 
 
 def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
@@ -427,7 +492,7 @@ def _by_split(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     """Long format: one row per input row and split, the split's column as ``value``."""
     parts = [frame.drop(columns=[c for c in columns.values() if c in frame]).assign(split=split, value=frame[column])
              for split, column in columns.items() if column in frame]
-    return pd.concat(parts, ignore_index=True) if parts else frame.assign(split=[], value=[]).iloc[:0]
+    return pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0].assign(split=[], value=[])
 
 
 def _axis_labels(frame: pd.DataFrame, column: str) -> list[str]:

@@ -8,14 +8,10 @@ seconds, so a live panel and several browser tabs share one read). A database th
 
 from __future__ import annotations
 
-import getpass
 import io
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import pandas as pd
@@ -26,14 +22,6 @@ from sqlalchemy.exc import OperationalError
 
 from services.analysis import rejudge_among_siblings
 from services.config import ConfigError, Settings, get_settings, redact_url
-from services.datasets import (
-    CsvLimits,
-    DatasetError,
-    load_dataset_content,
-    resolve_csv_configs,
-    store_dataset,
-    validate_csv,
-)
 from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, session_scope
 from services.export import write_rows
 from services.migrate import ensure_schema_at_head
@@ -43,6 +31,7 @@ from services.queries import (
     epoch_curves,
     epoch_rows,
     get_experiment,
+    last_epoch_values,
     list_experiments,
     stored_diagnoses,
     trial_artifacts_of,
@@ -50,11 +39,8 @@ from services.queries import (
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
-from services.queue import BrokerUnreachable, check_broker, enqueue_submission, enqueue_trials, make_celery
-from services.spec import GridSpec, SpecError, count_trials, expand, parse_spec
-from services.submission import Submitted
-from services.submission import submit as submit_spec
-from services.trial_config import TRIAL_PARAMETERS, CsvDataset
+from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS, cancel_experiment, requeue_trials
 from services.workers import list_workers
 
@@ -167,8 +153,15 @@ def csv_export(experiment_id: int, what: str) -> Callable[[], str]:
     read = trial_rows if what == "trials" else epoch_rows
 
     def render() -> str:
-        with session_scope(_engine(url)) as session:
-            rows = read(session, experiment_id)
+        # Runs in the download button's own request, after the page was drawn: a database that went
+        # away meanwhile must still read as one sentence (in the file), not as a traceback.
+        try:
+            with session_scope(_engine(url)) as session:
+                rows = read(session, experiment_id)
+        except OperationalError as exc:
+            return sentence(f"could not read experiment {experiment_id}'s {what} from the database at "
+                            f"{redact_url(url)} ({_reason(exc)}); check that the database server is running "
+                            "and click again")
         stream = io.StringIO()
         write_rows(rows, stream, "csv")
         return stream.getvalue()
@@ -264,6 +257,14 @@ def epochs_to_reach(experiment_id: int, *, field: str, target: float) -> pd.Seri
         return _epochs_to_reach(url, experiment_id, field, target)
 
 
+def final_norms(experiment_id: int) -> pd.DataFrame:
+    """trial_id, final_grad_norm and final_weight_norm: each trial's gradient and weight norm at its
+    last recorded epoch (services.queries.last_epoch_values), to merge into the trials table."""
+    url = _ready_url()
+    with _reading(url):
+        return _final_norms(url, experiment_id)
+
+
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
     """The fit verdict of every ended trial judged among its siblings (services.analysis.rejudge_among_siblings,
     the rule of diagnose_experiment applied to the stored diagnoses): DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
@@ -301,6 +302,15 @@ def _curves(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None, fie
         rows = epoch_curves(session, experiment_id, fields=fields, every=every,
                             trial_ids=list(trial_ids) if trial_ids is not None else None)
     return pd.DataFrame(rows, columns=["trial_id", "epoch", *fields])
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        found = last_epoch_values(session, experiment_id, fields=("grad_norm", "weight_norm"))
+    rows = [{"trial_id": trial_id, "final_grad_norm": values["grad_norm"], "final_weight_norm": values["weight_norm"]}
+            for trial_id, values in found.items()]
+    return pd.DataFrame(rows, columns=["trial_id", "final_grad_norm", "final_weight_norm"])
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -384,14 +394,11 @@ def _writing(url: str) -> Iterator[None]:
 
 def _forget_reads() -> None:
     for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach, _sibling_diagnoses,
-                   _artifacts, _trial):
+                   _artifacts, _trial, _final_norms):
         cached.clear()
 
 
-# --- workers and the New experiment page (`fitscope validate` / `submit` behind widgets) ----------
-
-MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS, MAX_SUBMITTER_CHARS = 20, 50, 2000, 200
-
+# --- workers --------------------------------------------------------------------------------------
 
 def workers() -> list[dict[str, Any]]:
     """Every known worker (services.workers.list_workers), online ones first: name, host, queues,
@@ -405,172 +412,6 @@ def workers() -> list[dict[str, Any]]:
 def _workers(url: str, lost_after_s: float) -> list[dict[str, Any]]:
     with session_scope(_engine(url)) as session:
         return list_workers(session, lost_after_s=lost_after_s)
-
-
-class FieldError(ValueError):
-    """A submission field a user got wrong; the message is one sentence naming the field and the fix."""
-
-
-@dataclass(frozen=True)
-class SpecPreview:
-    """What `fitscope validate` says about a spec: its trial count, or every problem as the CLI
-    prints it (without the ``error: `` prefix), plus the warnings it prints either way."""
-
-    name: str | None = None
-    method: str | None = None
-    seeds: int = 0
-    trials: int | None = None
-    warnings: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class StoredCsv:
-    """An uploaded CSV data set that passed submit's checks and is stored in the database."""
-
-    name: str  # what a spec calls it: {csv: NAME, target: ...}
-    sha256: str
-    target: str
-    missing: str
-    rows: int
-    columns: tuple[str, ...]
-    task: str
-
-
-def default_submitter() -> str:
-    """FITSCOPE_SUBMITTED_BY, else the dashboard process's login name (what the CLI records)."""
-    if settings().submitted_by:
-        return settings().submitted_by
-    try:
-        return getpass.getuser()
-    except Exception:  # no user name in some containers
-        return ""
-
-
-def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str | None, list[str], str | None]:
-    """The submitter, the comma-separated tags (deduplicated) and the note, trimmed and held to
-    their caps; raises FieldError naming the field."""
-    for field, text in (("submitted by", submitted_by), ("tags", tags_text), ("note", note)):
-        if "\x00" in text:
-            raise FieldError(f"{field} contains a NUL character; remove it")
-    submitter = submitted_by.strip()
-    if len(submitter) > MAX_SUBMITTER_CHARS:
-        raise FieldError(f"submitted by is {len(submitter)} characters long, over the limit of "
-                         f"{MAX_SUBMITTER_CHARS}; shorten it")
-    tags = list(dict.fromkeys(tag.strip() for tag in tags_text.split(",") if tag.strip()))
-    if len(tags) > MAX_TAGS:
-        raise FieldError(f"tags: {len(tags)} given, over the limit of {MAX_TAGS}; keep the ones you will search by")
-    for tag in tags:
-        if len(tag) > MAX_TAG_CHARS:
-            raise FieldError(f"tags: {tag[:20]!r}... is {len(tag)} characters long, over the limit of "
-                             f"{MAX_TAG_CHARS}; shorten it (tags are separated by commas)")
-    note = note.strip()
-    if len(note) > MAX_NOTE_CHARS:
-        raise FieldError(f"note is {len(note)} characters long, over the limit of {MAX_NOTE_CHARS}; shorten it")
-    return submitter or None, tags, note or None
-
-
-def preview(spec_text: str, uploads: dict[str, str]) -> SpecPreview:
-    """What `fitscope validate` would print for ``spec_text``: the same parse, expansion and CSV
-    checks, so the same sentences. ``uploads`` maps each CSV data set uploaded on the page (the
-    only CSV files the dashboard reads) to its sha256."""
-    current = settings()
-    url = _ready_url()
-    with _reading(url):
-        return _preview(url, spec_text, tuple(sorted(uploads.items())), current.max_spec_bytes,
-                        current.max_trials_per_experiment, CsvLimits.from_settings(current))
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def _preview(url: str, spec_text: str, uploads: tuple[tuple[str, str], ...], max_spec_bytes: int,
-             max_trials: int, csv_limits: CsvLimits) -> SpecPreview:
-    spec = None
-    try:
-        spec = parse_spec(spec_text, max_bytes=max_spec_bytes)
-        configs = expand(spec, max_trials=max_trials)
-        with _csv_folder(url, spec, dict(uploads)) as folder:
-            resolve_csv_configs(configs, base_dir=folder, limits=csv_limits)
-    except (SpecError, DatasetError) as exc:
-        problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
-        return SpecPreview(name=spec and spec.name, warnings=tuple(spec.warnings if spec else ()),
-                           problems=tuple(problems))
-    return SpecPreview(name=spec.name, method=spec.method, seeds=len(spec.seeds), trials=count_trials(spec),
-                       warnings=tuple(spec.warnings))
-
-
-def store_csv(*, file_name: str, content: bytes, target: str, missing: str = "error") -> StoredCsv:
-    """Check an uploaded CSV as `fitscope submit` checks a spec's CSV (the FITSCOPE_MAX_CSV_* caps,
-    the same sentences) and store it in the database by its sha256. Raises DatasetError, and then
-    writes nothing."""
-    current = settings()
-    name = Path(file_name.replace("\\", "/")).name.strip()[:200]
-    if name in ("", ".", ".."):
-        name = "data.csv"
-    if not target.strip():
-        raise DatasetError(f"{name}: choose the target column, the one the model should predict")
-    try:
-        dataset = CsvDataset(csv=name, target=target.strip(), missing=missing)
-    except ValueError as exc:  # pydantic's ValidationError: a target name over 200 characters
-        raise DatasetError(f"{name}: target {target[:40]!r} is not a usable column name "
-                           f"({exc.errors()[0]['msg']}); rename the column") from None
-    limits = CsvLimits.from_settings(current)
-    with tempfile.TemporaryDirectory(prefix="fitscope-upload-") as folder:
-        path = Path(folder) / name
-        path.write_bytes(content)
-        validated = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
-                                 max_columns=limits.max_columns)
-    url = _ready_url()
-    with _writing(url), session_scope(_engine(url)) as session:
-        store_dataset(session, validated)
-    return StoredCsv(name=name, sha256=validated.sha256, target=dataset.target, missing=missing,
-                     rows=validated.table.n_rows, columns=validated.table.columns, task=validated.table.task)
-
-
-def submit(*, spec_text: str, submitted_by: str | None, tags: list[str], note: str | None,
-           uploads: dict[str, str]) -> Submitted:
-    """`fitscope submit` from the page: the broker is checked first, the experiment and its trials
-    are written in one transaction, and services.queue.enqueue_submission sends the messages after
-    the commit. Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable; nothing is
-    written when one of them is raised before the commit."""
-    current = settings()
-    spec = parse_spec(spec_text, max_bytes=current.max_spec_bytes)
-    producer = _producer(current.effective_broker_url, current)
-    check_broker(producer, timeout_s=3.0)  # before writing, so a dead broker leaves no orphan rows
-    url = _ready_url()
-    with _csv_folder(url, spec, uploads) as folder, _writing(url), session_scope(_engine(url)) as session:
-        submitted = submit_spec(session, spec=spec, spec_text=spec_text, submitted_by=submitted_by,
-                                max_trials=current.max_trials_per_experiment, base_dir=folder,
-                                csv_limits=CsvLimits.from_settings(current), tags=tags, note=note)
-    _forget_reads()
-    try:
-        enqueue_submission(producer, submitted)
-    except Exception as exc:  # kombu raises several unrelated types for a broker that went away
-        raise BrokerUnreachable(
-            f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
-            f"({type(exc).__name__}); once the broker is back run `fitscope requeue {submitted.experiment_id} "
-            "--status queued`"
-        ) from None
-    return submitted
-
-
-@contextmanager
-def _csv_folder(url: str, spec: GridSpec, uploads: dict[str, str]) -> Iterator[Path | None]:
-    """A temporary folder holding the uploaded CSV data sets the spec names, for the checks that read
-    files. A name that was not uploaded is refused: the dashboard never reads its server's files."""
-    dataset = spec.parameters.get("dataset")
-    names = sorted({value.csv for value in (dataset.values if dataset else ()) if isinstance(value, CsvDataset)})
-    if not names:
-        yield None
-        return
-    for name in names:
-        if name not in uploads:
-            raise DatasetError(f"{name}: the dashboard reads only CSV data sets uploaded on this page; upload it "
-                               "under 'Your own data (CSV)', or name one that is uploaded")
-    with tempfile.TemporaryDirectory(prefix="fitscope-csv-") as folder:
-        with session_scope(_engine(url)) as session:
-            for name in names:
-                (Path(folder) / name).write_bytes(load_dataset_content(session, uploads[name]))
-        yield Path(folder)
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ nothing is hard-wired to one grid."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -17,6 +18,13 @@ NO_EXPERIMENTS = "No experiments yet. Submit one with `fitscope submit examples/
 LAST_EXPERIMENT = "widgets_last_experiment"  # the experiment chosen last on any page, the next page's default
 TRAINED = ("succeeded", "diverged")  # statuses of trials with a full run to compare
 MAX_FILTER_OPTIONS = 200  # a parameter with more distinct values than this is not offered as a filter
+_ID = re.compile(r"[0-9]{1,18}")  # a database id in a link: ASCII digits, within a 64-bit integer
+
+
+def parse_id(text: str | None) -> int | None:
+    """The id in a `?experiment=` or `?trial=` link, or None when it is not one: up to 18 ASCII
+    digits, so that a longer number never reaches the database (whose integers are 64-bit)."""
+    return int(text) if isinstance(text, str) and _ID.fullmatch(text) else None
 
 
 def experiment_or_stop(page: str) -> int:
@@ -36,10 +44,10 @@ def choose_experiment(experiments: pd.DataFrame, *, page: str = "experiment") ->
     asked = st.query_params.get("experiment")
     if asked != st.session_state.get(query):  # arrived by a link: the link decides
         st.session_state[query] = asked
-        if asked is not None and asked.isdigit() and int(asked) in labels:
-            st.session_state[selected] = int(asked)
+        if parse_id(asked) in labels:
+            st.session_state[selected] = parse_id(asked)
         elif asked is not None:
-            st.warning(f"Experiment {asked!r} does not exist; choose one below.")
+            st.warning(f"Experiment {asked[:40]!r} does not exist; choose one below.")
     if selected not in st.session_state and st.session_state.get(LAST_EXPERIMENT) in labels:
         st.session_state[selected] = st.session_state[LAST_EXPERIMENT]
     chosen = st.selectbox("Experiment", options=list(labels), format_func=labels.get, key=selected)
@@ -76,19 +84,68 @@ def band_picker(*, key: str) -> str:
                     help="Runs that share every plotted parameter (usually the seeds) become one line and a band.")
 
 
-def trial_filter(trials: pd.DataFrame, *, key: str) -> pd.DataFrame:
-    """An expander with one multiselect per varying parameter; the trials whose values are all kept."""
+def trial_filter(trials: pd.DataFrame, *, key: str, experiment_id: int) -> pd.DataFrame:
+    """An expander with one "leave out" multiselect per varying parameter; the trials with none of
+    the left-out values.
+
+    The widgets hold what is left out (nothing at first), keyed by the experiment: a value that
+    appears later (a trial of a running experiment) is shown, not silently filtered away, and another
+    experiment starts with its own, empty, choices."""
     choices = [name for name in data.varying_parameters(trials)
                if trials[name].astype(str).nunique() <= MAX_FILTER_OPTIONS]
     kept = trials
     with st.expander("Filter trials", icon=":material/filter_alt:"):
         for name in choices:
-            values = sorted(trials[name].astype(str).unique(), key=_natural)
-            chosen = st.multiselect(name, values, default=values, key=f"{key}_{name}")
-            if len(chosen) < len(values):
-                kept = kept[kept[name].astype(str).isin(chosen)]
+            widget = f"{key}_{experiment_id}_{name}"
+            kept_choice = f"{widget}_left_out"  # not a widget's key: survives the runs that show another experiment
+            if widget not in st.session_state:
+                st.session_state[widget] = list(st.session_state.get(kept_choice, []))
+            values = set(trials[name].astype(str)) | set(st.session_state[widget])
+            left_out = st.multiselect(f"Leave out {name}", sorted(values, key=_natural), key=widget)
+            st.session_state[kept_choice] = left_out
+            if left_out:
+                kept = kept[~kept[name].astype(str).isin(left_out)]
         st.caption(f"{len(kept)} of {len(trials)} trials kept.")
     return kept
+
+
+def diverged_mask(trials: pd.DataFrame) -> pd.Series:
+    """True for the trials that diverged: the engine said so, or a verdict (stored or among siblings) did."""
+    mask = trials["status"] == "diverged"
+    for column in ("verdict", "sibling_verdict"):
+        if column in trials:
+            mask |= trials[column] == "diverged"
+    return mask
+
+
+def without_diverged(trials: pd.DataFrame, *, key: str) -> pd.DataFrame:
+    """The trials that go into bands: diverged runs left out unless the user asks for them (one blown-up
+    seed would stretch a band over the whole chart)."""
+    diverged = diverged_mask(trials)
+    include = st.toggle(f"Include diverged runs in bands ({int(diverged.sum())} of {len(trials)})", value=False,
+                        key=key, help="Off: a run whose loss blew up is left out of means and bands; the "
+                                      "divergence charts and the verdict grid always count it.")
+    return trials if include else trials[~diverged]
+
+
+def averaged_over(trials: pd.DataFrame, plotted: Sequence[str]) -> str:
+    """A sentence saying what each mean and band of a chart averages: the runs that share the
+    ``plotted`` parameters, i.e. the seeds and every varying parameter not plotted."""
+    others = [name for name in data.varying_parameters(trials) if name not in (*plotted, "seed", "ordinal")]
+    seeds = trials["seed"].nunique() if "seed" in trials else 1
+    across = f"{seeds} seed(s)" + (f" and every value of {', '.join(others)}" if others else "")
+    return f"Each line and band averages the {len(trials)} runs shown over {across} (use the filter to slice)."
+
+
+def keyed_multiselect(label: str, options: Sequence, *, key: str, default: Sequence, **kwargs) -> list:
+    """A multiselect that starts at ``default`` once, then keeps the user's choice, dropping any chosen
+    value that is no longer offered (a filter changed) instead of failing."""
+    options = list(options)
+    if key in st.session_state:
+        st.session_state[key] = [value for value in st.session_state[key] if value in options]
+    else:
+        st.session_state[key] = [value for value in default if value in options]
+    return st.multiselect(label, options, key=key, **kwargs)
 
 
 def trial_label(trial: pd.Series | dict, parameters: Sequence[str]) -> str:

@@ -198,6 +198,23 @@ def epochs_to_reach(session: Session, experiment_id: int, *, field: str, target:
     return {trial_id: epoch for trial_id, epoch in result}
 
 
+def last_epoch_values(session: Session, experiment_id: int, *, fields: tuple[str, ...] = ("grad_norm", "weight_norm")
+                      ) -> dict[int, dict[str, float | None]]:
+    """Each trial's ``fields`` (epoch metrics) at its last recorded epoch, by trial id: per-epoch
+    numbers the final metrics do not keep (the weight norm at the end, to set against weight decay).
+    One query, one row per trial; trials without an epoch row are absent."""
+    unknown = set(fields) - set(EPOCH_METRIC_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown epoch metric fields: {', '.join(sorted(unknown))}")
+    epochs = EpochMetric.__table__.c
+    result = session.connection().execute(
+        select(epochs.trial_id, *(epochs[name] for name in fields))
+        .join(Trial, (Trial.id == epochs.trial_id) & (Trial.epochs_done == epochs.epoch))
+        .where(Trial.experiment_id == experiment_id)
+    )
+    return {row[0]: dict(zip(fields, row[1:], strict=True)) for row in result}
+
+
 def stored_diagnoses(session: Session, experiment_id: int) -> list[dict[str, Any]]:
     """What services.analysis.rejudge_among_siblings takes, for every ended trial of an experiment:
     trial_id, config, verdict, and the stored diagnosis's ``reasons`` and ``numbers``. One query of

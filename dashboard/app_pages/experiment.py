@@ -81,7 +81,8 @@ def trial_table(trials: pd.DataFrame) -> None:
         hide_index=True, key="experiment_trials_table",
         column_config={"ordinal": st.column_config.NumberColumn("trial"),
                        "link": st.column_config.LinkColumn("details", display_text="open"),
-                       **{name: st.column_config.NumberColumn(format="%.4g") for name in metrics}},
+                       **{name: st.column_config.NumberColumn(format="%.4g") for name in metrics
+                          if pd.api.types.is_numeric_dtype(trials[name])}},  # verdict, reasons: text
     )
     shared = [name for name in data.parameter_columns(trials) if name not in varying]
     if shared and len(trials):

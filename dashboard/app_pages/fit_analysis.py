@@ -1,8 +1,9 @@
-"""Fit analysis: where an experiment's models underfit and overfit. Learning curves grouped by any
-parameter with a band over seeds; final (or best) train and validation loss against capacity and
-against any other parameter (the U-shaped validation curve); a heatmap of any metric over two
-parameters; the fit verdicts of the trials judged among their siblings, as a colour-coded grid and a
-table; and the learned curves or decision boundaries of chosen trials side by side."""
+"""Fit analysis: where an experiment's models underfit and overfit. A filter at the top chooses the
+slice of the grid every section shows; then learning curves grouped by any parameter with a band
+over seeds; final (or best) train and validation metrics, and their generalization gap, against
+capacity and against any other parameter (the U-shaped validation curve); a heatmap of any metric
+over two parameters; the fit verdicts of the trials judged among their siblings, as a colour-coded
+grid and a table; and the learned curves or decision boundaries of chosen trials side by side."""
 
 from __future__ import annotations
 
@@ -13,57 +14,67 @@ from dashboard import charts, data, widgets
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The analysis appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
+NOTHING_KEPT = "No finished trial is left after the filter: leave out fewer values under \"Filter trials\"."
 # Parameters that mostly move a model between under- and overfitting: the pickers start on these.
-CAPACITY = ("width", "depth", "poly_degree", "model")
+CAPACITY = ("width", "depth", "poly_degree", "model", "activation")
 DATA_SIZE = ("n_train", "noise", "label_noise")
 REGULARIZERS = ("weight_decay", "l1", "dropout", "input_noise", "label_smoothing", "norm", "early_stopping")
-VALUES = {  # what "final" and "best" mean for each metric: split -> trial-table column
-    ("loss", "final"): {"train": "final_train_loss", "val": "final_val_loss"},
-    ("loss", "best"): {"train": "diag_best_train_loss", "val": "best_val_loss"},
-    ("accuracy", "final"): {"train": "final_train_accuracy", "val": "final_val_accuracy"},
-    ("accuracy", "best"): {"val": "best_val_accuracy"},
+SPLIT_METRICS = ("loss", "accuracy", "rmse", "mae", "r2")  # recorded for train and validation each epoch
+NORMS = ("grad_norm", "weight_norm")  # recorded once per epoch, no split
+BEST = {  # what "best" means for each metric: split -> trial-table column (others have only "final")
+    "loss": {"train": "diag_best_train_loss", "val": "best_val_loss"},
+    "accuracy": {"val": "best_val_accuracy"},
+    "rmse": {"val": "best_val_rmse"},
 }
 MAX_PREDICTIONS = 4  # panels side by side; a decision boundary is ~60 KB
 
 
 def learning_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str], band: str) -> None:
     st.subheader("Learning curves")
-    chosen = widgets.trial_filter(trials, key="fit_curves_filter")
-    colour, metric = st.columns(2)
+    colour, metric, scale = st.columns([2, 3, 1])
     color_by = widgets.parameter_picker("Group by", groups, key="fit_curves_group",
                                         preferred=(*CAPACITY, *DATA_SIZE, *REGULARIZERS), container=colour)
-    chosen_metric = metric.segmented_control("Metric", _metrics(trials), default="loss",
-                                             key="fit_curves_metric") or "loss"
-    if chosen.empty:
-        st.info("No trial is left after the filter.")
-        return
-    every = data.epoch_step(len(chosen), int(chosen["epochs_done"].max() or 0))
-    ids = None if len(chosen) == len(trials) else tuple(int(i) for i in chosen["trial_id"])
-    curves = data.curves(experiment_id, trial_ids=ids, fields=(f"train_{chosen_metric}", f"val_{chosen_metric}"),
-                         every=every)
-    st.plotly_chart(charts.learning_curve_bands(curves, chosen, color_by=color_by, metric=chosen_metric, band=band),
+    chosen_metric = metric.segmented_control("Metric", [*_split_metrics(trials), *NORMS], default="loss",
+                                             key="fit_curves_metric",
+                                             help="grad_norm: the gradient's L2 norm at each epoch's last step "
+                                                  "(vanishing or exploding gradients: group by activation); "
+                                                  "weight_norm: the weights' L2 norm") or "loss"
+    log_y = scale.toggle("Log y", value=chosen_metric in NORMS, key=f"fit_curves_log_{chosen_metric}")
+    columns = ({"value": chosen_metric} if chosen_metric in NORMS
+               else {split: f"{split}_{chosen_metric}" for split in ("train", "val")})
+    ids = tuple(int(i) for i in trials["trial_id"])
+    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
+    curves = data.curves(experiment_id, trial_ids=ids, fields=tuple(columns.values()), every=every)
+    st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, metric=chosen_metric, band=band,
+                                                every=every, columns=columns, log_y=log_y),
                     key="fit_curves_chart")
+    notes = [widgets.averaged_over(trials, [color_by])]
     if every > 1:
-        st.caption(f"{len(chosen)} trials: every {every}th epoch is drawn (and each run's first and last), so the "
-                   f"browser gets at most {data.CURVE_ROW_BUDGET:,} points; the epochs CSV has every epoch.")
+        notes.append(f"Every {every}th epoch is drawn, so the browser gets at most {data.CURVE_ROW_BUDGET:,} "
+                     "points; the epochs CSV has every epoch.")
+    st.caption(" ".join(notes))
 
 
 def capacity(trials: pd.DataFrame, groups: list[str], band: str) -> None:
     st.subheader("Capacity: train and validation against model size")
     metric, value, colour = st.columns(3)
-    chosen_metric = metric.segmented_control("Metric", _metrics(trials), default="loss",
-                                             key="fit_capacity_metric") or "loss"
+    metrics = [*_split_metrics(trials), *(f"final_{name}" for name in NORMS if f"final_{name}" in trials)]
+    chosen_metric = metric.segmented_control("Metric", metrics, default="loss", key="fit_capacity_metric") or "loss"
     chosen_value = value.segmented_control("Value", ["final", "best"], default="final", key="fit_capacity_value",
                                            help="final: the last epoch; best: the lowest train loss and the "
                                                 "best validation epoch") or "final"
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_capacity_colour",
                                         preferred=(*DATA_SIZE, *REGULARIZERS, charts.ALL_TRIALS), container=colour)
-    columns = VALUES[(chosen_metric, chosen_value)]
+    columns, chosen_value = _value_columns(trials, chosen_metric, chosen_value)
+    show_gap = st.toggle("Show the generalization gap (val - train), dotted", value=chosen_metric == "loss",
+                         key="fit_capacity_gap", disabled=not {"train", "val"} <= set(columns))
+    title = f"{chosen_value.capitalize()} {chosen_metric} against parameter count"
     st.plotly_chart(charts.metric_against(trials, x="parameter_count", color_by=color_by, columns=columns, band=band,
-                                          y_title=chosen_metric, title=f"{chosen_value.capitalize()} "
-                                          f"{chosen_metric} against parameter count"), key="fit_capacity_chart")
+                                          y_title=chosen_metric, title=title, gap=show_gap),
+                    key="fit_capacity_chart")
     st.caption("Too small a model underfits (both curves high); too large a one overfits (validation rises "
-               "again while train keeps falling): the bottom of the dashed U is the balance point.")
+               "again while train keeps falling, and the dotted gap grows): the bottom of the dashed U is the "
+               "balance point. " + widgets.averaged_over(trials, ["parameter_count", *CAPACITY, color_by]))
 
     numeric = widgets.numeric_choices(trials, groups)
     if not numeric:
@@ -71,25 +82,33 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str) -> None:
     x_column, colour_column = st.columns(2)
     x = widgets.parameter_picker("Against", numeric, key="fit_against_x", preferred=(*DATA_SIZE, *REGULARIZERS),
                                  container=x_column, help="Training-set size, a regularization strength, or any "
-                                                          "other numeric parameter that varies.")
+                                                          "other numeric parameter that varies. Pick the metric "
+                                                          "final_weight_norm above to see weight decay or L1 "
+                                                          "shrink the weights.")
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_against_colour",
                                         preferred=(*CAPACITY, charts.ALL_TRIALS), avoid=x, container=colour_column)
     st.plotly_chart(charts.metric_against(trials, x=x, color_by=color_by, columns=columns, band=band,
-                                          y_title=chosen_metric), key="fit_against_chart")
+                                          y_title=chosen_metric, gap=show_gap), key="fit_against_chart")
+    st.caption(widgets.averaged_over(trials, [x, color_by]))
 
 
 def heatmap(trials: pd.DataFrame, groups: list[str]) -> None:
     st.subheader("Heatmap")
     metrics = [name for name in data.metric_columns(trials)
                if pd.to_numeric(trials[name], errors="coerce").notna().any()]
-    axes = [*groups, "parameter_count"]
+    if not metrics:
+        st.info("These trials recorded no numeric metric to map.")
+        return
     metric, x_column, y_column = st.columns(3)
     chosen = widgets.parameter_picker("Metric", metrics, key="fit_heatmap_metric",
                                       preferred=("final_val_loss", "diag_gap_ratio"), container=metric)
+    axes = [name for name in (*groups, "parameter_count") if name != chosen]  # a metric is not its own axis
     x = widgets.parameter_picker("x", axes, key="fit_heatmap_x", preferred=CAPACITY, container=x_column)
     y = widgets.parameter_picker("y", axes, key="fit_heatmap_y", preferred=(*DATA_SIZE, *REGULARIZERS), avoid=x,
                                  container=y_column)
     st.plotly_chart(charts.metric_heatmap(trials, x=x, y=y, metric=chosen), key="fit_heatmap_chart")
+    st.caption("Each cell is the mean of " + chosen + " over its runs (hover for how many). "
+               + widgets.averaged_over(trials, [x, y]))
 
 
 def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
@@ -100,8 +119,8 @@ def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
                                  container=y_column)
     st.plotly_chart(charts.verdict_grid(trials, x=x, y=y), key="fit_verdict_chart")
     st.caption("Verdicts here judge each trial among its siblings on the same data (the rule of services."
-               "analysis.diagnose_experiment); the stored verdict judges it alone. Thresholds: README, "
-               "\"Fit diagnosis\".")
+               "analysis.diagnose_experiment); the stored verdict judges it alone. Diverged runs are counted "
+               "here whatever the toggle above says. Thresholds: README, \"Fit diagnosis\".")
     shown = trials.assign(link=trials["trial_id"].map(widgets.trial_page_link))
     varying = [name for name in data.varying_parameters(trials) if name != "ordinal"]
     numbers = [name for name in data.DIAGNOSIS_COLUMNS[3:] if name in shown]
@@ -116,12 +135,12 @@ def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
     )
 
 
-def predictions(trials: pd.DataFrame, groups: list[str]) -> None:
+def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> None:
     st.subheader("What the models learned")
     labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in trials.iterrows()}
-    chosen = st.multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
-                            default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
-                            key="fit_prediction_trials")
+    chosen = widgets.keyed_multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
+                                       default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
+                                       key=f"fit_prediction_trials_{experiment_id}")
     found = data.artifacts(tuple(chosen)) if chosen else {}
     if not any(found.values()):
         st.info("No prediction picture for these trials: fitscope draws the fitted curve of 1-D regression "
@@ -135,10 +154,22 @@ def predictions(trials: pd.DataFrame, groups: list[str]) -> None:
                "line that misses the curve underfits; a wiggly one that chases the dots overfits.")
 
 
-def _metrics(trials: pd.DataFrame) -> list[str]:
-    """loss, and accuracy when the trials are classifiers."""
-    has_accuracy = "final_val_accuracy" in trials and trials["final_val_accuracy"].notna().any()
-    return ["loss", "accuracy"] if has_accuracy else ["loss"]
+def _split_metrics(trials: pd.DataFrame) -> list[str]:
+    """The train/validation metrics these trials recorded: loss, and accuracy (classification) or
+    rmse, mae and r2 (regression)."""
+    return [name for name in SPLIT_METRICS
+            if name == "loss" or (f"final_val_{name}" in trials and trials[f"final_val_{name}"].notna().any())]
+
+
+def _value_columns(trials: pd.DataFrame, metric: str, value: str) -> tuple[dict[str, str], str]:
+    """The trial-table columns to draw for a metric's final or best value (split -> column), and the
+    value actually drawn: "final" where the engine keeps no best value for that metric."""
+    if metric.startswith("final_"):  # a norm at the last epoch
+        return {"value": metric}, "final"
+    if value == "best" and metric in BEST:
+        return BEST[metric], "best"
+    columns = {split: f"final_{split}_{metric}" for split in ("train", "val")}
+    return {split: column for split, column in columns.items() if column in trials}, "final"
 
 
 def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
@@ -154,17 +185,29 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
 all_trials = data.groupable(data.trials(experiment_id))
-trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
-if trained.empty:
+groups = widgets.grouping_choices(all_trials)
+kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)
+trained = kept[kept["status"].isin(widgets.TRAINED)]
+if all_trials[all_trials["status"].isin(widgets.TRAINED)].empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
     st.stop()
-trained = trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
-groups = widgets.grouping_choices(all_trials)
-st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training "
+if trained.empty:
+    st.info(NOTHING_KEPT, icon=":material/filter_alt_off:")
+    st.stop()
+trained = (trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
+           .merge(data.final_norms(experiment_id), on="trial_id", how="left"))
+st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
            f"(failed, cancelled and unfinished trials are left out).")
-chosen_band = widgets.band_picker(key="fit_band")
-learning_curves(experiment_id, trained, groups, chosen_band)
-capacity(trained, groups, chosen_band)
-heatmap(trained, groups)
+band_column, diverged_column = st.columns(2)
+with band_column:
+    chosen_band = widgets.band_picker(key="fit_band")
+with diverged_column:
+    banded = widgets.without_diverged(trained, key="fit_include_diverged")
+if banded.empty:
+    st.info("Every trial shown diverged: turn on \"Include diverged runs\" to draw them.")
+else:
+    learning_curves(experiment_id, banded, groups, chosen_band)
+    capacity(banded, groups, chosen_band)
+    heatmap(banded, groups)
 diagnosis(trained, groups)
-predictions(trained, groups)
+predictions(experiment_id, trained, groups)

@@ -12,7 +12,7 @@ from typing import Any, get_args
 import streamlit as st
 import yaml
 
-from dashboard import data
+from dashboard import data, submitting
 from services.datasets import DatasetError
 from services.db import DatabaseUnreachable
 from services.queue import BrokerUnreachable
@@ -34,7 +34,7 @@ YAML_FILE = "new_yaml_file"
 YAML_FILE_ERROR = "new_yaml_file_error"
 CSV_FILE = "new_csv_file"
 CSV_ERROR = "new_csv_error"
-UPLOADS = "new_uploads"  # name -> data.StoredCsv, the CSV data sets stored from this browser session
+UPLOADS = "new_uploads"  # name -> submitting.StoredCsv, the CSV data sets stored from this browser session
 SUBMITTER = "new_submitted_by"
 SUBMITTED = "new_submitted"  # the last submission: experiment id, name, trials
 SUBMIT_ERROR = "new_submit_error"
@@ -45,6 +45,10 @@ DEPTHS = (0, 1, 2, 3, 4, 6, 8)
 TRAINING_SIZES = (20, 50, 100, 200, 500, 1000, 2000, 5000)
 WEIGHT_DECAYS = (0.0, 0.0001, 0.001, 0.01, 0.1, 1.0)
 DROPOUTS = (0.0, 0.1, 0.2, 0.3, 0.5)
+L1_PENALTIES = (0.0, 0.00001, 0.0001, 0.001, 0.01)
+INPUT_NOISES = (0.0, 0.05, 0.1, 0.2, 0.5)
+PATIENCES = (5, 10, 20, 50)  # early stopping: epochs without a better validation loss
+MOMENTA = (0.0, 0.5, 0.9, 0.95, 0.99)
 LEARNING_RATES = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 BATCH_SIZES = (16, 32, 64, 128, 256, "full")
 
@@ -70,7 +74,7 @@ def example_grid() -> str:
     return text
 
 
-def grid_widgets(uploads: dict[str, data.StoredCsv]) -> str:
+def grid_widgets(uploads: dict[str, submitting.StoredCsv]) -> str:
     """The grid as widgets: one choice per parameter, several values make an axis of the grid."""
     csv_options = {f"csv: {name}": {"csv": name, "target": stored.target, "missing": stored.missing}
                    for name, stored in uploads.items()}
@@ -86,17 +90,28 @@ def grid_widgets(uploads: dict[str, data.StoredCsv]) -> str:
     depths = model_col.multiselect("Depths (hidden layers)", DEPTHS, default=[2], key="new_w_depths")
     weight_decay = regular_col.multiselect("Weight decay", WEIGHT_DECAYS, default=[0.0], key="new_w_weight_decay")
     dropout = regular_col.multiselect("Dropout", DROPOUTS, default=[0.0], key="new_w_dropout")
+    l1 = regular_col.multiselect("L1 penalty", L1_PENALTIES, default=[0.0], key="new_w_l1",
+                                 help="Added to the loss on the weights (not biases): pushes weights to exactly 0.")
+    input_noise = regular_col.multiselect("Input noise (std)", INPUT_NOISES, default=[0.0], key="new_w_input_noise",
+                                          help="Gaussian noise added to the training inputs at every step.")
+    patiences = regular_col.multiselect("Early stopping (patience)", PATIENCES, key="new_w_patience",
+                                        help="None chosen: no early stopping. Otherwise stop after this many "
+                                             "epochs without a better validation loss and keep the best weights.")
     optim_col, schedule_col, run_col = st.columns(3)
     optimizers = optim_col.multiselect("Optimizers", get_args(Optimizer), default=["adam"], key="new_w_optimizers")
     learning_rates = optim_col.multiselect("Learning rates", LEARNING_RATES, default=[0.01], key="new_w_lrs")
+    momenta = optim_col.multiselect("Momentum", MOMENTA, default=[0.9], key="new_w_momentum",
+                                    help="Used by the momentum and nesterov optimizers (SGD) only.")
     schedules = schedule_col.multiselect("Schedules", get_args(Schedule), default=["constant"], key="new_w_schedules")
     batch_size = schedule_col.selectbox("Batch size", BATCH_SIZES, index=1, key="new_w_batch_size")
     seeds = run_col.number_input("Seeds per configuration", 1, 20, 2, key="new_w_seeds")
     epochs = run_col.number_input("Epochs", 1, 100_000, 50, key="new_w_epochs")
     axes: dict[str, list[Any]] = {
         "dataset": [csv_options.get(choice, choice) for choice in datasets], "n_train": n_train,
-        "depth": depths, "width": widths, "weight_decay": weight_decay, "dropout": dropout,
+        "depth": depths, "width": widths, "weight_decay": weight_decay, "dropout": dropout, "l1": l1,
+        "input_noise": input_noise, "early_stopping": [{"patience": int(patience)} for patience in patiences],
         "optimizer": optimizers, "lr": learning_rates, "schedule": schedules,
+        "momentum": momenta if set(optimizers) & {"momentum", "nesterov"} else [],
         "batch_size": [batch_size], "epochs": [int(epochs)],
     }
     spec: dict[str, Any] = {"name": name.strip(), "description": description.strip() or None, "method": "grid",
@@ -149,7 +164,7 @@ def store_csv_clicked(target: str | None, missing: str) -> None:
     if uploaded is None:
         return
     try:
-        stored = data.store_csv(file_name=uploaded.name, content=uploaded.getvalue(), target=target or "",
+        stored = submitting.store_csv(file_name=uploaded.name, content=uploaded.getvalue(), target=target or "",
                                 missing=missing)
     except DatasetError as exc:
         st.session_state[CSV_ERROR] = str(exc)
@@ -160,7 +175,7 @@ def store_csv_clicked(target: str | None, missing: str) -> None:
     st.session_state[UPLOADS][stored.name] = stored
 
 
-def csv_uploader(uploads: dict[str, data.StoredCsv]) -> None:
+def csv_uploader(uploads: dict[str, submitting.StoredCsv]) -> None:
     with st.expander("Your own data (CSV)", expanded=bool(uploads) or CSV_ERROR in st.session_state):
         st.caption("A header row, numeric feature columns and a target column; an optional `split` column says "
                    "train/val/test per row. It is checked like `fitscope submit` checks a spec's CSV, then stored "
@@ -197,12 +212,12 @@ def _header(content: bytes) -> list[str]:
 
 # --- what validate says, and submitting -------------------------------------------------------------
 
-def validation(spec_text: str, uploads: dict[str, str]) -> data.SpecPreview | None:
+def validation(spec_text: str, uploads: dict[str, str]) -> submitting.SpecPreview | None:
     """The live preview: the trial count as `fitscope validate` prints it, or its every problem."""
     if not spec_text.strip():
         st.info("Paste a spec, upload one, or start from an example grid.", icon=":material/edit_note:")
         return None
-    found = data.preview(spec_text, uploads)
+    found = submitting.preview(spec_text, uploads)
     if found.warnings:
         st.warning(_lines("warning", found.warnings))
     if found.problems:
@@ -217,13 +232,13 @@ def _lines(prefix: str, messages: tuple[str, ...]) -> str:
     return "```\n" + "\n".join(f"{prefix}: {message}" for message in messages) + "\n```"
 
 
-def submit_form(spec_text: str, found: data.SpecPreview | None, uploads: dict[str, str]) -> None:
+def submit_form(spec_text: str, found: submitting.SpecPreview | None, uploads: dict[str, str]) -> None:
     who_col, tags_col = st.columns(2)
-    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=data.MAX_SUBMITTER_CHARS)
+    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=submitting.MAX_SUBMITTER_CHARS)
     tags_text = tags_col.text_input("Tags", key="new_tags", placeholder="capacity, moons",
-                                    help=f"Separated by commas; at most {data.MAX_TAGS}, each at most "
-                                         f"{data.MAX_TAG_CHARS} characters. The Experiments page searches them.")
-    note = st.text_area("Note", key="new_note", height=80, max_chars=data.MAX_NOTE_CHARS,
+                                    help=f"Separated by commas; at most {submitting.MAX_TAGS}, each at most "
+                                         f"{submitting.MAX_TAG_CHARS} characters. The Experiments page searches them.")
+    note = st.text_area("Note", key="new_note", height=80, max_chars=submitting.MAX_NOTE_CHARS,
                         placeholder="What you expect to see, and why.")
     ready = found is not None and not found.problems
     label = f"Submit {found.trials} trials" if ready else "Submit"
@@ -246,15 +261,15 @@ def _submit(spec_text: str, name: str, submitted_by: str, tags_text: str, note: 
             uploads: dict[str, str]) -> dict[str, Any] | None:
     """Submit and return what to show; on a problem, keep its sentence for the error box and return None."""
     try:
-        who, tags, note_text = data.check_fields(submitted_by=submitted_by, tags_text=tags_text, note=note)
-        submitted = data.submit(spec_text=spec_text, submitted_by=who, tags=tags, note=note_text, uploads=uploads)
+        who, tags, note_text = submitting.check_fields(submitted_by=submitted_by, tags_text=tags_text, note=note)
+        submitted = submitting.submit(spec_text=spec_text, submitted_by=who, tags=tags, note=note_text, uploads=uploads)
     except SpecError as exc:
         st.session_state[SUBMIT_ERROR] = _lines("error", tuple(exc.problems))
         return None
     except DatasetError as exc:
         st.session_state[SUBMIT_ERROR] = str(exc)
         return None
-    except (data.FieldError, BrokerUnreachable, DatabaseUnreachable) as exc:
+    except (submitting.FieldError, BrokerUnreachable, DatabaseUnreachable) as exc:
         st.session_state[SUBMIT_ERROR] = data.sentence(str(exc))
         return None
     return {"id": submitted.experiment_id, "name": name, "trials": len(submitted.trials)}
@@ -265,8 +280,8 @@ def _submit(spec_text: str, name: str, submitted_by: str, tags_text: str, note: 
 st.session_state.setdefault(UPLOADS, {})
 st.session_state.setdefault(SOURCE, SOURCES[0])
 if SUBMITTER not in st.session_state:
-    st.session_state[SUBMITTER] = data.default_submitter()
-uploads: dict[str, data.StoredCsv] = st.session_state[UPLOADS]
+    st.session_state[SUBMITTER] = submitting.default_submitter()
+uploads: dict[str, submitting.StoredCsv] = st.session_state[UPLOADS]
 upload_hashes = {name: stored.sha256 for name, stored in uploads.items()}
 
 st.title("New experiment")

@@ -15,35 +15,59 @@ from services.analysis import mean_difference
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The comparison appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
 OPTIMIZATION = ("optimizer", "schedule", "lr", "momentum", "batch_size", "betas", "grad_clip")
-COMPARED = ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy", "test_accuracy", "final_train_loss")
+COMPARED = ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy", "test_accuracy", "final_train_loss",
+            "final_val_rmse", "test_rmse", "final_val_r2", "final_weight_norm", "final_grad_norm")
+CURVE_METRICS = {"loss": {"train": "train_loss", "val": "val_loss"}, "grad_norm": {"value": "grad_norm"},
+                 "weight_norm": {"value": "weight_norm"}}
+SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
+                       "final weight norm": {"value": "final_weight_norm"},
+                       "final gradient norm": {"value": "final_grad_norm"}}
 
 
 def loss_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str], band: str) -> str:
     st.subheader("Loss per epoch")
-    color_by = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION)
-    every = data.epoch_step(len(trials), int(trials["epochs_done"].max() or 0))
-    curves = data.curves(experiment_id, fields=("train_loss", "val_loss"), every=every)
-    curves = curves[curves["trial_id"].isin(trials["trial_id"])]
-    st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, band=band),
+    group_column, metric_column, scale_column = st.columns([2, 2, 1])
+    color_by = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION,
+                                        container=group_column)
+    metric = metric_column.segmented_control("Metric", list(CURVE_METRICS), default="loss", key="optimizers_metric",
+                                             help="grad_norm: the gradient's L2 norm at each epoch's last step "
+                                                  "(exploding with too large a rate); weight_norm: the weights' "
+                                                  "L2 norm") or "loss"
+    log_y = scale_column.toggle("Log y", value=metric != "loss", key=f"optimizers_log_{metric}")
+    columns = CURVE_METRICS[metric]
+    ids = tuple(int(i) for i in trials["trial_id"])
+    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
+    curves = data.curves(experiment_id, trial_ids=ids, fields=tuple(columns.values()), every=every)
+    st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, band=band, metric=metric,
+                                                columns=columns, every=every, log_y=log_y),
                     key="optimizers_curves_chart")
-    if every > 1:
-        st.caption(f"Every {every}th epoch is drawn (and each run's first and last) to keep the chart small.")
+    note = f" Every {every}th epoch is drawn to keep the chart small." if every > 1 else ""
+    st.caption(widgets.averaged_over(trials, [color_by]) + note)
     return color_by
 
 
-def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: str) -> None:
+def sensitivity(trials: pd.DataFrame, banded: pd.DataFrame, groups: list[str], color_by: str, band: str) -> None:
     st.subheader("Sensitivity to the learning rate")
     numeric = widgets.numeric_choices(trials, groups)
     if not numeric:
         st.info("No numeric parameter varies in this experiment, so there is no sensitivity curve to draw.")
         return
-    x = widgets.parameter_picker("Against", numeric, key="optimizers_sensitivity_x", preferred=("lr", "momentum"))
-    st.plotly_chart(charts.metric_against(trials, x=x, color_by=color_by, band=band,
-                                          columns={"val": "final_val_loss"}, y_title="final validation loss",
-                                          title=f"Final validation loss against {x}"),
+    x_column, metric_column = st.columns(2)
+    x = widgets.parameter_picker("Against", numeric, key="optimizers_sensitivity_x",
+                                 preferred=("lr", "momentum", "weight_decay", "l1"), container=x_column)
+    metric = metric_column.selectbox("Metric", list(SENSITIVITY_METRICS), key="optimizers_sensitivity_metric",
+                                     help="The weight norm against weight_decay or l1 shows the penalty at work.")
+    st.plotly_chart(charts.metric_against(banded, x=x, color_by=color_by, band=band,
+                                          columns=SENSITIVITY_METRICS[metric], y_title=metric,
+                                          title=f"{metric.capitalize()} against {x}",
+                                          log_y=metric != "final validation loss"),  # norms span decades
                     key="optimizers_sensitivity_chart")
+    diverged = int(widgets.diverged_mask(trials).sum())
+    left_out = len(trials) - len(banded)
     st.caption("Too small a rate converges slowly (high on the left), too large a one bounces or diverges "
-               "(high on the right, or missing where every seed diverged).")
+               f"(high on the right, or missing where every seed diverged). {diverged} of {len(trials)} runs "
+               f"diverged" + (" and are left out of the bands." if left_out else
+                              (" (drawn: the toggle above includes them)." if diverged else ".")))
 
 
 def speed_and_divergence(experiment_id: int, trials: pd.DataFrame, groups: list[str], color_by: str) -> None:
@@ -68,10 +92,12 @@ def schedule(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> Non
     st.subheader("Learning-rate schedule over the loss")
     color_by = widgets.parameter_picker("One line per", groups, key="optimizers_schedule_group",
                                         preferred=("schedule", *OPTIMIZATION))
-    every = data.epoch_step(len(trials), int(trials["epochs_done"].max() or 0))
-    curves = data.curves(experiment_id, fields=("val_loss", "lr"), every=every)
-    curves = curves[curves["trial_id"].isin(trials["trial_id"])]
-    st.plotly_chart(charts.schedule_over_loss(curves, trials, color_by=color_by), key="optimizers_schedule_chart")
+    ids = tuple(int(i) for i in trials["trial_id"])
+    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
+    curves = data.curves(experiment_id, trial_ids=ids, fields=("val_loss", "lr"), every=every)
+    st.plotly_chart(charts.schedule_over_loss(curves, trials, color_by=color_by, every=every),
+                    key="optimizers_schedule_chart")
+    st.caption("Each line is the mean over the runs that share its value. " + widgets.averaged_over(trials, [color_by]))
 
 
 def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
@@ -85,6 +111,10 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
     a = a_column.selectbox("A", configurations, index=0, key="optimizers_compare_a")
     b = b_column.selectbox("B", configurations, index=1, key="optimizers_compare_b")
     metrics = [name for name in COMPARED if name in trials and trials[name].notna().any()]
+    if not metrics:
+        st.info("These trials recorded no final metric to compare (every one of them diverged, or ended before "
+                "its first epoch).")
+        return
     metric = metric_column.selectbox("Metric", metrics, key="optimizers_compare_metric")
     runs_a, runs_b = trials[labels == a], trials[labels == b]
     paired = ("seed" in trials and len(runs_a) == len(runs_b) > 1
@@ -113,10 +143,20 @@ trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
     st.stop()
+trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
 groups = widgets.grouping_choices(all_trials)
-chosen_band = widgets.band_picker(key="optimizers_band")
-colour = loss_curves(experiment_id, trained, groups, chosen_band)
-sensitivity(trained, groups, colour, chosen_band)
+band_column, diverged_column = st.columns(2)
+with band_column:
+    chosen_band = widgets.band_picker(key="optimizers_band")
+with diverged_column:
+    banded = widgets.without_diverged(trained, key="optimizers_include_diverged")
+if banded.empty:
+    st.info("Every trial diverged: turn on \"Include diverged runs\" to draw their curves.")
+    colour = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION)
+else:
+    colour = loss_curves(experiment_id, banded, groups, chosen_band)
+    sensitivity(trained, banded, groups, colour, chosen_band)
 speed_and_divergence(experiment_id, trained, groups, colour)
-schedule(experiment_id, trained, groups)
+if not banded.empty:
+    schedule(experiment_id, banded, groups)
 compare_two(trained, groups)

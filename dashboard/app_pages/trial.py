@@ -17,9 +17,10 @@ def choose_trial() -> int | None:
     asked = st.query_params.get("trial")
     if asked is not None and asked != st.session_state.get("trial_query"):  # arrived by a link
         st.session_state["trial_query"] = asked
-        found = data.trial(int(asked)) if asked.isdigit() else None
+        asked_id = widgets.parse_id(asked)  # a 20-digit number must not reach the database
+        found = data.trial(asked_id) if asked_id is not None else None
         if found is None:
-            st.warning(f"Trial {asked!r} does not exist; choose one below.")
+            st.warning(f"Trial {asked[:40]!r} does not exist; choose one below.")
         else:
             st.query_params["experiment"] = str(found["experiment_id"])
             st.session_state["trial_selected"] = found["trial_id"]
@@ -55,18 +56,32 @@ def header(trial: dict) -> None:
 def curves(trial: dict) -> None:
     st.subheader("Learning curves")
     epochs = data.curves(trial["experiment_id"], trial_ids=(trial["trial_id"],),
-                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"))
+                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "grad_norm",
+                                 "weight_norm"))
     if epochs.empty:
         st.info(NOT_STARTED, icon=":material/hourglass_empty:")
         return
+    marks = {"best": trial["best_epoch"], "stopped early": trial["final_metrics"].get("stopped_epoch")}
     row = pd.DataFrame([{"trial_id": trial["trial_id"], "ordinal": trial["ordinal"]}])
+    log_y = st.toggle("Log y for the loss", key="trial_log_y",
+                      help="A loss falling over several decades reads better on a log scale.")
     loss, accuracy = st.columns(2)
-    loss.plotly_chart(charts.learning_curves(epochs, row, "ordinal"), key="trial_loss_chart")
+    loss.plotly_chart(charts.learning_curves(epochs, row, "ordinal", log_y=log_y, epoch_marks=marks),
+                      key="trial_loss_chart")
     if epochs["val_accuracy"].notna().any():
-        accuracy.plotly_chart(charts.learning_curves(epochs, row, "ordinal", metric="accuracy"),
+        accuracy.plotly_chart(charts.learning_curves(epochs, row, "ordinal", metric="accuracy", epoch_marks=marks),
                               key="trial_accuracy_chart")
+    if epochs[["grad_norm", "weight_norm"]].notna().any().any():
+        (accuracy if not epochs["val_accuracy"].notna().any() else st).plotly_chart(
+            charts.norm_curves(epochs, epoch_marks=marks), key="trial_norms_chart")
+        st.caption("A gradient norm shrinking by decades means vanishing gradients (deep sigmoid or tanh "
+                   "networks); one growing until the loss blows up means exploding ones (too large a rate). "
+                   "Weight decay and L1 keep the weight norm small.")
     if trial["best_epoch"]:
-        st.caption(f"Best validation epoch: {trial['best_epoch']} of {trial['epochs_done']}.")
+        stopped = marks["stopped early"]
+        st.caption(f"Best validation epoch: {trial['best_epoch']} of {trial['epochs_done']}"
+                   + (f"; early stopping ended the run at epoch {stopped} and kept the best epoch's weights."
+                      if stopped else "."))
 
 
 def diagnosis(trial: dict) -> None:

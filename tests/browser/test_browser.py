@@ -2,7 +2,8 @@
 SQLite file, one `fitscope worker` and `streamlit run dashboard/app.py`, all on free ports. Debian's
 chromium, driven by Playwright, submits an example grid on the New experiment page, watches the
 Experiments page until the worker has trained every trial, and finds the capacity chart on the Fit
-analysis page. A screenshot of each page goes to test-output/browser/.
+analysis page, then opens the Experiment, Optimizers and schedules and Trial pages. A screenshot of
+each page goes to test-output/browser/.
 
 Skipped, saying why, when /usr/bin/chromium or the playwright package is missing (`make test`
 installs both where it can: playwright from PyPI, chromium with apt-get when run as root)."""
@@ -135,3 +136,17 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached()  # the curves are drawn
     chart.scroll_into_view_if_needed()
     screenshot(page, "4-fit-analysis")
+
+    # The other pages, opened by the links the pages use, each with its main chart drawn.
+    page.goto(f"{stack}/experiment?experiment=1")
+    expect(page.get_by_role("heading", name="#1 capacity-vs-data-size")).to_be_visible()
+    expect(page.locator(".st-key-experiment_curves_1 .scatterlayer .trace").first).to_be_attached()
+    screenshot(page, "5-experiment")
+    page.goto(f"{stack}/optimizers?experiment=1")
+    expect(page.get_by_role("heading", name="Loss per epoch")).to_be_visible()
+    expect(page.locator(".st-key-optimizers_curves_chart .scatterlayer .trace").first).to_be_attached()
+    screenshot(page, "6-optimizers-and-schedules")
+    page.goto(f"{stack}/trial?trial=1")
+    expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible()
+    expect(page.locator(".st-key-trial_norms_chart .scatterlayer .trace").first).to_be_attached()
+    screenshot(page, "7-trial")

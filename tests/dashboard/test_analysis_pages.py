@@ -51,6 +51,40 @@ parameters:
   schedule: {value: step}
   step_size: {value: 2}
 """
+# Only the learning rate varies, and its largest value blows the loss up: the schedule chart's default
+# group is then lr itself, and the diverged runs test the bands' toggle.
+LR_SPEC = """
+name: lr-only
+seeds: [0, 1]
+parameters:
+  dataset: {value: sine}
+  n_train: {value: 32}
+  n_val: {value: 32}
+  n_test: {value: 16}
+  batch_size: {value: full}
+  epochs: {value: 4}
+  width: {value: 16}
+  optimizer: {value: sgd}
+  schedule: {value: exponential}
+  lr: {values: [0.01, 0.1, 10.0]}
+"""
+# List and dict parameters (betas, milestones, early_stopping) that vary: groups, axes and filters see them as text.
+NESTED_SPEC = """
+name: nested-parameters
+seeds: [0]
+parameters:
+  dataset: {value: circles}
+  n_train: {value: 32}
+  n_val: {value: 32}
+  n_test: {value: 16}
+  batch_size: {value: full}
+  epochs: {value: 4}
+  width: {value: 8}
+  schedule: {value: multistep}
+  betas: {values: [[0.9, 0.999], [0.5, 0.9]]}
+  milestones: {values: [[2], [3]]}
+  early_stopping: {values: [{patience: 1}, {patience: 10}]}
+"""
 QUEUED_SPEC = """
 name: nothing-finished
 parameters:
@@ -64,9 +98,12 @@ class Filled:
     moons: int
     sine: int
     queued: int
+    lr: int
+    nested: int
     failed_trial: int
     moons_trials: list[int]
     sine_trials: list[int]
+    nested_trials: list[int]
 
 
 @pytest.fixture(autouse=True)
@@ -88,11 +125,17 @@ def _template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Filled]:
         *trained, failed = moons.trial_ids
         assert {train(engine, trial_id) for trial_id in trained + sine.trial_ids} <= {"succeeded", "diverged"}
         give_up(engine, failed)
+        lr, nested = submit_spec(engine, LR_SPEC), submit_spec(engine, NESTED_SPEC)
+        # lr 10 blows up both seeds: one to inf (status diverged), one to 1e32 (verdict diverged).
+        assert {train(engine, trial_id) for trial_id in lr.trial_ids} == {"succeeded", "diverged"}
+        assert {train(engine, trial_id) for trial_id in nested.trial_ids} == {"succeeded"}
         queued = submit_spec(engine, QUEUED_SPEC)
     finally:
         engine.dispose()
     return path, Filled(moons=moons.experiment_id, sine=sine.experiment_id, queued=queued.experiment_id,
-                        failed_trial=failed, moons_trials=moons.trial_ids, sine_trials=sine.trial_ids)
+                        lr=lr.experiment_id, nested=nested.experiment_id,
+                        failed_trial=failed, moons_trials=moons.trial_ids, sine_trials=sine.trial_ids,
+                        nested_trials=nested.trial_ids)
 
 
 @pytest.fixture
@@ -137,12 +180,16 @@ def test_fit_analysis_draws_capacity_train_and_validation_per_group(filled: Fill
     app = run_app(page=FIT_PAGE, query={"experiment": str(filled.moons)})
 
     assert app.selectbox(key="fit_selected").value == filled.moons
-    assert "7 of 8 trials have finished training" in app.caption[0].value  # the given-up trial is left out
+    assert any("7 of 8 trials have finished training" in caption.value for caption in app.caption)  # given-up: out
     capacity = figure(app, "fit_capacity_chart")
-    assert mean_lines(capacity) == [("n_train=16", "dash"), ("n_train=16", "solid"),
-                                    ("n_train=48", "dash"), ("n_train=48", "solid")]
-    widths = {trace["name"]: trace["x"] for trace in capacity["data"] if trace.get("fill") != "toself"}
-    assert len(widths["n_train=16"]) == 2  # two model sizes (parameter counts) per line
+    assert mean_lines(capacity) == [("n_train=16", "dash"), ("n_train=16", "dot"), ("n_train=16", "solid"),
+                                    ("n_train=48", "dash"), ("n_train=48", "dot"), ("n_train=48", "solid")]
+    lines = {(trace["name"], trace["line"]["dash"]): trace for trace in capacity["data"]
+             if trace.get("fill") != "toself"}
+    assert len(lines["n_train=16", "solid"]["x"]) == 2  # two model sizes (parameter counts) per line
+    # The dotted generalization gap is validation minus train, run by run, then averaged.
+    train, val, gap = (lines["n_train=16", dash]["y"] for dash in ("solid", "dash", "dot"))
+    assert gap == pytest.approx([v - t for v, t in zip(val, train, strict=True)])
     assert capacity["layout"]["xaxis"]["title"]["text"] == "parameter_count"
 
     curves = figure(app, "fit_curves_chart")
@@ -171,7 +218,8 @@ def test_fit_analysis_group_by_and_axes_change_the_figures(filled: Filled):
 
     assert not app.exception
     assert {name for name, _ in mean_lines(figure(app, "fit_curves_chart"))} == {"n_train=16", "n_train=48"}
-    assert mean_lines(figure(app, "fit_capacity_chart")) == [("all trials", "dash"), ("all trials", "solid")]
+    assert mean_lines(figure(app, "fit_capacity_chart")) == [("all trials", "dash"), ("all trials", "dot"),
+                                                             ("all trials", "solid")]
     heatmap = figure(app, "fit_heatmap_chart")["data"][0]
     assert heatmap["x"] == ["16", "48"] and heatmap["y"] == ["4", "32"]
 
@@ -276,3 +324,135 @@ def test_experiment_page_links_each_trial_and_the_analysis_pages(filled: Filled)
     links = {link.proto.page: link.proto.query_string for link in app.get("page_link")}
     assert links["fit_analysis"] == links["optimizers"] == f"experiment={filled.moons}"
     assert "gave up after 1 attempts" in app.error[0].value
+
+
+# --- review findings: crashes, the filter, diverged runs, more metrics --------------------------------------
+
+def test_a_learning_rate_sweep_draws_its_schedule_per_lr_and_counts_the_diverged_runs(filled: Filled):
+    app = run_app(page=OPTIMIZERS_PAGE, query={"experiment": str(filled.lr)})
+
+    assert app.selectbox(key="optimizers_schedule_group").value == "lr"  # the only parameter that varies
+    schedule = figure(app, "optimizers_schedule_chart")
+    rates = {trace["name"]: trace["y"] for trace in schedule["data"] if trace["line"].get("dash") == "dot"}
+    assert set(rates) == {"lr (0.01)", "lr (0.1)"}  # lr 10 diverged: out of the bands by default
+    assert rates["lr (0.1)"][0] == pytest.approx(0.1) and rates["lr (0.1)"][-1] < 0.1  # exponential decay
+    caption = next(caption.value for caption in app.caption if "runs diverged" in caption.value)
+    assert "2 of 6 runs diverged and are left out of the bands" in caption
+    sensitivity = figure(app, "optimizers_sensitivity_chart")
+    assert {x for trace in sensitivity["data"] for x in trace["x"]} == {0.01, 0.1}
+
+    app.toggle(key="optimizers_include_diverged").set_value(True).run()
+
+    assert not app.exception
+    rates = {trace["name"] for trace in figure(app, "optimizers_schedule_chart")["data"]
+             if trace["line"].get("dash") == "dot"}
+    assert rates == {"lr (0.01)", "lr (0.1)", "lr (10)"}
+
+
+def test_fit_analysis_filter_slices_every_section_and_is_kept_per_experiment(filled: Filled):
+    app = run_app(page=FIT_PAGE, query={"experiment": str(filled.moons)})
+
+    app.multiselect(key=f"fit_filter_{filled.moons}_n_train").set_value(["48"]).run()
+
+    assert not app.exception
+    assert any("4 of 8 trials have finished training" in caption.value for caption in app.caption)  # n_train 16
+    assert {name for name, _ in mean_lines(figure(app, "fit_capacity_chart"))} == {"n_train=16"}
+    assert figure(app, "fit_heatmap_chart")["data"][0]["y"] == ["16"]
+    assert figure(app, "fit_verdict_chart")["data"][0]["y"] == ["16"]
+    assert len(table_with(app, "sibling_verdict")) == 4
+
+    # Another experiment starts with nothing left out (the old filter, keyed by name, hid its values).
+    app.selectbox(key="fit_selected").select(filled.sine).run()
+    assert any("8 of 8 trials have finished training" in caption.value for caption in app.caption)
+    app.selectbox(key="fit_selected").select(filled.moons).run()
+    assert any("4 of 8 trials have finished training" in caption.value for caption in app.caption)
+
+
+def test_fit_analysis_offers_regression_metrics_and_norms(filled: Filled):
+    app = run_app(page=FIT_PAGE, query={"experiment": str(filled.sine)})
+
+    assert app.segmented_control(key="fit_curves_metric").options == [
+        "loss", "rmse", "mae", "r2", "grad_norm", "weight_norm"]
+    app.segmented_control(key="fit_curves_metric").set_value("grad_norm").run()
+    app.segmented_control(key="fit_capacity_metric").set_value("final_weight_norm").run()
+
+    assert not app.exception
+    curves = figure(app, "fit_curves_chart")
+    assert curves["layout"]["yaxis"]["type"] == "log" and curves["layout"]["yaxis"]["title"]["text"] == "grad_norm"
+    assert all(y > 0 for trace in curves["data"] if trace.get("fill") != "toself" for y in trace["y"])
+    capacity = figure(app, "fit_capacity_chart")
+    assert {trace["line"]["dash"] for trace in capacity["data"] if trace.get("fill") != "toself"} == {"solid"}
+
+
+@pytest.mark.parametrize("page", [TRIAL_PAGE, FIT_PAGE])
+def test_a_link_with_a_twenty_digit_id_is_a_warning_not_a_crash(filled: Filled, page: str):
+    asked = "9" * 25
+    app = run_app(page=page, query={"trial": asked, "experiment": asked})
+    assert any("does not exist" in warning.value for warning in app.warning)
+
+
+def test_trial_page_marks_best_and_early_stopped_epochs_and_draws_the_norms(filled: Filled):
+    app = run_app(page=TRIAL_PAGE, query={"trial": str(filled.nested_trials[0])})
+
+    loss = figure(app, "trial_loss_chart")
+    labels = {annotation["text"] for annotation in loss["layout"].get("annotations", [])}
+    assert any(label.startswith("best (epoch ") for label in labels)
+    norms = figure(app, "trial_norms_chart")
+    assert {trace["name"] for trace in norms["data"]} == {"gradient norm", "weight norm"}
+    assert norms["layout"]["yaxis"]["type"] == "log"
+    app.toggle(key="trial_log_y").set_value(True).run()
+    assert figure(app, "trial_loss_chart")["layout"]["yaxis"]["type"] == "log"
+
+
+# --- every choice a picker offers ---------------------------------------------------------------------------
+
+def choose_everything(app) -> int:
+    """Select, one widget at a time, every option of every selectbox, segmented control and toggle on
+    the page (the experiment picker aside), asserting after each run that nothing raised. Returns the
+    number of choices made, so a test can tell that the page offered some."""
+    made = 0
+    widget_kinds = ("selectbox", "segmented_control", "toggle")
+    keys = [(kind, widget.key) for kind in widget_kinds for widget in getattr(app, kind)
+            if widget.key and not widget.key.endswith("_selected")]
+    for kind, key in keys:
+        present = [widget for widget in getattr(app, kind) if widget.key == key]
+        if not present:
+            continue  # an earlier choice removed it (e.g. "Against" when no numeric parameter is left)
+        choices = [True, False] if kind == "toggle" else list(range(len(present[0].options)))
+        for choice in choices:
+            present = [widget for widget in getattr(app, kind) if widget.key == key]
+            if not present:
+                break
+            widget = present[0]
+            if widget.disabled:
+                break
+            if kind == "selectbox":
+                if choice >= len(widget.options):
+                    break
+                widget.select_index(choice)
+            elif kind == "segmented_control":
+                if choice >= len(widget.options):
+                    break
+                widget.set_value(widget.options[choice])
+            else:
+                widget.set_value(choice)
+            app.run()
+            assert not app.exception, (key, choice, app.exception)
+            made += 1
+    return made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "experiment"), [
+    (FIT_PAGE, "lr"), (FIT_PAGE, "nested"),  # regression with diverged runs; classification, nested parameters
+    (OPTIMIZERS_PAGE, "sine"), (OPTIMIZERS_PAGE, "lr"), (OPTIMIZERS_PAGE, "nested"),
+])
+def test_every_picker_option_of_the_analysis_pages_draws_without_an_error(filled: Filled, page: str,
+                                                                           experiment: str):
+    """Review findings 1 and 2 (the schedule grouped by lr, a heatmap whose metric is also an axis) were
+    crashes behind a non-default choice: this walks every choice on the test experiments, including one
+    whose list and dict parameters (betas, milestones, early_stopping) vary. About 20 s a page."""
+    app = run_app(page=page, query={"experiment": str(getattr(filled, experiment))})
+
+    assert choose_everything(app) > 10
+    assert app.get("plotly_chart")

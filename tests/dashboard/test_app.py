@@ -216,6 +216,19 @@ def test_csv_exports_hold_every_trial_and_every_epoch(filled: Filled):
     assert len(epochs) == 2 * 3 and set(epochs.columns) >= {"trial_id", "epoch", "train_loss", "val_loss"}
 
 
+def test_a_csv_export_whose_database_went_away_is_one_sentence(filled: Filled):
+    from dashboard import data
+
+    render = data.csv_export(filled.trained, "epochs")  # the page is drawn; the click comes later
+    st.cache_resource.clear()  # close the engine's connections, then lose the file
+    Path(filled.url.removeprefix("sqlite:///")).unlink()
+
+    text = render()
+
+    assert text.startswith(f"Could not read experiment {filled.trained}'s epochs from the database at sqlite:///")
+    assert "Traceback" not in text and len(text.splitlines()) == 1
+
+
 # --- the experiment page --------------------------------------------------------------------------
 
 def test_experiment_page_shows_trials_curves_and_the_error_of_a_failed_trial(filled: Filled):

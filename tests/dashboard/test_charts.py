@@ -241,3 +241,67 @@ def test_schedule_over_loss_puts_the_learning_rate_on_the_right_axis():
     lr_traces = [trace for trace in figure.data if trace.line.dash == "dot"]
     assert [list(trace.y) for trace in lr_traces] == [[0.1, 0.05, 0.025], [0.1, 0.1, 0.1]]
     assert all(trace.yaxis == "y2" for trace in lr_traces)
+
+
+def test_schedule_over_loss_grouped_by_the_learning_rate_itself():
+    """Review finding: curves carry the epoch's ``lr`` and the group was the configured ``lr``, a KeyError."""
+    trials = pd.DataFrame({"trial_id": [10, 11], "ordinal": [0, 1], "lr": [0.1, 0.01]})
+    curves = epochs_of([10, 11]).assign(lr=[0.1, 0.05, 0.025, 0.01, 0.005, 0.0025])
+
+    figure = charts.schedule_over_loss(curves, trials, color_by="lr")
+
+    lr_traces = {trace.name: list(trace.y) for trace in figure.data if trace.line.dash == "dot"}
+    assert lr_traces == {"lr (0.01)": [0.01, 0.005, 0.0025], "lr (0.1)": [0.1, 0.05, 0.025]}
+
+
+def test_metric_heatmap_of_a_metric_that_is_also_an_axis():
+    grid = seed_grid().assign(lr=lambda f: [0.01, 0.1, 0.1] * 5, parameter_count=lambda f: f["width"] * 10)
+
+    figure = charts.metric_heatmap(grid, x="parameter_count", y="lr", metric="parameter_count")
+
+    (heatmap,) = figure.data
+    assert list(heatmap.x) == ["40", "160", "640", "2560", "10240"]
+    assert heatmap.z[0][2] == 640 and heatmap.z[1][2] == 640
+
+
+def test_learning_curve_bands_drop_the_off_grid_last_epochs():
+    """Runs ending at epochs 5 and 7 read every 2nd epoch plus their last: a mean at epoch 5 or 7 would be
+    over one run and zig-zag against the grid's means over both, so those rows are left out."""
+    rows = [{"trial_id": trial_id, "epoch": epoch, "train_loss": 1.0 / epoch + shift, "val_loss": 2.0 / epoch + shift}
+            for trial_id, last, shift in ((10, 5, 0.0), (11, 7, 1.0)) for epoch in (1, 2, 4, 6, last) if epoch <= last]
+    figure = charts.learning_curve_bands(pd.DataFrame(rows), TRIALS, color_by="optimizer", every=2)
+
+    (train,) = [trace for trace in figure.data if trace.line.dash == "solid" and trace.fill != "toself"]
+    assert list(train.x) == [1, 2, 4, 6]
+    assert list(train.customdata) == [2, 2, 2, 1]  # runs in each mean: both, except at 6 (the first ended at 5)
+
+
+def test_learning_curve_bands_of_a_metric_without_splits_on_a_log_axis():
+    curves = epochs_of([10, 11]).assign(grad_norm=[1.0, 0.1, 0.01, 2.0, 0.2, 0.02])
+
+    figure = charts.learning_curve_bands(curves, TRIALS, color_by="optimizer", metric="grad_norm",
+                                         columns={"value": "grad_norm"}, log_y=True)
+
+    (line,) = [trace for trace in figure.data if trace.fill != "toself"]
+    assert list(line.y) == pytest.approx([1.5, 0.15, 0.015]) and line.line.dash == "solid"
+    assert figure.layout.yaxis.type == "log"
+
+
+def test_learning_curves_mark_the_best_and_stopped_epochs():
+    figure = charts.learning_curves(epochs_of([10]), TRIALS, "width", log_y=True,
+                                    epoch_marks={"best": 2, "stopped early": 3, "missing": None})
+
+    assert sorted(shape.x0 for shape in figure.layout.shapes) == [2, 3]
+    assert {annotation.text for annotation in figure.layout.annotations} == {"best (epoch 2)",
+                                                                              "stopped early (epoch 3)"}
+    assert figure.layout.yaxis.type == "log"
+
+
+def test_norm_curves_draw_gradient_and_weight_norms_on_a_log_axis():
+    curves = epochs_of([10]).assign(grad_norm=[1.0, 0.1, 0.01], weight_norm=[3.0, 3.5, 4.0])
+
+    figure = charts.norm_curves(curves)
+
+    assert {trace.name: list(trace.y) for trace in figure.data} == {"gradient norm": [1.0, 0.1, 0.01],
+                                                                    "weight norm": [3.0, 3.5, 4.0]}
+    assert figure.layout.yaxis.type == "log"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 import streamlit as st
+import yaml
 from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
@@ -175,6 +176,27 @@ def test_widgets_build_the_grid_and_its_count_follows_them(db_url, queue, engine
     assert_queued(queue, trial_ids)
     assert {(c["width"], c["lr"], c["optimizer"], c["seed"], c["epochs"]) for c in configs} == set(
         itertools.product([4, 16, 64], [0.01, 0.1], ["sgd", "adam"], [0, 1, 2], [4]))
+
+
+def test_regularizer_and_momentum_widgets_become_axes_of_the_grid(db_url):
+    app = open_page()
+    app.radio(key="new_source").set_value("Widgets").run()
+    app.multiselect(key="new_w_widths").set_value([64]).run()
+    app.multiselect(key="new_w_l1").set_value([0.0, 0.001]).run()
+    app.multiselect(key="new_w_input_noise").set_value([0.0, 0.1]).run()
+    app.multiselect(key="new_w_patience").set_value([10]).run()
+    app.multiselect(key="new_w_optimizers").set_value(["momentum", "nesterov"]).run()
+    app.multiselect(key="new_w_momentum").set_value([0.5, 0.9]).run()
+
+    assert not app.error, error_text(app)
+    assert app.metric[0].value == str(2 * 2 * 2 * 2 * 2)  # l1, input noise, optimizer, momentum, seeds
+    shown = yaml.safe_load(app.code[0].value)["parameters"]
+    assert shown["l1"] == {"values": [0.0, 0.001]} and shown["input_noise"] == {"values": [0.0, 0.1]}
+    assert shown["early_stopping"] == {"value": {"patience": 10}}
+    assert shown["momentum"] == {"values": [0.5, 0.9]}
+
+    app.multiselect(key="new_w_optimizers").set_value(["adam"]).run()  # momentum means nothing to adam
+    assert "momentum" not in yaml.safe_load(app.code[0].value)["parameters"]
 
 
 def test_edit_as_yaml_carries_the_grid_into_the_editor(db_url):
