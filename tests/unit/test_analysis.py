@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 from services import analysis
@@ -208,3 +209,118 @@ def test_the_readme_states_the_thresholds_the_code_uses() -> None:
                   analysis.OVERFIT_RISE, analysis.NOT_CONVERGED_DROP):
         assert f"**{value:g}** x baseline" in section, value
     assert f"**{analysis.TAIL_FRACTION:.0%}**" in section
+
+
+# --- statistics over trials -------------------------------------------------------------------------
+
+def runs_frame() -> pd.DataFrame:
+    return pd.DataFrame({
+        "width": [4, 4, 4, 64, 64, 64, 64],
+        "split": ["val"] * 7,
+        "seed": [0, 1, 2, 0, 1, 2, 3],
+        "loss": [0.5, 0.7, 0.9, 0.2, 0.2, None, 0.2],
+    })
+
+
+def test_seed_bands_give_mean_and_one_sample_std_per_group() -> None:
+    bands = analysis.seed_bands(runs_frame(), by=["width", "split"], value="loss").set_index("width")
+
+    assert bands.loc[4, "mean"] == pytest.approx(0.7)
+    assert bands.loc[4, "lower"] == pytest.approx(0.5) and bands.loc[4, "upper"] == pytest.approx(0.9)  # std 0.2
+    assert bands.loc[64, "n"] == 3  # the run without a value is left out
+    assert bands.loc[64, "lower"] == bands.loc[64, "upper"] == pytest.approx(0.2)
+
+
+def test_seed_bands_from_min_to_max_and_of_a_single_run() -> None:
+    frame = runs_frame()
+    bands = analysis.seed_bands(frame, by=["width"], value="loss", band="minmax").set_index("width")
+    assert (bands.loc[4, "lower"], bands.loc[4, "upper"]) == (0.5, 0.9)
+
+    single = analysis.seed_bands(frame[frame["seed"] == 0], by=["width"], value="loss")
+    assert single["lower"].tolist() == single["mean"].tolist() == single["upper"].tolist()
+
+    with pytest.raises(ValueError, match="band must be one of"):
+        analysis.seed_bands(frame, by=["width"], value="loss", band="iqr")
+    assert analysis.seed_bands(frame.iloc[:0], by=["width"], value="loss").empty
+
+
+def test_epochs_to_target_is_the_first_epoch_at_or_below_it() -> None:
+    curves = pd.DataFrame({"trial_id": [1] * 4 + [2] * 4, "epoch": [1, 2, 3, 4] * 2,
+                           "val_loss": [0.9, 0.5, 0.3, 0.35, 0.9, 0.8, 0.7, 0.6]})
+
+    reached = analysis.epochs_to_target(curves, target=0.5)
+
+    assert reached.loc[1] == 2.0
+    assert math.isnan(reached.loc[2])  # never got to 0.5
+    assert analysis.epochs_to_target(curves, target=0.3).loc[1] == 3.0
+
+
+def test_divergence_rate_counts_trained_trials_only() -> None:
+    trials = pd.DataFrame({
+        "optimizer": ["sgd", "sgd", "sgd", "sgd", "adam", "adam"],
+        "status": ["diverged", "succeeded", "succeeded", "failed", "succeeded", "running"],
+        "verdict": [None, "diverged", "good_fit", None, "overfit", None],
+    })
+
+    rates = analysis.divergence_rate(trials, by=["optimizer"]).set_index("optimizer")
+
+    assert rates.loc["sgd"].tolist() == [3, 2, pytest.approx(2 / 3)]  # the failed trial is not counted
+    assert rates.loc["adam"].tolist() == [1, 0, 0.0]
+
+
+def test_a_paired_difference_has_the_t_interval_of_the_per_seed_differences() -> None:
+    a, b = [1.0, 1.2, 1.4, 1.1], [0.8, 0.9, 1.2, 1.0]
+    result = analysis.mean_difference(a, b, paired=True)
+
+    differences = [0.2, 0.3, 0.2, 0.1]
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    assert result.difference == pytest.approx(mean)
+    assert result.degrees_of_freedom == 3
+    assert result.low == pytest.approx(mean - 3.182 * sd / 2)
+    assert result.high == pytest.approx(mean + 3.182 * sd / 2)
+    assert result.low > 0  # A is reliably worse than B here
+
+
+def test_an_unpaired_difference_uses_welch_and_needs_two_runs_a_side() -> None:
+    result = analysis.mean_difference([1.0, 2.0, 3.0], [1.0, 1.5], paired=False)
+    assert result.difference == pytest.approx(0.75)
+    assert 1 < result.degrees_of_freedom < 3
+    assert result.low < 0 < result.high
+
+    too_few = analysis.mean_difference([1.0], [1.0, 1.5], paired=False)
+    assert too_few.low is None and "two runs" in too_few.reason
+    assert analysis.mean_difference([math.nan, 1.0], [2.0, 3.0], paired=True).reason.startswith("an interval")
+
+
+@pytest.mark.parametrize("df", [1, 2, 5, 9, 29, 30, 33.5, 47, 90, 500, 10_000])
+def test_t_quantile_matches_scipy(df: float) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.t.ppf(0.975, math.floor(df) if df < 30 else df)
+    assert analysis.t_quantile_975(df) == pytest.approx(expected, abs=0.002)
+
+
+def test_rejudging_stored_diagnoses_agrees_with_diagnosing_the_curves() -> None:
+    def trial(trial_id: int, train: list[float], val: list[float], noise: float = 0.2) -> dict:
+        return {"trial_id": trial_id, "status": "succeeded", "config": {"dataset": "moons", "noise": noise},
+                "final_metrics": BASELINE, "epochs": rows(train, val)}
+
+    trials = [trial(1, flat(0.02), flat(0.04)), trial(2, flat(0.25), flat(0.27)),  # 2 is far behind 1
+              trial(3, flat(0.001), flat(0.9)),  # overfit: no yardstick
+              trial(4, [0.35 - 0.006 * i for i in range(FLAT)], [0.37 - 0.006 * i for i in range(FLAT)]),
+              trial(5, flat(0.25), flat(0.26), noise=0.5),  # alone on its data
+              {**trial(6, [1.0, 0.5], [1.0, 0.6]), "status": "diverged"}]
+    stored = []
+    for item in trials:
+        alone = diagnose(item["epochs"], item["final_metrics"], status=item["status"])
+        stored.append({"trial_id": item["trial_id"], "config": item["config"], "verdict": alone.verdict,
+                       "reasons": alone.reasons, "numbers": alone.numbers})
+
+    from_curves, from_stored = diagnose_experiment(trials), analysis.rejudge_among_siblings(stored)
+
+    assert {k: d.verdict for k, d in from_stored.items()} == {k: d.verdict for k, d in from_curves.items()}
+    assert from_stored[2].verdict == "underfit" and from_stored[6].verdict == "diverged"
+    for trial_id in (1, 2, 3, 4, 5):
+        assert from_stored[trial_id].numbers["reference_excess"] == pytest.approx(
+            from_curves[trial_id].numbers["reference_excess"])
+        assert from_stored[trial_id].reasons == from_curves[trial_id].reasons
