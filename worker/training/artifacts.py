@@ -81,7 +81,7 @@ def _boundary_2d(model: nn.Module, splits: Splits, device: torch.device | str) -
         "resolution": GRID,
         "classes": list(range(splits.n_outputs)),
         "predicted_class": predicted.reshape(GRID, GRID).tolist(),  # [row = y][column = x]
-        "probability": [_rounded(row) for row in probability.reshape(GRID, GRID)],  # of that class
+        "probability": _rows(_rounded(probability), GRID),  # of that class
         "train_x": _rounded(raw[keep, 0]),
         "train_y": _rounded(raw[keep, 1]),
         "train_label": splits.y_train[keep].tolist(),
@@ -125,6 +125,10 @@ def _subsample(n: int) -> torch.Tensor:
     if n <= MAX_POINTS:
         return torch.arange(n)
     return torch.linspace(0, n - 1, MAX_POINTS).round().long()
+
+
+def _rows(values: list, width: int) -> list[list]:
+    return [values[start:start + width] for start in range(0, len(values), width)]
 
 
 def _rounded(values: torch.Tensor) -> list[float | None]:
