@@ -14,6 +14,11 @@ alone (no l1 term). A loss that stops being finite ends the trial as "diverged";
 returning True ends it as "cancelled"; early stopping ends it as "succeeded" with ``stopped_epoch``.
 None of these raises.
 
+Resumable: after each epoch (its schedule step included) ``checkpoint(epoch, capture)`` may call
+``capture()`` for a :class:`TrainingState` - model, optimizer, schedule, both generators' states,
+best epoch and weights, early stopper - and ``resume_from=state`` goes on from there in a freshly
+built trial. Resumed or not, the same config gives bitwise the same metrics (timings aside).
+
 At the end the model holds the weights of its best-validation epoch (the one early stopping keeps,
 and the one the test set and the prediction artifacts see).
 """
@@ -25,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,11 +93,33 @@ class TrialResult:
     """How a trial ended. final_metrics holds JSON-able numbers only (None where there is no number)."""
 
     status: str  # "succeeded" | "diverged" | "cancelled"
-    epochs_run: int  # epochs whose metrics went to on_epoch
+    epochs_run: int  # epochs with metrics, those before a resumed checkpoint included
     best_epoch: int | None  # epoch with the lowest validation loss
     final_metrics: dict
     message: str | None
     artifacts: dict[str, dict] = field(default_factory=dict)  # name -> small JSON-able plotting data
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything a trial needs to go on after ``epoch`` exactly as if it had never stopped. Tensors
+    are CPU copies; worker/training/checkpoint.py turns a state into bytes and back."""
+
+    epoch: int  # the last epoch it includes (1-based)
+    model: dict[str, torch.Tensor]
+    optimizer: dict  # Optimizer.state_dict()
+    schedule: dict | None  # the torch scheduler's state_dict(); None for a constant rate
+    generator: torch.Tensor  # uint8 state of the init / data-order generator
+    noise_generator: torch.Tensor  # uint8 state of the dropout / input-noise generator
+    last: EpochMetrics  # the metrics of ``epoch``
+    best: EpochMetrics | None  # the first epoch with the lowest validation loss so far
+    best_weights: dict[str, torch.Tensor] | None  # the model as it was after ``best``
+    stopper: dict | None  # the early stopper's counters, when early stopping is on
+
+
+# ``checkpoint(epoch, capture)``: called after each epoch but the last; calls ``capture()`` when it
+# wants the state (capturing copies every tensor, so it is done only when asked).
+CheckpointHook = Callable[[int, Callable[[], TrainingState]], None]
 
 
 @dataclass(frozen=True)
@@ -109,9 +137,12 @@ def train_trial(
     on_epoch: Callable[[EpochMetrics], bool | None] = lambda metrics: None,
     device: str | None = None,
     csv_content: bytes | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume_from: TrainingState | None = None,
 ) -> TrialResult:
     """Train the trial that ``config`` describes; ``device`` overrides config.device (cpu, cuda, auto);
-    ``csv_content`` is the stored file of a CSV data set."""
+    ``csv_content`` is the stored file of a CSV data set. ``checkpoint`` is offered the state after
+    each epoch; ``resume_from`` (a state of this same config) continues after its epoch."""
     target = resolve_device(device or config.device)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)  # init first, then the data order
@@ -141,12 +172,18 @@ def train_trial(
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
 
-    history: list[EpochMetrics] = []
+    last: EpochMetrics | None = None  # the latest epoch's metrics
     best: EpochMetrics | None = None  # the first epoch with the lowest validation loss
     best_weights: dict[str, torch.Tensor] | None = None  # the model as it was after that epoch
     stopper = _EarlyStopper(config.early_stopping) if config.early_stopping else None
+    if resume_from is not None:
+        # Everything above was rebuilt exactly as at the start (data, and the init drawn from the
+        # generator); now every piece of state that training moves is put back as it was.
+        _restore(resume_from, model=model, optimizer=optimizer, schedule=schedule, generator=generator,
+                 noise_generator=noise_generator, stopper=stopper)
+        last, best, best_weights = resume_from.last, resume_from.best, resume_from.best_weights
     status, message, stopped_epoch = "succeeded", None, None
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range((resume_from.epoch if resume_from else 0) + 1, config.epochs + 1):
         epoch_started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         batches = get_batches(x_train, y_train, batch_size=batch_size, generator=generator,
@@ -171,7 +208,7 @@ def train_trial(
             train_r2=train["r2"], val_r2=val["r2"], grad_norm=_finite_or_none(grad_norm),
             weight_norm=_finite_or_none(_l2_norm(list(model.parameters())).item()),
         )
-        history.append(metrics)
+        last = metrics
         if best is None or metrics.val_loss < best.val_loss:
             best, best_weights = metrics, _copy_weights(model)
         if on_epoch(metrics):
@@ -181,21 +218,26 @@ def train_trial(
             stopped_epoch = epoch
             break
         schedule.after_epoch(metrics.val_loss)
+        if checkpoint is not None and epoch < config.epochs:  # nothing is left to resume after the last
+            checkpoint(epoch, partial(
+                _capture, epoch, model=model, optimizer=optimizer, schedule=schedule, generator=generator,
+                noise_generator=noise_generator, last=last, best=best, best_weights=best_weights,
+                stopper=stopper))
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
     test = _test_at_best(model, best_weights, splits=splits, loss_fn=loss_fn, loss=loss_name, device=target)
     # Early stopping keeps the best model, so its "final" numbers are the best epoch's.
-    last = None if status == "diverged" or not history else (best if stopper is not None else history[-1])
-    final_metrics = _final_metrics(last=last, best=best, test=test)
+    final = None if status == "diverged" or last is None else (best if stopper is not None else last)
+    final_metrics = _final_metrics(last=final, best=best, test=test)
     final_metrics.update(baselines)
     final_metrics["stopped_epoch"] = stopped_epoch
-    final_metrics["final_epoch"] = history[-1].epoch if history else None
+    final_metrics["final_epoch"] = last.epoch if last else None
     final_metrics["parameter_count"] = parameter_count(model)
     artifacts = _prediction_artifacts(model, splits, config, target) if best_weights is not None else {}
     final_metrics["train_seconds"] = time.perf_counter() - started
     return TrialResult(
-        status=status, epochs_run=len(history), best_epoch=best.epoch if best else None,
+        status=status, epochs_run=last.epoch if last else 0, best_epoch=best.epoch if best else None,
         final_metrics=final_metrics, message=message, artifacts=artifacts,
     )
 
@@ -293,6 +335,12 @@ class _EarlyStopper:
         self.best = math.inf
         self.waited = 0
 
+    def state(self) -> dict:
+        return {"best": self.best, "waited": self.waited}
+
+    def restore(self, state: dict) -> None:
+        self.best, self.waited = float(state["best"]), int(state["waited"])
+
     def should_stop(self, val_loss: float) -> bool:
         if val_loss < self.best - self.min_delta:
             self.best, self.waited = val_loss, 0
@@ -303,6 +351,46 @@ class _EarlyStopper:
 
 def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _capture(epoch: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule,
+             generator: torch.Generator, noise_generator: torch.Generator, last: EpochMetrics,
+             best: EpochMetrics | None, best_weights: dict[str, torch.Tensor] | None,
+             stopper: _EarlyStopper | None) -> TrainingState:
+    # Copies, not references: the optimizer's state_dict() hands out its live tensors.
+    return TrainingState(
+        epoch=epoch, model=_cpu_copy(dict(model.state_dict())), optimizer=_cpu_copy(optimizer.state_dict()),
+        schedule=_cpu_copy(schedule.scheduler.state_dict()) if schedule.scheduler is not None else None,
+        generator=generator.get_state(), noise_generator=noise_generator.get_state(),
+        last=last, best=best, best_weights=_cpu_copy(best_weights), stopper=stopper.state() if stopper else None,
+    )
+
+
+def _restore(state: TrainingState, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             schedule: LearningRateSchedule, generator: torch.Generator, noise_generator: torch.Generator,
+             stopper: _EarlyStopper | None) -> None:
+    if (state.schedule is None) != (schedule.scheduler is None) or (state.stopper is None) != (stopper is None):
+        raise ValueError("the checkpoint was written by a trial with another schedule or early stopping")
+    model.load_state_dict(state.model)  # copies onto the model's device
+    optimizer.load_state_dict(state.optimizer)
+    if schedule.scheduler is not None:
+        schedule.scheduler.load_state_dict(state.schedule)
+    # set_state on the generators themselves: the model's dropout layers hold the noise generator.
+    generator.set_state(state.generator)
+    noise_generator.set_state(state.noise_generator)
+    if stopper is not None:
+        stopper.restore(state.stopper)
+
+
+def _cpu_copy(value):
+    """A deep copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):  # keeps the dict's type: MultiStepLR's milestones are a Counter
+        return type(value)({key: _cpu_copy(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
 
 
 def _test_at_best(

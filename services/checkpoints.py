@@ -1,0 +1,221 @@
+"""Where a running trial's checkpoint lives: one row per trial in ``trial_checkpoints``, holding the
+bytes itself (the default) or, with ``FITSCOPE_CHECKPOINT_URL=file:///shared/dir``, the URL of a file
+in a folder every worker can reach. No torch here: a checkpoint is opaque bytes to this module.
+
+Like every helper of a noun, these take a session and never commit, so a checkpoint is saved in the
+same transaction as the epoch rows up to its epoch. A file store keeps files and rows consistent
+across that transaction: each save writes a new file (named by attempt and epoch, written to a
+temporary name and renamed into place), and files are removed only once the transaction that
+stopped pointing at them has committed, or, for a new file, once its transaction rolled back.
+
+Size: a checkpoint above :data:`MAX_CHECKPOINT_BYTES` is not saved (the trial trains on, and would
+start over if its worker died). 64 MiB holds an Adam-trained MLP of about three million parameters
+(weights, best weights and two moments: 16 bytes a parameter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy.orm import Session
+
+from services.config import ConfigError
+from services.models import TrialCheckpoint, utcnow
+
+log = logging.getLogger(__name__)
+MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
+
+
+class CheckpointNotSaved(RuntimeError):
+    """This checkpoint could not be stored (too large, or its file could not be written); the trial
+    goes on without it and keeps its previous one."""
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    trial_id: int
+    attempt: int  # the attempt that wrote it
+    epoch: int  # the last epoch whose metrics it includes
+    data: bytes
+
+
+class DatabaseStore:
+    """Checkpoint bytes in the ``data`` column: nothing to configure, reachable by every worker."""
+
+    def check(self) -> None:
+        """Nothing to check: the database is checked when the worker starts."""
+
+    def save(self, session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes) -> None:
+        """Replace the trial's checkpoint with ``data`` (raises CheckpointNotSaved when too large)."""
+        _check_size(data, trial_id=trial_id, epoch=epoch)
+        previous = _location(session, trial_id)
+        _upsert(session, trial_id=trial_id, attempt=attempt, epoch=epoch, data=data, location=None, size=len(data))
+        if previous:  # the store was switched from a folder to the database
+            _after_commit(session, lambda: _remove_file(previous))
+
+
+class DirectoryStore:
+    """Checkpoint files under ``root``, one folder per trial; the row keeps the file's URL."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def check(self) -> None:
+        """Raise ConfigError (one sentence) when the folder cannot be created or written."""
+        probe = self.root / f".fitscope-write-test-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"FITSCOPE_CHECKPOINT_URL names the folder {self.root}, which cannot be written "
+                f"({exc.strerror or exc}); point it at a writable folder every worker can reach"
+            ) from None
+
+    def save(self, session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes) -> None:
+        """Write a new file, point the trial's row at it, and remove the old file after the commit
+        (or the new one after a rollback). Raises CheckpointNotSaved before touching the database
+        when the file cannot be written."""
+        _check_size(data, trial_id=trial_id, epoch=epoch)
+        path = self.root / f"trial-{trial_id}" / f"attempt-{attempt}-epoch-{epoch}.pt"
+        try:
+            _write_atomically(path, data)
+        except OSError as exc:
+            raise CheckpointNotSaved(f"trial {trial_id}: cannot write the checkpoint {path} ({exc})") from None
+        previous = _location(session, trial_id)
+        _upsert(session, trial_id=trial_id, attempt=attempt, epoch=epoch, data=None, location=path.as_uri(),
+                size=len(data))
+        if previous and previous != path.as_uri():
+            _after_commit(session, lambda: _remove_file(previous))
+        _after_rollback(session, lambda: _remove_file(path.as_uri()))
+
+
+CheckpointStore = DatabaseStore | DirectoryStore
+
+
+def checkpoint_store(url: str | None) -> CheckpointStore:
+    """The store ``FITSCOPE_CHECKPOINT_URL`` names: None or "" is the database, ``file:///dir`` a
+    folder. Anything else raises ConfigError with one sentence naming the setting."""
+    if not url:
+        return DatabaseStore()
+    parts = urlsplit(url)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path.startswith("/"):
+        return DirectoryStore(Path(unquote(parts.path)))
+    raise ConfigError(
+        f"FITSCOPE_CHECKPOINT_URL={url!r} is not a checkpoint location fitscope can use; give a folder "
+        "every worker can reach as file:///absolute/path, or unset it to keep checkpoints in the database"
+    )
+
+
+def load_checkpoint(session: Session, trial_id: int) -> StoredCheckpoint | None:
+    """The trial's checkpoint, wherever its row says the bytes are; None when there is none or its
+    file is gone or the wrong size (logged: the trial then starts over)."""
+    row = session.execute(
+        select(TrialCheckpoint.attempt, TrialCheckpoint.epoch, TrialCheckpoint.data, TrialCheckpoint.location,
+               TrialCheckpoint.size_bytes).where(TrialCheckpoint.trial_id == trial_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    data = row.data
+    if data is None:
+        try:
+            data = _path_of(row.location).read_bytes()
+        except (OSError, ValueError) as exc:
+            log.warning("trial %s: its checkpoint %s cannot be read (%s); it starts over", trial_id,
+                        row.location, exc)
+            return None
+    if len(data) != row.size_bytes:
+        log.warning("trial %s: its checkpoint has %d bytes, not the %d recorded; it starts over", trial_id,
+                    len(data), row.size_bytes)
+        return None
+    return StoredCheckpoint(trial_id=trial_id, attempt=row.attempt, epoch=row.epoch, data=bytes(data))
+
+
+def delete_checkpoints(session: Session, trial_ids: Iterable[int]) -> None:
+    """Remove the trials' checkpoints: rows now, files once the transaction has committed."""
+    ids = list(trial_ids)
+    if not ids:
+        return
+    locations = session.scalars(
+        select(TrialCheckpoint.location)
+        .where(TrialCheckpoint.trial_id.in_(ids), TrialCheckpoint.location.is_not(None))
+    ).all()
+    session.execute(delete(TrialCheckpoint).where(TrialCheckpoint.trial_id.in_(ids)))
+    if locations:
+        _after_commit(session, lambda: [_remove_file(location, folder_too=True) for location in locations])
+
+
+def _check_size(data: bytes, *, trial_id: int, epoch: int) -> None:
+    if len(data) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointNotSaved(
+            f"trial {trial_id}: the checkpoint of epoch {epoch} is {len(data) / 2**20:.0f} MiB, over the "
+            f"{MAX_CHECKPOINT_BYTES / 2**20:.0f} MiB cap; the trial trains on without checkpoints")
+
+
+def _location(session: Session, trial_id: int) -> str | None:
+    return session.scalar(select(TrialCheckpoint.location).where(TrialCheckpoint.trial_id == trial_id))
+
+
+def _upsert(session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes | None,
+            location: str | None, size: int) -> None:
+    # UPDATE, then INSERT when there was no row: portable, and only the attempt that holds the trial
+    # (checked by the caller in this transaction) ever writes its checkpoint.
+    values = {"attempt": attempt, "epoch": epoch, "data": data, "location": location, "size_bytes": size,
+              "created_at": utcnow()}
+    updated = session.execute(
+        update(TrialCheckpoint).where(TrialCheckpoint.trial_id == trial_id).values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if updated == 0:
+        session.execute(insert(TrialCheckpoint).values(trial_id=trial_id, **values))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the whole file or none: write a temporary file, flush it to disk, rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _path_of(location: str | None) -> Path:
+    parts = urlsplit(location or "")
+    if parts.scheme != "file":
+        raise ValueError(f"{location!r} is not a file:// URL")
+    return Path(unquote(parts.path))
+
+
+def _remove_file(location: str, *, folder_too: bool = False) -> None:
+    """Best effort: a file left behind wastes space but is never read (no row points to it)."""
+    try:
+        path = _path_of(location)
+        path.unlink(missing_ok=True)
+        if folder_too:
+            for stray in path.parent.glob("*.pt"):  # left by a worker that died between commit and removal
+                stray.unlink(missing_ok=True)
+            path.parent.rmdir()
+    except FileNotFoundError:
+        pass  # already gone: removing is all that was asked
+    except (OSError, ValueError) as exc:
+        log.warning("could not remove the checkpoint file %s (%s)", location, exc)
+
+
+def _after_commit(session: Session, action: Callable[[], object]) -> None:
+    event.listen(session, "after_commit", lambda _session: action(), once=True)
+
+
+def _after_rollback(session: Session, action: Callable[[], object]) -> None:
+    event.listen(session, "after_soft_rollback", lambda _session, _previous: action(), once=True)
