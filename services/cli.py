@@ -378,6 +378,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
                                                         "default fitscope-PID@HOST.")] = None,
            loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO"):
     """Run a Celery worker that trains trials from the given queues."""
+    from services.config import ConfigError
     from services.queue import QUEUES, BrokerUnreachable, check_broker
     from worker.celery_app import create_app
 
@@ -396,7 +397,10 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     engine = _engine(settings)
     _refuse_a_name_in_use(engine, node, lost_after_s=settings.worker_lost_after_s)
     engine.dispose()  # nothing inherited into the pool's forked processes
-    celery_app = create_app(settings)
+    try:
+        celery_app = create_app(settings)  # checks the checkpoint store, among others
+    except ConfigError as exc:
+        fail(str(exc))
     try:
         check_broker(celery_app)
     except BrokerUnreachable as exc:

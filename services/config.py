@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     checkpoint_every_epochs: int = Field(
         10, ge=0, le=1_000_000, description="A running trial checkpoints every this many epochs; 0 = never by count.")
     checkpoint_every_s: float = Field(
-        30.0, ge=0, le=86_400, description="... or when this many seconds passed since its last one; 0 = never by time.")
+        30.0, ge=0, le=86_400,
+        description="... or when this many seconds passed since its last one; 0 = never by time.")
     checkpoint_url: str | None = Field(
         None, description="file:///shared/dir for checkpoint bytes; default: in the database.")
     heartbeat_s: float = Field(10.0, gt=0, le=3600, description="Seconds between a worker's heartbeats.")

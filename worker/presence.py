@@ -35,6 +35,15 @@ from services.workers import LOST, heartbeat, mark_stopped, register, sweep_stal
 
 log = logging.getLogger(__name__)
 
+# The pool forks training processes from this process while the heartbeat thread may be inside
+# SQLite, psycopg or redis-py. A fork in the middle of a beat copies whatever lock that library then
+# holds, locked, into the child, whose first query then waits for ever (seen: a re-forked training
+# process stuck in futex_wait after a kill -9). So a fork waits for the beat in progress to end, and
+# a beat never starts while a fork is under way.
+_FORK_GUARD = threading.Lock()
+os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release,
+                    after_in_child=_FORK_GUARD.release)
+
 
 def installed_torch_version() -> str | None:
     try:
@@ -94,6 +103,10 @@ class Presence:
 
     def beat(self) -> None:
         """One heartbeat and one sweep; never raises, so the thread outlives any outage."""
+        with _FORK_GUARD:
+            self._beat()
+
+    def _beat(self) -> None:
         try:
             orphans: list[tuple[int, str]] = []
             with session_scope(self.engine) as session:
