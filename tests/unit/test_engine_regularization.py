@@ -182,3 +182,19 @@ def test_batch_norm_never_sees_a_batch_of_one() -> None:
                                                         merge_single=True)]
     assert sizes == [32, 33] and loop_module.steps_per_epoch(65, batch_size=32, merge_single=True) == 2
     assert loop_module.steps_per_epoch(65, batch_size=32) == 3
+
+
+def test_l1_shrinks_the_weights_and_makes_them_sparse_in_both_execution_paths():
+    from worker.training.fused import train_fused
+
+    configs = [TrialConfig(dataset="moons", width=32, l1=l1, epochs=40, seed=0, optimizer="sgd", lr=0.1)
+               for l1 in (0.0, 0.003, 0.03)]
+    solo = [train_trial(config).final_metrics for config in configs]
+    fused = [result.final_metrics for result in train_fused(configs)]
+    none, some, more = solo
+    assert none["zero_weight_fraction"] < 0.05 < 0.2 < some["zero_weight_fraction"]
+    assert none["weight_l1"] > some["weight_l1"] > more["weight_l1"]
+    assert none["weight_min"] < none["weight_mean"] < none["weight_max"]
+    for one, stacked in zip(solo, fused, strict=True):
+        for key in ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction"):
+            assert stacked[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

@@ -46,6 +46,7 @@ from worker.training.fused_stack import (
     StackedTraining,
     initial_rows,
     measure_rows,
+    module_weights,
     per_trial_loss,
 )
 from worker.training.loop import (
@@ -59,7 +60,14 @@ from worker.training.loop import (
     resolve_device,
     steps_per_epoch,
 )
-from worker.training.losses import baseline_loss, build_loss, constant_predictor, model_outputs, resolve_loss
+from worker.training.losses import (
+    baseline_loss,
+    build_loss,
+    constant_predictor,
+    model_outputs,
+    resolve_loss,
+    weight_statistics,
+)
 from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
 from worker.training.schedules import LearningRateSchedule, build_schedule
 
@@ -328,12 +336,21 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
         final_metrics["stopped_epoch"] = trial.stopped_epoch
         final_metrics["final_epoch"] = history[-1].epoch if history else None
         final_metrics["parameter_count"] = count
+        final_metrics.update(weight_statistics(
+            _linear_weights(template, trial.best_weights) if has_best else []))
         artifacts = _prediction_artifacts(model, splits, trial.config, device) if has_best else {}
         final_metrics["train_seconds"] = set_up_s + trial.seconds + time.perf_counter() - started
         results[trial.index] = TrialResult(status=trial.status, epochs_run=len(history),
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
                                            message=trial.message, artifacts=artifacts)
     return results
+
+
+def _linear_weights(template: nn.Module, row: torch.Tensor) -> list[torch.Tensor]:
+    """The trial's Linear weight matrices (what l1 acts on, losses.penalised_weights) from its row."""
+    weights = module_weights(template, row)
+    return [weights[f"{name}.weight" if name else "weight"]
+            for name, module in template.named_modules() if isinstance(module, nn.Linear)]
 
 
 def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:

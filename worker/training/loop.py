@@ -47,6 +47,7 @@ from worker.training.losses import (
     model_outputs,
     penalised_weights,
     resolve_loss,
+    weight_statistics,
 )
 from worker.training.models import build_model, fit_input_features, make_noise_generator, parameter_count
 from worker.training.optim import build_optimizer
@@ -234,6 +235,7 @@ def train_trial(
     final_metrics["stopped_epoch"] = stopped_epoch
     final_metrics["final_epoch"] = last.epoch if last else None
     final_metrics["parameter_count"] = parameter_count(model)
+    final_metrics.update(weight_statistics(penalised_weights(model) if best_weights is not None else []))
     artifacts = _prediction_artifacts(model, splits, config, target) if best_weights is not None else {}
     final_metrics["train_seconds"] = time.perf_counter() - started
     return TrialResult(

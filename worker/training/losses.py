@@ -79,6 +79,27 @@ def penalised_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
 
 
+# A weight this close to zero counts as zero in zero_weight_fraction: L1's subgradient steps make
+# weights hover around 0 rather than land on it exactly.
+ZERO_WEIGHT = 1e-3
+
+
+@torch.no_grad()
+def weight_statistics(weights: list[torch.Tensor]) -> dict[str, float | None]:
+    """Statistics of the weights L1 and weight decay act on (penalised_weights): their L1 norm, mean,
+    min, max, and the share that is (nearly) zero, which L1 drives up (sparsity)."""
+    flat = torch.cat([w.detach().reshape(-1) for w in weights]) if weights else torch.zeros(0)
+    if flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+        return dict.fromkeys(("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction"))
+    return {
+        "weight_l1": flat.abs().sum().item(),
+        "weight_mean": flat.mean().item(),
+        "weight_min": flat.min().item(),
+        "weight_max": flat.max().item(),
+        "zero_weight_fraction": (flat.abs() < ZERO_WEIGHT).float().mean().item(),
+    }
+
+
 @torch.no_grad()
 def measure(output: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn, loss: str) -> dict[str, float | None]:
     """Loss and task metrics of outputs on a whole set: accuracy (classification, fraction in
