@@ -39,7 +39,8 @@ from services.queries import (
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
-from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+from services.queue import BrokerUnreachable, check_broker, enqueue_jobs, make_celery
+from services.submission import plan_requeue
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS, cancel_experiment, requeue_trials
 from services.workers import list_workers
@@ -370,9 +371,11 @@ def requeue(experiment_id: int) -> int:
     url = current.effective_database_url
     with _writing(url), session_scope(_engine(url)) as session:
         requeued = requeue_trials(session, experiment_id)
+        jobs = plan_requeue(session, requeued, fuse=current.fuse, fuse_max_trials=current.fuse_max_trials)
     _forget_reads()
     try:
-        return enqueue_trials(producer, requeued)
+        enqueue_jobs(producer, jobs)
+        return len(requeued)
     except Exception as exc:  # kombu raises several unrelated types for a broker that went away
         raise BrokerUnreachable(
             f"{len(requeued)} trials of experiment {experiment_id} were re-queued in the database but the "

@@ -310,7 +310,8 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
     from services.db import session_scope
     from services.models import TrialStatus
     from services.queries import get_experiment
-    from services.queue import BrokerUnreachable, check_broker, enqueue_trials, make_celery
+    from services.queue import BrokerUnreachable, check_broker, enqueue_jobs, make_celery
+    from services.submission import plan_requeue
     from services.trials import requeue_trials
 
     allowed = {s.value for s in TrialStatus} - {"running"}
@@ -328,8 +329,9 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
         if get_experiment(session, experiment_id) is None:
             fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
         trials = requeue_trials(session, experiment_id, statuses=tuple(status_))
+        jobs = plan_requeue(session, trials, fuse=settings.fuse, fuse_max_trials=settings.fuse_max_trials)
     try:
-        enqueue_trials(producer, trials)
+        enqueue_jobs(producer, jobs)
     except Exception as exc:
         fail(f"experiment {experiment_id}: {len(trials)} trials were reset but could not be queued "
              f"({type(exc).__name__}); once the broker is back run `fitscope requeue {experiment_id} "

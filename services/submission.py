@@ -89,3 +89,27 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     else:
         jobs = [([trial_id], queue) for trial_id, queue in trial_list]
     return Submitted(experiment_id=experiment.id, trials=trial_list, jobs=jobs)
+
+
+def plan_requeue(session: Session, trials: list[tuple[int, str]], *, fuse: bool,
+                 fuse_max_trials: int) -> list[tuple[list[int], str]]:
+    """Jobs for re-queued trials (services.trials.requeue_trials), planned as a submission plans them:
+    those that can train together go fused, unless the setting or their experiment's spec says
+    ``fuse: false``. Call inside the re-queue's transaction; send with services.queue.enqueue_jobs."""
+    from services.trial_config import TrialConfig
+
+    if not fuse or len(trials) < 2:
+        return [([trial_id], queue) for trial_id, queue in trials]
+    queues = dict(trials)
+    rows = session.execute(
+        select(Trial.id, Trial.config, Experiment.spec).join(Experiment, Trial.experiment_id == Experiment.id)
+        .where(Trial.id.in_(list(queues))).order_by(Trial.experiment_id, Trial.ordinal)
+    ).all()
+    singles = [row.id for row in rows if (row.spec or {}).get("fuse") is False]
+    fusing = [row for row in rows if (row.spec or {}).get("fuse") is not False]
+    configs = [TrialConfig.model_validate(row.config) for row in fusing]
+    jobs = [([trial_id], queues[trial_id]) for trial_id in singles]
+    for job in plan_jobs(configs, max_trials=fuse_max_trials):
+        ids = [fusing[i].id for i in job]
+        jobs.append((ids, queues[ids[0]]))
+    return jobs

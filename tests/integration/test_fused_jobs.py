@@ -75,6 +75,22 @@ def test_a_fusable_grid_runs_as_one_job_and_every_trial_ends_once(env_and_worker
     assert "fused job of 3 trials trained" in log
     assert len({t.worker for t in fused}) == 1
 
+    # `fitscope requeue` plans the re-run as the submission did: one job again, three singles.
+    experiment_id = json.loads(submitted.stdout)["experiment_id"]
+    requeued = fitscope("requeue", str(experiment_id), "--status", "succeeded", env=env)
+    assert requeued.returncode == 0 and "6 trials re-queued" in requeued.stdout, requeued.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope(engine) as session:
+            again = session.scalars(select(Trial).where(Trial.id.in_(trial_ids))).all()
+        if all(t.status == "succeeded" for t in again):
+            break
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.2)
+    log = worker.log()
+    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)) == 2, log[-3000:]
+    assert len(re.findall(r"Task fitscope\.run_trial\[[^\]]+\] received", log)) == 6, log[-3000:]
+
 
 # Rows are written only every 600 s, so the cancel must come from the job's per-epoch flag read.
 @pytest.mark.parametrize("env_and_worker", ["600"], indirect=True)

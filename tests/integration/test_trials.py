@@ -210,3 +210,23 @@ def test_a_database_down_for_good_raises_database_down_and_keeps_the_trial_takea
     with session_scope(engine) as session:  # the task re-queues itself as a takeover: the claim takes it
         takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
     assert takeover is not None and takeover.attempt == 2
+
+
+def test_requeued_trials_are_planned_into_fused_jobs_unless_their_spec_says_not(engine, experiment):
+    from services.submission import plan_requeue
+
+    unfused_spec = SPEC.replace("name: t\n", "name: u\nfuse: false\n")
+    with session_scope(engine) as session:
+        unfused = submit(session, spec=parse_spec(unfused_spec), spec_text=unfused_spec, submitted_by=None,
+                         max_trials=100)
+        cancel_experiment(session, experiment.experiment_id)
+        cancel_experiment(session, unfused.experiment_id)
+    with session_scope(engine) as session:
+        requeued = requeue_trials(session, experiment.experiment_id) + requeue_trials(session, unfused.experiment_id)
+        jobs = plan_requeue(session, requeued, fuse=True, fuse_max_trials=64)
+        off = plan_requeue(session, requeued, fuse=False, fuse_max_trials=64)
+    by_width = {4: experiment.trial_ids[:2], 8: experiment.trial_ids[2:]}  # widths do not share a model
+    assert sorted(ids for ids, _ in jobs if len(ids) > 1) == sorted(by_width.values())
+    assert sorted(ids[0] for ids, _ in jobs if len(ids) == 1) == sorted(unfused.trial_ids)
+    assert sorted(ids[0] for ids, _ in off) == sorted(experiment.trial_ids + unfused.trial_ids)
+    assert all(len(ids) == 1 for ids, _ in off) and {queue for _, queue in jobs} == {"cpu"}
