@@ -59,6 +59,10 @@ def register(app: Celery) -> None:
 def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[str, str]:
     """Train these trials fused; returns {trial id: final status} ("skipped" for those with nothing
     to do, "superseded" for those another attempt took over meanwhile)."""
+    if len(trial_ids) > MAX_JOB_TRIALS:  # never sent by fitscope (jobs are capped at submit): say so
+        log.error("a job message carried %d trial ids; training the first %d, the rest (%s...) stay queued: "
+                  "`fitscope requeue EXPERIMENT --status queued` sends them again", len(trial_ids),
+                  MAX_JOB_TRIALS, trial_ids[MAX_JOB_TRIALS:MAX_JOB_TRIALS + 5])
     trial_ids = [int(trial_id) for trial_id in trial_ids[:MAX_JOB_TRIALS]]
     engine = _get_engine()
     worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"[:200]

@@ -194,6 +194,7 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
     """Run a claimed trial through the engine, writing its epoch rows as it runs."""
     from services.trial_config import TrialConfig
     from worker.training import DeviceUnavailable, train_trial
+    from worker.training.loop import CannotResume
 
     settings = get_settings()
     try:
@@ -205,8 +206,19 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
                              every_epochs=settings.checkpoint_every_epochs, every_s=settings.checkpoint_every_s)
         try:
             config = TrialConfig.model_validate(claim.config)
-            result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, resume_from=resume_from,
-                                 **_csv_content(engine, config))
+            csv = _csv_content(engine, config)
+            try:
+                result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, resume_from=resume_from,
+                                     **csv)
+            except CannotResume as exc:  # nothing ran: start over, as with an unreadable checkpoint
+                log.warning("trial %s: %s; starting over from epoch 1", claim.trial_id, exc)
+                write_with_retry(engine, lambda session: restart_trial(session, claim.trial_id, attempt=claim.attempt))
+                claim = replace(claim, resume_epoch=None, checkpoint=None)
+                buffer = EpochBuffer(engine, claim, flush_s=settings.metrics_flush_s,
+                                     store=checkpoint_store(settings.checkpoint_url),
+                                     every_epochs=settings.checkpoint_every_epochs,
+                                     every_s=settings.checkpoint_every_s)
+                result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, **csv)
         except (TrialSuperseded, DatabaseDown):
             raise
         except DeviceUnavailable as exc:

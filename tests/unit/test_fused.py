@@ -193,12 +193,17 @@ def test_a_cancelled_trial_stops_alone_and_the_others_are_unaffected():
     _assert_rows_match(rows[2], _solo(configs[2])[1], tolerance=1e-5)
 
 
-def test_a_trials_results_do_not_depend_on_its_companions():
+def test_a_trials_results_do_not_depend_on_its_companions(monkeypatch):
     # Dropout and input noise come from the trial's own generators, whatever else is in the stack.
-    trial = TrialConfig(seed=5, dropout=0.3, input_noise=0.1, epochs=4, **SMALL)
-    with_a, _ = _fused([trial, TrialConfig(seed=1, lr=0.05, **{**SMALL, "width": 16})])
-    with_b, _ = _fused([TrialConfig(seed=2, dropout=0.5, epochs=2, **SMALL), trial,
-                        TrialConfig(seed=3, input_noise=0.5, **SMALL)])
+    # A small draw budget makes an epoch several stretches of draws, as a large n_train does.
+    from worker.training import fused_stack
+
+    monkeypatch.setattr(fused_stack, "NOISE_CHUNK_NUMBERS", 8_000)
+    small = {**SMALL, "n_train": 256}
+    trial = TrialConfig(seed=5, dropout=0.3, input_noise=0.1, epochs=4, **small)
+    with_a, _ = _fused([trial, TrialConfig(seed=1, lr=0.05, **small)])
+    with_b, _ = _fused([TrialConfig(seed=2, dropout=0.5, epochs=2, **small), trial,
+                        TrialConfig(seed=3, input_noise=0.5, **small)])
     assert with_a[0].final_metrics["final_val_loss"] == pytest.approx(with_b[1].final_metrics["final_val_loss"],
                                                                       abs=1e-6)
 
@@ -227,3 +232,13 @@ def test_epoch_seconds_are_each_trials_share_of_the_stack():
     assert all(m.epoch_seconds > 0 and math.isfinite(m.epoch_seconds) for r in rows.values() for m in r)
     assert all(r.final_metrics["train_seconds"] >= sum(m.epoch_seconds for m in rows[i])
                for i, r in enumerate(results))
+
+
+def test_a_data_set_too_big_to_copy_per_trial_is_gathered_step_by_step_with_the_same_result(monkeypatch):
+    from worker.training import fused
+
+    configs = [TrialConfig(seed=seed, epochs=3, batch_size=16, **SMALL) for seed in range(3)]
+    whole, _ = _fused(configs)
+    monkeypatch.setattr(fused, "EPOCH_GATHER_NUMBERS", 0)
+    stepwise, _ = _fused(configs)
+    assert [r.final_metrics["final_val_loss"] for r in whole] == [r.final_metrics["final_val_loss"] for r in stepwise]

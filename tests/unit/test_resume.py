@@ -146,3 +146,17 @@ def _saved(value) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_raises_cannot_resume_before_training() -> None:
+    # A GPU generator's state (a device: auto trial that ran on a GPU) does not fit a CPU generator.
+    from worker.training.loop import CannotResume
+
+    config = TrialConfig(dataset="moons", width=8, epochs=6, dropout=0.2, n_train=64, seed=1)
+    _, data = _run_until_checkpoint(config, 3)
+    state = state_from_bytes(data)
+    alien = dataclasses.replace(state, noise_generator=torch.zeros(16, dtype=torch.uint8))
+    seen: list[EpochMetrics] = []
+    with pytest.raises(CannotResume, match="does not fit this run"):
+        train_trial(config, resume_from=alien, on_epoch=seen.append)
+    assert seen == []

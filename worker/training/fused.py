@@ -248,6 +248,11 @@ class _Trial:
         training.freeze(row)
 
 
+# Up to this many numbers (trials x rows x features), an epoch's shuffled copy of the data is made
+# once (64 MB of float32); beyond it, each step gathers its own rows.
+EPOCH_GATHER_NUMBERS = 16_000_000
+
+
 def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.Tensor, y: torch.Tensor,
                      row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int) -> torch.Tensor:
     """One optimizer step per batch for every row; returns each row's last gradient norm (before
@@ -257,11 +262,14 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
     training_rows = training.training
     if batch_size >= n:
         x_epoch, y_epoch = x.expand(len(running), *x.shape), y.expand(len(running), *y.shape)
+        order = None
     else:
         identity = torch.arange(n)
         order = torch.stack([torch.randperm(n, generator=trial.data_generator) if is_training else identity
                              for trial, is_training in zip(running, training_rows, strict=True)]).to(x.device)
-        x_epoch, y_epoch = x[order], y[order]
+        if order.numel() * max(1, x.shape[1]) <= EPOCH_GATHER_NUMBERS:
+            x_epoch, y_epoch, order = x[order], y[order], None  # one gather per epoch, slices per step
+        # else: every trial's copy of a large data set would not fit; gather each step's rows instead
     model = training.model
     noise = NoiseAhead(
         dropout=[trial.config.dropout for trial in running],
@@ -275,7 +283,11 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
     norm = None
     for step, start in enumerate(starts):
         end = min(start + batch_size, n)
-        inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
+        if order is None:
+            inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
+        else:
+            rows = order[:, start:end]
+            inputs, labels = x[rows], y[rows]
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, labels or targets
 
 
+class CannotResume(ValueError):
+    """The checkpoint handed to ``resume_from`` cannot be restored here; nothing was trained."""
+
+
 class DeviceUnavailable(ValueError):
     """The trial asked for a device this worker does not have."""
 
@@ -180,8 +184,12 @@ def train_trial(
     if resume_from is not None:
         # Everything above was rebuilt exactly as at the start (data, and the init drawn from the
         # generator); now every piece of state that training moves is put back as it was.
-        _restore(resume_from, model=model, optimizer=optimizer, schedule=schedule, generator=generator,
-                 noise_generator=noise_generator, stopper=stopper)
+        try:
+            _restore(resume_from, model=model, optimizer=optimizer, schedule=schedule, generator=generator,
+                     noise_generator=noise_generator, stopper=stopper)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            # e.g. a GPU generator's state on a CPU worker (device: auto), or another schedule
+            raise CannotResume(f"the checkpoint does not fit this run ({type(exc).__name__}: {exc})") from None
         last, best, best_weights = resume_from.last, resume_from.best, resume_from.best_weights
     status, message, stopped_epoch = "succeeded", None, None
     for epoch in range((resume_from.epoch if resume_from else 0) + 1, config.epochs + 1):
