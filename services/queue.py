@@ -80,29 +80,20 @@ def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
     return sent
 
 
-def enqueue_takeovers(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
-    """Send ``run_trial(takeover=True)`` for trials left ``running`` by a worker that stopped
-    heart-beating (services.workers.sweep_stale); the claim then removes the dead attempt's rows.
-    Call only after the commit that declared the worker lost. Returns the number sent."""
-    sent = 0
-    with app.producer_or_acquire() as producer:
-        for trial_id, queue in trials:
-            app.send_task(RUN_TRIAL_TASK, args=[trial_id], kwargs={"takeover": True}, queue=queue,
-                          producer=producer)
-            sent += 1
-    return sent
-
-
-def enqueue_jobs(app: Celery, jobs: Iterable[tuple[list[int], str]]) -> int:
+def enqueue_jobs(app: Celery, jobs: Iterable[tuple[list[int], str]], *, takeover: bool = False) -> int:
     """Send one message per (trial ids, queue) over one connection: a job of one trial as
-    run_trial, a job of several as run_job (trained fused); call only after the commit."""
+    run_trial, a job of several as run_job (trained fused); call only after the commit.
+    ``takeover`` sends trials left ``running`` by a worker that stopped heart-beating
+    (services.workers.sweep_stale): their claim then keeps the rows up to their checkpoint and
+    counts the attempt. Send those only after the commit that declared the worker lost."""
     sent = 0
+    kwargs = {"takeover": True} if takeover else {}
     with app.producer_or_acquire() as producer:
         for trial_ids, queue in jobs:
             if len(trial_ids) == 1:
-                app.send_task(RUN_TRIAL_TASK, args=[trial_ids[0]], queue=queue, producer=producer)
+                app.send_task(RUN_TRIAL_TASK, args=[trial_ids[0]], kwargs=kwargs, queue=queue, producer=producer)
             else:
-                app.send_task(RUN_JOB_TASK, args=[list(trial_ids)], queue=queue, producer=producer)
+                app.send_task(RUN_JOB_TASK, args=[list(trial_ids)], kwargs=kwargs, queue=queue, producer=producer)
             sent += 1
     return sent
 

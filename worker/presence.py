@@ -30,7 +30,8 @@ from sqlalchemy.pool import NullPool
 from services.config import Settings
 from services.db import make_engine, session_scope
 from services.models import utcnow
-from services.queue import enqueue_takeovers, make_celery
+from services.queue import enqueue_jobs, make_celery
+from services.submission import plan_requeue
 from services.workers import LOST, heartbeat, mark_stopped, register, sweep_stale
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Presence:
         self.engine = _heartbeat_engine(settings.effective_database_url)
         self.producer = make_celery(settings, name="fitscope-presence")
         self._registered = False
-        self._unsent: list[tuple[int, str]] = []
+        self._unsent: list[tuple[list[int], str]] = []  # takeover jobs owed: (trial ids, queue)
         self._clock = clock
         # Since when (clock seconds) every beat has reached the database; None until one has.
         self._db_ok_since: float | None = None
@@ -83,7 +84,8 @@ class Presence:
             self._send_takeovers()
         if self._unsent:
             log.warning("worker %s stops owing the takeover of trials %s; left online so that another worker "
-                        "re-sends them once it finds this one silent", self.name, [i for i, _ in self._unsent])
+                        "re-sends them once it finds this one silent", self.name,
+                        [trial_id for ids, _ in self._unsent for trial_id in ids])
             self.engine.dispose()
             return
         try:
@@ -108,14 +110,14 @@ class Presence:
 
     def _beat(self) -> None:
         try:
-            orphans: list[tuple[int, str]] = []
+            orphans: list[tuple[list[int], str]] = []
             with session_scope(self.engine) as session:
                 previous = heartbeat(session, self.name) if self._registered else None
                 if previous is None:
-                    orphans = register(
+                    orphans = self._as_jobs(session, register(
                         session, name=self.name, host=socket.gethostname(), pid=os.getpid(), queues=self.queues,
                         device="cuda" if "gpu" in self.queues else "cpu", torch_version=installed_torch_version(),
-                        concurrency=self.concurrency, started_at=self.started_at)
+                        concurrency=self.concurrency, started_at=self.started_at))
             self._unsent += orphans  # only once committed: a rolled-back flip sends nothing
             if previous == LOST:
                 log.warning("worker %s had been given up as lost; its running trials were re-sent to others",
@@ -128,7 +130,8 @@ class Presence:
                 self._db_ok_since = now
             if now - self._db_ok_since >= self.settings.worker_lost_after_s:
                 with session_scope(self.engine) as session:
-                    stale = sweep_stale(session, lost_after_s=self.settings.worker_lost_after_s, sweeper=self.name)
+                    stale = self._as_jobs(session, sweep_stale(
+                        session, lost_after_s=self.settings.worker_lost_after_s, sweeper=self.name))
                 self._unsent += stale
         except Exception as exc:
             self._db_ok_since = None
@@ -136,14 +139,25 @@ class Presence:
                         self.settings.heartbeat_s)
         self._send_takeovers()
 
+    def _as_jobs(self, session, trials: list[tuple[int, str]]) -> list[tuple[list[int], str]]:
+        """A lost worker's trials planned as a submission plans them, so a lost fused job comes back
+        fused (run_job), not one trial per message; one per message if planning fails."""
+        try:
+            return plan_requeue(session, trials, fuse=self.settings.fuse,
+                                fuse_max_trials=self.settings.fuse_max_trials)
+        except ValueError as exc:  # a stored config that no longer validates (a database error propagates)
+            log.warning("could not plan the takeover of trials %s as fused jobs (%s); sending them one by one",
+                        [trial_id for trial_id, _ in trials], _reason(exc))
+            return [([trial_id], queue) for trial_id, queue in trials]
+
     def _send_takeovers(self) -> None:
         """One message at a time, each dropped from the list once sent: a broker that fails half-way
         through leaves only the unsent ones to send at the next beat."""
         sent = []
         try:
             while self._unsent:
-                enqueue_takeovers(self.producer, self._unsent[:1])
-                sent.append(self._unsent.pop(0)[0])
+                enqueue_jobs(self.producer, self._unsent[:1], takeover=True)
+                sent.extend(self._unsent.pop(0)[0])
         except Exception as exc:
             log.warning("could not re-send %d trials of lost workers (%s); trying again at the next beat",
                         len(self._unsent), _reason(exc))

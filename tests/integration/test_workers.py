@@ -211,7 +211,7 @@ def test_a_worker_that_stops_owing_takeovers_stays_online_for_others_to_sweep(mi
     presence.beat()
     now[0] += 3
     presence.beat()
-    assert presence._unsent == [(i, "cpu") for i in trial_ids]
+    assert presence._unsent == [(trial_ids, "cpu")]  # one fused takeover job (two default configs)
     presence.stop()
     with session_scope(engine) as session:
         assert session.get(WorkerNode, "me@h1").status == "online"
@@ -403,3 +403,35 @@ def _wait(condition, timeout_s: float, log) -> None:
     while not condition():
         assert time.monotonic() < deadline, log()[-3000:]
         time.sleep(0.1)
+
+
+def test_a_lost_workers_fused_trials_come_back_as_one_fused_takeover_job(migrated_sqlite_url, broker_url, engine_for):
+    import redis
+
+    from services.trial_config import TrialConfig
+
+    engine = engine_for(migrated_sqlite_url)
+    with session_scope(engine) as session:
+        _register(session, "gone@h2")
+        trial_ids = _running_trials(session, "gone@h2", 3)
+        for seed, trial_id in enumerate(trial_ids):  # two fuse (same model, two seeds); one has batch norm
+            norm = "batch" if seed == 2 else "none"
+            session.get(Trial, trial_id).config = TrialConfig(seed=seed, norm=norm).model_dump(mode="json")
+        _silence(session, "gone@h2", 60)
+    settings = Settings(database_url=migrated_sqlite_url, broker_url=broker_url, heartbeat_s=1,
+                        worker_lost_after_s=3)
+    now = [0.0]
+    presence = Presence(settings, name="me@h1", queues=["cpu"], concurrency=1, clock=lambda: now[0])
+    queue = redis.Redis.from_url(broker_url)
+    try:
+        presence.beat()
+        now[0] += 3
+        presence.beat()
+        assert _status(engine, "gone@h2") == "lost"
+        sent = sorted((h["task"], h["argsrepr"], h["kwargsrepr"])
+                      for h in (json.loads(raw)["headers"] for raw in queue.lrange("cpu", 0, -1)))
+        assert sent == [("fitscope.run_job", f"[{trial_ids[:2]}]", "{'takeover': True}"),
+                        ("fitscope.run_trial", f"[{trial_ids[2]}]", "{'takeover': True}")]
+    finally:
+        queue.close()
+        presence.engine.dispose()
