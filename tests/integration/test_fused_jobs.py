@@ -126,3 +126,48 @@ def test_a_cancel_stops_every_trial_of_a_running_fused_job_within_an_epoch(env_a
             epochs = session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial.id)).all()
             assert sorted(epochs) == list(range(1, trial.epochs_done + 1))
     assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", worker.log())) == 1
+
+
+# Rows are written every epoch, so a kill leaves each trial some rows that its takeover must replace.
+@pytest.mark.parametrize("env_and_worker", ["0"], indirect=True)
+def test_a_fused_job_whose_training_process_is_killed_ends_every_trial_once_as_if_uninterrupted(
+        env_and_worker, migrated_sqlite_url, engine_for, tmp_path):
+    from services.trial_config import TrialConfig
+    from tests.integration.test_kill_resume import _kill_training_process
+    from worker.training.fused import train_fused
+
+    env, worker = env_and_worker
+    epochs = 400
+    spec = tmp_path / "killed.yaml"
+    spec.write_text(f"name: killed-fused\nseeds: [0, 1, 2]\nparameters:\n  epochs: {{value: {epochs}}}\n"
+                    "  width: {value: 8}\n  n_train: {value: 64}\n  dropout: {value: 0.1}\n")
+    submitted = fitscope("submit", str(spec), "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    trial_ids = json.loads(submitted.stdout)["trial_ids"]
+    engine = engine_for(migrated_sqlite_url)
+
+    def trials() -> list[Trial]:
+        with session_scope(engine) as session:
+            return session.scalars(select(Trial).where(Trial.id.in_(trial_ids)).order_by(Trial.ordinal)).all()
+
+    deadline = time.monotonic() + 60
+    while not all(t.status == "running" and t.epochs_done >= 20 for t in trials()):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.02)
+    _kill_training_process(trials()[0], worker)  # the job's one training process: all three die
+
+    deadline = time.monotonic() + 120
+    while not all(t.status == "succeeded" for t in trials()):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.1)
+    ended = trials()
+    assert [t.attempts for t in ended] == [2, 2, 2]
+    with session_scope(engine) as session:
+        for trial in ended:
+            rows = sorted(session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial.id)))
+            assert rows == list(range(1, epochs + 1)), trial.id
+    # The re-delivered job starts its trials over, with the same companions: as if never killed.
+    uninterrupted = train_fused([TrialConfig.model_validate(t.config) for t in ended])
+    for trial, expected in zip(ended, uninterrupted, strict=True):
+        assert trial.final_metrics["final_val_loss"] == pytest.approx(
+            expected.final_metrics["final_val_loss"], rel=1e-6)
