@@ -126,7 +126,11 @@ def load_checkpoint(session: Session, trial_id: int) -> StoredCheckpoint | None:
     data = row.data
     if data is None:
         try:
-            data = _path_of(row.location).read_bytes()
+            path = _path_of(row.location)
+            size = path.stat().st_size  # checked before reading: never read more than the cap
+            if size != row.size_bytes or size > MAX_CHECKPOINT_BYTES:
+                raise ValueError(f"the file has {size} bytes, not the {row.size_bytes} recorded")
+            data = path.read_bytes()
         except (OSError, ValueError) as exc:
             log.warning("trial %s: its checkpoint %s cannot be read (%s); it starts over", trial_id,
                         row.location, exc)

@@ -56,9 +56,9 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
         finish_trial(session, trial_id, status=TrialStatus.cancelled)
         return None
     if trial.attempts >= max_attempts:
-        error = (f"gave up after {trial.attempts} attempts (FITSCOPE_MAX_ATTEMPTS={max_attempts}): the worker "
-                 "running it stopped each time (killed, out of memory, or its machine went away); "
-                 "see the worker logs, then `fitscope requeue` it")
+        error = (f"gave up after {trial.attempts} attempts (FITSCOPE_MAX_ATTEMPTS={max_attempts}): each one "
+                 "ended without a result (its worker killed, out of memory or gone, or the database "
+                 "unreachable for minutes); see the worker logs, then `fitscope requeue` it")
         finish_trial(session, trial_id, status=TrialStatus.failed, error=error)
         return None
     previous_status, previous_attempts = trial.status, trial.attempts

@@ -120,6 +120,9 @@ def test_a_folder_store_keeps_exactly_the_file_its_committed_row_names(engine, t
         stored = load_checkpoint(session, trial_id)
     assert (stored.epoch, stored.data) == (4, b"four")
 
+    (folder / "attempt-1-epoch-4.pt").write_bytes(b"fourteen")  # changed behind the store's back
+    with session_scope(engine) as session:
+        assert load_checkpoint(session, trial_id) is None  # sized first: never read as the checkpoint
     (folder / "attempt-1-epoch-4.pt").unlink()  # a folder not shared with this worker, say
     with session_scope(engine) as session:
         assert load_checkpoint(session, trial_id) is None
@@ -353,8 +356,8 @@ def test_a_trial_whose_worker_keeps_dying_ends_failed_naming_the_limit(
     trial = _wait_for(engine, trial_id, killable_worker, lambda t: t.status != "running")
 
     assert trial.status == "failed" and trial.attempts == 2
-    assert trial.error.startswith("gave up after 2 attempts (FITSCOPE_MAX_ATTEMPTS=2): the worker running it "
-                                  "stopped each time")
+    assert trial.error.startswith("gave up after 2 attempts (FITSCOPE_MAX_ATTEMPTS=2): each one ended without "
+                                  "a result")
     with session_scope(engine) as session:
         assert session.get(TrialCheckpoint, trial_id) is None
     assert _epochs(engine, trial_id) == list(range(1, trial.epochs_done + 1))
