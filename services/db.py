@@ -88,14 +88,20 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
-def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING on the primary key: two transactions storing the same
-    content-addressed row at the same moment both succeed, and one row remains."""
+def insert_ignoring_conflicts(session: Session, model: type[Base]):
+    """INSERT ... ON CONFLICT DO NOTHING for this session's dialect (SQLite or PostgreSQL): a row whose
+    unique key is already there is skipped, not an error. Execute it with one dict or a list of them."""
     if session.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    session.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
+    return dialect_insert(model).on_conflict_do_nothing()
+
+
+def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:
+    """Two transactions storing the same content-addressed row at the same moment both succeed, and
+    one row remains."""
+    session.execute(insert_ignoring_conflicts(session, model).values(**values))
 
 
 def db_now(session: Session) -> datetime:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from services.analysis import diagnose
 from services.checkpoints import delete_checkpoints, load_checkpoint
+from services.db import insert_ignoring_conflicts
 from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialArtifact, TrialStatus, utcnow
 
 EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds",
@@ -140,20 +141,12 @@ def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *
         # ON CONFLICT DO NOTHING: a write whose COMMIT reached the server but whose reply was lost is
         # retried (worker/tasks.write_with_retry) and must not fail on its own rows. Rows of another
         # attempt cannot be there: a takeover deletes them before the new attempt writes.
-        session.execute(_insert_ignoring_duplicates(session, EpochMetric), [
+        session.execute(insert_ignoring_conflicts(session, EpochMetric), [
             {"trial_id": trial_id, "epoch": int(row["epoch"]),
              **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS}}
             for row in rows
         ])
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
-
-
-def _insert_ignoring_duplicates(session: Session, model):
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(model).on_conflict_do_nothing()
 
 
 def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
