@@ -22,8 +22,6 @@ skipped, running ones are taken over and restart from epoch 1 (fused jobs do not
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import traceback
 from dataclasses import asdict
@@ -37,13 +35,14 @@ from services.config import get_settings
 from services.models import Trial, TrialStatus
 from services.planner import plan_jobs
 from services.queue import RUN_JOB_TASK
-from services.trials import Claim, TrialSuperseded, claim_trial, finish_trial, record_epochs
+from services.trials import Claim, TrialSuperseded, finish_trial, record_epochs
 from worker.tasks import (
     DB_RETRY_DELAYS_S,
     PERSIST_RETRIES,
     DatabaseDown,
     _csv_content,
     _get_engine,
+    claim_with_retry,
     execute_claim,
     write_with_retry,
 )
@@ -65,20 +64,8 @@ def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[st
                   MAX_JOB_TRIALS, trial_ids[MAX_JOB_TRIALS:MAX_JOB_TRIALS + 5])
     trial_ids = [int(trial_id) for trial_id in trial_ids[:MAX_JOB_TRIALS]]
     engine = _get_engine()
-    worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"[:200]
-    redelivered = takeover or bool((task.request.delivery_info or {}).get("redelivered"))
-    tries = 0
-
-    def claim_all(session) -> list[Claim | None]:
-        # A failed try may have committed before its connection dropped: later tries take over.
-        nonlocal tries
-        tries += 1
-        max_attempts = get_settings().max_attempts
-        return [claim_trial(session, trial_id, worker=worker, max_attempts=max_attempts,
-                            redelivered=redelivered or tries > 1) for trial_id in trial_ids]
-
     try:
-        claims = [claim for claim in write_with_retry(engine, claim_all) if claim is not None]
+        claims = [claim for claim in claim_with_retry(engine, task, trial_ids, takeover=takeover) if claim is not None]
         statuses = {str(trial_id): "skipped" for trial_id in trial_ids}
         statuses.update({str(k): v for k, v in execute_job(engine, claims).items()})
     except DatabaseDown as exc:

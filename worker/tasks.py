@@ -71,20 +71,8 @@ def run_trial(task: Task, trial_id: int, takeover: bool = False) -> str:
     """Train one trial end to end; returns its final status ("skipped" when there is nothing to do,
     "superseded" when another attempt took the trial over meanwhile)."""
     engine = _get_engine()
-    worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"[:200]
-    redelivered = takeover or bool((task.request.delivery_info or {}).get("redelivered"))
-    tries = 0
-
-    def claim_it(session) -> Claim | None:
-        # A failed try may have committed before the connection dropped; then the trial is already
-        # ours, "running", so a later try takes it over rather than skipping it for ever.
-        nonlocal tries
-        tries += 1
-        return claim_trial(session, int(trial_id), worker=worker, max_attempts=get_settings().max_attempts,
-                           redelivered=redelivered or tries > 1)
-
     try:
-        claim = write_with_retry(engine, claim_it)
+        [claim] = claim_with_retry(engine, task, [int(trial_id)], takeover=takeover)
     except DatabaseDown as exc:
         # Acknowledging now would leave the trial "queued" for ever with no message: send it again.
         log.error("trial %s: cannot claim it, %s; re-queueing it", trial_id, exc)
@@ -100,6 +88,25 @@ def run_trial(task: Task, trial_id: int, takeover: bool = False) -> str:
         log.error("trial %s: %s; re-queueing it", trial_id, exc)
         raise task.retry(kwargs={"takeover": True}, countdown=DB_RETRY_DELAYS_S[-1],
                          max_retries=PERSIST_RETRIES) from None
+
+
+def claim_with_retry(engine: Engine, task: Task, trial_ids: list[int], *, takeover: bool) -> list[Claim | None]:
+    """Claim the trials for this task's training process, in one transaction waited out like any
+    write (raises DatabaseDown); a claim is None where there is nothing to do."""
+    worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"[:200]
+    redelivered = takeover or bool((task.request.delivery_info or {}).get("redelivered"))
+    max_attempts = get_settings().max_attempts
+    tries = 0
+
+    def claim_all(session) -> list[Claim | None]:
+        # A failed try may have committed before the connection dropped; then the trials are already
+        # ours, "running", so a later try takes them over rather than skipping them for ever.
+        nonlocal tries
+        tries += 1
+        return [claim_trial(session, trial_id, worker=worker, max_attempts=max_attempts,
+                            redelivered=redelivered or tries > 1) for trial_id in trial_ids]
+
+    return write_with_retry(engine, claim_all)
 
 
 def write_with_retry(engine: Engine, write):
