@@ -128,6 +128,17 @@ def without_diverged(trials: pd.DataFrame, *, key: str) -> pd.DataFrame:
     return trials if include else trials[~diverged]
 
 
+def band_controls(trials: pd.DataFrame, *, key: str) -> tuple[str, pd.DataFrame]:
+    """The band picker and the diverged-runs toggle side by side (keys ``{key}_band`` and
+    ``{key}_include_diverged``): how seeds collapse, and the trials that go into the bands."""
+    band_column, diverged_column = st.columns(2)
+    with band_column:
+        band = band_picker(key=f"{key}_band")
+    with diverged_column:
+        banded = without_diverged(trials, key=f"{key}_include_diverged")
+    return band, banded
+
+
 def averaged_over(trials: pd.DataFrame, plotted: Sequence[str]) -> str:
     """A sentence saying what each mean and band of a chart averages: the runs that share the
     ``plotted`` parameters, i.e. the seeds and every varying parameter not plotted."""

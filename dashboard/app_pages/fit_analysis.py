@@ -198,11 +198,7 @@ trained = (trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", h
            .merge(data.final_norms(experiment_id), on="trial_id", how="left"))
 st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
            f"(failed, cancelled and unfinished trials are left out).")
-band_column, diverged_column = st.columns(2)
-with band_column:
-    chosen_band = widgets.band_picker(key="fit_band")
-with diverged_column:
-    banded = widgets.without_diverged(trained, key="fit_include_diverged")
+chosen_band, banded = widgets.band_controls(trained, key="fit")
 if banded.empty:
     st.info("Every trial shown diverged: turn on \"Include diverged runs\" to draw them.")
 else:

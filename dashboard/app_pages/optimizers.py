@@ -145,11 +145,7 @@ if trained.empty:
     st.stop()
 trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
 groups = widgets.grouping_choices(all_trials)
-band_column, diverged_column = st.columns(2)
-with band_column:
-    chosen_band = widgets.band_picker(key="optimizers_band")
-with diverged_column:
-    banded = widgets.without_diverged(trained, key="optimizers_include_diverged")
+chosen_band, banded = widgets.band_controls(trained, key="optimizers")
 if banded.empty:
     st.info("Every trial diverged: turn on \"Include diverged runs\" to draw their curves.")
     colour = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION)
