@@ -31,11 +31,11 @@ from services.datasets import (
 from services.db import session_scope
 from services.queue import BrokerUnreachable, check_broker, enqueue_submission
 from services.spec import GridSpec, SpecError, count_trials, expand, parse_spec
-from services.submission import Submitted
+from services.submission import MAX_NOTE_CHARS, MAX_TAG_CHARS, MAX_TAGS, Submitted, unique_tags
 from services.submission import submit as submit_spec
 from services.trial_config import CsvDataset
 
-MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS, MAX_SUBMITTER_CHARS = 20, 50, 2000, 200
+MAX_SUBMITTER_CHARS = 200
 
 
 class FieldError(ValueError):
@@ -88,7 +88,7 @@ def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str |
     if len(submitter) > MAX_SUBMITTER_CHARS:
         raise FieldError(f"submitted by is {len(submitter)} characters long, over the limit of "
                          f"{MAX_SUBMITTER_CHARS}; shorten it")
-    tags = list(dict.fromkeys(tag.strip() for tag in tags_text.split(",") if tag.strip()))
+    tags = unique_tags(tags_text.split(","))
     if len(tags) > MAX_TAGS:
         raise FieldError(f"tags: {len(tags)} given, over the limit of {MAX_TAGS}; keep the ones you will search by")
     for tag in tags:

@@ -184,14 +184,16 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
         raise typer.Exit(1)
 
 
-MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS, MAX_SEARCH_CHARS = 20, 50, 2000, 200
+MAX_SEARCH_CHARS = 200
 # A trial records its worker as "<name>/<pid>" in 200 characters.
 MAX_WORKER_NAME_CHARS = 150
 
 
 def _check_attribution(tags: list[str], note: str | None) -> tuple[list[str], str | None]:
     """Tags stripped and de-duplicated (in order), an empty note dropped; caps keep them searchable."""
-    tags = list(dict.fromkeys(t.strip() for t in tags if t.strip()))
+    from services.submission import MAX_NOTE_CHARS, MAX_TAG_CHARS, MAX_TAGS, unique_tags
+
+    tags = unique_tags(tags)
     if len(tags) > MAX_TAGS:
         fail(f"--tag was given {len(tags)} times; an experiment takes at most {MAX_TAGS} tags")
     for value in tags:

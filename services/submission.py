@@ -14,6 +14,15 @@ from services.models import Experiment, Trial, TrialStatus
 from services.planner import plan_jobs
 from services.spec import GridSpec, expand
 
+# Caps on an experiment's attribution, so a shared database stays searchable; the CLI and the
+# dashboard check them, each naming its own field.
+MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS = 20, 50, 2000
+
+
+def unique_tags(tags) -> list[str]:
+    """Tags stripped of surrounding blanks, empty ones dropped, each kept once in its first place."""
+    return list(dict.fromkeys(tag.strip() for tag in tags if tag.strip()))
+
 
 @dataclass(frozen=True)
 class Submitted:
