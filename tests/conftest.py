@@ -14,7 +14,7 @@ from services.broker import EmbeddedBroker, free_port, start_embedded_broker
 from services.config import get_settings
 from services.db import make_engine
 from services.migrate import upgrade
-from tests.servers import PostgresCluster, postgres_bin_dir, remove_postgres, start_postgres
+from tests.servers import PostgresCluster, throwaway_postgres
 
 # CI runs the same examples every time, so a green run stays green; locally hypothesis explores.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
@@ -53,12 +53,7 @@ def broker_url(broker: EmbeddedBroker) -> str:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    if postgres_bin_dir() is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
-                    "apt-get install postgresql to run the PostgreSQL tests")
-    cluster = start_postgres()
-    yield cluster
-    remove_postgres(cluster)
+    yield from throwaway_postgres()
 
 
 @pytest.fixture

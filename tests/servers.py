@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,19 @@ def start_postgres() -> PostgresCluster:
 def remove_postgres(cluster: PostgresCluster) -> None:
     cluster.stop("immediate")
     shutil.rmtree(cluster.data_dir.parent, ignore_errors=True)
+
+
+def throwaway_postgres() -> Iterator[PostgresCluster]:
+    """A fixture body: a fresh cluster for the test (or session) and its removal afterwards; skips,
+    saying what to install, where Debian's server binaries are absent."""
+    import pytest
+
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
+                    "apt-get install postgresql to run the PostgreSQL tests")
+    cluster = start_postgres()
+    yield cluster
+    remove_postgres(cluster)
 
 
 def fitscope_env(*, database_url: str, broker_url: str, home: Path, **extra: str) -> dict[str, str]:

@@ -28,9 +28,7 @@ from tests.servers import (
     WorkerProcess,
     fitscope,
     fitscope_env,
-    postgres_bin_dir,
-    remove_postgres,
-    start_postgres,
+    throwaway_postgres,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -116,12 +114,7 @@ def test_trials_queued_when_the_broker_dies_all_run_once_after_it_restarts(migra
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A cluster of this test's own: it is stopped and started again, which the shared one must never be."""
-    if postgres_bin_dir() is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; "
-                    "apt-get install postgresql to run the PostgreSQL tests")
-    cluster = start_postgres()
-    yield cluster
-    remove_postgres(cluster)
+    yield from throwaway_postgres()
 
 
 def _submit_without_sending(engine: Engine, text: str):
