@@ -205,12 +205,8 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
 
     settings = get_settings()
     try:
-        resume_from = _resume_state(engine, claim)
-        if resume_from is None and claim.resume_epoch is not None:
-            claim = replace(claim, resume_epoch=None, checkpoint=None)
-        buffer = EpochBuffer(engine, claim, flush_s=settings.metrics_flush_s,
-                             store=checkpoint_store(settings.checkpoint_url),
-                             every_epochs=settings.checkpoint_every_epochs, every_s=settings.checkpoint_every_s)
+        claim, resume_from = _resume_state(engine, claim)
+        buffer = _epoch_buffer(engine, claim, settings)
         try:
             config = TrialConfig.model_validate(claim.config)
             csv = _csv_content(engine, config)
@@ -218,13 +214,8 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
                 result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, resume_from=resume_from,
                                      **csv)
             except CannotResume as exc:  # nothing ran: start over, as with an unreadable checkpoint
-                log.warning("trial %s: %s; starting over from epoch 1", claim.trial_id, exc)
-                write_with_retry(engine, lambda session: restart_trial(session, claim.trial_id, attempt=claim.attempt))
-                claim = replace(claim, resume_epoch=None, checkpoint=None)
-                buffer = EpochBuffer(engine, claim, flush_s=settings.metrics_flush_s,
-                                     store=checkpoint_store(settings.checkpoint_url),
-                                     every_epochs=settings.checkpoint_every_epochs,
-                                     every_s=settings.checkpoint_every_s)
+                claim = _start_over(engine, claim, exc)
+                buffer = _epoch_buffer(engine, claim, settings)
                 result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, **csv)
         except (TrialSuperseded, DatabaseDown):
             raise
@@ -248,11 +239,16 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
         return "superseded"
 
 
-def _resume_state(engine: Engine, claim: Claim) -> TrainingState | None:
-    """The TrainingState a resuming claim carries; None for a fresh start, or when the checkpoint
-    cannot be used, in which case its rows are dropped (as one transaction) and the trial starts over."""
+def _epoch_buffer(engine: Engine, claim: Claim, settings) -> EpochBuffer:
+    return EpochBuffer(engine, claim, flush_s=settings.metrics_flush_s, store=checkpoint_store(settings.checkpoint_url),
+                       every_epochs=settings.checkpoint_every_epochs, every_s=settings.checkpoint_every_s)
+
+
+def _resume_state(engine: Engine, claim: Claim) -> tuple[Claim, TrainingState | None]:
+    """The claim to run and the TrainingState it resumes from: None for a fresh start, or when the
+    checkpoint cannot be read (then the trial starts over, see :func:`_start_over`)."""
     if claim.checkpoint is None:
-        return None
+        return replace(claim, resume_epoch=None), None
     from worker.training.checkpoint import CheckpointUnreadable, state_from_bytes
 
     try:
@@ -260,11 +256,17 @@ def _resume_state(engine: Engine, claim: Claim) -> TrainingState | None:
         if state.epoch != claim.resume_epoch:
             raise CheckpointUnreadable(f"it holds epoch {state.epoch}, its row says {claim.resume_epoch}")
     except CheckpointUnreadable as exc:
-        log.warning("trial %s: %s; starting over from epoch 1", claim.trial_id, exc)
-        write_with_retry(engine, lambda session: restart_trial(session, claim.trial_id, attempt=claim.attempt))
-        return None
+        return _start_over(engine, claim, exc), None
     log.info("trial %s: attempt %s resumes after epoch %s", claim.trial_id, claim.attempt, state.epoch)
-    return state
+    return claim, state
+
+
+def _start_over(engine: Engine, claim: Claim, reason: Exception) -> Claim:
+    """The claim's checkpoint cannot be used: drop it and the trial's rows (one transaction) and run
+    this attempt from epoch 1."""
+    log.warning("trial %s: %s; starting over from epoch 1", claim.trial_id, reason)
+    write_with_retry(engine, lambda session: restart_trial(session, claim.trial_id, attempt=claim.attempt))
+    return replace(claim, resume_epoch=None, checkpoint=None)
 
 
 def _csv_content(engine: Engine, config) -> dict[str, bytes]:

@@ -361,3 +361,40 @@ def test_a_trial_whose_worker_keeps_dying_ends_failed_naming_the_limit(
     with session_scope(engine) as session:
         assert session.get(TrialCheckpoint, trial_id) is None
     assert _epochs(engine, trial_id) == list(range(1, trial.epochs_done + 1))
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_starts_the_trial_over_instead_of_failing_it(
+        migrated_sqlite_url, engine_for, monkeypatch):
+    """A GPU generator's state (a device: auto trial that ran on a GPU) reaching a CPU worker."""
+    import torch
+
+    from services.config import get_settings
+    from services.trial_config import TrialConfig
+    from worker import tasks
+    from worker.training import train_trial
+    from worker.training.checkpoint import state_from_bytes, state_to_bytes
+
+    monkeypatch.setenv("FITSCOPE_DATABASE_URL", migrated_sqlite_url)
+    get_settings.cache_clear()
+    engine = engine_for(migrated_sqlite_url)
+    trial_id = _submit(engine)
+    with session_scope(engine) as session:
+        config = TrialConfig.model_validate(session.get(Trial, trial_id).config)
+        claim_trial(session, trial_id, worker="w1", max_attempts=3)
+    saved = []
+    train_trial(config, checkpoint=lambda epoch, capture: epoch == 4 and saved.append(state_to_bytes(capture())))
+    alien = dataclasses.replace(state_from_bytes(saved[0]), noise_generator=torch.zeros(16, dtype=torch.uint8))
+    _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 5), data=state_to_bytes(alien))
+    with session_scope(engine) as session:
+        takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
+    assert takeover.resume_epoch == 4 and _epochs(engine, trial_id) == [1, 2, 3, 4]
+
+    try:
+        assert tasks.execute_claim(engine, takeover) == "succeeded"
+    finally:
+        get_settings.cache_clear()
+    with session_scope(engine) as session:
+        trial = session.get(Trial, trial_id)
+        assert (trial.status, trial.attempts) == ("succeeded", 2)
+    assert _epochs(engine, trial_id) == list(range(1, 11))  # rows 1-4 of the dead attempt replaced
+    assert trial.final_metrics["final_val_loss"] == train_trial(config).final_metrics["final_val_loss"]
