@@ -9,12 +9,18 @@ Both ways are warmed up, then timed --repeats times, interleaved (the fastest ru
 the machine may be shared); prints trials/second for each and their ratio, and the largest gap
 between the two ways' final validation losses (a sanity check; tests/unit/test_fused.py tests parity).
 
+Then the ceiling: both ways do the same matrix-multiply FLOPs (counted with torch's
+FlopCounterMode, forward and backward), so no way can be faster than those FLOPs at this core's
+peak (a 1024x1024 sgemm, best of several). Where fused is near that floor, only fewer FLOPs, not
+less overhead, would raise the ratio.
+
     .venv/bin/python bench/fused.py [--epochs 20] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,10 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from services.trial_config import TrialConfig  # noqa: E402
 from worker.training import train_trial  # noqa: E402
 from worker.training.fused import train_fused  # noqa: E402
+from worker.training.memory import keep_freed_memory  # noqa: E402
 
 GRIDS = {
     "(a) 64 trials, width 64": dict(trials=64, width=64),
@@ -52,13 +60,38 @@ def fused(configs: list[TrialConfig]) -> tuple[float, list[float]]:
     return time.perf_counter() - started, [r.final_metrics["final_val_loss"] for r in results]
 
 
+def peak_gflops() -> float:
+    """This core's float32 matmul rate at its best: a 1024x1024 sgemm, best of several runs."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - started) / 10)
+    return 2 * 1024 ** 3 / best / 1e9
+
+
+def matmul_gflop(configs: list[TrialConfig]) -> tuple[float, float]:
+    """(one-by-one, fused) matrix-multiply GFLOP of training the grid, forward and backward."""
+    with FlopCounterMode(display=False) as solo:
+        one_by_one(configs)
+    with FlopCounterMode(display=False) as stacked:
+        fused(configs)
+    return solo.get_total_flops() / 1e9, stacked.get_total_flops() / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way (the fastest counts)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, {args.epochs} epochs per trial")
+    keep_freed_memory()  # as a worker's training process does (worker/celery_app.py)
+    peak = peak_gflops()
+    print(f"torch {torch.__version__}, 1 thread, {args.epochs} epochs per trial; "
+          f"this core's matmul peak {peak:.0f} GFLOP/s")
     for name, shape in GRIDS.items():
         configs = grid(**shape, epochs=args.epochs)
         one_by_one(configs[:2]), fused(configs[:2])  # warm-up: lazy imports and first-call costs
@@ -71,6 +104,11 @@ def main() -> None:
         print(f"{name}: one-by-one {len(configs) / solo_s:7.1f} trials/s ({solo_s:6.2f} s), "
               f"fused {len(configs) / fused_s:7.1f} trials/s ({fused_s:6.2f} s), "
               f"ratio {solo_s / fused_s:5.1f}x; largest final val_loss gap {gap:.1e}")
+        solo_gflop, fused_gflop = matmul_gflop(configs)
+        floor_s = fused_gflop / peak
+        print(f"    matmuls: {solo_gflop:.1f} GFLOP one-by-one, {fused_gflop:.1f} GFLOP fused; at the peak no way "
+              f"takes under {floor_s:.2f} s, so the ratio cannot pass {solo_s / floor_s:.1f}x here "
+              f"(fused runs at {floor_s / fused_s:.0%} of the peak)")
 
 
 if __name__ == "__main__":

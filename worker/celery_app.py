@@ -82,6 +82,9 @@ def _init_training_process(**_kwargs) -> None:
 
     tasks.reset_process_state()
     started = time.perf_counter()
+    from worker.training.memory import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates: no page-fault storm per training step
     import torch
 
     torch.set_num_threads(torch_threads(get_settings(), _concurrency))
