@@ -208,7 +208,8 @@ def _remove_file(location: str, *, folder_too: bool = False) -> None:
         path = _path_of(location)
         path.unlink(missing_ok=True)
         if folder_too:
-            for stray in path.parent.glob("*.pt"):  # left by a worker that died between commit and removal
+            # Left by a worker that died between commit and removal (*.pt), or mid-write (.*.tmp).
+            for stray in [*path.parent.glob("*.pt"), *path.parent.glob(".*.tmp")]:
                 stray.unlink(missing_ok=True)
             path.parent.rmdir()
     except FileNotFoundError:

@@ -92,6 +92,8 @@ def test_a_takeover_keeps_the_rows_up_to_the_checkpoint_and_resumes_from_it(engi
 
     # The resumed attempt writes on from epoch 4, and ending the trial removes its checkpoint.
     _save_with_rows(engine, store, trial_id, attempt=2, epochs=range(4, 7), data=b"state after 6")
+    if store_kind == "folder":  # what a worker killed in the middle of writing a checkpoint leaves
+        (tmp_path / "checkpoints" / f"trial-{trial_id}" / ".attempt-2-epoch-9.pt.4242.tmp").write_bytes(b"half")
     with session_scope(engine) as session:
         record_epochs(session, trial_id, [_epoch(e) for e in range(7, 11)], attempt=2)
         finish_trial(session, trial_id, status="succeeded", attempt=2)
