@@ -214,7 +214,8 @@ def _finish(engine: Engine, buffer: JobBuffer, results) -> dict[int, str]:
             try:
                 record_epochs(session, claim.trial_id, buffer.pending[i], attempt=claim.attempt)
                 finish_trial(session, claim.trial_id, status=TrialStatus(result.status),
-                             final_metrics=result.final_metrics, best_epoch=result.best_epoch,
+                             final_metrics={**result.final_metrics, "trained_with": len(claims)},
+                             best_epoch=result.best_epoch,
                              error=result.message, artifacts=result.artifacts, attempt=claim.attempt)
             except TrialSuperseded as exc:
                 log.warning("%s; its results are dropped", exc)

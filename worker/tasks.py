@@ -229,8 +229,8 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
         def finish(session) -> None:
             record_epochs(session, claim.trial_id, buffer.pending, attempt=claim.attempt)
             finish_trial(session, claim.trial_id, status=TrialStatus(result.status),
-                         final_metrics=result.final_metrics, best_epoch=result.best_epoch, error=result.message,
-                         artifacts=result.artifacts, attempt=claim.attempt)
+                         final_metrics={**result.final_metrics, "trained_with": 1}, best_epoch=result.best_epoch,
+                         error=result.message, artifacts=result.artifacts, attempt=claim.attempt)
 
         write_with_retry(engine, finish)
         return result.status

@@ -42,7 +42,7 @@ def header(trial: dict) -> None:
     st.subheader(f"Trial {trial['ordinal']} of #{trial['experiment_id']} {trial['experiment_name']}")
     st.markdown(charts.status_badges({trial["status"]: 1}).replace("[1 ", "[")
                 + f" · {trial['epochs_done']} epochs" + (f" · worker `{trial['worker']}`" if trial["worker"] else "")
-                + f" · attempt {trial['attempts']}")
+                + f" · attempt {trial['attempts']}" + _fused_note(trial["final_metrics"]))
     st.page_link("app_pages/fit_analysis.py", label="Fit analysis of this experiment", icon=":material/insights:",
                  query_params={"experiment": str(trial["experiment_id"])})
     if trial["error"]:
@@ -51,6 +51,11 @@ def header(trial: dict) -> None:
         if rest:
             with st.expander("Full error"):
                 st.code(trial["error"], language=None)
+
+
+def _fused_note(final_metrics: dict) -> str:
+    together = final_metrics.get("trained_with") or 1
+    return f" · trained fused with {together - 1} other trial{'s' if together > 2 else ''}" if together > 1 else ""
 
 
 def curves(trial: dict) -> None:

@@ -304,6 +304,26 @@ def test_trial_page_shows_config_curves_diagnosis_numbers_and_the_picture(filled
     assert app.json[0].value and '"width": 4' in app.json[0].value
 
 
+def test_trial_page_says_how_many_trials_shared_the_fused_model(filled: Filled, tmp_path: Path):
+    from sqlalchemy import select
+
+    from services.db import session_scope
+    from services.models import Trial
+
+    fused_id, alone_id = filled.moons_trials[:2]
+    engine = make_engine(f"sqlite:///{tmp_path / 'fitscope.db'}")
+    with session_scope(engine) as session:  # as worker/jobs.py records a job of five trials
+        trial = session.scalar(select(Trial).where(Trial.id == fused_id))
+        trial.final_metrics = {**trial.final_metrics, "trained_with": 5}
+    engine.dispose()
+
+    def header(trial_id: int) -> str:
+        return run_app(page=TRIAL_PAGE, query={"trial": str(trial_id)}).markdown[0].value
+
+    assert "trained fused with 4 other trials" in header(fused_id)
+    assert "trained fused" not in header(alone_id)  # trained_with 1: the one-trial path
+
+
 def test_trial_page_of_a_failed_trial_shows_its_error(filled: Filled):
     app = run_app(page=TRIAL_PAGE, query={"trial": str(filled.failed_trial)})
 

@@ -67,6 +67,8 @@ def test_a_fusable_grid_runs_as_one_job_and_every_trial_ends_once(env_and_worker
     # Same result shape both ways: every final metric, a verdict, the prediction artifact's data.
     assert all(t.final_metrics.keys() == alone[0].final_metrics.keys() and t.verdict for t in trials)
     assert len({t.final_metrics["final_val_loss"] for t in fused}) == 3  # three seeds, three models
+    # How many trials shared the model each trial trained in: shown on its dashboard page.
+    assert [t.final_metrics["trained_with"] for t in trials] == [3 if t in fused else 1 for t in trials]
 
     log = worker.log()
     jobs = re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)
