@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test install install-test lint bench bench-dashboard bench-fused clean chromium
+.PHONY: up test install install-test lint bench bench-dashboard bench-fused bench-service clean chromium
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fitscope needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -50,6 +50,9 @@ bench-dashboard: $(VENV)/.installed
 
 bench-fused: $(VENV)/.installed
 	$(BIN)/python bench/fused.py
+
+bench-service: $(VENV)/.installed
+	$(BIN)/python bench/service_fused.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

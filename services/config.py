@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         60.0, gt=0, le=86_400, description="A worker silent this long is lost; its running trials are re-queued.")
     fuse: bool = Field(True, description="Train compatible trials of a grid together as one batched model.")
     fuse_max_trials: int = Field(64, ge=1, le=4096, description="Most trials in one fused job.")
+    fuse_min_trials: int = Field(
+        8, ge=2, le=4096, description="Fewest trials in a fused job split off to keep more of the workers' "
+        "training processes busy.")
     submitted_by: str | None = Field(None, max_length=200, pattern=r"^[^\x00]*$",
                                      description="Who submits, recorded on each experiment.")
 

@@ -5,7 +5,8 @@ the computation (the data, the network's layers, the loss, the batch size, the o
 device) are stacked into one model and trained by one task (worker/training/fused.py); their numbers
 (seed, lr, momentum, betas, weight decay, l1, dropout, input noise, gradient clipping, early
 stopping, the schedule and its parameters, epochs) stay per trial. Everything else runs one trial at
-a time, as before.
+a time, as before. A group is cut into several jobs when it is too big for one, or when the workers
+have more training processes than the grid has jobs (``slots``), so fusing never leaves them idle.
 
 Pure: no torch, no I/O, so the submitter can plan without the engine installed.
 """
@@ -22,6 +23,9 @@ from services.trial_config import TrialConfig
 FUSED_WEIGHT_BUDGET = 8_000_000
 # A linear model has inputs x outputs weights: at most ~20,000 for a 1,000-column CSV of 20 classes.
 _LINEAR_WEIGHTS = 20_000
+# A fused job is split to fill idle training processes only while each half keeps this many trials
+# (FITSCOPE_FUSE_MIN_TRIALS's default): below it, stacking gains too little over one trial at a time.
+MIN_FUSED_TRIALS = 8
 
 
 def fusable(config: TrialConfig) -> str | None:
@@ -46,6 +50,8 @@ def fusion_key(config: TrialConfig) -> tuple:
     else:
         layers = ("linear",)  # width, activation, norm and dropout do not exist in a linear model
     loss = (config.loss, config.huber_delta, config.label_smoothing)
+    # The device also decides the queue (TrialConfig.queue) and a job goes to its first trial's
+    # queue, so keying on the device keeps cpu and gpu trials out of each other's jobs.
     return (data, layers, loss, config.batch_size, config.optimizer, config.device)
 
 
@@ -57,13 +63,23 @@ def approximate_weights(config: TrialConfig) -> int:
     return config.depth * config.width * (config.width + 1) + config.width
 
 
-def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int,
-              weight_budget: int = FUSED_WEIGHT_BUDGET) -> list[list[int]]:
+def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget: int = FUSED_WEIGHT_BUDGET,
+              slots: int = 1, min_trials: int = MIN_FUSED_TRIALS) -> list[list[int]]:
     """Group trials (by their index in ``configs``) into jobs. A job of several indices trains them
-    fused; a job of one index is an ordinary trial. Each job has at most ``max_trials`` trials and
-    about ``weight_budget`` weights. A group too big for one job is split into jobs of near-equal
-    size (70 trials, max 64: two jobs of 35), so several workers share it evenly. Jobs are listed
-    in grid order of their first trial; trials keep grid order inside a job."""
+    fused; a job of one index is an ordinary trial.
+
+    1. Trials with equal fusion keys form a group; each unfusable trial is a job of its own.
+    2. Each job has at most ``max_trials`` trials and about ``weight_budget`` weights: a group too big
+       for one job is split into jobs of near-equal size (70 trials, max 64: two jobs of 35).
+    3. While there are fewer jobs than ``slots`` (the training processes that will take them), the
+       largest job (the earliest in grid order among equals) is split into two halves, the first
+       one trial larger when odd, as long as each half keeps at least ``min_trials`` trials: fusing
+       fewer gains too little to be worth a process of its own. So a 64-trial grid on two idle
+       processes trains as two jobs of 32, not as one job while the other process waits; a job of
+       one trial counts as a job too. ``slots=1`` plans as if nothing else were free.
+
+    Jobs are listed in grid order of their first trial; trials keep grid order inside a job. Pure and
+    deterministic: the same arguments always give the same jobs."""
     groups: dict[tuple, list[int]] = {}
     jobs: list[list[int]] = []
     for index, config in enumerate(configs):
@@ -74,14 +90,28 @@ def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int,
     for members in groups.values():
         per_trial = max(1, approximate_weights(configs[members[0]]))
         largest = max(1, min(max_trials, weight_budget // per_trial))
-        count = -(-len(members) // largest)  # ceil
-        size, extra = divmod(len(members), count)
-        start = 0
-        for job in range(count):
-            end = start + size + (1 if job < extra else 0)
-            jobs.append(members[start:end])
-            start = end
-    return sorted(jobs, key=lambda job: job[0])
+        jobs += _near_equal(members, -(-len(members) // largest))  # ceil
+    jobs.sort(key=lambda job: job[0])
+    while len(jobs) < slots:
+        largest = max(jobs, key=len, default=[])  # max() keeps the first of equals: the earliest
+        if len(largest) // 2 < max(1, min_trials):
+            break  # the largest cannot be split, so no job can
+        at = jobs.index(largest)
+        jobs[at:at + 1] = _near_equal(largest, 2)
+        jobs.sort(key=lambda job: job[0])
+    return jobs
+
+
+def _near_equal(members: list[int], count: int) -> list[list[int]]:
+    """``members`` cut into ``count`` consecutive runs whose sizes differ by at most one (the larger
+    ones first), so the trials keep their order."""
+    size, extra = divmod(len(members), count)
+    runs, start = [], 0
+    for run in range(count):
+        end = start + size + (1 if run < extra else 0)
+        runs.append(members[start:end])
+        start = end
+    return runs
 
 
 def _is_mlp(config: TrialConfig) -> bool:

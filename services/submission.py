@@ -3,6 +3,7 @@ the caller commits (session_scope) and only then sends the queue messages."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from services.datasets import CsvLimits, resolve_csv_configs
 from services.models import Experiment, Trial, TrialStatus
 from services.planner import plan_jobs
 from services.spec import GridSpec, expand
+from services.trial_config import TrialConfig
+from services.workers import training_processes
 
 # Caps on an experiment's attribution, so a shared database stays searchable; the CLI and the
 # dashboard check them, each naming its own field.
@@ -40,22 +43,25 @@ class Submitted:
 def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: str | None,
            max_trials: int, base_dir: Path | None = None, csv_limits: CsvLimits | None = None,
            tags: list[str] | tuple[str, ...] = (), note: str | None = None,
-           fuse: bool | None = None, fuse_max_trials: int | None = None) -> Submitted:
+           fuse: bool | None = None, fuse_max_trials: int | None = None,
+           fuse_min_trials: int | None = None) -> Submitted:
     """Write the experiment and one ``queued`` trial per expanded configuration. A second submit of
     the same spec is a new experiment. Raises SpecError before writing anything, DatasetError when a
     CSV data set (its path relative to ``base_dir``; default the working directory) is not valid.
 
     Trials that can train together are planned into fused jobs (services.planner) unless the spec
     says ``fuse: false`` or ``fuse`` (default FITSCOPE_FUSE) is off; at most ``fuse_max_trials``
-    (default FITSCOPE_FUSE_MAX_TRIALS) per job."""
-    configs = expand(spec, max_trials=max_trials)
-    if csv_limits is None or fuse is None or fuse_max_trials is None:
-        from services.config import get_settings
+    (default FITSCOPE_FUSE_MAX_TRIALS) per job. Each queue gets at least as many jobs as the online
+    workers that consume it have training processes, while halves of ``fuse_min_trials`` (default
+    FITSCOPE_FUSE_MIN_TRIALS) or more can be split off (read in this session: services.workers)."""
+    from services.config import get_settings
 
-        settings = get_settings()
-        csv_limits = csv_limits or CsvLimits.from_settings(settings)
-        fuse = settings.fuse if fuse is None else fuse
-        fuse_max_trials = fuse_max_trials or settings.fuse_max_trials
+    configs = expand(spec, max_trials=max_trials)
+    settings = get_settings()
+    csv_limits = csv_limits or CsvLimits.from_settings(settings)
+    fuse = settings.fuse if fuse is None else fuse
+    fuse_max_trials = fuse_max_trials or settings.fuse_max_trials
+    fuse_min_trials = fuse_min_trials or settings.fuse_min_trials
     configs = resolve_csv_configs(configs, base_dir=base_dir, limits=csv_limits, session=session)
     experiment = Experiment(
         name=spec.name,
@@ -93,22 +99,26 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     ).all()
     trial_list = [(row.id, row.queue) for row in trials]
     if spec.fuse and fuse:
-        jobs = [([trial_list[i][0] for i in job], trial_list[job[0]][1])
-                for job in plan_jobs(configs, max_trials=fuse_max_trials)]
+        planned = _plan_per_queue(session, configs, [queue for _, queue in trial_list], max_trials=fuse_max_trials,
+                                  min_trials=fuse_min_trials, lost_after_s=settings.worker_lost_after_s)
+        jobs = [([trial_list[i][0] for i in job], trial_list[job[0]][1]) for job in planned]
     else:
         jobs = [([trial_id], queue) for trial_id, queue in trial_list]
     return Submitted(experiment_id=experiment.id, trials=trial_list, jobs=jobs)
 
 
-def plan_requeue(session: Session, trials: list[tuple[int, str]], *, fuse: bool,
-                 fuse_max_trials: int) -> list[tuple[list[int], str]]:
+def plan_requeue(session: Session, trials: list[tuple[int, str]], *, fuse: bool, fuse_max_trials: int,
+                 fuse_min_trials: int | None = None) -> list[tuple[list[int], str]]:
     """Jobs for re-queued trials (services.trials.requeue_trials), planned as a submission plans them:
-    those that can train together go fused, unless the setting or their experiment's spec says
-    ``fuse: false``. Call inside the re-queue's transaction; send with services.queue.enqueue_jobs."""
-    from services.trial_config import TrialConfig
+    those that can train together go fused, split to fill the queue's online training processes
+    (halves of at least ``fuse_min_trials``, default FITSCOPE_FUSE_MIN_TRIALS), unless the setting or
+    their experiment's spec says ``fuse: false``. Call inside the re-queue's transaction; send with
+    services.queue.enqueue_jobs."""
+    from services.config import get_settings
 
     if not fuse or len(trials) < 2:
         return [([trial_id], queue) for trial_id, queue in trials]
+    settings = get_settings()
     queues = dict(trials)
     rows = session.execute(
         select(Trial.id, Trial.config, Experiment.spec).join(Experiment, Trial.experiment_id == Experiment.id)
@@ -118,7 +128,30 @@ def plan_requeue(session: Session, trials: list[tuple[int, str]], *, fuse: bool,
     fusing = [row for row in rows if (row.spec or {}).get("fuse") is not False]
     configs = [TrialConfig.model_validate(row.config) for row in fusing]
     jobs = [([trial_id], queues[trial_id]) for trial_id in singles]
-    for job in plan_jobs(configs, max_trials=fuse_max_trials):
+    planned = _plan_per_queue(session, configs, [queues[row.id] for row in fusing], max_trials=fuse_max_trials,
+                              min_trials=fuse_min_trials or settings.fuse_min_trials,
+                              lost_after_s=settings.worker_lost_after_s,
+                              busy=Counter(queues[trial_id] for trial_id in singles))
+    for job in planned:
         ids = [fusing[i].id for i in job]
         jobs.append((ids, queues[ids[0]]))
     return jobs
+
+
+def _plan_per_queue(session: Session, configs: list[TrialConfig], queues: list[str], *, max_trials: int,
+                    min_trials: int, lost_after_s: float, busy: Counter[str] | None = None) -> list[list[int]]:
+    """services.planner.plan_jobs once per queue (``queues[i]`` is where trial ``i`` is sent), each
+    with as many slots as the online workers of that queue have training processes, less the
+    ``busy`` ones other jobs of this plan will take; at least 1, which plans as if only one process
+    were free (no worker online yet: it plans as before). Jobs in grid order of their first trial."""
+    members: dict[str, list[int]] = {}
+    for index, queue in enumerate(queues):
+        members.setdefault(queue, []).append(index)
+    taken = busy or Counter()
+    jobs: list[list[int]] = []
+    for queue, indices in members.items():
+        slots = training_processes(session, queue, lost_after_s=lost_after_s) - taken[queue]
+        planned = plan_jobs([configs[i] for i in indices], max_trials=max_trials, slots=max(1, slots),
+                            min_trials=min_trials)
+        jobs += [[indices[i] for i in job] for job in planned]
+    return sorted(jobs, key=lambda job: job[0])

@@ -109,6 +109,20 @@ def name_in_use(session: Session, name: str, *, host: str, pid: int, lost_after_
     return {"host": row.host, "pid": row.pid, "seconds_since_heartbeat": max(0.0, silent_s)}
 
 
+def training_processes(session: Session, queue: str, *, lost_after_s: float) -> int:
+    """How many jobs of ``queue`` the fleet can run at once: the sum of ``concurrency`` (training
+    processes) over online workers that consume ``queue`` and beat within ``lost_after_s`` seconds
+    by the database's clock; 0 when none is online. A submission splits fused jobs until there are
+    this many (services.planner.plan_jobs ``slots``), so fusing leaves no process idle."""
+    cutoff = db_now(session) - timedelta(seconds=lost_after_s)
+    workers = session.execute(
+        select(WorkerNode.queues, WorkerNode.concurrency)
+        .where(WorkerNode.status == ONLINE, WorkerNode.heartbeat_at >= cutoff)
+    ).all()
+    # queues is a JSON list: filtered here, since JSON containment is spelled differently per dialect.
+    return sum(max(0, worker.concurrency or 0) for worker in workers if queue in (worker.queues or []))
+
+
 def list_workers(session: Session, *, lost_after_s: float) -> list[dict[str, Any]]:
     """Every known worker, online ones first, as plain dicts: name, host, pid, queues, device,
     torch_version, concurrency, status (an online worker silent for more than ``lost_after_s``
