@@ -31,7 +31,14 @@ from services.datasets import (
 from services.db import session_scope
 from services.queue import BrokerUnreachable, check_broker, enqueue_submission
 from services.spec import GridSpec, SpecError, count_trials, expand, parse_spec
-from services.submission import MAX_NOTE_CHARS, MAX_TAG_CHARS, MAX_TAGS, Submitted, unique_tags
+from services.submission import (
+    MAX_NOTE_CHARS,
+    MAX_TAG_CHARS,  # noqa: F401  (the page's help text reads it from here)
+    MAX_TAGS,
+    Submitted,
+    tag_problem,
+    unique_tags,
+)
 from services.submission import submit as submit_spec
 from services.trial_config import CsvDataset
 
@@ -92,9 +99,8 @@ def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str |
     if len(tags) > MAX_TAGS:
         raise FieldError(f"tags: {len(tags)} given, over the limit of {MAX_TAGS}; keep the ones you will search by")
     for tag in tags:
-        if len(tag) > MAX_TAG_CHARS:
-            raise FieldError(f"tags: {tag[:20]!r}... is {len(tag)} characters long, over the limit of "
-                             f"{MAX_TAG_CHARS}; shorten it (tags are separated by commas)")
+        if problem := tag_problem(tag):
+            raise FieldError(f"tags: {tag[:20]!r} {problem} (tags are separated by commas)")
     note = note.strip()
     if len(note) > MAX_NOTE_CHARS:
         raise FieldError(f"note is {len(note)} characters long, over the limit of {MAX_NOTE_CHARS}; shorten it")

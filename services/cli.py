@@ -191,16 +191,14 @@ MAX_WORKER_NAME_CHARS = 150
 
 def _check_attribution(tags: list[str], note: str | None) -> tuple[list[str], str | None]:
     """Tags stripped and de-duplicated (in order), an empty note dropped; caps keep them searchable."""
-    from services.submission import MAX_NOTE_CHARS, MAX_TAG_CHARS, MAX_TAGS, unique_tags
+    from services.submission import MAX_NOTE_CHARS, MAX_TAGS, tag_problem, unique_tags
 
     tags = unique_tags(tags)
     if len(tags) > MAX_TAGS:
         fail(f"--tag was given {len(tags)} times; an experiment takes at most {MAX_TAGS} tags")
     for value in tags:
-        if len(value) > MAX_TAG_CHARS:
-            fail(f"--tag {value[:20]!r}... is {len(value)} characters; shorten it to at most {MAX_TAG_CHARS}")
-        if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in value):
-            fail(f"--tag {value[:20]!r} contains a newline or another control character; give a tag on one line")
+        if problem := tag_problem(value):
+            fail(f"--tag {value[:20]!r} {problem}")
     note = note.strip() if note else None
     if note and len(note) > MAX_NOTE_CHARS:
         fail(f"--note is {len(note)} characters; shorten it to at most {MAX_NOTE_CHARS}")

@@ -22,6 +22,16 @@ from services.workers import training_processes
 MAX_TAGS, MAX_TAG_CHARS, MAX_NOTE_CHARS = 20, 50, 2000
 
 
+def tag_problem(tag: str) -> str | None:
+    """What is wrong with one (stripped) tag, as the end of a sentence that starts with the field's
+    name and the tag, or None: the CLI and the dashboard refuse the same tags."""
+    if len(tag) > MAX_TAG_CHARS:
+        return f"is {len(tag)} characters; shorten it to at most {MAX_TAG_CHARS}"
+    if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in tag):
+        return "contains a newline or another control character; give a tag on one line"
+    return None
+
+
 def unique_tags(tags) -> list[str]:
     """Tags stripped of surrounding blanks, empty ones dropped, each kept once in its first place."""
     return list(dict.fromkeys(tag.strip() for tag in tags if tag.strip()))

@@ -267,6 +267,20 @@ def test_too_many_tags_is_one_sentence_and_writes_nothing(db_url, queue, engine_
     assert counts(engine_for(db_url)) == (0, 0, 0) and messages(queue) == []
 
 
+@pytest.mark.parametrize(("tags", "expected"), [
+    ("ok, " + "x" * 51, "Tags: 'xxxxxxxxxxxxxxxxxxxx' is 51 characters; shorten it to at most 50"),
+    ("ok, tab\there", "Tags: 'tab\\there' contains a newline or another control character; give a tag on one line"),
+])
+def test_a_tag_the_cli_would_refuse_is_refused_here_too(db_url, queue, engine_for, tags, expected):
+    app = open_page()
+    app.text_input(key="new_tags").input(tags).run()
+
+    app.button(key="new_submit").click().run()
+
+    assert app.error[0].value.startswith(expected), app.error[0].value
+    assert counts(engine_for(db_url)) == (0, 0, 0) and messages(queue) == []
+
+
 def test_a_dead_broker_is_one_sentence_and_writes_nothing(db_url, engine_for, monkeypatch):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     monkeypatch.setenv("FITSCOPE_BROKER_URL", dead)
