@@ -71,8 +71,17 @@ def test_initial_weights_are_bitwise_the_one_trial_models(optimizer):
         assert torch.equal(generator.get_state(), reference_generator.get_state())
 
 
+# Rows at different rates step in one kernel call per rate, or in one call with the rates folded in
+# (fused_optim.CALL_NUMBERS decides by cost): 0 never folds, a huge number always does.
+NEVER_FOLD, ALWAYS_FOLD = 0, 10**15
+
+
+@pytest.mark.parametrize("call_numbers", [NEVER_FOLD, ALWAYS_FOLD])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_the_first_ten_steps_match_the_one_trial_path(optimizer):
+def test_the_first_ten_steps_match_the_one_trial_path(optimizer, call_numbers, monkeypatch):
+    from worker.training import fused_optim
+
+    monkeypatch.setattr(fused_optim, "CALL_NUMBERS", call_numbers)
     # Full batch: one step per epoch, so the 10 epoch rows are the losses after each of 10 steps.
     lr = 0.1 if optimizer in ("sgd", "momentum", "nesterov") else 0.01
     configs = [TrialConfig(optimizer=optimizer, seed=seed, lr=lr * scale, weight_decay=wd, momentum=mu,
@@ -138,9 +147,11 @@ def test_every_loss_matches_the_one_trial_path(dataset, loss, extra):
         assert results[i].final_metrics["test_loss"] == pytest.approx(solo.final_metrics["test_loss"], abs=1e-5)
 
 
-def test_the_stack_shrinks_to_the_trials_still_training(monkeypatch):
-    from worker.training import fused_stack
+@pytest.mark.parametrize("call_numbers", [NEVER_FOLD, ALWAYS_FOLD])
+def test_the_stack_shrinks_to_the_trials_still_training(call_numbers, monkeypatch):
+    from worker.training import fused_optim, fused_stack
 
+    monkeypatch.setattr(fused_optim, "CALL_NUMBERS", call_numbers)
     compactions = []
     original = fused_stack.StackedTraining.compact
 
@@ -242,3 +253,43 @@ def test_a_data_set_too_big_to_copy_per_trial_is_gathered_step_by_step_with_the_
     monkeypatch.setattr(fused, "EPOCH_GATHER_NUMBERS", 0)
     stepwise, _ = _fused(configs)
     assert [r.final_metrics["final_val_loss"] for r in whole] == [r.final_metrics["final_val_loss"] for r in stepwise]
+
+
+@pytest.mark.parametrize(("dataset", "loss", "extra"), [
+    ("moons", "cross_entropy", {}), ("moons", "bce", {}), ("blobs", "cross_entropy", dict(n_classes=4)),
+    ("blobs", "cross_entropy", dict(n_classes=12)), ("sine", "mse", {}),
+])
+def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(dataset, loss, extra):
+    # The end of a fused job measures every trial at once; each trial must get exactly what
+    # prediction_artifacts and weight_statistics give its own model (here: a stand-in module that
+    # returns the trial's row of the stacked outputs, as the stacked forward computes them).
+    from worker.training import fused
+    from worker.training.artifacts import prediction_artifacts
+    from worker.training.data import make_dataset
+    from worker.training.fused_stack import StackedModel, weight_statistics_rows
+    from worker.training.losses import model_outputs, penalised_weights, resolve_loss, weight_statistics
+
+    config = TrialConfig(dataset=dataset, loss=loss, **{**SMALL, **extra})
+    splits = make_dataset(config)
+    outputs = model_outputs(resolve_loss(config, task=splits.task, n_classes=splits.n_outputs), splits.n_outputs)
+    template = build_model(config, splits.n_features, outputs, generator=torch.Generator(), task=splits.task)
+    rows = initial_rows(template, [torch.Generator().manual_seed(seed) for seed in range(4)]) * 3
+    rows[3, 0] = math.inf  # a broken trial: no weight statistics, and a picture with gaps
+    stacked = StackedModel(template, rows)
+
+    class Row(torch.nn.Module):
+        def __init__(self, row: int) -> None:
+            super().__init__()
+            self.row = row
+
+        def forward(self, x):
+            return stacked.evaluate(x)[self.row].mT
+
+    pictures = fused._pictures(stacked, splits, config, torch.device("cpu"))
+    statistics = weight_statistics_rows(template, rows, [True] * 4)
+    for row in range(4):
+        assert pictures[row] == prediction_artifacts(Row(row), splits, config, "cpu")
+        module = build_model(config, splits.n_features, outputs, generator=torch.Generator(), task=splits.task)
+        module.load_state_dict(module_weights(template, rows[row]))
+        assert statistics[row] == weight_statistics(penalised_weights(module))
+    assert pictures[0] and statistics[0]["weight_l1"] > 0 and statistics[3]["weight_l1"] is None

@@ -17,7 +17,10 @@ optimizer family and device. Everything else stays per trial:
   training. Its result is built and handed to ``on_trials_end`` right after the epoch it ended in.
 
 Per-step Python does not grow with the number of trials; per-epoch Python does (data order,
-metrics rows), and so does the end (each trial's TrialResult, built by loop.py's own helpers).
+metrics rows). The end of the trials that end together is measured for all of them at once (test
+metrics, weight statistics, prediction artifacts: one stacked forward per input, then the same
+reductions and roundings on every row), giving each trial the very numbers and artifacts that
+train_trial's helpers give its own model's outputs.
 
 Not bitwise the one-trial path: dropout masks and input noise are drawn for a stretch of steps at
 once (same distribution, other draws), and batched kernels round differently (epoch losses agree to
@@ -27,6 +30,7 @@ over the trials that ran it), so summing them over all trials gives the job's ti
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +41,20 @@ import torch
 from torch import nn
 
 from services.planner import fusable, fusion_key
+from worker.training.artifacts import (
+    CURVE_POINTS,
+    DECIMALS,
+    GRID,
+    _padded_range,
+    _raw,
+    _rounded,
+    _rows,
+    _subsample,
+    _truth,
+    class_probabilities,
+)
 from worker.training.data import Splits, make_dataset
-from worker.training.fused_optim import row_order
+from worker.training.fused_optim import StepRates, row_order
 from worker.training.fused_stack import (
     NoiseAhead,
     PerTrialLoss,
@@ -46,8 +62,9 @@ from worker.training.fused_stack import (
     StackedTraining,
     initial_rows,
     measure_rows,
-    module_weights,
+    measure_test_set,
     per_trial_loss,
+    weight_statistics_rows,
 )
 from worker.training.loop import (
     EpochMetrics,
@@ -55,8 +72,6 @@ from worker.training.loop import (
     _EarlyStopper,
     _final_metrics,
     _finite_or_none,
-    _prediction_artifacts,
-    _test_at_best,
     resolve_device,
     steps_per_epoch,
 )
@@ -66,13 +81,13 @@ from worker.training.losses import (
     constant_predictor,
     model_outputs,
     resolve_loss,
-    weight_statistics,
 )
 from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
-from worker.training.schedules import LearningRateSchedule, build_schedule
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
+
+log = logging.getLogger(__name__)
 
 OnEpoch = Callable[[dict[int, EpochMetrics]], "set[int] | None"]
 OnTrialsEnd = Callable[[dict[int, TrialResult]], None]
@@ -120,7 +135,7 @@ def train_fused(
     constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
-    trials = [_Trial(index=i, config=config, rates=_Rates(config, steps=steps),
+    trials = [_Trial(index=i, config=config, rates=StepRates(config, steps=steps),
                      stopper=_EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
@@ -137,7 +152,7 @@ def train_fused(
             outputs = model.evaluate(x_both)  # the training and validation sets in one pass
             train = measure_rows(outputs[:, :, :n_train], y_train_rows, row_loss, loss=loss_name)
             val = measure_rows(outputs[:, :, n_train:], y_val_rows, row_loss, loss=loss_name)
-            norms = torch.stack([grad_norm, torch.linalg.vector_norm(model.flat, dim=1)], 1).tolist()
+            norms = torch.stack([grad_norm, model.row_norms()], 1).tolist()
         share = (time.perf_counter() - epoch_started) / sum(trial.status == "running" for trial in running)
 
         rows: dict[int, EpochMetrics] = {}
@@ -182,54 +197,12 @@ def train_fused(
 
 
 @dataclass
-class _Rates:
-    """A trial's learning rate at each step: torch's own scheduler, on a stand-in optimizer, for
-    the epoch-wise schedules; OneCycleLR's formula for one_cycle (a whole epoch at a time, rather
-    than a scheduler call per trial per step)."""
-
-    config: TrialConfig
-    steps: int
-    schedule: LearningRateSchedule | None = None
-    holder: torch.optim.Optimizer | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.schedule != "one_cycle":
-            self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.config.lr)
-            self.schedule = build_schedule(self.config, self.holder, steps_per_epoch=self.steps)
-            self.holder.step()  # no gradient, so no change; tells the scheduler its optimizer steps
-
-    def epoch(self, epoch: int) -> list[float]:
-        """The rate of each step of this (1-based) epoch."""
-        if self.holder is not None:
-            return [self.holder.param_groups[0]["lr"]] * self.steps
-        return [self._one_cycle((epoch - 1) * self.steps + step) for step in range(self.steps)]
-
-    def after_epoch(self, val_loss: float) -> None:
-        if self.schedule is not None:
-            self.schedule.after_epoch(val_loss)
-
-    def _one_cycle(self, step: int) -> float:
-        # OneCycleLR.get_lr with fitscope's settings (pct_start 0.3, cos, div 25, final div 1e4).
-        total = self.config.epochs * self.steps
-        max_lr = self.config.lr
-        initial = max_lr / 25.0
-        phases = ((float(0.3 * total) - 1, initial, max_lr), (total - 1, max_lr, initial / 1e4))
-        start = 0.0
-        for i, (end, start_lr, end_lr) in enumerate(phases):
-            if step <= end or i == len(phases) - 1:
-                pct = (step - start) / (end - start)
-                return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
-            start = end
-        raise AssertionError("unreachable")
-
-
-@dataclass
 class _Trial:
     """One trial's own state inside the stack."""
 
     index: int
     config: TrialConfig
-    rates: _Rates
+    rates: StepRates
     stopper: _EarlyStopper | None
     data_generator: torch.Generator  # drew the initial weights; now each epoch's data order
     noise_generator: torch.Generator  # dropout masks and input noise
@@ -296,50 +269,24 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
     return norm
 
 
-class _SharedOutputs:
-    """The best models' outputs on one input, for every trial at once. The test set and the
-    prediction artifacts' grid are the same inputs for every trial of the stack, so one stacked
-    forward per input serves them all; each trial's stand-in module (:class:`_TrialOutputs`) reads
-    its row. Inputs are recognised by value (each trial's artifact builds its own grid tensor)."""
-
-    def __init__(self, model: StackedModel) -> None:
-        self.model = model
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, outputs of every row)
-
-    def row(self, x: torch.Tensor, row: int) -> torch.Tensor:
-        """The trial's outputs ``[n, outputs]``, as its nn.Module would return them."""
-        for inputs, outputs in self.seen:
-            if inputs.shape == x.shape and torch.equal(inputs, x):
-                return outputs[row].mT
-        self.seen.append((x.clone(), self.model.evaluate(x)))
-        return self.seen[-1][1][row].mT
-
-
-class _TrialOutputs(nn.Module):
-    """One trial's best model, as prediction_artifacts and the test metrics call it."""
-
-    def __init__(self, shared: _SharedOutputs, row: int) -> None:
-        super().__init__()
-        self.shared, self.row = shared, row
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared.row(x, self.row)
-
-
 def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_fn, loss: str,
              device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
-    """Each trial's TrialResult, built as train_trial builds it (loop.py's own helpers), from its
-    weights at its best epoch; the test set and artifacts see all best models in one stacked pass."""
+    """Each trial's TrialResult, built as train_trial builds it, from its weights at its best epoch.
+    What train_trial measures one model at a time (test metrics, weight statistics, prediction
+    artifacts) is measured here for all the trials at once, with the same numbers: one stacked
+    forward per input, then the same reductions and roundings on every row together."""
+    started = time.perf_counter()
     count = parameter_count(template)  # the same for every trial: they share the layers
     nothing = torch.zeros(count, device=device)  # a trial that never finished an epoch has no best
     best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
-    shared = _SharedOutputs(StackedModel(template, best_rows))
+    has_best = [trial.best_weights is not None for trial in trials]
+    model = StackedModel(template, best_rows)
+    tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
+    statistics = weight_statistics_rows(template, best_rows, has_best)
+    pictures = _prediction_artifacts_rows(model, has_best, splits=splits, config=trials[0].config, device=device)
+    share = (time.perf_counter() - started) / len(trials)
     results = {}
-    for row, trial in enumerate(trials):
-        started = time.perf_counter()
-        model = _TrialOutputs(shared, row)
-        has_best = trial.best_weights is not None
-        test = _test_at_best(model, {} if has_best else None, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
+    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
         history, best = trial.history, trial.best
         last = None if trial.status == "diverged" or not history else (
             best if trial.stopper is not None else history[-1])
@@ -348,21 +295,93 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
         final_metrics["stopped_epoch"] = trial.stopped_epoch
         final_metrics["final_epoch"] = history[-1].epoch if history else None
         final_metrics["parameter_count"] = count
-        final_metrics.update(weight_statistics(
-            _linear_weights(template, trial.best_weights) if has_best else []))
-        artifacts = _prediction_artifacts(model, splits, trial.config, device) if has_best else {}
-        final_metrics["train_seconds"] = set_up_s + trial.seconds + time.perf_counter() - started
+        final_metrics.update(weights)
+        final_metrics["train_seconds"] = set_up_s + trial.seconds + share
         results[trial.index] = TrialResult(status=trial.status, epochs_run=len(history),
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
                                            message=trial.message, artifacts=artifacts)
     return results
 
 
-def _linear_weights(template: nn.Module, row: torch.Tensor) -> list[torch.Tensor]:
-    """The trial's Linear weight matrices (what l1 acts on, losses.penalised_weights) from its row."""
-    weights = module_weights(template, row)
-    return [weights[f"{name}.weight" if name else "weight"]
-            for name, module in template.named_modules() if isinstance(module, nn.Linear)]
+def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
+                               device: torch.device) -> list[dict[str, dict]]:
+    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others): the same
+    dicts, with the shared parts (grid, training points) built once. Like loop._prediction_artifacts,
+    a failure costs the artifacts only."""
+    try:
+        pictures = _pictures(model, splits, config, device)
+    except Exception:
+        log.exception("prediction artifacts of fused %s trials failed; the trials keep their metrics",
+                      config.dataset_name)
+        pictures = [{} for _ in has_best]
+    return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
+
+
+@torch.no_grad()
+def _pictures(model: StackedModel, splits: Splits, config: TrialConfig, device: torch.device) -> list[dict]:
+    # artifacts.prediction_artifacts for every row of the stack.
+    if splits.x_train.shape[0] == 0:
+        return [{} for _ in range(model.rows)]
+    if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
+        return [{"curve_1d": curve} for curve in _curve_rows(model, splits, config, device)]
+    if splits.task == "classification" and splits.n_features == 2:
+        return [{"boundary_2d": boundary} for boundary in _boundary_rows(model, splits, device)]
+    return [{} for _ in range(model.rows)]
+
+
+def _curve_rows(model: StackedModel, splits: Splits, config: TrialConfig, device: torch.device) -> list[dict]:
+    # artifacts._curve_1d for every row.
+    raw_x = _raw(splits, splits.x_train)[:, 0]
+    low, high = _padded_range(raw_x)
+    x = torch.linspace(low, high, CURVE_POINTS)
+    y_pred = _predict_rows(model, splits, x[:, None], device)[:, 0]  # [rows, points]
+    keep = _subsample(raw_x.shape[0])
+    x_list, truth = _rounded(x), _truth(splits, config, x)  # the data, so the truth, are the stack's
+    train_x, train_y = _rounded(raw_x[keep]), _rounded(splits.y_train[keep, 0])
+    return [{"x": list(x_list), "y_pred": row, "y_true": None if truth is None else list(truth),
+             "train_x": list(train_x), "train_y": list(train_y)}
+            for row in _rows(_rounded(y_pred.reshape(-1)), CURVE_POINTS)]
+
+
+def _boundary_rows(model: StackedModel, splits: Splits, device: torch.device) -> list[dict]:
+    # artifacts._boundary_2d for every row.
+    raw = _raw(splits, splits.x_train)
+    (x_low, x_high), (y_low, y_high) = _padded_range(raw[:, 0]), _padded_range(raw[:, 1])
+    xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
+    logits = _predict_rows(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
+    probability, predicted = _most_likely(logits)
+    keep = _subsample(raw.shape[0])
+    train_x, train_y, train_label = _rounded(raw[keep, 0]), _rounded(raw[keep, 1]), splits.y_train[keep].tolist()
+    return [{"x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
+             "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
+             "resolution": GRID, "classes": list(range(splits.n_outputs)), "predicted_class": classes,
+             "probability": _rows(row, GRID), "train_x": list(train_x), "train_y": list(train_y),
+             "train_label": list(train_label)}
+            for classes, row in zip(predicted.reshape(model.rows, GRID, GRID).tolist(),
+                                    _rows(_rounded(probability.reshape(-1)), GRID * GRID), strict=True)]
+
+
+def _most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """artifacts.class_probabilities(logits).max(dim=1) of each row's ``[cells, classes]``, from
+    ``[rows, classes, cells]``: the probability of the likeliest class and its index, per cell."""
+    classes = logits.shape[1]
+    if classes == 1:  # the bce logit: class 1's probability beside its complement, element-wise
+        positive = torch.sigmoid(logits)
+        return torch.cat([1 - positive, positive], dim=1).max(dim=1)
+    if classes < 8:
+        # Softmax along the long cells axis is ~4x faster than over a last axis of a few classes,
+        # and gives the likeliest class's probability bitwise: both kernels take the same exp of
+        # logit - max and sum a row of fewer than a SIMD vector's classes in order, and the
+        # likeliest class's exp is exactly 1 (tests/unit/test_fused.py compares them).
+        return torch.softmax(logits, dim=1).max(dim=1)
+    return class_probabilities(logits.mT.reshape(-1, classes)).max(dim=1)
+
+
+def _predict_rows(model: StackedModel, splits: Splits, raw_x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # artifacts._predict for every row: [rows, outputs, n] on the standardised raw inputs
+    standardised = (raw_x - splits.feature_mean) / splits.feature_std
+    return model.evaluate(standardised.to(device)).float().cpu()
 
 
 def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:

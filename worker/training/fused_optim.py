@@ -1,16 +1,25 @@
-"""The optimizers of worker/training/optim.py, stepping a stack of trials at once.
+"""The optimizers of worker/training/optim.py and the schedules of schedules.py, stepping a stack of
+trials at once.
 
-Every trial's parameters are one row of a ``[rows, parameters]`` tensor (and so are its gradient
-and optimizer state). Rows whose numbers are equal at a step (lr, weight decay, momentum, betas)
-and adjacent are updated by ONE call of the same torch kernel the one-trial path uses
-(torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_, which optim.py reaches
-through ``fused=True``), on the slice of those rows. The stack is ordered by those numbers (see
+Each parameter of the stack is one contiguous ``[rows, ...]`` tensor (a row per trial), and so are
+its gradient and optimizer state. Rows whose numbers are equal at a step (lr, weight decay,
+momentum, betas) and adjacent are updated by ONE call of the same torch kernel the one-trial path
+uses (torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_, which optim.py reaches
+through ``fused=True``), on those rows of every parameter (slices of contiguous tensors, so
+contiguous themselves, as the kernels need). The stack is ordered by those numbers (see
 :func:`row_order`), so a grid with k distinct learning rates costs about k kernel calls per step,
-not one per trial, and each call makes one cache-friendly pass over its rows. The update
-arithmetic is therefore torch's own, with torch's defaults for what fitscope does not expose.
+not one per trial. The update arithmetic is therefore torch's own, with torch's defaults for what
+fitscope does not expose. Gradients are used as autograd returns them, one tensor per parameter:
+no copy into one flat tensor.
+
+Many short runs (a grid of many learning rates over small models) cost more in calls than in
+arithmetic; then the rates are folded in instead: one call per run of equal numbers writes each
+number's update at rate 1 into a buffer, and ``p += rate * update`` applies it at each row's rate
+(two more passes over the numbers, so only where they cost less than the calls; CALL_NUMBERS).
+The two ways round differently in the last bit, as any two kernels do.
 
 rmsprop has no fused kernel; its rows get torch's single-tensor formula (square_avg = 0.99
-square_avg + 0.01 g^2; p -= lr g / (sqrt(square_avg) + 1e-8)), a few element-wise calls per run.
+square_avg + 0.01 g^2; p -= lr g / (sqrt(square_avg) + 1e-8)), a few multi-tensor calls per run.
 
 A frozen row (its trial has ended) is left out of every update: its parameters and state are
 never written again, so nothing is multiplied by 0 and a NaN in it cannot leak anywhere.
@@ -18,10 +27,14 @@ never written again, so nothing is multiplied by 0 and a NaN in it cannot leak a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from worker.training.schedules import LearningRateSchedule, build_schedule
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -29,6 +42,12 @@ if TYPE_CHECKING:
 _ADAGRAD_EPS, _ADAM_EPS, _RMSPROP_ALPHA, _RMSPROP_EPS = 1e-10, 1e-8, 0.99, 1e-8
 _STATE = {"sgd": (), "momentum": ("buf",), "nesterov": ("buf",), "adagrad": ("sum",),
           "rmsprop": ("square_avg",), "adam": ("m", "v"), "adamw": ("m", "v")}
+
+Run = tuple[int, int]  # [start, end) rows
+# A kernel call costs about what a pass over this many numbers does: when splitting the stack into
+# runs of equal rates would cost more calls than this many numbers per extra call, the rates are
+# folded into one call per run of equal numbers instead (measured on 64 x 4k and 16 x 67k stacks).
+CALL_NUMBERS = 64_000
 
 
 def row_numbers(config: TrialConfig) -> tuple[float, ...]:
@@ -43,54 +62,130 @@ def row_order(configs: Sequence[TrialConfig]) -> list[int]:
 
 
 class StackedOptimizer:
-    """One optimizer family over the rows of ``flat``; ``configs`` are the rows' trials, in row order."""
+    """One optimizer family over the rows of ``params`` (each ``[rows, ...]``, contiguous);
+    ``configs`` are the rows' trials, in row order."""
 
-    def __init__(self, name: str, *, flat: torch.Tensor, configs: Sequence[TrialConfig]) -> None:
+    def __init__(self, name: str, *, params: Sequence[torch.Tensor], configs: Sequence[TrialConfig]) -> None:
         self.name = name
         self.numbers = [row_numbers(config) for config in configs]
-        self.state = {key: torch.zeros_like(flat) for key in _STATE[name]}
         self.steps = 0
-        self.step_count = torch.zeros((), dtype=torch.float32, device=flat.device)  # the fused kernels' "step"
+        self.step_count = torch.zeros((), dtype=torch.float32, device=params[0].device)  # the kernels' "step"
+        self._use(params, {key: [torch.zeros_like(p) for p in params] for key in _STATE[name]})
 
-    def step(self, flat: torch.Tensor, grad: torch.Tensor, *, lr: Sequence[float], training: Sequence[bool]) -> None:
-        """Update the training rows of ``flat`` in place from ``grad``; ``lr`` is each row's rate."""
+    def step(self, grads: Sequence[torch.Tensor], *, lr: Sequence[float], training: Sequence[bool]) -> None:
+        """Update the training rows of the parameters in place from ``grads`` (one per parameter,
+        contiguous, as autograd returns them); ``lr`` is each row's rate."""
         self.steps += 1
         self.step_count.add_(1)
-        for start, end in _runs(lr, self.numbers, training):
-            rows = slice(start, end)
+        runs, rates = self._plan(lr, training)
+        if not runs:
+            return
+        bounds, pieces = self._pieces(runs)
+        grad_segments = list(zip(*[grad.tensor_split(bounds) for grad in grads], strict=True))  # per segment
+        rate_segments = None if rates is None else rates.tensor_split(bounds)
+        for (start, _), (segment, params, state, updates) in zip(runs, pieces, strict=True):
             weight_decay, momentum, beta1, beta2 = self.numbers[start]
-            self._update(flat[rows], grad[rows], {key: value[rows] for key, value in self.state.items()},
-                         lr=lr[start], weight_decay=weight_decay, momentum=momentum, betas=(beta1, beta2))
+            numbers = dict(weight_decay=weight_decay, momentum=momentum, betas=(beta1, beta2))
+            if rate_segments is None:
+                self._update(params, list(grad_segments[segment]), state, lr=lr[start], **numbers)
+            else:
+                self._update_at_rates(params, list(grad_segments[segment]), state, updates,
+                                      rates=rate_segments[segment], **numbers)
 
-    def select(self, rows: torch.Tensor, kept: Sequence[int]) -> None:
-        """Keep only these rows (``rows`` as a tensor, ``kept`` as a list)."""
-        self.state = {key: value[rows] for key, value in self.state.items()}
+    def select(self, rows: torch.Tensor, kept: Sequence[int], *, params: Sequence[torch.Tensor]) -> None:
+        """Keep only these rows (``rows`` as a tensor, ``kept`` as a list); ``params`` are the
+        stack's parameters, already cut down to them."""
         self.numbers = [self.numbers[row] for row in kept]
+        self._use(params, {key: [value[rows] for value in values] for key, values in self.state.items()})
+
+    def _use(self, params: Sequence[torch.Tensor], state: dict[str, list[torch.Tensor]]) -> None:
+        self.params, self.state = list(params), state
+        self.row_numbers = sum(p[0].numel() for p in self.params)  # numbers in one row of the stack
+        self._updates: list[torch.Tensor] | None = None  # each number's update, when the rates are folded in
+        self._last_plan: tuple | None = None
+        self._last_pieces: tuple[list[Run], list[int], list[tuple]] | None = None
+
+    def _plan(self, lr: Sequence[float], training: Sequence[bool]) -> tuple[list[Run], torch.Tensor | None]:
+        """The runs of rows that one kernel call updates, and each row's rate ``[rows, 1, 1]`` when
+        the rates are folded in (else None: every run has one rate). Many short runs cost more in
+        calls than folding costs in passes (see :meth:`_update_at_rates`). The plan changes only
+        when a rate or a row's training does: once an epoch, mostly."""
+        training = tuple(training)
+        if self._last_plan is None or self._last_plan[:2] != (lr, training):
+            runs = _runs(lr, self.numbers, training)
+            alike = _runs([0.0] * len(lr), self.numbers, training)  # runs of equal numbers, any rate
+            training_numbers = self.row_numbers * sum(end - start for start, end in alike)
+            if (len(runs) - len(alike)) * CALL_NUMBERS > training_numbers:
+                device = self.step_count.device
+                runs, rates = alike, torch.tensor(lr, dtype=torch.float32, device=device).view(-1, 1, 1)
+                if self._updates is None:
+                    self._updates = [torch.zeros_like(p) for p in self.params]
+            else:
+                rates = None
+            self._last_plan = (list(lr), training, runs, rates)
+        return self._last_plan[2], self._last_plan[3]
+
+    def _pieces(self, runs: list[Run]) -> tuple[list[int], list[tuple]]:
+        """The row bounds that cut the stack into runs (and the frozen rows between them), and per
+        run: its segment's number, its slice of every parameter, of every state tensor and of
+        every update buffer."""
+        if self._last_pieces is None or self._last_pieces[0] != runs or self._last_pieces[3] != (self._updates is None):
+            bounds = sorted({row for run in runs for row in run} - {0, len(self.numbers)})
+            segment_of = {start: segment for segment, start in enumerate([0, *bounds])}
+            param_segments = [p.tensor_split(bounds) for p in self.params]
+            state_segments = {key: [value.tensor_split(bounds) for value in values]
+                              for key, values in self.state.items()}
+            update_segments = [buffer.tensor_split(bounds) for buffer in self._updates or []]
+            pieces = []
+            for start, _ in runs:
+                segment = segment_of[start]
+                pieces.append((segment, [segments[segment] for segments in param_segments],
+                               {key: [segments[segment] for segments in values]
+                                for key, values in state_segments.items()},
+                               [segments[segment] for segments in update_segments]))
+            self._last_pieces = (runs, bounds, pieces, self._updates is None)
+        return self._last_pieces[1], self._last_pieces[2]
+
+    def _update_at_rates(self, p, g, state, updates, *, rates, weight_decay, momentum, betas) -> None:
+        # One kernel call for rows at different rates: the kernel, at rate 1 and without weight
+        # decay, writes each number's update into a zeroed buffer, and p += rate * update adds it
+        # at the row's rate. Weight decay is applied here, as the kernel would: added to the
+        # gradient (coupled), or p *= 1 - rate * weight_decay first (adamw, decoupled).
+        if weight_decay and self.name != "adamw":
+            torch._foreach_add_(g, p, alpha=weight_decay)
+        elif weight_decay:
+            torch._foreach_mul_(p, [1 - rates * weight_decay] * len(p))
+        torch._foreach_zero_(updates)
+        self._update(updates, g, state, lr=1.0, weight_decay=0.0, momentum=momentum, betas=betas)
+        torch._foreach_addcmul_(p, updates, [rates] * len(p))
 
     def _update(self, p, g, state, *, lr, weight_decay, momentum, betas) -> None:
         name = self.name
         if name in ("sgd", "momentum", "nesterov"):
-            torch._fused_sgd_([p], [g], [state["buf"]] if name != "sgd" else [], weight_decay=weight_decay,
+            torch._fused_sgd_(p, g, state["buf"] if name != "sgd" else [], weight_decay=weight_decay,
                               momentum=momentum if name != "sgd" else 0.0, lr=lr, dampening=0.0,
                               nesterov=name == "nesterov", maximize=False, is_first_step=self.steps == 1)
         elif name == "adagrad":
-            torch._fused_adagrad_([p], [g], [state["sum"]], [self.step_count], lr=lr, lr_decay=0.0,
+            torch._fused_adagrad_(p, g, state["sum"], [self.step_count] * len(p), lr=lr, lr_decay=0.0,
                                   weight_decay=weight_decay, eps=_ADAGRAD_EPS, maximize=False)
         elif name in ("adam", "adamw"):
             kernel = torch._fused_adam_ if name == "adam" else torch._fused_adamw_
-            kernel([p], [g], [state["m"]], [state["v"]], [], [self.step_count], lr=lr, beta1=betas[0],
+            kernel(p, g, state["m"], state["v"], [], [self.step_count] * len(p), lr=lr, beta1=betas[0],
                    beta2=betas[1], weight_decay=weight_decay, eps=_ADAM_EPS, amsgrad=False, maximize=False)
         else:  # rmsprop: torch's single-tensor RMSprop (alpha 0.99, no momentum, not centered)
             if weight_decay:
-                g = g.add(p, alpha=weight_decay)
+                g = torch._foreach_add(g, p, alpha=weight_decay)
             square_avg = state["square_avg"]
-            square_avg.mul_(_RMSPROP_ALPHA).addcmul_(g, g, value=1 - _RMSPROP_ALPHA)
-            p.addcdiv_(g, square_avg.sqrt().add_(_RMSPROP_EPS), value=-lr)
+            torch._foreach_mul_(square_avg, _RMSPROP_ALPHA)
+            torch._foreach_addcmul_(square_avg, g, g, value=1 - _RMSPROP_ALPHA)
+            denominator = torch._foreach_sqrt(square_avg)
+            torch._foreach_add_(denominator, _RMSPROP_EPS)
+            torch._foreach_addcdiv_(p, g, denominator, value=-lr)
 
 
-def _runs(lr: Sequence[float], numbers: Sequence[tuple], training: Sequence[bool]) -> list[tuple[int, int]]:
+def _runs(lr: Sequence[float], numbers: Sequence[tuple], training: Sequence[bool]) -> list[Run]:
     """Maximal [start, end) runs of adjacent training rows with equal lr and numbers."""
-    runs: list[tuple[int, int]] = []
+    runs: list[Run] = []
     start = None
     for row in range(len(lr) + 1):
         same = (start is not None and row < len(lr) and training[row]
@@ -101,3 +196,45 @@ def _runs(lr: Sequence[float], numbers: Sequence[tuple], training: Sequence[bool
             runs.append((start, row))
         start = row if row < len(lr) and training[row] else None
     return runs
+
+
+@dataclass
+class StepRates:
+    """A trial's learning rate at each step: torch's own scheduler, on a stand-in optimizer, for
+    the epoch-wise schedules; OneCycleLR's formula for one_cycle (a whole epoch at a time, rather
+    than a scheduler call per trial per step)."""
+
+    config: TrialConfig
+    steps: int
+    schedule: LearningRateSchedule | None = None
+    holder: torch.optim.Optimizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.schedule != "one_cycle":
+            self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.config.lr)
+            self.schedule = build_schedule(self.config, self.holder, steps_per_epoch=self.steps)
+            self.holder.step()  # no gradient, so no change; tells the scheduler its optimizer steps
+
+    def epoch(self, epoch: int) -> list[float]:
+        """The rate of each step of this (1-based) epoch."""
+        if self.holder is not None:
+            return [self.holder.param_groups[0]["lr"]] * self.steps
+        return [self._one_cycle((epoch - 1) * self.steps + step) for step in range(self.steps)]
+
+    def after_epoch(self, val_loss: float) -> None:
+        if self.schedule is not None:
+            self.schedule.after_epoch(val_loss)
+
+    def _one_cycle(self, step: int) -> float:
+        # OneCycleLR.get_lr with fitscope's settings (pct_start 0.3, cos, div 25, final div 1e4).
+        total = self.config.epochs * self.steps
+        max_lr = self.config.lr
+        initial = max_lr / 25.0
+        phases = ((float(0.3 * total) - 1, initial, max_lr), (total - 1, max_lr, initial / 1e4))
+        start = 0.0
+        for i, (end, start_lr, end_lr) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                pct = (step - start) / (end - start)
+                return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+            start = end
+        raise AssertionError("unreachable")

@@ -1,11 +1,15 @@
 """The stacked model of fused execution: many trials' networks as one, plus the per-trial pieces
-of a step (losses, metrics, dropout and input noise, gradient clipping, l1, freezing).
+of a step (losses, metrics, dropout and input noise, gradient clipping, l1, freezing) and of a
+trial's end (test metrics, weight statistics).
 
-Every trial's parameters are one row of a ``[slots, parameters]`` tensor ``flat`` (in the order of
-its nn.Module's parameters(), each in its own layout), and each layer's weight is a view of it:
-``[slots, out, in]`` for a Linear weight, ``[slots, n, 1]`` for a bias or a norm's scale or shift.
-The forward pass replays a template model's layers (the one-trial model, built once) on those
-views with batched matmuls, so a step costs the same few kernel calls whatever the number of trials.
+Every parameter of the template model (the one-trial model, built once) is one contiguous tensor
+with a row per trial: ``[slots, out, in]`` for a Linear weight, ``[slots, n, 1]`` for a bias or a
+norm's scale or shift. A trial's parameters laid out one after another, in the order of its
+nn.Module's parameters(), each in its own layout, make its row of the ``[slots, parameters]``
+"flat" form that initial weights, best weights and results use. The forward pass replays the
+template's layers on the stacked parameters with batched matmuls, so a step costs the same few
+kernel calls whatever the number of trials; backward gives one gradient per parameter, which the
+optimizer uses as it is (fused_optim.py).
 
 Activations are feature-major, ``[slots, features, rows]``: each layer is ``W h + b`` (one
 baddbmm), every gradient comes out contiguous (element-wise backward kernels on a transposed
@@ -25,10 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.fused_optim import StackedOptimizer
+from worker.training.loop import _finite_or_none
+from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import Dropout, PolynomialFeatures
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
+    from worker.training.data import Splits
 
 # Evaluation runs over at most this many hidden activations at once (slots x rows x width): about
 # 1 MB, so they stay in a core's L2 cache (measured: 2.5x faster than one pass over 64 trials).
@@ -81,19 +88,43 @@ class StackedModel:
         self.shapes = [tuple(p.shape) for p in template.parameters()]
         self.widest = max(max(layer.in_features, layer.out_features) for layer in self.layers
                           if isinstance(layer, nn.Linear))
+        self.params: list[torch.Tensor] = []
         self.use(flat)
 
+    @property
+    def rows(self) -> int:
+        return self.params[0].shape[0]
+
     def use(self, flat: torch.Tensor) -> None:
-        """Make ``flat`` the parameters. Its views are autograd leaves: backward gives each its
-        gradient, and in-place updates of flat show through them."""
-        self.flat = flat
-        self.params, offset = [], 0
+        """Make ``flat`` (``[slots, parameters]``) the parameters: each becomes its own contiguous
+        tensor (a copy), an autograd leaf that backward gives its gradient and the optimizer
+        updates in place."""
+        params, offset = [], 0
         rows = flat.shape[0]
         for shape in self.shapes:
             size = math.prod(shape)
             view_shape = (rows, *shape, 1) if len(shape) == 1 else (rows, *shape)
-            self.params.append(flat[:, offset:offset + size].view(view_shape).requires_grad_())
+            params.append(flat[:, offset:offset + size].detach().reshape(view_shape).clone())
             offset += size
+        self._set(params)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (fewer rows, less work); row numbers change."""
+        self._set([p.detach()[rows] for p in self.params])
+
+    def flat(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[slots, parameters]`` (or only these rows): each row's parameters as one row, a copy."""
+        params = [p.detach() if rows is None else p.detach()[rows] for p in self.params]
+        return torch.cat([p.reshape(p.shape[0], -1) for p in params], dim=1)
+
+    @torch.no_grad()
+    def row_norms(self) -> torch.Tensor:
+        """``[slots]``: the L2 norm of each row's parameters (of their norms, as the one-trial path
+        takes it)."""
+        return _row_norms(self.params)
+
+    def _set(self, params: list[torch.Tensor]) -> None:
+        self.params = [p.requires_grad_() for p in params]
 
     def forward(self, x: torch.Tensor, *, dropout_scales: torch.Tensor | None = None,
                 rows: slice = slice(None)) -> torch.Tensor:
@@ -132,7 +163,7 @@ class StackedModel:
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode outputs ``[slots, outputs, n]`` of every row on the shared inputs ``x``
         ``[n, features]``, a few rows at a time so the activations stay small."""
-        count = self.flat.shape[0]
+        count = self.rows
         step = max(1, EVAL_CHUNK_NUMBERS // max(1, x.shape[0] * self.widest))
         if step >= count:
             return self.forward(x)
@@ -145,42 +176,44 @@ class StackedTraining:
     ``configs`` are the rows' trials in row order; ``slots`` their trial indices."""
 
     def __init__(self, model: StackedModel, configs: Sequence[TrialConfig], *, slots: list[int]) -> None:
-        device = model.flat.device
+        device = model.params[0].device
         self.model = model
         self.slots = list(slots)  # row -> trial index
         self.training = [True] * len(slots)  # row -> still training (False: frozen)
-        self.best = model.flat.clone()  # each row: its trial's weights at its best epoch so far
-        self.optimizer = StackedOptimizer(configs[0].optimizer, flat=model.flat, configs=configs)
+        self.best = model.flat()  # each row: its trial's weights at its best epoch so far
+        self.optimizer = StackedOptimizer(configs[0].optimizer, params=model.params, configs=configs)
         self.any_l1 = any(c.l1 > 0 for c in configs)
         self.l1 = _column([c.l1 for c in configs], device)
         self.any_clip = any(c.grad_clip is not None for c in configs)
         self.clip = _column([c.grad_clip or math.inf for c in configs], device)
-        self.l1_mask = torch.cat([
-            torch.full((parameter.numel(),), float(isinstance(layer, nn.Linear) and name == "weight"))
-            for layer in model.layers for name, parameter in layer.named_parameters(recurse=False)]).to(device)
+        owners = [(layer, name) for layer in model.layers for name, _ in layer.named_parameters(recurse=False)]
+        self.penalised = [i for i, (layer, name) in enumerate(owners)  # what l1 acts on: Linear weights
+                          if isinstance(layer, nn.Linear) and name == "weight"]
 
     def step(self, loss: torch.Tensor, *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
         """Backward from ``loss`` (the sum of every row's loss, so each row gets its own gradient)
         and one optimizer step at each row's rate ``lr``; returns each row's gradient norm before
         clipping when asked."""
-        grads = torch.autograd.grad(loss, self.model.params)
+        params = self.model.params
+        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            flat = self.model.flat
-            grad = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
-                grad.addcmul_(flat.sign().mul_(self.l1_mask), self.l1)
-            norm = torch.linalg.vector_norm(grad, dim=1) if want_norm or self.any_clip else None
+                for i in self.penalised:
+                    grads[i].addcmul_(params[i].sign(), self.l1)
+            norm = _row_norms(grads) if want_norm or self.any_clip else None
             if self.any_clip:  # torch.nn.utils.clip_grad_norm_, per row; rows without a clip keep 1
-                coefficient = (self.clip / (norm.unsqueeze(1) + 1e-6)).clamp(max=1.0)
-                grad.mul_(torch.where(torch.isinf(self.clip), 1.0, coefficient))
-            self.optimizer.step(flat, grad, lr=lr, training=self.training)
+                coefficient = (self.clip / (norm.view(-1, 1, 1) + 1e-6)).clamp(max=1.0)
+                coefficient = torch.where(torch.isinf(self.clip), 1.0, coefficient)
+                for grad in grads:
+                    grad.mul_(coefficient)
+            self.optimizer.step(grads, lr=lr, training=self.training)
         return norm
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
         if rows:
             index = torch.tensor(rows, device=self.best.device)
-            self.best[index] = self.model.flat.detach()[index]
+            self.best[index] = self.model.flat(index)
 
     def freeze(self, row: int) -> None:
         """The row's trial has ended: from now on its parameters are never written."""
@@ -194,10 +227,10 @@ class StackedTraining:
         keep = [row for row, is_training in enumerate(self.training) if is_training]
         index = torch.tensor(keep, device=self.best.device)
         with torch.no_grad():
-            self.model.use(self.model.flat.detach()[index].clone())
-            self.best = self.best[index].clone()
+            self.model.keep(index)
+            self.best = self.best[index]
         self.l1, self.clip = self.l1[index], self.clip[index]
-        self.optimizer.select(index, keep)
+        self.optimizer.select(index, keep, params=self.model.params)
         self.slots = [self.slots[row] for row in keep]
         self.training = [True] * len(keep)
         return True
@@ -286,6 +319,41 @@ def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *
              "r2": 1 - mse / var if var > 0 else None} for lo, mse, mae, var in values]
 
 
+@torch.no_grad()
+def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
+                     device: torch.device) -> list[dict[str, float | None]]:
+    """loop._test_at_best of every row (the test metrics of each trial's best weights): losses.measure
+    on the row's outputs, as its own module gives them; all None for a row without a best epoch."""
+    nothing = ("loss", "accuracy", "rmse", "mae", "r2")
+    if splits.x_test.shape[0] == 0 or not any(has_best):
+        return [dict.fromkeys(nothing) for _ in has_best]
+    outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
+    return [{key: _finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
+                                                                     loss=loss).items()}
+            if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
+
+
+@torch.no_grad()
+def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: list[bool]) -> list[dict]:
+    """losses.weight_statistics of each row's Linear weight matrices (penalised_weights), every
+    statistic taken along the rows at once (row-wise reductions give each row's numbers bitwise)."""
+    modules = dict(template.named_modules())
+    columns, offset = [], 0
+    for name, parameter in template.named_parameters():
+        owner, _, kind = name.rpartition(".")
+        if kind == "weight" and isinstance(modules[owner], nn.Linear):
+            columns.append(torch.arange(offset, offset + parameter.numel()))
+        offset += parameter.numel()
+    weights = rows[:, torch.cat(columns).to(rows.device)]
+    magnitude = weights.abs()
+    values = torch.stack([magnitude.sum(1), weights.mean(1), weights.amin(1), weights.amax(1),
+                          (magnitude < ZERO_WEIGHT).float().mean(1)], 1).tolist()
+    usable = torch.isfinite(weights).all(1).tolist()
+    names = ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction")
+    return [dict(zip(names, row_values, strict=True)) if ok and finite else dict.fromkeys(names)
+            for row_values, ok, finite in zip(values, has_best, usable, strict=True)]
+
+
 def _first_argmax(output: torch.Tensor) -> torch.Tensor:
     """argmax over dim 1 of ``[slots, classes, n]`` (the first index of the largest, as argmax),
     class by class: torch's argmax over a middle axis is ~10x slower than these few passes."""
@@ -298,7 +366,15 @@ def _first_argmax(output: torch.Tensor) -> torch.Tensor:
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    # [slots, 1, 1]: one number per row, broadcast over a stacked parameter or gradient
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
+def _row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    # Each row's L2 norm over all the tensors: the norm of its per-tensor norms, as
+    # torch.nn.utils.clip_grad_norm_ and loop._l2_norm take it.
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], 1), dim=1)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
