@@ -40,10 +40,10 @@ from worker.tasks import (
     DB_RETRY_DELAYS_S,
     PERSIST_RETRIES,
     DatabaseDown,
-    _csv_content,
-    _get_engine,
     claim_with_retry,
+    csv_content_of,
     execute_claim,
+    get_engine,
     write_with_retry,
 )
 
@@ -63,7 +63,7 @@ def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[st
                   "`fitscope requeue EXPERIMENT --status queued` sends them again", len(trial_ids),
                   MAX_JOB_TRIALS, trial_ids[MAX_JOB_TRIALS:MAX_JOB_TRIALS + 5])
     trial_ids = [int(trial_id) for trial_id in trial_ids[:MAX_JOB_TRIALS]]
-    engine = _get_engine()
+    engine = get_engine()
     try:
         claims = [claim for claim in claim_with_retry(engine, task, trial_ids, takeover=takeover) if claim is not None]
         statuses = {str(trial_id): "skipped" for trial_id in trial_ids}
@@ -185,7 +185,7 @@ def _train_group(engine: Engine, claims: list[Claim], configs: list) -> dict[int
         finished.update(_finish(engine, buffer, results))
 
     try:
-        train_fused(configs, on_epoch=buffer, on_trials_end=on_trials_end, **_csv_content(engine, configs[0]))
+        train_fused(configs, on_epoch=buffer, on_trials_end=on_trials_end, **csv_content_of(engine, configs[0]))
     except DatabaseDown:
         raise
     except Exception as exc:  # a bug or bad state must fail these trials, not take the worker down

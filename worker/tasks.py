@@ -41,7 +41,7 @@ PERSIST_RETRIES = 3
 _engine: Engine | None = None
 
 
-def _get_engine() -> Engine:
+def get_engine() -> Engine:
     global _engine
     if _engine is None:
         _engine = make_engine(get_settings().effective_database_url)
@@ -70,7 +70,7 @@ class DatabaseDown(RuntimeError):
 def run_trial(task: Task, trial_id: int, takeover: bool = False) -> str:
     """Train one trial end to end; returns its final status ("skipped" when there is nothing to do,
     "superseded" when another attempt took the trial over meanwhile)."""
-    engine = _get_engine()
+    engine = get_engine()
     try:
         [claim] = claim_with_retry(engine, task, [int(trial_id)], takeover=takeover)
     except DatabaseDown as exc:
@@ -209,7 +209,7 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
         buffer = _epoch_buffer(engine, claim, settings)
         try:
             config = TrialConfig.model_validate(claim.config)
-            csv = _csv_content(engine, config)
+            csv = csv_content_of(engine, config)
             try:
                 result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, resume_from=resume_from,
                                      **csv)
@@ -269,7 +269,7 @@ def _start_over(engine: Engine, claim: Claim, reason: Exception) -> Claim:
     return replace(claim, resume_epoch=None, checkpoint=None)
 
 
-def _csv_content(engine: Engine, config) -> dict[str, bytes]:
+def csv_content_of(engine: Engine, config) -> dict[str, bytes]:
     """``{"csv_content": bytes}`` for a trial on a stored CSV data set, else nothing."""
     from services.datasets import load_dataset_content
     from services.trial_config import CsvDataset

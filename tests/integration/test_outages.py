@@ -265,5 +265,5 @@ def test_loading_a_csv_data_set_at_task_start_waits_out_a_short_outage(tasks_on,
         return real_load(session, sha256)
 
     monkeypatch.setattr(datasets, "load_dataset_content", flaky_load)
-    assert tasks._csv_content(engine, TrialConfig.model_validate(trial.config)) == {"csv_content": content}
+    assert tasks.csv_content_of(engine, TrialConfig.model_validate(trial.config)) == {"csv_content": content}
     assert len(calls) == 3

@@ -44,17 +44,17 @@ def prediction_artifacts(
 
 
 def _curve_1d(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device | str) -> dict[str, Any]:
-    raw_x = _raw(splits, splits.x_train)[:, 0]
-    low, high = _padded_range(raw_x)
+    raw_x = raw_inputs(splits, splits.x_train)[:, 0]
+    low, high = padded_range(raw_x)
     x = torch.linspace(low, high, CURVE_POINTS)
     y_pred = _predict(model, splits, x[:, None], device)[:, 0]
-    keep = _subsample(raw_x.shape[0])
+    keep = subsample(raw_x.shape[0])
     return {
-        "x": _rounded(x),
-        "y_pred": _rounded(y_pred),
-        "y_true": _truth(splits, config, x),
-        "train_x": _rounded(raw_x[keep]),
-        "train_y": _rounded(splits.y_train[keep, 0]),
+        "x": round_for_json(x),
+        "y_pred": round_for_json(y_pred),
+        "y_true": true_values(splits, config, x),
+        "train_x": round_for_json(raw_x[keep]),
+        "train_y": round_for_json(splits.y_train[keep, 0]),
     }
 
 
@@ -68,22 +68,22 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _boundary_2d(model: nn.Module, splits: Splits, device: torch.device | str) -> dict[str, Any]:
-    raw = _raw(splits, splits.x_train)
-    (x_low, x_high), (y_low, y_high) = _padded_range(raw[:, 0]), _padded_range(raw[:, 1])
+    raw = raw_inputs(splits, splits.x_train)
+    (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
     xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
     logits = _predict(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
     probability, predicted = class_probabilities(logits).max(dim=1)
-    keep = _subsample(raw.shape[0])
+    keep = subsample(raw.shape[0])
     return {
         "x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
         "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
         "resolution": GRID,
         "classes": list(range(splits.n_outputs)),
         "predicted_class": predicted.reshape(GRID, GRID).tolist(),  # [row = y][column = x]
-        "probability": _rows(_rounded(probability), GRID),  # of that class
-        "train_x": _rounded(raw[keep, 0]),
-        "train_y": _rounded(raw[keep, 1]),
+        "probability": grid_rows(round_for_json(probability), GRID),  # of that class
+        "train_x": round_for_json(raw[keep, 0]),
+        "train_y": round_for_json(raw[keep, 1]),
         "train_label": splits.y_train[keep].tolist(),
     }
 
@@ -99,7 +99,7 @@ def _predict(model: nn.Module, splits: Splits, raw_x: torch.Tensor, device: torc
         model.train(was_training)
 
 
-def _truth(splits: Splits, config: TrialConfig, x: torch.Tensor) -> list[float] | None:
+def true_values(splits: Splits, config: TrialConfig, x: torch.Tensor) -> list[float] | None:
     # data.true_function(config, raw x [N, 1]) is the noiseless target, or None (no truth to draw).
     from worker.training import data
 
@@ -107,31 +107,31 @@ def _truth(splits: Splits, config: TrialConfig, x: torch.Tensor) -> list[float] 
     values = truth(config, x.numpy()[:, None].astype("float64")) if truth is not None else None
     if values is None:
         return None
-    return _rounded(torch.as_tensor(values, dtype=torch.float32).reshape(-1))
+    return round_for_json(torch.as_tensor(values, dtype=torch.float32).reshape(-1))
 
 
-def _raw(splits: Splits, x: torch.Tensor) -> torch.Tensor:
+def raw_inputs(splits: Splits, x: torch.Tensor) -> torch.Tensor:
     return x * splits.feature_std + splits.feature_mean
 
 
-def _padded_range(values: torch.Tensor) -> tuple[float, float]:
+def padded_range(values: torch.Tensor) -> tuple[float, float]:
     low, high = values.min().item(), values.max().item()
     pad = PADDING * (high - low) if high > low else 1.0
     return low - pad, high + pad
 
 
-def _subsample(n: int) -> torch.Tensor:
+def subsample(n: int) -> torch.Tensor:
     # Evenly spaced indices: deterministic, and the data are already in random order.
     if n <= MAX_POINTS:
         return torch.arange(n)
     return torch.linspace(0, n - 1, MAX_POINTS).round().long()
 
 
-def _rows(values: list, width: int) -> list[list]:
+def grid_rows(values: list, width: int) -> list[list]:
     return [values[start:start + width] for start in range(0, len(values), width)]
 
 
-def _rounded(values: torch.Tensor) -> list[float | None]:
+def round_for_json(values: torch.Tensor) -> list[float | None]:
     # JSON has no NaN/inf (PostgreSQL refuses them): a non-finite prediction is stored as null.
     # One vectorised rounding, not a Python round() per number: a 60x60 boundary is 3,600 of them,
     # which cost a few milliseconds per trial (more than a small fused trial's training).

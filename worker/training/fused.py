@@ -45,13 +45,13 @@ from worker.training.artifacts import (
     CURVE_POINTS,
     DECIMALS,
     GRID,
-    _padded_range,
-    _raw,
-    _rounded,
-    _rows,
-    _subsample,
-    _truth,
     class_probabilities,
+    grid_rows,
+    padded_range,
+    raw_inputs,
+    round_for_json,
+    subsample,
+    true_values,
 )
 from worker.training.data import Splits, make_dataset
 from worker.training.fused_optim import StepRates, row_order
@@ -67,11 +67,11 @@ from worker.training.fused_stack import (
     weight_statistics_rows,
 )
 from worker.training.loop import (
+    EarlyStopper,
     EpochMetrics,
     TrialResult,
-    _EarlyStopper,
-    _final_metrics,
-    _finite_or_none,
+    final_metrics_of,
+    finite_or_none,
     resolve_device,
     steps_per_epoch,
 )
@@ -136,7 +136,7 @@ def train_fused(
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
     trials = [_Trial(index=i, config=config, rates=StepRates(config, steps=steps),
-                     stopper=_EarlyStopper(config.early_stopping) if config.early_stopping else None,
+                     stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
     set_up_s = time.perf_counter() - started
@@ -203,7 +203,7 @@ class _Trial:
     index: int
     config: TrialConfig
     rates: StepRates
-    stopper: _EarlyStopper | None
+    stopper: EarlyStopper | None
     data_generator: torch.Generator  # drew the initial weights; now each epoch's data order
     noise_generator: torch.Generator  # dropout masks and input noise
     history: list[EpochMetrics] = field(default_factory=list)
@@ -290,7 +290,7 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
         history, best = trial.history, trial.best
         last = None if trial.status == "diverged" or not history else (
             best if trial.stopper is not None else history[-1])
-        final_metrics = _final_metrics(last=last, best=best, test=test)
+        final_metrics = final_metrics_of(last=last, best=best, test=test)
         final_metrics.update(baselines)
         final_metrics["stopped_epoch"] = trial.stopped_epoch
         final_metrics["final_epoch"] = history[-1].epoch if history else None
@@ -331,35 +331,36 @@ def _pictures(model: StackedModel, splits: Splits, config: TrialConfig, device: 
 
 def _curve_rows(model: StackedModel, splits: Splits, config: TrialConfig, device: torch.device) -> list[dict]:
     # artifacts._curve_1d for every row.
-    raw_x = _raw(splits, splits.x_train)[:, 0]
-    low, high = _padded_range(raw_x)
+    raw_x = raw_inputs(splits, splits.x_train)[:, 0]
+    low, high = padded_range(raw_x)
     x = torch.linspace(low, high, CURVE_POINTS)
     y_pred = _predict_rows(model, splits, x[:, None], device)[:, 0]  # [rows, points]
-    keep = _subsample(raw_x.shape[0])
-    x_list, truth = _rounded(x), _truth(splits, config, x)  # the data, so the truth, are the stack's
-    train_x, train_y = _rounded(raw_x[keep]), _rounded(splits.y_train[keep, 0])
+    keep = subsample(raw_x.shape[0])
+    x_list, truth = round_for_json(x), true_values(splits, config, x)  # the data, so the truth, are the stack's
+    train_x, train_y = round_for_json(raw_x[keep]), round_for_json(splits.y_train[keep, 0])
     return [{"x": list(x_list), "y_pred": row, "y_true": None if truth is None else list(truth),
              "train_x": list(train_x), "train_y": list(train_y)}
-            for row in _rows(_rounded(y_pred.reshape(-1)), CURVE_POINTS)]
+            for row in grid_rows(round_for_json(y_pred.reshape(-1)), CURVE_POINTS)]
 
 
 def _boundary_rows(model: StackedModel, splits: Splits, device: torch.device) -> list[dict]:
     # artifacts._boundary_2d for every row.
-    raw = _raw(splits, splits.x_train)
-    (x_low, x_high), (y_low, y_high) = _padded_range(raw[:, 0]), _padded_range(raw[:, 1])
+    raw = raw_inputs(splits, splits.x_train)
+    (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
     xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
     logits = _predict_rows(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
     probability, predicted = _most_likely(logits)
-    keep = _subsample(raw.shape[0])
-    train_x, train_y, train_label = _rounded(raw[keep, 0]), _rounded(raw[keep, 1]), splits.y_train[keep].tolist()
+    keep = subsample(raw.shape[0])
+    train_x, train_y = round_for_json(raw[keep, 0]), round_for_json(raw[keep, 1])
+    train_label = splits.y_train[keep].tolist()
     return [{"x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
              "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
              "resolution": GRID, "classes": list(range(splits.n_outputs)), "predicted_class": classes,
-             "probability": _rows(row, GRID), "train_x": list(train_x), "train_y": list(train_y),
+             "probability": grid_rows(row, GRID), "train_x": list(train_x), "train_y": list(train_y),
              "train_label": list(train_label)}
             for classes, row in zip(predicted.reshape(model.rows, GRID, GRID).tolist(),
-                                    _rows(_rounded(probability.reshape(-1)), GRID * GRID), strict=True)]
+                                    grid_rows(round_for_json(probability.reshape(-1)), GRID * GRID), strict=True)]
 
 
 def _most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,8 +400,8 @@ def _epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: fl
         epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
         train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr, epoch_seconds=seconds,
         train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
-        train_r2=train["r2"], val_r2=val["r2"], grad_norm=_finite_or_none(norms[0]),
-        weight_norm=_finite_or_none(norms[1]),
+        train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(norms[0]),
+        weight_norm=finite_or_none(norms[1]),
     )
 
 

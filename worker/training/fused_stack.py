@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.fused_optim import StackedOptimizer
-from worker.training.loop import _finite_or_none
+from worker.training.loop import finite_or_none
 from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import Dropout, PolynomialFeatures
 
@@ -322,13 +322,13 @@ def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *
 @torch.no_grad()
 def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
                      device: torch.device) -> list[dict[str, float | None]]:
-    """loop._test_at_best of every row (the test metrics of each trial's best weights): losses.measure
+    """loop.test_at_best of every row (the test metrics of each trial's best weights): losses.measure
     on the row's outputs, as its own module gives them; all None for a row without a best epoch."""
     nothing = ("loss", "accuracy", "rmse", "mae", "r2")
     if splits.x_test.shape[0] == 0 or not any(has_best):
         return [dict.fromkeys(nothing) for _ in has_best]
     outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
-    return [{key: _finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
+    return [{key: finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
                                                                      loss=loss).items()}
             if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
 

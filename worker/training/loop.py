@@ -180,7 +180,7 @@ def train_trial(
     last: EpochMetrics | None = None  # the latest epoch's metrics
     best: EpochMetrics | None = None  # the first epoch with the lowest validation loss
     best_weights: dict[str, torch.Tensor] | None = None  # the model as it was after that epoch
-    stopper = _EarlyStopper(config.early_stopping) if config.early_stopping else None
+    stopper = EarlyStopper(config.early_stopping) if config.early_stopping else None
     if resume_from is not None:
         # Everything above was rebuilt exactly as at the start (data, and the init drawn from the
         # generator); now every piece of state that training moves is put back as it was.
@@ -214,8 +214,8 @@ def train_trial(
             train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr,
             epoch_seconds=time.perf_counter() - epoch_started,
             train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
-            train_r2=train["r2"], val_r2=val["r2"], grad_norm=_finite_or_none(grad_norm),
-            weight_norm=_finite_or_none(_l2_norm(list(model.parameters())).item()),
+            train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(grad_norm),
+            weight_norm=finite_or_none(_l2_norm(list(model.parameters())).item()),
         )
         last = metrics
         if best is None or metrics.val_loss < best.val_loss:
@@ -235,10 +235,10 @@ def train_trial(
 
     if best_weights is not None:
         model.load_state_dict(best_weights)
-    test = _test_at_best(model, best_weights, splits=splits, loss_fn=loss_fn, loss=loss_name, device=target)
+    test = test_at_best(model, best_weights, splits=splits, loss_fn=loss_fn, loss=loss_name, device=target)
     # Early stopping keeps the best model, so its "final" numbers are the best epoch's.
     final = None if status == "diverged" or last is None else (best if stopper is not None else last)
-    final_metrics = _final_metrics(last=final, best=best, test=test)
+    final_metrics = final_metrics_of(last=final, best=best, test=test)
     final_metrics.update(baselines)
     final_metrics["stopped_epoch"] = stopped_epoch
     final_metrics["final_epoch"] = last.epoch if last else None
@@ -337,7 +337,7 @@ def train_one_epoch(
     return grad_norm.item()
 
 
-class _EarlyStopper:
+class EarlyStopper:
     """Counts epochs since validation loss last improved by more than min_delta."""
 
     def __init__(self, settings) -> None:
@@ -366,7 +366,7 @@ def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def _capture(epoch: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule,
              generator: torch.Generator, noise_generator: torch.Generator, last: EpochMetrics,
              best: EpochMetrics | None, best_weights: dict[str, torch.Tensor] | None,
-             stopper: _EarlyStopper | None) -> TrainingState:
+             stopper: EarlyStopper | None) -> TrainingState:
     # Copies, not references: the optimizer's state_dict() hands out its live tensors.
     return TrainingState(
         epoch=epoch, model=_cpu_copy(dict(model.state_dict())), optimizer=_cpu_copy(optimizer.state_dict()),
@@ -378,7 +378,7 @@ def _capture(epoch: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def _restore(state: TrainingState, *, model: nn.Module, optimizer: torch.optim.Optimizer,
              schedule: LearningRateSchedule, generator: torch.Generator, noise_generator: torch.Generator,
-             stopper: _EarlyStopper | None) -> None:
+             stopper: EarlyStopper | None) -> None:
     if (state.schedule is None) != (schedule.scheduler is None) or (state.stopper is None) != (stopper is None):
         raise ValueError("the checkpoint was written by a trial with another schedule or early stopping")
     model.load_state_dict(state.model)  # copies onto the model's device
@@ -403,7 +403,7 @@ def _cpu_copy(value):
     return value
 
 
-def _test_at_best(
+def test_at_best(
     model: nn.Module,
     best_weights: dict[str, torch.Tensor] | None,
     *,
@@ -418,10 +418,10 @@ def _test_at_best(
     model.eval()
     with torch.no_grad():
         test = measure(model(splits.x_test.to(device)), splits.y_test.to(device), loss_fn=loss_fn, loss=loss)
-    return {key: _finite_or_none(value) for key, value in test.items()}
+    return {key: finite_or_none(value) for key, value in test.items()}
 
 
-def _final_metrics(*, last: EpochMetrics | None, best: EpochMetrics | None, test: dict) -> dict:
+def final_metrics_of(*, last: EpochMetrics | None, best: EpochMetrics | None, test: dict) -> dict:
     # A diverged trial has no final loss (it is not a number: None); its best epoch still counts.
     def of(metrics: EpochMetrics | None, name: str) -> float | None:
         return getattr(metrics, name) if metrics else None
@@ -467,5 +467,5 @@ def _l2_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
-def _finite_or_none(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
