@@ -220,9 +220,14 @@ def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
     return [name for name in parameter_columns(trial_table) if trial_table[name].astype(str).nunique() > 1]
 
 
+# Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
+# picker or seed aggregate offers it (the trial page shows it).
+NOT_METRICS = ("trained_with",)
+
+
 def metric_columns(trial_table: pd.DataFrame) -> list[str]:
     """The final-metric columns of a trials table (whatever the engine reported)."""
-    known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS)
+    known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS) | set(NOT_METRICS)
     return [name for name in trial_table.columns if name not in known]
 
 

@@ -113,7 +113,9 @@ def training_processes(session: Session, queue: str, *, lost_after_s: float) -> 
     """How many jobs of ``queue`` the fleet can run at once: the sum of ``concurrency`` (training
     processes) over online workers that consume ``queue`` and beat within ``lost_after_s`` seconds
     by the database's clock; 0 when none is online. A submission splits fused jobs until there are
-    this many (services.planner.plan_jobs ``slots``), so fusing leaves no process idle."""
+    this many (services.planner.plan_jobs ``slots``), so fusing leaves no process idle. An upper
+    bound: a worker of several queues counts in each, and busy processes count too, so a grid may
+    be cut into more (smaller) jobs than the free processes need: slower, never wrong."""
     cutoff = db_now(session) - timedelta(seconds=lost_after_s)
     workers = session.execute(
         select(WorkerNode.queues, WorkerNode.concurrency)

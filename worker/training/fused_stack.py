@@ -195,7 +195,9 @@ class StackedTraining:
         and one optimizer step at each row's rate ``lr``; returns each row's gradient norm before
         clipping when asked."""
         params = self.model.params
-        grads = torch.autograd.grad(loss, params)
+        # The optimizer kernels read gradients as flat memory: a strided one would be misread with
+        # no error. Autograd returns them contiguous here (feature-major layout); kept so if not.
+        grads = [g if g.is_contiguous() else g.contiguous() for g in torch.autograd.grad(loss, params)]
         with torch.no_grad():
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
                 for i in self.penalised:
