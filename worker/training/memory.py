@@ -6,7 +6,7 @@ back to the kernel too, so a training loop that allocates the same few activatio
 buffers every step page-faults its way through freshly zeroed memory every step. A fused job's
 stacked activations (megabytes each) hit this hardest: on the 2-core VM here a fused grid spent
 0.15-0.47 s of ~1.5 s in the kernel (50,000-115,000 minor page faults); with the settings below,
-none after the first epoch. Memory held stays at the process's peak, which the training process
+almost none after warm-up. Memory held stays at the process's peak, which the training process
 reaches anyway.
 """
 
