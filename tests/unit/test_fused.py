@@ -285,7 +285,8 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
         def forward(self, x):
             return stacked.evaluate(x)[self.row].mT
 
-    pictures = fused._pictures(stacked, splits, config, torch.device("cpu"))
+    pictures = fused._prediction_artifacts_rows(stacked, [True] * 4, splits=splits, config=config,
+                                                device=torch.device("cpu"))
     statistics = weight_statistics_rows(template, rows, [True] * 4)
     for row in range(4):
         assert pictures[row] == prediction_artifacts(Row(row), splits, config, "cpu")

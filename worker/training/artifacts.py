@@ -14,6 +14,7 @@ gets no artifact ({}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,32 +31,56 @@ PADDING = 0.05  # share of the input range added on each side of the plot
 DECIMALS = 3
 
 
+# Standardised inputs [n, features] -> outputs [rows, n, outputs]: one model (rows=1), or every
+# trial of a fused stack at once.
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
 def prediction_artifacts(
     model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device | str
 ) -> dict[str, dict]:
     """kind -> JSON-able data: ``curve_1d`` for 1-D regression, ``boundary_2d`` for 2-D classification."""
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return model(x.to(device)).float().cpu().unsqueeze(0)
+        finally:
+            model.train(was_training)
+
+    return prediction_artifacts_rows(predict, splits, config, rows=1)[0]
+
+
+def prediction_artifacts_rows(predict: Predict, splits: Splits, config: TrialConfig, *, rows: int) -> list[dict]:
+    """:func:`prediction_artifacts` of each of ``rows`` models that ``predict`` evaluates together
+    (a fused stack's trials, which share the data): the inputs, the training points and the
+    roundings are done once for all of them; each row's numbers are its own."""
     if splits.x_train.shape[0] == 0:
-        return {}
+        return [{} for _ in range(rows)]
     if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
-        return {"curve_1d": _curve_1d(model, splits, config, device)}
+        return [{"curve_1d": curve} for curve in _curve_1d(predict, splits, config, rows)]
     if splits.task == "classification" and splits.n_features == 2:
-        return {"boundary_2d": _boundary_2d(model, splits, device)}
-    return {}
+        return [{"boundary_2d": boundary} for boundary in _boundary_2d(predict, splits, rows)]
+    return [{} for _ in range(rows)]
 
 
-def _curve_1d(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device | str) -> dict[str, Any]:
+def _curve_1d(predict: Predict, splits: Splits, config: TrialConfig, rows: int) -> list[dict[str, Any]]:
     raw_x = raw_inputs(splits, splits.x_train)[:, 0]
     low, high = padded_range(raw_x)
     x = torch.linspace(low, high, CURVE_POINTS)
-    y_pred = _predict(model, splits, x[:, None], device)[:, 0]
+    y_pred = _predict(predict, splits, x[:, None])[:, :, 0]  # [rows, points]
     keep = subsample(raw_x.shape[0])
-    return {
-        "x": round_for_json(x),
-        "y_pred": round_for_json(y_pred),
-        "y_true": true_values(splits, config, x),
-        "train_x": round_for_json(raw_x[keep]),
-        "train_y": round_for_json(splits.y_train[keep, 0]),
-    }
+    x_list, truth = round_for_json(x), true_values(splits, config, x)
+    train_x, train_y = round_for_json(raw_x[keep]), round_for_json(splits.y_train[keep, 0])
+    return [{
+        "x": list(x_list),
+        "y_pred": row,
+        "y_true": None if truth is None else list(truth),
+        "train_x": list(train_x),
+        "train_y": list(train_y),
+    } for row in grid_rows(round_for_json(y_pred.reshape(-1)), CURVE_POINTS)]
 
 
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -67,36 +92,32 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def _boundary_2d(model: nn.Module, splits: Splits, device: torch.device | str) -> dict[str, Any]:
+def _boundary_2d(predict: Predict, splits: Splits, rows: int) -> list[dict[str, Any]]:
     raw = raw_inputs(splits, splits.x_train)
     (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
     xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
-    logits = _predict(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
-    probability, predicted = class_probabilities(logits).max(dim=1)
+    logits = _predict(predict, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
+    probability, predicted = class_probabilities(logits.reshape(-1, logits.shape[-1])).max(dim=1)
     keep = subsample(raw.shape[0])
-    return {
+    train_x, train_y = round_for_json(raw[keep, 0]), round_for_json(raw[keep, 1])
+    train_label = splits.y_train[keep].tolist()
+    return [{
         "x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
         "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
         "resolution": GRID,
         "classes": list(range(splits.n_outputs)),
-        "predicted_class": predicted.reshape(GRID, GRID).tolist(),  # [row = y][column = x]
-        "probability": grid_rows(round_for_json(probability), GRID),  # of that class
-        "train_x": round_for_json(raw[keep, 0]),
-        "train_y": round_for_json(raw[keep, 1]),
-        "train_label": splits.y_train[keep].tolist(),
-    }
+        "predicted_class": classes,  # [row = y][column = x]
+        "probability": grid_rows(row, GRID),  # of that class
+        "train_x": list(train_x),
+        "train_y": list(train_y),
+        "train_label": list(train_label),
+    } for classes, row in zip(predicted.reshape(rows, GRID, GRID).tolist(),
+                              grid_rows(round_for_json(probability), GRID * GRID), strict=True)]
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, splits: Splits, raw_x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        standardised = (raw_x - splits.feature_mean) / splits.feature_std
-        return model(standardised.to(device)).float().cpu()
-    finally:
-        model.train(was_training)
+def _predict(predict: Predict, splits: Splits, raw_x: torch.Tensor) -> torch.Tensor:
+    return predict((raw_x - splits.feature_mean) / splits.feature_std)
 
 
 def true_values(splits: Splits, config: TrialConfig, x: torch.Tensor) -> list[float] | None:

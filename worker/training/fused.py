@@ -41,18 +41,7 @@ import torch
 from torch import nn
 
 from services.planner import fusable, fusion_key
-from worker.training.artifacts import (
-    CURVE_POINTS,
-    DECIMALS,
-    GRID,
-    class_probabilities,
-    grid_rows,
-    padded_range,
-    raw_inputs,
-    round_for_json,
-    subsample,
-    true_values,
-)
+from worker.training.artifacts import prediction_artifacts_rows
 from worker.training.data import Splits, make_dataset
 from worker.training.fused_optim import StepRates, row_order
 from worker.training.fused_stack import (
@@ -305,84 +294,19 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
 
 def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
                                device: torch.device) -> list[dict[str, dict]]:
-    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others): the same
-    dicts, with the shared parts (grid, training points) built once. Like loop._prediction_artifacts,
-    a failure costs the artifacts only."""
+    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
+    stacked forward per input. Like loop._prediction_artifacts, a failure costs the artifacts only."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
+        return model.evaluate(x.to(device)).float().cpu().mT
+
     try:
-        pictures = _pictures(model, splits, config, device)
+        pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
     except Exception:
         log.exception("prediction artifacts of fused %s trials failed; the trials keep their metrics",
                       config.dataset_name)
         pictures = [{} for _ in has_best]
     return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
-
-
-@torch.no_grad()
-def _pictures(model: StackedModel, splits: Splits, config: TrialConfig, device: torch.device) -> list[dict]:
-    # artifacts.prediction_artifacts for every row of the stack.
-    if splits.x_train.shape[0] == 0:
-        return [{} for _ in range(model.rows)]
-    if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
-        return [{"curve_1d": curve} for curve in _curve_rows(model, splits, config, device)]
-    if splits.task == "classification" and splits.n_features == 2:
-        return [{"boundary_2d": boundary} for boundary in _boundary_rows(model, splits, device)]
-    return [{} for _ in range(model.rows)]
-
-
-def _curve_rows(model: StackedModel, splits: Splits, config: TrialConfig, device: torch.device) -> list[dict]:
-    # artifacts._curve_1d for every row.
-    raw_x = raw_inputs(splits, splits.x_train)[:, 0]
-    low, high = padded_range(raw_x)
-    x = torch.linspace(low, high, CURVE_POINTS)
-    y_pred = _predict_rows(model, splits, x[:, None], device)[:, 0]  # [rows, points]
-    keep = subsample(raw_x.shape[0])
-    x_list, truth = round_for_json(x), true_values(splits, config, x)  # the data, so the truth, are the stack's
-    train_x, train_y = round_for_json(raw_x[keep]), round_for_json(splits.y_train[keep, 0])
-    return [{"x": list(x_list), "y_pred": row, "y_true": None if truth is None else list(truth),
-             "train_x": list(train_x), "train_y": list(train_y)}
-            for row in grid_rows(round_for_json(y_pred.reshape(-1)), CURVE_POINTS)]
-
-
-def _boundary_rows(model: StackedModel, splits: Splits, device: torch.device) -> list[dict]:
-    # artifacts._boundary_2d for every row.
-    raw = raw_inputs(splits, splits.x_train)
-    (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
-    xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
-    logits = _predict_rows(model, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), device)
-    probability, predicted = _most_likely(logits)
-    keep = subsample(raw.shape[0])
-    train_x, train_y = round_for_json(raw[keep, 0]), round_for_json(raw[keep, 1])
-    train_label = splits.y_train[keep].tolist()
-    return [{"x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
-             "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
-             "resolution": GRID, "classes": list(range(splits.n_outputs)), "predicted_class": classes,
-             "probability": grid_rows(row, GRID), "train_x": list(train_x), "train_y": list(train_y),
-             "train_label": list(train_label)}
-            for classes, row in zip(predicted.reshape(model.rows, GRID, GRID).tolist(),
-                                    grid_rows(round_for_json(probability.reshape(-1)), GRID * GRID), strict=True)]
-
-
-def _most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """artifacts.class_probabilities(logits).max(dim=1) of each row's ``[cells, classes]``, from
-    ``[rows, classes, cells]``: the probability of the likeliest class and its index, per cell."""
-    classes = logits.shape[1]
-    if classes == 1:  # the bce logit: class 1's probability beside its complement, element-wise
-        positive = torch.sigmoid(logits)
-        return torch.cat([1 - positive, positive], dim=1).max(dim=1)
-    if classes < 8:
-        # Softmax along the long cells axis is ~4x faster than over a last axis of a few classes,
-        # and gives the likeliest class's probability bitwise: both kernels take the same exp of
-        # logit - max and sum a row of fewer than a SIMD vector's classes in order, and the
-        # likeliest class's exp is exactly 1 (tests/unit/test_fused.py compares them).
-        return torch.softmax(logits, dim=1).max(dim=1)
-    return class_probabilities(logits.mT.reshape(-1, classes)).max(dim=1)
-
-
-def _predict_rows(model: StackedModel, splits: Splits, raw_x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # artifacts._predict for every row: [rows, outputs, n] on the standardised raw inputs
-    standardised = (raw_x - splits.feature_mean) / splits.feature_std
-    return model.evaluate(standardised.to(device)).float().cpu()
 
 
 def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:
