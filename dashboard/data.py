@@ -255,6 +255,15 @@ def curves(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None,
         return _curves(url, experiment_id, trial_ids, fields, every)
 
 
+def budgeted_curves(experiment_id: int, trials: pd.DataFrame, fields: tuple[str, ...], *,
+                    budget: int = CURVE_ROW_BUDGET) -> tuple[pd.DataFrame, int]:
+    """:func:`curves` of the trials of a trials table, every k-th epoch so that they stay within
+    ``budget`` rows (:func:`epoch_step`); returns (the rows, k)."""
+    ids = tuple(int(i) for i in trials["trial_id"])
+    every = epoch_step(len(ids), int(trials["epochs_done"].max() or 0), budget=budget)
+    return curves(experiment_id, trial_ids=ids, fields=fields, every=every), every
+
+
 def epochs_to_reach(experiment_id: int, *, field: str, target: float) -> pd.Series:
     """The first epoch at which each trial's ``field`` got to ``target`` or below, by trial id; trials
     that never did are absent (services.queries.epochs_to_reach: one aggregate query)."""

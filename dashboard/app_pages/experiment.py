@@ -46,9 +46,8 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
         st.info(NO_EPOCHS, icon=":material/hourglass_empty:")
         return
     shown = started.head(MAX_CURVES)
-    every = data.epoch_step(len(shown), int(shown["epochs_done"].max()), budget=data.LINE_ROW_BUDGET)
-    epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]), every=every,
-                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
+    epochs, every = data.budgeted_curves(experiment_id, shown, ("train_loss", "val_loss", "train_accuracy",
+                                                                "val_accuracy"), budget=data.LINE_ROW_BUDGET)
     varying = data.varying_parameters(trials)
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
     metrics = ["loss"] + (["accuracy"] if epochs["val_accuracy"].notna().any() else [])

@@ -42,9 +42,7 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str],
     log_y = scale.toggle("Log y", value=chosen_metric in NORMS, key=f"fit_curves_log_{chosen_metric}")
     columns = ({"value": chosen_metric} if chosen_metric in NORMS
                else {split: f"{split}_{chosen_metric}" for split in ("train", "val")})
-    ids = tuple(int(i) for i in trials["trial_id"])
-    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
-    curves = data.curves(experiment_id, trial_ids=ids, fields=tuple(columns.values()), every=every)
+    curves, every = data.budgeted_curves(experiment_id, trials, tuple(columns.values()))
     st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, metric=chosen_metric, band=band,
                                                 every=every, columns=columns, log_y=log_y),
                     key="fit_curves_chart")

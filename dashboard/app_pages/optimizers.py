@@ -35,9 +35,7 @@ def loss_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str], ban
                                                   "L2 norm") or "loss"
     log_y = scale_column.toggle("Log y", value=metric != "loss", key=f"optimizers_log_{metric}")
     columns = CURVE_METRICS[metric]
-    ids = tuple(int(i) for i in trials["trial_id"])
-    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
-    curves = data.curves(experiment_id, trial_ids=ids, fields=tuple(columns.values()), every=every)
+    curves, every = data.budgeted_curves(experiment_id, trials, tuple(columns.values()))
     st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, band=band, metric=metric,
                                                 columns=columns, every=every, log_y=log_y),
                     key="optimizers_curves_chart")
@@ -92,9 +90,7 @@ def schedule(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> Non
     st.subheader("Learning-rate schedule over the loss")
     color_by = widgets.parameter_picker("One line per", groups, key="optimizers_schedule_group",
                                         preferred=("schedule", *OPTIMIZATION))
-    ids = tuple(int(i) for i in trials["trial_id"])
-    every = data.epoch_step(len(ids), int(trials["epochs_done"].max() or 0))
-    curves = data.curves(experiment_id, trial_ids=ids, fields=("val_loss", "lr"), every=every)
+    curves, every = data.budgeted_curves(experiment_id, trials, ("val_loss", "lr"))
     st.plotly_chart(charts.schedule_over_loss(curves, trials, color_by=color_by, every=every),
                     key="optimizers_schedule_chart")
     st.caption("Each line is the mean over the runs that share its value. " + widgets.averaged_over(trials, [color_by]))
