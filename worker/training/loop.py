@@ -448,11 +448,9 @@ def final_metrics_of(*, last: EpochMetrics | None, best: EpochMetrics | None, te
 
 
 def _prediction_artifacts(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device) -> dict:
-    # Written by the fit-diagnosis work; a trial without it (or whose plot fails) still succeeds.
-    try:
-        from worker.training.artifacts import prediction_artifacts
-    except ImportError:
-        return {}
+    # A trial whose plot fails still succeeds.
+    from worker.training.artifacts import prediction_artifacts
+
     model.eval()
     try:
         return dict(prediction_artifacts(model, splits, config, device))
