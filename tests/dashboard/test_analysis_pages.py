@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import streamlit as st
 
 from services.db import make_engine
 from services.migrate import upgrade
@@ -104,13 +103,6 @@ class Filled:
     moons_trials: list[int]
     sine_trials: list[int]
     nested_trials: list[int]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_streamlit_caches():
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
 
 
 @pytest.fixture(scope="module")

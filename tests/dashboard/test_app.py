@@ -59,14 +59,6 @@ class Filled:
     queued: int  # experiment id: 4 queued trials, none started
 
 
-@pytest.fixture(autouse=True)
-def _fresh_streamlit_caches():
-    """Each test has its own database; drop cached engines (disposing them) and query results."""
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
 def submit_spec(engine, text: str) -> Submitted:
     with session_scope(engine) as session:
         return submit(session, spec=parse_spec(text), spec_text=text, submitted_by="tester", max_trials=100)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import streamlit as st
 import yaml
 from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
@@ -34,14 +33,6 @@ parameters:
 """
 HOUSES_CSV = "rooms,area,price\n" + "".join(f"{r},{40 + 7 * i},{100 + 13 * i + 5 * r}\n"
                                              for i, r in zip(range(40), itertools.cycle([1, 2, 3, 4]), strict=False))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_streamlit_caches():
-    """Each test has its own database and broker: drop cached engines, producers and results."""
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
 
 
 @pytest.fixture

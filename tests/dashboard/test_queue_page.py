@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import pytest
 import redis
-import streamlit as st
 from sqlalchemy import update
 from streamlit.testing.v1 import AppTest
 
@@ -25,13 +24,6 @@ from tests.servers import REPO
 APP = REPO / "dashboard" / "app.py"
 SPEC = "name: {name}\ndescription: {description}\nparameters:\n  lr: {{values: [0.01, 0.1]}}\n  epochs: {{value: 2}}\n"
 NO_WORKER = "No worker online: start one with `fitscope worker`"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_streamlit_caches():
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
 
 
 @pytest.fixture
