@@ -46,9 +46,23 @@ MAX_NAME_CHARS = 200
 MAX_METRIC_NAME_CHARS = 100  # the experiments.metric_name column
 MAX_CROSS_FIELD_REPORTS = 5
 
-_KEYS = ("name", "description", "method", "count", "metric", "seeds", "sampler_seed", "fuse", "parameters")
-# W&B keys that make sense to its agent, not to fitscope: accepted so W&B files load, then ignored
-_WANDB_IGNORED = ("program", "command", "entity", "project", "early_terminate", "run_cap", "controller", "job")
+_KEYS = ("name", "description", "method", "count", "metric", "seeds", "sampler_seed", "fuse", "parameters",
+         "run_cap")
+# The rest of W&B's sweep schema: keys that make sense to its agent, not to fitscope. Accepted so W&B
+# files load as they are, each with a warning that says what fitscope does instead.
+_WANDB_IGNORED = {
+    "program": "fitscope trains its own models; the script is not run",
+    "command": "fitscope trains its own models; the command is not run",
+    "entity": "results go to fitscope's database, not to a W&B entity",
+    "project": "results go to fitscope's database, not to a W&B project",
+    "early_terminate": "use the early_stopping parameter to stop trials early",
+    "controller": "fitscope's queue schedules the trials",
+    "job": "fitscope trains its own models; the job is not run",
+    "image_uri": "fitscope trains its own models; the image is not run",
+}
+# W&B's examples name the learning rate learning_rate; fitscope's trial parameter is lr.
+_PARAMETER_ALIASES = {"learning_rate": "lr"}
+UNTITLED = "untitled"  # the name of a spec without one, where there is no file name to take
 _METRIC_KEYS = ("name", "goal", "target")
 _SAFE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "merge"))
 
@@ -95,12 +109,14 @@ _SpecLoader.add_implicit_resolver(
 )
 
 
-def parse_spec(text: str, *, max_bytes: int = 1_000_000) -> GridSpec:
-    """Parse and validate a spec from YAML text (at most ``max_bytes`` bytes of UTF-8)."""
-    return load_spec(_read_yaml(text, max_bytes=max_bytes))
+def parse_spec(text: str, *, max_bytes: int = 1_000_000, default_name: str | None = None) -> GridSpec:
+    """Parse and validate a spec from YAML text (at most ``max_bytes`` bytes of UTF-8). A spec
+    without ``name`` is called ``default_name`` (its file's stem; UNTITLED where there is no file),
+    as W&B does not require one; with no default, ``name`` is required."""
+    return load_spec(_read_yaml(text, max_bytes=max_bytes), default_name=default_name)
 
 
-def load_spec(data: dict[str, Any]) -> GridSpec:
+def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridSpec:
     """Validate an already-parsed spec mapping; raises SpecError listing every problem found."""
     if not isinstance(data, dict):
         raise SpecError([f"spec: must be a mapping with keys such as name: and parameters:, got {describe(data)}"])
@@ -109,17 +125,21 @@ def load_spec(data: dict[str, Any]) -> GridSpec:
     _check_structure(data, problems)
     for key in data:
         if key in _WANDB_IGNORED:
-            warnings.append(f"{key}: accepted for W&B compatibility and ignored")
+            warnings.append(f"{key}: a W&B sweep key, accepted and ignored ({_WANDB_IGNORED[key]})")
         elif isinstance(key, str) and key not in _KEYS:
-            problems.append(f"{key}: unknown key{suggest(key, _KEYS + _WANDB_IGNORED, listed=_KEYS)}")
-    name = _name(data.get("name"), problems)
+            problems.append(f"{key}: unknown key{suggest(key, _KEYS + tuple(_WANDB_IGNORED), listed=_KEYS)}")
+    given_name = data.get("name")
+    if given_name is None and default_name is not None:
+        given_name = default_name.strip()[:MAX_NAME_CHARS] or UNTITLED
+    name = _name(given_name, problems)
     description = data.get("description")
     if description is not None and not isinstance(description, str):
         problems.append(f"description: must be text, got {describe(description)}; quote it")
     elif description is not None and "\x00" in description:
         problems.append("description: must not contain NUL characters")
     method = _method(data.get("method", "grid"), problems)
-    count = _count(data.get("count"), method, problems)
+    run_cap = _run_cap(data.get("run_cap"), problems)
+    count = _count(data.get("count", run_cap if method == "random" else None), method, problems)
     metric_name, metric_goal = _metric(data.get("metric"), problems, warnings)
     seeds = _seeds(data.get("seeds", [0]), problems)
     sampler_seed = data.get("sampler_seed")
@@ -133,6 +153,11 @@ def load_spec(data: dict[str, Any]) -> GridSpec:
     if not isinstance(fuse, bool):
         problems.append(f"fuse: must be true or false, got {describe(fuse)}")
     parameters = _parameters(data.get("parameters"), method, problems, warnings)
+    if not problems and run_cap is not None and method == "grid":
+        total = math.prod(len(parameter.values) for parameter in parameters.values()) * len(seeds)
+        if total > run_cap:
+            problems.append(f"run_cap: the grid has {total} trials, more than run_cap {run_cap}; raise run_cap, "
+                            "or drop values or seeds")
     if problems:
         raise SpecError(problems)
     return GridSpec(
@@ -350,6 +375,16 @@ def _method(value: Any, problems: list[str]) -> Any:
     return None
 
 
+def _run_cap(value: Any, problems: list[str]) -> int | None:
+    """W&B's most runs of a sweep: the count of a random search without one, a cap on a grid."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"run_cap: must be a whole number >= 1, got {describe(value)}")
+        return None
+    return value
+
+
 def _count(value: Any, method: str | None, problems: list[str]) -> int | None:
     if method == "grid":
         if value is not None:
@@ -357,7 +392,8 @@ def _count(value: Any, method: str | None, problems: list[str]) -> int | None:
         return None
     if value is None:
         if method == "random":
-            problems.append("count: is required for method: random; say how many configurations to sample")
+            problems.append("count: is required for method: random; say how many configurations to sample "
+                            "(W&B's run_cap is read as the count too)")
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         problems.append(f"count: must be a whole number >= 1, got {describe(value)}")
@@ -409,7 +445,9 @@ def _seeds(value: Any, problems: list[str]) -> list[int]:
 
 
 def _parameters(value: Any, method: str | None, problems: list[str], warnings: list[str]) -> dict[str, Parameter]:
-    if value is None:
+    if value is None or value == {}:
+        problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
+                        "(W&B refuses a sweep without parameters too)")
         return {}
     if not isinstance(value, dict):
         problems.append(f"parameters: must be a mapping of trial parameters such as width: {{values: [8, 64]}}, "
@@ -419,6 +457,12 @@ def _parameters(value: Any, method: str | None, problems: list[str], warnings: l
     for name, body in value.items():
         if not isinstance(name, str):
             continue  # reported by _check_structure
+        if name in _PARAMETER_ALIASES:
+            alias, name = name, _PARAMETER_ALIASES[name]
+            if name in value:
+                problems.append(f"parameters.{alias}: is another name of {name}, which is also given; keep one")
+                continue
+            warnings.append(f"parameters.{alias}: read as {name}, fitscope's name of this parameter")
         if name == "seed":
             problems.append("parameters.seed: set replicate seeds with the top-level seeds: list, "
                             "e.g. seeds: [0, 1, 2]")

@@ -69,9 +69,18 @@ def test_parameters_left_out_keep_trial_config_defaults() -> None:
         }
 
 
-def test_no_parameters_and_no_seeds_gives_one_default_trial() -> None:
-    trials = expand(_parse("name: just defaults"))
-    assert trials == [TrialConfig()]
+@pytest.mark.parametrize("text", ["name: just defaults", "name: just defaults\nparameters: {}", "parameters:\n"])
+def test_a_spec_without_parameters_is_refused_in_one_sentence_as_wandb_refuses_it(text: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, default_name="file")
+    assert caught.value.problems == [
+        "parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
+        "(W&B refuses a sweep without parameters too)"]
+
+
+def test_one_fixed_value_gives_one_default_trial() -> None:
+    trials = expand(_parse("name: just defaults\nparameters: {width: {value: 16}}"))
+    assert trials == [TrialConfig(width=16)]
 
 
 def test_value_fixes_a_parameter_without_multiplying_the_grid() -> None:
@@ -159,10 +168,12 @@ def test_wandb_keys_are_accepted_with_warnings() -> None:
         parameters:
           width: {values: [8, 16]}
     """)
-    ignored = ["program", "command", "entity", "project", "early_terminate", "run_cap", "controller", "job"]
-    assert spec.warnings == [f"{k}: accepted for W&B compatibility and ignored" for k in ignored] + [
+    ignored = ["program", "command", "entity", "project", "early_terminate", "controller", "job"]  # run_cap is used
+    assert [warning.split(" (")[0] for warning in spec.warnings] == [
+        f"{k}: a W&B sweep key, accepted and ignored" for k in ignored] + [
         "metric.target: accepted for W&B compatibility and ignored"
     ]
+    assert "early_stopping parameter" in spec.warnings[ignored.index("early_terminate")]
     assert (spec.metric_name, spec.metric_goal) == ("val_acc", "maximize")
     assert len(expand(spec)) == 2
 
@@ -407,7 +418,8 @@ INVALID = [
      + "".join(f"  {c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)),
      "spec: has more than 50000 values"),
     ("date-in-ignored-key", "name: t\njob: !!timestamp 2024-01-01\n", "spec: YAML tag !!timestamp is not allowed"),
-    ("nan-in-ignored-key", "name: t\nrun_cap: .nan\n", "run_cap: must be a finite number"),
+    ("nan-in-ignored-key", "name: t\nearly_terminate: {eta: .nan}\n", "early_terminate.eta: must be a finite number"),
+    ("nan-run-cap", "name: t\nrun_cap: .nan\n", "run_cap: must be a whole number >= 1"),
     ("loss-does-not-fit-dataset", _G + "  dataset: {value: sine}\n  loss: {value: cross_entropy}\n",
      "parameters: trial 1 (dataset=sine, loss=cross_entropy): loss 'cross_entropy' does not fit dataset 'sine'"),
 ]
@@ -447,7 +459,7 @@ def test_unknown_parameter_without_a_near_miss_lists_the_parameters() -> None:
 
 
 def test_text_over_max_bytes_is_rejected_before_parsing() -> None:
-    text = "name: big\ndescription: '" + "é" * 600 + "'\n"
+    text = "name: big\nparameters: {width: {value: 8}}\ndescription: '" + "é" * 600 + "'\n"
     size = len(text.encode("utf-8"))
     with pytest.raises(SpecError, match=f"spec: is {size} bytes, over the limit of 1000 bytes"):
         parse_spec(text, max_bytes=1000)
@@ -533,7 +545,7 @@ _NAMES = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Z
 
 @st.composite
 def grid_specs(draw: st.DrawFn) -> dict[str, Any]:
-    names = draw(st.lists(st.sampled_from(sorted(_VALUES)), unique=True, max_size=5))
+    names = draw(st.lists(st.sampled_from(sorted(_VALUES)), unique=True, min_size=1, max_size=5))
     parameters: dict[str, Any] = {}
     for name in names:
         values = draw(st.lists(_VALUES[name], min_size=1, max_size=4, unique=True))
