@@ -1,4 +1,5 @@
-"""Where the dashboard's pages get their data, and the two writes they trigger (cancel, re-queue).
+"""Where the dashboard's pages get their data. Reads only: the writes (submit, cancel, re-queue) are
+in dashboard/actions.py.
 
 Pages never see a session or SQL: they call the functions here, which wrap services.queries in
 Streamlit caches (one engine per database URL for the process; query results for a couple of
@@ -16,7 +17,6 @@ from typing import Any, NoReturn
 
 import pandas as pd
 import streamlit as st
-from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -39,10 +39,8 @@ from services.queries import (
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
-from services.queue import BrokerUnreachable, check_broker, enqueue_jobs, make_celery
-from services.submission import plan_requeue
 from services.trial_config import TRIAL_PARAMETERS
-from services.trials import EPOCH_METRIC_FIELDS, cancel_experiment, requeue_trials
+from services.trials import EPOCH_METRIC_FIELDS
 from services.workers import list_workers
 
 REFRESH_SECONDS = 2  # live panels rerun this often; query results are cached as long
@@ -76,11 +74,6 @@ def broker_label() -> str:
 @st.cache_resource(show_spinner=False, on_release=lambda engine: engine.dispose())
 def _engine(url: str) -> Engine:
     return make_engine(url)
-
-
-@st.cache_resource(show_spinner=False)
-def _producer(broker_url: str, _settings: Settings) -> Celery:
-    return make_celery(_settings, name="fitscope-dashboard")
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -361,55 +354,10 @@ def _as_text(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
-# --- writes the pages trigger ---------------------------------------------------------------------
-
-def cancel(experiment_id: int) -> dict[str, int]:
-    """Cancel the experiment's queued trials and ask its running ones to stop; returns
-    ``{"cancelled": n, "stopping": m}``. Raises DatabaseUnreachable with one sentence."""
-    url = settings().effective_database_url
-    with _writing(url), session_scope(_engine(url)) as session:
-        counts = cancel_experiment(session, experiment_id)
-    _forget_reads()
-    return counts
-
-
-def requeue(experiment_id: int) -> int:
-    """Put the experiment's failed and cancelled trials back in the queue; returns how many.
-
-    The broker is checked first, so a dead one changes nothing; the messages go out only after the
-    database commit. Raises BrokerUnreachable or DatabaseUnreachable with one sentence.
-    """
-    current = settings()
-    producer = _producer(current.effective_broker_url, current)
-    check_broker(producer, timeout_s=3.0)
-    url = current.effective_database_url
-    with _writing(url), session_scope(_engine(url)) as session:
-        requeued = requeue_trials(session, experiment_id)
-        jobs = plan_requeue(session, requeued, fuse=current.fuse, fuse_max_trials=current.fuse_max_trials)
-    _forget_reads()
-    try:
-        enqueue_jobs(producer, jobs)
-        return len(requeued)
-    except Exception as exc:  # kombu raises several unrelated types for a broker that went away
-        raise BrokerUnreachable(
-            f"{len(requeued)} trials of experiment {experiment_id} were re-queued in the database but the "
-            f"broker at {redact_url(current.effective_broker_url)} stopped answering ({type(exc).__name__}); "
-            f"once it is back run `fitscope requeue {experiment_id} --status queued`"
-        ) from None
-
-
-@contextmanager
-def _writing(url: str) -> Iterator[None]:
-    try:
-        yield
-    except OperationalError as exc:
-        raise DatabaseUnreachable(
-            f"could not write to the database at {redact_url(url)} ({_reason(exc)}); "
-            "check FITSCOPE_DATABASE_URL and that the database server is running"
-        ) from None
-
+# --- after a write (dashboard/actions.py) -----------------------------------------------------------
 
 def _forget_reads() -> None:
+    """Drop every cached read, so the page shows what a write changed on its next run."""
     for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach, _sibling_diagnoses,
                    _artifacts, _trial, _final_norms):
         cached.clear()

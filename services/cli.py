@@ -10,7 +10,8 @@ import json
 import os
 import socket
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -21,6 +22,7 @@ app = typer.Typer(help="fitscope: grids of training runs through a real queue in
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 BAD_INPUT = 2
 
@@ -33,6 +35,24 @@ class ExportWhat(StrEnum):
 class ExportFormat(StrEnum):
     csv = "csv"
     json = "json"
+    parquet = "parquet"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fitscope {version('fitscope')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("fitscope (not installed; run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                 help="Print fitscope's version and exit.")] = False) -> None:
+    """fitscope: grids of training runs through a real queue into a shared database."""
 
 
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
@@ -80,108 +100,114 @@ def _engine(settings, *, check_schema: bool = True):
 
 
 def _read_spec(path: Path, settings):
+    from services.actions import SpecFileError, read_spec_file
     from services.spec import SpecError, parse_spec
 
     try:
-        if path.is_dir():
-            fail(f"spec file {str(path)!r} is a folder; pass the path of a YAML grid spec")
-        if path.exists() and not path.is_file():  # reading a pipe or a device could block for ever
-            fail(f"spec file {str(path)!r} is not a regular file (a device or pipe); pass the path of a YAML "
-                 "grid spec")
-        if not path.is_file():
-            fail(f"spec file {str(path)!r} not found; pass the path of a YAML grid spec")
-        if path.stat().st_size > settings.max_spec_bytes:
-            fail(f"spec file {str(path)!r} is {path.stat().st_size} bytes, over the cap of "
-                 f"{settings.max_spec_bytes} (FITSCOPE_MAX_SPEC_BYTES)")
-    except OSError as exc:  # e.g. a file name longer than the file system allows
-        fail(f"spec file {str(path)[:100]!r} cannot be opened ({exc.strerror}); pass the path of a YAML grid spec")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        fail(f"spec file {str(path)!r} is not UTF-8 text; save it as UTF-8")
-    except OSError as exc:
-        fail(f"spec file {str(path)!r} cannot be read ({exc.strerror}); check its permissions")
-    try:
-        spec = parse_spec(text, max_bytes=settings.max_spec_bytes)
+        text = read_spec_file(path, max_bytes=settings.max_spec_bytes)
+        spec = parse_spec(text, max_bytes=settings.max_spec_bytes, default_name=path.stem)
+    except SpecFileError as exc:
+        fail(str(exc))
     except SpecError as exc:
         fail_spec(exc)
-    for warning in spec.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+    _warn(spec.warnings)
     return spec, text
 
 
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 @app.command()
-def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
-             json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
-    """Check a spec and print how many trials it expands to, or every problem with its key."""
+def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")], json_output: JsonOption = False):
+    """Check a spec and print how many trials it expands to, or every problem with its key.
+
+    With --json: {"valid": true, "name", "trials", "warnings"} or {"valid": false, "errors": [{"path",
+    "message"}], "warnings"} on stdout; exit 2 when it is not valid."""
+    from services.actions import SpecFileError, read_spec_file
     from services.datasets import CsvLimits, DatasetError, resolve_csv_configs
-    from services.spec import SpecError, expand
+    from services.spec import SpecError, expand, parse_spec
 
     settings = _settings()
-    spec, _ = _read_spec(spec_file, settings)
+    spec = None
     try:
+        text = read_spec_file(spec_file, max_bytes=settings.max_spec_bytes)
+        spec = parse_spec(text, max_bytes=settings.max_spec_bytes, default_name=spec_file.stem)
+        _warn(spec.warnings)
         configs = expand(spec, max_trials=settings.max_trials_per_experiment)
         resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
-        trials = len(configs)
-    except SpecError as exc:
-        fail_spec(exc)
-    except DatasetError as exc:
-        fail(str(exc))
+    except (SpecFileError, SpecError, DatasetError) as exc:
+        if not json_output:
+            fail_spec(exc) if isinstance(exc, SpecError) else fail(str(exc))
+        where = "spec_file" if isinstance(exc, SpecFileError) else "dataset"
+        problems = exc.problems if isinstance(exc, SpecError) else [f"{where}: {exc}"]
+        typer.echo(json.dumps({"valid": False, "errors": [_error_of(problem) for problem in problems],
+                               "warnings": spec.warnings if spec else []}))
+        raise typer.Exit(BAD_INPUT) from None
     if json_output:
-        typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": trials, "warnings": spec.warnings}))
+        typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": len(configs), "warnings": spec.warnings}))
     else:
-        typer.echo(f"{spec.name}: {trials} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+        typer.echo(f"{spec.name}: {len(configs)} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+
+
+def _error_of(problem: str) -> dict[str, str]:
+    """A ``"path: message"`` problem line as {"path", "message"}."""
+    path, sep, message = problem.partition(": ")
+    return {"path": path, "message": message} if sep and " " not in path else {"path": "spec", "message": problem}
 
 
 @app.command()
 def submit(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
            wait: Annotated[bool, typer.Option("--wait", help="Show progress until every trial has ended.")] = False,
-           json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           json_output: JsonOption = False,
            timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 0,
            tag: Annotated[list[str] | None, typer.Option("--tag", help="A label to find it by (repeatable).")]
            = None,
            note: Annotated[str | None, typer.Option(help="Free text kept with the experiment.")] = None):
     """Write an experiment and its trials in one transaction, then queue the trials."""
-    from services.datasets import CsvLimits, DatasetError
-    from services.db import session_scope
-    from services.queue import BrokerUnreachable, check_broker, enqueue_submission, make_celery
-    from services.spec import SpecError
-    from services.submission import submit as submit_spec
+    from services import actions
+    from services.queue import make_celery
 
     tags, note = _check_attribution(tag or [], note)
     settings = _settings()
     spec, text = _read_spec(spec_file, settings)
     engine = _engine(settings)
-    producer = make_celery(settings)
-    try:
-        check_broker(producer)  # before writing, so a dead broker leaves no orphan rows
-    except BrokerUnreachable as exc:
-        fail(str(exc))
-    try:
-        with session_scope(engine) as session:
-            submitted = submit_spec(session, spec=spec, spec_text=text, submitted_by=_submitter(settings),
-                                    max_trials=settings.max_trials_per_experiment, base_dir=spec_file.parent,
-                                    csv_limits=CsvLimits.from_settings(settings), tags=tags, note=note)
-    except SpecError as exc:
-        fail_spec(exc)
-    except DatasetError as exc:
-        fail(str(exc))
-    try:
-        enqueue_submission(producer, submitted)
-    except Exception as exc:
-        fail(f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
-             f"({type(exc).__name__}); once the broker is back run `fitscope requeue "
-             f"{submitted.experiment_id} --status queued`", code=1)
+    with _action_errors():
+        submitted = actions.submit(engine, make_celery(settings), spec=spec, spec_text=text, settings=settings,
+                                   submitted_by=actions.default_submitter(settings), tags=tags, note=note,
+                                   base_dir=spec_file.parent)
     if not json_output:
         typer.echo(f"experiment {submitted.experiment_id}: {len(submitted.trials)} trials queued")
     summary = _wait(engine, submitted.experiment_id, timeout=timeout, quiet=json_output) if wait else None
     if json_output:
-        payload = {"experiment_id": submitted.experiment_id, "trial_ids": submitted.trial_ids}
+        payload = {"experiment_id": submitted.experiment_id, "name": spec.name, "trial_ids": submitted.trial_ids,
+                   "jobs": len(submitted.jobs) or len(submitted.trials)}
         if summary is not None:
             payload["summary"] = summary.as_json()
         typer.echo(json.dumps(payload))
     if summary is not None and summary.counts.get("failed", 0):
         raise typer.Exit(1)
+
+
+@contextmanager
+def _action_errors() -> Iterator[None]:
+    """The one sentence of every error services.actions raises, with its exit code: 1 for rows written
+    but not queued (the broker went away), 2 for everything a user can fix."""
+    from services.actions import ExperimentNotFound, NotQueued
+    from services.datasets import DatasetError
+    from services.db import DatabaseUnreachable
+    from services.queue import BrokerUnreachable
+    from services.spec import SpecError
+
+    try:
+        yield
+    except SpecError as exc:
+        fail_spec(exc)
+    except NotQueued as exc:
+        fail(str(exc), code=1)
+    except (DatasetError, BrokerUnreachable, DatabaseUnreachable, ExperimentNotFound) as exc:
+        fail(str(exc))
 
 
 MAX_SEARCH_CHARS = 200
@@ -205,46 +231,14 @@ def _check_attribution(tags: list[str], note: str | None) -> tuple[list[str], st
     return tags, note or None
 
 
-def _submitter(settings) -> str | None:
-    import getpass
-
-    if settings.submitted_by:
-        return settings.submitted_by
-    try:
-        return getpass.getuser()
-    except Exception:  # no user name in some containers
-        return None
-
-
 def _wait(engine, experiment_id: int, *, timeout: float, quiet: bool):
-    from services.db import session_scope
-    from services.queries import get_experiment
+    from services.progress import ProgressReporter, WaitTimedOut, wait_for_experiment
 
-    started = time.monotonic()
-    last_line = ""
-    while True:
-        with session_scope(engine) as session:
-            summary = get_experiment(session, experiment_id)
-        line = _progress_line(summary)
-        if not quiet and line != last_line:
-            typer.echo("\r" + line, nl=False, err=True)
-            last_line = line
-        if summary.finished:
-            if not quiet:
-                typer.echo("", err=True)
-            return summary
-        if timeout and time.monotonic() - started > timeout:
-            if not quiet:
-                typer.echo("", err=True)
-            fail(f"experiment {experiment_id} did not finish within {timeout:g} s", code=1)
-        time.sleep(0.1)
-
-
-def _progress_line(summary) -> str:
-    width = 30
-    filled = int(round(summary.progress * width))
-    counts = " ".join(f"{k}={v}" for k, v in summary.counts.items() if v)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {summary.progress:6.1%}  {counts}"
+    try:
+        return wait_for_experiment(engine, experiment_id, timeout_s=timeout,
+                                   reporter=None if quiet else ProgressReporter(sys.stderr))
+    except WaitTimedOut as exc:
+        fail(str(exc), code=1)
 
 
 @app.command()
@@ -287,69 +281,61 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
 
 
 @app.command()
-def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.")]):
+def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.")],
+           json_output: JsonOption = False):
     """Cancel queued trials now; running ones stop at their next epoch boundary and keep their rows."""
-    from services.db import session_scope
-    from services.queries import get_experiment
-    from services.trials import cancel_experiment
+    from services import actions
 
     engine = _engine(_settings())
-    with session_scope(engine) as session:
-        if get_experiment(session, experiment_id) is None:
-            fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
-        counts = cancel_experiment(session, experiment_id)
-    typer.echo(f"experiment {experiment_id}: {counts['cancelled']} queued trials cancelled, "
-               f"{counts['stopping']} running trials asked to stop")
+    with _action_errors():
+        done = actions.cancel(engine, experiment_id=experiment_id)
+    if json_output:
+        typer.echo(json.dumps(done.as_json()))
+        return
+    typer.echo(f"experiment {experiment_id}: {done.cancelled} queued trials cancelled, "
+               f"{done.stopping} running trials asked to stop")
 
 
 @app.command()
 def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.")],
             status_: Annotated[list[str], typer.Option("--status", help="Statuses to re-queue (repeatable).")]
-            = ["failed", "cancelled"]):  # noqa: B006 - typer needs a literal default
+            = ["failed", "cancelled"],  # noqa: B006 - typer needs a literal default
+            json_output: JsonOption = False):
     """Re-queue ended trials (default: failed and cancelled) with fresh attempts."""
-    from services.db import session_scope
-    from services.models import TrialStatus
-    from services.queries import get_experiment
-    from services.queue import BrokerUnreachable, check_broker, enqueue_jobs, make_celery
-    from services.submission import plan_requeue
-    from services.trials import requeue_trials
+    from services import actions
+    from services.queue import make_celery
 
-    allowed = {s.value for s in TrialStatus} - {"running"}
     for value in status_:
-        if value not in allowed:
-            fail(f"--status {value!r} is not a re-queueable status; use one of {', '.join(sorted(allowed))}")
+        if value not in actions.REQUEUEABLE:
+            fail(f"--status {value!r} is not a re-queueable status; use one of {', '.join(actions.REQUEUEABLE)}")
     settings = _settings()
     engine = _engine(settings)
-    producer = make_celery(settings)
-    try:
-        check_broker(producer)
-    except BrokerUnreachable as exc:
-        fail(str(exc))
-    with session_scope(engine) as session:
-        if get_experiment(session, experiment_id) is None:
-            fail(f"experiment {experiment_id} does not exist; `fitscope status` lists them")
-        trials = requeue_trials(session, experiment_id, statuses=tuple(status_))
-        jobs = plan_requeue(session, trials, fuse=settings.fuse, fuse_max_trials=settings.fuse_max_trials)
-    try:
-        enqueue_jobs(producer, jobs)
-    except Exception as exc:
-        fail(f"experiment {experiment_id}: {len(trials)} trials were reset but could not be queued "
-             f"({type(exc).__name__}); once the broker is back run `fitscope requeue {experiment_id} "
-             "--status queued`", code=1)
-    typer.echo(f"experiment {experiment_id}: {len(trials)} trials re-queued")
+    with _action_errors():
+        done = actions.requeue(engine, make_celery(settings), experiment_id=experiment_id, settings=settings,
+                               statuses=tuple(status_))
+    if json_output:
+        typer.echo(json.dumps(done.as_json()))
+        return
+    typer.echo(f"experiment {experiment_id}: {len(done.trial_ids)} trials re-queued")
 
 
 @app.command()
 def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.")],
            what: Annotated[ExportWhat, typer.Option(help="epochs: one row per trial and epoch; "
                                                          "trials: one row per trial.")] = ExportWhat.trials,
-           format_: Annotated[ExportFormat, typer.Option("--format", help="csv or json.")] = ExportFormat.csv,
+           format_: Annotated[ExportFormat, typer.Option("--format", help="csv, json, or parquet (typed columns; "
+                                                                         "needs --output)."
+                                                         )] = ExportFormat.csv,
            output: Annotated[Path | None, typer.Option("-o", "--output", help="File; default stdout.")] = None):
-    """Export an experiment's trials or per-epoch metrics as CSV or JSON."""
+    """Export an experiment's trials or per-epoch metrics as CSV, JSON or Parquet."""
     from services.db import session_scope
-    from services.export import write_rows
+    from services.export import write_parquet, write_rows
     from services.queries import epoch_rows, get_experiment, trial_rows
+    from services.trials import EPOCH_METRIC_FIELDS
 
+    if format_ == ExportFormat.parquet and output is None:
+        fail("--format parquet writes a binary file; give one with --output, e.g. -o "
+             f"experiment-{experiment_id}-{what.value}.parquet")
     engine = _engine(_settings())
     with session_scope(engine) as session:
         if get_experiment(session, experiment_id) is None:
@@ -360,14 +346,18 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
     if output is not None and not output.parent.is_dir():
         fail(f"--output folder {str(output.parent)!r} does not exist; create it or choose another path")
     try:
-        stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+        if format_ == ExportFormat.parquet:
+            columns = ["trial_id", "epoch", *EPOCH_METRIC_FIELDS] if what == ExportWhat.epochs else None
+            write_parquet(rows, str(output), columns=columns)
+        else:
+            stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+            try:
+                write_rows(rows, stream, format_.value)
+            finally:
+                if output:
+                    stream.close()
     except OSError as exc:
         fail(f"--output {str(output)!r} cannot be written ({exc.strerror}); choose another path")
-    try:
-        write_rows(rows, stream, format_.value)
-    finally:
-        if output:
-            stream.close()
     if output:
         typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
 
@@ -474,7 +464,8 @@ def up():
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"):
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+               json_output: JsonOption = False):
     """Create or upgrade the schema (safe to run from several processes at once)."""
     from services.db import DatabaseUnreachable
     from services.migrate import current_revision, upgrade
@@ -482,11 +473,15 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     settings = _settings()
     engine = _engine(settings, check_schema=False)
     try:
-        current_revision(engine)  # one clear sentence when the database does not answer
+        before = current_revision(engine)  # one clear sentence when the database does not answer
     except DatabaseUnreachable as exc:
         fail(str(exc))
     upgrade(settings.effective_database_url, revision)
-    typer.echo(f"database at {engine.url.render_as_string(hide_password=True)} is at {current_revision(engine)}")
+    database, after = engine.url.render_as_string(hide_password=True), current_revision(engine)
+    if json_output:
+        typer.echo(json.dumps({"database": database, "from": before, "to": after}))
+    else:
+        typer.echo(f"database at {database} is at {after}")
 
 
 @db_app.command("current")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data
+from dashboard import actions, charts, data
+from services.actions import ExperimentNotFound
 from services.db import DatabaseUnreachable
 from services.queue import BrokerUnreachable
 
@@ -25,22 +26,22 @@ LOST_STYLE = "color: #d62728; font-weight: 600"  # the red of a lost worker's ro
 def cancel_clicked(experiment_id: int) -> None:
     st.session_state[ERRORS].pop(experiment_id, None)
     try:
-        counts = data.cancel(experiment_id)
-    except DatabaseUnreachable as exc:
+        done = actions.cancel(experiment_id)
+    except (DatabaseUnreachable, ExperimentNotFound) as exc:
         st.session_state[ERRORS][experiment_id] = data.sentence(str(exc))
         return
-    st.session_state[NOTICE] = (f"Experiment {experiment_id}: {counts['cancelled']} queued trials cancelled, "
-                                f"{counts['stopping']} running trials asked to stop.")
+    st.session_state[NOTICE] = (f"Experiment {experiment_id}: {done.cancelled} queued trials cancelled, "
+                                f"{done.stopping} running trials asked to stop.")
 
 
 def requeue_clicked(experiment_id: int) -> None:
     st.session_state[ERRORS].pop(experiment_id, None)
     try:
-        sent = data.requeue(experiment_id)
-    except (BrokerUnreachable, DatabaseUnreachable) as exc:
+        done = actions.requeue(experiment_id)
+    except (BrokerUnreachable, DatabaseUnreachable, ExperimentNotFound) as exc:
         st.session_state[ERRORS][experiment_id] = data.sentence(str(exc))
         return
-    st.session_state[NOTICE] = f"Experiment {experiment_id}: {sent} trials re-queued."
+    st.session_state[NOTICE] = f"Experiment {experiment_id}: {len(done.trial_ids)} trials re-queued."
 
 
 def experiment_card(experiment) -> None:

@@ -12,7 +12,7 @@ from typing import Any, get_args
 import streamlit as st
 import yaml
 
-from dashboard import data, submitting
+from dashboard import actions, data
 from services.datasets import DatasetError
 from services.db import DatabaseUnreachable
 from services.queue import BrokerUnreachable
@@ -34,7 +34,7 @@ YAML_FILE = "new_yaml_file"
 YAML_FILE_ERROR = "new_yaml_file_error"
 CSV_FILE = "new_csv_file"
 CSV_ERROR = "new_csv_error"
-UPLOADS = "new_uploads"  # name -> submitting.StoredCsv, the CSV data sets stored from this browser session
+UPLOADS = "new_uploads"  # name -> actions.StoredCsv, the CSV data sets stored from this browser session
 SUBMITTER = "new_submitted_by"
 SUBMITTED = "new_submitted"  # the last submission: experiment id, name, trials
 SUBMIT_ERROR = "new_submit_error"
@@ -74,7 +74,7 @@ def example_grid() -> str:
     return text
 
 
-def grid_widgets(uploads: dict[str, submitting.StoredCsv]) -> str:
+def grid_widgets(uploads: dict[str, actions.StoredCsv]) -> str:
     """The grid as widgets: one choice per parameter, several values make an axis of the grid."""
     csv_options = {f"csv: {name}": {"csv": name, "target": stored.target, "missing": stored.missing}
                    for name, stored in uploads.items()}
@@ -164,7 +164,7 @@ def store_csv_clicked(target: str | None, missing: str) -> None:
     if uploaded is None:
         return
     try:
-        stored = submitting.store_csv(file_name=uploaded.name, content=uploaded.getvalue(), target=target or "",
+        stored = actions.store_csv(file_name=uploaded.name, content=uploaded.getvalue(), target=target or "",
                                 missing=missing)
     except DatasetError as exc:
         st.session_state[CSV_ERROR] = str(exc)
@@ -175,7 +175,7 @@ def store_csv_clicked(target: str | None, missing: str) -> None:
     st.session_state[UPLOADS][stored.name] = stored
 
 
-def csv_uploader(uploads: dict[str, submitting.StoredCsv]) -> None:
+def csv_uploader(uploads: dict[str, actions.StoredCsv]) -> None:
     with st.expander("Your own data (CSV)", expanded=bool(uploads) or CSV_ERROR in st.session_state):
         st.caption("A header row, numeric feature columns and a target column; an optional `split` column says "
                    "train/val/test per row. It is checked like `fitscope submit` checks a spec's CSV, then stored "
@@ -212,12 +212,12 @@ def _header(content: bytes) -> list[str]:
 
 # --- what validate says, and submitting -------------------------------------------------------------
 
-def validation(spec_text: str, uploads: dict[str, str]) -> submitting.SpecPreview | None:
+def validation(spec_text: str, uploads: dict[str, str]) -> actions.SpecPreview | None:
     """The live preview: the trial count as `fitscope validate` prints it, or its every problem."""
     if not spec_text.strip():
         st.info("Paste a spec, upload one, or start from an example grid.", icon=":material/edit_note:")
         return None
-    found = submitting.preview(spec_text, uploads)
+    found = actions.preview(spec_text, uploads)
     if found.warnings:
         st.warning(_lines("warning", found.warnings))
     if found.problems:
@@ -232,13 +232,13 @@ def _lines(prefix: str, messages: tuple[str, ...]) -> str:
     return "```\n" + "\n".join(f"{prefix}: {message}" for message in messages) + "\n```"
 
 
-def submit_form(spec_text: str, found: submitting.SpecPreview | None, uploads: dict[str, str]) -> None:
+def submit_form(spec_text: str, found: actions.SpecPreview | None, uploads: dict[str, str]) -> None:
     who_col, tags_col = st.columns(2)
-    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=submitting.MAX_SUBMITTER_CHARS)
+    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=actions.MAX_SUBMITTER_CHARS)
     tags_text = tags_col.text_input("Tags", key="new_tags", placeholder="capacity, moons",
-                                    help=f"Separated by commas; at most {submitting.MAX_TAGS}, each at most "
-                                         f"{submitting.MAX_TAG_CHARS} characters. The Experiments page searches them.")
-    note = st.text_area("Note", key="new_note", height=80, max_chars=submitting.MAX_NOTE_CHARS,
+                                    help=f"Separated by commas; at most {actions.MAX_TAGS}, each at most "
+                                         f"{actions.MAX_TAG_CHARS} characters. The Experiments page searches them.")
+    note = st.text_area("Note", key="new_note", height=80, max_chars=actions.MAX_NOTE_CHARS,
                         placeholder="What you expect to see, and why.")
     ready = found is not None and not found.problems
     label = f"Submit {found.trials} trials" if ready else "Submit"
@@ -261,15 +261,15 @@ def _submit(spec_text: str, name: str, submitted_by: str, tags_text: str, note: 
             uploads: dict[str, str]) -> dict[str, Any] | None:
     """Submit and return what to show; on a problem, keep its sentence for the error box and return None."""
     try:
-        who, tags, note_text = submitting.check_fields(submitted_by=submitted_by, tags_text=tags_text, note=note)
-        submitted = submitting.submit(spec_text=spec_text, submitted_by=who, tags=tags, note=note_text, uploads=uploads)
+        who, tags, note_text = actions.check_fields(submitted_by=submitted_by, tags_text=tags_text, note=note)
+        submitted = actions.submit(spec_text=spec_text, submitted_by=who, tags=tags, note=note_text, uploads=uploads)
     except SpecError as exc:
         st.session_state[SUBMIT_ERROR] = _lines("error", tuple(exc.problems))
         return None
     except DatasetError as exc:
         st.session_state[SUBMIT_ERROR] = str(exc)
         return None
-    except (submitting.FieldError, BrokerUnreachable, DatabaseUnreachable) as exc:
+    except (actions.FieldError, BrokerUnreachable, DatabaseUnreachable) as exc:
         st.session_state[SUBMIT_ERROR] = data.sentence(str(exc))
         return None
     return {"id": submitted.experiment_id, "name": name, "trials": len(submitted.trials)}
@@ -280,8 +280,8 @@ def _submit(spec_text: str, name: str, submitted_by: str, tags_text: str, note: 
 st.session_state.setdefault(UPLOADS, {})
 st.session_state.setdefault(SOURCE, SOURCES[0])
 if SUBMITTER not in st.session_state:
-    st.session_state[SUBMITTER] = submitting.default_submitter()
-uploads: dict[str, submitting.StoredCsv] = st.session_state[UPLOADS]
+    st.session_state[SUBMITTER] = actions.default_submitter()
+uploads: dict[str, actions.StoredCsv] = st.session_state[UPLOADS]
 upload_hashes = {name: stored.sha256 for name, stored in uploads.items()}
 
 st.title("New experiment")

@@ -1,16 +1,15 @@
-"""The New experiment page's side of `fitscope validate` and `fitscope submit`: the live preview of a
-spec (the CLI's parse, expansion and CSV checks, so the CLI's sentences), the CSV upload (checked
-with submit's caps, stored in the database by its sha256), the submitter/tags/note fields, and the
-submit itself (broker checked first, one transaction, messages after the commit).
+"""Everything the dashboard writes: submit (with the New experiment page's live preview of a spec, its
+CSV upload and its submitter/tags/note fields), cancel and re-queue. Each write is the one in
+services.actions that `fitscope submit`, `cancel` and `requeue` call: the broker checked first, one
+transaction, the messages after the commit, the same sentences.
 
-Split from dashboard/data.py, which keeps the reads: this module is the only place the dashboard
-writes an experiment. It reuses data.py's engine, schema check and error handling, so a database
-that cannot be used stops the page with the same sentence as everywhere else.
+dashboard/data.py keeps the reads; this module reuses its engine and schema check, so a database
+that cannot be used stops the page with the same sentence as everywhere else, and clears its cached
+reads after every write.
 """
 
 from __future__ import annotations
 
-import getpass
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+from celery import Celery
 
-from dashboard.data import _engine, _forget_reads, _producer, _reading, _ready_url, _writing, settings
+from dashboard.data import _engine, _forget_reads, _reading, _ready_url, settings
+from services import actions
+from services.config import Settings
 from services.datasets import (
     CsvLimits,
     DatasetError,
@@ -29,8 +31,8 @@ from services.datasets import (
     validate_csv,
 )
 from services.db import session_scope
-from services.queue import BrokerUnreachable, check_broker, enqueue_submission
-from services.spec import GridSpec, SpecError, count_trials, expand, parse_spec
+from services.queue import make_celery
+from services.spec import UNTITLED, GridSpec, SpecError, count_trials, expand, parse_spec
 from services.submission import (
     MAX_NOTE_CHARS,
     MAX_TAG_CHARS,  # noqa: F401  (the page's help text reads it from here)
@@ -39,10 +41,10 @@ from services.submission import (
     tag_problem,
     unique_tags,
 )
-from services.submission import submit as submit_spec
 from services.trial_config import CsvDataset
 
 MAX_SUBMITTER_CHARS = 200
+BROKER_TIMEOUT_S = 3.0  # a page waits this long for a broker that does not answer
 
 
 class FieldError(ValueError):
@@ -75,14 +77,14 @@ class StoredCsv:
     task: str
 
 
+@st.cache_resource(show_spinner=False)
+def _producer(broker_url: str, _settings: Settings) -> Celery:
+    return make_celery(_settings, name="fitscope-dashboard")
+
+
 def default_submitter() -> str:
     """FITSCOPE_SUBMITTED_BY, else the dashboard process's login name (what the CLI records)."""
-    if settings().submitted_by:
-        return settings().submitted_by
-    try:
-        return getpass.getuser()
-    except Exception:  # no user name in some containers
-        return ""
+    return actions.default_submitter(settings()) or ""
 
 
 def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str | None, list[str], str | None]:
@@ -123,7 +125,7 @@ def _preview(url: str, spec_text: str, uploads: tuple[tuple[str, str], ...], max
              max_trials: int, csv_limits: CsvLimits) -> SpecPreview:
     spec = None
     try:
-        spec = parse_spec(spec_text, max_bytes=max_spec_bytes)
+        spec = parse_spec(spec_text, max_bytes=max_spec_bytes, default_name=UNTITLED)
         configs = expand(spec, max_trials=max_trials)
         with _csv_folder(url, spec, dict(uploads)) as folder:
             resolve_csv_configs(configs, base_dir=folder, limits=csv_limits)
@@ -157,7 +159,7 @@ def store_csv(*, file_name: str, content: bytes, target: str, missing: str = "er
         validated = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
                                  max_columns=limits.max_columns)
     url = _ready_url()
-    with _writing(url), session_scope(_engine(url)) as session:
+    with actions.writing(_engine(url)), session_scope(_engine(url)) as session:
         store_dataset(session, validated)
     return StoredCsv(name=name, sha256=validated.sha256, target=dataset.target, missing=missing,
                      rows=validated.table.n_rows, columns=validated.table.columns, task=validated.table.task)
@@ -165,29 +167,41 @@ def store_csv(*, file_name: str, content: bytes, target: str, missing: str = "er
 
 def submit(*, spec_text: str, submitted_by: str | None, tags: list[str], note: str | None,
            uploads: dict[str, str]) -> Submitted:
-    """`fitscope submit` from the page: the broker is checked first, the experiment and its trials
-    are written in one transaction, and services.queue.enqueue_submission sends the messages after
-    the commit. Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable; nothing is
-    written when one of them is raised before the commit."""
+    """`fitscope submit` from the page (services.actions.submit); a spec without a name is called
+    "untitled". Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable (nothing
+    written), or services.actions.NotQueued (written, not queued)."""
     current = settings()
-    spec = parse_spec(spec_text, max_bytes=current.max_spec_bytes)
-    producer = _producer(current.effective_broker_url, current)
-    check_broker(producer, timeout_s=3.0)  # before writing, so a dead broker leaves no orphan rows
+    spec = parse_spec(spec_text, max_bytes=current.max_spec_bytes, default_name=UNTITLED)
     url = _ready_url()
-    with _csv_folder(url, spec, uploads) as folder, _writing(url), session_scope(_engine(url)) as session:
-        submitted = submit_spec(session, spec=spec, spec_text=spec_text, submitted_by=submitted_by,
-                                max_trials=current.max_trials_per_experiment, base_dir=folder,
-                                csv_limits=CsvLimits.from_settings(current), tags=tags, note=note)
-    _forget_reads()
     try:
-        enqueue_submission(producer, submitted)
-    except Exception as exc:  # kombu raises several unrelated types for a broker that went away
-        raise BrokerUnreachable(
-            f"experiment {submitted.experiment_id} was saved but its trials could not be queued "
-            f"({type(exc).__name__}); once the broker is back run `fitscope requeue {submitted.experiment_id} "
-            "--status queued`"
-        ) from None
-    return submitted
+        with _csv_folder(url, spec, uploads) as folder:
+            return actions.submit(_engine(url), _producer(current.effective_broker_url, current), spec=spec,
+                                  spec_text=spec_text, settings=current, submitted_by=submitted_by, tags=tags,
+                                  note=note, base_dir=folder, broker_timeout_s=BROKER_TIMEOUT_S)
+    finally:
+        _forget_reads()
+
+
+def cancel(experiment_id: int) -> actions.Cancelled:
+    """`fitscope cancel` from the page: queued trials cancelled now, running ones asked to stop.
+    Raises ExperimentNotFound or DatabaseUnreachable with one sentence."""
+    url = settings().effective_database_url
+    try:
+        return actions.cancel(_engine(url), experiment_id=experiment_id)
+    finally:
+        _forget_reads()
+
+
+def requeue(experiment_id: int) -> actions.Requeued:
+    """`fitscope requeue` from the page: the failed and cancelled trials back in the queue. Raises
+    BrokerUnreachable (NotQueued when the rows were reset), ExperimentNotFound or DatabaseUnreachable."""
+    current = settings()
+    try:
+        return actions.requeue(_engine(current.effective_database_url),
+                               _producer(current.effective_broker_url, current), experiment_id=experiment_id,
+                               settings=current, broker_timeout_s=BROKER_TIMEOUT_S)
+    finally:
+        _forget_reads()
 
 
 @contextmanager
