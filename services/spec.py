@@ -153,6 +153,9 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
     if not isinstance(fuse, bool):
         problems.append(f"fuse: must be true or false, got {describe(fuse)}")
     parameters = _parameters(data.get("parameters"), method, problems, warnings)
+    if not problems and data.get("parameters") in (None, {}):
+        problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
+                        "(W&B refuses a sweep without parameters too)")
     if not problems and run_cap is not None and method == "grid":
         total = math.prod(len(parameter.values) for parameter in parameters.values()) * len(seeds)
         if total > run_cap:
@@ -446,9 +449,7 @@ def _seeds(value: Any, problems: list[str]) -> list[int]:
 
 def _parameters(value: Any, method: str | None, problems: list[str], warnings: list[str]) -> dict[str, Parameter]:
     if value is None or value == {}:
-        problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
-                        "(W&B refuses a sweep without parameters too)")
-        return {}
+        return {}  # refused by load_spec once nothing else is wrong: the sentence that matters comes first
     if not isinstance(value, dict):
         problems.append(f"parameters: must be a mapping of trial parameters such as width: {{values: [8, 64]}}, "
                         f"got {describe(value)}")

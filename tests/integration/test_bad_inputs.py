@@ -55,7 +55,7 @@ class Bad:
 
     id: str
     expected: str
-    spec: str | bytes = "name: fine\n"
+    spec: str | bytes = "name: fine\nparameters: {width: {value: 8}}\n"  # a valid spec: parameters are required
     files: dict[str, object] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     commands: tuple[str, ...] = ("validate", "submit")
