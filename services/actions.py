@@ -90,6 +90,37 @@ def read_spec_file(path: Path, *, max_bytes: int) -> str:
         raise SpecFileError(f"spec file {str(path)!r} cannot be read ({exc.strerror}); check its permissions") from None
 
 
+def load_spec_source(source: str | Path | dict, *, max_bytes: int) -> tuple[GridSpec, str, Path | None]:
+    """A spec from a file path, a YAML string or an already-parsed mapping: (the spec, its text to
+    store, the folder its CSV data sets are read from: the file's, else the working directory).
+    A spec without a name is called after its file, else "untitled". Raises SpecFileError or SpecError."""
+    import yaml
+
+    from services.spec import UNTITLED, parse_spec
+
+    if isinstance(source, dict):
+        text = yaml.safe_dump(source, sort_keys=False, allow_unicode=True)
+        return parse_spec(text, max_bytes=max_bytes, default_name=UNTITLED), text, None
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                    and source.strip().endswith((".yaml", ".yml"))):
+        path = Path(source)
+        text = read_spec_file(path, max_bytes=max_bytes)
+        return parse_spec(text, max_bytes=max_bytes, default_name=path.stem), text, path.parent
+    if not isinstance(source, str):
+        raise SpecFileError(f"a spec is a file path, YAML text or a dict, not {type(source).__name__}")
+    return parse_spec(source, max_bytes=max_bytes, default_name=UNTITLED), source, None
+
+
+def check_spec(spec: GridSpec, *, settings: Settings, base_dir: Path | None = None) -> list:
+    """Every trial configuration of ``spec``, with its CSV data sets read and checked as submit reads
+    them: what `fitscope validate` counts. Raises SpecError or DatasetError."""
+    from services.datasets import resolve_csv_configs
+    from services.spec import expand
+
+    configs = expand(spec, max_trials=settings.max_trials_per_experiment)
+    return resolve_csv_configs(configs, base_dir=base_dir, limits=CsvLimits.from_settings(settings))
+
+
 def default_submitter(settings: Settings) -> str | None:
     """Who a submission is recorded as when nobody says: FITSCOPE_SUBMITTED_BY, else the login name."""
     import getpass

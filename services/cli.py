@@ -125,9 +125,9 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
 
     With --json: {"valid": true, "name", "trials", "warnings"} or {"valid": false, "errors": [{"path",
     "message"}], "warnings"} on stdout; exit 2 when it is not valid."""
-    from services.actions import SpecFileError, read_spec_file
-    from services.datasets import CsvLimits, DatasetError, resolve_csv_configs
-    from services.spec import SpecError, expand, parse_spec
+    from services.actions import SpecFileError, check_spec, read_spec_file
+    from services.datasets import DatasetError
+    from services.spec import SpecError, parse_spec
 
     settings = _settings()
     spec = None
@@ -135,8 +135,7 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
         text = read_spec_file(spec_file, max_bytes=settings.max_spec_bytes)
         spec = parse_spec(text, max_bytes=settings.max_spec_bytes, default_name=spec_file.stem)
         _warn(spec.warnings)
-        configs = expand(spec, max_trials=settings.max_trials_per_experiment)
-        resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
+        configs = check_spec(spec, settings=settings, base_dir=spec_file.parent)
     except (SpecFileError, SpecError, DatasetError) as exc:
         if not json_output:
             fail_spec(exc) if isinstance(exc, SpecError) else fail(str(exc))

@@ -164,8 +164,14 @@ def redact_url(url: str) -> str:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Read the settings once per process; a bad value raises :class:`ConfigError` with one sentence."""
+    return make_settings()
+
+
+def make_settings(**overrides) -> Settings:
+    """The environment's settings with ``overrides`` (field names, e.g. database_url=...) on top;
+    a bad value raises :class:`ConfigError` with one sentence."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_first_message(exc)) from None
 
