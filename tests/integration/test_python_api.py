@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,3 +93,11 @@ def _parquet_holds_what_the_csv_holds(env, experiment_id: int, what: str, tmp_pa
             assert (pd.to_datetime(from_csv[column], utc=True) == from_parquet[column]).all()
             from_csv[column] = from_parquet[column]
     pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False)
+
+    # DuckDB reads the file as it is, with SQL types for the columns
+    types = {row[0]: row[1] for row in duckdb.sql(f"DESCRIBE SELECT * FROM '{parquet_path}'").fetchall()}
+    assert types["trial_id"] == "BIGINT" and types[("val_loss" if what == "epochs" else "lr")] == "DOUBLE"
+    if what == "trials":
+        assert types["started_at"] == "TIMESTAMP WITH TIME ZONE" and types["status"] == "VARCHAR"
+    [(rows,)] = duckdb.sql(f"SELECT count(*) FROM '{parquet_path}'").fetchall()
+    assert rows == len(from_csv)
