@@ -92,16 +92,21 @@ class Client:
         """Submit a spec (a file path, YAML text or a dict) as `fitscope submit` does: one transaction,
         then the queue. ``submitted_by`` defaults to FITSCOPE_SUBMITTED_BY or the login name. With
         ``wait``, returns once every trial has ended (see :meth:`wait`)."""
-        from services.submission import tag_problem, unique_tags
+        from services.submission import MAX_NOTE_CHARS, MAX_TAGS, tag_problem, unique_tags
 
         tags = unique_tags(tags)
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"tags: {len(tags)} given; an experiment takes at most {MAX_TAGS}")
         for tag in tags:
             if problem := tag_problem(tag):
-                raise ValueError(f"tag {tag[:20]!r} {problem}")
+                raise ValueError(f"tags: {tag[:20]!r} {problem}")
+        note = note.strip() if note else None
+        if note and len(note) > MAX_NOTE_CHARS:
+            raise ValueError(f"note: is {len(note)} characters; shorten it to at most {MAX_NOTE_CHARS}")
         grid, text, base_dir = actions.load_spec_source(spec, max_bytes=self.settings.max_spec_bytes)
         submitted = actions.submit(self.engine, self._producer, spec=grid, spec_text=text, settings=self.settings,
                                    submitted_by=submitted_by or actions.default_submitter(self.settings),
-                                   tags=tags, note=note, base_dir=base_dir)
+                                   tags=tags, note=note or None, base_dir=base_dir)
         experiment = Experiment(id=submitted.experiment_id, name=grid.name, trial_ids=submitted.trial_ids)
         if wait:
             self.wait(experiment.id, timeout=timeout, progress=progress)

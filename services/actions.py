@@ -151,8 +151,8 @@ def submit(engine: Engine, producer: Celery, *, spec: GridSpec, spec_text: str, 
     try:
         enqueue_submission(producer, submitted)
     except Exception as exc:  # kombu raises several unrelated types for a broker that went away
-        raise NotQueued(_not_queued(submitted.experiment_id, f"experiment {submitted.experiment_id} was saved",
-                                    producer, exc)) from None
+        saved = f"experiment {submitted.experiment_id} was saved but its trials could not be queued"
+        raise NotQueued(_not_queued(submitted.experiment_id, saved, producer, exc)) from None
     return submitted
 
 
@@ -190,8 +190,8 @@ def requeue(engine: Engine, producer: Celery, *, experiment_id: int, settings: S
     try:
         enqueue_jobs(producer, jobs)
     except Exception as exc:
-        raise NotQueued(_not_queued(experiment_id, f"{len(trials)} trials of experiment {experiment_id} were reset",
-                                    producer, exc)) from None
+        reset = f"{len(trials)} trials of experiment {experiment_id} were reset but could not be queued"
+        raise NotQueued(_not_queued(experiment_id, reset, producer, exc)) from None
     return Requeued(experiment_id=experiment_id, trial_ids=[trial_id for trial_id, _ in trials], jobs=len(jobs))
 
 
@@ -200,7 +200,7 @@ def _no_such(experiment_id: int) -> str:
 
 
 def _not_queued(experiment_id: int, what_happened: str, producer: Celery, exc: Exception) -> str:
-    return (f"{what_happened} but its trials could not be queued: the broker at {redact_url(producer.conf.broker_url)} "
+    return (f"{what_happened}: the broker at {redact_url(producer.conf.broker_url)} "
             f"stopped answering ({type(exc).__name__}); once it is back run `fitscope requeue {experiment_id} "
             "--status queued`")
 

@@ -344,21 +344,19 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
         fail(f"--output {str(output)!r} is a folder; give a file name such as {output / 'epochs.csv'}")
     if output is not None and not output.parent.is_dir():
         fail(f"--output folder {str(output.parent)!r} does not exist; create it or choose another path")
+    if output is None:
+        write_rows(rows, sys.stdout, format_.value)
+        return
     try:
         if format_ == ExportFormat.parquet:
             columns = ["trial_id", "epoch", *EPOCH_METRIC_FIELDS] if what == ExportWhat.epochs else None
             write_parquet(rows, str(output), columns=columns)
         else:
-            stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-            try:
+            with open(output, "w", newline="", encoding="utf-8") as stream:
                 write_rows(rows, stream, format_.value)
-            finally:
-                if output:
-                    stream.close()
     except OSError as exc:
         fail(f"--output {str(output)!r} cannot be written ({exc.strerror}); choose another path")
-    if output:
-        typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
+    typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
 
 
 @app.command()

@@ -99,3 +99,10 @@ def test_submit_cancel_requeue_and_db_upgrade_answer_in_json(env, tmp_path, brok
     missing = fitscope("cancel", "999", "--json", env=env)
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr == "error: experiment 999 does not exist; `fitscope status` lists them\n"
+
+
+def test_parquet_to_stdout_is_refused_with_the_flag_that_fixes_it(env):
+    result = fitscope("export", "1", "--format", "parquet", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: --format parquet writes a binary file; give one with --output, e.g. -o "
+                             "experiment-1-trials.parquet\n")
