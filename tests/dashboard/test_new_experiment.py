@@ -347,3 +347,22 @@ def test_a_spec_naming_a_csv_that_was_not_uploaded_is_refused(db_url, tmp_path):
 
     assert "the dashboard reads only CSV data sets uploaded on this page" in app.error[0].value
     assert app.button(key="new_submit").disabled
+
+
+def test_a_wandb_sweep_pasted_as_it_is_submits_as_untitled(db_url, queue, engine_for):
+    sweep = ("program: train.py\nmethod: grid\nmetric: {name: val_loss, goal: minimize}\nparameters:\n"
+             "  learning_rate: {values: [0.01, 0.1]}\n  width: {values: [4, 8]}\n  epochs: {value: 2}\n"
+             "command: [\"${env}\", \"${interpreter}\", \"${program}\", \"${args}\"]\n")
+    app = use_yaml(open_page(), sweep)
+    assert not app.error, error_text(app)
+    assert app.metric[0].value == "4"
+    assert "untitled: 4 trials (grid, 1 seed(s))" in [caption.value for caption in app.caption]
+
+    app.button(key="new_submit").click().run()
+
+    assert not app.error, error_text(app)
+    with session_scope(engine_for(db_url)) as session:
+        experiment = session.scalars(select(Experiment)).one()
+        assert experiment.name == "untitled" and experiment.spec_text == sweep
+        assert sorted(session.scalars(select(Trial.config["lr"].as_float())).all()) == [0.01, 0.01, 0.1, 0.1]
+    assert "(untitled) submitted: 4 trials queued." in app.success[-1].value
