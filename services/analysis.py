@@ -401,7 +401,8 @@ class Selection:
                          "seeds, so it is not seed noise")
         else:
             parts.append("bands over seeds only")
-        return "; ".join(parts).capitalize() + "."
+        text = "; ".join(parts)
+        return text[:1].upper() + text[1:] + "."
 
 
 def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) -> list[str]:

@@ -393,7 +393,7 @@ def test_held_keeps_the_chosen_value_or_the_best_one() -> None:
                                             metric="final_val_loss", handling={"schedule": "held"},
                                             held={"schedule": "constant"})
     assert set(chosen.trials["schedule"]) == {"constant"} and len(chosen.trials) == 8
-    assert "schedule held at constant" in chosen.describe()
+    assert chosen.describe() == "Schedule held at constant; bands over seeds only."
     default = analysis.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
                                              metric="final_val_loss", handling={"schedule": "held"})
     assert set(default.trials["schedule"]) == {"step"}  # mean over the grid: step 0.47 < constant (inf)
