@@ -424,6 +424,7 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     e.g. a diverged one, counts as the worst); ``averaged`` keeps every value. Ties go to the first
     value in sorted order, so the choice is stable."""
     handling = dict(handling or {})
+    shown = list(dict.fromkeys(shown))
     others = [name for name in configuration_parameters(trials, parameters) if name not in shown]
     handling = {name: handling.get(name, "best") for name in others}
     unknown = {how for how in handling.values()} - set(HANDLINGS)
