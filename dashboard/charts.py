@@ -255,15 +255,17 @@ def importance_bars(shares: pd.DataFrame, *, metric: str) -> go.Figure:
 
 
 LOG_DECADES = 2.0  # values spanning more than this many decades get a log axis
+OUTLIER_IQRS = 50.0  # a linear axis leaves out values this many interquartile ranges beyond the quartiles
 
 
-def axis_plan(values: Any, *, log: bool | None = None) -> tuple[str, list[float] | None, str]:
+def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tuple[str, list[float] | None, str]:
     """How a value axis survives blow-ups: (axis type, range or None, a note for the chart or "").
 
     ``log`` None chooses a log axis for positive values spanning more than LOG_DECADES decades. A
     linear axis whose values include a few far above (or below) the bulk gets a robust range, and
-    the note says how many values lie outside it and how far ("3 values above the range, max 1.2e+10")."""
-    finite = np.asarray([v for v in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(v)])
+    the note says how many of the ``points`` (default: the values; e.g. the mean lines, when the
+    values also hold band edges) lie outside it and how far ("3 points above the range, max 1.2e+10")."""
+    finite = _finite(values)
     if finite.size == 0:
         return ("log" if log else "linear"), None, ""
     positive = bool((finite > 0).all())
@@ -272,18 +274,30 @@ def axis_plan(values: Any, *, log: bool | None = None) -> tuple[str, list[float]
         return "log", None, f"log scale: the values span {decades:.0f} decades"
     if log:
         return "log", None, ""
-    low, high = np.quantile(finite, [0.05, 0.95])
-    spread = (high - low) or abs(high) or 1.0
-    top, bottom = high + 1.5 * spread, low - 1.5 * spread
-    above, below = finite[finite > top], finite[finite < bottom]
-    if not len(above) and not len(below):
+    # Far outside means 50 interquartile ranges beyond the quartiles: a blow-up, never the first epochs
+    # of an ordinary loss curve (1/epoch over 100 epochs stays inside).
+    low, high = np.quantile(finite, [0.25, 0.75])
+    spread = (high - low) or abs(float(np.median(finite))) or 1e-12
+    top, bottom = high + OUTLIER_IQRS * spread, low - OUTLIER_IQRS * spread
+    if not ((finite > top) | (finite < bottom)).any():
         return "linear", None, ""
-    notes = ([f"{len(above)} values above the range, max {above.max():.3g}"] if len(above) else []) + \
-            ([f"{len(below)} below it, min {below.min():.3g}"] if len(below) else [])
-    lowest = finite[finite >= bottom].min() if len(below) else finite.min()
-    highest = finite[finite <= top].max() if len(above) else finite.max()
+    shown = finite if points is None else _finite(points)
+    above, below = shown[shown > top], shown[shown < bottom]
+    notes = ([f"{_points(len(above))} above the range, max {above.max():.3g}"] if len(above) else []) + \
+            ([f"{_points(len(below))} below it, min {below.min():.3g}"] if len(below) else [])
+    inside = finite[(finite >= bottom) & (finite <= top)]
+    lowest, highest = inside.min(), inside.max()
     margin = 0.05 * ((highest - lowest) or spread)
-    return "linear", [float(lowest - margin), float(highest + margin)], "; ".join(notes)
+    return "linear", [float(lowest - margin), float(highest + margin)], "; ".join(notes) or "bands cut at the range"
+
+
+def _points(count: int) -> str:
+    return f"{count} point" + ("" if count == 1 else "s")
+
+
+def _finite(values: Any) -> np.ndarray:
+    flat = np.ravel(np.asarray(values, dtype=float)) if values is not None else np.asarray([])
+    return flat[np.isfinite(flat)]
 
 
 def metric_heatmap(trials: pd.DataFrame, *, x: str, y: str, metric: str) -> go.Figure:
@@ -475,8 +489,10 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                            horizontal_spacing=0.03, vertical_spacing=0.12)
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
     numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
-    y_type, y_range, y_note = axis_plan(pd.concat([bands["mean"], bands["lower"], bands["upper"]]) if len(bands)
-                                        else [], log=log_y)
+    # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
+    edges = bands["lower"].where((bands["lower"] > 0) | (bands["mean"] <= 0)) if len(bands) else []
+    y_type, y_range, y_note = axis_plan(pd.concat([bands["mean"], bands["upper"], edges]) if len(bands) else [],
+                                        log=log_y, points=bands["mean"] if len(bands) else None)
     if y_type == "log" and len(bands):
         floor = float(bands.loc[bands["mean"] > 0, "mean"].min()) / 2 if (bands["mean"] > 0).any() else 1e-12
         bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, floor))
