@@ -383,10 +383,14 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
         color = colors.get(label, _MISSING_COLOR)
         loss, rate = (rows[rows["split"] == split].sort_values("epoch") for split in ("loss", "lr"))
         figure.add_scatter(x=loss["epoch"].tolist(), y=loss["mean"].tolist(), mode="lines", name=f"{color_by}={label}",
-                           line={"color": color}, legendgroup=label, secondary_y=False)
+                           customdata=loss["n"].tolist(), line={"color": color}, legendgroup=label, secondary_y=False,
+                           hovertemplate=f"{color_by}={label}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
+                                         "(%{customdata} runs)<extra></extra>")
         figure.add_scatter(x=rate["epoch"].tolist(), y=rate["mean"].tolist(), mode="lines", name=f"lr ({label})",
-                           line={"color": color, "dash": "dot"}, legendgroup=label, showlegend=False,
-                           secondary_y=True)
+                           customdata=rate["n"].tolist(), line={"color": color, "dash": "dot"}, legendgroup=label,
+                           showlegend=False, secondary_y=True,
+                           hovertemplate=f"{color_by}={label}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
+                                         "<extra></extra>")
     loss_type, loss_range, note = axis_plan(bands.loc[bands["split"] == "loss", "mean"] if len(bands) else [])
     rate_type = axis_plan(bands.loc[bands["split"] == "lr", "mean"] if len(bands) else [])[0]
     figure.update_layout(title={"text": "Learning-rate schedule over the loss",
