@@ -76,21 +76,23 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
     by_trial = trials.set_index("trial_id")
     colors = _color_map(by_trial[color_by].tolist() if color_by in by_trial else [])
     figure = go.Figure()
+    traces: list[go.Scatter] = []
     in_legend: set[str] = set()
     for trial_id, rows in epochs.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=True):
         value = by_trial.at[trial_id, color_by] if trial_id in by_trial.index and color_by in by_trial else None
         label = _format_value(value)
         ordinal = by_trial.at[trial_id, "ordinal"] if "ordinal" in by_trial and trial_id in by_trial.index else "?"
         for split, dash in (("train", "solid"), ("val", "dash")):
-            figure.add_scatter(
+            traces.append(go.Scatter(
                 x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
                 line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
                 name=f"{color_by}={label}", legendgroup=label,
                 showlegend=split == "train" and label not in in_legend,
                 hovertemplate=(f"trial {ordinal} ({color_by}={label})<br>epoch %{{x}}<br>"
                                f"{split} {metric} %{{y:.4g}}<extra></extra>"),
-            )
+            ))
         in_legend.add(label)
+    figure.add_traces(traces)  # at once: one add_scatter per trace re-validates the figure each time
     columns = [f"{split}_{metric}" for split in ("train", "val") if f"{split}_{metric}" in epochs]
     y_type, y_range, note = axis_plan(epochs[columns].to_numpy() if columns else [], log=log_y)
     figure.update_layout(
@@ -488,9 +490,10 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     panel per value of ``facet``. The y axis follows :func:`axis_plan`."""
     panels = _axis_labels(bands, facet) if facet and facet in bands else [None]
     columns = min(len(panels), 4)
-    figure = make_subplots(rows=-(-len(panels) // columns), cols=columns, shared_yaxes=True, shared_xaxes=True,
-                           subplot_titles=[f"{facet}={panel}" for panel in panels] if facet else None,
-                           horizontal_spacing=0.03, vertical_spacing=0.12)
+    grid_rows = -(-len(panels) // columns)
+    figure = go.Figure() if len(panels) == 1 else make_subplots(
+        rows=grid_rows, cols=columns, shared_yaxes=True, shared_xaxes=True, horizontal_spacing=0.03,
+        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels])
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
     numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
     # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
@@ -501,6 +504,8 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         floor = float(bands.loc[bands["mean"] > 0, "mean"].min()) / 2 if (bands["mean"] > 0).any() else 1e-12
         bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, floor))
     in_legend: set[str] = set()
+    traces: list[go.Scatter] = []
+    places: list[tuple[int, int]] = []
     for k, panel in enumerate(panels):
         rows_of_panel = bands[bands[facet].map(_format_value) == panel] if facet else bands
         row, col = k // columns + 1, k % columns + 1
@@ -512,19 +517,26 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
             rows = rows.sort_values(x, key=lambda c: c.map(_sort_key)) if not numeric_x else rows.sort_values(x)
             xs = rows[x].tolist() if numeric_x else [_format_value(v) for v in rows[x]]
             if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap would hide the rest
-                figure.add_scatter(
+                traces.append(go.Scatter(
                     x=xs + xs[::-1], y=rows["upper"].tolist() + rows["lower"].tolist()[::-1], fill="toself",
                     fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
-                    legendgroup=label, mode="lines", row=row, col=col)
-            figure.add_scatter(
+                    legendgroup=label, mode="lines"))
+                places.append((row, col))
+            traces.append(go.Scatter(
                 x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
                 line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
                 name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}", legendgroup=label,
-                showlegend=label not in in_legend, row=row, col=col,
+                showlegend=label not in in_legend,
                 hovertemplate=(f"{color_by}={label}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
-                               f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>"))
+                               f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>")))
+            places.append((row, col))
             in_legend.add(label)
+    if traces:  # at once: one add_scatter per trace re-validates the figure each time
+        if len(panels) == 1:
+            figure.add_traces(traces)
+        else:
+            figure.add_traces(traces, rows=[row for row, _ in places], cols=[col for _, col in places])
     subtitle = f"{_line_styles(bands)}band: {analysis.BANDS[band]} over the runs of each line. {note}".strip()
     figure.update_layout(
         title={"text": title, "subtitle": {"text": subtitle}},
@@ -532,9 +544,13 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         height=(450 if len(panels) <= 4 else 300 * (-(-len(panels) // columns)) + 100),
     )
     figure.update_xaxes(type="log" if log_x else ("linear" if numeric_x else "category"))
-    figure.update_xaxes(title_text=x_title, row=-(-len(panels) // columns))
     figure.update_yaxes(type=y_type, range=_axis_range(y_type, y_range))
-    figure.update_yaxes(title_text=y_title, col=1)
+    if len(panels) == 1:
+        figure.update_xaxes(title_text=x_title)
+        figure.update_yaxes(title_text=y_title)
+    else:
+        figure.update_xaxes(title_text=x_title, row=grid_rows)
+        figure.update_yaxes(title_text=y_title, col=1)
     _note(figure, y_note)
     return figure
 

@@ -242,7 +242,10 @@ def configuration_labels(trials: pd.DataFrame, parameters: Sequence[str]) -> pd.
     names = [name for name in parameters if name not in ("seed", "ordinal")]
     if not names:
         return pd.Series("all trials", index=trials.index)
-    return trials[names].astype(str).apply(lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1)
+    labels = f"{names[0]}=" + trials[names[0]].astype(str)
+    for name in names[1:]:  # column by column: a row-wise apply takes seconds on 10,000 trials
+        labels = labels + f", {name}=" + trials[name].astype(str)
+    return labels
 
 
 def trial_page_link(trial_id: int) -> str:

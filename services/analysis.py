@@ -409,7 +409,14 @@ def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) ->
     """Those of ``parameters`` that take more than one value in ``trials`` and are not a seed or fold:
     the parameters that tell configurations apart."""
     return [name for name in parameters if name in trials and name not in SEED_PARAMETERS
-            and trials[name].astype(str).nunique() > 1]
+            and _distinct(trials[name]) > 1]
+
+
+def _distinct(column: pd.Series) -> int:
+    try:
+        return int(column.nunique(dropna=False))
+    except TypeError:  # list or dict values: compare their text
+        return int(column.astype(str).nunique(dropna=False))
 
 
 def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters: Iterable[str], metric: str,

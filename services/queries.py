@@ -94,20 +94,25 @@ def get_experiment(session: Session, experiment_id: int) -> ExperimentSummary | 
 def trial_rows(session: Session, experiment_id: int) -> list[dict[str, Any]]:
     """One flat row per trial: id, status, verdict, parameter count, every config parameter, every
     final metric, and the diagnosis's measured numbers as ``diag_<name>`` (thresholds left out)."""
-    trials = session.scalars(
-        select(Trial).where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
+    # Columns, not ORM objects: 10,000 trials load in a fraction of the time.
+    result = session.execute(
+        select(Trial.id, Trial.ordinal, Trial.status, Trial.attempts, Trial.worker, Trial.epochs_done,
+               Trial.best_epoch, Trial.started_at, Trial.finished_at, Trial.error, Trial.verdict,
+               Trial.parameter_count, Trial.config, Trial.final_metrics, Trial.diagnosis)
+        .where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
     ).all()
     rows = []
-    for trial in trials:
+    for (trial_id, ordinal, status, attempts, worker, epochs_done, best_epoch, started_at, finished_at, error,
+         verdict, parameter_count, config, final_metrics, diagnosis) in result:
         row: dict[str, Any] = {
-            "trial_id": trial.id, "ordinal": trial.ordinal, "status": trial.status, "attempts": trial.attempts,
-            "worker": trial.worker, "epochs_done": trial.epochs_done, "best_epoch": trial.best_epoch,
-            "started_at": _iso(trial.started_at), "finished_at": _iso(trial.finished_at), "error": trial.error,
-            "verdict": trial.verdict, "parameter_count": trial.parameter_count,
+            "trial_id": trial_id, "ordinal": ordinal, "status": status, "attempts": attempts,
+            "worker": worker, "epochs_done": epochs_done, "best_epoch": best_epoch,
+            "started_at": _iso(started_at), "finished_at": _iso(finished_at), "error": error,
+            "verdict": verdict, "parameter_count": parameter_count,
         }
-        row.update(trial.config)
-        row.update(trial.final_metrics or {})
-        numbers = (trial.diagnosis or {}).get("numbers", {})
+        row.update(config)
+        row.update(final_metrics or {})
+        numbers = (diagnosis or {}).get("numbers", {})
         row.update({f"diag_{name}": value for name, value in numbers.items()
                     if not name.endswith("_limit") and name != "tail_fraction"})
         rows.append(row)
