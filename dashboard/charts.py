@@ -628,7 +628,7 @@ def _by_split(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
 
 
 def _axis_labels(frame: pd.DataFrame, column: str) -> list[str]:
-    values = frame[column].tolist() if column in frame else []
+    values = frame[column].drop_duplicates().tolist() if column in frame else []
     return list(dict.fromkeys(_format_value(v) for v in sorted(values, key=_sort_key)))
 
 

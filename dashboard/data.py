@@ -20,7 +20,13 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from services.analysis import bands_from_moments, rejudge_among_siblings, unstable
+from services.analysis import (
+    SEED_PARAMETERS,
+    bands_from_moments,
+    configuration_parameters,
+    rejudge_among_siblings,
+    unstable,
+)
 from services.config import ConfigError, Settings, get_settings, redact_url
 from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, session_scope
 from services.export import write_rows
@@ -220,7 +226,8 @@ def parameter_columns(trial_table: pd.DataFrame) -> list[str]:
 
 def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
     """The parameters that take more than one value across the experiment's trials."""
-    return [name for name in parameter_columns(trial_table) if trial_table[name].astype(str).nunique() > 1]
+    return configuration_parameters(trial_table, parameter_columns(trial_table)) + \
+        [name for name in SEED_PARAMETERS if name in trial_table and trial_table[name].nunique() > 1]
 
 
 # Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
@@ -335,8 +342,8 @@ def trial(trial_id: int) -> dict[str, Any] | None:
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table)
-              if trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
+              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
     return trial_table.assign(**{name: trial_table[name].map(_as_text) for name in nested})
 
 

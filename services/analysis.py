@@ -164,15 +164,15 @@ def rejudge_among_siblings(trials: list[dict]) -> dict[int, Diagnosis]:
     sibling reference is new; an experiment of 1,000 trials is re-judged without reading its 100,000
     epoch rows. Trials without a verdict or without numbers (failed, cancelled) keep what they have."""
     references: dict[tuple, float] = {}
-    for trial in trials:
+    keys = [_data_key(trial.get("config") or {}) for trial in trials]
+    for trial, key in zip(trials, keys, strict=True):
         best = _number((trial.get("numbers") or {}).get("best_train_loss"))
         if trial.get("verdict") in ("good_fit", "underfit", "not_converged") and _finite(best):
-            key = _data_key(trial.get("config") or {})
             references[key] = min(best, references.get(key, math.inf))
     judged = {}
-    for trial in trials:
+    for trial, key in zip(trials, keys, strict=True):
         numbers = dict(trial.get("numbers") or {})
-        reference = references.get(_data_key(trial.get("config") or {}))
+        reference = references.get(key)
         if trial.get("verdict") in (None, "diverged") or "train_ratio" not in numbers or reference is None:
             judged[trial["trial_id"]] = Diagnosis(trial.get("verdict"), list(trial.get("reasons") or []), numbers)
             continue
@@ -567,7 +567,8 @@ def _best_train(epochs: Iterable[dict]) -> float | None:
 
 
 def _data_key(config: dict) -> tuple:
-    return tuple(repr(config.get(name)) for name in DATA_PARAMETERS)
+    get = config.get
+    return tuple(repr(get(name)) for name in DATA_PARAMETERS)
 
 
 def _epoch_of(epochs: list[dict], index: int) -> int:

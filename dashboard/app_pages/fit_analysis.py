@@ -175,7 +175,9 @@ def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
 
 def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> None:
     st.subheader("What the models learned")
-    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in trials.iterrows()}
+    # Seed 0 of each configuration is enough to pick from (a list of 10,000 trials is not).
+    offered = trials[trials["seed"] == trials["seed"].min()] if "seed" in trials else trials
+    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in offered.iterrows()}
     chosen = widgets.keyed_multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
                                        default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
                                        key=f"fit_prediction_trials_{experiment_id}")
