@@ -44,8 +44,9 @@ LRS = [0.0003, 0.001, 0.01, 0.1, 1.0]
 SCHEDULES = ["constant", "step"]
 CONFIGURATIONS = len(WIDTHS) * len(N_TRAIN) * len(OPTIMIZERS) * len(LRS) * len(SCHEDULES)
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-PAGES = {"Experiments": None, "Experiment": "app_pages/experiment.py", "Fit analysis": "app_pages/fit_analysis.py",
-         "Optimizers and schedules": "app_pages/optimizers.py", "Trial": "app_pages/trial.py"}
+PAGES = {"Experiments": "app_pages/experiments.py", "Experiment": "app_pages/experiment.py",
+         "Fit analysis": "app_pages/fit_analysis.py", "Optimizers and schedules": "app_pages/optimizers.py",
+         "Trial": "app_pages/trial.py"}
 
 
 def bench_spec(*, seeds: int, epochs: int) -> str:
@@ -180,19 +181,17 @@ def time_pages(experiment_id: int, trial_id: int) -> list[tuple[str, float]]:
 
     app = AppTest.from_file(str(APP), default_timeout=600)
 
-    def open_page(name: str, page: str | None) -> float:
+    def open_page(name: str, page: str) -> float:
         st.cache_data.clear()
         started = time.perf_counter()
-        if page is None:
-            app.run()
-        else:
-            app.query_params.clear()
-            app.query_params.update({"trial": str(trial_id)} if name == "Trial" else {"experiment": str(experiment_id)})
-            app.switch_page(page).run()
+        app.query_params.clear()
+        app.query_params.update({"trial": str(trial_id)} if name == "Trial" else {"experiment": str(experiment_id)})
+        app.switch_page(page).run()
         if app.exception:
             raise SystemExit(f"{name}: {app.exception[0].message}")
         return time.perf_counter() - started
 
+    app.run()
     # Once untimed: a dashboard process imports plotly, pandas and scipy once, not on every page view.
     for name, page in PAGES.items():
         open_page(name, page)
