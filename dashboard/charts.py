@@ -501,8 +501,11 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     y_type, y_range, y_note = axis_plan(pd.concat([bands["mean"], bands["upper"], edges]) if len(bands) else [],
                                         log=log_y, points=bands["mean"] if len(bands) else None)
     if y_type == "log" and len(bands):
+        # mean - std below 0 has no place on a log axis: the band then starts at the lowest run instead
+        # (when the bands carry it), not at an invented floor far below every run.
         floor = float(bands.loc[bands["mean"] > 0, "mean"].min()) / 2 if (bands["mean"] > 0).any() else 1e-12
-        bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, floor))
+        lowest = bands["low"].where(bands["low"] > 0, floor) if "low" in bands else floor
+        bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, lowest))
     in_legend: set[str] = set()
     traces: list[go.Scatter] = []
     places: list[tuple[int, int]] = []

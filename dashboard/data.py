@@ -245,7 +245,7 @@ def metric_columns(trial_table: pd.DataFrame) -> list[str]:
 
 DIAGNOSIS_COLUMNS = ("trial_id", "sibling_verdict", "reasons", "train_ratio", "gap_ratio", "val_rise_ratio",
                      "tail_drop_ratio", "reference_excess")
-BAND_COLUMNS = ("split", "epoch", "mean", "lower", "upper", "n")  # what curve_bands returns after the groups
+BAND_COLUMNS = ("split", "epoch", "mean", "lower", "upper", "low", "n")  # what curve_bands returns after the groups
 
 
 def curves(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None,
@@ -261,7 +261,8 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
     """The mean line and band of every epoch for each group of ``trials`` that shares the ``by``
     columns, computed by the database (services.queries.epoch_moments: exact, every epoch).
     ``columns`` maps a split name (train, val, value) to its epoch-metric field. Returns the ``by``
-    columns and BAND_COLUMNS; ``n`` is the number of runs behind each point."""
+    columns and BAND_COLUMNS; ``low`` is the smallest run's value, ``n`` the number of runs behind
+    each point."""
     url = _ready_url()
     by = list(dict.fromkeys(by))
     grouped = list(trials.groupby([trials[name].astype(str) for name in by], sort=True)) if by and len(trials) \

@@ -182,7 +182,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) 
                if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
     handling: dict[str, str] = {}
     held: dict[str, object] = {}
-    with st.expander("Parameters a chart does not draw: " + (", ".join(
+    with st.expander("Parameters not on a chart's axes, colour or panels: " + (", ".join(
             f"{name} {st.session_state.get(f'{key}_{name}_handling') or 'best'}" for name in names) or "none"),
             icon=":material/tune:"):
         st.caption("A line's band is over the seeds of one configuration unless a parameter is averaged.")
