@@ -565,11 +565,13 @@ def _axis_range(axis_type: str, value_range: list[float] | None) -> list[float] 
 
 
 def _note(figure: go.Figure, text: str) -> None:
-    """A note in the plot's top-right corner (what the axis does to fit the values)."""
+    """A note under the plot, right-aligned below the axis titles (what the y axis does to fit the
+    values): clear of the data, the legend and the panels' titles."""
     if text:
-        figure.add_annotation(text=text, xref="paper", yref="paper", x=1, y=1, xanchor="right", yanchor="top",
-                              showarrow=False, font={"size": 12, "color": "#444444"},
+        figure.add_annotation(text=text, xref="paper", yref="paper", x=1, y=0, xanchor="right", yanchor="top",
+                              yshift=-48, showarrow=False, font={"size": 12, "color": "#444444"},
                               bgcolor="rgba(255, 243, 205, 0.9)", bordercolor="#e6b800", borderwidth=1)
+        figure.update_layout(margin={"b": 80})
 
 
 def _line_styles(bands: pd.DataFrame) -> str:
