@@ -425,34 +425,32 @@ def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: f
 
 
 def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure:
-    """The share of trained trials that diverged per ``x`` and ``color_by`` (services.analysis.divergence_rate),
-    with the share that was unstable (a loss once above 10x its baseline, then recovered) stacked on
-    top in the same colour, hatched."""
+    """Two rows of grouped bars per ``x`` and ``color_by`` (services.analysis.divergence_rate): on top
+    the share of trained trials that diverged, below the share that was unstable (the loss once rose
+    above UNSTABLE_RATIO x its baseline, then came back), in the same colours."""
     rates = analysis.divergence_rate(trials, by=_unique([color_by, x]))
-    rates["text"] = [f"{int(d)}/{int(n)}" for d, n in zip(rates["diverged"], rates["trials"], strict=True)]
-    figure = _grouped_bars(rates, x=x, color_by=color_by, value="rate", text="text", title="Divergence rate",
-                           y_title="share of trials")
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, subplot_titles=[
+        "diverged", f"unstable: the loss once rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back"])
     colors = _color_map(rates[color_by].tolist() if color_by in rates else [])
-    unstable = rates[rates["unstable"] > 0]
-    for group, rows in sorted(unstable.groupby(color_by, sort=False, dropna=False) if len(unstable) else [],
-                              key=lambda item: _sort_key(_unwrap(item[0]))):
+    groups = rates.groupby(color_by, sort=False, dropna=False) if len(rates) else []
+    for group, rows in sorted(groups, key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
-        figure.add_bar(x=[_format_value(v) for v in rows[x]], y=rows["unstable_rate"].tolist(),
-                       base=rows["rate"].tolist(), offsetgroup=label, name=f"unstable ({color_by}={label})",
-                       marker={"color": "rgba(255,255,255,0)", "line": {"color": colors.get(label, _MISSING_COLOR),
-                                                                          "width": 1.5},
-                               "pattern": {"shape": "/", "fgcolor": colors.get(label, _MISSING_COLOR)}},
-                       text=[f"{int(u)}/{int(n)} unstable" for u, n in zip(rows["unstable"], rows["trials"],
-                                                                           strict=True)],
-                       hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>unstable: %{{text}}<extra></extra>")
-    for trace in figure.data:
-        if trace.offsetgroup is None:
-            trace.offsetgroup = trace.name.split("=", 1)[-1]
-    figure.update_yaxes(range=[0, 1.05], tickformat=".0%")
-    figure.update_layout(title={"subtitle": {"text": "solid: diverged; hatched on top: unstable (the loss once rose "
-                                                     "above 10x its baseline, then came back)"}},
-                         margin={"t": 70})
+        xs = [_format_value(v) for v in rows[x]]
+        for row, (share, count) in enumerate((("rate", "diverged"), ("unstable_rate", "unstable")), start=1):
+            text = [f"{int(k)}/{int(n)}" for k, n in zip(rows[count], rows["trials"], strict=True)]
+            figure.add_trace(go.Bar(x=xs, y=rows[share].tolist(), text=text, name=f"{color_by}={label}",
+                                    legendgroup=label, showlegend=row == 1,
+                                    marker_color=colors.get(label, _MISSING_COLOR),
+                                    hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>{count}: %{{text}}"
+                                                  "<extra></extra>"), row=row, col=1)
+    figure.update_layout(barmode="group", title={"text": "Divergence rate", "subtitle": {
+                             "text": "share of the trained runs of each bar; the stored verdicts are unchanged"}},
+                         legend={"title": {"text": color_by}}, height=520,
+                         margin={"l": 10, "r": 10, "t": 70, "b": 40})
+    figure.update_xaxes(type="category")
+    figure.update_xaxes(title_text=x, row=2, col=1)
+    figure.update_yaxes(range=[0, 1.05], tickformat=".0%", title_text="share of runs")
     return figure
 
 
