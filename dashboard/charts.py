@@ -198,19 +198,21 @@ def _one_group(frame: pd.DataFrame, color_by: str) -> pd.DataFrame:
 
 
 def learning_curve_bands(bands: pd.DataFrame, *, color_by: str, facet: str | None = None, metric: str = "loss",
-                         band: str = "std", log_y: bool | None = None, subtitle: str = "") -> go.Figure:
+                         band: str = "std", log_y: bool | None = None, subtitle: str = "",
+                         line_notes: dict[Any, str] | None = None) -> go.Figure:
     """Train (solid) and validation (dashed) ``metric`` per epoch: one mean line per value of
     ``color_by`` (one panel per value of ``facet``), with its band.
 
     ``bands`` is what dashboard.data.curve_bands returns (exact database aggregates): the
     ``color_by`` (and ``facet``) columns, split, epoch, mean, lower, upper, n. ``log_y`` None
     chooses: a log axis when the values span more than two decades. ``subtitle`` says how the
-    parameters that are not drawn were handled (services.analysis.Selection.describe).
+    parameters that are not drawn were handled (services.analysis.Selection.describe);
+    ``line_notes`` adds to a line's legend entry, by its ``color_by`` value (e.g. its best rate).
     """
     bands = _one_group(bands, color_by)
     return _band_figure(bands, x="epoch", color_by=color_by, facet=facet, band=band, x_title="epoch",
                         y_title=metric, title=f"{metric.replace('_', ' ').capitalize()} per epoch", log_y=log_y,
-                        note=subtitle)
+                        note=subtitle, line_notes=line_notes)
 
 
 def metric_against(trials: pd.DataFrame, *, x: str, color_by: str, columns: dict[str, str], band: str = "std",
@@ -483,7 +485,8 @@ def points_shipped(figure: go.Figure) -> int:
 
 
 def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,
-                 facet: str | None = None, log_x: bool = False, log_y: bool | None = None, note: str = "") -> go.Figure:
+                 facet: str | None = None, log_x: bool = False, log_y: bool | None = None, note: str = "",
+                 line_notes: dict[Any, str] | None = None) -> go.Figure:
     """One translucent band and one mean line per (group, split); train solid, validation dashed; one
     panel per value of ``facet``. The y axis follows :func:`axis_plan`."""
     panels = _axis_labels(bands, facet) if facet and facet in bands else [None]
@@ -505,6 +508,7 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         lowest = bands["low"].where(bands["low"] > 0, floor) if "low" in bands else floor
         bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, lowest))
     in_legend: set[str] = set()
+    notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
     traces: list[go.Scatter] = []
     places: list[tuple[int, int]] = []
     for k, panel in enumerate(panels):
@@ -527,7 +531,8 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                 x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
                 line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
-                name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}", legendgroup=label,
+                name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}"
+                + (f" ({notes[label]})" if label in notes else ""), legendgroup=label,
                 showlegend=label not in in_legend,
                 hovertemplate=(f"{color_by}={label}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
                                f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>")))

@@ -388,6 +388,16 @@ class Selection:
         """True when a band can hold runs of more than one configuration (a parameter was averaged)."""
         return bool(self.averaged)
 
+    def best_values(self, line: str) -> dict[Any, str]:
+        """For each value of the shown column ``line``, the best parameters it is drawn at, as text
+        ("lr=0.1, schedule=step"), for a legend; empty when no parameter is handled as best or a line
+        holds more than one best configuration (another shown column splits it)."""
+        best = [name for name, how in self.handling.items() if how == "best"]
+        if not best or line not in self.best or self.best[line].duplicated().any():
+            return {}
+        return {row[line]: ", ".join(f"{name}={_value_text(row[name])}" for name in best)
+                for row in self.best.to_dict("records")}
+
     def describe(self) -> str:
         """One sentence saying how every parameter that the chart does not show was handled."""
         parts = []

@@ -52,7 +52,8 @@ def learning_curves(trials: pd.DataFrame, groups: list[str], band: str, others: 
     bands = data.curve_bands(chosen.trials, by=[name for name in (facet, color_by) if name], columns=columns,
                              band=band)
     st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
-                                                band=band, log_y=log_y, subtitle=chosen.describe()),
+                                                band=band, log_y=log_y, subtitle=chosen.describe(),
+                                                line_notes=chosen.best_values(color_by)),
                     key="fit_curves_chart")
     st.caption(f"One line per {color_by}" + (f", one panel per {facet}" if facet else "") + ". "
                + chosen.describe() + " Every epoch is drawn; the database computes the means and bands.")
@@ -149,16 +150,18 @@ def importance(trials: pd.DataFrame) -> None:
                "their seed: a parameter whose bar is not well above it is hard to tell from chance.")
 
 
-def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
+def diagnosis(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Diagnosis")
     x_column, y_column = st.columns(2)
     x = widgets.parameter_picker("x", groups, key="fit_verdict_x", preferred=CAPACITY, container=x_column)
     y = widgets.parameter_picker("y", groups, key="fit_verdict_y", preferred=(*DATA_SIZE, *REGULARIZERS), avoid=x,
                                  container=y_column)
-    st.plotly_chart(charts.verdict_grid(trials, x=x, y=y), key="fit_verdict_chart")
-    st.caption("Verdicts here judge each trial among its siblings on the same data (the rule of services."
-               "analysis.diagnose_experiment); the stored verdict judges it alone. Diverged runs are counted "
-               "here whatever the toggle above says. Thresholds: README, \"Fit diagnosis\".")
+    chosen = others.select(trials, shown=[x, y])
+    st.plotly_chart(charts.verdict_grid(chosen.trials, x=x, y=y), key="fit_verdict_chart")
+    st.caption("Each cell: the most common verdict among its runs. " + chosen.describe() + " Verdicts here judge "
+               "each trial among its siblings on the same data (the rule of services.analysis.diagnose_experiment); "
+               "the stored verdict judges it alone. Diverged runs are counted here whatever the toggle above says. "
+               "The table lists every trial. Thresholds: README, \"Fit diagnosis\".")
     shown = trials.assign(link=trials["trial_id"].map(widgets.trial_page_link))
     varying = [name for name in data.varying_parameters(trials) if name != "ordinal"]
     numbers = [name for name in data.DIAGNOSIS_COLUMNS[3:] if name in shown]
@@ -261,5 +264,5 @@ else:
     capacity(banded, groups, chosen_band, handled)
     heatmap(banded, groups, handled)
     importance(banded)
-diagnosis(trained, groups)
+diagnosis(trained, groups, handled)
 predictions(experiment_id, trained, groups)

@@ -38,7 +38,7 @@ def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widg
     chosen = others.select(trials, shown=[color_by])
     bands = data.curve_bands(_drawn(chosen.trials), by=[color_by], columns=CURVE_METRICS[metric], band=band)
     st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, band=band, metric=metric, log_y=log_y,
-                                                subtitle=chosen.describe()),
+                                                subtitle=chosen.describe(), line_notes=chosen.best_values(color_by)),
                     key="optimizers_curves_chart")
     st.caption(f"Each line: the {chosen.trials['seed'].nunique() if 'seed' in chosen.trials else 1} seed(s) of one "
                f"configuration per {color_by}. {chosen.describe()} Every epoch is drawn; the database computes "

@@ -116,9 +116,12 @@ def test_optimizers_page_draws_each_optimizer_at_its_best_rate_and_schedule_over
     best = best_configurations(path, optimizers)
     assert len(best) == 7
     validation = {trace["name"]: trace for trace in mean_traces(chart) if trace["line"]["dash"] == "dash"}
-    assert set(validation) == {f"optimizer={name}" for name in best}
+    # The legend names each line's best rate and schedule, as the trials table has them.
+    expected = {optimizer: f"optimizer={optimizer} (lr={lr:g}, schedule={schedule})"
+                for optimizer, (lr, schedule) in best.items()}
+    assert set(validation) == set(expected.values())
     for optimizer, (lr, schedule) in best.items():
-        line = validation[f"optimizer={optimizer}"]
+        line = validation[expected[optimizer]]
         assert max(line["customdata"]) <= SEEDS  # a band over the seeds of one configuration, nothing more
         assert line["y"] == pytest.approx(mean_val_curve(path, optimizers, optimizer, lr, schedule), rel=1e-9), (
             optimizer, lr, schedule)

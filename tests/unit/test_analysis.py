@@ -373,6 +373,7 @@ def test_best_keeps_each_lines_best_rate_and_schedule_with_all_its_seeds() -> No
     assert chosen.handling == {"lr": "best", "schedule": "best"}
     assert chosen.best.set_index("optimizer")["metric_mean"].to_dict() == pytest.approx({"adam": 0.105, "sgd": 0.205})
     assert "bands over seeds only" in chosen.describe()
+    assert chosen.best_values("optimizer") == {"adam": "lr=0.01, schedule=constant", "sgd": "lr=1, schedule=step"}
 
 
 def test_each_band_of_a_selection_holds_one_configuration_unless_averaged() -> None:
