@@ -247,7 +247,7 @@ def test_optimizers_page_compares_optimizers_with_seed_bands_and_an_interval(fil
 
     assert app.selectbox(key="optimizers_group").value == "optimizer"
     assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {
-        "optimizer=adam", "optimizer=sgd"}
+        "optimizer=adam (lr=0.1)", "optimizer=sgd (lr=0.1)"}  # each at its best rate, named in the legend
     sensitivity = figure(app, "optimizers_sensitivity_chart")
     assert sensitivity["layout"]["xaxis"]["title"]["text"] == "lr"
     assert {tuple(trace["x"]) for trace in sensitivity["data"] if trace.get("fill") != "toself"} == {(0.01, 0.1)}
@@ -271,7 +271,8 @@ def test_optimizers_page_follows_the_group_and_the_configs_compared(filled: Fill
     app.selectbox(key="optimizers_group").select("lr").run()
     app.selectbox(key="optimizers_compare_b").select("optimizer=sgd, lr=0.1").run()
 
-    assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {"lr=0.01", "lr=0.1"}
+    assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {
+        "lr=0.01 (optimizer=adam)", "lr=0.1 (optimizer=adam)"}  # adam is the best optimizer at either rate
     assert {trace["name"] for trace in figure(app, "optimizers_divergence_chart")["data"]} == {"lr=0.01", "lr=0.1"}
     assert "B: optimizer=sgd, lr=0.1" in figure(app, "optimizers_compare_chart")["layout"]["title"]["subtitle"]["text"]
     assert app.markdown[-1].value != before
