@@ -20,19 +20,28 @@ import streamlit as st
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from services.analysis import rejudge_among_siblings
+from services.analysis import (
+    SEED_PARAMETERS,
+    bands_from_moments,
+    configuration_parameters,
+    rejudge_among_siblings,
+    unstable,
+)
 from services.config import ConfigError, Settings, get_settings, redact_url
 from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, session_scope
 from services.export import write_rows
 from services.migrate import ensure_schema_at_head
 from services.models import TrialStatus
 from services.queries import (
+    MOMENTS,
     ExperimentSummary,
     epoch_curves,
+    epoch_moments,
     epoch_rows,
     get_experiment,
     last_epoch_values,
     list_experiments,
+    loss_maxima,
     stored_diagnoses,
     trial_artifacts_of,
     trial_detail,
@@ -210,7 +219,8 @@ def parameter_columns(trial_table: pd.DataFrame) -> list[str]:
 
 def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
     """The parameters that take more than one value across the experiment's trials."""
-    return [name for name in parameter_columns(trial_table) if trial_table[name].astype(str).nunique() > 1]
+    return configuration_parameters(trial_table, parameter_columns(trial_table)) + \
+        [name for name in SEED_PARAMETERS if name in trial_table and trial_table[name].nunique() > 1]
 
 
 # Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
@@ -226,43 +236,71 @@ def metric_columns(trial_table: pd.DataFrame) -> list[str]:
 
 # --- reads of the analysis pages (Fit analysis, Optimizers and schedules, Trial) ------------------
 
-CURVE_ROW_BUDGET = 20_000  # epoch rows a banded curve chart reads (and aggregates) at most
-LINE_ROW_BUDGET = 5_000  # epoch rows a chart with one line per trial reads, and ships, at most
 DIAGNOSIS_COLUMNS = ("trial_id", "sibling_verdict", "reasons", "train_ratio", "gap_ratio", "val_rise_ratio",
                      "tail_drop_ratio", "reference_excess")
-
-
-def epoch_step(n_trials: int, n_epochs: int, *, budget: int = CURVE_ROW_BUDGET) -> int:
-    """Read every k-th epoch (k returned) so that ``n_trials`` curves of ``n_epochs`` stay within
-    ``budget`` rows; 1 (every epoch) when they fit."""
-    rows = max(n_trials, 0) * max(n_epochs, 0)
-    return max(1, -(-rows // budget))
+BAND_COLUMNS = ("split", "epoch", "mean", "lower", "upper", "low", "n")  # what curve_bands returns after the groups
 
 
 def curves(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None,
-           fields: tuple[str, ...] = ("train_loss", "val_loss"), every: int = 1) -> pd.DataFrame:
-    """Per-epoch rows (trial_id, epoch, ``fields``) of the chosen trials, every ``every``-th epoch
-    plus each trial's first and last (see services.queries.epoch_curves)."""
+           fields: tuple[str, ...] = ("train_loss", "val_loss")) -> pd.DataFrame:
+    """Per-epoch rows (trial_id, epoch, ``fields``) of a few chosen trials, every epoch, for charts
+    with one line per trial (services.queries.epoch_curves)."""
     url = _ready_url()
     with _reading(url):
-        return _curves(url, experiment_id, trial_ids, fields, every)
+        return _curves(url, experiment_id, trial_ids, fields)
 
 
-def budgeted_curves(experiment_id: int, trials: pd.DataFrame, fields: tuple[str, ...], *,
-                    budget: int = CURVE_ROW_BUDGET) -> tuple[pd.DataFrame, int]:
-    """:func:`curves` of the trials of a trials table, every k-th epoch so that they stay within
-    ``budget`` rows (:func:`epoch_step`); returns (the rows, k)."""
-    ids = tuple(int(i) for i in trials["trial_id"])
-    every = epoch_step(len(ids), int(trials["epochs_done"].max() or 0), budget=budget)
-    return curves(experiment_id, trial_ids=ids, fields=fields, every=every), every
+def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str], band: str = "std") -> pd.DataFrame:
+    """The mean line and band of every epoch for each group of ``trials`` that shares the ``by``
+    columns, computed by the database (services.queries.epoch_moments: exact, every epoch).
+    ``columns`` maps a split name (train, val, value) to its epoch-metric field. Returns the ``by``
+    columns and BAND_COLUMNS; ``low`` is the smallest run's value, ``n`` the number of runs behind
+    each point."""
+    url = _ready_url()
+    by = list(dict.fromkeys(by))
+    grouped = list(trials.groupby([trials[name].astype(str) for name in by], sort=True)) if by and len(trials) \
+        else ([((), trials)] if len(trials) else [])
+    keys = [rows.iloc[0][by].tolist() for _, rows in grouped]
+    groups = tuple(tuple(int(i) for i in rows["trial_id"]) for _, rows in grouped)
+    with _reading(url):
+        moments = _moments(url, groups, tuple(dict.fromkeys(columns.values())))
+    parts = []
+    for split, field in columns.items():
+        part = moments[["group", "epoch", *(f"{field}_{m}" for m in MOMENTS)]].rename(
+            columns={f"{field}_{m}": m for m in MOMENTS})
+        part = part[part["n"] > 0]
+        parts.append(bands_from_moments(part, band=band).assign(split=split))
+    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["group", *BAND_COLUMNS])
+    labels = pd.DataFrame(keys, columns=by).assign(group=range(len(keys))) if by else \
+        pd.DataFrame({"group": range(len(keys))})
+    return long.merge(labels, on="group")[[*by, *BAND_COLUMNS]].sort_values([*by, "split", "epoch"],
+                                                                         ignore_index=True)
 
 
-def epochs_to_reach(experiment_id: int, *, field: str, target: float) -> pd.Series:
-    """The first epoch at which each trial's ``field`` got to ``target`` or below, by trial id; trials
-    that never did are absent (services.queries.epochs_to_reach: one aggregate query)."""
+def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with a boolean ``unstable`` column: the run's loss once rose above
+    services.analysis.UNSTABLE_RATIO x its baseline (even if it came back down)."""
     url = _ready_url()
     with _reading(url):
-        return _epochs_to_reach(url, experiment_id, field, target)
+        maxima = _loss_maxima(url, experiment_id)
+    merged = trials.merge(maxima, on="trial_id", how="left")
+    flags = pd.Series(False, index=merged.index)
+    for split in ("train", "val"):
+        baseline = merged.get(f"baseline_{split}_loss", pd.Series(float("nan"), index=merged.index))
+        if f"diag_baseline_{split}_loss" in merged:
+            baseline = baseline.fillna(merged[f"diag_baseline_{split}_loss"])
+        flags |= unstable(merged[f"max_{split}_loss"], pd.to_numeric(baseline, errors="coerce"))
+    return trials.assign(unstable=flags.to_numpy())
+
+
+def epochs_to_reach(experiment_id: int, *, field: str, target: float,
+                    trial_ids: tuple[int, ...] | None = None) -> pd.Series:
+    """The first epoch at which each trial's (of ``trial_ids``, default all) ``field`` got to
+    ``target`` or below, by trial id; trials that never did are absent (services.queries.epochs_to_reach:
+    one aggregate query)."""
+    url = _ready_url()
+    with _reading(url):
+        return _epochs_to_reach(url, experiment_id, field, target, trial_ids)
 
 
 def final_norms(experiment_id: int) -> pd.DataFrame:
@@ -298,18 +336,33 @@ def trial(trial_id: int) -> dict[str, Any] | None:
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table)
-              if trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
+              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
     return trial_table.assign(**{name: trial_table[name].map(_as_text) for name in nested})
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _curves(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None, fields: tuple[str, ...],
-            every: int) -> pd.DataFrame:
+def _curves(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None, fields: tuple[str, ...]) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        rows = epoch_curves(session, experiment_id, fields=fields, every=every,
+        rows = epoch_curves(session, experiment_id, fields=fields,
                             trial_ids=list(trial_ids) if trial_ids is not None else None)
     return pd.DataFrame(rows, columns=["trial_id", "epoch", *fields])
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, ...]) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        rows = epoch_moments(session, groups=[list(group) for group in groups], fields=fields)
+    columns = ["group", "epoch", *(f"{name}_{moment}" for name in fields for moment in MOMENTS)]
+    return pd.DataFrame(rows, columns=columns).astype({"group": int, "epoch": int})
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _loss_maxima(url: str, experiment_id: int) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        found = loss_maxima(session, experiment_id)
+    return pd.DataFrame([(trial_id, train, val) for trial_id, (train, val) in found.items()],
+                        columns=["trial_id", "max_train_loss", "max_val_loss"])
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -322,9 +375,11 @@ def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _epochs_to_reach(url: str, experiment_id: int, field: str, target: float) -> pd.Series:
+def _epochs_to_reach(url: str, experiment_id: int, field: str, target: float,
+                     trial_ids: tuple[int, ...] | None) -> pd.Series:
     with session_scope(_engine(url)) as session:
-        reached = queries_epochs_to_reach(session, experiment_id, field=field, target=target)
+        reached = queries_epochs_to_reach(session, experiment_id, field=field, target=target,
+                                          trial_ids=list(trial_ids) if trial_ids is not None else None)
     return pd.Series(reached, name="epochs_to_target", dtype=float).rename_axis("trial_id")
 
 

@@ -164,15 +164,15 @@ def rejudge_among_siblings(trials: list[dict]) -> dict[int, Diagnosis]:
     sibling reference is new; an experiment of 1,000 trials is re-judged without reading its 100,000
     epoch rows. Trials without a verdict or without numbers (failed, cancelled) keep what they have."""
     references: dict[tuple, float] = {}
-    for trial in trials:
+    keys = [_data_key(trial.get("config") or {}) for trial in trials]
+    for trial, key in zip(trials, keys, strict=True):
         best = _number((trial.get("numbers") or {}).get("best_train_loss"))
         if trial.get("verdict") in ("good_fit", "underfit", "not_converged") and _finite(best):
-            key = _data_key(trial.get("config") or {})
             references[key] = min(best, references.get(key, math.inf))
     judged = {}
-    for trial in trials:
+    for trial, key in zip(trials, keys, strict=True):
         numbers = dict(trial.get("numbers") or {})
-        reference = references.get(_data_key(trial.get("config") or {}))
+        reference = references.get(key)
         if trial.get("verdict") in (None, "diverged") or "train_ratio" not in numbers or reference is None:
             judged[trial["trial_id"]] = Diagnosis(trial.get("verdict"), list(trial.get("reasons") or []), numbers)
             continue
@@ -226,12 +226,6 @@ def _decide(n: dict[str, Any]) -> tuple[str, list[str]]:
 # never need pandas) and return small ones, so a chart ships aggregates rather than every trial.
 
 BANDS = {"std": "mean ± 1 std", "minmax": "mean, band from min to max"}
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom, then a few larger ones; the
-# normal quantile (1.96) is the limit. In a table rather than scipy, which fitscope does not depend on.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-_T975_LARGE = ((30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (math.inf, 1.960))
 
 
 def seed_bands(frame: pd.DataFrame, *, by: list[str], value: str, band: str = "std") -> pd.DataFrame:
@@ -267,22 +261,27 @@ def epochs_to_target(curves: pd.DataFrame, *, target: float, column: str = "val_
 
 def divergence_rate(trials: pd.DataFrame, *, by: list[str]) -> pd.DataFrame:
     """The share of trained trials that diverged, per combination of the ``by`` columns: the ``by``
-    columns and ``trials``, ``diverged``, ``rate`` (0..1). Trained means succeeded or diverged; a
-    failed, cancelled or unfinished trial says nothing about the optimizer and is not counted. A
-    trial counts as diverged when the engine said so or its verdict is ``diverged`` (a loss that
-    blew up without becoming infinite)."""
+    columns and ``trials``, ``diverged``, ``rate`` (0..1), and ``unstable``, ``unstable_rate``: the
+    runs that did not diverge but whose loss once rose above UNSTABLE_RATIO x their baseline (a
+    boolean ``unstable`` column of ``trials``; none when it is absent). Trained means succeeded or
+    diverged; a failed, cancelled or unfinished trial says nothing about the optimizer and is not
+    counted. A trial counts as diverged when the engine said so or its verdict is ``diverged`` (a
+    loss that blew up without becoming infinite)."""
     import pandas as pd
 
     trained = trials[trials["status"].isin(["succeeded", "diverged"])]
-    columns = [*by, "trials", "diverged", "rate"]
+    columns = [*by, "trials", "diverged", "rate", "unstable", "unstable_rate"]
     if trained.empty:
         return pd.DataFrame(columns=columns)
     verdict = trained["verdict"] if "verdict" in trained else pd.Series(None, index=trained.index)
-    flagged = trained.assign(_diverged=(trained["status"] == "diverged") | (verdict == "diverged"))
-    counts = flagged.groupby(by, sort=False, dropna=False)["_diverged"].agg(["size", "sum"]).reset_index()
-    counts = counts.rename(columns={"size": "trials", "sum": "diverged"})
-    counts["diverged"] = counts["diverged"].astype(int)
+    diverged = (trained["status"] == "diverged") | (verdict == "diverged")
+    shaky = trained["unstable"].fillna(False).astype(bool) if "unstable" in trained else False
+    flagged = trained.assign(_diverged=diverged, _unstable=shaky & ~diverged)
+    counts = flagged.groupby(by, sort=False, dropna=False).agg(
+        trials=("_diverged", "size"), diverged=("_diverged", "sum"), unstable=("_unstable", "sum")).reset_index()
+    counts[["diverged", "unstable"]] = counts[["diverged", "unstable"]].astype(int)
     counts["rate"] = counts["diverged"] / counts["trials"]
+    counts["unstable_rate"] = counts["unstable"] / counts["trials"]
     return counts[columns]
 
 
@@ -304,18 +303,13 @@ class MeanDifference:
 
 
 def t_quantile_975(degrees_of_freedom: float) -> float:
-    """The 97.5% quantile of Student's t (the half-width factor of a two-sided 95% interval). A
-    fractional df below 30 is rounded down (a slightly wider, conservative interval); above 30 the
-    table is interpolated in 1/df, which is accurate to 0.002."""
-    if degrees_of_freedom < 1:
-        raise ValueError("a t quantile needs at least 1 degree of freedom")
-    if degrees_of_freedom <= 30:
-        return _T975[int(degrees_of_freedom) - 1]
-    for (df_low, t_low), (df_high, t_high) in zip(_T975_LARGE, _T975_LARGE[1:], strict=False):
-        if degrees_of_freedom <= df_high:
-            share = (1 / df_low - 1 / degrees_of_freedom) / (1 / df_low - (0 if math.isinf(df_high) else 1 / df_high))
-            return t_low + share * (t_high - t_low)
-    return 1.960
+    """The 97.5% quantile of Student's t (the half-width factor of a two-sided 95% interval), for any
+    degrees of freedom above 0, fractional ones (Welch's) included: scipy.stats.t."""
+    from scipy import stats
+
+    if not degrees_of_freedom > 0:
+        raise ValueError("a t quantile needs more than 0 degrees of freedom")
+    return float(stats.t.ppf(0.975, degrees_of_freedom))
 
 
 def mean_difference(a: Iterable[float], b: Iterable[float], *, paired: bool) -> MeanDifference:
@@ -358,6 +352,210 @@ def mean_difference(a: Iterable[float], b: Iterable[float], *, paired: bool) -> 
                           degrees_of_freedom=df)
 
 
+# --- which configurations a comparison draws ---------------------------------------------------------
+# A configuration is every parameter but the seed (and the cross-validation fold): the runs of one
+# configuration differ only by chance, so a band over them is a band over seeds. Every other varying
+# parameter that a chart does not show (on an axis, as the colour or as facets) is handled explicitly:
+# held at one value, set to its best value for each line, or averaged (then a band spans
+# configurations, and the chart must say so).
+
+SEED_PARAMETERS = ("seed", "fold")
+HANDLINGS = {"best": "best for each line", "held": "held at one value", "averaged": "averaged"}
+UNSTABLE_RATIO = 10.0  # a loss that ever rose above this x its baseline: the run is unstable
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The trials a chart draws, and how each varying parameter it does not show was handled.
+
+    ``trials``: the rows kept; ``handling``: parameter -> best, held or averaged; ``held``: parameter
+    -> the value kept; ``best``: one row per line (the shown columns), with the best parameters'
+    chosen values and ``metric_mean``, the mean metric over the line's runs at them."""
+
+    trials: pd.DataFrame
+    handling: dict[str, str]
+    held: dict[str, Any]
+    best: pd.DataFrame
+    metric: str
+    goal: str
+
+    @property
+    def averaged(self) -> list[str]:
+        return [name for name, how in self.handling.items() if how == "averaged"]
+
+    @property
+    def spans_configurations(self) -> bool:
+        """True when a band can hold runs of more than one configuration (a parameter was averaged)."""
+        return bool(self.averaged)
+
+    def best_values(self, line: str) -> dict[Any, str]:
+        """For each value of the shown column ``line``, the best parameters it is drawn at, as text
+        ("lr=0.1, schedule=step"), for a legend; empty when no parameter is handled as best or a line
+        holds more than one best configuration (another shown column splits it)."""
+        best = [name for name, how in self.handling.items() if how == "best"]
+        if not best or line not in self.best or self.best[line].duplicated().any():
+            return {}
+        return {row[line]: ", ".join(f"{name}={_value_text(row[name])}" for name in best)
+                for row in self.best.to_dict("records")}
+
+    def describe(self) -> str:
+        """One sentence saying how every parameter that the chart does not show was handled."""
+        parts = []
+        best = [name for name, how in self.handling.items() if how == "best"]
+        if best:
+            lowest = "lowest" if self.goal == "minimize" else "highest"
+            parts.append(f"{_names(best)} at each line's best ({lowest} mean {self.metric} over seeds)")
+        parts += [f"{name} held at {_value_text(value)}" for name, value in self.held.items()]
+        if self.averaged:
+            parts.append(f"{_names(self.averaged)} averaged: each band spans {_names(self.averaged)} as well as "
+                         "seeds, so it is not seed noise")
+        else:
+            parts.append("bands over seeds only")
+        text = "; ".join(parts)
+        return text[:1].upper() + text[1:] + "."
+
+
+def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) -> list[str]:
+    """Those of ``parameters`` that take more than one value in ``trials`` and are not a seed or fold:
+    the parameters that tell configurations apart."""
+    return [name for name in parameters if name in trials and name not in SEED_PARAMETERS
+            and _distinct(trials[name]) > 1]
+
+
+def _distinct(column: pd.Series) -> int:
+    try:
+        return int(column.nunique(dropna=False))
+    except TypeError:  # list or dict values: compare their text
+        return int(column.astype(str).nunique(dropna=False))
+
+
+def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters: Iterable[str], metric: str,
+                          goal: str = "minimize", handling: dict[str, str] | None = None,
+                          held: dict[str, Any] | None = None) -> Selection:
+    """The trials a chart draws when it shows the ``shown`` columns (axis, colour, facets).
+
+    Every other varying parameter of ``parameters`` is handled as ``handling`` says (default
+    ``best``): ``held`` keeps the trials at ``held[name]`` (default: the value of the best
+    configuration overall); ``best`` keeps, for each combination of the shown columns, the values of
+    the best parameters whose runs have the best mean ``metric`` (a run without a finite metric,
+    e.g. a diverged one, counts as the worst); ``averaged`` keeps every value. Ties go to the first
+    value in sorted order, so the choice is stable."""
+    handling = dict(handling or {})
+    shown = list(dict.fromkeys(shown))
+    others = [name for name in configuration_parameters(trials, parameters) if name not in shown]
+    handling = {name: handling.get(name, "best") for name in others}
+    unknown = {how for how in handling.values()} - set(HANDLINGS)
+    if unknown:
+        raise ValueError(f"handling must be one of {', '.join(HANDLINGS)}, not {', '.join(sorted(unknown))}")
+    score = _scores(trials, metric, goal)
+    kept = trials
+    held_values: dict[str, Any] = {}
+    for name in [n for n in others if handling[n] == "held"]:
+        value = (held or {}).get(name)
+        values = kept[name].astype(str)
+        if value is None or str(value) not in set(values):
+            value = _best_value(kept, score, name)
+        held_values[name] = value
+        kept = kept[kept[name].astype(str) == str(value)]
+    best = [name for name in others if handling[name] == "best"]
+    lines = [name for name in shown if name in kept]
+    if not best or kept.empty:
+        return Selection(kept, handling, held_values, kept.iloc[:0][lines + best], metric, goal)
+    import pandas as pd
+
+    keys = pd.DataFrame({n: kept[n].astype(str) for n in lines + best}, index=kept.index)
+    means = (keys.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True)["_score"].mean()
+             .reset_index().sort_values([*lines, "_score"], kind="stable"))
+    winners = means.drop_duplicates(lines) if lines else means.head(1)
+    kept = kept[pd.MultiIndex.from_frame(keys).isin(pd.MultiIndex.from_frame(winners[lines + best]))]
+    summary = (kept.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True, dropna=False)
+               .agg(metric_mean=("_score", "mean")).reset_index())
+    summary["metric_mean"] *= 1 if goal == "minimize" else -1
+    return Selection(kept, handling, held_values, summary, metric, goal)
+
+
+def _scores(trials: pd.DataFrame, metric: str, goal: str) -> pd.Series:
+    """The metric as a score to minimise: the worst possible where it is missing or not finite."""
+    import numpy as np
+    import pandas as pd
+
+    values = pd.to_numeric(trials[metric], errors="coerce") if metric in trials else pd.Series(np.nan, trials.index)
+    values = values.astype(float) * (1 if goal == "minimize" else -1)
+    return values.where(np.isfinite(values), np.inf)
+
+
+def _best_value(trials: pd.DataFrame, score: pd.Series, name: str) -> Any:
+    means = score.loc[trials.index].groupby(trials[name].astype(str), sort=True).mean()
+    text = means.idxmin() if len(means) else None
+    matches = trials[trials[name].astype(str) == text][name]
+    return matches.iloc[0] if len(matches) else None
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parameter_importance(trials: pd.DataFrame, *, parameters: Iterable[str], metric: str) -> pd.DataFrame:
+    """How much of the spread of ``metric`` over the runs each varying parameter explains: a variance
+    decomposition over the grid. For each parameter, the between-group sum of squares of its values'
+    means over the total sum of squares (its main effect); ``seed noise``, the within-configuration
+    sum of squares (runs that differ only by seed) over the total; ``interactions``, what is left.
+    Returns ``parameter`` and ``share`` (0..1, summing to 1), largest main effect first, interactions
+    and seed noise last. Runs without a finite metric are left out; empty when fewer than 2 are left."""
+    import numpy as np
+    import pandas as pd
+
+    values = pd.to_numeric(trials[metric], errors="coerce") if metric in trials else pd.Series(dtype=float)
+    runs = trials.loc[np.isfinite(values.astype(float))].assign(_value=values.astype(float))
+    names = configuration_parameters(runs, parameters)
+    total = float(((runs["_value"] - runs["_value"].mean()) ** 2).sum()) if len(runs) > 1 else 0.0
+    if total <= 0:
+        return pd.DataFrame(columns=["parameter", "share"])
+    grand = runs["_value"].mean()
+    shares = {}
+    for name in names:
+        groups = runs.groupby(runs[name].astype(str))["_value"].agg(["mean", "size"])
+        shares[name] = float((groups["size"] * (groups["mean"] - grand) ** 2).sum()) / total
+    keys = [runs[name].astype(str) for name in names] or [pd.Series("all", index=runs.index)]
+    within = runs["_value"] - runs.groupby(keys)["_value"].transform("mean")
+    seed_noise = float((within ** 2).sum()) / total
+    rows = sorted(shares.items(), key=lambda item: -item[1])
+    rows += [("interactions", max(0.0, 1.0 - seed_noise - sum(shares.values()))), ("seed noise", seed_noise)]
+    return pd.DataFrame(rows, columns=["parameter", "share"])
+
+
+def unstable(max_loss: pd.Series, baseline: pd.Series) -> pd.Series:
+    """True for the runs whose loss ever rose above UNSTABLE_RATIO x their baseline (a blow-up, even one
+    the run recovered from). Both series are indexed alike; a missing baseline or maximum is False.
+    The stored fit verdicts are not changed: this is a flag for charts."""
+    ratio = max_loss.astype(float) / baseline.astype(float).where(baseline > 0)
+    return (ratio > UNSTABLE_RATIO).fillna(False).astype(bool)
+
+
+def bands_from_moments(moments: pd.DataFrame, *, band: str = "std") -> pd.DataFrame:
+    """Mean lines and bands from per-group moments as a database computes them: ``n``, ``mean``,
+    ``mean_square`` (the mean of the squared values), ``low`` and ``high`` (the smallest and largest
+    value). Adds ``lower`` and ``upper``: mean ± the sample standard deviation (0 for one run) for
+    ``std``, low to high for ``minmax``."""
+    import numpy as np
+
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(BANDS)}, not {band!r}")
+    frame = moments.copy()
+    if band == "std":
+        n = frame["n"].astype(float)
+        variance = (frame["mean_square"] - frame["mean"] ** 2).clip(lower=0) * n / (n - 1).where(n > 1)
+        spread = np.sqrt(variance.fillna(0.0))
+        frame["lower"], frame["upper"] = frame["mean"] - spread, frame["mean"] + spread
+    else:
+        frame["lower"], frame["upper"] = frame["low"], frame["high"]
+    return frame
+
+
 def _variance(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
@@ -379,7 +577,8 @@ def _best_train(epochs: Iterable[dict]) -> float | None:
 
 
 def _data_key(config: dict) -> tuple:
-    return tuple(repr(config.get(name)) for name in DATA_PARAMETERS)
+    get = config.get
+    return tuple(repr(get(name)) for name in DATA_PARAMETERS)
 
 
 def _epoch_of(epochs: list[dict], index: int) -> int:
@@ -398,6 +597,7 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-__all__ = ["BANDS", "DATA_PARAMETERS", "THRESHOLDS", "VERDICTS", "Diagnosis", "MeanDifference", "diagnose",
-           "diagnose_experiment", "divergence_rate", "epochs_to_target", "mean_difference", "rejudge_among_siblings",
-           "seed_bands", "t_quantile_975"]
+__all__ = ["BANDS", "DATA_PARAMETERS", "HANDLINGS", "SEED_PARAMETERS", "THRESHOLDS", "UNSTABLE_RATIO", "VERDICTS",
+           "Diagnosis", "MeanDifference", "Selection", "bands_from_moments", "configuration_parameters", "diagnose",
+           "diagnose_experiment", "divergence_rate", "epochs_to_target", "mean_difference", "parameter_importance",
+           "rejudge_among_siblings", "seed_bands", "select_configurations", "t_quantile_975", "unstable"]

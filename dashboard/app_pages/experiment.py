@@ -46,8 +46,8 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
         st.info(NO_EPOCHS, icon=":material/hourglass_empty:")
         return
     shown = started.head(MAX_CURVES)
-    epochs, every = data.budgeted_curves(experiment_id, shown, ("train_loss", "val_loss", "train_accuracy",
-                                                                "val_accuracy"), budget=data.LINE_ROW_BUDGET)
+    epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]),
+                         fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
     varying = data.varying_parameters(trials)
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
     metrics = ["loss"] + (["accuracy"] if epochs["val_accuracy"].notna().any() else [])
@@ -60,14 +60,9 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
                                              key=f"experiment_metric_{experiment_id}") or "loss"
     st.plotly_chart(charts.learning_curves(epochs, trials, chosen_colour, metric=chosen_metric),
                     key=f"experiment_curves_{experiment_id}")
-    notes = []
     if len(shown) < len(started):
-        notes.append(f"the first {MAX_CURVES} of {len(started)} trials are drawn (Fit analysis shows all of them "
-                     "as bands)")
-    if every > 1:
-        notes.append(f"every {every}th epoch is drawn, and each run's first and last")
-    if notes:
-        st.caption("To keep the chart light, " + "; ".join(notes) + ". The epochs CSV has everything.")
+        st.caption(f"To keep the chart light, the first {MAX_CURVES} of {len(started)} trials are drawn, every "
+                   "epoch (Fit analysis shows all of them as bands). The epochs CSV has everything.")
 
 
 def trial_table(trials: pd.DataFrame) -> None:

@@ -1,9 +1,11 @@
 """Fit analysis: where an experiment's models underfit and overfit. A filter at the top chooses the
-slice of the grid every section shows; then learning curves grouped by any parameter with a band
-over seeds; final (or best) train and validation metrics, and their generalization gap, against
-capacity and against any other parameter (the U-shaped validation curve); a heatmap of any metric
-over two parameters; the fit verdicts of the trials judged among their siblings, as a colour-coded
-grid and a table; and the learned curves or decision boundaries of chosen trials side by side."""
+slice of the grid every section shows; then learning curves grouped by any parameter with a band over
+the seeds of one configuration, a second parameter as panels, every other one at its best (or held,
+or averaged, as chosen); final (or best) train and validation metrics, and their generalization gap,
+against capacity and against any other parameter (the U-shaped validation curve); a heatmap of any
+metric over two parameters; how much of the spread each parameter explains, against seed noise; the
+fit verdicts of the trials judged among their siblings, as a colour-coded grid and a table; and the
+learned curves or decision boundaries of chosen trials side by side."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, widgets
+from services import analysis
+
+NO_FACETS = "none"
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The analysis appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
@@ -29,33 +34,34 @@ BEST = {  # what "best" means for each metric: split -> trial-table column (othe
 MAX_PREDICTIONS = 4  # panels side by side; a decision boundary is ~60 KB
 
 
-def learning_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str], band: str) -> None:
+def learning_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> None:
     st.subheader("Learning curves")
-    colour, metric, scale = st.columns([2, 3, 1])
+    colour, facet_column, metric, scale = st.columns([2, 2, 3, 2])
     color_by = widgets.parameter_picker("Group by", groups, key="fit_curves_group",
                                         preferred=(*CAPACITY, *DATA_SIZE, *REGULARIZERS), container=colour)
+    facet = _facet_picker(groups, color_by, key="fit_curves_facet", container=facet_column)
     chosen_metric = metric.segmented_control("Metric", [*_split_metrics(trials), *NORMS], default="loss",
                                              key="fit_curves_metric",
                                              help="grad_norm: the gradient's L2 norm at each epoch's last step "
                                                   "(vanishing or exploding gradients: group by activation); "
                                                   "weight_norm: the weights' L2 norm") or "loss"
-    log_y = scale.toggle("Log y", value=chosen_metric in NORMS, key=f"fit_curves_log_{chosen_metric}")
+    log_y = widgets.y_scale(key=f"fit_curves_scale_{chosen_metric}", container=scale)
     columns = ({"value": chosen_metric} if chosen_metric in NORMS
                else {split: f"{split}_{chosen_metric}" for split in ("train", "val")})
-    curves, every = data.budgeted_curves(experiment_id, trials, tuple(columns.values()))
-    st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, metric=chosen_metric, band=band,
-                                                every=every, columns=columns, log_y=log_y),
+    chosen = others.select(trials, shown=[color_by, facet])
+    bands = data.curve_bands(chosen.trials, by=[name for name in (facet, color_by) if name], columns=columns,
+                             band=band)
+    st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
+                                                band=band, log_y=log_y, subtitle=chosen.describe(),
+                                                line_notes=chosen.best_values(color_by)),
                     key="fit_curves_chart")
-    notes = [widgets.averaged_over(trials, [color_by])]
-    if every > 1:
-        notes.append(f"Every {every}th epoch is drawn, so the browser gets at most {data.CURVE_ROW_BUDGET:,} "
-                     "points; the epochs CSV has every epoch.")
-    st.caption(" ".join(notes))
+    st.caption(f"One line per {color_by}" + (f", one panel per {facet}" if facet else "") + ". "
+               + chosen.describe() + " Every epoch is drawn; the database computes the means and bands.")
 
 
-def capacity(trials: pd.DataFrame, groups: list[str], band: str) -> None:
+def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> None:
     st.subheader("Capacity: train and validation against model size")
-    metric, value, colour = st.columns(3)
+    metric, value, colour, facet_column = st.columns(4)
     metrics = [*_split_metrics(trials), *(f"final_{name}" for name in NORMS if f"final_{name}" in trials)]
     chosen_metric = metric.segmented_control("Metric", metrics, default="loss", key="fit_capacity_metric") or "loss"
     chosen_value = value.segmented_control("Value", ["final", "best"], default="final", key="fit_capacity_value",
@@ -63,18 +69,27 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str) -> None:
                                                 "best validation epoch") or "final"
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_capacity_colour",
                                         preferred=(*DATA_SIZE, *REGULARIZERS, charts.ALL_TRIALS), container=colour)
+    facet = _facet_picker([name for name in groups if name not in CAPACITY], color_by, key="fit_capacity_facet",
+                          container=facet_column, start_empty=True)
     columns, chosen_value = _value_columns(trials, chosen_metric, chosen_value)
     show_gap = st.toggle("Show the generalization gap (val - train), dotted", value=chosen_metric == "loss",
                          key="fit_capacity_gap", disabled=not {"train", "val"} <= set(columns))
-    title = f"{chosen_value.capitalize()} {chosen_metric} against parameter count"
-    st.plotly_chart(charts.metric_against(trials, x="parameter_count", color_by=color_by, columns=columns, band=band,
-                                          y_title=chosen_metric, title=title, gap=show_gap),
-                    key="fit_capacity_chart")
-    st.caption("Too small a model underfits (both curves high); too large a one overfits (validation rises "
-               "again while train keeps falling, and the dotted gap grows): the bottom of the dashed U is the "
-               "balance point. " + widgets.averaged_over(trials, ["parameter_count", *CAPACITY, color_by]))
+    sentence = widgets.single_value(trials, "parameter_count", vary="vary width or depth in the grid to see "
+                                    "where a model starts to underfit or overfit")
+    if sentence:
+        st.info(sentence, icon=":material/straighten:")
+    else:
+        chosen = others.select(trials, shown=["parameter_count", *CAPACITY, color_by, facet])
+        title = f"{chosen_value.capitalize()} {chosen_metric} against parameter count"
+        st.plotly_chart(charts.metric_against(chosen.trials, x="parameter_count", color_by=color_by, columns=columns,
+                                              band=band, y_title=chosen_metric, title=title, gap=show_gap,
+                                              facet=facet, subtitle=chosen.describe()),
+                        key="fit_capacity_chart")
+        st.caption("Too small a model underfits (both curves high); too large a one overfits (validation rises "
+                   "again while train keeps falling, and the dotted gap grows): the bottom of the dashed U is the "
+                   "balance point. " + chosen.describe())
 
-    numeric = widgets.numeric_choices(trials, groups)
+    numeric = widgets.numeric_choices(trials, [name for name in groups if name not in CAPACITY])
     if not numeric:
         return
     x_column, colour_column = st.columns(2)
@@ -85,12 +100,14 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str) -> None:
                                                           "shrink the weights.")
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_against_colour",
                                         preferred=(*CAPACITY, charts.ALL_TRIALS), avoid=x, container=colour_column)
-    st.plotly_chart(charts.metric_against(trials, x=x, color_by=color_by, columns=columns, band=band,
-                                          y_title=chosen_metric, gap=show_gap), key="fit_against_chart")
-    st.caption(widgets.averaged_over(trials, [x, color_by]))
+    chosen = others.select(trials, shown=[x, color_by])
+    st.plotly_chart(charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
+                                          y_title=chosen_metric, gap=show_gap, subtitle=chosen.describe()),
+                    key="fit_against_chart")
+    st.caption(chosen.describe())
 
 
-def heatmap(trials: pd.DataFrame, groups: list[str]) -> None:
+def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Heatmap")
     metrics = [name for name in data.metric_columns(trials)
                if pd.to_numeric(trials[name], errors="coerce").notna().any()]
@@ -98,27 +115,53 @@ def heatmap(trials: pd.DataFrame, groups: list[str]) -> None:
         st.info("These trials recorded no numeric metric to map.")
         return
     metric, x_column, y_column = st.columns(3)
-    chosen = widgets.parameter_picker("Metric", metrics, key="fit_heatmap_metric",
-                                      preferred=("final_val_loss", "diag_gap_ratio"), container=metric)
-    axes = [name for name in (*groups, "parameter_count") if name != chosen]  # a metric is not its own axis
+    chosen_metric = widgets.parameter_picker("Metric", metrics, key="fit_heatmap_metric",
+                                             preferred=("final_val_loss", "diag_gap_ratio"), container=metric)
+    axes = [name for name in (*groups, "parameter_count") if name != chosen_metric]  # a metric is not its own axis
     x = widgets.parameter_picker("x", axes, key="fit_heatmap_x", preferred=CAPACITY, container=x_column)
     y = widgets.parameter_picker("y", axes, key="fit_heatmap_y", preferred=(*DATA_SIZE, *REGULARIZERS), avoid=x,
                                  container=y_column)
-    st.plotly_chart(charts.metric_heatmap(trials, x=x, y=y, metric=chosen), key="fit_heatmap_chart")
-    st.caption("Each cell is the mean of " + chosen + " over its runs (hover for how many). "
-               + widgets.averaged_over(trials, [x, y]))
+    chosen = others.select(trials, shown=[x, y])
+    st.plotly_chart(charts.metric_heatmap(chosen.trials, x=x, y=y, metric=chosen_metric), key="fit_heatmap_chart")
+    st.caption("Each cell is the mean of " + chosen_metric + " over its runs (hover for how many). "
+               + chosen.describe())
 
 
-def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
+def importance(trials: pd.DataFrame) -> None:
+    st.subheader("Which parameter matters")
+    metrics = [name for name in ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy",
+                                 "test_accuracy", "final_train_loss", "diag_gap_ratio", "final_val_rmse")
+               if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
+    parameters = analysis.configuration_parameters(trials, data.parameter_columns(trials))
+    if not metrics or not parameters:
+        st.info("Only one configuration is left (nothing but the seed varies): vary a parameter in the grid to "
+                "see how much of the spread it explains.")
+        return
+    metric = widgets.parameter_picker("Metric", metrics, key="fit_importance_metric", preferred=("final_val_loss",))
+    shares = analysis.parameter_importance(trials, parameters=parameters, metric=metric)
+    if shares.empty:
+        st.info(f"Every run has the same {metric}: there is no spread to explain.")
+        return
+    st.plotly_chart(charts.importance_bars(shares, metric=metric), key="fit_importance_chart")
+    noise = float(shares.set_index("parameter").at["seed noise", "share"])
+    st.caption(f"A variance decomposition over the {len(trials)} runs shown: each parameter's bar is how much "
+               f"the mean {metric} moves between its values (its main effect); interactions are what "
+               f"combinations add; seed noise ({noise:.0%}) is the spread between runs that differ only by "
+               "their seed: a parameter whose bar is not well above it is hard to tell from chance.")
+
+
+def diagnosis(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Diagnosis")
     x_column, y_column = st.columns(2)
     x = widgets.parameter_picker("x", groups, key="fit_verdict_x", preferred=CAPACITY, container=x_column)
     y = widgets.parameter_picker("y", groups, key="fit_verdict_y", preferred=(*DATA_SIZE, *REGULARIZERS), avoid=x,
                                  container=y_column)
-    st.plotly_chart(charts.verdict_grid(trials, x=x, y=y), key="fit_verdict_chart")
-    st.caption("Verdicts here judge each trial among its siblings on the same data (the rule of services."
-               "analysis.diagnose_experiment); the stored verdict judges it alone. Diverged runs are counted "
-               "here whatever the toggle above says. Thresholds: README, \"Fit diagnosis\".")
+    chosen = others.select(trials, shown=[x, y])
+    st.plotly_chart(charts.verdict_grid(chosen.trials, x=x, y=y), key="fit_verdict_chart")
+    st.caption("Each cell: the most common verdict among its runs. " + chosen.describe() + " Verdicts here judge "
+               "each trial among its siblings on the same data (the rule of services.analysis.diagnose_experiment); "
+               "the stored verdict judges it alone. Diverged runs are counted here whatever the toggle above says. "
+               "The table lists every trial. Thresholds: README, \"Fit diagnosis\".")
     shown = trials.assign(link=trials["trial_id"].map(widgets.trial_page_link))
     varying = [name for name in data.varying_parameters(trials) if name != "ordinal"]
     numbers = [name for name in data.DIAGNOSIS_COLUMNS[3:] if name in shown]
@@ -135,7 +178,9 @@ def diagnosis(trials: pd.DataFrame, groups: list[str]) -> None:
 
 def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> None:
     st.subheader("What the models learned")
-    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in trials.iterrows()}
+    # Seed 0 of each configuration is enough to pick from (a list of 10,000 trials is not).
+    offered = trials[trials["seed"] == trials["seed"].min()] if "seed" in trials else trials
+    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in offered.iterrows()}
     chosen = widgets.keyed_multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
                                        default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
                                        key=f"fit_prediction_trials_{experiment_id}")
@@ -150,6 +195,19 @@ def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> 
                     key="fit_prediction_chart")
     st.caption("Dashed black: the truth; red: the model; grey or coloured dots: training points. A straight "
                "line that misses the curve underfits; a wiggly one that chases the dots overfits.")
+
+
+def _facet_picker(groups: list[str], color_by: str, *, key: str, container=st, start_empty: bool = False) -> str | None:
+    """A "Panels per" picker: one small chart per value of a second parameter (none when nothing else
+    varies). Starts on the first other varying parameter, so a second parameter is shown, not averaged."""
+    options = [NO_FACETS, *(name for name in groups if name not in (color_by, "ordinal"))]
+    start = NO_FACETS if start_empty or len(options) == 1 else options[1]
+    preferred = [name for name in (*DATA_SIZE, *REGULARIZERS, *CAPACITY) if name in options and name != NO_FACETS]
+    if not start_empty and preferred:
+        start = preferred[0]
+    chosen = widgets.parameter_picker("Panels per", options, key=key, preferred=(start,), container=container,
+                                      help="One small chart per value, on one shared y axis.")
+    return None if chosen == NO_FACETS else chosen
 
 
 def _split_metrics(trials: pd.DataFrame) -> list[str]:
@@ -197,11 +255,14 @@ trained = (trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", h
 st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
            f"(failed, cancelled and unfinished trials are left out).")
 chosen_band, banded = widgets.band_controls(trained, key="fit")
+handled = widgets.other_parameters(banded, key="fit_others", metrics=("final_val_loss", "best_val_loss",
+                                                                       "final_val_accuracy", "test_loss"))
 if banded.empty:
     st.info("Every trial shown diverged: turn on \"Include diverged runs\" to draw them.")
 else:
-    learning_curves(experiment_id, banded, groups, chosen_band)
-    capacity(banded, groups, chosen_band)
-    heatmap(banded, groups)
-diagnosis(trained, groups)
+    learning_curves(banded, groups, chosen_band, handled)
+    capacity(banded, groups, chosen_band, handled)
+    heatmap(banded, groups, handled)
+    importance(banded)
+diagnosis(trained, groups, handled)
 predictions(experiment_id, trained, groups)

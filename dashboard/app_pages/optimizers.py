@@ -1,8 +1,9 @@
 """Optimizers and schedules: how the way a model is trained changes where it ends. Loss curves per
-optimizer (or any parameter) with a band over seeds; final validation loss against the learning
-rate (the sensitivity curve); how many epochs each needs to reach a target loss; how often each
-diverges; the learning-rate schedule drawn over the loss; and the mean difference between two
-configurations with a 95% confidence interval over seeds."""
+optimizer (or any parameter), each at its best learning rate and schedule by default, with a band over
+the seeds of that one configuration; final validation loss against the learning rate (the sensitivity
+curve); how many epochs each needs to reach a target loss; how often each diverges or blows up and
+recovers (unstable); the learning-rate schedule drawn over the loss; and the mean difference between
+two configurations with a 95% confidence interval over seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, widgets
-from services.analysis import mean_difference
+from services.analysis import UNSTABLE_RATIO, mean_difference
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The comparison appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
@@ -24,51 +25,57 @@ SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
                        "final gradient norm": {"value": "final_grad_norm"}}
 
 
-def loss_curves(experiment_id: int, trials: pd.DataFrame, groups: list[str], band: str) -> str:
+def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> str:
     st.subheader("Loss per epoch")
-    group_column, metric_column, scale_column = st.columns([2, 2, 1])
+    group_column, metric_column, scale_column = st.columns([2, 2, 2])
     color_by = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION,
                                         container=group_column)
     metric = metric_column.segmented_control("Metric", list(CURVE_METRICS), default="loss", key="optimizers_metric",
                                              help="grad_norm: the gradient's L2 norm at each epoch's last step "
                                                   "(exploding with too large a rate); weight_norm: the weights' "
                                                   "L2 norm") or "loss"
-    log_y = scale_column.toggle("Log y", value=metric != "loss", key=f"optimizers_log_{metric}")
-    columns = CURVE_METRICS[metric]
-    curves, every = data.budgeted_curves(experiment_id, trials, tuple(columns.values()))
-    st.plotly_chart(charts.learning_curve_bands(curves, trials, color_by=color_by, band=band, metric=metric,
-                                                columns=columns, every=every, log_y=log_y),
+    log_y = widgets.y_scale(key="optimizers_curves_scale", container=scale_column)
+    chosen = others.select(trials, shown=[color_by])
+    bands = data.curve_bands(_drawn(chosen.trials), by=[color_by], columns=CURVE_METRICS[metric], band=band)
+    st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, band=band, metric=metric, log_y=log_y,
+                                                subtitle=chosen.describe(), line_notes=chosen.best_values(color_by)),
                     key="optimizers_curves_chart")
-    note = f" Every {every}th epoch is drawn to keep the chart small." if every > 1 else ""
-    st.caption(widgets.averaged_over(trials, [color_by]) + note)
+    st.caption(f"Each line: the {chosen.trials['seed'].nunique() if 'seed' in chosen.trials else 1} seed(s) of one "
+               f"configuration per {color_by}. {chosen.describe()} Every epoch is drawn; the database computes "
+               "the means and bands.")
     return color_by
 
 
-def sensitivity(trials: pd.DataFrame, banded: pd.DataFrame, groups: list[str], color_by: str, band: str) -> None:
+def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: str, others: widgets.Handling) -> None:
     st.subheader("Sensitivity to the learning rate")
     numeric = widgets.numeric_choices(trials, groups)
     if not numeric:
-        st.info("No numeric parameter varies in this experiment, so there is no sensitivity curve to draw.")
+        st.info("No numeric parameter varies in this experiment, so there is no sensitivity curve: vary lr (or "
+                "momentum, weight_decay) in the grid to see one.")
         return
-    x_column, metric_column = st.columns(2)
+    x_column, metric_column, scale_column = st.columns([2, 2, 2])
     x = widgets.parameter_picker("Against", numeric, key="optimizers_sensitivity_x",
                                  preferred=("lr", "momentum", "weight_decay", "l1"), container=x_column)
     metric = metric_column.selectbox("Metric", list(SENSITIVITY_METRICS), key="optimizers_sensitivity_metric",
                                      help="The weight norm against weight_decay or l1 shows the penalty at work.")
-    st.plotly_chart(charts.metric_against(banded, x=x, color_by=color_by, band=band,
+    log_y = widgets.y_scale(key="optimizers_sensitivity_scale", container=scale_column)
+    line_by = charts.ALL_TRIALS if x == color_by else color_by  # one line across the rates, not one dot per rate
+    chosen = others.select(trials, shown=[color_by, x])
+    st.plotly_chart(charts.metric_against(_drawn(chosen.trials), x=x, color_by=line_by, band=band,
                                           columns=SENSITIVITY_METRICS[metric], y_title=metric,
-                                          title=f"{metric.capitalize()} against {x}",
-                                          log_y=metric != "final validation loss"),  # norms span decades
+                                          title=f"{metric.capitalize()} against {x}", log_y=log_y,
+                                          subtitle=chosen.describe()),
                     key="optimizers_sensitivity_chart")
-    diverged = int(widgets.diverged_mask(trials).sum())
-    left_out = len(trials) - len(banded)
+    diverged = int(widgets.diverged_mask(chosen.trials).sum())
     st.caption("Too small a rate converges slowly (high on the left), too large a one bounces or diverges "
-               f"(high on the right, or missing where every seed diverged). {diverged} of {len(trials)} runs "
-               f"diverged" + (" and are left out of the bands." if left_out else
-                              (" (drawn: the toggle above includes them)." if diverged else ".")))
+               "(high on the right, or missing where every seed diverged). " + chosen.describe()
+               + f" {diverged} of the {len(chosen.trials)} runs diverged"
+               + (" (drawn: the toggle above includes them)." if st.session_state.get("optimizers_include_diverged")
+                  else " and are left out of the bands."))
 
 
-def speed_and_divergence(experiment_id: int, trials: pd.DataFrame, groups: list[str], color_by: str) -> None:
+def speed_and_divergence(experiment_id: int, trials: pd.DataFrame, groups: list[str], color_by: str,
+                         others: widgets.Handling) -> None:
     st.subheader("Epochs to a target loss, and divergence")
     axes = [name for name in groups if name != color_by] or groups
     x_column, target_column = st.columns(2)
@@ -79,21 +86,36 @@ def speed_and_divergence(experiment_id: int, trials: pd.DataFrame, groups: list[
         "Target validation loss", min_value=0.0, value=float(round(reachable.median(), 3)) if len(reachable) else 0.5,
         step=0.01, format="%.3f", key="optimizers_target",
         help="Starts at the median of the trials' best validation losses: about half of them get there.")
-    reached = data.epochs_to_reach(experiment_id, field="val_loss", target=target)
+    chosen = others.select(trials, shown=[color_by, x])
+    reached = data.epochs_to_reach(experiment_id, field="val_loss", target=target,
+                                   trial_ids=tuple(int(i) for i in chosen.trials["trial_id"]))
     left, right = st.columns(2)
-    left.plotly_chart(charts.epochs_to_target_bars(reached, trials, target=target, x=x, color_by=color_by),
+    left.plotly_chart(charts.epochs_to_target_bars(reached, chosen.trials, target=target, x=x, color_by=color_by),
                       key="optimizers_target_chart")
-    right.plotly_chart(charts.divergence_bars(trials, x=x, color_by=color_by), key="optimizers_divergence_chart")
+    left.caption(chosen.describe())
+    counted = data.with_stability(experiment_id, trials)
+    right.plotly_chart(charts.divergence_bars(counted, x=x, color_by=color_by), key="optimizers_divergence_chart")
+    rest = [name for name in others.handling if name not in (x, color_by)]
+    right.caption("Counts every trained run of each bar" + (f", whatever its {', '.join(rest)}" if rest else "")
+                  + f" and seed. Unstable: the loss once rose above {UNSTABLE_RATIO:g}x the loss of predicting a "
+                  "constant, then came back; the stored verdicts are unchanged.")
 
 
-def schedule(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> None:
+def schedule(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Learning-rate schedule over the loss")
     color_by = widgets.parameter_picker("One line per", groups, key="optimizers_schedule_group",
                                         preferred=("schedule", *OPTIMIZATION))
-    curves, every = data.budgeted_curves(experiment_id, trials, ("val_loss", "lr"))
-    st.plotly_chart(charts.schedule_over_loss(curves, trials, color_by=color_by, every=every),
+    chosen = others.select(trials, shown=[color_by])
+    bands = data.curve_bands(_drawn(chosen.trials), by=[color_by], columns={"loss": "val_loss", "lr": "lr"})
+    st.plotly_chart(charts.schedule_over_loss(bands, color_by=color_by, subtitle=chosen.describe()),
                     key="optimizers_schedule_chart")
-    st.caption("Each line is the mean over the runs that share its value. " + widgets.averaged_over(trials, [color_by]))
+    st.caption("Each line is the mean over the seeds of one configuration, so its dotted rate is the rate those "
+               "runs trained with. " + chosen.describe())
+
+
+def _drawn(trials: pd.DataFrame) -> pd.DataFrame:
+    """The selected trials that go into bands: diverged ones only when the toggle includes them."""
+    return trials if st.session_state.get("optimizers_include_diverged") else trials[~widgets.diverged_mask(trials)]
 
 
 def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
@@ -142,13 +164,14 @@ if trained.empty:
 trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
 groups = widgets.grouping_choices(all_trials)
 chosen_band, banded = widgets.band_controls(trained, key="optimizers")
+handled = widgets.other_parameters(trained, key="optimizers_others", metrics=COMPARED)
 if banded.empty:
     st.info("Every trial diverged: turn on \"Include diverged runs\" to draw their curves.")
     colour = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION)
 else:
-    colour = loss_curves(experiment_id, banded, groups, chosen_band)
-    sensitivity(trained, banded, groups, colour, chosen_band)
-speed_and_divergence(experiment_id, trained, groups, colour)
+    colour = loss_curves(trained, groups, chosen_band, handled)
+    sensitivity(trained, groups, colour, chosen_band, handled)
+speed_and_divergence(experiment_id, trained, groups, colour, handled)
 if not banded.empty:
-    schedule(experiment_id, banded, groups)
+    schedule(trained, groups, handled)
 compare_two(trained, groups)

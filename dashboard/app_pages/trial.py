@@ -68,8 +68,7 @@ def curves(trial: dict) -> None:
         return
     marks = {"best": trial["best_epoch"], "stopped early": trial["final_metrics"].get("stopped_epoch")}
     row = pd.DataFrame([{"trial_id": trial["trial_id"], "ordinal": trial["ordinal"]}])
-    log_y = st.toggle("Log y for the loss", key="trial_log_y",
-                      help="A loss falling over several decades reads better on a log scale.")
+    log_y = widgets.y_scale(key="trial_y_scale")
     loss, accuracy = st.columns(2)
     loss.plotly_chart(charts.learning_curves(epochs, row, "ordinal", log_y=log_y, epoch_marks=marks),
                       key="trial_loss_chart")

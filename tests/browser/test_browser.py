@@ -21,7 +21,7 @@ import pytest
 
 from services.broker import free_port, start_embedded_broker
 from services.migrate import upgrade
-from tests.servers import REPO, WorkerProcess, fitscope_env
+from tests.servers import REPO, WorkerProcess, fitscope, fitscope_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "test-output" / "browser"
@@ -38,8 +38,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[str]:
-    """The real stack on free ports; yields the dashboard's URL and stops everything after."""
+def stack(_stack: tuple[str, dict[str, str]]) -> str:
+    """The real stack on free ports: the dashboard's URL."""
+    return _stack[0]
+
+
+@pytest.fixture
+def _stack(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The real stack on free ports; yields the dashboard's URL and the environment of its CLI, and
+    stops everything after."""
     broker = start_embedded_broker(data_dir=tmp_path / "valkey", port=free_port())
     database_url = f"sqlite:///{tmp_path / 'fitscope.db'}"
     upgrade(database_url)
@@ -55,7 +62,7 @@ def stack(tmp_path: Path) -> Iterator[str]:
     try:
         worker.wait_ready(timeout=120)
         _wait_for_health(port, dashboard, tmp_path / "dashboard.log")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", env
     finally:
         dashboard.terminate()
         try:
@@ -150,3 +157,51 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible()
     expect(page.locator(".st-key-trial_norms_chart .scatterlayer .trace").first).to_be_attached()
     screenshot(page, "7-trial")
+
+
+def _wait_until_trained(database_url: str, timeout: float = 600) -> None:
+    import sqlite3
+
+    path = database_url.removeprefix("sqlite:///")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(path) as connection:
+            left = connection.execute("SELECT count(*) FROM trials WHERE status IN ('queued', 'running')").fetchone()[0]
+        if left == 0:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"{left} trials still queued or running after {timeout} s")
+
+
+@pytest.mark.parametrize("example", ["capacity_vs_data", "optimizers_and_schedules", "regularizers"])
+def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, page, example: str):
+    """Submit one of the project's example grids with the CLI, let the worker train it, then save a
+    screenshot of every page (test-output/browser/<example>-*.png) with each main chart drawn."""
+    expect = sync_api.expect
+    url, env = _stack
+    submitted = fitscope("submit", str(REPO / "examples" / f"{example}.yaml"), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
+    page.set_viewport_size({"width": 1400, "height": 7000})  # every section of a long page in one picture
+
+    page.goto(url)
+    expect(page.get_by_text("succeeded").first).to_be_visible(timeout=90_000)
+    screenshot(page, f"{example}-1-experiments")
+    page.goto(f"{url}/experiment?experiment=1")
+    expect(page.locator(".st-key-experiment_curves_1 .scatterlayer .trace").first).to_be_attached(timeout=90_000)
+    screenshot(page, f"{example}-2-experiment")
+    page.goto(f"{url}/fit_analysis?experiment=1")
+    expect(page.locator(".st-key-fit_curves_chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
+    expect(page.locator(".st-key-fit_verdict_chart .heatmaplayer, .st-key-fit_verdict_chart .cartesianlayer")
+           .first).to_be_attached(timeout=90_000)
+    page.wait_for_timeout(1500)  # the last charts below the fold finish drawing
+    screenshot(page, f"{example}-3-fit-analysis")
+    page.goto(f"{url}/optimizers?experiment=1")
+    expect(page.locator(".st-key-optimizers_curves_chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
+    expect(page.locator(".st-key-optimizers_divergence_chart .barlayer").first).to_be_attached(timeout=90_000)
+    page.wait_for_timeout(1500)
+    screenshot(page, f"{example}-4-optimizers-and-schedules")
+    page.goto(f"{url}/trial?trial=2")
+    expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible(timeout=90_000)
+    page.wait_for_timeout(1000)
+    screenshot(page, f"{example}-5-trial")

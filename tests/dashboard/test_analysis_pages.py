@@ -247,7 +247,7 @@ def test_optimizers_page_compares_optimizers_with_seed_bands_and_an_interval(fil
 
     assert app.selectbox(key="optimizers_group").value == "optimizer"
     assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {
-        "optimizer=adam", "optimizer=sgd"}
+        "optimizer=adam (lr=0.1)", "optimizer=sgd (lr=0.1)"}  # each at its best rate, named in the legend
     sensitivity = figure(app, "optimizers_sensitivity_chart")
     assert sensitivity["layout"]["xaxis"]["title"]["text"] == "lr"
     assert {tuple(trace["x"]) for trace in sensitivity["data"] if trace.get("fill") != "toself"} == {(0.01, 0.1)}
@@ -271,7 +271,8 @@ def test_optimizers_page_follows_the_group_and_the_configs_compared(filled: Fill
     app.selectbox(key="optimizers_group").select("lr").run()
     app.selectbox(key="optimizers_compare_b").select("optimizer=sgd, lr=0.1").run()
 
-    assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {"lr=0.01", "lr=0.1"}
+    assert {name for name, _ in mean_lines(figure(app, "optimizers_curves_chart"))} == {
+        "lr=0.01 (optimizer=adam)", "lr=0.1 (optimizer=adam)"}  # adam is the best optimizer at either rate
     assert {trace["name"] for trace in figure(app, "optimizers_divergence_chart")["data"]} == {"lr=0.01", "lr=0.1"}
     assert "B: optimizer=sgd, lr=0.1" in figure(app, "optimizers_compare_chart")["layout"]["title"]["subtitle"]["text"]
     assert app.markdown[-1].value != before
@@ -355,7 +356,7 @@ def test_a_learning_rate_sweep_draws_its_schedule_per_lr_and_counts_the_diverged
     assert set(rates) == {"lr (0.01)", "lr (0.1)"}  # lr 10 diverged: out of the bands by default
     assert rates["lr (0.1)"][0] == pytest.approx(0.1) and rates["lr (0.1)"][-1] < 0.1  # exponential decay
     caption = next(caption.value for caption in app.caption if "runs diverged" in caption.value)
-    assert "2 of 6 runs diverged and are left out of the bands" in caption
+    assert "Bands over seeds only. 2 of the 6 runs diverged and are left out of the bands" in caption
     sensitivity = figure(app, "optimizers_sensitivity_chart")
     assert {x for trace in sensitivity["data"] for x in trace["x"]} == {0.01, 0.1}
 
@@ -393,13 +394,18 @@ def test_fit_analysis_offers_regression_metrics_and_norms(filled: Filled):
         "loss", "rmse", "mae", "r2", "grad_norm", "weight_norm"]
     app.segmented_control(key="fit_curves_metric").set_value("grad_norm").run()
     app.segmented_control(key="fit_capacity_metric").set_value("final_weight_norm").run()
+    assert not app.exception
+    assert figure(app, "fit_curves_chart")["layout"]["yaxis"]["type"] == "linear"  # auto: within two decades
+    app.segmented_control(key="fit_curves_scale_grad_norm").set_value("log").run()
 
     assert not app.exception
     curves = figure(app, "fit_curves_chart")
     assert curves["layout"]["yaxis"]["type"] == "log" and curves["layout"]["yaxis"]["title"]["text"] == "grad_norm"
     assert all(y > 0 for trace in curves["data"] if trace.get("fill") != "toself" for y in trace["y"])
-    capacity = figure(app, "fit_capacity_chart")
-    assert {trace["line"]["dash"] for trace in capacity["data"] if trace.get("fill") != "toself"} == {"solid"}
+    # One width: no capacity curve but a sentence saying what to vary; the norm is drawn against lr instead.
+    assert any("same parameter_count" in info.value and "vary width or depth" in info.value for info in app.info)
+    against = figure(app, "fit_against_chart")
+    assert {trace["line"]["dash"] for trace in against["data"] if trace.get("fill") != "toself"} == {"solid"}
 
 
 @pytest.mark.parametrize("page", [TRIAL_PAGE, FIT_PAGE])
@@ -418,7 +424,7 @@ def test_trial_page_marks_best_and_early_stopped_epochs_and_draws_the_norms(fill
     norms = figure(app, "trial_norms_chart")
     assert {trace["name"] for trace in norms["data"]} == {"gradient norm", "weight norm"}
     assert norms["layout"]["yaxis"]["type"] == "log"
-    app.toggle(key="trial_log_y").set_value(True).run()
+    app.segmented_control(key="trial_y_scale").set_value("log").run()
     assert figure(app, "trial_loss_chart")["layout"]["yaxis"]["type"] == "log"
 
 

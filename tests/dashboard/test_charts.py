@@ -113,12 +113,24 @@ def band_traces(figure) -> list:
     return [trace for trace in figure.data if trace.fill == "toself"]
 
 
+def bands_of(curves: pd.DataFrame, trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
+             band: str = "std") -> pd.DataFrame:
+    """What dashboard.data.curve_bands returns (the database's GROUP BY), computed with pandas."""
+    merged = curves.merge(trials[["trial_id", *by]], on="trial_id")
+    long = pd.concat([merged.assign(split=split, value=merged[column]) for split, column in columns.items()])
+    return analysis.seed_bands(long, by=[*by, "split", "epoch"], value="value", band=band)
+
+
+LOSS = {"train": "train_loss", "val": "val_loss"}
+
+
 def test_learning_curve_bands_draw_one_mean_and_one_band_per_group_and_split():
     trials = TRIALS.assign(seed=[0, 1, 0, 1])  # width 8: trials 10 and 12; width 64: 11 and 13
     curves = epochs_of([10, 11, 12, 13])
     curves.loc[curves["trial_id"] == 12, "train_loss"] += 0.2  # two seeds of width 8 disagree
 
-    figure = charts.learning_curve_bands(curves, trials, color_by="width")
+    figure = charts.learning_curve_bands(bands_of(curves, trials, by=["width"], columns=LOSS), color_by="width",
+                                         subtitle="Lr at each line's best.")
 
     assert sorted((trace.name, trace.line.dash) for trace in mean_lines(figure)) == [
         ("width=64", "dash"), ("width=64", "solid"), ("width=8", "dash"), ("width=8", "solid")]
@@ -128,6 +140,45 @@ def test_learning_curve_bands_draw_one_mean_and_one_band_per_group_and_split():
     (band,) = band_traces(figure)  # only width 8's train runs differ; identical runs draw no band
     assert band.legendgroup == "8"
     assert "mean ± 1 std" in figure.layout.title.subtitle.text
+    assert "Lr at each line's best." in figure.layout.title.subtitle.text
+    assert figure.layout.yaxis.type == "linear"  # 0.33 .. 1.2: within two decades
+
+
+def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note():
+    trials = TRIALS.assign(seed=[0, 1, 0, 1])
+    curves = epochs_of([10, 11, 12, 13])
+    curves.loc[(curves["trial_id"] == 13) & (curves["epoch"] == 2), ["train_loss", "val_loss"]] = 1.2e10
+    bands = bands_of(curves, trials, by=["width"], columns=LOSS)
+
+    auto = charts.learning_curve_bands(bands, color_by="width")
+    assert auto.layout.yaxis.type == "log"
+    assert "log scale" in auto.layout.annotations[0].text
+    assert all(y > 0 for trace in band_traces(auto) for y in trace.y)  # no band edge below 0 on a log axis
+
+    linear = charts.learning_curve_bands(bands, color_by="width", log_y=False)
+    assert linear.layout.yaxis.type == "linear"
+    low, high = linear.layout.yaxis.range
+    assert high < 10  # the flat lines stay readable
+    (note,) = linear.layout.annotations
+    assert note.text == "2 points above the range, max 6e+09"  # width 64's train and val means at epoch 2
+
+
+def test_axis_plan_leaves_ordinary_values_alone():
+    assert charts.axis_plan([0.1, 0.5, 0.9]) == ("linear", None, "")
+    assert charts.axis_plan([0.001, 1.0]) == ("log", None, "log scale: the values span 3 decades")
+    kind, value_range, note = charts.axis_plan([-0.1, 0.0, 0.1, 0.05, -0.05, 0.02, 0.03, 0.01, 0.04, 5e6])
+    assert kind == "linear" and value_range[1] < 1 and note == "1 point above the range, max 5e+06"
+
+
+def test_learning_curve_bands_draw_a_second_parameter_as_panels():
+    trials = TRIALS.assign(seed=0)
+    bands = bands_of(epochs_of([10, 11, 12, 13]), trials, by=["optimizer", "width"], columns=LOSS)
+
+    figure = charts.learning_curve_bands(bands, color_by="width", facet="optimizer")
+
+    assert [a.text for a in figure.layout.annotations] == ["optimizer=adam", "optimizer=sgd"]
+    assert {trace.xaxis for trace in figure.data} == {"x", "x2"}
+    assert len([t for t in mean_lines(figure) if t.showlegend]) == 2  # one legend entry per width
 
 
 def test_capacity_curve_shows_the_u_shaped_validation_curve_on_a_log_axis():
@@ -213,7 +264,7 @@ def test_epochs_to_target_and_divergence_bars():
     assert {trace.name: list(trace.text) for trace in reached.data}["width=64"] == ["1/1", "0/1"]
 
     rates = charts.divergence_bars(trials, x="optimizer", color_by="width")
-    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in rates.data}
+    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in rates.data if trace.yaxis == "y"}
     assert by_name == {"width=8": {"adam": 0.0, "sgd": 0.0}, "width=64": {"adam": 1.0, "sgd": 0.0}}
 
 
@@ -234,9 +285,12 @@ def test_prediction_panels_put_curves_and_boundaries_side_by_side():
     assert charts.points_shipped(figure) == 4 + 6 + 6 + 8 + 4
 
 
+SCHEDULE = {"loss": "val_loss", "lr": "lr"}
+
+
 def test_schedule_over_loss_puts_the_learning_rate_on_the_right_axis():
     curves = epochs_of([10, 11]).assign(lr=[0.1, 0.05, 0.025, 0.1, 0.1, 0.1])
-    figure = charts.schedule_over_loss(curves, TRIALS, color_by="width")
+    figure = charts.schedule_over_loss(bands_of(curves, TRIALS, by=["width"], columns=SCHEDULE), color_by="width")
 
     lr_traces = [trace for trace in figure.data if trace.line.dash == "dot"]
     assert [list(trace.y) for trace in lr_traces] == [[0.1, 0.05, 0.025], [0.1, 0.1, 0.1]]
@@ -246,9 +300,10 @@ def test_schedule_over_loss_puts_the_learning_rate_on_the_right_axis():
 def test_schedule_over_loss_grouped_by_the_learning_rate_itself():
     """Review finding: curves carry the epoch's ``lr`` and the group was the configured ``lr``, a KeyError."""
     trials = pd.DataFrame({"trial_id": [10, 11], "ordinal": [0, 1], "lr": [0.1, 0.01]})
-    curves = epochs_of([10, 11]).assign(lr=[0.1, 0.05, 0.025, 0.01, 0.005, 0.0025])
+    curves = epochs_of([10, 11]).assign(epoch_lr=[0.1, 0.05, 0.025, 0.01, 0.005, 0.0025])
 
-    figure = charts.schedule_over_loss(curves, trials, color_by="lr")
+    bands = bands_of(curves, trials, by=["lr"], columns={"loss": "val_loss", "lr": "epoch_lr"})
+    figure = charts.schedule_over_loss(bands, color_by="lr")
 
     lr_traces = {trace.name: list(trace.y) for trace in figure.data if trace.line.dash == "dot"}
     assert lr_traces == {"lr (0.01)": [0.01, 0.005, 0.0025], "lr (0.1)": [0.1, 0.05, 0.025]}
@@ -264,23 +319,11 @@ def test_metric_heatmap_of_a_metric_that_is_also_an_axis():
     assert heatmap.z[0][2] == 640 and heatmap.z[1][2] == 640
 
 
-def test_learning_curve_bands_drop_the_off_grid_last_epochs():
-    """Runs ending at epochs 5 and 7 read every 2nd epoch plus their last: a mean at epoch 5 or 7 would be
-    over one run and zig-zag against the grid's means over both, so those rows are left out."""
-    rows = [{"trial_id": trial_id, "epoch": epoch, "train_loss": 1.0 / epoch + shift, "val_loss": 2.0 / epoch + shift}
-            for trial_id, last, shift in ((10, 5, 0.0), (11, 7, 1.0)) for epoch in (1, 2, 4, 6, last) if epoch <= last]
-    figure = charts.learning_curve_bands(pd.DataFrame(rows), TRIALS, color_by="optimizer", every=2)
-
-    (train,) = [trace for trace in figure.data if trace.line.dash == "solid" and trace.fill != "toself"]
-    assert list(train.x) == [1, 2, 4, 6]
-    assert list(train.customdata) == [2, 2, 2, 1]  # runs in each mean: both, except at 6 (the first ended at 5)
-
-
 def test_learning_curve_bands_of_a_metric_without_splits_on_a_log_axis():
     curves = epochs_of([10, 11]).assign(grad_norm=[1.0, 0.1, 0.01, 2.0, 0.2, 0.02])
 
-    figure = charts.learning_curve_bands(curves, TRIALS, color_by="optimizer", metric="grad_norm",
-                                         columns={"value": "grad_norm"}, log_y=True)
+    bands = bands_of(curves, TRIALS, by=["optimizer"], columns={"value": "grad_norm"})
+    figure = charts.learning_curve_bands(bands, color_by="optimizer", metric="grad_norm", log_y=True)
 
     (line,) = [trace for trace in figure.data if trace.fill != "toself"]
     assert list(line.y) == pytest.approx([1.5, 0.15, 0.015]) and line.line.dash == "solid"
@@ -305,3 +348,23 @@ def test_norm_curves_draw_gradient_and_weight_norms_on_a_log_axis():
     assert {trace.name: list(trace.y) for trace in figure.data} == {"gradient norm": [1.0, 0.1, 0.01],
                                                                     "weight norm": [3.0, 3.5, 4.0]}
     assert figure.layout.yaxis.type == "log"
+
+
+def test_divergence_bars_show_unstable_runs_in_a_row_below_the_diverged_ones():
+    trials = pd.DataFrame({"trial_id": range(4), "lr": [10, 10, 10, 0.1], "optimizer": "nesterov",
+                           "status": ["diverged", "succeeded", "succeeded", "succeeded"], "verdict": None,
+                           "unstable": [True, True, False, False]})
+    figure = charts.divergence_bars(trials, x="lr", color_by="optimizer")
+
+    diverged, unstable = figure.data
+    assert list(diverged.y) == pytest.approx([0.0, 1 / 3]) and list(unstable.y) == pytest.approx([0.0, 1 / 3])
+    assert (diverged.yaxis, unstable.yaxis) == ("y", "y2") and list(unstable.text) == ["0/1", "1/3"]
+    assert figure.layout.annotations[1].text.startswith("unstable")
+
+
+def test_importance_bars_put_interactions_and_seed_noise_last_in_grey():
+    shares = pd.DataFrame({"parameter": ["width", "n_train", "interactions", "seed noise"],
+                           "share": [0.6, 0.3, 0.05, 0.05]})
+    (bars,) = charts.importance_bars(shares, metric="final_val_loss").data
+    assert list(bars.y) == ["seed noise", "interactions", "n_train", "width"]  # drawn bottom-up
+    assert list(bars.marker.color)[:2] == ["#9e9e9e", "#9e9e9e"]

@@ -264,8 +264,9 @@ def test_divergence_rate_counts_trained_trials_only() -> None:
 
     rates = analysis.divergence_rate(trials, by=["optimizer"]).set_index("optimizer")
 
-    assert rates.loc["sgd"].tolist() == [3, 2, pytest.approx(2 / 3)]  # the failed trial is not counted
-    assert rates.loc["adam"].tolist() == [1, 0, 0.0]
+    counted = ["trials", "diverged", "rate"]
+    assert rates.loc["sgd", counted].tolist() == [3, 2, pytest.approx(2 / 3)]  # the failed trial is not counted
+    assert rates.loc["adam", counted].tolist() == [1, 0, 0.0]
 
 
 def test_a_paired_difference_has_the_t_interval_of_the_per_seed_differences() -> None:
@@ -277,8 +278,11 @@ def test_a_paired_difference_has_the_t_interval_of_the_per_seed_differences() ->
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
     assert result.difference == pytest.approx(mean)
     assert result.degrees_of_freedom == 3
-    assert result.low == pytest.approx(mean - 3.182 * sd / 2)
-    assert result.high == pytest.approx(mean + 3.182 * sd / 2)
+    assert result.low == pytest.approx(mean - 3.182 * sd / 2, abs=1e-4)  # t(0.975, 3) = 3.182
+    from scipy import stats
+
+    reference = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (result.low, result.high) == pytest.approx((reference.low, reference.high), rel=1e-9)
     assert result.low > 0  # A is reliably worse than B here
 
 
@@ -293,11 +297,22 @@ def test_an_unpaired_difference_uses_welch_and_needs_two_runs_a_side() -> None:
     assert analysis.mean_difference([math.nan, 1.0], [2.0, 3.0], paired=True).reason.startswith("an interval")
 
 
-@pytest.mark.parametrize("df", [1, 2, 5, 9, 29, 30, 33.5, 47, 90, 500, 10_000])
-def test_t_quantile_matches_scipy(df: float) -> None:
-    stats = pytest.importorskip("scipy.stats")
-    expected = stats.t.ppf(0.975, math.floor(df) if df < 30 else df)
-    assert analysis.t_quantile_975(df) == pytest.approx(expected, abs=0.002)
+@pytest.mark.parametrize("df", [0.5, 1, 1.9, 2, 2.5, 5, 9, 29, 30, 33.5, 47, 90, 500, 10_000])
+def test_t_quantile_is_scipys_for_fractional_degrees_of_freedom(df: float) -> None:
+    from scipy import stats
+
+    assert analysis.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-12)
+
+
+def test_welch_with_three_runs_a_side_uses_the_fractional_df_not_a_rounded_one() -> None:
+    from scipy import stats
+
+    a, b = [1.0, 1.1, 1.3], [2.0, 2.02, 2.01]  # very unequal variances: Welch's df is about 2
+    result = analysis.mean_difference(a, b, paired=False)
+    assert 1.9 < result.degrees_of_freedom < 2.2
+    reference = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (result.low, result.high) == pytest.approx((reference.low, reference.high), rel=1e-9)
+    assert 4.3 < analysis.t_quantile_975(1.9) < 4.6  # about 4.5, not the 12.7 of df 1 that rounding down gave
 
 
 def test_rejudging_stored_diagnoses_agrees_with_diagnosing_the_curves() -> None:
@@ -324,3 +339,112 @@ def test_rejudging_stored_diagnoses_agrees_with_diagnosing_the_curves() -> None:
         assert from_stored[trial_id].numbers["reference_excess"] == pytest.approx(
             from_curves[trial_id].numbers["reference_excess"])
         assert from_stored[trial_id].reasons == from_curves[trial_id].reasons
+
+
+# --- which configurations a comparison draws ----------------------------------------------------------
+
+def optimizer_grid() -> pd.DataFrame:
+    """optimizer x lr x schedule x 2 seeds; sgd is best at lr 1 (step), adam at lr 0.01 (constant);
+    adam at lr 10 diverged on one seed (no metric)."""
+    losses = {("sgd", 0.01, "constant"): 0.60, ("sgd", 0.01, "step"): 0.62, ("sgd", 1.0, "constant"): 0.30,
+              ("sgd", 1.0, "step"): 0.20, ("adam", 0.01, "constant"): 0.10, ("adam", 0.01, "step"): 0.15,
+              ("adam", 10.0, "constant"): 0.05, ("adam", 10.0, "step"): 0.90}
+    rows, trial_id = [], 0
+    for (optimizer, lr, schedule), loss in losses.items():
+        for seed in (0, 1):
+            trial_id += 1
+            value = math.nan if (optimizer, lr, schedule, seed) == ("adam", 10.0, "constant", 1) else loss + seed * 0.01
+            rows.append({"trial_id": trial_id, "optimizer": optimizer, "lr": lr, "schedule": schedule, "seed": seed,
+                         "final_val_loss": value})
+    return pd.DataFrame(rows)
+
+
+PARAMETERS = ("optimizer", "lr", "schedule", "seed")
+
+
+def test_best_keeps_each_lines_best_rate_and_schedule_with_all_its_seeds() -> None:
+    grid = optimizer_grid()
+    chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="final_val_loss")
+    kept = chosen.trials.groupby("optimizer")[["lr", "schedule"]].agg(lambda v: sorted(set(v)))
+    assert kept.loc["sgd"].tolist() == [[1.0], ["step"]]
+    # adam at lr 10 constant has the lowest loss on one seed but diverged on the other: worst, not best.
+    assert kept.loc["adam"].tolist() == [[0.01], ["constant"]]
+    assert len(chosen.trials) == 4 and not chosen.spans_configurations
+    assert chosen.handling == {"lr": "best", "schedule": "best"}
+    assert chosen.best.set_index("optimizer")["metric_mean"].to_dict() == pytest.approx({"adam": 0.105, "sgd": 0.205})
+    assert "bands over seeds only" in chosen.describe()
+    assert chosen.best_values("optimizer") == {"adam": "lr=0.01, schedule=constant", "sgd": "lr=1, schedule=step"}
+
+
+def test_each_band_of_a_selection_holds_one_configuration_unless_averaged() -> None:
+    grid = optimizer_grid()
+    for handling in ({}, {"schedule": "held"}, {"lr": "held", "schedule": "best"}):
+        chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
+                                                metric="final_val_loss", handling=handling)
+        assert (chosen.trials.groupby("optimizer")[["lr", "schedule"]].nunique() == 1).all().all()
+    averaged = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
+                                              metric="final_val_loss", handling={"lr": "averaged"})
+    assert averaged.spans_configurations and "lr averaged" in averaged.describe()
+    assert set(averaged.trials["lr"]) == {0.01, 1.0, 10.0}
+
+
+def test_held_keeps_the_chosen_value_or_the_best_one() -> None:
+    grid = optimizer_grid()
+    chosen = analysis.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
+                                            metric="final_val_loss", handling={"schedule": "held"},
+                                            held={"schedule": "constant"})
+    assert set(chosen.trials["schedule"]) == {"constant"} and len(chosen.trials) == 8
+    assert chosen.describe() == "Schedule held at constant; bands over seeds only."
+    default = analysis.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
+                                             metric="final_val_loss", handling={"schedule": "held"})
+    assert set(default.trials["schedule"]) == {"step"}  # mean over the grid: step 0.47 < constant (inf)
+
+
+def test_a_goal_of_maximize_picks_the_highest_mean() -> None:
+    grid = optimizer_grid().assign(acc=lambda frame: 1 - frame["final_val_loss"])
+    chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="acc",
+                                            goal="maximize")
+    assert sorted(set(chosen.trials[chosen.trials["optimizer"] == "sgd"]["lr"])) == [1.0]
+    assert "highest mean acc" in chosen.describe()
+
+
+def test_parameter_importance_splits_the_variance_into_effects_and_seed_noise() -> None:
+    rows = []
+    for width in (1, 2):
+        for n_train in (10, 20):
+            for seed, noise in ((0, -0.1), (1, 0.1)):
+                rows.append({"width": width, "n_train": n_train, "seed": seed, "loss": 3.0 * width + noise})
+    shares = analysis.parameter_importance(pd.DataFrame(rows), parameters=("width", "n_train", "seed"),
+                                           metric="loss").set_index("parameter")["share"]
+    # width moves the loss by 3 (between SS 8 x 1.5^2 = 18), seeds by +-0.1 (SS 8 x 0.01 = 0.08).
+    assert shares["width"] == pytest.approx(18 / 18.08)
+    assert shares["seed noise"] == pytest.approx(0.08 / 18.08)
+    assert shares["n_train"] == pytest.approx(0.0, abs=1e-12)
+    assert shares.sum() == pytest.approx(1.0)
+    assert list(shares.index) == ["width", "n_train", "interactions", "seed noise"]
+
+
+def test_a_run_whose_loss_once_rose_tenfold_is_unstable() -> None:
+    maximum = pd.Series([0.7, 6.0, 8.0, 1e10, None])
+    baseline = pd.Series([0.69, 0.69, 0.0, 0.69, 0.69])
+    assert analysis.unstable(maximum, baseline).tolist() == [False, False, False, True, False]
+    assert analysis.unstable(pd.Series([7.0]), pd.Series([0.69])).tolist() == [True]
+
+
+def test_divergence_rate_counts_unstable_runs_apart_from_diverged_ones() -> None:
+    trials = pd.DataFrame({"lr": [1, 1, 1, 10], "status": ["succeeded", "succeeded", "diverged", "succeeded"],
+                           "verdict": ["good_fit", "good_fit", "diverged", "diverged"],
+                           "unstable": [True, False, True, True]})
+    rates = analysis.divergence_rate(trials, by=["lr"]).set_index("lr")
+    assert rates.loc[1, ["trials", "diverged", "unstable"]].tolist() == [3, 1, 1]
+    assert rates.loc[10, ["diverged", "unstable"]].tolist() == [1, 0]
+
+
+def test_bands_from_database_moments_match_pandas() -> None:
+    values = pd.DataFrame({"g": [0, 0, 0, 1], "x": [1.0, 2.0, 4.0, 5.0]})
+    moments = values.groupby("g")["x"].agg(n="count", mean="mean", low="min", high="max").reset_index()
+    moments["mean_square"] = values.assign(sq=values["x"] ** 2).groupby("g")["sq"].mean().to_numpy()
+    banded = analysis.bands_from_moments(moments, band="std")
+    std = values[values["g"] == 0]["x"].std()
+    assert banded["upper"].tolist() == pytest.approx([7 / 3 + std, 5.0])
+    assert analysis.bands_from_moments(moments, band="minmax")["lower"].tolist() == [1.0, 5.0]
