@@ -13,3 +13,13 @@ def _fresh_streamlit_caches():
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+@pytest.fixture(autouse=True)
+def _served_on_loopback():
+    """AppTest serves nothing, but the app refuses an address beyond loopback without sign-in
+    (dashboard/signin.py); run it as `fitscope up` serves it."""
+    previous = st.get_option("server.address")
+    st.set_option("server.address", "127.0.0.1")
+    yield
+    st.set_option("server.address", previous)
