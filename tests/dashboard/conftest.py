@@ -19,7 +19,9 @@ def _fresh_streamlit_caches():
 def _served_on_loopback():
     """AppTest serves nothing, but the app refuses an address beyond loopback without sign-in
     (dashboard/signin.py); run it as `fitscope up` serves it."""
-    previous = st.get_option("server.address")
-    st.set_option("server.address", "127.0.0.1")
+    from streamlit import config  # st.set_option refuses server options; the command line sets them
+
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
     yield
-    st.set_option("server.address", previous)
+    config.set_option("server.address", previous)
