@@ -26,7 +26,12 @@ def require_sign_in() -> None:
         st.stop()
     if config is None:
         return
-    if not st.user.is_logged_in:
+    if not _streamlit_has_auth():
+        st.error("sign-in is configured (FITSCOPE_OIDC_*) but Streamlit was started without it; start the "
+                 "dashboard with `fitscope dashboard`, which hands Streamlit its private secrets file",
+                 icon=":material/lock:")
+        st.stop()
+    if not _logged_in():
         _sign_in_page(config.server_metadata_url)
         st.stop()
     with st.sidebar:
@@ -37,9 +42,21 @@ def require_sign_in() -> None:
 def identity() -> str | None:
     """The signed-in user's identity (e-mail, else user name, name or subject id), or None when
     sign-in is not configured."""
-    if signin.oidc_config(settings()) is None or not st.user.is_logged_in:
+    if signin.oidc_config(settings()) is None or not _logged_in():
         return None
     return signin.identity(st.user.to_dict())
+
+
+def _logged_in() -> bool:
+    # st.user is a mapping; "is_logged_in" is absent before Streamlit has looked at the identity cookie.
+    return bool(st.user.get("is_logged_in", False))
+
+
+def _streamlit_has_auth() -> bool:
+    try:
+        return "auth" in st.secrets
+    except Exception:  # no secrets file at all: Streamlit raises its own not-found error
+        return False
 
 
 def _sign_in_page(metadata_url: str) -> None:
