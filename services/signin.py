@@ -24,6 +24,7 @@ from services.config import ConfigError, Settings
 
 CALLBACK_PATH = "/oauth2callback"  # the path Streamlit serves the provider's answer on
 MIN_COOKIE_SECRET_CHARS = 32
+SECRETS_FILE = "dashboard-secrets.toml"  # in FITSCOPE_HOME/private
 MAX_IDENTITY_CHARS = 200  # Experiment.submitted_by / cancelled_by / requeued_by are String(200)
 SETTINGS = ("FITSCOPE_OIDC_SERVER_METADATA_URL", "FITSCOPE_OIDC_CLIENT_ID", "FITSCOPE_OIDC_CLIENT_SECRET",
             "FITSCOPE_OIDC_REDIRECT_URI", "FITSCOPE_OIDC_COOKIE_SECRET")
@@ -103,6 +104,7 @@ def streamlit_args(settings: Settings) -> list[str]:
     (written now) that holds Streamlit's [auth] section. Raises ConfigError as :func:`required_config`."""
     config = required_config(settings)
     if config is None:
+        (settings.home / "private" / SECRETS_FILE).unlink(missing_ok=True)  # secrets of a sign-in since removed
         return []
     return ["--secrets.files", str(write_secrets_file(config, folder=settings.home / "private"))]
 
@@ -112,7 +114,7 @@ def write_secrets_file(config: OidcConfig, *, folder: Path) -> Path:
     file 0600, also when they existed before with wider modes)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
-    path = folder / "dashboard-secrets.toml"
+    path = folder / SECRETS_FILE
     lines = ["[auth]"] + [f"{key} = {_toml_string(getattr(config, key))}" for key in
                           ("redirect_uri", "cookie_secret", "client_id", "client_secret", "server_metadata_url")]
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)

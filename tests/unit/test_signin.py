@@ -112,6 +112,11 @@ def test_configured_sign_in_writes_a_private_secrets_file_and_never_shows_a_secr
     shown = " ".join(command) + repr(settings) + repr(signin.oidc_config(settings))
     assert CLIENT_SECRET not in shown and COOKIE_SECRET not in shown
 
+    for name in FULL:  # sign-in removed: the next start on loopback leaves no secrets behind
+        monkeypatch.delenv(name)
+    assert "--secrets.files" not in dashboard_command(make_settings(bind_host="127.0.0.1"))
+    assert not path.exists()
+
 
 @pytest.mark.parametrize(("claims", "expected"), [
     ({"sub": "1234", "email": "ada@example.org", "name": "Ada"}, "ada@example.org"),
