@@ -1,5 +1,6 @@
 """Everything the dashboard writes: submit (with the New experiment page's live preview of a spec, its
-CSV upload and its submitter/tags/note fields), cancel and re-queue. Each write is the one in
+CSV upload and its submitter/tags/note fields), cancel and re-queue, each recorded as the signed-in
+user (dashboard/signin.py) when there is one. Each write is the one in
 services.actions that `fitscope submit`, `cancel` and `requeue` call: the broker checked first, one
 transaction, the messages after the commit, the same sentences.
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import streamlit as st
 from celery import Celery
 
+from dashboard import signin
 from dashboard.data import _engine, _forget_reads, _reading, _ready_url, settings
 from services import actions
 from services.config import Settings
@@ -83,8 +85,14 @@ def _producer(broker_url: str, _settings: Settings) -> Celery:
 
 
 def default_submitter() -> str:
-    """FITSCOPE_SUBMITTED_BY, else the dashboard process's login name (what the CLI records)."""
-    return actions.default_submitter(settings()) or ""
+    """Who acts from this page: the signed-in user; without sign-in FITSCOPE_SUBMITTED_BY, else the
+    dashboard process's login name (what the CLI records)."""
+    return signin.identity() or actions.default_submitter(settings()) or ""
+
+
+def signed_in() -> bool:
+    """Whether writes are recorded as the signed-in user (who then cannot type another name)."""
+    return signin.identity() is not None
 
 
 def check_fields(*, submitted_by: str, tags_text: str, note: str) -> tuple[str | None, list[str], str | None]:
@@ -168,9 +176,11 @@ def store_csv(*, file_name: str, content: bytes, target: str, missing: str = "er
 def submit(*, spec_text: str, submitted_by: str | None, tags: list[str], note: str | None,
            uploads: dict[str, str]) -> Submitted:
     """`fitscope submit` from the page (services.actions.submit); a spec without a name is called
-    "untitled". Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable (nothing
-    written), or services.actions.NotQueued (written, not queued)."""
+    "untitled". When someone is signed in, they are the submitter, whatever ``submitted_by`` says.
+    Raises SpecError, DatasetError, BrokerUnreachable or DatabaseUnreachable (nothing written), or
+    services.actions.NotQueued (written, not queued)."""
     current = settings()
+    submitted_by = signin.identity() or submitted_by
     spec = parse_spec(spec_text, max_bytes=current.max_spec_bytes, default_name=UNTITLED)
     url = _ready_url()
     try:
@@ -187,7 +197,7 @@ def cancel(experiment_id: int) -> actions.Cancelled:
     Raises ExperimentNotFound or DatabaseUnreachable with one sentence."""
     url = settings().effective_database_url
     try:
-        return actions.cancel(_engine(url), experiment_id=experiment_id)
+        return actions.cancel(_engine(url), experiment_id=experiment_id, cancelled_by=default_submitter() or None)
     finally:
         _forget_reads()
 
@@ -199,7 +209,8 @@ def requeue(experiment_id: int) -> actions.Requeued:
     try:
         return actions.requeue(_engine(current.effective_database_url),
                                _producer(current.effective_broker_url, current), experiment_id=experiment_id,
-                               settings=current, broker_timeout_s=BROKER_TIMEOUT_S)
+                               settings=current, requeued_by=default_submitter() or None,
+                               broker_timeout_s=BROKER_TIMEOUT_S)
     finally:
         _forget_reads()
 

@@ -1,13 +1,16 @@
-"""fitscope's dashboard: `streamlit run dashboard/app.py`. A router over the pages in app_pages/
-and a sidebar that says which database and broker this dashboard is looking at."""
+"""fitscope's dashboard: `fitscope dashboard` (or `streamlit run dashboard/app.py` on loopback). The
+sign-in gate (dashboard/signin.py), then a router over the pages in app_pages/ and a sidebar that says
+who is signed in and which database and broker this dashboard is looking at."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import data
+from dashboard import data, signin
 
 st.set_page_config(page_title="fitscope", layout="wide")
+data.settings()  # a bad setting stops the app here, in the main area, with one sentence
+signin.require_sign_in()  # before any page or sidebar: a visitor who has not signed in sees nothing else
 
 page = st.navigation([
     st.Page("app_pages/experiments.py", title="Experiments", icon=":material/view_list:", default=True),
@@ -18,7 +21,6 @@ page = st.navigation([
     st.Page("app_pages/trial.py", title="Trial", icon=":material/search:"),
 ])
 
-data.settings()  # a bad setting stops the app here, in the main area, with one sentence
 with st.sidebar:
     st.caption(f"Database: `{data.database_label()}`")
     st.caption(f"Broker: `{data.broker_label()}`")

@@ -55,7 +55,8 @@ from services.workers import list_workers
 REFRESH_SECONDS = 2  # live panels rerun this often; query results are cached as long
 STATUSES = tuple(status.value for status in TrialStatus)
 EXPERIMENT_COLUMNS = ("id", "name", "method", "submitted_by", "created_at", "trials", *STATUSES,
-                      "ended", "epochs_done", "epochs_planned", "progress", "finished", "tags", "note")
+                      "ended", "epochs_done", "epochs_planned", "progress", "finished", "tags", "note",
+                      "cancelled_by", "requeued_by")
 # Columns of services.queries.trial_rows that describe the run rather than a parameter or a metric.
 TRIAL_FIELDS = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch",
                 "started_at", "finished_at", "error")
@@ -204,7 +205,8 @@ def _experiment_frame(summaries: list[ExperimentSummary]) -> pd.DataFrame:
         {"id": s.id, "name": s.name, "method": s.method, "submitted_by": s.submitted_by,
          "created_at": s.created_at, "trials": s.trials, **{status: s.counts.get(status, 0) for status in STATUSES},
          "ended": s.ended, "epochs_done": s.epochs_done, "epochs_planned": s.epochs_planned,
-         "progress": s.progress, "finished": s.finished, "tags": list(s.tags), "note": s.note}
+         "progress": s.progress, "finished": s.finished, "tags": list(s.tags), "note": s.note,
+         "cancelled_by": s.cancelled_by, "requeued_by": s.requeued_by}
         for s in summaries
     ]
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))

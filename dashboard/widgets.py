@@ -262,3 +262,8 @@ def _natural(text: str) -> tuple[int, float, str]:
 
 def _text(value) -> str:
     return value.replace("_", " ") if isinstance(value, str) else ""
+
+
+def escape_markdown(text: str) -> str:
+    """User text (a name, an e-mail address) shown as itself in Streamlit markdown, not as formatting."""
+    return "".join(f"\\{char}" if char in "\\`*_[]{}()#+-.!:<>|~$" else char for char in text)

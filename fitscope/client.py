@@ -113,13 +113,16 @@ class Client:
         return experiment
 
     def cancel(self, experiment_id: int) -> actions.Cancelled:
-        """Cancel queued trials now; running ones stop at their next epoch boundary."""
-        return actions.cancel(self.engine, experiment_id=experiment_id)
+        """Cancel queued trials now; running ones stop at their next epoch boundary. Recorded as
+        cancelled by FITSCOPE_SUBMITTED_BY or the login name, as `fitscope cancel` records it."""
+        return actions.cancel(self.engine, experiment_id=experiment_id,
+                              cancelled_by=actions.default_submitter(self.settings))
 
     def requeue(self, experiment_id: int, *, statuses: tuple[str, ...] = actions.DEFAULT_REQUEUE) -> actions.Requeued:
-        """Re-queue the experiment's trials of ``statuses`` (default failed and cancelled)."""
+        """Re-queue the experiment's trials of ``statuses`` (default failed and cancelled), recorded as
+        re-queued by FITSCOPE_SUBMITTED_BY or the login name."""
         return actions.requeue(self.engine, self._producer, experiment_id=experiment_id, settings=self.settings,
-                               statuses=statuses)
+                               statuses=statuses, requeued_by=actions.default_submitter(self.settings))
 
     # --- waiting and reading ------------------------------------------------------------------
 

@@ -156,9 +156,10 @@ def submit(engine: Engine, producer: Celery, *, spec: GridSpec, spec_text: str, 
     return submitted
 
 
-def cancel(engine: Engine, *, experiment_id: int) -> Cancelled:
+def cancel(engine: Engine, *, experiment_id: int, cancelled_by: str | None = None) -> Cancelled:
     """Cancel the experiment's queued trials now and ask its running ones to stop at their next
-    epoch boundary (they keep their rows). Raises ExperimentNotFound or DatabaseUnreachable."""
+    epoch boundary (they keep their rows); ``cancelled_by`` is recorded on the experiment in the
+    same transaction. Raises ExperimentNotFound or DatabaseUnreachable."""
     from services.queries import get_experiment
     from services.trials import cancel_experiment
 
@@ -166,15 +167,17 @@ def cancel(engine: Engine, *, experiment_id: int) -> Cancelled:
         if get_experiment(session, experiment_id) is None:
             raise ExperimentNotFound(_no_such(experiment_id))
         counts = cancel_experiment(session, experiment_id)
+        _record(session, experiment_id, cancelled_by=cancelled_by)
     return Cancelled(experiment_id=experiment_id, cancelled=counts["cancelled"], stopping=counts["stopping"])
 
 
 def requeue(engine: Engine, producer: Celery, *, experiment_id: int, settings: Settings,
-            statuses: tuple[str, ...] = DEFAULT_REQUEUE, broker_timeout_s: float = 5.0) -> Requeued:
+            statuses: tuple[str, ...] = DEFAULT_REQUEUE, requeued_by: str | None = None,
+            broker_timeout_s: float = 5.0) -> Requeued:
     """Reset the experiment's trials of ``statuses`` (fresh attempts, no rows) and queue them, planned
-    into jobs as a submission plans them. The broker is checked first; the messages go out after the
-    commit. Raises ValueError (a status that cannot be re-queued), ExperimentNotFound,
-    BrokerUnreachable, DatabaseUnreachable, or NotQueued (reset, not sent)."""
+    into jobs as a submission plans them; ``requeued_by`` is recorded on the experiment. The broker is
+    checked first; the messages go out after the commit. Raises ValueError (a status that cannot be
+    re-queued), ExperimentNotFound, BrokerUnreachable, DatabaseUnreachable, or NotQueued (reset, not sent)."""
     from services.queries import get_experiment
     from services.trials import requeue_trials
 
@@ -186,6 +189,7 @@ def requeue(engine: Engine, producer: Celery, *, experiment_id: int, settings: S
         if get_experiment(session, experiment_id) is None:
             raise ExperimentNotFound(_no_such(experiment_id))
         trials = requeue_trials(session, experiment_id, statuses=tuple(statuses))
+        _record(session, experiment_id, requeued_by=requeued_by)
         jobs = plan_requeue(session, trials, fuse=settings.fuse, fuse_max_trials=settings.fuse_max_trials)
     try:
         enqueue_jobs(producer, jobs)
@@ -193,6 +197,15 @@ def requeue(engine: Engine, producer: Celery, *, experiment_id: int, settings: S
         reset = f"{len(trials)} trials of experiment {experiment_id} were reset but could not be queued"
         raise NotQueued(_not_queued(experiment_id, reset, producer, exc)) from None
     return Requeued(experiment_id=experiment_id, trial_ids=[trial_id for trial_id, _ in trials], jobs=len(jobs))
+
+
+def _record(session, experiment_id: int, **who: str | None) -> None:
+    # Who acted last (the signed-in dashboard user, or the CLI's FITSCOPE_SUBMITTED_BY / login name).
+    from sqlalchemy import update
+
+    from services.models import Experiment
+
+    session.execute(update(Experiment).where(Experiment.id == experiment_id).values(**who))
 
 
 def _no_such(experiment_id: int) -> str:

@@ -285,9 +285,10 @@ def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to canc
     """Cancel queued trials now; running ones stop at their next epoch boundary and keep their rows."""
     from services import actions
 
-    engine = _engine(_settings())
+    settings = _settings()
+    engine = _engine(settings)
     with _action_errors():
-        done = actions.cancel(engine, experiment_id=experiment_id)
+        done = actions.cancel(engine, experiment_id=experiment_id, cancelled_by=actions.default_submitter(settings))
     if json_output:
         typer.echo(json.dumps(done.as_json()))
         return
@@ -311,7 +312,7 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
     engine = _engine(settings)
     with _action_errors():
         done = actions.requeue(engine, make_celery(settings), experiment_id=experiment_id, settings=settings,
-                               statuses=tuple(status_))
+                               statuses=tuple(status_), requeued_by=actions.default_submitter(settings))
     if json_output:
         typer.echo(json.dumps(done.as_json()))
         return
@@ -443,9 +444,21 @@ def dashboard():
     from services.launcher import dashboard_command
 
     settings = _settings()
+    _check_sign_in(settings)
     _engine(settings).dispose()  # refuse a database whose schema is not at head, with the fix
     command = dashboard_command(settings)
     os.execv(command[0], command)
+
+
+def _check_sign_in(settings) -> None:
+    """Refuse (exit 2, one sentence) a dashboard beyond loopback without sign-in, or half-configured sign-in."""
+    from services.config import ConfigError
+    from services.signin import required_config
+
+    try:
+        required_config(settings)
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -454,8 +467,10 @@ def up():
     the dashboard. Ctrl-C stops them all."""
     from services.launcher import LaunchError, run_stack
 
+    settings = _settings()
+    _check_sign_in(settings)  # before anything starts
     try:
-        raise typer.Exit(run_stack(_settings(), echo=typer.echo))
+        raise typer.Exit(run_stack(settings, echo=typer.echo))
     except LaunchError as exc:
         fail(str(exc), code=1)
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _BROKER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
@@ -61,6 +61,24 @@ class Settings(BaseSettings):
         "training processes busy.")
     submitted_by: str | None = Field(None, max_length=200, pattern=r"^[^\x00]*$",
                                      description="Who submits, recorded on each experiment.")
+
+    # Dashboard sign-in with OpenID Connect (services/signin.py checks them together). Required when the
+    # dashboard listens beyond loopback; the signed-in user is then who submits, cancels and re-queues.
+    oidc_server_metadata_url: str | None = Field(
+        None, max_length=2000, description="The identity provider's .well-known/openid-configuration URL.")
+    oidc_client_id: str | None = Field(None, max_length=500, description="The dashboard's client id at the provider.")
+    oidc_client_secret: SecretStr | None = Field(None, description="The dashboard's client secret at the provider.")
+    oidc_redirect_uri: str | None = Field(
+        None, max_length=2000, description="The dashboard's public address + /oauth2callback, as registered.")
+    oidc_cookie_secret: SecretStr | None = Field(
+        None, description="Random text (32+ characters) that signs the dashboard's sign-in cookie.")
+
+    @field_validator("oidc_server_metadata_url", "oidc_client_id", "oidc_client_secret", "oidc_redirect_uri",
+                     "oidc_cookie_secret", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value):
+        # docker-compose passes an unset variable as "" (${VAR:-}); that means "not configured".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod
@@ -183,5 +201,6 @@ def _first_message(exc: ValidationError) -> str:
         return message
     field = ".".join(str(part) for part in error.get("loc", ()))
     given = error.get("input")  # shown so "nan" or "1e3" explain the message; never for URLs (passwords)
-    shown = f", got {given!r}" if isinstance(given, str) and len(given) <= 40 and not field.endswith("url") else ""
+    shown = (f", got {given!r}" if isinstance(given, str) and len(given) <= 40 and not field.endswith("url")
+             and "secret" not in field else "")
     return f"FITSCOPE_{field.upper()}: {message}{shown}"

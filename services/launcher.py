@@ -66,10 +66,14 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
 
 
 def dashboard_command(settings: Settings) -> list[str]:
-    """The streamlit command line that serves the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT."""
+    """The streamlit command line that serves the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT,
+    with sign-in when FITSCOPE_OIDC_* is set (services.signin writes its private secrets file now).
+    Raises ConfigError beyond loopback without sign-in."""
+    from services.signin import streamlit_args
+
     return [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP),
             "--server.address", settings.bind_host, "--server.port", str(settings.dashboard_port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.headless", "true", "--browser.gatherUsageStats", "false", *streamlit_args(settings)]
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:

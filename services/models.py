@@ -42,6 +42,8 @@ class Experiment(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_text: Mapped[str] = mapped_column(Text)
     submitted_by: Mapped[str | None] = mapped_column(String(200))
+    cancelled_by: Mapped[str | None] = mapped_column(String(200), comment="who last cancelled it")
+    requeued_by: Mapped[str | None] = mapped_column(String(200), comment="who last re-queued its trials")
     epochs_planned: Mapped[int] = mapped_column(Integer, comment="sum of the trials' epochs, for progress")
     tags: Mapped[list[str]] = mapped_column(JSON, default=list, comment="short labels to find it by")
     note: Mapped[str | None] = mapped_column(Text, comment="free text from the submitter")

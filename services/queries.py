@@ -27,6 +27,8 @@ class ExperimentSummary:
     epochs_planned: int = 0
     tags: list[str] = field(default_factory=list)
     note: str | None = None
+    cancelled_by: str | None = None
+    requeued_by: str | None = None
 
     @property
     def ended(self) -> int:
@@ -80,7 +82,7 @@ def list_experiments(session: Session, *, experiment_ids: list[int] | None = Non
             id=e.id, name=e.name, method=e.method, submitted_by=e.submitted_by, created_at=e.created_at,
             trials=sum(counts[e.id].values()), counts=counts[e.id],
             epochs_done=epochs_done[e.id], epochs_planned=e.epochs_planned,
-            tags=list(e.tags or []), note=e.note,
+            tags=list(e.tags or []), note=e.note, cancelled_by=e.cancelled_by, requeued_by=e.requeued_by,
         )
         for e in experiments
     ]

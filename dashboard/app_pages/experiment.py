@@ -17,6 +17,8 @@ NO_EPOCHS = ("No trial has finished an epoch yet. Learning curves appear here as
 
 def summary(experiment: dict) -> None:
     st.subheader(f"#{experiment['id']} {experiment['name']}")
+    if who := _who(experiment):
+        st.caption(who)
     fit, optimizers = st.columns(2)
     fit.page_link("app_pages/fit_analysis.py", label="Fit analysis", icon=":material/insights:",
                   query_params={"experiment": str(experiment["id"])})
@@ -83,6 +85,14 @@ def trial_table(trials: pd.DataFrame) -> None:
         with st.expander("Parameters shared by every trial"):
             st.dataframe(pd.DataFrame({"parameter": shared, "value": [str(trials[name].iloc[0]) for name in shared]}),
                          hide_index=True)
+
+
+def _who(experiment: dict) -> str:
+    """Submitted by X · last cancelled by Y · last re-queued by Z (the signed-in users, or the CLI's)."""
+    parts = [f"{label} **{widgets.escape_markdown(value)}**" for label, value in (
+        ("Submitted by", experiment.get("submitted_by")), ("last cancelled by", experiment.get("cancelled_by")),
+        ("last re-queued by", experiment.get("requeued_by"))) if isinstance(value, str) and value]
+    return " · ".join(parts)
 
 
 def _first_line(text) -> str | None:

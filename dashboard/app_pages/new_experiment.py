@@ -234,7 +234,9 @@ def _lines(prefix: str, messages: tuple[str, ...]) -> str:
 
 def submit_form(spec_text: str, found: actions.SpecPreview | None, uploads: dict[str, str]) -> None:
     who_col, tags_col = st.columns(2)
-    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=actions.MAX_SUBMITTER_CHARS)
+    submitted_by = who_col.text_input("Submitted by", key=SUBMITTER, max_chars=actions.MAX_SUBMITTER_CHARS,
+                                      disabled=actions.signed_in(),
+                                      help="You, as you signed in." if actions.signed_in() else None)
     tags_text = tags_col.text_input("Tags", key="new_tags", placeholder="capacity, moons",
                                     help=f"Separated by commas; at most {actions.MAX_TAGS}, each at most "
                                          f"{actions.MAX_TAG_CHARS} characters. The Experiments page searches them.")
@@ -279,7 +281,7 @@ def _submit(spec_text: str, name: str, submitted_by: str, tags_text: str, note: 
 
 st.session_state.setdefault(UPLOADS, {})
 st.session_state.setdefault(SOURCE, SOURCES[0])
-if SUBMITTER not in st.session_state:
+if SUBMITTER not in st.session_state or actions.signed_in():
     st.session_state[SUBMITTER] = actions.default_submitter()
 uploads: dict[str, actions.StoredCsv] = st.session_state[UPLOADS]
 upload_hashes = {name: stored.sha256 for name, stored in uploads.items()}

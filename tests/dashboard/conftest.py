@@ -13,3 +13,15 @@ def _fresh_streamlit_caches():
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+@pytest.fixture(autouse=True)
+def _served_on_loopback():
+    """AppTest serves nothing, but the app refuses an address beyond loopback without sign-in
+    (dashboard/signin.py); run it as `fitscope up` serves it."""
+    from streamlit import config  # st.set_option refuses server options; the command line sets them
+
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", previous)

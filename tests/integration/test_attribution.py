@@ -45,3 +45,28 @@ def test_tags_and_note_are_capped_kept_and_searchable(migrated_sqlite_url, broke
     assert missing.returncode == 0 and "no experiment matches 'bob%'" in missing.stdout
     too_long = fitscope("status", "--search", "x" * 201, env=env)
     assert too_long.returncode == 2 and too_long.stderr.startswith("error: --search is 201 characters")
+
+
+def test_who_cancelled_and_who_requeued_are_recorded_from_the_cli(migrated_sqlite_url, broker_url, tmp_path):
+    """The CLI acts as FITSCOPE_SUBMITTED_BY (a signed-in dashboard user is covered by
+    tests/browser/test_sign_in.py); the latest actor is kept and `status --json` shows both."""
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path,
+                       FITSCOPE_SUBMITTED_BY="Alice")
+    submitted = fitscope("submit", QUICKSTART, "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    experiment_id = json.loads(submitted.stdout)["experiment_id"]
+
+    def who() -> tuple:
+        [summary] = json.loads(fitscope("status", "--json", env=env).stdout)
+        return summary["submitted_by"], summary["cancelled_by"], summary["requeued_by"]
+
+    assert who() == ("Alice", None, None)
+    bob = {**env, "FITSCOPE_SUBMITTED_BY": "Bob"}
+    assert fitscope("cancel", str(experiment_id), env=bob).returncode == 0
+    assert who() == ("Alice", "Bob", None)
+    carol = {**env, "FITSCOPE_SUBMITTED_BY": "Carol"}
+    requeued = fitscope("requeue", str(experiment_id), env=carol)
+    assert requeued.returncode == 0, requeued.stderr
+    assert who() == ("Alice", "Bob", "Carol")
+    missing = fitscope("cancel", "999", env=bob)  # no such experiment: nothing recorded anywhere
+    assert missing.returncode == 2 and who() == ("Alice", "Bob", "Carol")

@@ -12,7 +12,7 @@ import pytest
 import typer
 
 from services.cli import app
-from services.config import Settings
+from services.config import ConfigError, Settings
 from services.queue import SOFT_SHUTDOWN_S
 from tests.compose import (
     DOCKERFILE,
@@ -29,6 +29,7 @@ from tests.servers import REPO
 
 OUR_SERVICES = {"migrate", "worker", "worker-gpu", "dashboard"}
 SECRETS = {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+SIGN_IN_SECRETS = {"FITSCOPE_OIDC_CLIENT_SECRET", "FITSCOPE_OIDC_COOKIE_SECRET"}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,31 @@ def test_there_is_no_default_password(compose, filled_env):
             interpolate(compose, {**filled_env, secret: ""})
     assert "s3cret" in service_environment(compose, "worker", filled_env)["FITSCOPE_DATABASE_URL"]
     assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+
+
+def test_the_dashboard_refuses_to_start_without_sign_in_and_starts_with_it(compose, filled_env, monkeypatch):
+    # Its settings, not compose, refuse: the other services start without an identity provider.
+    from services.signin import required_config
+
+    for secret in SIGN_IN_SECRETS:
+        assert read_env_file()[secret] == "", f".env.example must leave {secret} empty"
+    environment = service_environment(compose, "dashboard", filled_env)
+    assert {name for name in environment if name.startswith("FITSCOPE_OIDC_")} == {
+        "FITSCOPE_OIDC_SERVER_METADATA_URL", "FITSCOPE_OIDC_CLIENT_ID", "FITSCOPE_OIDC_CLIENT_SECRET",
+        "FITSCOPE_OIDC_REDIRECT_URI", "FITSCOPE_OIDC_COOKIE_SECRET"}
+    for service in OUR_SERVICES - {"dashboard"}:  # the secrets go only where they are used
+        assert not any(name.startswith("FITSCOPE_OIDC_") for name in service_environment(compose, service, filled_env))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="would listen on 0.0.0.0, beyond this machine, without sign-in"):
+        required_config(Settings())
+    signed_in = {**filled_env, "FITSCOPE_OIDC_SERVER_METADATA_URL": "https://accounts.google.com/.well-known/"
+                 "openid-configuration", "FITSCOPE_OIDC_CLIENT_ID": "id", "FITSCOPE_OIDC_CLIENT_SECRET": "s3cret",
+                 "FITSCOPE_OIDC_COOKIE_SECRET": "c" * 64,
+                 "FITSCOPE_OIDC_REDIRECT_URI": "http://localhost:8501/oauth2callback"}
+    for name, value in service_environment(compose, "dashboard", signed_in).items():
+        monkeypatch.setenv(name, value)
+    assert required_config(Settings()).redirect_uri == "http://localhost:8501/oauth2callback"
 
 
 def test_redis_is_a_durable_queue_with_a_password_that_stays_off_its_command_line(compose, filled_env):
