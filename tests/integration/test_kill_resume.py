@@ -1,5 +1,6 @@
-"""Checkpoints and resume: the store and the claim in a real database, then a real worker whose
-training process is killed with SIGKILL again and again while it trains one trial."""
+"""Checkpoints and resume: the store and the job claim in a real database, then a real worker whose
+training process is killed with SIGKILL again and again while it trains one trial, and a fused job
+of 16 trials killed three times."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from services.checkpoints import (
 )
 from services.config import ConfigError, Settings
 from services.db import session_scope
-from services.models import EpochMetric, Trial, TrialCheckpoint
-from services.queue import enqueue_trials, make_celery
+from services.models import EpochMetric, JobCheckpoint, Trial
+from services.queue import enqueue_jobs, make_celery
 from services.spec import parse_spec
 from services.submission import submit
 from services.trials import (
+    ClaimedJob,
     TrialSuperseded,
     cancel_experiment,
-    claim_trial,
+    claim_job,
     finish_trial,
     record_epochs,
     requeue_trials,
@@ -37,13 +39,24 @@ from tests.servers import WorkerProcess, fitscope_env
 pytestmark = pytest.mark.integration
 
 SPEC = "name: r\nfuse: false\nseeds: [0]\nparameters:\n  epochs: {value: 10}\n"
+JOB_SPEC = "name: j\nseeds: [0, 1, 2]\nparameters:\n  epochs: {value: 10}\n"
 
 
 def _submit(engine, spec_text: str = SPEC) -> int:
+    return _submit_all(engine, spec_text)[0]
+
+
+def _submit_all(engine, spec_text: str) -> list[int]:
     with session_scope(engine) as session:
         submitted = submit(session, spec=parse_spec(spec_text), spec_text=spec_text, submitted_by="tester",
                            max_trials=100)
-    return submitted.trial_ids[0]
+    return submitted.trial_ids
+
+
+def _claim(engine, trial_ids: list[int], *, worker: str, redelivered: bool = False,
+           max_attempts: int = 3) -> ClaimedJob:
+    with session_scope(engine) as session:
+        return claim_job(session, trial_ids, worker=worker, max_attempts=max_attempts, redelivered=redelivered)
 
 
 def _epoch(epoch: int) -> dict:
@@ -57,11 +70,18 @@ def _epochs(engine, trial_id: int) -> list[int]:
                                     .order_by(EpochMetric.epoch)))
 
 
-def _save_with_rows(engine, store, trial_id: int, *, attempt: int, epochs: range, data: bytes) -> None:
-    """What the worker does at a checkpoint: the pending rows and the checkpoint in one transaction."""
+def _save_with_rows(engine, store, job: ClaimedJob, *, epochs: range, data: bytes) -> None:
+    """What the worker does at a checkpoint: every trial's pending rows and the job's checkpoint in one
+    transaction, guarded by the attempt's token."""
     with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(e) for e in epochs], attempt=attempt)
-        store.save(session, trial_id=trial_id, attempt=attempt, epoch=epochs[-1], data=data)
+        for trial_id in job.claims:
+            record_epochs(session, trial_id, [_epoch(e) for e in epochs], token=job.token)
+        store.save(session, trial_ids=job.trial_ids, token=job.token, epoch=epochs[-1], data=data)
+
+
+def _checkpoint_row(engine, first_trial_id: int) -> JobCheckpoint | None:
+    with session_scope(engine) as session:
+        return session.get(JobCheckpoint, first_trial_id)
 
 
 @pytest.fixture
@@ -73,135 +93,157 @@ def engine(database_url, engine_for):
 def test_a_takeover_keeps_the_rows_up_to_the_checkpoint_and_resumes_from_it(engine, store_kind, tmp_path):
     store = DatabaseStore() if store_kind == "database" else DirectoryStore(tmp_path / "checkpoints")
     trial_id = _submit(engine)
+    first = _claim(engine, [trial_id], worker="w1")
+    _save_with_rows(engine, store, first, epochs=range(1, 4), data=b"state after 3")
     with session_scope(engine) as session:
-        first = claim_trial(session, trial_id, worker="w1", max_attempts=3)
-    _save_with_rows(engine, store, trial_id, attempt=1, epochs=range(1, 4), data=b"state after 3")
-    with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(4), _epoch(5)], attempt=1)  # then the worker died
+        record_epochs(session, trial_id, [_epoch(4), _epoch(5)], token=first.token)  # then the worker died
 
-    with session_scope(engine) as session:
-        second = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
-    assert (first.resume_epoch, first.checkpoint) == (None, None)
-    assert (second.attempt, second.resume_epoch, second.checkpoint) == (2, 3, b"state after 3")
+    second = _claim(engine, [trial_id], worker="w2", redelivered=True)
+    assert first.checkpoint is None and second.claims[trial_id].attempt == 2
+    assert (second.checkpoint.epoch, second.checkpoint.data, second.trial_ids) == (3, b"state after 3", [trial_id])
     assert _epochs(engine, trial_id) == [1, 2, 3]
     with session_scope(engine) as session:
         assert session.get(Trial, trial_id).epochs_done == 3
-        row = session.get(TrialCheckpoint, trial_id)
-        assert (row.attempt, row.epoch, row.size_bytes) == (1, 3, len(b"state after 3"))
+        row = session.get(JobCheckpoint, trial_id)
+        # The resuming attempt owns it now: its saves replace it, and its end removes it.
+        assert (row.attempt_token, row.epoch, row.size_bytes) == (second.token, 3, len(b"state after 3"))
         assert (row.data is None) == (store_kind == "folder")
 
-    # The resumed attempt writes on from epoch 4, and ending the trial removes its checkpoint.
-    _save_with_rows(engine, store, trial_id, attempt=2, epochs=range(4, 7), data=b"state after 6")
+    # The resumed attempt writes on from epoch 4; the job's end removes its checkpoint.
+    _save_with_rows(engine, store, second, epochs=range(4, 7), data=b"state after 6")
     if store_kind == "folder":  # what a worker killed in the middle of writing a checkpoint leaves
-        (tmp_path / "checkpoints" / f"trial-{trial_id}" / ".attempt-2-epoch-9.pt.4242.tmp").write_bytes(b"half")
+        (tmp_path / "checkpoints" / f"job-{trial_id}" / ".attempt-2-epoch-9.pt.4242.tmp").write_bytes(b"half")
     with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(e) for e in range(7, 11)], attempt=2)
-        finish_trial(session, trial_id, status="succeeded", attempt=2)
+        record_epochs(session, trial_id, [_epoch(e) for e in range(7, 11)], token=second.token)
+        finish_trial(session, trial_id, status="succeeded", token=second.token)
+        from services.checkpoints import delete_checkpoints
+
+        delete_checkpoints(session, [trial_id], token=first.token)  # not the stale attempt's any more
+        assert session.get(JobCheckpoint, trial_id) is not None
+        delete_checkpoints(session, [trial_id], token=second.token)
     assert _epochs(engine, trial_id) == list(range(1, 11))
+    assert _checkpoint_row(engine, trial_id) is None
+    assert not (tmp_path / "checkpoints" / f"job-{trial_id}").exists()
+
+
+def test_a_job_takeover_resumes_only_the_job_its_checkpoint_holds(engine):
+    """Rows after the checkpoint go for every trial taken over; a trial that ended after it stays
+    ended (it is in the stack to train again, unwritten); a job that is not the checkpoint's, or a
+    claim that is not a takeover, starts over."""
+    a, b, c = _submit_all(engine, JOB_SPEC)
+    first = _claim(engine, [a, b, c], worker="w1")
+    assert first.trial_ids == [a, b, c] and len({claim.token for claim in first.claims.values()}) == 1
+    _save_with_rows(engine, DatabaseStore(), first, epochs=range(1, 4), data=b"three")
     with session_scope(engine) as session:
-        assert session.get(TrialCheckpoint, trial_id) is None
-    assert not (tmp_path / "checkpoints" / f"trial-{trial_id}").exists()
+        for trial_id in (a, b, c):
+            record_epochs(session, trial_id, [_epoch(4), _epoch(5)], token=first.token)
+        finish_trial(session, b, status="succeeded", final_metrics={}, token=first.token)  # ended at 5
+
+    second = _claim(engine, [a, b, c], worker="w2", redelivered=True)
+    assert sorted(second.claims) == [a, c] and second.trial_ids == [a, b, c]
+    assert second.checkpoint.epoch == 3 and sorted(second.configs) == [a, b, c]
+    assert [_epochs(engine, t) for t in (a, b, c)] == [[1, 2, 3], [1, 2, 3, 4, 5], [1, 2, 3]]
+
+    third = _claim(engine, [a, c], worker="w3", redelivered=True)  # another plan: not this checkpoint's job
+    assert third.checkpoint is None and third.trial_ids == [a, c]
+    assert [_epochs(engine, t) for t in (a, b, c)] == [[], [1, 2, 3, 4, 5], []]
+    assert _checkpoint_row(engine, a) is None
 
 
 def test_a_folder_store_keeps_exactly_the_file_its_committed_row_names(engine, tmp_path):
     store = DirectoryStore(tmp_path / "checkpoints")
     trial_id = _submit(engine)
-    folder = tmp_path / "checkpoints" / f"trial-{trial_id}"
-    with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w1", max_attempts=3)
-    _save_with_rows(engine, store, trial_id, attempt=1, epochs=range(1, 3), data=b"two")
-    _save_with_rows(engine, store, trial_id, attempt=1, epochs=range(3, 5), data=b"four")
-    assert sorted(p.name for p in folder.iterdir()) == ["attempt-1-epoch-4.pt"]
+    folder = tmp_path / "checkpoints" / f"job-{trial_id}"
+    job = _claim(engine, [trial_id], worker="w1")
+    _save_with_rows(engine, store, job, epochs=range(1, 3), data=b"two")
+    _save_with_rows(engine, store, job, epochs=range(3, 5), data=b"four")
+    assert sorted(p.name for p in folder.iterdir()) == [f"attempt-{job.token}-epoch-4.pt"]
 
     with pytest.raises(RuntimeError, match="rolled back"):
         with session_scope(engine) as session:
-            store.save(session, trial_id=trial_id, attempt=1, epoch=6, data=b"six")
+            store.save(session, trial_ids=[trial_id], token=job.token, epoch=6, data=b"six")
             raise RuntimeError("rolled back")
-    assert sorted(p.name for p in folder.iterdir()) == ["attempt-1-epoch-4.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"attempt-{job.token}-epoch-4.pt"]
     with session_scope(engine) as session:
         stored = load_checkpoint(session, trial_id)
     assert (stored.epoch, stored.data) == (4, b"four")
 
-    (folder / "attempt-1-epoch-4.pt").write_bytes(b"fourteen")  # changed behind the store's back
+    (folder / f"attempt-{job.token}-epoch-4.pt").write_bytes(b"fourteen")  # changed behind the store's back
     with session_scope(engine) as session:
         assert load_checkpoint(session, trial_id) is None  # sized first: never read as the checkpoint
-    (folder / "attempt-1-epoch-4.pt").unlink()  # a folder not shared with this worker, say
+    (folder / f"attempt-{job.token}-epoch-4.pt").unlink()  # a folder not shared with this worker, say
     with session_scope(engine) as session:
         assert load_checkpoint(session, trial_id) is None
-        takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
-    assert takeover.resume_epoch is None and _epochs(engine, trial_id) == []
+    takeover = _claim(engine, [trial_id], worker="w2", redelivered=True)
+    assert takeover.checkpoint is None and _epochs(engine, trial_id) == []
 
 
 def test_a_stale_attempt_cannot_save_a_checkpoint(engine):
     trial_id = _submit(engine)
-    with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w1", max_attempts=3)
-    with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
+    stale = _claim(engine, [trial_id], worker="w1")
+    _claim(engine, [trial_id], worker="w2", redelivered=True)
 
     with pytest.raises(TrialSuperseded):
-        _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 3), data=b"stale")
-    with session_scope(engine) as session:
-        assert session.get(TrialCheckpoint, trial_id) is None
+        _save_with_rows(engine, DatabaseStore(), stale, epochs=range(1, 3), data=b"stale")
+    assert _checkpoint_row(engine, trial_id) is None
     assert _epochs(engine, trial_id) == []
 
 
 def test_a_trial_cancelled_while_its_worker_died_ends_cancelled_at_the_takeover(engine):
     trial_id = _submit(engine)
+    job = _claim(engine, [trial_id], worker="w1")
+    _save_with_rows(engine, DatabaseStore(), job, epochs=range(1, 4), data=b"three")
     with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w1", max_attempts=3)
-    _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 4), data=b"three")
-    with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(4)], attempt=1)
+        record_epochs(session, trial_id, [_epoch(4)], token=job.token)
         cancel_experiment(session, session.get(Trial, trial_id).experiment_id)
 
-    with session_scope(engine) as session:
-        assert claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True) is None
+    assert _claim(engine, [trial_id], worker="w2", redelivered=True).claims == {}
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert (trial.status, trial.attempts) == ("cancelled", 1)
-        assert session.get(TrialCheckpoint, trial_id) is None
+    assert _checkpoint_row(engine, trial_id) is None  # every trial of the job has ended: it goes
     assert _epochs(engine, trial_id) == [1, 2, 3, 4]
 
 
 def test_a_checkpoint_over_the_cap_is_not_saved(engine, monkeypatch):
     monkeypatch.setattr("services.checkpoints.MAX_CHECKPOINT_BYTES", 100)
     trial_id = _submit(engine)
-    with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w1", max_attempts=3)
+    job = _claim(engine, [trial_id], worker="w1")
 
     with pytest.raises(CheckpointNotSaved, match="over the .* cap"):
-        _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 3), data=b"x" * 101)
-    with session_scope(engine) as session:
-        assert session.get(TrialCheckpoint, trial_id) is None
+        _save_with_rows(engine, DatabaseStore(), job, epochs=range(1, 3), data=b"x" * 101)
+    assert _checkpoint_row(engine, trial_id) is None
     assert _epochs(engine, trial_id) == []  # the rows stay pending for the next write
+
+
+def test_the_checkpoint_cap_fits_the_largest_job_the_planner_makes():
+    from services.checkpoints import MAX_CHECKPOINT_BYTES
+    from services.planner import FUSED_WEIGHT_BUDGET
+
+    # Weights, best weights and Adam's two moments of every stacked weight, as float32.
+    assert MAX_CHECKPOINT_BYTES >= 4 * 4 * FUSED_WEIGHT_BUDGET
 
 
 def test_requeue_drops_the_checkpoint_and_a_trial_out_of_attempts_says_why(engine):
     trial_id = _submit(engine)
-    with session_scope(engine) as session:
-        claim_trial(session, trial_id, worker="w1", max_attempts=2)
-    _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 3), data=b"two")
-    with session_scope(engine) as session:
-        assert claim_trial(session, trial_id, worker="w2", max_attempts=2, redelivered=True).resume_epoch == 2
-    with session_scope(engine) as session:
-        assert claim_trial(session, trial_id, worker="w3", max_attempts=2, redelivered=True) is None
+    job = _claim(engine, [trial_id], worker="w1", max_attempts=2)
+    _save_with_rows(engine, DatabaseStore(), job, epochs=range(1, 3), data=b"two")
+    assert _claim(engine, [trial_id], worker="w2", redelivered=True, max_attempts=2).checkpoint.epoch == 2
+    assert _claim(engine, [trial_id], worker="w3", redelivered=True, max_attempts=2).claims == {}
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert trial.status == "failed" and trial.attempts == 2
         assert "gave up after 2 attempts (FITSCOPE_MAX_ATTEMPTS=2)" in trial.error
-        assert session.get(TrialCheckpoint, trial_id) is None
 
     _save_checkpoint_directly(engine, trial_id)
     with session_scope(engine) as session:
         requeue_trials(session, session.get(Trial, trial_id).experiment_id)
-    with session_scope(engine) as session:
-        assert session.get(TrialCheckpoint, trial_id) is None
+    assert _checkpoint_row(engine, trial_id) is None
 
 
 def _save_checkpoint_directly(engine, trial_id: int) -> None:
     with session_scope(engine) as session:
-        DatabaseStore().save(session, trial_id=trial_id, attempt=9, epoch=1, data=b"left over")
+        DatabaseStore().save(session, trial_ids=[trial_id], token="f" * 32, epoch=1, data=b"left over")
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/checkpoints", "file://otherhost/dir", "file:relative/dir",
