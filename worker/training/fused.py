@@ -16,6 +16,12 @@ optimizer family and device. Everything else stays per trial:
   them cannot leak); once half the stack has ended, the stack is compacted to the trials still
   training. Its result is built and handed to ``on_trials_end`` right after the epoch it ended in.
 
+Resumable: after each epoch but the last, ``checkpoint(epoch, capture)`` may call ``capture()`` for a
+checkpoint.JobState - the stack's rows, weights, best weights and optimizer state, and per trial its
+schedule, both generators, best epoch, early stopper and ending - and ``resume=state`` goes on from
+there in a freshly built job, bitwise as if it had never stopped (timings aside); trials that had
+ended stay ended, their results kept in the state.
+
 Per-step Python does not grow with the number of trials; per-epoch Python does (data order,
 metrics rows). The end of the trials that end together is measured for all of them at once (test
 metrics, weight statistics, prediction artifacts: one stacked forward per input, then the same
@@ -31,10 +37,10 @@ over the trials that ran it), so summing them over all trials gives the job's ti
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +48,7 @@ from torch import nn
 
 from services.planner import fusable, fusion_key
 from worker.training.artifacts import prediction_artifacts_rows
+from worker.training.checkpoint import JobState, TrialState
 from worker.training.data import Splits, make_dataset
 from worker.training.fused_optim import StepRates, row_order
 from worker.training.fused_stack import (
@@ -55,15 +62,7 @@ from worker.training.fused_stack import (
     per_trial_loss,
     weight_statistics_rows,
 )
-from worker.training.loop import (
-    EarlyStopper,
-    EpochMetrics,
-    TrialResult,
-    final_metrics_of,
-    finite_or_none,
-    resolve_device,
-    steps_per_epoch,
-)
+from worker.training.loop import steps_per_epoch
 from worker.training.losses import (
     baseline_loss,
     build_loss,
@@ -72,6 +71,16 @@ from worker.training.losses import (
     resolve_loss,
 )
 from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
+from worker.training.results import (
+    CannotResume,
+    EarlyStopper,
+    EpochMetrics,
+    TrialResult,
+    divergence,
+    epoch_metrics,
+    final_metrics_of,
+    resolve_device,
+)
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -80,6 +89,9 @@ log = logging.getLogger(__name__)
 
 OnEpoch = Callable[[dict[int, EpochMetrics]], "set[int] | None"]
 OnTrialsEnd = Callable[[dict[int, TrialResult]], None]
+# ``checkpoint(epoch, capture)``: called after each epoch but the last; calls ``capture()`` when it
+# wants the state (capturing copies every tensor, so it is done only when asked).
+CheckpointHook = Callable[[int, Callable[[], JobState]], None]
 
 
 def train_fused(
@@ -89,13 +101,18 @@ def train_fused(
     on_trials_end: OnTrialsEnd = lambda results: None,
     device: str | None = None,
     csv_content: bytes | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume: JobState | None = None,
 ) -> list[TrialResult]:
     """Train compatible trials together; returns one TrialResult per config, in order, shaped as
     train_trial's. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
     the epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets
     ``{trial index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller
-    can record them while the others train on. Raises ValueError when the configs cannot be fused
-    (see services.planner)."""
+    can record them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's
+    state after each epoch but the last (``capture()`` copies it into a JobState, so call it only
+    when saving); ``resume`` (a JobState of these same configs) goes on after its epoch exactly as
+    if the job had never stopped, and raises CannotResume, before training, when it does not fit.
+    Raises ValueError when the configs cannot be fused (see services.planner)."""
     _check_fusable(configs)
     first = configs[0]
     target = resolve_device(device or first.device)
@@ -111,8 +128,8 @@ def train_fused(
     template.to(target)
     generators = [torch.Generator().manual_seed(config.seed) for config in configs]  # init, then data order
     order = row_order(configs)  # stack rows: trials that step alike side by side
-    model = StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(target))
-    training = StackedTraining(model, [configs[i] for i in order], slots=order)
+    training = StackedTraining(StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(
+        target)), [configs[i] for i in order], slots=order)
     x_train, y_train, x_val, y_val = (
         t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val))
     y_train_rows, y_val_rows = (y.reshape(-1) for y in (y_train, y_val))  # targets [n, 1] -> [n]
@@ -128,10 +145,14 @@ def train_fused(
                      stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
-    set_up_s = time.perf_counter() - started
     results: dict[int, TrialResult] = {}
+    if resume is not None:
+        training = _resume(resume, configs=configs, trials=trials, results=results, template=template, device=target)
+    set_up_s = time.perf_counter() - started
+    last_epoch = max(config.epochs for config in configs)
 
-    for epoch in range(1, max(config.epochs for config in configs) + 1):
+    for epoch in range((resume.epoch if resume else 0) + 1, last_epoch + 1):
+        model = training.model
         epoch_started = time.perf_counter()
         running = [trials[index] for index in training.slots]  # row order; some may have ended
         rates = [trial.rates.epoch(epoch) for trial in running]
@@ -150,12 +171,13 @@ def train_fused(
             if trial.status != "running":
                 continue
             trial.seconds += share
-            bad = _divergence(train[row]["loss"], val[row]["loss"], epoch)
+            bad = divergence(train[row]["loss"], val[row]["loss"], epoch)
             if bad:
                 trial.end(training, row, status="diverged", message=bad)
                 continue
-            metrics = _epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share, norms=norms[row])
-            trial.history.append(metrics)
+            metrics = epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share,
+                                    grad_norm=norms[row][0], weight_norm=norms[row][1])
+            trial.last, trial.epochs_run = metrics, trial.epochs_run + 1
             rows[trial.index] = metrics
             if trial.best is None or metrics.val_loss < trial.best.val_loss:
                 trial.best = metrics
@@ -182,7 +204,33 @@ def train_fused(
         if not any(trial.status == "running" for trial in running):
             break
         training.compact()
+        if checkpoint is not None and epoch < last_epoch:
+            checkpoint(epoch, partial(_capture, epoch, configs=configs, trials=trials, training=training,
+                                      results=results))
     return [results[index] for index in range(len(configs))]
+
+
+def _capture(epoch: int, *, configs: Sequence[TrialConfig], trials: list[_Trial], training: StackedTraining,
+             results: dict[int, TrialResult]) -> JobState:
+    return JobState(epoch=epoch, configs=[config.model_dump_json() for config in configs],
+                    stack=training.state(), trials=[trial.state() for trial in trials], results=dict(results))
+
+
+def _resume(state: JobState, *, configs: Sequence[TrialConfig], trials: list[_Trial], results: dict[int, TrialResult],
+            template: nn.Module, device: torch.device) -> StackedTraining:
+    """Put back every piece of state that training moves into the freshly built job (data, template
+    and generators were rebuilt exactly as at the start); returns the stack as it was."""
+    if state.configs != [config.model_dump_json() for config in configs]:
+        raise CannotResume("the checkpoint was written by a job of other trials or other settings")
+    try:
+        for trial, trial_state in zip(trials, state.trials, strict=True):
+            trial.restore(trial_state)
+        training = StackedTraining.resumed(template, configs, state.stack, device=device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # e.g. a GPU generator's state on a CPU worker (device: auto), or a stack of another shape
+        raise CannotResume(f"the checkpoint does not fit this run ({type(exc).__name__}: {exc})") from None
+    results.update(state.results)
+    return training
 
 
 @dataclass
@@ -195,7 +243,8 @@ class _Trial:
     stopper: EarlyStopper | None
     data_generator: torch.Generator  # drew the initial weights; now each epoch's data order
     noise_generator: torch.Generator  # dropout masks and input noise
-    history: list[EpochMetrics] = field(default_factory=list)
+    last: EpochMetrics | None = None  # its latest epoch's metrics
+    epochs_run: int = 0
     best: EpochMetrics | None = None
     best_weights: torch.Tensor | None = None  # its row at its best epoch, kept when it ends
     status: str = "running"
@@ -208,6 +257,25 @@ class _Trial:
         if self.best is not None:
             self.best_weights = training.best[row].clone()
         training.freeze(row)
+
+    def state(self) -> TrialState:
+        return TrialState(
+            status=self.status, message=self.message, stopped_epoch=self.stopped_epoch, epochs_run=self.epochs_run,
+            last=self.last, best=self.best, stopper=self.stopper.state() if self.stopper else None,
+            rates=self.rates.state(), generator=self.data_generator.get_state(),
+            noise_generator=self.noise_generator.get_state(), seconds=self.seconds)
+
+    def restore(self, state: TrialState) -> None:
+        if (state.stopper is None) != (self.stopper is None):
+            raise ValueError("the checkpoint was written by a trial with other early stopping")
+        self.status, self.message, self.stopped_epoch = state.status, state.message, state.stopped_epoch
+        self.epochs_run, self.last, self.best, self.seconds = state.epochs_run, state.last, state.best, state.seconds
+        if self.stopper is not None:
+            self.stopper.restore(state.stopper)
+        self.rates.restore(state.rates)
+        # set_state on the generators themselves: they are the ones the epochs draw from.
+        self.data_generator.set_state(state.generator)
+        self.noise_generator.set_state(state.noise_generator)
 
 
 # Up to this many numbers (trials x rows x features), an epoch's shuffled copy of the data is made
@@ -276,17 +344,17 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
     share = (time.perf_counter() - started) / len(trials)
     results = {}
     for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
-        history, best = trial.history, trial.best
-        last = None if trial.status == "diverged" or not history else (
-            best if trial.stopper is not None else history[-1])
+        best = trial.best
+        last = None if trial.status == "diverged" or trial.last is None else (
+            best if trial.stopper is not None else trial.last)
         final_metrics = final_metrics_of(last=last, best=best, test=test)
         final_metrics.update(baselines)
         final_metrics["stopped_epoch"] = trial.stopped_epoch
-        final_metrics["final_epoch"] = history[-1].epoch if history else None
+        final_metrics["final_epoch"] = trial.last.epoch if trial.last else None
         final_metrics["parameter_count"] = count
         final_metrics.update(weights)
         final_metrics["train_seconds"] = set_up_s + trial.seconds + share
-        results[trial.index] = TrialResult(status=trial.status, epochs_run=len(history),
+        results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
                                            message=trial.message, artifacts=artifacts)
     return results
@@ -307,26 +375,6 @@ def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, spl
                       config.dataset_name)
         pictures = [{} for _ in has_best]
     return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
-
-
-def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:
-    # The one-trial path's sentence.
-    if not math.isfinite(train_loss):
-        return f"training loss became {train_loss} at epoch {epoch}"
-    if not math.isfinite(val_loss):
-        return f"validation loss became {val_loss} at epoch {epoch}"
-    return None
-
-
-def _epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: float,
-                   norms: list[float]) -> EpochMetrics:
-    return EpochMetrics(
-        epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
-        train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr, epoch_seconds=seconds,
-        train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
-        train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(norms[0]),
-        weight_norm=finite_or_none(norms[1]),
-    )
 
 
 def _check_fusable(configs: Sequence[TrialConfig]) -> None:

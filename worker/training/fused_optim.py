@@ -27,6 +27,7 @@ never written again, so nothing is multiplied by 0 and a NaN in it cannot leak a
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,25 @@ class StackedOptimizer:
             else:
                 self._update_at_rates(params, list(grad_segments[segment]), state, updates,
                                       rates=rate_segments[segment], **numbers)
+
+    def state_dict(self) -> dict:
+        """What a resume needs (CPU copies): the step counts and every state tensor, by kind."""
+        return {"name": self.name, "steps": self.steps, "step_count": self.step_count.detach().to("cpu", copy=True),
+                "state": {key: [value.detach().to("cpu", copy=True) for value in values]
+                          for key, values in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what :meth:`state_dict` took, onto the parameters this optimizer was built on."""
+        if state["name"] != self.name or set(state["state"]) != set(self.state):
+            raise ValueError(f"the checkpoint's optimizer is {state['name']!r}, not {self.name!r}")
+        loaded = {key: [value.to(param.device) for value, param in zip(values, self.params, strict=True)]
+                  for key, values in state["state"].items()}
+        if any(value.shape != param.shape for values in loaded.values()
+               for value, param in zip(values, self.params, strict=True)):
+            raise ValueError("the checkpoint's optimizer state has other shapes than the model")
+        self.steps = int(state["steps"])
+        self.step_count.copy_(state["step_count"])
+        self._use(self.params, loaded)
 
     def select(self, rows: torch.Tensor, kept: Sequence[int], *, params: Sequence[torch.Tensor]) -> None:
         """Keep only these rows (``rows`` as a tensor, ``kept`` as a list); ``params`` are the
@@ -224,6 +244,23 @@ class StepRates:
     def after_epoch(self, val_loss: float) -> None:
         if self.schedule is not None:
             self.schedule.after_epoch(val_loss)
+
+    def state(self) -> dict | None:
+        """The schedule's state (plain data; None for one_cycle, which depends on the step alone)."""
+        if self.holder is None:
+            return None
+        scheduler = self.schedule.scheduler
+        return copy.deepcopy({"holder": self.holder.state_dict(),
+                              "schedule": scheduler.state_dict() if scheduler is not None else None})
+
+    def restore(self, state: dict | None) -> None:
+        if (state is None) != (self.holder is None) or (
+                state is not None and (state["schedule"] is None) != (self.schedule.scheduler is None)):
+            raise ValueError("the checkpoint was written by a trial with another schedule")
+        if state is not None:
+            self.holder.load_state_dict(state["holder"])
+            if state["schedule"] is not None:
+                self.schedule.scheduler.load_state_dict(state["schedule"])
 
     def _one_cycle(self, step: int) -> float:
         # OneCycleLR.get_lr with fitscope's settings (pct_start 0.3, cos, div 25, final div 1e4).

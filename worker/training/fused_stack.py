@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.fused_optim import StackedOptimizer
-from worker.training.loop import finite_or_none
 from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import Dropout, PolynomialFeatures
+from worker.training.results import finite_or_none
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -189,6 +189,29 @@ class StackedTraining:
         owners = [(layer, name) for layer in model.layers for name, _ in layer.named_parameters(recurse=False)]
         self.penalised = [i for i, (layer, name) in enumerate(owners)  # what l1 acts on: Linear weights
                           if isinstance(layer, nn.Linear) and name == "weight"]
+
+    @classmethod
+    def resumed(cls, template: nn.Module, configs: Sequence[TrialConfig], state: dict, *,
+                device: torch.device) -> StackedTraining:
+        """The stack as :meth:`state` took it (its rows, weights, best weights, optimizer);
+        ``configs`` are every trial of the job, by trial index. Raises ValueError when it does not fit."""
+        slots = [int(slot) for slot in state["slots"]]
+        params, best = state["params"], state["best"]
+        count = sum(p.numel() for p in template.parameters())
+        if params.shape != (len(slots), count) or best.shape != params.shape:
+            raise ValueError(f"the checkpoint's stack is {tuple(params.shape)}, not {(len(slots), count)}")
+        training = cls(StackedModel(template, params.to(device)), [configs[slot] for slot in slots], slots=slots)
+        training.training = [bool(flag) for flag in state["training"]]
+        training.best = best.to(device)
+        training.optimizer.load_state_dict(state["optimizer"])
+        return training
+
+    def state(self) -> dict:
+        """What a resume needs, as CPU copies: the rows' trials, which still train, every row's
+        weights and best weights, and the optimizer's state."""
+        return {"slots": list(self.slots), "training": list(self.training),
+                "params": self.model.flat().to("cpu", copy=True), "best": self.best.to("cpu", copy=True),
+                "optimizer": self.optimizer.state_dict()}
 
     def step(self, loss: torch.Tensor, *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
         """Backward from ``loss`` (the sum of every row's loss, so each row gets its own gradient)

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,22 @@ from worker.training.losses import (
 )
 from worker.training.models import build_model, fit_input_features, make_noise_generator, parameter_count
 from worker.training.optim import build_optimizer
+from worker.training.results import (
+    CannotResume,
+    DeviceUnavailable,
+    EarlyStopper,
+    EpochMetrics,
+    TrialResult,
+    divergence,
+    epoch_metrics,
+    final_metrics_of,
+    finite_or_none,
+    resolve_device,
+)
 from worker.training.schedules import LearningRateSchedule, build_schedule
+
+__all__ = ["CannotResume", "DeviceUnavailable", "EarlyStopper", "EpochMetrics", "TrialResult", "resolve_device",
+           "train_trial"]
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -59,50 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, labels or targets
-
-
-class CannotResume(ValueError):
-    """The checkpoint handed to ``resume_from`` cannot be restored here; nothing was trained."""
-
-
-class DeviceUnavailable(ValueError):
-    """The trial asked for a device this worker does not have."""
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    """One row of per-epoch metrics, measured after the epoch's last step. Losses are means per example.
-
-    Its fields are ``epoch`` followed by services.trials.EPOCH_METRIC_FIELDS, in that order.
-    """
-
-    epoch: int  # 1-based
-    train_loss: float
-    val_loss: float
-    train_accuracy: float | None  # fraction in [0, 1]; None for regression
-    val_accuracy: float | None
-    lr: float  # the learning rate of the epoch (one_cycle: of its first step)
-    epoch_seconds: float  # wall time of the epoch's steps plus its evaluation
-    train_rmse: float | None = None  # regression only, in target units
-    val_rmse: float | None = None
-    train_mae: float | None = None
-    val_mae: float | None = None
-    train_r2: float | None = None  # 1 - SSE/SST on that set; None when its targets are constant
-    val_r2: float | None = None
-    grad_norm: float | None = None  # L2 norm of the epoch's last full gradient, before clipping
-    weight_norm: float | None = None  # L2 norm of all parameters at the epoch's end
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    """How a trial ended. final_metrics holds JSON-able numbers only (None where there is no number)."""
-
-    status: str  # "succeeded" | "diverged" | "cancelled"
-    epochs_run: int  # epochs with metrics, those before a resumed checkpoint included
-    best_epoch: int | None  # epoch with the lowest validation loss
-    final_metrics: dict
-    message: str | None
-    artifacts: dict[str, dict] = field(default_factory=dict)  # name -> small JSON-able plotting data
 
 
 @dataclass(frozen=True)
@@ -203,20 +174,12 @@ def train_trial(
         with torch.no_grad():
             train = measure(model(x_train), y_train, loss_fn=loss_fn, loss=loss_name)
             val = measure(model(x_val), y_val, loss_fn=loss_fn, loss=loss_name)
-        if not (math.isfinite(train["loss"]) and math.isfinite(val["loss"])):
-            which, bad = ("training", train["loss"]) if not math.isfinite(train["loss"]) else (
-                "validation", val["loss"])
-            status, message = "diverged", f"{which} loss became {bad} at epoch {epoch}"
+        message = divergence(train["loss"], val["loss"], epoch)
+        if message:
+            status = "diverged"
             break
-
-        metrics = EpochMetrics(
-            epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
-            train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr,
-            epoch_seconds=time.perf_counter() - epoch_started,
-            train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
-            train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(grad_norm),
-            weight_norm=finite_or_none(_l2_norm(list(model.parameters())).item()),
-        )
+        metrics = epoch_metrics(epoch, train, val, lr=lr, seconds=time.perf_counter() - epoch_started,
+                                grad_norm=grad_norm, weight_norm=_l2_norm(list(model.parameters())).item())
         last = metrics
         if best is None or metrics.val_loss < best.val_loss:
             best, best_weights = metrics, _copy_weights(model)
@@ -250,20 +213,6 @@ def train_trial(
         status=status, epochs_run=last.epoch if last else 0, best_epoch=best.epoch if best else None,
         final_metrics=final_metrics, message=message, artifacts=artifacts,
     )
-
-
-def resolve_device(requested: str) -> torch.device:
-    """cpu, cuda, or auto (cuda when this machine has a GPU, else cpu)."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable(
-            "device 'cuda' was requested but this worker has no usable CUDA GPU; "
-            "use device 'cpu' or 'auto', or run the trial on a GPU worker"
-        )
-    if requested not in ("cpu", "cuda"):
-        raise DeviceUnavailable(f"device {requested!r} is unknown; use 'cpu', 'cuda' or 'auto'")
-    return torch.device(requested)
 
 
 def get_batches(
@@ -337,28 +286,6 @@ def train_one_epoch(
     return grad_norm.item()
 
 
-class EarlyStopper:
-    """Counts epochs since validation loss last improved by more than min_delta."""
-
-    def __init__(self, settings) -> None:
-        self.patience, self.min_delta = settings.patience, settings.min_delta
-        self.best = math.inf
-        self.waited = 0
-
-    def state(self) -> dict:
-        return {"best": self.best, "waited": self.waited}
-
-    def restore(self, state: dict) -> None:
-        self.best, self.waited = float(state["best"]), int(state["waited"])
-
-    def should_stop(self, val_loss: float) -> bool:
-        if val_loss < self.best - self.min_delta:
-            self.best, self.waited = val_loss, 0
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
-
-
 def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -421,32 +348,6 @@ def test_at_best(
     return {key: finite_or_none(value) for key, value in test.items()}
 
 
-def final_metrics_of(*, last: EpochMetrics | None, best: EpochMetrics | None, test: dict) -> dict:
-    # A diverged trial has no final loss (it is not a number: None); its best epoch still counts.
-    def of(metrics: EpochMetrics | None, name: str) -> float | None:
-        return getattr(metrics, name) if metrics else None
-
-    return {
-        "final_train_loss": of(last, "train_loss"),
-        "final_val_loss": of(last, "val_loss"),
-        "final_train_accuracy": of(last, "train_accuracy"),
-        "final_val_accuracy": of(last, "val_accuracy"),
-        "best_val_loss": of(best, "val_loss"),
-        "best_val_accuracy": of(best, "val_accuracy"),
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "generalization_gap": last.val_loss - last.train_loss if last else None,
-        "final_train_rmse": of(last, "train_rmse"),
-        "final_val_rmse": of(last, "val_rmse"),
-        "final_val_mae": of(last, "val_mae"),
-        "final_val_r2": of(last, "val_r2"),
-        "best_val_rmse": of(best, "val_rmse"),
-        "test_rmse": test["rmse"],
-        "test_mae": test["mae"],
-        "test_r2": test["r2"],
-    }
-
-
 def _prediction_artifacts(model: nn.Module, splits: Splits, config: TrialConfig, device: torch.device) -> dict:
     # A trial whose plot fails still succeeds.
     from worker.training.artifacts import prediction_artifacts
@@ -463,7 +364,3 @@ def _l2_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     # The L2 norm of all the tensors as one vector. One fused call: torch.nn.utils.get_total_norm
     # does the same with more Python around it, which shows in a trial of tiny steps.
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
