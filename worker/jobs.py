@@ -128,6 +128,9 @@ class JobRun:
             except ValidationError as exc:
                 return self._fail(f"a stored trial config is not valid: {exc}")
             resume = self.job.checkpoint.data if self.job.checkpoint else None
+            if resume is not None:
+                log.info("job of trials %s: attempt %s resumes after epoch %s", sorted(self.job.claims),
+                         self.job.token[:8], self.job.checkpoint.epoch)
             try:
                 self._train(configs, resume=resume)
             except CannotResume as exc:  # nothing ran: start over, without the trials that ended
@@ -151,6 +154,7 @@ class JobRun:
         """THE call into the engine, for every job."""
         from services.planner import fusable
         from worker.training.checkpoint import CheckpointUnreadable
+        from worker.training.results import CannotResume as EngineCannotResume
 
         csv_content = self._csv_content(configs[0])
         try:
@@ -167,7 +171,7 @@ class JobRun:
             train_fused(configs, on_epoch=self.on_epoch, on_trials_end=self.on_trials_end,
                         checkpoint=lambda epoch, capture: self.checkpoint(epoch, lambda: job_state_to_bytes(capture())),
                         resume=state, csv_content=csv_content)
-        except CheckpointUnreadable as exc:
+        except (CheckpointUnreadable, EngineCannotResume) as exc:
             raise CannotResume(str(exc)) from None
 
     # --- the engine's hooks ------------------------------------------------------------------------
@@ -345,15 +349,11 @@ def _train_alone(config, *, job: JobRun, resume: bytes | None, csv_content: byte
     when the stack trains every config (then :meth:`JobRun._train` calls train_fused alone)."""
     from worker.training import train_trial
     from worker.training.checkpoint import state_from_bytes, state_to_bytes
-    from worker.training.loop import CannotResume as EngineCannotResume
 
     state = state_from_bytes(resume) if resume is not None else None
     if state is not None and state.epoch != job.job.checkpoint.epoch:
         raise CannotResume(f"it holds epoch {state.epoch}, its row says {job.job.checkpoint.epoch}")
-    try:
-        result = train_trial(config, on_epoch=lambda metrics: 0 in job.on_epoch({0: metrics}),
-                             checkpoint=lambda epoch, capture: job.checkpoint(epoch, lambda: state_to_bytes(capture())),
-                             resume_from=state, **({"csv_content": csv_content} if csv_content is not None else {}))
-    except EngineCannotResume as exc:
-        raise CannotResume(str(exc)) from None
+    result = train_trial(config, on_epoch=lambda metrics: 0 in job.on_epoch({0: metrics}),
+                         checkpoint=lambda epoch, capture: job.checkpoint(epoch, lambda: state_to_bytes(capture())),
+                         resume_from=state, **({"csv_content": csv_content} if csv_content is not None else {}))
     job.on_trials_end({0: result})

@@ -294,11 +294,12 @@ def killable_worker(migrated_sqlite_url, broker_url, tmp_path, request):
     worker.stop()
 
 
-def _start(migrated_sqlite_url, broker_url, engine) -> int:
-    trial_id = _submit(engine, LONG_SPEC)
+def _start(migrated_sqlite_url, broker_url, engine, spec_text: str = LONG_SPEC) -> list[int]:
+    """Submit the spec and send its trials as ONE job (the planner is not what this is about)."""
+    trial_ids = _submit_all(engine, spec_text)
     producer = make_celery(Settings(database_url=migrated_sqlite_url, broker_url=broker_url))
-    enqueue_trials(producer, [(trial_id, "cpu")])
-    return trial_id
+    enqueue_jobs(producer, [(trial_ids, "cpu")])
+    return trial_ids
 
 
 def _wait_for(engine, trial_id: int, worker: WorkerProcess, ready, timeout: float = 120) -> Trial:
@@ -326,11 +327,10 @@ def _waiting_in(worker: WorkerProcess) -> dict[int, str]:
         return {parent: f"unknown ({exc})"}
 
 
-def _checkpointed(engine, trial_id: int, *, attempt: int) -> int:
-    """The epoch of the trial's checkpoint when ``attempt`` wrote it, else 0."""
-    with session_scope(engine) as session:
-        row = session.get(TrialCheckpoint, trial_id)
-    return row.epoch if row is not None and row.attempt == attempt else 0
+def _checkpointed(engine, first_trial_id: int, trial: Trial) -> int:
+    """The epoch of the job's checkpoint when the attempt now running ``trial`` owns it, else 0."""
+    row = _checkpoint_row(engine, first_trial_id)
+    return row.epoch if row is not None and row.attempt_token == trial.attempt_token else 0
 
 
 def _kill_training_process(trial: Trial, worker: WorkerProcess) -> int:
@@ -344,50 +344,109 @@ def _kill_training_process(trial: Trial, worker: WorkerProcess) -> int:
     return pid
 
 
+def _kill_at(engine, trial_ids: list[int], worker: WorkerProcess, targets: tuple[int, ...]) -> list[int]:
+    """Kill the job's training process once per target: when the attempt running the job's last trial
+    has saved a checkpoint at or past the target epoch, so every kill lands at a different epoch and
+    every next attempt has a checkpoint to resume from. Returns the killed pids."""
+    killed = []
+    for kill, target in enumerate(targets, start=1):
+        trial = _wait_for(engine, trial_ids[-1], worker, lambda t, kill=kill, target=target: (
+            t.status == "running" and t.attempts == kill and _checkpointed(engine, trial_ids[0], t) >= target))
+        killed.append(_kill_training_process(trial, worker))
+    return killed
+
+
+def _uninterrupted(configs: list) -> tuple[list, dict[int, list]]:
+    """The job trained in this process, as the worker's training processes train it (one thread)."""
+    import torch
+
+    from worker.training.fused import train_fused
+
+    rows: dict[int, list] = {index: [] for index in range(len(configs))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = train_fused(configs, on_epoch=lambda epoch_rows: [
+            rows[index].append(metrics) for index, metrics in epoch_rows.items()] and None)
+    finally:
+        torch.set_num_threads(threads)
+    return results, rows
+
+
+def _assert_as_uninterrupted(engine, trial_ids: list[int]) -> None:
+    """Every trial: its status, every epoch row (once) and its final metrics bitwise those of the same
+    job trained without a kill; timings aside."""
+    from services.trial_config import TrialConfig
+
+    with session_scope(engine) as session:
+        trials = [session.get(Trial, trial_id) for trial_id in trial_ids]
+        stored = {trial_id: session.scalars(select(EpochMetric).where(EpochMetric.trial_id == trial_id)
+                                            .order_by(EpochMetric.epoch)).all() for trial_id in trial_ids}
+    results, reference_rows = _uninterrupted([TrialConfig.model_validate(trial.config) for trial in trials])
+    fields = [f.name for f in dataclasses.fields(reference_rows[0][0]) if not f.name.endswith("_seconds")]
+    for index, (trial, result) in enumerate(zip(trials, results, strict=True)):
+        assert (trial.status, trial.best_epoch) == (result.status, result.best_epoch), trial.id
+        assert [row.epoch for row in stored[trial.id]] == list(range(1, len(reference_rows[index]) + 1)), trial.id
+        assert trial.epochs_done == len(reference_rows[index])
+        assert [[getattr(row, name) for name in fields] for row in stored[trial.id]] == [
+            [getattr(row, name) for name in fields] for row in reference_rows[index]], trial.id
+        without_timings = {k: v for k, v in result.final_metrics.items() if not k.endswith("_seconds")}
+        without_timings["trained_with"] = len(trial_ids)  # the job records it: trained in a stack of that many
+        assert {k: v for k, v in trial.final_metrics.items() if not k.endswith("_seconds")} == without_timings
+    assert _checkpoint_row(engine, trial_ids[0]) is None  # the job's end removed it
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("killable_worker", [10], indirect=True)
 def test_a_trial_killed_five_times_resumes_to_the_uninterrupted_result(
         killable_worker, migrated_sqlite_url, broker_url, engine_for):
     engine = engine_for(migrated_sqlite_url)
-    trial_id = _start(migrated_sqlite_url, broker_url, engine)
-    killed: list[tuple[int, int]] = []  # (pid, epochs done in the database when killed)
-    for kill, target_epoch in enumerate((7, 18, 28, 39, 51), start=1):
-        # Killed once this attempt has saved a checkpoint at or past the target epoch, so every
-        # kill lands at a different epoch and every next attempt has a checkpoint to resume from.
-        trial = _wait_for(engine, trial_id, killable_worker, lambda t, kill=kill, target=target_epoch: (
-            t.status == "running" and t.attempts == kill and _checkpointed(engine, t.id, attempt=kill) >= target))
-        killed.append((_kill_training_process(trial, killable_worker), trial.epochs_done))
-    trial = _wait_for(engine, trial_id, killable_worker, lambda t: t.status != "running", timeout=180)
-
-    import torch
-
-    from services.trial_config import TrialConfig
-    from worker.training.loop import train_trial
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker's training processes
-    try:
-        reference_rows = []
-        reference = train_trial(TrialConfig.model_validate(trial.config), on_epoch=reference_rows.append)
-    finally:
-        torch.set_num_threads(threads)
+    trial_ids = _start(migrated_sqlite_url, broker_url, engine)
+    killed = _kill_at(engine, trial_ids, killable_worker, (7, 18, 28, 39, 51))
+    trial = _wait_for(engine, trial_ids[0], killable_worker, lambda t: t.status != "running", timeout=180)
 
     log = killable_worker.log()
     assert trial.status == "succeeded", f"{trial.error}\n{log[-3000:]}"
-    assert trial.attempts == 6 and len({pid for pid, _ in killed}) == 5
+    assert trial.attempts == 6 and len(set(killed)) == 5
     assert log.count("resumes after epoch") == 5, log[-3000:]
+    _assert_as_uninterrupted(engine, trial_ids)
+
+
+# 16 trials in one stack: four learning rates (the largest bounces or diverges), early stopping on
+# half of them (those end early, some before a kill, some between two), dropout and a cosine schedule.
+JOB_KILL_SPEC = """name: killed-job
+seeds: [0, 1]
+parameters:
+  n_train: {value: 3000}
+  width: {value: 32}
+  dropout: {value: 0.1}
+  schedule: {value: cosine}
+  lr: {values: [1.0, 0.1, 0.01, 0.001]}
+  early_stopping: {values: [null, {patience: 4}]}
+  epochs: {value: 60}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killable_worker", [10], indirect=True)
+def test_a_fused_job_killed_three_times_resumes_to_the_uninterrupted_result(
+        killable_worker, migrated_sqlite_url, broker_url, engine_for):
+    engine = engine_for(migrated_sqlite_url)
+    trial_ids = _start(migrated_sqlite_url, broker_url, engine, JOB_KILL_SPEC)
+    assert len(trial_ids) == 16
+    killed = _kill_at(engine, trial_ids, killable_worker, (9, 24, 39))
+    for trial_id in trial_ids:
+        _wait_for(engine, trial_id, killable_worker, lambda t: t.status != "running", timeout=240)
+
+    log = killable_worker.log()
+    assert len(set(killed)) == 3 and log.count("resumes after epoch") == 3, log[-3000:]
     with session_scope(engine) as session:
-        rows = session.scalars(select(EpochMetric).where(EpochMetric.trial_id == trial_id)
-                               .order_by(EpochMetric.epoch)).all()
-        assert session.get(TrialCheckpoint, trial_id) is None
-    assert [row.epoch for row in rows] == list(range(1, 71)) and trial.epochs_done == 70
-    fields = [f.name for f in dataclasses.fields(reference_rows[0]) if not f.name.endswith("_seconds")]
-    assert [[getattr(row, name) for name in fields] for row in rows] == [
-        [getattr(row, name) for name in fields] for row in reference_rows]
-    without_timings = {k: v for k, v in reference.final_metrics.items() if not k.endswith("_seconds")}
-    without_timings["trained_with"] = 1  # the task records it: trained alone, not fused
-    assert {k: v for k, v in trial.final_metrics.items() if not k.endswith("_seconds")} == without_timings
-    assert trial.best_epoch == reference.best_epoch
+        trials = [session.get(Trial, trial_id) for trial_id in trial_ids]
+    # Trials that ended before a kill stayed ended: fewer attempts than those that ran to the end.
+    attempts = sorted({trial.attempts for trial in trials})
+    assert attempts[-1] == 4 and attempts[0] < 4, attempts
+    assert {trial.status for trial in trials} <= {"succeeded", "diverged"}
+    _assert_as_uninterrupted(engine, trial_ids)
 
 
 @pytest.mark.slow
@@ -395,7 +454,7 @@ def test_a_trial_killed_five_times_resumes_to_the_uninterrupted_result(
 def test_a_trial_whose_worker_keeps_dying_ends_failed_naming_the_limit(
         killable_worker, migrated_sqlite_url, broker_url, engine_for):
     engine = engine_for(migrated_sqlite_url)
-    trial_id = _start(migrated_sqlite_url, broker_url, engine)
+    [trial_id] = _start(migrated_sqlite_url, broker_url, engine)
     for attempt in (1, 2):
         trial = _wait_for(engine, trial_id, killable_worker, lambda t, attempt=attempt: (
             t.status == "running" and t.attempts == attempt and t.epochs_done >= 4))
@@ -405,21 +464,20 @@ def test_a_trial_whose_worker_keeps_dying_ends_failed_naming_the_limit(
     assert trial.status == "failed" and trial.attempts == 2
     assert trial.error.startswith("gave up after 2 attempts (FITSCOPE_MAX_ATTEMPTS=2): each one ended without "
                                   "a result")
-    with session_scope(engine) as session:
-        assert session.get(TrialCheckpoint, trial_id) is None
+    assert _checkpoint_row(engine, trial_id) is None
     assert _epochs(engine, trial_id) == list(range(1, trial.epochs_done + 1))
 
 
-def test_a_checkpoint_that_does_not_fit_the_run_starts_the_trial_over_instead_of_failing_it(
+def test_a_checkpoint_that_does_not_fit_the_run_starts_the_job_over_instead_of_failing_it(
         migrated_sqlite_url, engine_for, monkeypatch):
     """A GPU generator's state (a device: auto trial that ran on a GPU) reaching a CPU worker."""
     import torch
 
     from services.config import get_settings
     from services.trial_config import TrialConfig
-    from worker import tasks
-    from worker.training import train_trial
-    from worker.training.checkpoint import state_from_bytes, state_to_bytes
+    from worker.jobs import execute_job
+    from worker.training.checkpoint import job_state_from_bytes, job_state_to_bytes
+    from worker.training.fused import train_fused
 
     monkeypatch.setenv("FITSCOPE_DATABASE_URL", migrated_sqlite_url)
     get_settings.cache_clear()
@@ -427,21 +485,20 @@ def test_a_checkpoint_that_does_not_fit_the_run_starts_the_trial_over_instead_of
     trial_id = _submit(engine)
     with session_scope(engine) as session:
         config = TrialConfig.model_validate(session.get(Trial, trial_id).config)
-        claim_trial(session, trial_id, worker="w1", max_attempts=3)
+    first = _claim(engine, [trial_id], worker="w1")
     saved = []
-    train_trial(config, checkpoint=lambda epoch, capture: epoch == 4 and saved.append(state_to_bytes(capture())))
-    alien = dataclasses.replace(state_from_bytes(saved[0]), noise_generator=torch.zeros(16, dtype=torch.uint8))
-    _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 5), data=state_to_bytes(alien))
-    with session_scope(engine) as session:
-        takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
-    assert takeover.resume_epoch == 4 and _epochs(engine, trial_id) == [1, 2, 3, 4]
+    train_fused([config], checkpoint=lambda epoch, capture: epoch == 4 and saved.append(job_state_to_bytes(capture())))
+    state = job_state_from_bytes(saved[0])
+    alien = dataclasses.replace(state, trials=[dataclasses.replace(state.trials[0],
+                                                                   noise_generator=torch.zeros(16, dtype=torch.uint8))])
+    _save_with_rows(engine, DatabaseStore(), first, epochs=range(1, 5), data=job_state_to_bytes(alien))
 
     try:
-        assert tasks.execute_claim(engine, takeover) == "succeeded"
+        assert execute_job(engine, [trial_id], worker="w2", redelivered=True) == {str(trial_id): "succeeded"}
     finally:
         get_settings.cache_clear()
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert (trial.status, trial.attempts) == ("succeeded", 2)
     assert _epochs(engine, trial_id) == list(range(1, 11))  # rows 1-4 of the dead attempt replaced
-    assert trial.final_metrics["final_val_loss"] == train_trial(config).final_metrics["final_val_loss"]
+    assert trial.final_metrics["final_val_loss"] == train_fused([config])[0].final_metrics["final_val_loss"]

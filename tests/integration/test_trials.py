@@ -7,6 +7,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from services.config import get_settings
 from services.db import session_scope
 from services.models import EpochMetric, Experiment, Trial
 from services.spec import parse_spec
@@ -207,6 +208,7 @@ def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeyp
     import worker.jobs as jobs
 
     monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01, 0.01]")
+    get_settings.cache_clear()  # the submit read them already
     real_finish, failures = trials_module.finish_trial, []
 
     def flaky_finish(*args, **kwargs):
@@ -237,6 +239,7 @@ def test_a_database_down_for_good_raises_database_down_and_keeps_the_trial_takea
     monkeypatch.setattr(jobs, "finish_trial", always_down)
     monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01]")
     monkeypatch.setenv("FITSCOPE_DB_WAIT_S", "0.05")
+    get_settings.cache_clear()  # the submit read them already
     trial_id = experiment.trial_ids[0]
     with pytest.raises(jobs.DatabaseDown, match="did not answer"):
         jobs.execute_job(engine, [trial_id], worker="w", redelivered=False)
