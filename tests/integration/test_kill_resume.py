@@ -346,11 +346,13 @@ def _kill_training_process(trial: Trial, worker: WorkerProcess) -> int:
 
 def _kill_at(engine, trial_ids: list[int], worker: WorkerProcess, targets: tuple[int, ...]) -> list[int]:
     """Kill the job's training process once per target: when the attempt running the job's last trial
-    has saved a checkpoint at or past the target epoch, so every kill lands at a different epoch and
-    every next attempt has a checkpoint to resume from. Returns the killed pids."""
+    without early stopping has saved a checkpoint at or past the target epoch, so every kill lands at
+    a different epoch and every next attempt has a checkpoint to resume from. Returns the killed pids."""
+    with session_scope(engine) as session:
+        watched = [trial_id for trial_id in trial_ids if session.get(Trial, trial_id).config["early_stopping"] is None]
     killed = []
     for kill, target in enumerate(targets, start=1):
-        trial = _wait_for(engine, trial_ids[-1], worker, lambda t, kill=kill, target=target: (
+        trial = _wait_for(engine, watched[-1], worker, lambda t, kill=kill, target=target: (
             t.status == "running" and t.attempts == kill and _checkpointed(engine, trial_ids[0], t) >= target))
         killed.append(_kill_training_process(trial, worker))
     return killed
