@@ -41,7 +41,8 @@ def register(app: Celery) -> None:
     # In the worker's main process, at start: a checkpoint folder that cannot be written is a
     # ConfigError (one sentence naming FITSCOPE_CHECKPOINT_URL) now, not a warning per job later.
     checkpoint_store(get_settings().checkpoint_url).check()
-    app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_job)
+    # max_retries=None: a job re-queued by a database outage is re-queued for as long as it lasts.
+    app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)(run_job)
 
 
 def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[str, str]:
@@ -61,5 +62,4 @@ def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[st
         # takeover that resumes from its checkpoint. Each such takeover counts one attempt, so a
         # database down for FITSCOPE_MAX_ATTEMPTS x FITSCOPE_DB_WAIT_S fails the trials, with a message.
         log.error("job of trials %s: %s; re-queueing it", trial_ids, exc)
-        raise task.retry(kwargs={"takeover": True}, countdown=get_settings().db_retry_delays_s[-1],
-                         max_retries=None) from None
+        raise task.retry(kwargs={"takeover": True}, countdown=get_settings().db_retry_delays_s[-1]) from None
