@@ -431,7 +431,7 @@ def test_a_lost_workers_fused_trials_come_back_as_one_fused_takeover_job(migrate
         sent = sorted((h["task"], h["argsrepr"], h["kwargsrepr"])
                       for h in (json.loads(raw)["headers"] for raw in queue.lrange("cpu", 0, -1)))
         assert sent == [("fitscope.run_job", f"[{trial_ids[:2]}]", "{'takeover': True}"),
-                        ("fitscope.run_trial", f"[{trial_ids[2]}]", "{'takeover': True}")]
+                        ("fitscope.run_job", f"[{[trial_ids[2]]}]", "{'takeover': True}")]
     finally:
         queue.close()
         presence.engine.dispose()
