@@ -191,7 +191,8 @@ def test_after_a_database_outage_a_worker_sweeps_only_once_others_had_time_to_be
         assert _status(engine, "other@h2") == "lost"
         [message] = queue.lrange("cpu", 0, -1)
         headers = json.loads(message)["headers"]
-        assert (headers["argsrepr"], headers["kwargsrepr"]) == (f"[{trial_ids[0]}]", "{'takeover': True}")
+        assert (headers["task"], headers["argsrepr"], headers["kwargsrepr"]) == (
+            "fitscope.run_job", f"[[{trial_ids[0]}]]", "{'takeover': True}")
     finally:
         queue.close()
         presence.engine.dispose()
@@ -371,7 +372,7 @@ def test_sigterm_as_docker_stop_sends_it_re_queues_the_running_trial_and_marks_t
         queue.close()
         worker.stop()
     message = json.loads(message)
-    assert message["headers"]["argsrepr"] == f"[{trial_id}]"
+    assert message["headers"]["argsrepr"] == f"[[{trial_id}]]"
     assert message["properties"]["delivery_info"]["redelivered"] is True  # claimed as a takeover
     with session_scope(engine) as session:
         assert session.get(WorkerNode, "stopping@test").status == "stopped", worker.log()[-3000:]
