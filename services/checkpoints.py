@@ -59,11 +59,15 @@ class DatabaseStore:
     def check(self) -> None:
         """Nothing to check: the database is checked when the worker starts."""
 
-    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes) -> None:
-        """Replace the job's checkpoint with ``data`` (raises CheckpointNotSaved when too large)."""
+    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes,
+             first_trial_id: int | None = None) -> None:
+        """Replace the checkpoint of the job anchored at ``first_trial_id`` (default: the first of
+        ``trial_ids``, the stack it holds) with ``data`` (raises CheckpointNotSaved when too large)."""
+        anchor = trial_ids[0] if first_trial_id is None else first_trial_id
         _check_size(data, trial_ids=trial_ids, epoch=epoch)
-        previous = _location(session, trial_ids[0])
-        _upsert(session, trial_ids=trial_ids, token=token, epoch=epoch, data=data, location=None, size=len(data))
+        previous = _location(session, anchor)
+        _upsert(session, anchor, trial_ids=trial_ids, token=token, epoch=epoch, data=data, location=None,
+                size=len(data))
         if previous:  # the store was switched from a folder to the database
             _after_commit(session, lambda: _remove_file(previous))
 
@@ -87,19 +91,20 @@ class DirectoryStore:
                 f"({exc.strerror or exc}); point it at a writable folder every worker can reach"
             ) from None
 
-    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes) -> None:
+    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes,
+             first_trial_id: int | None = None) -> None:
         """Write a new file, point the job's row at it, and remove the old file after the commit
         (or the new one after a rollback). Raises CheckpointNotSaved before touching the database
         when the file cannot be written."""
+        anchor = trial_ids[0] if first_trial_id is None else first_trial_id
         _check_size(data, trial_ids=trial_ids, epoch=epoch)
-        path = self.root / f"job-{trial_ids[0]}" / f"attempt-{token}-epoch-{epoch}.pt"
+        path = self.root / f"job-{anchor}" / f"attempt-{token}-epoch-{epoch}.pt"
         try:
             _write_atomically(path, data)
         except OSError as exc:
-            raise CheckpointNotSaved(f"job of trial {trial_ids[0]}: cannot write the checkpoint {path} ({exc})"
-                                     ) from None
-        previous = _location(session, trial_ids[0])
-        _upsert(session, trial_ids=trial_ids, token=token, epoch=epoch, data=None, location=path.as_uri(),
+            raise CheckpointNotSaved(f"job of trial {anchor}: cannot write the checkpoint {path} ({exc})") from None
+        previous = _location(session, anchor)
+        _upsert(session, anchor, trial_ids=trial_ids, token=token, epoch=epoch, data=None, location=path.as_uri(),
                 size=len(data))
         if previous and previous != path.as_uri():
             _after_commit(session, lambda: _remove_file(previous))
@@ -186,18 +191,18 @@ def _location(session: Session, first_trial_id: int) -> str | None:
     return session.scalar(select(JobCheckpoint.location).where(JobCheckpoint.first_trial_id == first_trial_id))
 
 
-def _upsert(session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes | None,
-            location: str | None, size: int) -> None:
+def _upsert(session: Session, first_trial_id: int, *, trial_ids: list[int], token: str, epoch: int,
+            data: bytes | None, location: str | None, size: int) -> None:
     # UPDATE, then INSERT when there was no row: portable, and only an attempt that holds trials of the
     # job (checked by the caller in this transaction) ever writes its checkpoint.
     values = {"trial_ids": list(trial_ids), "attempt_token": token, "epoch": epoch, "data": data,
               "location": location, "size_bytes": size, "created_at": utcnow()}
     updated = session.execute(
-        update(JobCheckpoint).where(JobCheckpoint.first_trial_id == trial_ids[0]).values(**values)
+        update(JobCheckpoint).where(JobCheckpoint.first_trial_id == first_trial_id).values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount
     if updated == 0:
-        session.execute(insert(JobCheckpoint).values(first_trial_id=trial_ids[0], **values))
+        session.execute(insert(JobCheckpoint).values(first_trial_id=first_trial_id, **values))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -44,6 +44,7 @@ class ClaimedJob:
     train again, unwritten, so the stack stays the one that was checkpointed)."""
 
     token: str
+    first_trial_id: int  # the message's first trial: where the job's checkpoint is found
     trial_ids: list[int]
     configs: dict[int, dict[str, Any]]
     claims: dict[int, Claim]
@@ -73,7 +74,7 @@ def claim_job(session: Session, trial_ids: Sequence[int], *, worker: str, max_at
         statuses = session.scalars(select(Trial.status).where(Trial.id.in_(list(trial_ids)))).all()
         if all(status in TERMINAL_STATUSES for status in statuses):  # left by an attempt killed as it ended
             delete_checkpoints(session, list(trial_ids[:1]))
-        return ClaimedJob(token=token, trial_ids=[], configs={}, claims={})
+        return ClaimedJob(token=token, first_trial_id=trial_ids[0], trial_ids=[], configs={}, claims={})
     anchor = trial_ids[0]
     # Read only now: the UPDATEs above locked the trials, so the dead attempt can no longer move its
     # checkpoint (its writes are guarded by its token and by the trials it holds).
@@ -86,12 +87,13 @@ def claim_job(session: Session, trial_ids: Sequence[int], *, worker: str, max_at
                         .execution_options(synchronize_session=False))
         adopt_checkpoint(session, anchor, token=token)
         configs = dict(session.execute(select(Trial.id, Trial.config).where(Trial.id.in_(stored.trial_ids))).all())
-        return ClaimedJob(token=token, trial_ids=list(stored.trial_ids), configs=configs, claims=claims,
-                          checkpoint=stored)
+        return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=list(stored.trial_ids), configs=configs,
+                          claims=claims, checkpoint=stored)
     session.execute(delete(EpochMetric).where(EpochMetric.trial_id.in_(list(claims))))
     delete_checkpoints(session, [anchor])  # a fresh start leaves nothing stale behind
     ids = [trial_id for trial_id in trial_ids if trial_id in claims]
-    return ClaimedJob(token=token, trial_ids=ids, configs={i: claims[i].config for i in ids}, claims=claims)
+    return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=ids, configs={i: claims[i].config for i in ids},
+                      claims=claims)
 
 
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
@@ -147,7 +149,7 @@ def restart_job(session: Session, job: ClaimedJob) -> set[int]:
             superseded.add(trial_id)
             continue
         session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id))
-    delete_checkpoints(session, [job.checkpoint.first_trial_id] if job.checkpoint else [], token=job.token)
+    delete_checkpoints(session, [job.first_trial_id], token=job.token)
     return superseded
 
 

@@ -204,7 +204,8 @@ class JobRun:
 
         def save(session) -> None:
             if self.live:  # still holding one trial of the job, checked (and locked) by the rows' writes
-                self.store.save(session, trial_ids=self.stack, token=self.job.token, epoch=epoch, data=data)
+                self.store.save(session, trial_ids=self.stack, token=self.job.token, epoch=epoch, data=data,
+                                first_trial_id=self.job.first_trial_id)
 
         try:
             self._write(save)
@@ -231,7 +232,7 @@ class JobRun:
                     log.warning("%s; its results are dropped", exc)
                     superseded.add(trial_id)
             if not self.live - set(ended):
-                delete_checkpoints(session, [self.stack[0]], token=self.job.token)
+                delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
             return superseded
 
         superseded = write_with_retry(self.engine, finish, settings=self.settings)
@@ -309,7 +310,7 @@ class JobRun:
                     finish_trial(session, trial_id, status=TrialStatus.failed, error=error, token=self.job.token)
                 except TrialSuperseded:
                     superseded.add(trial_id)
-            delete_checkpoints(session, [self.stack[0]], token=self.job.token)
+            delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
             return superseded
 
         superseded = write_with_retry(self.engine, fail, settings=self.settings)

@@ -150,6 +150,23 @@ def test_a_job_takeover_resumes_only_the_job_its_checkpoint_holds(engine):
     assert _checkpoint_row(engine, a) is None
 
 
+def test_a_job_whose_first_trial_had_ended_still_finds_its_checkpoint(engine):
+    """The checkpoint is found by the message's first trial, whether or not that one trains."""
+    a, b, c = _submit_all(engine, JOB_SPEC)
+    with session_scope(engine) as session:
+        finish_trial(session, a, status="cancelled")
+    first = _claim(engine, [a, b, c], worker="w1")
+    assert (first.first_trial_id, first.trial_ids) == (a, [b, c])
+    with session_scope(engine) as session:
+        for trial_id in (b, c):
+            record_epochs(session, trial_id, [_epoch(1), _epoch(2)], token=first.token)
+        DatabaseStore().save(session, trial_ids=first.trial_ids, token=first.token, epoch=2, data=b"two",
+                             first_trial_id=first.first_trial_id)
+    second = _claim(engine, [a, b, c], worker="w2", redelivered=True)
+    assert (second.checkpoint.epoch, second.trial_ids, sorted(second.claims)) == (2, [b, c], [b, c])
+    assert _epochs(engine, b) == _epochs(engine, c) == [1, 2]
+
+
 def test_a_folder_store_keeps_exactly_the_file_its_committed_row_names(engine, tmp_path):
     store = DirectoryStore(tmp_path / "checkpoints")
     trial_id = _submit(engine)
