@@ -57,10 +57,11 @@ def _wait_until(condition: Callable[[], bool], *, timeout: float, worker: Worker
 
 
 def _trial_id_of(raw_message: bytes) -> int:
-    """The trial id a queued Celery message carries (its body is base64 JSON: [args, kwargs, embed])."""
+    """The trial id a queued job of one trial carries (its body is base64 JSON: [args, kwargs, embed])."""
     message = json.loads(raw_message)
     args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    return args[0]
+    [trial_id] = args[0]
+    return trial_id
 
 
 def _assert_each_ran_once_with_every_epoch(engine: Engine, trials: list[Trial]) -> None:
