@@ -32,7 +32,7 @@ from sqlalchemy import delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from services.config import ConfigError
-from services.models import JobCheckpoint, utcnow
+from services.models import JobCheckpoint, Trial, utcnow
 from services.planner import FUSED_WEIGHT_BUDGET
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,24 @@ def load_checkpoint(session: Session, first_trial_id: int) -> StoredCheckpoint |
         return None
     return StoredCheckpoint(first_trial_id=trial_id, trial_ids=[int(i) for i in row.trial_ids],
                             attempt_token=row.attempt_token, epoch=row.epoch, data=bytes(data))
+
+
+def checkpointed_jobs(session: Session, trials: list[tuple[int, str]]
+                      ) -> tuple[list[tuple[list[int], str]], list[tuple[int, str]]]:
+    """Of these (trial id, queue) pairs (a lost worker's running trials), the jobs that have a checkpoint
+    of the attempt that runs them, as the messages that resume them: (the anchor, then the checkpoint's
+    stack; the first trial's queue), and the pairs left over."""
+    queues = dict(trials)
+    tokens = dict(session.execute(select(Trial.id, Trial.attempt_token).where(Trial.id.in_(list(queues)))).all())
+    jobs = []
+    rows = session.execute(select(JobCheckpoint.first_trial_id, JobCheckpoint.trial_ids, JobCheckpoint.attempt_token))
+    for anchor, trial_ids, token in rows.all():
+        held = [trial_id for trial_id in trial_ids if trial_id in queues and tokens.get(trial_id) == token]
+        if held:
+            jobs.append(([anchor, *(trial_id for trial_id in trial_ids if trial_id != anchor)], queues[held[0]]))
+            for trial_id in held:
+                del queues[trial_id]
+    return jobs, list(queues.items())
 
 
 def adopt_checkpoint(session: Session, first_trial_id: int, *, token: str) -> None:
