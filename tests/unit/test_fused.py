@@ -1,8 +1,9 @@
-"""Fused execution against the one-trial path: the same trials, trained stacked and one at a time.
+"""The stacked engine against the one-trial reference (tests/unit/reference_loop.py: an nn.Module,
+torch.optim, torch's schedulers and norm layers): the same trials, trained stacked and one at a time.
 
 Parity: initial weights bitwise, per-step losses to 1e-5 for every optimizer, and every per-trial
-number (schedules, weight decay, l1, clipping, early stopping, epochs, losses, layer norm) inside
-one stack. Dropout and input noise draw differently (same distribution), so they are compared over
+number (schedules, weight decay, l1, clipping, early stopping, epochs, losses, layer and batch norm)
+inside one stack. Dropout and input noise draw differently (same distribution), so they are compared over
 seeds. Endings stay per trial: divergence, cancellation, early stopping.
 """
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from services.trial_config import TrialConfig
-from worker.training import train_trial
+from tests.unit.reference_loop import train_trial as reference_trial
 from worker.training.fused import train_fused
 from worker.training.fused_stack import initial_rows, module_weights
 from worker.training.models import build_model
@@ -26,7 +27,7 @@ SMALL = dict(n_train=64, n_val=48, n_test=32, width=16)
 
 def _solo(config: TrialConfig):
     rows = []
-    result = train_trial(config, on_epoch=lambda metrics: rows.append(metrics))
+    result = reference_trial(config, on_epoch=lambda metrics: rows.append(metrics))
     return result, rows
 
 
@@ -223,7 +224,7 @@ def test_dropout_and_input_noise_agree_with_the_one_trial_path_within_the_seed_s
     seeds = range(8)
     configs = [TrialConfig(seed=seed, dropout=0.3, input_noise=0.2, epochs=12, n_train=128, width=32) for seed in seeds]
     fused = [r.final_metrics["final_val_loss"] for r in train_fused(configs)]
-    solo = [train_trial(c).final_metrics["final_val_loss"] for c in configs]
+    solo = [reference_trial(c).final_metrics["final_val_loss"] for c in configs]
     spread = max(statistics.stdev(fused), statistics.stdev(solo))
     assert spread > 0
     assert abs(statistics.mean(fused) - statistics.mean(solo)) <= spread, (fused, solo)
@@ -233,8 +234,38 @@ def test_dropout_and_input_noise_agree_with_the_one_trial_path_within_the_seed_s
 def test_trials_that_cannot_share_a_stack_are_refused():
     with pytest.raises(ValueError, match="trial 1 differs from trial 0"):
         train_fused([TrialConfig(width=8), TrialConfig(width=16)])
-    with pytest.raises(ValueError, match="batch norm"):
-        train_fused([TrialConfig(norm="batch"), TrialConfig(norm="batch", seed=1)])
+    with pytest.raises(ValueError, match="trial 1 differs from trial 0"):
+        train_fused([TrialConfig(norm="batch"), TrialConfig(norm="none", seed=1)])
+
+
+def test_batch_norm_trials_share_a_stack_each_with_its_own_running_statistics():
+    # 65 = 2 * 32 + 1: the single leftover example joins the batch before it (as the reference's
+    # get_batches merges it). Different rates and endings: each row's running mean and variance
+    # must move with its own batches only, and stop moving when its trial ends (the eval-mode
+    # validation loss of every later epoch reads them). Momentum SGD, not Adam: the bias before a
+    # batch norm gets a gradient of rounding noise only, which Adam would scale up to lr-sized
+    # steps (sign(noise) * lr) that differ between any two implementations.
+    configs = [TrialConfig(norm="batch", seed=seed, lr=lr, epochs=epochs, batch_size=32, optimizer="momentum",
+                           early_stopping=early, **{**SMALL, "n_train": 65})
+               for seed, lr, epochs, early in [(0, 0.05, 6, None), (1, 0.2, 2, None), (2, 0.01, 6, None),
+                                               (3, 0.5, 6, {"patience": 1, "min_delta": 0.05})]]
+    results, rows = _fused(configs)
+    for i, config in enumerate(configs):
+        solo, solo_rows = _solo(config)
+        _assert_rows_match(rows[i], solo_rows, tolerance=1e-5)
+        assert (results[i].epochs_run, results[i].best_epoch) == (solo.epochs_run, solo.best_epoch)
+        for key in ("test_loss", "test_accuracy", "best_val_loss", "weight_l1"):
+            assert results[i].final_metrics[key] == pytest.approx(solo.final_metrics[key], abs=1e-5), key
+    assert results[3].final_metrics["stopped_epoch"] is not None and results[1].epochs_run == 2
+
+
+def test_a_model_too_wide_to_be_worth_fusing_still_trains_as_a_stack_of_one():
+    # The planner keeps wide models out of fused jobs; the engine trains any one trial.
+    config = TrialConfig(width=1500, depth=2, epochs=2, n_train=64, n_val=32, n_test=0, batch_size=32,
+                         optimizer="momentum", lr=0.01)
+    [result], rows = _fused([config])
+    _assert_rows_match(rows[0], _solo(config)[1], tolerance=1e-5)
+    assert result.status == "succeeded"
 
 
 def test_epoch_seconds_are_each_trials_share_of_the_stack():

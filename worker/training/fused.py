@@ -1,4 +1,4 @@
-"""Many trials as one batched model: train_trial's results for a whole group, many times faster.
+"""The engine: every trial trains here, alone (a stack of one) or with others as one batched model.
 
 A grid is mostly small models that differ only in numbers. Trained one at a time, Python and kernel
 launches dominate; stacked (fused_stack.py), every trial rides on the same kernel calls. The trials
@@ -7,31 +7,41 @@ optimizer family and device. Everything else stays per trial:
 
 - identity: each trial's initial weights are drawn from a generator seeded by its seed exactly as
   build_model draws them (bitwise the same), and that generator then draws its data order each
-  epoch; its dropout masks and input noise come from its own noise generator.
+  epoch; its dropout masks and input noise come from its own noise generator, so a trial's numbers
+  do not depend on the trials it trains beside.
 - numbers: lr and schedule, weight decay, l1, momentum, betas and gradient clipping are per-trial
-  tensors; so are dropout and input noise; each trial runs its own number of epochs.
+  tensors; so are dropout and input noise, and batch norm's running statistics; each trial runs its
+  own number of epochs.
 - endings: early stopping, divergence (a NaN in one trial ends that trial only) and cancellation
   (``on_epoch`` returns the trials asked to stop). An ended trial is frozen: left out of every
   optimizer update, so its weights are never written again (never multiplied by 0, and a NaN in
   them cannot leak); once half the stack has ended, the stack is compacted to the trials still
   training. Its result is built and handed to ``on_trials_end`` right after the epoch it ended in.
 
+Each step: optional Gaussian input noise -> forward (dropout, batch norm on the batch) -> data loss
+-> backward (+ l1's subgradient on the weights) -> optional gradient clipping -> optimizer step at
+the step's rate. After each epoch every trial is evaluated in eval mode, without gradients, on the
+full training and validation sets (one forward pass), giving its row of metrics; reported losses
+are the data loss alone. At its end a trial keeps the weights of its best-validation epoch (the
+ones early stopping keeps, and the test set and the prediction artifacts see).
+
 Resumable: after each epoch but the last, ``checkpoint(epoch, capture)`` may call ``capture()`` for a
 checkpoint.JobState - the stack's rows, weights, best weights and optimizer state, and per trial its
 schedule, both generators, best epoch, early stopper and ending - and ``resume=state`` goes on from
 there in a freshly built job, bitwise as if it had never stopped (timings aside); trials that had
-ended stay ended, their results kept in the state.
+ended stay ended, their results kept in the state. The same configs on the CPU give bitwise the same
+numbers run to run; the global RNGs are never read.
 
 Per-step Python does not grow with the number of trials; per-epoch Python does (data order,
 metrics rows). The end of the trials that end together is measured for all of them at once (test
 metrics, weight statistics, prediction artifacts: one stacked forward per input, then the same
-reductions and roundings on every row), giving each trial the very numbers and artifacts that
-train_trial's helpers give its own model's outputs.
+reductions and roundings on every row).
 
-Not bitwise the one-trial path: dropout masks and input noise are drawn for a stretch of steps at
-once (same distribution, other draws), and batched kernels round differently (epoch losses agree to
-about 1e-6). A trial's ``epoch_seconds`` is its share of the stack's epoch (the epoch's wall time
-over the trials that ran it), so summing them over all trials gives the job's time.
+Against a plain nn.Module loop (tests/unit/reference_loop.py), the numbers agree to float rounding
+(epoch losses to about 1e-6), except that dropout masks and input noise are drawn for a stretch of
+steps at once (same distribution, other draws). A trial's ``epoch_seconds`` is its share of the
+stack's epoch (the epoch's wall time over the trials that ran it), so summing them over all trials
+gives the job's time.
 """
 
 from __future__ import annotations
@@ -46,8 +56,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from services.planner import fusable, fusion_key
+from services.planner import fusion_key
 from worker.training.artifacts import prediction_artifacts_rows
+from worker.training.batches import batch_bounds
 from worker.training.checkpoint import JobState, TrialState
 from worker.training.data import Splits, make_dataset
 from worker.training.fused_optim import StepRates, row_order
@@ -60,9 +71,9 @@ from worker.training.fused_stack import (
     measure_rows,
     measure_test_set,
     per_trial_loss,
+    row_size,
     weight_statistics_rows,
 )
-from worker.training.loop import steps_per_epoch
 from worker.training.losses import (
     baseline_loss,
     build_loss,
@@ -104,8 +115,9 @@ def train_fused(
     checkpoint: CheckpointHook | None = None,
     resume: JobState | None = None,
 ) -> list[TrialResult]:
-    """Train compatible trials together; returns one TrialResult per config, in order, shaped as
-    train_trial's. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
+    """Train compatible trials together (or one alone); returns one TrialResult per config, in
+    order. ``device`` overrides the configs' device (cpu, cuda, auto); ``csv_content`` is the
+    stored file of a CSV data set. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
     the epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets
     ``{trial index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller
     can record them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's
@@ -136,7 +148,10 @@ def train_fused(
     n_train = x_train.shape[0]
     x_both = torch.cat([x_train, x_val])
     batch_size = n_train if first.batch_size == "full" else min(first.batch_size, n_train)
-    steps = steps_per_epoch(n_train, batch_size=batch_size)
+    # Batch norm cannot normalise one example: a last batch of one joins the batch before it.
+    bounds = batch_bounds(n_train, batch_size=batch_size,
+                          merge_single=any(isinstance(layer, nn.BatchNorm1d) for layer in training.model.layers))
+    steps = len(bounds)
     loss_fn, row_loss = build_loss(first, loss_name), per_trial_loss(first, loss_name)
     constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
@@ -157,7 +172,7 @@ def train_fused(
         running = [trials[index] for index in training.slots]  # row order; some may have ended
         rates = [trial.rates.epoch(epoch) for trial in running]
         grad_norm = _train_one_epoch(training, running, x_train, y_train_rows, row_loss, rates=rates,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, bounds=bounds)
         with torch.no_grad():
             outputs = model.evaluate(x_both)  # the training and validation sets in one pass
             train = measure_rows(outputs[:, :, :n_train], y_train_rows, row_loss, loss=loss_name)
@@ -233,6 +248,22 @@ def _resume(state: JobState, *, configs: Sequence[TrialConfig], trials: list[_Tr
     return training
 
 
+def train_trial(
+    config: TrialConfig,
+    *,
+    on_epoch: Callable[[EpochMetrics], bool | None] = lambda metrics: None,
+    device: str | None = None,
+    csv_content: bytes | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume: JobState | None = None,
+) -> TrialResult:
+    """One trial, trained as a stack of one (:func:`train_fused` of ``[config]``): ``on_epoch`` gets
+    each epoch's metrics and returns True to cancel the trial there."""
+    [result] = train_fused([config], on_epoch=lambda rows: {0} if on_epoch(rows[0]) else None, device=device,
+                           csv_content=csv_content, checkpoint=checkpoint, resume=resume)
+    return result
+
+
 @dataclass
 class _Trial:
     """One trial's own state inside the stack."""
@@ -284,10 +315,11 @@ EPOCH_GATHER_NUMBERS = 16_000_000
 
 
 def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.Tensor, y: torch.Tensor,
-                     row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int) -> torch.Tensor:
-    """One optimizer step per batch for every row; returns each row's last gradient norm (before
-    clipping). Each trial's batches come in its own order, drawn as get_batches draws it (nothing
-    is drawn when one batch covers the set)."""
+                     row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int,
+                     bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """One optimizer step per batch (``bounds``: each step's rows) for every row; returns each row's
+    last gradient norm (before clipping). Each trial's batches come in its own order, drawn from its
+    generator (nothing is drawn when one batch covers the set)."""
     n = x.shape[0]
     training_rows = training.training
     if batch_size >= n:
@@ -308,11 +340,11 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
                     for trial, is_training in zip(running, training_rows, strict=True)],
         dropout_layers=sum(isinstance(layer, Dropout) for layer in model.layers), width=running[0].config.width,
         features=x.shape[1], n=n, batch_size=batch_size, device=x.device)
-    starts = range(0, n, batch_size)
     step_rates = [list(column) for column in zip(*rates, strict=True)]  # per step, each row's rate
+    # Batch norm's running statistics move only in the rows that still train.
+    moving = torch.tensor(training_rows, device=x.device).view(-1, 1, 1) if model.statistics else None
     norm = None
-    for step, start in enumerate(starts):
-        end = min(start + batch_size, n)
+    for step, (start, end) in enumerate(bounds):
         if order is None:
             inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
         else:
@@ -321,8 +353,8 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise
-        loss = row_loss(model.forward(inputs, dropout_scales=dropout_scales), labels).sum()
-        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(starts) - 1)
+        loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, moving=moving), labels).sum()
+        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(bounds) - 1)
     return norm
 
 
@@ -334,7 +366,7 @@ def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_
     forward per input, then the same reductions and roundings on every row together."""
     started = time.perf_counter()
     count = parameter_count(template)  # the same for every trial: they share the layers
-    nothing = torch.zeros(count, device=device)  # a trial that never finished an epoch has no best
+    nothing = torch.zeros(row_size(template), device=device)  # a trial that never finished an epoch has no best
     best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
     has_best = [trial.best_weights is not None for trial in trials]
     model = StackedModel(template, best_rows)
@@ -378,12 +410,11 @@ def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, spl
 
 
 def _check_fusable(configs: Sequence[TrialConfig]) -> None:
+    # Any one trial trains as a stack of one; several must share what shapes the computation.
+    # (Whether a group is worth fusing - a model's size - is the planner's choice, not checked here.)
     if not configs:
         raise ValueError("train_fused needs at least one trial")
     for i, config in enumerate(configs):
-        reason = fusable(config)
-        if reason:
-            raise ValueError(f"trial {i} cannot be fused: {reason}")
         if fusion_key(config) != fusion_key(configs[0]):
             raise ValueError(f"trial {i} differs from trial 0 in data, layers, loss, batch size, optimizer or "
                              "device, so they cannot be fused; see services.planner.fusion_key")

@@ -4,9 +4,11 @@ trial's end (test metrics, weight statistics).
 
 Every parameter of the template model (the one-trial model, built once) is one contiguous tensor
 with a row per trial: ``[slots, out, in]`` for a Linear weight, ``[slots, n, 1]`` for a bias or a
-norm's scale or shift. A trial's parameters laid out one after another, in the order of its
-nn.Module's parameters(), each in its own layout, make its row of the ``[slots, parameters]``
-"flat" form that initial weights, best weights and results use. The forward pass replays the
+norm's scale or shift. So is each batch norm's running mean and variance (``[slots, n, 1]``, per
+trial: each row's own statistics, moved only while its trial trains). A trial's parameters laid out
+one after another, in the order of its nn.Module's parameters(), each in its own layout, then its
+running statistics, make its row of the ``[slots, row_size]`` "flat" form that initial weights,
+best weights, checkpoints and results use. The forward pass replays the
 template's layers on the stacked parameters with batched matmuls, so a step costs the same few
 kernel calls whatever the number of trials; backward gives one gradient per parameter, which the
 optimizer uses as it is (fused_optim.py).
@@ -55,7 +57,8 @@ def initial_rows(template: nn.Module, generators: Sequence[torch.Generator]) -> 
     """``[trials, parameters]``: each trial's initial parameters, drawn from its generator exactly
     as models._init_linear_layers draws them (every Linear in order, weight then bias, uniform in
     +-1/sqrt(fan_in)), so bitwise what build_model gives; other parameters (norm scales and
-    shifts) as the template has them. Leaves each generator where build_model would."""
+    shifts, batch norm's running statistics) as the template has them. Leaves each generator where
+    build_model would. On the CPU."""
     rows = []
     for generator in generators:
         parts = []
@@ -65,17 +68,26 @@ def initial_rows(template: nn.Module, generators: Sequence[torch.Generator]) -> 
                     bound = 1.0 / math.sqrt(layer.in_features)
                     parts.append(torch.empty(parameter.shape).uniform_(-bound, bound, generator=generator))
                 else:
-                    parts.append(parameter.detach().clone())
+                    parts.append(parameter.detach().to("cpu", copy=True))
+        parts += [buffer.detach().to("cpu", copy=True) for buffer in _running_statistics(template)]
         rows.append(torch.cat([part.reshape(-1) for part in parts]))
     return torch.stack(rows)
 
 
+def row_size(template: nn.Module) -> int:
+    """Numbers in one row of the flat form: the parameters, then the running statistics."""
+    return sum(p.numel() for p in template.parameters()) + sum(b.numel() for b in _running_statistics(template))
+
+
 def module_weights(template: nn.Module, row: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One row of the stack as the trial's nn.Module state_dict."""
+    """One row of the stack as the trial's nn.Module state_dict (batch norm's batch counter aside)."""
     weights, offset = {}, 0
-    for name, parameter in template.named_parameters():
-        weights[name] = row[offset:offset + parameter.numel()].view(parameter.shape).detach().clone()
-        offset += parameter.numel()
+    statistics = {id(buffer) for buffer in _running_statistics(template)}
+    named = [*template.named_parameters(), *[(name, buffer) for name, buffer in template.named_buffers()
+                                             if id(buffer) in statistics]]
+    for name, tensor in named:
+        weights[name] = row[offset:offset + tensor.numel()].view(tensor.shape).detach().clone()
+        offset += tensor.numel()
     return weights
 
 
@@ -86,9 +98,11 @@ class StackedModel:
         self.template = template
         self.layers = _layers(template)
         self.shapes = [tuple(p.shape) for p in template.parameters()]
+        self.statistics_shapes = [tuple(b.shape) for b in _running_statistics(template)]
         self.widest = max(max(layer.in_features, layer.out_features) for layer in self.layers
                           if isinstance(layer, nn.Linear))
         self.params: list[torch.Tensor] = []
+        self.statistics: list[torch.Tensor] = []  # batch norm's running mean and variance, [slots, n, 1]
         self.use(flat)
 
     @property
@@ -98,24 +112,25 @@ class StackedModel:
     def use(self, flat: torch.Tensor) -> None:
         """Make ``flat`` (``[slots, parameters]``) the parameters: each becomes its own contiguous
         tensor (a copy), an autograd leaf that backward gives its gradient and the optimizer
-        updates in place."""
-        params, offset = [], 0
+        updates in place; the running statistics after them, plain tensors."""
+        tensors, offset = [], 0
         rows = flat.shape[0]
-        for shape in self.shapes:
+        for shape in self.shapes + self.statistics_shapes:
             size = math.prod(shape)
             view_shape = (rows, *shape, 1) if len(shape) == 1 else (rows, *shape)
-            params.append(flat[:, offset:offset + size].detach().reshape(view_shape).clone())
+            tensors.append(flat[:, offset:offset + size].detach().reshape(view_shape).clone())
             offset += size
-        self._set(params)
+        self._set(tensors[:len(self.shapes)], tensors[len(self.shapes):])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (fewer rows, less work); row numbers change."""
-        self._set([p.detach()[rows] for p in self.params])
+        self._set([p.detach()[rows] for p in self.params], [b[rows] for b in self.statistics])
 
     def flat(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``[slots, parameters]`` (or only these rows): each row's parameters as one row, a copy."""
-        params = [p.detach() if rows is None else p.detach()[rows] for p in self.params]
-        return torch.cat([p.reshape(p.shape[0], -1) for p in params], dim=1)
+        """``[slots, row_size]`` (or only these rows): each row's parameters and running statistics as
+        one row, a copy."""
+        tensors = [p.detach() if rows is None else p.detach()[rows] for p in [*self.params, *self.statistics]]
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
@@ -123,16 +138,20 @@ class StackedModel:
         takes it)."""
         return _row_norms(self.params)
 
-    def _set(self, params: list[torch.Tensor]) -> None:
+    def _set(self, params: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
         self.params = [p.requires_grad_() for p in params]
+        self.statistics = statistics
 
-    def forward(self, x: torch.Tensor, *, dropout_scales: torch.Tensor | None = None,
-                rows: slice = slice(None)) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, train: bool = False, dropout_scales: torch.Tensor | None = None,
+                moving: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Outputs ``[slots, outputs, n]``. ``x`` is ``[slots, n, features]``, or ``[n, features]``
-        shared by all (evaluation). ``dropout_scales`` ``[slots, dropout layers, width, n]`` (mask /
-        keep) applies dropout (training); None is eval mode. ``rows`` picks a range of slots."""
+        shared by all (evaluation). ``train``: batch norm normalises by the batch and moves the
+        running statistics of the rows ``moving`` (``[slots, 1, 1]`` bools) marks; else eval mode.
+        ``dropout_scales`` ``[slots, dropout layers, width, n]`` (mask / keep) applies dropout
+        (training). ``rows`` picks a range of slots."""
         # Slicing the leaves only when asked: a slice would add a slice-backward per parameter.
         params = iter(self.params if rows == slice(None) else [p[rows] for p in self.params])
+        statistics = iter(self.statistics if rows == slice(None) else [b[rows] for b in self.statistics])
         if isinstance(self.layers[0], PolynomialFeatures):  # works on row-major inputs
             x = self.layers[0](x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.layers[0].n_out)
         x = x.mT  # feature-major from here on (a view: the first matmul reads it transposed)
@@ -149,6 +168,9 @@ class StackedModel:
                 scale, shift = next(params), next(params)
                 variance, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
                 x = torch.addcmul(shift, (x - mean) * torch.rsqrt(variance + layer.eps), scale)
+            elif isinstance(layer, nn.BatchNorm1d):
+                x = _batch_norm(x, layer, next(params), next(params), next(statistics), next(statistics),
+                                train=train, moving=moving)
             elif isinstance(layer, Dropout):
                 if dropout_scales is not None:
                     x = x * dropout_scales[:, dropout_layer]
@@ -197,7 +219,7 @@ class StackedTraining:
         ``configs`` are every trial of the job, by trial index. Raises ValueError when it does not fit."""
         slots = [int(slot) for slot in state["slots"]]
         params, best = state["params"], state["best"]
-        count = sum(p.numel() for p in template.parameters())
+        count = row_size(template)
         if params.shape != (len(slots), count) or best.shape != params.shape:
             raise ValueError(f"the checkpoint's stack is {tuple(params.shape)}, not {(len(slots), count)}")
         training = cls(StackedModel(template, params.to(device)), [configs[slot] for slot in slots], slots=slots)
@@ -286,8 +308,8 @@ class NoiseAhead:
         for data rows start..end of the epoch; None where no trial uses it."""
         if not (self.wants_dropout or self.wants_noise):
             return None, None
-        if end > self.end:
-            self._draw(start, min(self.n, start + self.stretch))
+        if end > self.end:  # a merged last batch (batch norm) may reach past one stretch
+            self._draw(start, max(end, min(self.n, start + self.stretch)))
         a, b = start - self.start, end - self.start
         return (None if self.noise is None else self.noise[:, a:b],
                 None if self.scales is None else self.scales[..., a:b])
@@ -377,6 +399,33 @@ def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: li
     names = ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction")
     return [dict(zip(names, row_values, strict=True)) if ok and finite else dict.fromkeys(names)
             for row_values, ok, finite in zip(values, has_best, usable, strict=True)]
+
+
+def _batch_norm(x: torch.Tensor, layer: nn.BatchNorm1d, scale: torch.Tensor, shift: torch.Tensor,
+                running_mean: torch.Tensor, running_var: torch.Tensor, *, train: bool,
+                moving: torch.Tensor | None) -> torch.Tensor:
+    """F.batch_norm's formula on feature-major ``x`` ``[slots, features, n]``, each row with its own
+    statistics: in training, the batch's mean and biased variance normalise and the running ones
+    move by ``momentum`` towards them (the unbiased variance, as torch keeps it) in the rows
+    ``moving`` marks; in eval mode, the running ones normalise."""
+    if not train:
+        return torch.addcmul(shift, (x - running_mean) * torch.rsqrt(running_var + layer.eps), scale)
+    variance, mean = torch.var_mean(x, dim=2, correction=0, keepdim=True)
+    if moving is not None:
+        with torch.no_grad():
+            n, momentum = x.shape[2], layer.momentum
+            new_mean = torch.lerp(running_mean, mean, momentum)
+            new_var = torch.lerp(running_var, variance * (n / (n - 1)), momentum)
+            running_mean.copy_(torch.where(moving, new_mean, running_mean))
+            running_var.copy_(torch.where(moving, new_var, running_var))
+    return torch.addcmul(shift, (x - mean) * torch.rsqrt(variance + layer.eps), scale)
+
+
+def _running_statistics(template: nn.Module) -> list[torch.Tensor]:
+    """Each batch norm's running mean and variance, in layer order: what a row holds besides its
+    parameters."""
+    return [buffer for layer in _layers(template) if isinstance(layer, nn.BatchNorm1d)
+            for buffer in (layer.running_mean, layer.running_var)]
 
 
 def _first_argmax(output: torch.Tensor) -> torch.Tensor:
