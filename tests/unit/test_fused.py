@@ -325,3 +325,29 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
         module.load_state_dict(module_weights(template, rows[row]))
         assert statistics[row] == weight_statistics(penalised_weights(module))
     assert pictures[0] and statistics[0]["weight_l1"] > 0 and statistics[3]["weight_l1"] is None
+
+
+def test_batch_norm_rows_normalise_and_keep_statistics_as_torchs_own_layer_does():
+    # Each row against nn.BatchNorm1d on that row's own batch: the same outputs, and the same
+    # running statistics afterwards - except a frozen row's, which must not move at all.
+    from worker.training.fused_stack import StackedModel
+
+    config = TrialConfig(norm="batch", depth=1, width=8, **{k: v for k, v in SMALL.items() if k != "width"})
+    template = build_model(config, 2, 2, generator=torch.Generator())
+    rows = initial_rows(template, [torch.Generator().manual_seed(seed) for seed in range(3)])
+    stacked = StackedModel(template, rows)
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(0))
+    before = [statistic.clone() for statistic in stacked.statistics]
+    frozen = torch.tensor([False, True, False]).view(-1, 1, 1)
+    outputs = stacked.forward(x, train=True, frozen=frozen)
+    for row in range(3):
+        module = build_model(config, 2, 2, generator=torch.Generator())
+        module.load_state_dict(module_weights(template, rows[row]), strict=False)
+        expected = module.train()(x[row])
+        torch.testing.assert_close(outputs[row].mT, expected, rtol=1e-5, atol=1e-6)
+        moved = [statistic[row].view(-1) for statistic in stacked.statistics]
+        if row == 1:
+            assert all(torch.equal(now, then[row].view(-1)) for now, then in zip(moved, before, strict=True))
+        else:
+            torch.testing.assert_close(moved, [module[1].running_mean, module[1].running_var], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(stacked.statistics[0], before[0])  # the statistics did move

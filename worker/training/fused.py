@@ -342,7 +342,8 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         features=x.shape[1], n=n, batch_size=batch_size, device=x.device)
     step_rates = [list(column) for column in zip(*rates, strict=True)]  # per step, each row's rate
     # Batch norm's running statistics move only in the rows that still train.
-    moving = torch.tensor(training_rows, device=x.device).view(-1, 1, 1) if model.statistics else None
+    frozen = (torch.tensor([not is_training for is_training in training_rows], device=x.device).view(-1, 1, 1)
+              if model.statistics and not all(training_rows) else None)
     norm = None
     for step, (start, end) in enumerate(bounds):
         if order is None:
@@ -353,7 +354,7 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise
-        loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, moving=moving), labels).sum()
+        loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, frozen=frozen), labels).sum()
         norm = training.step(loss, lr=step_rates[step], want_norm=step == len(bounds) - 1)
     return norm
 
