@@ -21,20 +21,20 @@ def keep_model(monkeypatch):
     """Train one trial and also hand back its final weights (the best epoch's, as the trial ends):
     ``run(config, rows) -> (result, module, splits, stacked)``, with ``module`` the trial's own
     nn.Module holding them and ``stacked`` the engine's stack of one that held them."""
-    from worker.training import fused, train_trial
+    from worker.training import fused_results, train_trial
     from worker.training.data import make_dataset
     from worker.training.fused_stack import module_weights
     from worker.training.losses import model_outputs, resolve_loss
     from worker.training.models import build_model
 
     kept: dict = {}
-    original = fused._prediction_artifacts_rows
+    original = fused_results.stacked_prediction_artifacts
 
     def capture(model, has_best, **kwargs):
         kept["stacked"] = model
         return original(model, has_best, **kwargs)
 
-    monkeypatch.setattr(fused, "_prediction_artifacts_rows", capture)
+    monkeypatch.setattr(fused_results, "stacked_prediction_artifacts", capture)
 
     def run(config, rows: list | None = None):
         result = train_trial(config, on_epoch=rows.append if rows is not None else lambda metrics: None)

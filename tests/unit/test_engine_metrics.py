@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from services.trial_config import TrialConfig
 from services.trials import EPOCH_METRIC_FIELDS
-from worker.training import EpochMetrics, fused, train_trial
+from worker.training import EpochMetrics, fused, fused_results, train_trial
 from worker.training.data import make_dataset
 from worker.training.losses import build_loss, resolve_loss
 from worker.training.models import PolynomialFeatures, build_model, parameter_count
@@ -101,14 +101,14 @@ def test_prediction_artifacts_come_from_the_diagnosis_module(monkeypatch) -> Non
         seen["outputs"] = tuple(predict(splits.x_val).shape)  # [rows, n, outputs], eval mode
         return [{"decision_boundary": {"grid": [[0.5]]}}] * rows
 
-    monkeypatch.setattr(fused, "prediction_artifacts_rows", prediction_artifacts_rows)
+    monkeypatch.setattr(fused_results, "prediction_artifacts_rows", prediction_artifacts_rows)
     result = train_trial(TrialConfig(**SMALL))
     assert result.artifacts == {"decision_boundary": {"grid": [[0.5]]}} and seen == {"outputs": (1, 32, 2)}
 
     def broken(predict, splits, config, *, rows):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(fused, "prediction_artifacts_rows", broken)
+    monkeypatch.setattr(fused_results, "prediction_artifacts_rows", broken)
     result = train_trial(TrialConfig(**SMALL))
     assert result.status == "succeeded" and result.artifacts == {}
 

@@ -11,7 +11,7 @@ from services.trial_config import EarlyStopping, TrialConfig
 from worker.training import EpochMetrics, train_trial
 from worker.training.batches import batch_bounds, steps_per_epoch
 from worker.training.data import make_dataset
-from worker.training.fused_stack import measure_rows, per_trial_loss
+from worker.training.fused_results import measure_rows, per_trial_loss
 from worker.training.models import build_model
 
 SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)

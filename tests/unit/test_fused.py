@@ -294,10 +294,10 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
     # The end of a fused job measures every trial at once; each trial must get exactly what
     # prediction_artifacts and weight_statistics give its own model (here: a stand-in module that
     # returns the trial's row of the stacked outputs, as the stacked forward computes them).
-    from worker.training import fused
     from worker.training.artifacts import prediction_artifacts
     from worker.training.data import make_dataset
-    from worker.training.fused_stack import StackedModel, weight_statistics_rows
+    from worker.training.fused_results import stacked_prediction_artifacts, weight_statistics_rows
+    from worker.training.fused_stack import StackedModel
     from worker.training.losses import model_outputs, penalised_weights, resolve_loss, weight_statistics
 
     config = TrialConfig(dataset=dataset, loss=loss, **{**SMALL, **extra})
@@ -316,7 +316,7 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
         def forward(self, x):
             return stacked.evaluate(x)[self.row].mT
 
-    pictures = fused._prediction_artifacts_rows(stacked, [True] * 4, splits=splits, config=config,
+    pictures = stacked_prediction_artifacts(stacked, [True] * 4, splits=splits, config=config,
                                                 device=torch.device("cpu"))
     statistics = weight_statistics_rows(template, rows, [True] * 4)
     for row in range(4):

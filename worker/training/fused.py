@@ -57,23 +57,12 @@ import torch
 from torch import nn
 
 from services.planner import fusion_key
-from worker.training.artifacts import prediction_artifacts_rows
 from worker.training.batches import batch_bounds
 from worker.training.checkpoint import JobState, TrialState
-from worker.training.data import Splits, make_dataset
+from worker.training.data import make_dataset
 from worker.training.fused_optim import StepRates, row_order
-from worker.training.fused_stack import (
-    NoiseAhead,
-    PerTrialLoss,
-    StackedModel,
-    StackedTraining,
-    initial_rows,
-    measure_rows,
-    measure_test_set,
-    per_trial_loss,
-    row_size,
-    weight_statistics_rows,
-)
+from worker.training.fused_results import PerTrialLoss, measure_rows, per_trial_loss, trial_results
+from worker.training.fused_stack import NoiseAhead, StackedModel, StackedTraining, initial_rows
 from worker.training.losses import (
     baseline_loss,
     build_loss,
@@ -81,7 +70,7 @@ from worker.training.losses import (
     model_outputs,
     resolve_loss,
 )
-from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
+from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator
 from worker.training.results import (
     CannotResume,
     EarlyStopper,
@@ -89,7 +78,6 @@ from worker.training.results import (
     TrialResult,
     divergence,
     epoch_metrics,
-    final_metrics_of,
     resolve_device,
 )
 
@@ -213,7 +201,7 @@ def train_fused(
                 trial.rates.after_epoch(rows[trial.index].val_loss)
         ended = [trial for trial in running if trial.status != "running" and trial.index not in results]
         if ended:  # their test metrics and artifacts in one stacked pass, then reported at once
-            results.update(_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
+            results.update(trial_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
                                     device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
             on_trials_end({trial.index: results[trial.index] for trial in ended})
         if not any(trial.status == "running" for trial in running):
@@ -357,57 +345,6 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, frozen=frozen), labels).sum()
         norm = training.step(loss, lr=step_rates[step], want_norm=step == len(bounds) - 1)
     return norm
-
-
-def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_fn, loss: str,
-             device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
-    """Each trial's TrialResult, built as train_trial builds it, from its weights at its best epoch.
-    What train_trial measures one model at a time (test metrics, weight statistics, prediction
-    artifacts) is measured here for all the trials at once, with the same numbers: one stacked
-    forward per input, then the same reductions and roundings on every row together."""
-    started = time.perf_counter()
-    count = parameter_count(template)  # the same for every trial: they share the layers
-    nothing = torch.zeros(row_size(template), device=device)  # a trial that never finished an epoch has no best
-    best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
-    has_best = [trial.best_weights is not None for trial in trials]
-    model = StackedModel(template, best_rows)
-    tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
-    statistics = weight_statistics_rows(template, best_rows, has_best)
-    pictures = _prediction_artifacts_rows(model, has_best, splits=splits, config=trials[0].config, device=device)
-    share = (time.perf_counter() - started) / len(trials)
-    results = {}
-    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
-        best = trial.best
-        last = None if trial.status == "diverged" or trial.last is None else (
-            best if trial.stopper is not None else trial.last)
-        final_metrics = final_metrics_of(last=last, best=best, test=test)
-        final_metrics.update(baselines)
-        final_metrics["stopped_epoch"] = trial.stopped_epoch
-        final_metrics["final_epoch"] = trial.last.epoch if trial.last else None
-        final_metrics["parameter_count"] = count
-        final_metrics.update(weights)
-        final_metrics["train_seconds"] = set_up_s + trial.seconds + share
-        results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
-                                           best_epoch=best.epoch if best else None, final_metrics=final_metrics,
-                                           message=trial.message, artifacts=artifacts)
-    return results
-
-
-def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
-                               device: torch.device) -> list[dict[str, dict]]:
-    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
-    stacked forward per input. Like loop._prediction_artifacts, a failure costs the artifacts only."""
-
-    def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
-        return model.evaluate(x.to(device)).float().cpu().mT
-
-    try:
-        pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
-    except Exception:
-        log.exception("prediction artifacts of fused %s trials failed; the trials keep their metrics",
-                      config.dataset_name)
-        pictures = [{} for _ in has_best]
-    return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
 
 
 def _check_fusable(configs: Sequence[TrialConfig]) -> None:

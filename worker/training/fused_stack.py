@@ -1,6 +1,6 @@
-"""The stacked model of fused execution: many trials' networks as one, plus the per-trial pieces
-of a step (losses, metrics, dropout and input noise, gradient clipping, l1, freezing) and of a
-trial's end (test metrics, weight statistics).
+"""The stacked model of fused execution: many trials' networks as one (or one alone), plus the
+per-trial pieces of a step (dropout and input noise, batch and layer norm, gradient clipping, l1,
+freezing). How rows are measured is fused_results.py.
 
 Every parameter of the template model (the one-trial model, built once) is one contiguous tensor
 with a row per trial: ``[slots, out, in]`` for a Linear weight, ``[slots, n, 1]`` for a bias or a
@@ -23,7 +23,7 @@ row-major, ``[slots, rows, features]`` as the data are stored, and are read tran
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,13 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.fused_optim import StackedOptimizer
-from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import Dropout, PolynomialFeatures
-from worker.training.results import finite_or_none
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
-    from worker.training.data import Splits
 
 # Evaluation runs over at most this many hidden activations at once (slots x rows x width): about
 # 1 MB, so they stay in a core's L2 cache (measured: 2.5x faster than one pass over 64 trials).
@@ -48,9 +45,6 @@ EVAL_CHUNK_NUMBERS = 250_000
 NOISE_CHUNK_NUMBERS = 131_072
 # Compact the stack once at most this share of its rows still trains.
 COMPACT_BELOW = 0.5
-
-PerTrialLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @torch.no_grad()
 def initial_rows(template: nn.Module, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -134,7 +128,7 @@ class StackedModel:
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
-        """``[slots]``: the L2 norm of each row's parameters (of their norms, as the one-trial path
+        """``[slots]``: the L2 norm of each row's parameters (of their norms, as clip_grad_norm_
         takes it)."""
         return _row_norms(self.params)
 
@@ -329,77 +323,6 @@ class NoiseAhead:
                 for g, p in zip(self.generators, self.dropout, strict=True)])
 
 
-def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
-    """Each row's mean data loss ``[slots]`` from class-major outputs ``[slots, outputs, n]`` and
-    labels or targets ``[slots, n]``: the losses of losses.build_loss, per row."""
-    if loss == "cross_entropy":
-        smoothing = config.label_smoothing
-        return lambda output, y: F.cross_entropy(output, y, reduction="none", label_smoothing=smoothing).mean(1)
-    if loss == "bce":
-        return lambda output, y: F.binary_cross_entropy_with_logits(
-            output[:, 0], y.to(output.dtype), reduction="none").mean(1)
-    if loss == "huber":
-        return lambda output, y: F.huber_loss(output[:, 0], y, reduction="none", delta=config.huber_delta).mean(1)
-    elementwise = {"mse": F.mse_loss, "mae": F.l1_loss}[loss]
-    return lambda output, y: elementwise(output[:, 0], y, reduction="none").mean(1)
-
-
-@torch.no_grad()
-def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *, loss: str
-                 ) -> list[dict[str, float | None]]:
-    """losses.measure for every row at once, with one read from the device: class-major outputs
-    ``[slots, outputs, n]`` on the shared labels or targets ``y`` ``[n]``."""
-    slots = output.shape[0]
-    if y.shape[0] == 0:
-        return [{"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}] * slots
-    labels = y.expand(slots, *y.shape)
-    data_loss = loss_fn(output, labels)
-    if y.dtype == torch.int64:
-        predicted = (output[:, 0] > 0).long() if loss == "bce" else _first_argmax(output)
-        values = torch.stack([data_loss, (predicted == labels).float().mean(1)], 1).tolist()
-        return [{"loss": lo, "accuracy": acc, "rmse": None, "mae": None, "r2": None} for lo, acc in values]
-    error = output[:, 0] - labels
-    variance = (y - y.mean()).square().mean()
-    values = torch.stack([data_loss, error.square().mean(1), error.abs().mean(1), variance.expand(slots)], 1).tolist()
-    return [{"loss": lo, "accuracy": None, "rmse": math.sqrt(mse), "mae": mae,
-             "r2": 1 - mse / var if var > 0 else None} for lo, mse, mae, var in values]
-
-
-@torch.no_grad()
-def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
-                     device: torch.device) -> list[dict[str, float | None]]:
-    """loop.test_at_best of every row (the test metrics of each trial's best weights): losses.measure
-    on the row's outputs, as its own module gives them; all None for a row without a best epoch."""
-    nothing = ("loss", "accuracy", "rmse", "mae", "r2")
-    if splits.x_test.shape[0] == 0 or not any(has_best):
-        return [dict.fromkeys(nothing) for _ in has_best]
-    outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
-    return [{key: finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
-                                                                     loss=loss).items()}
-            if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
-
-
-@torch.no_grad()
-def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: list[bool]) -> list[dict]:
-    """losses.weight_statistics of each row's Linear weight matrices (penalised_weights), every
-    statistic taken along the rows at once (row-wise reductions give each row's numbers bitwise)."""
-    modules = dict(template.named_modules())
-    columns, offset = [], 0
-    for name, parameter in template.named_parameters():
-        owner, _, kind = name.rpartition(".")
-        if kind == "weight" and isinstance(modules[owner], nn.Linear):
-            columns.append(torch.arange(offset, offset + parameter.numel()))
-        offset += parameter.numel()
-    weights = rows[:, torch.cat(columns).to(rows.device)]
-    magnitude = weights.abs()
-    values = torch.stack([magnitude.sum(1), weights.mean(1), weights.amin(1), weights.amax(1),
-                          (magnitude < ZERO_WEIGHT).float().mean(1)], 1).tolist()
-    usable = torch.isfinite(weights).all(1).tolist()
-    names = ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction")
-    return [dict(zip(names, row_values, strict=True)) if ok and finite else dict.fromkeys(names)
-            for row_values, ok, finite in zip(values, has_best, usable, strict=True)]
-
-
 def _batch_norm(x: torch.Tensor, layer: nn.BatchNorm1d, scale: torch.Tensor, shift: torch.Tensor,
                 running_mean: torch.Tensor, running_var: torch.Tensor, *, train: bool,
                 frozen: torch.Tensor | None) -> torch.Tensor:
@@ -436,17 +359,6 @@ def _running_statistics(template: nn.Module) -> list[torch.Tensor]:
             for buffer in (layer.running_mean, layer.running_var)]
 
 
-def _first_argmax(output: torch.Tensor) -> torch.Tensor:
-    """argmax over dim 1 of ``[slots, classes, n]`` (the first index of the largest, as argmax),
-    class by class: torch's argmax over a middle axis is ~10x slower than these few passes."""
-    best, predicted = output[:, 0], torch.zeros(output[:, 0].shape, dtype=torch.int64, device=output.device)
-    for k in range(1, output.shape[1]):
-        better = output[:, k] > best
-        best = torch.where(better, output[:, k], best)
-        predicted = torch.where(better, k, predicted)
-    return predicted
-
-
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     # [slots, 1, 1]: one number per row, broadcast over a stacked parameter or gradient
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
@@ -454,7 +366,7 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
 
 def _row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     # Each row's L2 norm over all the tensors: the norm of its per-tensor norms, as
-    # torch.nn.utils.clip_grad_norm_ and loop._l2_norm take it.
+    # torch.nn.utils.clip_grad_norm_ takes it.
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], 1), dim=1)
 
