@@ -388,7 +388,9 @@ def test_a_checkpoint_that_does_not_fit_the_run_starts_the_trial_over_instead_of
         claim_trial(session, trial_id, worker="w1", max_attempts=3)
     saved = []
     train_trial(config, checkpoint=lambda epoch, capture: epoch == 4 and saved.append(state_to_bytes(capture())))
-    alien = dataclasses.replace(state_from_bytes(saved[0]), noise_generator=torch.zeros(16, dtype=torch.uint8))
+    state = state_from_bytes(saved[0])  # a job's state of one trial
+    alien = dataclasses.replace(state, trials=[dataclasses.replace(state.trials[0],
+                                                                   noise_generator=torch.zeros(16, dtype=torch.uint8))])
     _save_with_rows(engine, DatabaseStore(), trial_id, attempt=1, epochs=range(1, 5), data=state_to_bytes(alien))
     with session_scope(engine) as session:
         takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
