@@ -103,16 +103,16 @@ def train_fused(
     checkpoint: CheckpointHook | None = None,
     resume: JobState | None = None,
 ) -> list[TrialResult]:
-    """Train compatible trials together (or one alone); returns one TrialResult per config, in
-    order. ``device`` overrides the configs' device (cpu, cuda, auto); ``csv_content`` is the
-    stored file of a CSV data set. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
-    the epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets
-    ``{trial index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller
-    can record them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's
-    state after each epoch but the last (``capture()`` copies it into a JobState, so call it only
-    when saving); ``resume`` (a JobState of these same configs) goes on after its epoch exactly as
-    if the job had never stopped, and raises CannotResume, before training, when it does not fit.
-    Raises ValueError when the configs cannot be fused (see services.planner)."""
+    """Train compatible trials together (or one alone); returns one TrialResult per config, in order.
+    ``device`` overrides the configs' device (cpu, cuda, auto); ``csv_content`` is the stored file of a
+    CSV data set. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished the
+    epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets ``{trial
+    index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller can record
+    them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's state after each
+    epoch but the last (``capture()`` copies it into a JobState, so call it only when saving);
+    ``resume`` (a JobState of these same configs) goes on after its epoch exactly as if the job had
+    never stopped, and raises CannotResume, before training, when it does not fit. Raises ValueError
+    when the configs cannot be fused (see services.planner)."""
     _check_fusable(configs)
     first = configs[0]
     target = resolve_device(device or first.device)
@@ -202,7 +202,7 @@ def train_fused(
         ended = [trial for trial in running if trial.status != "running" and trial.index not in results]
         if ended:  # their test metrics and artifacts in one stacked pass, then reported at once
             results.update(trial_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
-                                    device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
+                                         device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
             on_trials_end({trial.index: results[trial.index] for trial in ended})
         if not any(trial.status == "running" for trial in running):
             break
