@@ -5,16 +5,17 @@ tests/unit/reference_loop.py (an nn.Module, torch.optim with fused kernels, torc
 For each configuration below, the same trial is trained both ways on one torch thread (as a
 worker's training process does), warmed up, then timed --repeats times, interleaved (the fastest
 run of each counts: the machine may be shared; times are the process's CPU time). Prints both
-times, stack / loop (above 1.00 the
-stack is slower), and the gap between the two final validation losses (float rounding, or other
-dropout draws where the config has dropout or input noise).
+fastest times, stack / loop of those (above 1.00 the stack is slower), the median stack / loop of
+the runs taken back to back (less swayed by one lucky run), and the gap between the two final
+validation losses (float rounding, or other draws where the config has dropout or input noise).
 
-    .venv/bin/python bench/single.py [--repeats 5] [--only NAME]
+    .venv/bin/python bench/single.py [--repeats 9] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,13 +52,14 @@ def timed(train, config: TrialConfig) -> tuple[float, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each way (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs of each way (the fastest counts)")
     parser.add_argument("--only", help="run only the configurations whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()  # as a worker's training process does (worker/celery_app.py)
     print(f"torch {torch.__version__}, 1 thread, best of {args.repeats}")
-    print(f"{'configuration':40s} {'loop':>8s} {'stack':>8s} {'stack/loop':>10s}  final val_loss gap")
+    print(f"{'configuration':40s} {'loop':>8s} {'stack':>8s} {'stack/loop':>10s} {'median pair':>11s}"
+          "  final val_loss gap")
     ratios = []
     for name, overrides in CONFIGS.items():
         if args.only and args.only not in name:
@@ -70,8 +72,9 @@ def main() -> None:
             stack_runs.append(timed(train_trial, config))
         (loop_s, loop_loss), (stack_s, stack_loss) = min(loop_runs), min(stack_runs)
         ratios.append(stack_s / loop_s)
+        paired = statistics.median(stack[0] / loop[0] for loop, stack in zip(loop_runs, stack_runs, strict=True))
         gap = abs(loop_loss - stack_loss) if None not in (loop_loss, stack_loss) else float("nan")
-        print(f"{name:40s} {loop_s:7.3f}s {stack_s:7.3f}s {stack_s / loop_s:9.2f}x  {gap:.1e}")
+        print(f"{name:40s} {loop_s:7.3f}s {stack_s:7.3f}s {stack_s / loop_s:9.2f}x {paired:10.2f}x  {gap:.1e}")
     if ratios:
         print(f"slowest stack/loop: {max(ratios):.2f}x (the rule: a single trial at most 1.05x through the stack)")
 

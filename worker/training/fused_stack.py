@@ -120,11 +120,11 @@ class StackedModel:
         """Keep only these rows (fewer rows, less work); row numbers change."""
         self._set([p.detach()[rows] for p in self.params], [b[rows] for b in self.statistics])
 
-    def flat(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def flat(self, rows: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[slots, row_size]`` (or only these rows): each row's parameters and running statistics as
-        one row, a copy."""
+        one row, a copy (written into ``out`` when given)."""
         tensors = [p.detach() if rows is None else p.detach()[rows] for p in [*self.params, *self.statistics]]
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1, out=out)
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
@@ -251,7 +251,9 @@ class StackedTraining:
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
-        if rows:
+        if len(rows) == self.model.rows:  # all of them (a stack of one, mostly): no gather
+            self.model.flat(out=self.best)
+        elif rows:
             index = torch.tensor(rows, device=self.best.device)
             self.best[index] = self.model.flat(index)
 
