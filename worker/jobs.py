@@ -151,20 +151,13 @@ class JobRun:
         return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
 
     def _train(self, configs: list, *, resume: bytes | None) -> None:
-        """THE call into the engine, for every job."""
-        from services.planner import fusable
-        from worker.training.checkpoint import CheckpointUnreadable
+        """THE call into the engine, for every job: a job of one trial is a stack of one."""
+        from worker.training.checkpoint import CheckpointUnreadable, job_state_from_bytes, job_state_to_bytes
+        from worker.training.fused import train_fused
         from worker.training.results import CannotResume as EngineCannotResume
 
         csv_content = self._csv_content(configs[0])
         try:
-            if len(configs) == 1 and fusable(configs[0]) is not None:
-                # The one config the stack refuses today (batch norm, a wide model): the one-trial engine.
-                _train_alone(configs[0], job=self, resume=resume, csv_content=csv_content)
-                return
-            from worker.training.checkpoint import job_state_from_bytes, job_state_to_bytes
-            from worker.training.fused import train_fused
-
             state = job_state_from_bytes(resume) if resume is not None else None
             if state is not None and state.epoch != self.job.checkpoint.epoch:
                 raise CannotResume(f"it holds epoch {state.epoch}, its row says {self.job.checkpoint.epoch}")
@@ -343,18 +336,3 @@ def csv_content_of(engine: Engine, config, *, settings: Settings | None = None) 
         return None
     sha256 = config.dataset.sha256
     return write_with_retry(engine, lambda session: load_dataset_content(session, sha256), settings=settings)
-
-
-def _train_alone(config, *, job: JobRun, resume: bytes | None, csv_content: bytes | None) -> None:
-    """The one-trial engine behind the job's hooks, for the configs the stack refuses today. Goes
-    when the stack trains every config (then :meth:`JobRun._train` calls train_fused alone)."""
-    from worker.training import train_trial
-    from worker.training.checkpoint import state_from_bytes, state_to_bytes
-
-    state = state_from_bytes(resume) if resume is not None else None
-    if state is not None and state.epoch != job.job.checkpoint.epoch:
-        raise CannotResume(f"it holds epoch {state.epoch}, its row says {job.job.checkpoint.epoch}")
-    result = train_trial(config, on_epoch=lambda metrics: 0 in job.on_epoch({0: metrics}),
-                         checkpoint=lambda epoch, capture: job.checkpoint(epoch, lambda: state_to_bytes(capture())),
-                         resume_from=state, **({"csv_content": csv_content} if csv_content is not None else {}))
-    job.on_trials_end({0: result})

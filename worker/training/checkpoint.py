@@ -1,5 +1,4 @@
-"""A job's :class:`JobState` (and a lone trial's :class:`~worker.training.loop.TrainingState`) as
-bytes, and back.
+"""A job's :class:`JobState` (a stack of one or more trials) as bytes, and back.
 
 Written with ``torch.save`` and read with ``torch.load(weights_only=True)``: the payload is only
 tensors, dicts, lists, tuples, numbers, strings and None (torch's own state dicts hold a few strings
@@ -13,16 +12,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from worker.training.results import EpochMetrics, TrialResult
 
-if TYPE_CHECKING:
-    from worker.training.loop import TrainingState
-
-FORMAT = "fitscope-trial-state-1"
 JOB_FORMAT = "fitscope-job-state-1"
 
 
@@ -92,17 +86,6 @@ def job_state_from_bytes(data: bytes) -> JobState:
         raise CheckpointUnreadable(f"the checkpoint lacks or garbles a field ({exc})") from None
 
 
-def cpu_copy(value):
-    """A deep copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):  # keeps the dict's type: MultiStepLR's milestones are a Counter
-        return type(value)({key: cpu_copy(item) for key, item in value.items()})
-    if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
-    return value
-
-
 def _trial_payload(trial: TrialState) -> dict:
     payload = {name: getattr(trial, name) for name in TrialState.__dataclass_fields__}
     payload["last"] = asdict(trial.last) if trial.last is not None else None
@@ -125,46 +108,8 @@ def _load(data: bytes, expected: str) -> dict:
     return payload
 
 
-def state_to_bytes(state: TrainingState) -> bytes:
-    """Serialise ``state`` (whose tensors are CPU copies, as loop._capture makes them)."""
-    payload = {
-        "format": FORMAT,
-        "epoch": state.epoch,
-        "model": state.model,
-        "optimizer": state.optimizer,
-        "schedule": state.schedule,
-        "generator": state.generator,
-        "noise_generator": state.noise_generator,
-        "last": asdict(state.last),
-        "best": asdict(state.best) if state.best is not None else None,
-        "best_weights": state.best_weights,
-        "stopper": state.stopper,
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
-
-
-def state_from_bytes(data: bytes) -> TrainingState:
-    """The state that :func:`state_to_bytes` wrote; raises CheckpointUnreadable for anything else."""
-    from worker.training.loop import TrainingState
-
-    payload = _load(data, FORMAT)
-    try:
-        return TrainingState(
-            epoch=int(payload["epoch"]),
-            model=payload["model"],
-            optimizer=payload["optimizer"],
-            schedule=payload["schedule"],
-            generator=_byte_tensor(payload["generator"]),
-            noise_generator=_byte_tensor(payload["noise_generator"]),
-            last=EpochMetrics(**payload["last"]),
-            best=EpochMetrics(**payload["best"]) if payload["best"] is not None else None,
-            best_weights=payload["best_weights"],
-            stopper=payload["stopper"],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointUnreadable(f"the checkpoint lacks or garbles a field ({exc})") from None
+# The names worker/tasks.py's one-trial task still uses: a lone trial's state is a job's of one.
+state_to_bytes, state_from_bytes = job_state_to_bytes, job_state_from_bytes
 
 
 def _byte_tensor(value) -> torch.Tensor:

@@ -1,16 +1,28 @@
-"""The optimizers of worker/training/optim.py and the schedules of schedules.py, stepping a stack of
-trials at once.
+"""The optimizers, with exactly torch.optim's semantics, and the schedules of schedules.py, stepping a
+stack of trials at once.
+
+- sgd:      plain SGD, w <- w - lr * grad (no momentum)
+- momentum: SGD with momentum=config.momentum
+- nesterov: SGD with Nesterov momentum (momentum=config.momentum)
+- adagrad:  Adagrad
+- rmsprop:  RMSprop with torch's defaults (alpha=0.99, momentum=0): config.momentum is NOT used,
+            so rmsprop stays the textbook "divide by the running RMS" method
+- adam:     Adam with config.betas; weight_decay is an L2 term added to the gradient (torch's coupled form)
+- adamw:    AdamW with config.betas; weight_decay is decoupled. torch's own default is 0.01, ours is
+            config's (0.0)
+
+weight_decay is passed through to every optimizer unchanged. The learning rate starts at config.lr;
+the schedule moves it from there.
 
 Each parameter of the stack is one contiguous ``[rows, ...]`` tensor (a row per trial), and so are
 its gradient and optimizer state. Rows whose numbers are equal at a step (lr, weight decay,
-momentum, betas) and adjacent are updated by ONE call of the same torch kernel the one-trial path
-uses (torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_, which optim.py reaches
-through ``fused=True``), on those rows of every parameter (slices of contiguous tensors, so
-contiguous themselves, as the kernels need). The stack is ordered by those numbers (see
-:func:`row_order`), so a grid with k distinct learning rates costs about k kernel calls per step,
-not one per trial. The update arithmetic is therefore torch's own, with torch's defaults for what
-fitscope does not expose. Gradients are used as autograd returns them, one tensor per parameter:
-no copy into one flat tensor.
+momentum, betas) and adjacent are updated by ONE call of the torch kernel that torch.optim runs with
+``fused=True`` (torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_), on those rows
+of every parameter (slices of contiguous tensors, so contiguous themselves, as the kernels need).
+The stack is ordered by those numbers (see :func:`row_order`), so a grid with k distinct learning
+rates costs about k kernel calls per step, not one per trial. The update arithmetic is therefore
+torch's own, with torch's defaults for what fitscope does not expose. Gradients are used as autograd
+returns them, one tensor per parameter: no copy into one flat tensor.
 
 Many short runs (a grid of many learning rates over small models) cost more in calls than in
 arithmetic; then the rates are folded in instead: one call per run of equal numbers writes each
