@@ -3,7 +3,7 @@
 Two grids, each trained both ways on one torch thread (as a worker's training process does):
   (a) 64 trials: width 64, depth 2, moons (16 learning rates x 4 seeds), adam, 20 epochs
   (b) 16 trials: width 256, depth 2, moons (4 learning rates x 4 seeds), adam, 20 epochs
-  one-by-one - worker/training/loop.py train_trial called once per trial;
+  one-by-one - worker.training.train_trial (a stack of one) called once per trial;
   fused      - worker/training/fused.py train_fused called once with every trial.
 Both ways are warmed up, then timed --repeats times, interleaved (the fastest run of each counts:
 the machine may be shared); prints trials/second for each and their ratio, and the largest gap

@@ -27,7 +27,7 @@ from services.config import Settings  # noqa: E402
 from services.db import make_engine, session_scope  # noqa: E402
 from services.migrate import upgrade  # noqa: E402
 from services.queries import get_experiment  # noqa: E402
-from services.queue import enqueue_trials, make_celery  # noqa: E402
+from services.queue import enqueue_jobs, make_celery  # noqa: E402
 from services.spec import expand, parse_spec  # noqa: E402
 from services.submission import submit  # noqa: E402
 from tests.servers import WorkerProcess, fitscope_env  # noqa: E402
@@ -73,7 +73,7 @@ class Service:
         started = time.perf_counter()
         with session_scope(self.engine) as session:
             submitted = submit(session, spec=spec, spec_text=spec_text, submitted_by="bench", max_trials=10_000)
-        enqueue_trials(self.producer, submitted.trials)
+        enqueue_jobs(self.producer, [([trial_id], queue) for trial_id, queue in submitted.trials])
         while True:
             with session_scope(self.engine) as session:
                 summary = get_experiment(session, submitted.experiment_id)

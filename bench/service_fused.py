@@ -4,7 +4,7 @@ Grid (a) of bench/fused.py (64 trials: 16 learning rates x 4 seeds, width 64, de
 20 epochs) submitted to one real service: an embedded Valkey broker on a free port, a migrated SQLite
 file in a temp folder, and one `fitscope worker --concurrency 2` (two training processes, one torch
 thread each). Three ways:
-  fuse off      - one run_trial message per trial; the two processes share the 64 messages;
+  fuse off      - one run_job message per trial; the two processes share the 64 messages;
   fuse on       - planned with the worker's online training processes as slots (services.planner):
                   two fused jobs of 32, one per process;
   fuse, 1 job   - the grid as one fused job (as planned before slots were counted), by raising

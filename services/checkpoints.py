@@ -1,6 +1,7 @@
-"""Where a running trial's checkpoint lives: one row per trial in ``trial_checkpoints``, holding the
-bytes itself (the default) or, with ``FITSCOPE_CHECKPOINT_URL=file:///shared/dir``, the URL of a file
-in a folder every worker can reach. No torch here: a checkpoint is opaque bytes to this module.
+"""Where a running job's checkpoint lives: one row per job in ``job_checkpoints`` (found by the job's
+first trial id, its *anchor*), holding the bytes itself (the default) or, with
+``FITSCOPE_CHECKPOINT_URL=file:///shared/dir``, the URL of a file in a folder every worker can reach.
+No torch here: a checkpoint is opaque bytes to this module.
 
 Like every helper of a noun, these take a session and never commit, so a checkpoint is saved in the
 same transaction as the epoch rows up to its epoch. A file store keeps files and rows consistent
@@ -8,9 +9,14 @@ across that transaction: each save writes a new file (named by attempt and epoch
 temporary name and renamed into place), and files are removed only once the transaction that
 stopped pointing at them has committed, or, for a new file, once its transaction rolled back.
 
-Size: a checkpoint above :data:`MAX_CHECKPOINT_BYTES` is not saved (the trial trains on, and would
-start over if its worker died). 64 MiB holds an Adam-trained MLP of about three million parameters
-(weights, best weights and two moments: 16 bytes a parameter).
+Every save and delete names the attempt's token; the caller guards it by the trials it still holds
+in the same transaction (services.trials), and a delete touches only its own attempt's row.
+
+Size: a checkpoint above :data:`MAX_CHECKPOINT_BYTES` is not saved (the job trains on, and would
+start over if its worker died). The cap fits the largest job the planner makes: at most
+FUSED_WEIGHT_BUDGET weights stacked, kept five times (weights, best weights, two Adam moments and
+slack) at 4 bytes, plus 16 MiB for generators and metrics - 176 MiB; a single trial too wide to fuse
+gets at least the old 64 MiB (an Adam-trained MLP of about three million parameters).
 """
 
 from __future__ import annotations
@@ -26,21 +32,23 @@ from sqlalchemy import delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from services.config import ConfigError
-from services.models import TrialCheckpoint, utcnow
+from services.models import JobCheckpoint, Trial, utcnow
+from services.planner import FUSED_WEIGHT_BUDGET
 
 log = logging.getLogger(__name__)
-MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
+MAX_CHECKPOINT_BYTES = max(64 * 2**20, 5 * 4 * FUSED_WEIGHT_BUDGET + 16 * 2**20)
 
 
 class CheckpointNotSaved(RuntimeError):
-    """This checkpoint could not be stored (too large, or its file could not be written); the trial
+    """This checkpoint could not be stored (too large, or its file could not be written); the job
     goes on without it and keeps its previous one."""
 
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    trial_id: int
-    attempt: int  # the attempt that wrote it
+    first_trial_id: int  # the job's anchor
+    trial_ids: list[int]  # the job's trials, in the engine's order
+    attempt_token: str  # the attempt that owns it
     epoch: int  # the last epoch whose metrics it includes
     data: bytes
 
@@ -51,17 +59,21 @@ class DatabaseStore:
     def check(self) -> None:
         """Nothing to check: the database is checked when the worker starts."""
 
-    def save(self, session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes) -> None:
-        """Replace the trial's checkpoint with ``data`` (raises CheckpointNotSaved when too large)."""
-        _check_size(data, trial_id=trial_id, epoch=epoch)
-        previous = _location(session, trial_id)
-        _upsert(session, trial_id=trial_id, attempt=attempt, epoch=epoch, data=data, location=None, size=len(data))
+    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes,
+             first_trial_id: int | None = None) -> None:
+        """Replace the checkpoint of the job anchored at ``first_trial_id`` (default: the first of
+        ``trial_ids``, the stack it holds) with ``data`` (raises CheckpointNotSaved when too large)."""
+        anchor = trial_ids[0] if first_trial_id is None else first_trial_id
+        _check_size(data, trial_ids=trial_ids, epoch=epoch)
+        previous = _location(session, anchor)
+        _upsert(session, anchor, trial_ids=trial_ids, token=token, epoch=epoch, data=data, location=None,
+                size=len(data))
         if previous:  # the store was switched from a folder to the database
             _after_commit(session, lambda: _remove_file(previous))
 
 
 class DirectoryStore:
-    """Checkpoint files under ``root``, one folder per trial; the row keeps the file's URL."""
+    """Checkpoint files under ``root``, one folder per job; the row keeps the file's URL."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -79,18 +91,20 @@ class DirectoryStore:
                 f"({exc.strerror or exc}); point it at a writable folder every worker can reach"
             ) from None
 
-    def save(self, session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes) -> None:
-        """Write a new file, point the trial's row at it, and remove the old file after the commit
+    def save(self, session: Session, *, trial_ids: list[int], token: str, epoch: int, data: bytes,
+             first_trial_id: int | None = None) -> None:
+        """Write a new file, point the job's row at it, and remove the old file after the commit
         (or the new one after a rollback). Raises CheckpointNotSaved before touching the database
         when the file cannot be written."""
-        _check_size(data, trial_id=trial_id, epoch=epoch)
-        path = self.root / f"trial-{trial_id}" / f"attempt-{attempt}-epoch-{epoch}.pt"
+        anchor = trial_ids[0] if first_trial_id is None else first_trial_id
+        _check_size(data, trial_ids=trial_ids, epoch=epoch)
+        path = self.root / f"job-{anchor}" / f"attempt-{token}-epoch-{epoch}.pt"
         try:
             _write_atomically(path, data)
         except OSError as exc:
-            raise CheckpointNotSaved(f"trial {trial_id}: cannot write the checkpoint {path} ({exc})") from None
-        previous = _location(session, trial_id)
-        _upsert(session, trial_id=trial_id, attempt=attempt, epoch=epoch, data=None, location=path.as_uri(),
+            raise CheckpointNotSaved(f"job of trial {anchor}: cannot write the checkpoint {path} ({exc})") from None
+        previous = _location(session, anchor)
+        _upsert(session, anchor, trial_ids=trial_ids, token=token, epoch=epoch, data=None, location=path.as_uri(),
                 size=len(data))
         if previous and previous != path.as_uri():
             _after_commit(session, lambda: _remove_file(previous))
@@ -114,12 +128,13 @@ def checkpoint_store(url: str | None) -> CheckpointStore:
     )
 
 
-def load_checkpoint(session: Session, trial_id: int) -> StoredCheckpoint | None:
-    """The trial's checkpoint, wherever its row says the bytes are; None when there is none or its
-    file is gone or the wrong size (logged: the trial then starts over)."""
+def load_checkpoint(session: Session, first_trial_id: int) -> StoredCheckpoint | None:
+    """The checkpoint of the job anchored at ``first_trial_id``, wherever its row says the bytes are;
+    None when there is none or its file is gone or the wrong size (logged: the job then starts over)."""
+    trial_id = first_trial_id
     row = session.execute(
-        select(TrialCheckpoint.attempt, TrialCheckpoint.epoch, TrialCheckpoint.data, TrialCheckpoint.location,
-               TrialCheckpoint.size_bytes).where(TrialCheckpoint.trial_id == trial_id)
+        select(JobCheckpoint.trial_ids, JobCheckpoint.attempt_token, JobCheckpoint.epoch, JobCheckpoint.data,
+               JobCheckpoint.location, JobCheckpoint.size_bytes).where(JobCheckpoint.first_trial_id == trial_id)
     ).one_or_none()
     if row is None:
         return None
@@ -132,53 +147,80 @@ def load_checkpoint(session: Session, trial_id: int) -> StoredCheckpoint | None:
                 raise ValueError(f"the file has {size} bytes, not the {row.size_bytes} recorded")
             data = path.read_bytes()
         except (OSError, ValueError) as exc:
-            log.warning("trial %s: its checkpoint %s cannot be read (%s); it starts over", trial_id,
+            log.warning("job of trial %s: its checkpoint %s cannot be read (%s); it starts over", trial_id,
                         row.location, exc)
             return None
     if len(data) != row.size_bytes:
-        log.warning("trial %s: its checkpoint has %d bytes, not the %d recorded; it starts over", trial_id,
+        log.warning("job of trial %s: its checkpoint has %d bytes, not the %d recorded; it starts over", trial_id,
                     len(data), row.size_bytes)
         return None
-    return StoredCheckpoint(trial_id=trial_id, attempt=row.attempt, epoch=row.epoch, data=bytes(data))
+    return StoredCheckpoint(first_trial_id=trial_id, trial_ids=[int(i) for i in row.trial_ids],
+                            attempt_token=row.attempt_token, epoch=row.epoch, data=bytes(data))
 
 
-def delete_checkpoints(session: Session, trial_ids: Iterable[int]) -> None:
-    """Remove the trials' checkpoints: rows now, files once the transaction has committed."""
-    ids = list(trial_ids)
+def checkpointed_jobs(session: Session, trials: list[tuple[int, str]]
+                      ) -> tuple[list[tuple[list[int], str]], list[tuple[int, str]]]:
+    """Of these (trial id, queue) pairs (a lost worker's running trials), the jobs that have a checkpoint
+    of the attempt that runs them, as the messages that resume them: (the anchor, then the checkpoint's
+    stack; the first trial's queue), and the pairs left over."""
+    queues = dict(trials)
+    tokens = dict(session.execute(select(Trial.id, Trial.attempt_token).where(Trial.id.in_(list(queues)))).all())
+    jobs = []
+    rows = session.execute(select(JobCheckpoint.first_trial_id, JobCheckpoint.trial_ids, JobCheckpoint.attempt_token))
+    for anchor, trial_ids, token in rows.all():
+        held = [trial_id for trial_id in trial_ids if trial_id in queues and tokens.get(trial_id) == token]
+        if held:
+            jobs.append(([anchor, *(trial_id for trial_id in trial_ids if trial_id != anchor)], queues[held[0]]))
+            for trial_id in held:
+                del queues[trial_id]
+    return jobs, list(queues.items())
+
+
+def adopt_checkpoint(session: Session, first_trial_id: int, *, token: str) -> None:
+    """A takeover resumes this checkpoint: it is the new attempt's now (saves and deletes name it)."""
+    session.execute(update(JobCheckpoint).where(JobCheckpoint.first_trial_id == first_trial_id)
+                    .values(attempt_token=token).execution_options(synchronize_session=False))
+
+
+def delete_checkpoints(session: Session, first_trial_ids: Iterable[int], *, token: str | None = None) -> None:
+    """Remove the checkpoints of the jobs anchored at these trials (with ``token``, only the one that
+    attempt owns): rows now, files once the transaction has committed."""
+    ids = list(first_trial_ids)
     if not ids:
         return
-    locations = session.scalars(
-        select(TrialCheckpoint.location)
-        .where(TrialCheckpoint.trial_id.in_(ids), TrialCheckpoint.location.is_not(None))
-    ).all()
-    session.execute(delete(TrialCheckpoint).where(TrialCheckpoint.trial_id.in_(ids)))
+    which = JobCheckpoint.first_trial_id.in_(ids)
+    if token is not None:
+        which = which & (JobCheckpoint.attempt_token == token)
+    locations = session.scalars(select(JobCheckpoint.location).where(which, JobCheckpoint.location.is_not(None))).all()
+    session.execute(delete(JobCheckpoint).where(which).execution_options(synchronize_session=False))
     if locations:
         _after_commit(session, lambda: [_remove_file(location, folder_too=True) for location in locations])
 
 
-def _check_size(data: bytes, *, trial_id: int, epoch: int) -> None:
+def _check_size(data: bytes, *, trial_ids: list[int], epoch: int) -> None:
     if len(data) > MAX_CHECKPOINT_BYTES:
         raise CheckpointNotSaved(
-            f"trial {trial_id}: the checkpoint of epoch {epoch} is {len(data) / 2**20:.0f} MiB, over the "
-            f"{MAX_CHECKPOINT_BYTES / 2**20:.0f} MiB cap; the trial trains on without checkpoints")
+            f"job of trials {trial_ids[:5]}{'...' if len(trial_ids) > 5 else ''}: the checkpoint of epoch {epoch} is "
+            f"{len(data) / 2**20:.0f} MiB, over the {MAX_CHECKPOINT_BYTES / 2**20:.0f} MiB cap; the job trains on "
+            "without checkpoints")
 
 
-def _location(session: Session, trial_id: int) -> str | None:
-    return session.scalar(select(TrialCheckpoint.location).where(TrialCheckpoint.trial_id == trial_id))
+def _location(session: Session, first_trial_id: int) -> str | None:
+    return session.scalar(select(JobCheckpoint.location).where(JobCheckpoint.first_trial_id == first_trial_id))
 
 
-def _upsert(session: Session, *, trial_id: int, attempt: int, epoch: int, data: bytes | None,
-            location: str | None, size: int) -> None:
-    # UPDATE, then INSERT when there was no row: portable, and only the attempt that holds the trial
-    # (checked by the caller in this transaction) ever writes its checkpoint.
-    values = {"attempt": attempt, "epoch": epoch, "data": data, "location": location, "size_bytes": size,
-              "created_at": utcnow()}
+def _upsert(session: Session, first_trial_id: int, *, trial_ids: list[int], token: str, epoch: int,
+            data: bytes | None, location: str | None, size: int) -> None:
+    # UPDATE, then INSERT when there was no row: portable, and only an attempt that holds trials of the
+    # job (checked by the caller in this transaction) ever writes its checkpoint.
+    values = {"trial_ids": list(trial_ids), "attempt_token": token, "epoch": epoch, "data": data,
+              "location": location, "size_bytes": size, "created_at": utcnow()}
     updated = session.execute(
-        update(TrialCheckpoint).where(TrialCheckpoint.trial_id == trial_id).values(**values)
+        update(JobCheckpoint).where(JobCheckpoint.first_trial_id == first_trial_id).values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount
     if updated == 0:
-        session.execute(insert(TrialCheckpoint).values(trial_id=trial_id, **values))
+        session.execute(insert(JobCheckpoint).values(first_trial_id=first_trial_id, **values))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="... or when this many seconds passed since its last one; 0 = never by time.")
     checkpoint_url: str | None = Field(
         None, description="file:///shared/dir for checkpoint bytes; default: in the database.")
+    db_retry_delays_s: tuple[float, ...] = Field(
+        (1.0, 2.0, 4.0, 8.0, 15.0, 30.0), min_length=1, max_length=32,
+        description="Seconds between the tries of a database write that failed (the last repeats), e.g. [1, 2, 4].")
+    db_wait_s: float = Field(
+        900.0, ge=0, le=86_400, description="A write waits this long in all for the database before its job "
+        "is re-queued (it then resumes from its checkpoint, at the cost of one attempt).")
     heartbeat_s: float = Field(10.0, gt=0, le=3600, description="Seconds between a worker's heartbeats.")
     worker_lost_after_s: float = Field(
         60.0, gt=0, le=86_400, description="A worker silent this long is lost; its running trials are re-queued.")
@@ -138,6 +144,13 @@ class Settings(BaseSettings):
                 f"FITSCOPE_CHECKPOINT_URL={redact_url(value)!r} is not a file:// URL of an absolute folder; use "
                 "file:///shared/dir (a folder every worker can reach) or unset it to keep checkpoints in the database"
             )
+        return value
+
+    @field_validator("db_retry_delays_s")
+    @classmethod
+    def _check_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (0 < delay <= 3600) for delay in value):
+            raise ValueError("FITSCOPE_DB_RETRY_DELAYS_S must list seconds above 0 and at most 3600, e.g. [1, 2, 4]")
         return value
 
     @model_validator(mode="after")

@@ -67,6 +67,8 @@ class Trial(Base):
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=TrialStatus.queued)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_token: Mapped[str | None] = mapped_column(
+        String(32), comment="the running attempt's token: every write of that attempt is guarded by it")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
@@ -136,16 +138,18 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class TrialCheckpoint(Base):
-    """The latest checkpoint of a running trial (model, optimizer, schedule, RNG states, epoch), so a
-    trial re-delivered after its worker died resumes instead of starting over. One row per trial:
-    each save replaces the last. ``data`` holds torch.save bytes (read back with weights_only=True),
-    or is NULL when the bytes live at ``location`` (FITSCOPE_CHECKPOINT_URL)."""
+class JobCheckpoint(Base):
+    """The latest checkpoint of a running job (every trial's weights, optimizer and schedule state,
+    generators, best epoch, early stopper, which trials ended), so a job re-delivered after its worker
+    died resumes instead of starting over. One row per job, found by the job's first trial id; each
+    save replaces the last. ``data`` holds torch.save bytes (read back with weights_only=True), or is
+    NULL when the bytes live at ``location`` (FITSCOPE_CHECKPOINT_URL)."""
 
-    __tablename__ = "trial_checkpoints"
+    __tablename__ = "job_checkpoints"
 
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
-    attempt: Mapped[int] = mapped_column(Integer, comment="the attempt that wrote it")
+    first_trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
+    trial_ids: Mapped[list[int]] = mapped_column(JSON, comment="the job's trials, in the engine's order")
+    attempt_token: Mapped[str] = mapped_column(String(32), comment="the attempt that owns it")
     epoch: Mapped[int] = mapped_column(Integer, comment="last epoch whose metrics it includes")
     data: Mapped[bytes | None] = mapped_column(LargeBinary)
     location: Mapped[str | None] = mapped_column(String(1000), comment="where the bytes are, when not in data")

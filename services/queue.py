@@ -1,5 +1,5 @@
 """The Celery side that both the submitter and the worker share: configuration, queue names, and
-sending trial ids. Messages carry ids only (JSON); workers re-fetch state from the database."""
+sending jobs. Messages carry ids only (JSON); workers re-fetch state from the database."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from kombu import Queue
 
 from services.config import Settings, redact_url
 
-RUN_TRIAL_TASK = "fitscope.run_trial"
-RUN_JOB_TASK = "fitscope.run_job"  # several trial ids, trained fused (worker/jobs.py)
+# The one task: args [trial ids] (one or more, trained as one stack), kwargs {"takeover": bool}.
+RUN_JOB_TASK = "fitscope.run_job"
 QUEUES = ("cpu", "gpu")
 SOFT_SHUTDOWN_S = 20.0  # docker-compose.yml's stop_grace_period must outlast it
 
@@ -70,37 +70,22 @@ def check_broker(app: Celery, *, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def enqueue_trials(app: Celery, trials: Iterable[tuple[int, str]]) -> int:
-    """Send one message per (trial_id, queue) over one connection; call only after the commit."""
-    sent = 0
-    with app.producer_or_acquire() as producer:
-        for trial_id, queue in trials:
-            app.send_task(RUN_TRIAL_TASK, args=[trial_id], queue=queue, producer=producer)
-            sent += 1
-    return sent
-
-
 def enqueue_jobs(app: Celery, jobs: Iterable[tuple[list[int], str]], *, takeover: bool = False) -> int:
-    """Send one message per (trial ids, queue) over one connection: a job of one trial as
-    run_trial, a job of several as run_job (trained fused); call only after the commit.
+    """Send one run_job message per (trial ids, queue) over one connection; call only after the commit.
     ``takeover`` sends trials left ``running`` by a worker that stopped heart-beating
-    (services.workers.sweep_stale): their claim then keeps the rows up to their checkpoint and
+    (services.workers.sweep_stale): their claim then keeps the rows up to their job's checkpoint and
     counts the attempt. Send those only after the commit that declared the worker lost."""
     sent = 0
     kwargs = {"takeover": True} if takeover else {}
     with app.producer_or_acquire() as producer:
         for trial_ids, queue in jobs:
-            if len(trial_ids) == 1:
-                app.send_task(RUN_TRIAL_TASK, args=[trial_ids[0]], kwargs=kwargs, queue=queue, producer=producer)
-            else:
-                app.send_task(RUN_JOB_TASK, args=[list(trial_ids)], kwargs=kwargs, queue=queue, producer=producer)
+            app.send_task(RUN_JOB_TASK, args=[[int(trial_id) for trial_id in trial_ids]], kwargs=kwargs, queue=queue,
+                          producer=producer)
             sent += 1
     return sent
 
 
 def enqueue_submission(app: Celery, submitted) -> int:
-    """Send what a submission (services.submission.Submitted) asks for: its planned jobs, or one
-    message per trial when it has none. Call only after the commit. Returns the messages sent."""
-    if submitted.jobs:
-        return enqueue_jobs(app, submitted.jobs)
-    return enqueue_trials(app, submitted.trials)
+    """Send what a submission (services.submission.Submitted) asks for: its planned jobs, or one job
+    per trial when it has none. Call only after the commit. Returns the messages sent."""
+    return enqueue_jobs(app, submitted.jobs or [([trial_id], queue) for trial_id, queue in submitted.trials])

@@ -1,21 +1,25 @@
-"""A trial's life in the database: claim, per-epoch rows, finish, cancel, re-queue.
+"""A trial's life in the database: claim (alone or as a job), per-epoch rows, finish, cancel, re-queue.
 
 Each helper takes a session and never commits. Claims are single conditional UPDATEs, so two
 workers handed the same trial cannot both run it, and a re-delivered message for a trial that has
-already ended changes nothing.
+already ended changes nothing. Each claim stamps the trial with its attempt's random token, and every
+later write of that attempt (rows, checkpoint, status) is an UPDATE guarded by it: an attempt that a
+takeover or a re-queue superseded can never write again, whatever its attempt number.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from services.analysis import diagnose
-from services.checkpoints import delete_checkpoints, load_checkpoint
+from services.checkpoints import StoredCheckpoint, adopt_checkpoint, delete_checkpoints, load_checkpoint
 from services.db import insert_ignoring_conflicts
 from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialArtifact, TrialStatus, utcnow
 
@@ -28,23 +32,80 @@ EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy
 class Claim:
     trial_id: int
     config: dict[str, Any]
-    attempt: int
-    # A takeover that resumes: the checkpoint's last epoch (its rows are kept) and its bytes.
-    resume_epoch: int | None = None
-    checkpoint: bytes | None = field(default=None, repr=False)
+    attempt: int  # how many times the trial has been claimed, this one included
+    token: str  # this attempt's token: every write it makes is guarded by it
+    takeover: bool = False  # it was left running by an attempt that died
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What one attempt at a job claimed. ``trial_ids`` are the trials to train, in the engine's order:
+    the claimed ones, or, when resuming, every trial of the checkpoint (those that ended since it
+    train again, unwritten, so the stack stays the one that was checkpointed)."""
+
+    token: str
+    first_trial_id: int  # the message's first trial: where the job's checkpoint is found
+    trial_ids: list[int]
+    configs: dict[int, dict[str, Any]]
+    claims: dict[int, Claim]
+    checkpoint: StoredCheckpoint | None = None
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def claim_job(session: Session, trial_ids: Sequence[int], *, worker: str, max_attempts: int,
+              redelivered: bool = False, token: str | None = None) -> ClaimedJob:
+    """Claim a job's trials (see :func:`claim_trial`) for one attempt, all with one token.
+
+    A job whose trials were all taken over resumes from the checkpoint anchored at its first trial when
+    that checkpoint covers every claimed trial: each keeps its rows up to the checkpoint's epoch (later
+    ones are removed, so no epoch is written twice) and the checkpoint becomes this attempt's. Anything
+    else starts the claimed trials from epoch 1, with no rows and no stale checkpoint."""
+    token = token or new_token()
+    claims = {}
+    for trial_id in trial_ids:
+        claim = claim_trial(session, trial_id, worker=worker, max_attempts=max_attempts, redelivered=redelivered,
+                            token=token)
+        if claim is not None:
+            claims[trial_id] = claim
+    if not claims:
+        statuses = session.scalars(select(Trial.status).where(Trial.id.in_(list(trial_ids)))).all()
+        if all(status in TERMINAL_STATUSES for status in statuses):  # left by an attempt killed as it ended
+            delete_checkpoints(session, list(trial_ids[:1]))
+        return ClaimedJob(token=token, first_trial_id=trial_ids[0], trial_ids=[], configs={}, claims={})
+    anchor = trial_ids[0]
+    # Read only now: the UPDATEs above locked the trials, so the dead attempt can no longer move its
+    # checkpoint (its writes are guarded by its token and by the trials it holds).
+    stored = load_checkpoint(session, anchor) if all(c.takeover for c in claims.values()) else None
+    if stored is not None and set(claims) <= set(stored.trial_ids) <= set(trial_ids):
+        for trial_id in claims:
+            session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id,
+                                                      EpochMetric.epoch > stored.epoch))
+        session.execute(update(Trial).where(Trial.id.in_(list(claims))).values(epochs_done=stored.epoch)
+                        .execution_options(synchronize_session=False))
+        adopt_checkpoint(session, anchor, token=token)
+        configs = dict(session.execute(select(Trial.id, Trial.config).where(Trial.id.in_(stored.trial_ids))).all())
+        return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=list(stored.trial_ids), configs=configs,
+                          claims=claims, checkpoint=stored)
+    session.execute(delete(EpochMetric).where(EpochMetric.trial_id.in_(list(claims))))
+    delete_checkpoints(session, [anchor])  # a fresh start leaves nothing stale behind
+    ids = [trial_id for trial_id in trial_ids if trial_id in claims]
+    return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=ids, configs={i: claims[i].config for i in ids},
+                      claims=claims)
 
 
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
-                redelivered: bool = False) -> Claim | None:
-    """Mark the trial running on ``worker`` and return what to train, or None when there is
-    nothing to do (finished, cancelled, unknown, running elsewhere, or out of attempts, which
-    marks it failed).
+                redelivered: bool = False, token: str | None = None) -> Claim | None:
+    """Mark the trial running on ``worker`` under the attempt ``token`` (a new one by default) and
+    return what to train, or None when there is nothing to do (finished, cancelled, unknown, running
+    elsewhere, or out of attempts, which marks it failed).
 
     A trial already ``running`` whose message the broker *re-delivered* was left by a worker that
-    died: it is taken over. With a checkpoint, the rows up to the checkpoint's epoch stay and the
-    claim carries the checkpoint to resume from; rows after it (and, without one, all rows) are
-    removed, so no epoch is written twice. A plain duplicate message for a running trial is ignored;
-    a taken-over trial that was asked to stop ends ``cancelled`` with the rows it has.
+    died: it is taken over (``Claim.takeover``; :func:`claim_job` decides what of its rows to keep).
+    A plain duplicate message for a running trial is ignored; a taken-over trial that was asked to
+    stop ends ``cancelled`` with the rows it has.
     """
     trial = session.get(Trial, trial_id)
     if trial is None or trial.status in TERMINAL_STATUSES:
@@ -59,54 +120,55 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
     if trial.attempts >= max_attempts:
         error = (f"gave up after {trial.attempts} attempts (FITSCOPE_MAX_ATTEMPTS={max_attempts}): each one "
                  "ended without a result (its worker killed, out of memory or gone, or the database "
-                 "unreachable for minutes); see the worker logs, then `fitscope requeue` it")
+                 "unreachable for longer than FITSCOPE_DB_WAIT_S); see the worker logs, then `fitscope requeue` it")
         finish_trial(session, trial_id, status=TrialStatus.failed, error=error)
         return None
     previous_status, previous_attempts = trial.status, trial.attempts
+    token = token or new_token()
     claimed = session.execute(
         update(Trial)
         .where(Trial.id == trial_id, Trial.status == previous_status, Trial.attempts == previous_attempts)
-        .values(status=TrialStatus.running, attempts=previous_attempts + 1, worker=worker,
+        .values(status=TrialStatus.running, attempts=previous_attempts + 1, attempt_token=token, worker=worker,
                 started_at=utcnow(), epochs_done=0, error=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     if claimed != 1:
         return None  # another worker got there first
-    claim = Claim(trial_id=trial_id, config=dict(trial.config), attempt=previous_attempts + 1)
-    # Read only now: the UPDATE above locked the trial, so the dead attempt can no longer move its
-    # checkpoint (its writes are guarded by its attempt number).
-    checkpoint = load_checkpoint(session, trial_id) if takeover else None
-    if checkpoint is None:
+    return Claim(trial_id=trial_id, config=dict(trial.config), attempt=previous_attempts + 1, token=token,
+                 takeover=takeover)
+
+
+def restart_job(session: Session, job: ClaimedJob) -> set[int]:
+    """The job's checkpoint turned out unusable: drop its claimed trials' rows and the checkpoint so the
+    attempt trains them from epoch 1. Returns the trials this attempt no longer holds (left alone)."""
+    superseded = set()
+    for trial_id in job.claims:
+        try:
+            _claim_still_held(session, trial_id, job.token, {"epochs_done": 0})
+        except TrialSuperseded:
+            superseded.add(trial_id)
+            continue
         session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id))
-        delete_checkpoints(session, [trial_id])  # a fresh start leaves nothing stale behind
-        return claim
-    session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id,
-                                              EpochMetric.epoch > checkpoint.epoch))
-    session.execute(update(Trial).where(Trial.id == trial_id).values(epochs_done=checkpoint.epoch)
-                    .execution_options(synchronize_session=False))
-    return replace(claim, resume_epoch=checkpoint.epoch, checkpoint=checkpoint.data)
-
-
-def restart_trial(session: Session, trial_id: int, *, attempt: int) -> None:
-    """The claim's checkpoint turned out unusable: drop every row and the checkpoint so ``attempt``
-    trains from epoch 1. Raises TrialSuperseded when the attempt no longer owns the trial."""
-    _claim_still_held(session, trial_id, attempt, {"epochs_done": 0})
-    session.execute(delete(EpochMetric).where(EpochMetric.trial_id == trial_id))
-    delete_checkpoints(session, [trial_id])
+    delete_checkpoints(session, [job.first_trial_id], token=job.token)
+    return superseded
 
 
 # Built once: constructing and cache-keying a select() costs more than running it (~170 us of ~300).
-_CANCEL_FLAG = select(Trial.status, Trial.attempts, Trial.cancel_requested).where(Trial.id == bindparam("trial_id"))
+_STOP_FLAGS = select(Trial.id, Trial.status, Trial.attempt_token, Trial.cancel_requested).where(
+    Trial.id.in_(bindparam("trial_ids", expanding=True)))
 
 
-def read_cancel_flag(connection: Connection, trial_id: int, *, attempt: int) -> bool:
-    """The light per-epoch read: True when the trial has been asked to stop. One SELECT by primary
-    key, no write and no lock (~0.1 ms on SQLite). Raises TrialSuperseded when ``attempt`` no longer
-    owns the trial, so a stale attempt stops at once rather than at its next write."""
-    row = connection.execute(_CANCEL_FLAG, {"trial_id": trial_id}).one_or_none()
-    if row is None or row.status != TrialStatus.running or row.attempts != attempt:
-        raise TrialSuperseded(f"trial {trial_id}: attempt {attempt} no longer owns it")
-    return bool(row.cancel_requested)
+def read_stop_flags(connection: Connection, tokens: dict[int, str]) -> tuple[set[int], set[int]]:
+    """The light per-epoch read for ``{trial id: attempt token}``: (trials asked to stop, trials that
+    attempt no longer owns). One SELECT by primary keys, no write and no lock (~0.1 ms on SQLite)."""
+    if not tokens:
+        return set(), set()
+    rows = {row.id: row for row in connection.execute(_STOP_FLAGS, {"trial_ids": list(tokens)})}
+    superseded = {trial_id for trial_id, token in tokens.items()
+                  if trial_id not in rows or rows[trial_id].status != TrialStatus.running
+                  or rows[trial_id].attempt_token != token}
+    cancelled = {trial_id for trial_id in tokens if trial_id not in superseded and rows[trial_id].cancel_requested}
+    return cancelled, superseded
 
 
 class TrialSuperseded(RuntimeError):
@@ -114,32 +176,32 @@ class TrialSuperseded(RuntimeError):
     it must stop without writing anything more."""
 
 
-def _claim_still_held(session: Session, trial_id: int, attempt: int, values: dict[str, Any]) -> None:
-    """Update the trial only while ``attempt`` still runs it; the UPDATE takes the row lock first, so a
-    concurrent takeover waits for this transaction and then sees (and deletes) what it wrote."""
+def _claim_still_held(session: Session, trial_id: int, token: str, values: dict[str, Any]) -> None:
+    """Update the trial only while the attempt ``token`` still runs it; the UPDATE takes the row lock
+    first, so a concurrent takeover waits for this transaction and then sees (and deletes) what it wrote."""
     held = session.execute(
         update(Trial)
-        .where(Trial.id == trial_id, Trial.status == TrialStatus.running, Trial.attempts == attempt)
+        .where(Trial.id == trial_id, Trial.status == TrialStatus.running, Trial.attempt_token == token)
         .values(**values).execution_options(synchronize_session=False)
     ).rowcount
     if held != 1:
-        raise TrialSuperseded(f"trial {trial_id}: attempt {attempt} no longer owns it")
+        raise TrialSuperseded(f"trial {trial_id}: attempt {token[:8]} no longer owns it")
 
 
 def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *,
-                  attempt: int | None = None) -> bool:
+                  token: str | None = None) -> bool:
     """Write epoch rows (one executemany) and advance the trial's progress. Returns True when the
     trial has been asked to stop (cancelled), so the engine ends at this epoch boundary. With
-    ``attempt``, raises TrialSuperseded (writing nothing) when that attempt no longer owns the trial."""
+    ``token``, raises TrialSuperseded (writing nothing) when that attempt no longer owns the trial."""
     done = {"epochs_done": max(int(row["epoch"]) for row in rows)} if rows else {}
-    if attempt is not None:
-        _claim_still_held(session, trial_id, attempt, done or {"epochs_done": Trial.epochs_done})
+    if token is not None:
+        _claim_still_held(session, trial_id, token, done or {"epochs_done": Trial.epochs_done})
     elif done:
         session.execute(update(Trial).where(Trial.id == trial_id).values(**done)
                         .execution_options(synchronize_session=False))
     if rows:
         # ON CONFLICT DO NOTHING: a write whose COMMIT reached the server but whose reply was lost is
-        # retried (worker/tasks.write_with_retry) and must not fail on its own rows. Rows of another
+        # retried (worker/jobs.write_with_retry) and must not fail on its own rows. Rows of another
         # attempt cannot be there: a takeover deletes them before the new attempt writes.
         session.execute(insert_ignoring_conflicts(session, EpochMetric), [
             {"trial_id": trial_id, "epoch": int(row["epoch"]),
@@ -156,11 +218,12 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
 
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
                  best_epoch: int | None = None, error: str | None = None,
-                 artifacts: dict[str, dict] | None = None, attempt: int | None = None) -> None:
+                 artifacts: dict[str, dict] | None = None, token: str | None = None) -> None:
     """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from the epoch rows
     already written in this session) and the prediction artifacts, which replace any earlier ones.
-    ``error`` is kept short enough to show in a table. With ``attempt``, raises TrialSuperseded
-    (writing nothing) when that attempt no longer owns the trial."""
+    ``error`` is kept short enough to show in a table. With ``token``, raises TrialSuperseded
+    (writing nothing) when that attempt no longer owns the trial. Its job's checkpoint stays: the
+    job's other trials may still resume from it (the job removes it when it ends)."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
     if final_metrics is not None:
         values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
@@ -170,12 +233,11 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
-    if attempt is not None:
-        _claim_still_held(session, trial_id, attempt, values)
+    if token is not None:
+        _claim_still_held(session, trial_id, token, values)
     else:
         session.execute(update(Trial).where(Trial.id == trial_id).values(**values)
                         .execution_options(synchronize_session=False))
-    delete_checkpoints(session, [trial_id])  # an ended trial is never resumed
     session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
     if artifacts:
         session.execute(insert(TrialArtifact), [
@@ -223,7 +285,8 @@ def requeue_trials(session: Session, experiment_id: int, *, statuses: tuple[str,
         session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id.in_(ids)))
         session.execute(
             update(Trial).where(Trial.id.in_(ids))
-            .values(status=TrialStatus.queued, attempts=0, cancel_requested=False, worker=None, error=None,
+            .values(status=TrialStatus.queued, attempts=0, attempt_token=None, cancel_requested=False, worker=None,
+                    error=None,
                     epochs_done=0, best_epoch=None, final_metrics=None, started_at=None, finished_at=None,
                     verdict=None, diagnosis=None, parameter_count=None)
             .execution_options(synchronize_session=False)

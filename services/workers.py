@@ -4,7 +4,7 @@ first process to notice (any worker's heartbeat, or the next start of a worker o
 flips it to ``lost`` with one conditional UPDATE, and only that winner re-sends its running trials,
 so each is re-sent once.
 
-The trials stay ``running``: they are re-sent as takeovers (``run_trial(takeover=True)``), whose claim
+The trials stay ``running``: they are re-sent as takeovers (``run_job(takeover=True)``), whose claim
 removes the dead attempt's rows and counts the attempt against FITSCOPE_MAX_ATTEMPTS. Marking them
 ``queued`` instead would let a fresh claim collide with the dead attempt's epoch rows.
 

@@ -28,10 +28,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = make_celery(settings, name="fitscope-worker")
     app.conf.worker_proc_alive_timeout = PROCESS_START_TIMEOUT_S
-    from worker import jobs, tasks
+    from worker import tasks
 
-    tasks.register(app)
-    jobs.register(app)  # fused jobs: several trials trained as one batched model
+    tasks.register(app)  # the one task: a job of one or more trials
     return app
 
 

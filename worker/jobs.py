@@ -1,22 +1,26 @@
-"""The fused-job task: several trial ids, claimed one by one and trained as one batched model.
+"""One job, any number of trials: claim, epoch rows, checkpoints, finish and fail, in one place.
 
-Like worker/tasks.py's run_trial, it is thin: it claims, calls the engine (worker/training/fused.py)
-and persists what it reports, and each trial keeps its own life in the database:
+The task (worker/tasks.py) hands a job's trial ids here; a job of one trial is a stack of one.
 
-- claim: each id with claim_trial; ids with nothing to do (ended, taken) are skipped. A trial whose
-  claim carries a checkpoint (a one-trial run that died) resumes through the one-trial path.
-- rows: every ``FITSCOPE_METRICS_FLUSH_S`` the rows of all trials go in ONE transaction, each trial's
-  guarded by its attempt: a trial taken over meanwhile (TrialSuperseded) is dropped from the job
-  alone, and a trial whose cancel flag is set is stopped alone, at that epoch boundary. At the
-  other epoch boundaries one light SELECT reads every trial's cancel flag (and ownership), so a
-  cancel stops a fused trial within one epoch too.
-- end: a trial's last rows and final status right after the epoch it ended in (early stopping,
-  its own number of epochs, divergence, cancel), one transaction for all that ended together.
-- trials that cannot be fused together after all (a re-queue mixed them) run as their own groups,
-  single trials through the one-trial path.
-
-A re-delivered job (its worker died) claims again with ``redelivered``: trials that ended are
-skipped, running ones are taken over and restart from epoch 1 (fused jobs do not checkpoint).
+- claim: all trials in one transaction, under one attempt token (services.trials.claim_job); trials
+  with nothing to do (ended, taken) are skipped. A re-delivered job whose trials were all taken over
+  resumes from its checkpoint, and trials that ended since it stay ended (they train again in the
+  stack, so it is the very stack that was checkpointed, but nothing of theirs is written).
+- rows: kept and written every ``FITSCOPE_METRICS_FLUSH_S`` in ONE transaction for all trials, each
+  trial's guarded by the attempt's token: a trial another attempt took over is dropped from the job
+  alone, and a trial whose cancel flag is set is stopped alone, at that epoch boundary. At the other
+  epoch boundaries one light SELECT reads every trial's cancel flag and owner, so a cancel stops a
+  trial within one epoch whatever the flush interval. One transaction per epoch cost ~3.6 ms on
+  SQLite, a third of a small trial's time.
+- checkpoints: every ``FITSCOPE_CHECKPOINT_EVERY_EPOCHS`` epochs or ``_EVERY_S`` seconds (but no more
+  often than the flush), the pending rows and the job's checkpoint go in ONE transaction, so a takeover
+  finds rows exactly up to the checkpoint; saved only while the attempt still holds one of the trials.
+- end: a trial's last rows and final status right after the epoch it ended in; the job's checkpoint
+  goes with the last of them. A failure (a bug, a device that is not there) fails the trials still
+  training, keeping their rows; trials that ended stay as they ended.
+- the database: every write waits out an outage (``FITSCOPE_DB_RETRY_DELAYS_S``, up to
+  ``FITSCOPE_DB_WAIT_S`` in all) while the engine waits for it; past that, DatabaseDown re-queues the
+  job, which then resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,230 +28,311 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from celery import Celery, Task
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from services.config import get_settings
-from services.models import Trial, TrialStatus
-from services.planner import plan_jobs
-from services.queue import RUN_JOB_TASK
-from services.trials import Claim, TrialSuperseded, finish_trial, record_epochs
-from worker.tasks import (
-    DB_RETRY_DELAYS_S,
-    PERSIST_RETRIES,
-    DatabaseDown,
-    claim_with_retry,
-    csv_content_of,
-    execute_claim,
-    get_engine,
-    write_with_retry,
+from services.checkpoints import CheckpointNotSaved, checkpoint_store, delete_checkpoints
+from services.config import Settings, get_settings
+from services.db import session_scope
+from services.models import TrialStatus
+from services.trials import (
+    ClaimedJob,
+    TrialSuperseded,
+    claim_job,
+    finish_trial,
+    new_token,
+    read_stop_flags,
+    record_epochs,
+    restart_job,
 )
 
 log = logging.getLogger(__name__)
-MAX_JOB_TRIALS = 4096  # the most ids one message may carry (FITSCOPE_FUSE_MAX_TRIALS is at most this)
 
 
-def register(app: Celery) -> None:
-    app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_job)
+class DatabaseDown(RuntimeError):
+    """A write kept failing for FITSCOPE_DB_WAIT_S; the job must be sent again (it resumes)."""
 
 
-def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[str, str]:
-    """Train these trials fused; returns {trial id: final status} ("skipped" for those with nothing
-    to do, "superseded" for those another attempt took over meanwhile)."""
-    if len(trial_ids) > MAX_JOB_TRIALS:  # never sent by fitscope (jobs are capped at submit): say so
-        log.error("a job message carried %d trial ids; training the first %d, the rest (%s...) stay queued: "
-                  "`fitscope requeue EXPERIMENT --status queued` sends them again", len(trial_ids),
-                  MAX_JOB_TRIALS, trial_ids[MAX_JOB_TRIALS:MAX_JOB_TRIALS + 5])
-    trial_ids = [int(trial_id) for trial_id in trial_ids[:MAX_JOB_TRIALS]]
-    engine = get_engine()
-    try:
-        claims = [claim for claim in claim_with_retry(engine, task, trial_ids, takeover=takeover) if claim is not None]
-        statuses = {str(trial_id): "skipped" for trial_id in trial_ids}
-        statuses.update({str(k): v for k, v in execute_job(engine, claims).items()})
-    except DatabaseDown as exc:
-        # Acknowledging now would leave trials queued or running for ever: send the job again.
-        log.error("job of trials %s: %s; re-queueing it", trial_ids, exc)
-        raise task.retry(kwargs={"takeover": True}, countdown=DB_RETRY_DELAYS_S[-1],
-                         max_retries=PERSIST_RETRIES) from None
-    return statuses
+class CannotResume(ValueError):
+    """The job's checkpoint cannot be resumed from (unreadable, or not this job's); nothing ran."""
 
 
-def execute_job(engine: Engine, claims: list[Claim]) -> dict[int, str]:
-    """Run claimed trials: compatible ones fused, the rest one at a time. Returns {trial id: status}."""
-    from pydantic import ValidationError
-
-    from services.trial_config import TrialConfig
-
-    statuses: dict[int, str] = {}
-    fusable: list[tuple[Claim, TrialConfig]] = []
-    for claim in claims:
-        if getattr(claim, "checkpoint", None) is not None:  # a one-trial run's checkpoint: resume it
-            statuses[claim.trial_id] = _one_trial(engine, claim)
-            continue
+def write_with_retry(engine: Engine, write: Callable[[Any], Any], *, settings: Settings | None = None):
+    """Run ``write(session)`` in its own transaction, waiting out a database outage: tries again after
+    each of FITSCOPE_DB_RETRY_DELAYS_S (the last repeating) until FITSCOPE_DB_WAIT_S have passed, then
+    raises DatabaseDown."""
+    settings = settings or get_settings()
+    delays, waited_s, tries = settings.db_retry_delays_s, 0.0, 0
+    while True:
         try:
-            fusable.append((claim, TrialConfig.model_validate(claim.config)))
-        except ValidationError as exc:
-            statuses.update(_fail_all(engine, [claim], f"its stored config is not valid: {exc}"))
-    groups = plan_jobs([config for _, config in fusable], max_trials=MAX_JOB_TRIALS)
-    for group in groups:
-        members = [fusable[i] for i in group]
-        if len(members) == 1:
-            statuses[members[0][0].trial_id] = _one_trial(engine, members[0][0])
-        else:
-            statuses.update(_train_group(engine, [c for c, _ in members], [config for _, config in members]))
+            with session_scope(engine) as session:
+                return write(session)
+        except (OperationalError, InterfaceError) as exc:
+            delay = delays[min(tries, len(delays) - 1)]
+            if waited_s + delay > settings.db_wait_s:
+                raise DatabaseDown(f"the database did not answer for {waited_s:.0f} s ({exc.orig})") from None
+            log.warning("database write failed (%s); retrying in %s s", exc.orig, delay)
+            time.sleep(delay)
+            waited_s, tries = waited_s + delay, tries + 1
+
+
+def execute_job(engine: Engine, trial_ids: list[int], *, worker: str, redelivered: bool) -> dict[str, str]:
+    """Claim and train a job; returns {trial id: final status} ("skipped" for trials with nothing to
+    do, "superseded" for those another attempt took over meanwhile). Raises DatabaseDown."""
+    settings = get_settings()
+    token, tries = new_token(), 0
+
+    def claim(session) -> ClaimedJob:
+        # A failed try may have committed before the connection dropped; then the trials are already
+        # ours, "running", so a later try takes them over rather than skipping them for ever.
+        nonlocal tries
+        tries += 1
+        return claim_job(session, trial_ids, worker=worker, max_attempts=settings.max_attempts,
+                         redelivered=redelivered or tries > 1, token=token)
+
+    job = write_with_retry(engine, claim, settings=settings)
+    statuses = {str(trial_id): "skipped" for trial_id in trial_ids}
+    if job.claims:
+        statuses.update({str(k): v for k, v in JobRun(engine, job, settings=settings).run().items()})
     return statuses
 
 
-def _one_trial(engine: Engine, claim: Claim) -> str:
-    try:
-        return execute_claim(engine, claim)
-    except TrialSuperseded as exc:
-        log.warning("%s; stopping without writing more", exc)
-        return "superseded"
+class JobRun:
+    """One attempt at a claimed job: the engine's hooks and every write the attempt makes."""
 
+    def __init__(self, engine: Engine, job: ClaimedJob, *, settings: Settings) -> None:
+        self.engine, self.job, self.settings = engine, job, settings
+        self.store = checkpoint_store(settings.checkpoint_url)
+        self.live = set(job.claims)  # claimed trials not ended and not superseded
+        self.pending: dict[int, list[dict[str, Any]]] = {trial_id: [] for trial_id in job.claims}
+        self.statuses: dict[int, str] = {}
+        self.stack = list(job.trial_ids)  # engine index -> trial id
+        self._last_flush = self._last_checkpoint_at = time.monotonic()
+        self._last_checkpoint_epoch = job.checkpoint.epoch if job.checkpoint else 0
 
-class JobBuffer:
-    """train_fused's ``on_epoch`` for a job: keeps each trial's epoch rows and writes all of them at
-    most every ``flush_s`` seconds, in one transaction that also reads their cancel flags. Returns
-    the trial indices to stop: cancelled ones, and superseded ones (dropped from the job)."""
+    def run(self) -> dict[int, str]:
+        """Train the job through the engine; returns {trial id: status} for every claimed trial."""
+        from pydantic import ValidationError
 
-    def __init__(self, engine: Engine, claims: list[Claim], *, flush_s: float) -> None:
-        self.engine, self.claims, self.flush_s = engine, claims, flush_s
-        self.pending: list[list[dict[str, Any]]] = [[] for _ in claims]
-        self.superseded: set[int] = set()
-        self._last_flush = time.monotonic()
+        from services.trial_config import TrialConfig
+        from worker.training import DeviceUnavailable
 
-    def __call__(self, rows) -> set[int]:
+        started = time.perf_counter()
+        try:
+            try:
+                configs = [TrialConfig.model_validate(self.job.configs[i]) for i in self.stack]
+            except ValidationError as exc:
+                return self._fail(f"a stored trial config is not valid: {exc}")
+            resume = self.job.checkpoint.data if self.job.checkpoint else None
+            if resume is not None:
+                log.info("job of trials %s: attempt %s resumes after epoch %s", sorted(self.job.claims),
+                         self.job.token[:8], self.job.checkpoint.epoch)
+            try:
+                self._train(configs, resume=resume)
+            except CannotResume as exc:  # nothing ran: start over, without the trials that ended
+                self._start_over(exc)
+                if self.stack:
+                    self._train([TrialConfig.model_validate(self.job.configs[i]) for i in self.stack], resume=None)
+        except DatabaseDown:
+            raise
+        except DeviceUnavailable as exc:
+            return self._fail(str(exc))
+        except Exception as exc:  # a bug or bad state must fail these trials, not take the worker down
+            log.exception("job of trials %s failed", sorted(self.job.claims))
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            return self._fail(f"{detail}\n{traceback.format_exc(limit=8)}")
+        if self.live:  # the engine returned without a result for them: never expected, never silent
+            self._fail("the engine ended without a result for this trial")
+        log.info("job of %d trials trained in %.1f s", len(self.stack), time.perf_counter() - started)
+        return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
+
+    def _train(self, configs: list, *, resume: bytes | None) -> None:
+        """THE call into the engine, for every job: a job of one trial is a stack of one."""
+        from worker.training.checkpoint import CheckpointUnreadable, job_state_from_bytes, job_state_to_bytes
+        from worker.training.fused import train_fused
+        from worker.training.results import CannotResume as EngineCannotResume
+
+        csv_content = self._csv_content(configs[0])
+        try:
+            state = job_state_from_bytes(resume) if resume is not None else None
+            if state is not None and state.epoch != self.job.checkpoint.epoch:
+                raise CannotResume(f"it holds epoch {state.epoch}, its row says {self.job.checkpoint.epoch}")
+            train_fused(configs, on_epoch=self.on_epoch, on_trials_end=self.on_trials_end,
+                        checkpoint=lambda epoch, capture: self.checkpoint(epoch, lambda: job_state_to_bytes(capture())),
+                        resume=state, csv_content=csv_content)
+        except (CheckpointUnreadable, EngineCannotResume) as exc:
+            raise CannotResume(str(exc)) from None
+
+    # --- the engine's hooks ------------------------------------------------------------------------
+
+    def on_epoch(self, rows: dict[int, Any]) -> set[int]:
+        """Keep the epoch's rows; write them when due. Returns the engine indices to stop: trials
+        cancelled or superseded, and every trial once none of the claimed ones is left."""
         for index, metrics in rows.items():
-            self.pending[index].append(asdict(metrics))
-        if time.monotonic() - self._last_flush < self.flush_s:
-            return self._read_flags([i for i in rows if i not in self.superseded])
-        live = [i for i in range(len(self.claims)) if self.pending[i] and i not in self.superseded]
+            trial_id = self.stack[index]
+            if trial_id in self.live:
+                self.pending[trial_id].append(asdict(metrics))
+        if time.monotonic() - self._last_flush >= self.settings.metrics_flush_s:
+            cancelled = self._write(lambda session: None)
+        else:
+            cancelled = self._read_flags()
+        if not self.live:
+            return set(rows)
+        return {i for i in rows if self.stack[i] in cancelled or self.statuses.get(self.stack[i]) == "superseded"}
+
+    def checkpoint(self, epoch: int, capture: Callable[[], bytes]) -> None:
+        """Save the job's checkpoint when due, with the rows up to ``epoch``, in one transaction."""
+        since_s = time.monotonic() - self._last_checkpoint_at
+        by_count = self.settings.checkpoint_every_epochs and (
+            epoch - self._last_checkpoint_epoch >= self.settings.checkpoint_every_epochs)
+        by_time = self.settings.checkpoint_every_s and since_s >= self.settings.checkpoint_every_s
+        if not (by_count or by_time) or since_s < self.settings.metrics_flush_s or not self.live:
+            return
+        data = capture()
+        self._last_checkpoint_epoch, self._last_checkpoint_at = epoch, time.monotonic()
+
+        def save(session) -> None:
+            if self.live:  # still holding one trial of the job, checked (and locked) by the rows' writes
+                self.store.save(session, trial_ids=self.stack, token=self.job.token, epoch=epoch, data=data,
+                                first_trial_id=self.job.first_trial_id)
+
+        try:
+            self._write(save)
+        except CheckpointNotSaved as exc:  # rolled back; the rows stay pending for the next write
+            log.warning("%s", exc)
+
+    def on_trials_end(self, results: dict[int, Any]) -> None:
+        """Write the last rows and the final status of the claimed trials that just ended, in one
+        transaction (with the job's checkpoint once none is left)."""
+        ended = {self.stack[i]: result for i, result in results.items() if self.stack[i] in self.live}
+        if not ended:
+            return
+
+        def finish(session) -> set[int]:
+            superseded = set()
+            for trial_id, result in ended.items():
+                try:
+                    record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token)
+                    finish_trial(session, trial_id, status=TrialStatus(result.status),
+                                 final_metrics={**result.final_metrics, "trained_with": len(self.stack)},
+                                 best_epoch=result.best_epoch, error=result.message, artifacts=result.artifacts,
+                                 token=self.job.token)
+                except TrialSuperseded as exc:
+                    log.warning("%s; its results are dropped", exc)
+                    superseded.add(trial_id)
+            if not self.live - set(ended):
+                delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
+            return superseded
+
+        superseded = write_with_retry(self.engine, finish, settings=self.settings)
+        for trial_id, result in ended.items():
+            self.pending[trial_id] = []
+            self.statuses[trial_id] = "superseded" if trial_id in superseded else result.status
+        self.live -= set(ended)
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    def _write(self, also: Callable[[Any], None]) -> set[int]:
+        """The pending rows of every live trial, then ``also(session)``, in one transaction; trials
+        another attempt took over are dropped from the job. Returns the trials asked to stop."""
 
         def write(session) -> tuple[set[int], set[int]]:
             cancelled, superseded = set(), set()
-            for i in live:
-                claim = self.claims[i]
+            for trial_id in sorted(self.live):
                 try:
-                    if record_epochs(session, claim.trial_id, self.pending[i], attempt=claim.attempt):
-                        cancelled.add(i)
+                    if record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token):
+                        cancelled.add(trial_id)
                 except TrialSuperseded as exc:  # nothing was written for it; the others go on
-                    log.warning("%s; dropping it from its fused job", exc)
-                    superseded.add(i)
+                    log.warning("%s; dropping it from its job", exc)
+                    superseded.add(trial_id)
+            self.live -= superseded  # read by ``also``; restored below if this transaction rolls back
+            try:
+                also(session)
+            except BaseException:
+                self.live |= superseded
+                raise
             return cancelled, superseded
 
-        cancelled, superseded = write_with_retry(self.engine, write)
-        for i in live:
-            self.pending[i] = []
-        self.superseded |= superseded
+        live_before = set(self.live)
+        try:
+            cancelled, superseded = write_with_retry(self.engine, write, settings=self.settings)
+        except BaseException:
+            self.live = live_before
+            raise
+        for trial_id in live_before:
+            self.pending[trial_id] = []
+        self._drop(superseded)
         self._last_flush = time.monotonic()
-        return cancelled | superseded
+        return cancelled
 
-    def _read_flags(self, indices: list[int]) -> set[int]:
-        """Trials asked to stop or no longer owned by their attempt, in one SELECT outside any
-        transaction. Not retried: a database that does not answer now is waited out by the next write."""
-        if not indices:
-            return set()
-        ids = {self.claims[i].trial_id: i for i in indices}
+    def _read_flags(self) -> set[int]:
+        """Trials asked to stop, in one SELECT outside any transaction; those no longer this attempt's
+        are dropped. Not retried: a database that does not answer now is waited out by the next write."""
         try:
             with self.engine.connect() as connection:
-                found = connection.execute(select(Trial.id, Trial.status, Trial.attempts, Trial.cancel_requested)
-                                           .where(Trial.id.in_(list(ids)))).all()
+                cancelled, superseded = read_stop_flags(connection, dict.fromkeys(self.live, self.job.token))
         except (OperationalError, InterfaceError) as exc:
-            log.warning("cannot read the cancel flags of a fused job (%s); trying again next epoch", exc.orig)
+            log.warning("cannot read the cancel flags of a job (%s); trying again next epoch", exc.orig)
             return set()
-        stop = set()
-        for row in found:
-            i = ids[row.id]
-            if row.status != TrialStatus.running or row.attempts != self.claims[i].attempt:
-                log.warning("trial %s: attempt %s no longer owns it; dropping it from its fused job",
-                            row.id, self.claims[i].attempt)
-                self.superseded.add(i)
-                stop.add(i)
-            elif row.cancel_requested:
-                stop.add(i)
-        return stop
+        for trial_id in superseded:
+            log.warning("trial %s: attempt %s no longer owns it; dropping it from its job", trial_id,
+                        self.job.token[:8])
+        self._drop(superseded)
+        return cancelled
+
+    def _drop(self, superseded: set[int]) -> None:
+        self.live -= superseded
+        for trial_id in superseded:
+            self.statuses[trial_id] = "superseded"
+            self.pending[trial_id] = []
+
+    def _fail(self, error: str) -> dict[int, str]:
+        """Keep each live trial's rows that ran, then mark it failed with ``error``, all in one
+        transaction with the job's checkpoint; trials that ended stay as they ended."""
+        failing = set(self.live)
+
+        def fail(session) -> set[int]:
+            superseded = set()
+            for trial_id in sorted(failing):
+                try:
+                    record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token)
+                    finish_trial(session, trial_id, status=TrialStatus.failed, error=error, token=self.job.token)
+                except TrialSuperseded:
+                    superseded.add(trial_id)
+            delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
+            return superseded
+
+        superseded = write_with_retry(self.engine, fail, settings=self.settings)
+        self._drop(superseded)
+        for trial_id in failing - superseded:
+            self.statuses[trial_id] = TrialStatus.failed.value
+        self.live = set()
+        return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
+
+    def _start_over(self, reason: Exception) -> None:
+        """The checkpoint cannot be used: the claimed trials train from epoch 1, alone in the stack."""
+        log.warning("job of trials %s: %s; starting over from epoch 1", sorted(self.job.claims), reason)
+        superseded = write_with_retry(self.engine, lambda session: restart_job(session, self.job),
+                                      settings=self.settings)
+        self._drop(superseded)
+        self.stack = [trial_id for trial_id in self.stack if trial_id in self.live]
+        self._last_checkpoint_epoch = 0
+
+    def _csv_content(self, config) -> bytes | None:
+        return csv_content_of(self.engine, config, settings=self.settings)
 
 
-def _train_group(engine: Engine, claims: list[Claim], configs: list) -> dict[int, str]:
-    from worker.training import DeviceUnavailable
-    from worker.training.fused import train_fused
+def csv_content_of(engine: Engine, config, *, settings: Settings | None = None) -> bytes | None:
+    """The stored CSV a trial trains on, or None for a generated data set. Retried like a write: a
+    database outage here must re-queue the job, not fail it."""
+    from services.datasets import load_dataset_content
+    from services.trial_config import CsvDataset
 
-    buffer = JobBuffer(engine, claims, flush_s=get_settings().metrics_flush_s)
-    started = time.perf_counter()
-    finished: dict[int, str] = {}
-
-    def on_trials_end(results) -> None:
-        finished.update(_finish(engine, buffer, results))
-
-    try:
-        train_fused(configs, on_epoch=buffer, on_trials_end=on_trials_end, **csv_content_of(engine, configs[0]))
-    except DatabaseDown:
-        raise
-    except Exception as exc:  # a bug or bad state must fail these trials, not take the worker down
-        if isinstance(exc, DeviceUnavailable):
-            error = str(exc)
-        else:
-            log.exception("fused job of trials %s failed", [claim.trial_id for claim in claims])
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            error = f"{detail}\n{traceback.format_exc(limit=8)}"
-        failed = _fail_all(engine, claims, error, buffer=buffer, skip=set(finished))  # those that ended stay
-        return {**{claims[i].trial_id: status for i, status in finished.items()}, **failed}
-    log.info("fused job of %d trials trained in %.1f s", len(claims), time.perf_counter() - started)
-    return {claim.trial_id: finished.get(i, "superseded") for i, claim in enumerate(claims)}
-
-
-def _finish(engine: Engine, buffer: JobBuffer, results) -> dict[int, str]:
-    """Write the last rows and the final status of trials that just ended ({index: TrialResult}),
-    in one transaction; a trial another attempt took over is left alone. Returns {index: status}."""
-    claims = buffer.claims
-    ended = {i: result for i, result in results.items() if i not in buffer.superseded}
-
-    def finish(session) -> set[int]:
-        superseded = set()
-        for i, result in ended.items():
-            claim = claims[i]
-            try:
-                record_epochs(session, claim.trial_id, buffer.pending[i], attempt=claim.attempt)
-                finish_trial(session, claim.trial_id, status=TrialStatus(result.status),
-                             final_metrics={**result.final_metrics, "trained_with": len(claims)},
-                             best_epoch=result.best_epoch,
-                             error=result.message, artifacts=result.artifacts, attempt=claim.attempt)
-            except TrialSuperseded as exc:
-                log.warning("%s; its results are dropped", exc)
-                superseded.add(i)
-        return superseded
-
-    superseded = write_with_retry(engine, finish) if ended else set()
-    for i in ended:
-        buffer.pending[i] = []
-    buffer.superseded |= superseded
-    return {i: "superseded" if i in superseded else result.status for i, result in ended.items()}
-
-
-def _fail_all(engine: Engine, claims: list[Claim], error: str, *, buffer: JobBuffer | None = None,
-              skip: set[int] = frozenset()) -> dict[int, str]:
-    """Keep each trial's epochs that ran (those ``buffer`` still holds), then mark it failed with
-    ``error``, all in one transaction; trials at indices in ``skip`` are left alone."""
-    superseded_before = buffer.superseded if buffer is not None else set()
-
-    def fail(session) -> set[int]:
-        superseded = set()
-        for i, claim in enumerate(claims):
-            if i in superseded_before or i in skip:
-                continue
-            try:
-                pending = buffer.pending[i] if buffer is not None else []
-                record_epochs(session, claim.trial_id, pending, attempt=claim.attempt)
-                finish_trial(session, claim.trial_id, status=TrialStatus.failed, error=error, attempt=claim.attempt)
-            except TrialSuperseded:
-                superseded.add(i)
-        return superseded
-
-    superseded = superseded_before | write_with_retry(engine, fail)
-    return {claim.trial_id: "superseded" if i in superseded else TrialStatus.failed.value
-            for i, claim in enumerate(claims) if i not in skip}
+    if not isinstance(config.dataset, CsvDataset) or config.dataset.sha256 is None:
+        return None
+    sha256 = config.dataset.sha256
+    return write_with_retry(engine, lambda session: load_dataset_content(session, sha256), settings=settings)

@@ -27,6 +27,7 @@ from importlib import metadata
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from services.checkpoints import checkpointed_jobs
 from services.config import Settings
 from services.db import make_engine, session_scope
 from services.models import utcnow
@@ -140,15 +141,17 @@ class Presence:
         self._send_takeovers()
 
     def _as_jobs(self, session, trials: list[tuple[int, str]]) -> list[tuple[list[int], str]]:
-        """A lost worker's trials planned as a submission plans them, so a lost fused job comes back
-        fused (run_job), not one trial per message; one per message if planning fails."""
+        """A lost worker's trials: each job that has a checkpoint as the very job, so it resumes; the
+        rest planned as a submission plans them, so a lost fused job comes back fused, not one trial
+        per message; one per message if planning fails."""
+        resumable, trials = checkpointed_jobs(session, trials)
         try:
-            return plan_requeue(session, trials, fuse=self.settings.fuse,
-                                fuse_max_trials=self.settings.fuse_max_trials)
+            return resumable + plan_requeue(session, trials, fuse=self.settings.fuse,
+                                            fuse_max_trials=self.settings.fuse_max_trials)
         except ValueError as exc:  # a stored config that no longer validates (a database error propagates)
             log.warning("could not plan the takeover of trials %s as fused jobs (%s); sending them one by one",
                         [trial_id for trial_id, _ in trials], _reason(exc))
-            return [([trial_id], queue) for trial_id, queue in trials]
+            return resumable + [([trial_id], queue) for trial_id, queue in trials]
 
     def _send_takeovers(self) -> None:
         """One message at a time, each dropped from the list once sent: a broker that fails half-way

@@ -1,6 +1,6 @@
 """The analysis pages (Fit analysis, Optimizers and schedules, Trial, Experiment) with Streamlit's
 AppTest, against a real migrated SQLite database filled by the real engine: grids are submitted
-through services.submission and their trials claimed and trained by worker.tasks.execute_claim, the
+through services.submission and their trials claimed and trained by worker.jobs.execute_job, the
 code a worker runs, so charts are drawn from rows and artifacts the engine really wrote."""
 
 from __future__ import annotations

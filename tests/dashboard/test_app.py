@@ -66,11 +66,9 @@ def submit_spec(engine, text: str) -> Submitted:
 
 def train(engine, trial_id: int) -> str:
     """What a worker does with a message: claim the trial, then run the real engine on it."""
-    from worker.tasks import execute_claim
+    from worker.jobs import execute_job
 
-    with session_scope(engine) as session:
-        claim = claim_trial(session, trial_id, worker="test-worker", max_attempts=3)
-    return execute_claim(engine, claim)
+    return execute_job(engine, [trial_id], worker="test-worker", redelivered=False)[str(trial_id)]
 
 
 def give_up(engine, trial_id: int) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from services.config import Settings
 from services.db import session_scope
 from services.models import EpochMetric, Trial
-from services.queue import enqueue_trials, make_celery
+from services.queue import enqueue_jobs, make_celery
 from services.spec import parse_spec
 from services.submission import submit
 from services.trials import cancel_experiment
@@ -64,8 +64,8 @@ def test_a_running_trial_stops_within_one_epoch_and_queued_ones_never_start(
     engine = engine_for(migrated_sqlite_url)
     with session_scope(engine) as session:
         submitted = submit(session, spec=parse_spec(SPEC), spec_text=SPEC, submitted_by="tester", max_trials=10)
-    enqueue_trials(make_celery(Settings(database_url=migrated_sqlite_url, broker_url=broker_url)),
-                   submitted.trials)
+    enqueue_jobs(make_celery(Settings(database_url=migrated_sqlite_url, broker_url=broker_url)),
+                 [([trial_id], queue) for trial_id, queue in submitted.trials])
 
     # Cancel right after the first write of rows, when epochs_done is the epoch just finished.
     running = _until(lambda: next((t for t in _trials(engine) if t.status == "running" and t.epochs_done), None),

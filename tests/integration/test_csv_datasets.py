@@ -10,9 +10,8 @@ from sqlalchemy import func, select
 
 from services.db import session_scope
 from services.models import Dataset, Experiment, Trial
-from services.trials import claim_trial
 from tests.servers import fitscope, fitscope_env
-from worker.tasks import execute_claim
+from worker.jobs import execute_job
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +86,7 @@ def test_a_good_csv_is_stored_once_and_a_trial_trains_on_it(env, tmp_path, migra
         assert stored.size_bytes == len(GOOD_CSV.encode())
         dataset = session.get(Trial, trial_id).config["dataset"]
         assert dataset["sha256"] == stored.sha256 and dataset["task"] == "classification"
-        claim = claim_trial(session, trial_id, worker="test", max_attempts=3)
-    assert execute_claim(engine, claim) == "succeeded"
+    assert execute_job(engine, [trial_id], worker="test", redelivered=False) == {str(trial_id): "succeeded"}
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert (trial.status, trial.epochs_done) == ("succeeded", 3)

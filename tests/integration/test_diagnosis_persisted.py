@@ -13,8 +13,8 @@ from services.models import Trial, TrialArtifact
 from services.queries import trial_artifacts, trial_rows
 from services.spec import parse_spec
 from services.submission import submit
-from services.trials import claim_trial, requeue_trials
-from worker.tasks import execute_claim
+from services.trials import requeue_trials
+from worker.jobs import execute_job
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,7 @@ def _run_all(engine, spec_text: str) -> int:
     with session_scope(engine) as session:
         submitted = submit(session, spec=parse_spec(spec_text), spec_text=spec_text, submitted_by=None, max_trials=100)
     for trial_id in submitted.trial_ids:
-        with session_scope(engine) as session:
-            claim = claim_trial(session, trial_id, worker="test", max_attempts=3)
-        assert claim is not None
-        execute_claim(engine, claim)
+        assert execute_job(engine, [trial_id], worker="test", redelivered=False)[str(trial_id)] != "skipped"
     return submitted.experiment_id
 
 
@@ -96,8 +93,7 @@ def test_a_rerun_replaces_the_artifacts_and_a_requeue_clears_the_verdict(engine)
         trial = session.get(Trial, trial.id)
         assert (trial.verdict, trial.diagnosis, trial.parameter_count) == (None, None, None)
         assert trial_artifacts(session, trial.id) == {}
-        claim = claim_trial(session, trial.id, worker="again", max_attempts=3)
-    execute_claim(engine, claim)
+    execute_job(engine, [trial.id], worker="again", redelivered=False)
     with session_scope(engine) as session:
-        assert session.get(Trial, claim.trial_id).verdict in VERDICTS
+        assert session.get(Trial, trial.id).verdict in VERDICTS
         assert session.scalar(select(func.count()).select_from(TrialArtifact)) == 2  # one per trial, no duplicate

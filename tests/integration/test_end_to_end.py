@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from services.config import Settings
 from services.db import session_scope
 from services.models import EpochMetric, Experiment, Trial
-from services.queue import enqueue_trials, make_celery
+from services.queue import enqueue_jobs, make_celery
 from tests.servers import REPO, WorkerProcess, fitscope, fitscope_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,7 +90,7 @@ def test_a_redelivered_task_for_a_finished_trial_writes_nothing(stack, database_
     before = _snapshot(engine)
 
     producer = make_celery(Settings(broker_url=broker_url, database_url=database_url))
-    enqueue_trials(producer, [(trial_id, "cpu") for trial_id in trial_ids])
+    enqueue_jobs(producer, [([trial_id], "cpu") for trial_id in trial_ids])
     deadline = time.monotonic() + 60
     while worker.log().count("'skipped'") < len(trial_ids) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -57,10 +57,11 @@ def _wait_until(condition: Callable[[], bool], *, timeout: float, worker: Worker
 
 
 def _trial_id_of(raw_message: bytes) -> int:
-    """The trial id a queued Celery message carries (its body is base64 JSON: [args, kwargs, embed])."""
+    """The trial id a queued job of one trial carries (its body is base64 JSON: [args, kwargs, embed])."""
     message = json.loads(raw_message)
     args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    return args[0]
+    [trial_id] = args[0]
+    return trial_id
 
 
 def _assert_each_ran_once_with_every_epoch(engine: Engine, trials: list[Trial]) -> None:
@@ -123,44 +124,68 @@ def _submit_without_sending(engine: Engine, text: str):
         return submit(session, spec=parse_spec(text), spec_text=text, submitted_by="test", max_trials=100)
 
 
+def _assert_each_finished_once_with_every_epoch(engine: Engine, trials: list[Trial]) -> None:
+    """After an outage that re-queued jobs: every trial succeeded, with each epoch's row once (a
+    re-queued job resumes from its checkpoint, at the cost of one attempt)."""
+    for trial in trials:
+        epochs = trial.config["epochs"]
+        assert (trial.status, trial.epochs_done) == ("succeeded", epochs), trial.id
+        assert _epochs(engine, trial.id) == list(range(1, epochs + 1)), trial.id
+
+
+# Retry delays shortened to 1.7 s in all, far below the outage: the waits are settings, and a write
+# goes on waiting (FITSCOPE_DB_WAIT_S) past the delays put together. With FITSCOPE_DB_WAIT_S below
+# the outage too, jobs are re-queued again and again until the database is back, then resume.
+@pytest.mark.parametrize("db_wait_s", [None, "4"], ids=["waits", "re-queues"])
 def test_a_worker_waits_out_a_database_outage_and_loses_no_epoch(own_postgres: PostgresCluster, broker_url: str,
-                                                                 engine_for, tmp_path: Path):
+                                                                 engine_for, tmp_path: Path, db_wait_s):
     url = own_postgres.create_database("fitscope")
     upgrade(url)
     engine = engine_for(url)
     # Every epoch is written as it ends (flush 0), so the outage falls between epoch writes.
+    waits = {"FITSCOPE_DB_WAIT_S": db_wait_s} if db_wait_s else {}
     env = fitscope_env(database_url=url, broker_url=broker_url, home=tmp_path / "home",
-                       FITSCOPE_METRICS_FLUSH_S="0", FITSCOPE_FUSE="false")
+                       FITSCOPE_METRICS_FLUSH_S="0", FITSCOPE_DB_RETRY_DELAYS_S="[0.2, 0.5, 1]",
+                       FITSCOPE_CHECKPOINT_EVERY_EPOCHS="5", **waits)
     worker = WorkerProcess(env, tmp_path / "worker.log", "--concurrency", "2")
     try:
         worker.wait_ready(processes=2)
         producer = make_celery(Settings(broker_url=broker_url))
-        common = "fuse: false\nparameters:\n  n_train: {value: 200}\n  width: {value: 16}\n"
-        running = _submit_without_sending(engine, "name: running\n" + common + "  epochs: {value: 300}\n")
+        common = "parameters:\n  n_train: {value: 200}\n  width: {value: 16}\n"
+        running = _submit_without_sending(engine, "name: running\nfuse: false\n" + common +
+                                          "  epochs: {value: 300}\n")
+        # One fused job of three trials, sent while the database is down.
         waiting = _submit_without_sending(engine, "name: waiting\nseeds: [0, 1, 2]\n" + common +
                                           "  epochs: {value: 60}\n")
+        assert [len(ids) for ids, _ in waiting.jobs] == [3]
         enqueue_submission(producer, running)
-        _wait_until(lambda: _trials(engine, running.experiment_id)[0].epochs_done >= 3, timeout=60, worker=worker)
+        # Past its first checkpoint (epoch 5), so a re-queued attempt has one to resume from.
+        _wait_until(lambda: _trials(engine, running.experiment_id)[0].epochs_done >= 6, timeout=60, worker=worker)
 
         own_postgres.stop("fast")
         stopped = time.monotonic()
-        # Sent while the database is down: the idle training process takes one and must wait to claim it.
+        # The idle training process takes the job and must wait to claim it.
         enqueue_submission(producer, waiting)
         client = redis.Redis.from_url(broker_url)
-        _wait_until(lambda: client.llen("cpu") < 3, timeout=OUTAGE_S - 5, worker=worker)
+        _wait_until(lambda: client.llen("cpu") == 0, timeout=OUTAGE_S - 5, worker=worker)
         client.close()
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
         assert "database write failed" in worker.log()  # the outage was seen while it lasted
         own_postgres.start()
 
-        _wait_until(lambda: all(t.status in TERMINAL_STATUSES for t in _trials(engine)), timeout=150, worker=worker)
+        _wait_until(lambda: all(t.status in TERMINAL_STATUSES for t in _trials(engine)), timeout=180, worker=worker)
         trials = _trials(engine)
         assert len(trials) == 4
-        _assert_each_ran_once_with_every_epoch(engine, trials)
         log = worker.log()
         assert log.count("database write failed") >= 2, log[-4000:]  # both the epoch write and the claim waited
         assert "Traceback" not in log and "raised unexpected" not in log, log[-4000:]
-        assert log.count("succeeded in") == 4, log[-4000:]
+        if db_wait_s is None:  # waited out in place: no job re-queued, no attempt spent
+            _assert_each_ran_once_with_every_epoch(engine, trials)
+            assert log.count("succeeded in") == 2 and "re-queueing it" not in log, log[-4000:]
+        else:
+            _assert_each_finished_once_with_every_epoch(engine, trials)
+            assert "re-queueing it" in log and "resumes after epoch" in log, log[-4000:]
+            assert log.count("succeeded in") >= 2, log[-4000:]
     finally:
         worker.stop()
 
@@ -173,7 +198,7 @@ class _Requeued(Exception):
 
 
 class _Task:
-    """The little of a bound Celery task that run_trial reads: its request, and retry() to re-queue."""
+    """The little of a bound Celery task that run_job reads: its request, and retry() to re-queue."""
 
     def __init__(self) -> None:
         self.request = SimpleNamespace(hostname="test@host", delivery_info={"redelivered": False})
@@ -186,24 +211,30 @@ class _Task:
 
 @pytest.fixture
 def tasks_on(migrated_sqlite_url, monkeypatch, engine_for):
-    """worker.tasks pointed at a fresh database, with its backoff shortened and the training step
-    replaced by a report of the claim it was given (the claim is what these tests are about)."""
+    """worker.tasks pointed at a fresh database, with its backoff shortened and the training replaced
+    by a report of the claims it was given (the claim is what these tests are about)."""
+    import worker.jobs as jobs
     import worker.tasks as tasks
 
     monkeypatch.setenv("FITSCOPE_DATABASE_URL", migrated_sqlite_url)
-    monkeypatch.setattr(tasks, "DB_RETRY_DELAYS_S", (0.01, 0.01, 0.01))
-    monkeypatch.setattr(tasks, "execute_claim", lambda engine, claim: f"ran attempt {claim.attempt}")
+    monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01]")
+    monkeypatch.setenv("FITSCOPE_DB_WAIT_S", "0.03")
+    monkeypatch.setattr(jobs.JobRun, "run", lambda self: {
+        trial_id: f"ran attempt {claim.attempt}" for trial_id, claim in self.job.claims.items()})
     tasks.reset_process_state()
     engine = engine_for(migrated_sqlite_url)
     [trial_id] = _submit_without_sending(engine, "name: claim\nparameters:\n  epochs: {value: 2}\n").trial_ids
-    yield tasks, engine, trial_id
+    from services.config import get_settings
+
+    get_settings.cache_clear()  # the submit read the settings before the test's were set
+    yield jobs, tasks, engine, trial_id
     tasks.reset_process_state()
 
 
-def _outage(tasks, monkeypatch, *, failures: int, commit_first: bool = False) -> list[int]:
+def _outage(jobs, monkeypatch, *, failures: int, commit_first: bool = False) -> list[int]:
     """Make the claim fail ``failures`` times, as a database that is down does; with ``commit_first``
     the first failure happens after the claim committed, as when the connection drops on COMMIT."""
-    real_claim, calls = tasks.claim_trial, []
+    real_claim, calls = jobs.claim_job, []
 
     def flaky_claim(session, *args, **kwargs):
         calls.append(1)
@@ -214,34 +245,39 @@ def _outage(tasks, monkeypatch, *, failures: int, commit_first: bool = False) ->
             raise OperationalError("UPDATE trials", {}, Exception("connection refused"))
         return real_claim(session, *args, **kwargs)
 
-    monkeypatch.setattr(tasks, "claim_trial", flaky_claim)
+    monkeypatch.setattr(jobs, "claim_job", flaky_claim)
     return calls
 
 
 def test_a_claim_waits_out_a_short_outage(tasks_on, monkeypatch):
-    tasks, engine, trial_id = tasks_on
-    calls = _outage(tasks, monkeypatch, failures=2)
-    assert tasks.run_trial(_Task(), trial_id) == "ran attempt 1"
+    jobs, tasks, engine, trial_id = tasks_on
+    calls = _outage(jobs, monkeypatch, failures=2)
+    assert tasks.run_job(_Task(), [trial_id]) == {str(trial_id): "ran attempt 1"}
     assert len(calls) == 3
     [trial] = _trials(engine)
     assert (trial.status, trial.attempts) == ("running", 1)
 
 
 def test_a_claim_that_committed_before_the_connection_dropped_is_taken_over_not_skipped(tasks_on, monkeypatch):
-    tasks, engine, trial_id = tasks_on
-    _outage(tasks, monkeypatch, failures=1, commit_first=True)
-    assert tasks.run_trial(_Task(), trial_id) == "ran attempt 2"
+    jobs, tasks, engine, trial_id = tasks_on
+    _outage(jobs, monkeypatch, failures=1, commit_first=True)
+    assert tasks.run_job(_Task(), [trial_id]) == {str(trial_id): "ran attempt 2"}
     [trial] = _trials(engine)
     assert (trial.status, trial.attempts) == ("running", 2)
 
 
 def test_a_claim_during_a_long_outage_re_queues_the_message_and_leaves_the_trial_queued(tasks_on, monkeypatch):
-    tasks, engine, trial_id = tasks_on
-    _outage(tasks, monkeypatch, failures=100)
+    jobs, tasks, engine, trial_id = tasks_on
+    _outage(jobs, monkeypatch, failures=100)
     task = _Task()
     with pytest.raises(_Requeued):
-        tasks.run_trial(task, trial_id)
+        tasks.run_job(task, [trial_id])
+    # Re-queued as a takeover, with no limit on how often: the trial is never dropped while the
+    # database is down (each takeover that claims counts one attempt).
     assert [r["kwargs"] for r in task.retries] == [{"takeover": True}]
+    app = make_celery(Settings())
+    tasks.register(app)
+    assert app.tasks["fitscope.run_job"].max_retries is None
     [trial] = _trials(engine)
     assert (trial.status, trial.attempts) == ("queued", 0)
 
@@ -250,7 +286,7 @@ def test_loading_a_csv_data_set_at_task_start_waits_out_a_short_outage(tasks_on,
     import services.datasets as datasets
     from services.trial_config import TrialConfig
 
-    tasks, engine, _ = tasks_on
+    jobs, _tasks, engine, _ = tasks_on
     content = b"a,b,y\n" + b"".join(b"%d,%d,%d\n" % (i, i * 7 % 5, i % 2) for i in range(30))
     (tmp_path / "points.csv").write_bytes(content)
     submitted = _submit_without_sending(
@@ -265,5 +301,5 @@ def test_loading_a_csv_data_set_at_task_start_waits_out_a_short_outage(tasks_on,
         return real_load(session, sha256)
 
     monkeypatch.setattr(datasets, "load_dataset_content", flaky_load)
-    assert tasks.csv_content_of(engine, TrialConfig.model_validate(trial.config)) == {"csv_content": content}
+    assert jobs.csv_content_of(engine, TrialConfig.model_validate(trial.config)) == content
     assert len(calls) == 3

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import select
 
+from services.config import get_settings
 from services.db import session_scope
 from services.models import EpochMetric, Experiment, Trial
 from services.spec import parse_spec
 from services.submission import submit
 from services.trials import (
     cancel_experiment,
+    claim_job,
     claim_trial,
     count_epoch_rows,
     finish_trial,
@@ -77,9 +81,11 @@ def test_a_redelivery_after_a_dead_worker_takes_over_without_doubling_rows(engin
     for epoch in (1, 2):
         with session_scope(engine) as session:
             record_epoch(session, trial_id, _epoch(epoch))
-    with session_scope(engine) as session:
-        takeover = claim_trial(session, trial_id, worker="next", max_attempts=3, redelivered=True)
-    assert takeover is not None and takeover.attempt == 2
+    with session_scope(engine) as session:  # a job of one trial, with no checkpoint: it starts over
+        job = claim_job(session, [trial_id], worker="next", max_attempts=3, redelivered=True)
+        assert count_epoch_rows(session, trial_id) == 0
+    takeover = job.claims[trial_id]
+    assert takeover.attempt == 2 and takeover.takeover and job.checkpoint is None
     for epoch in (1, 2, 3):
         with session_scope(engine) as session:
             record_epoch(session, trial_id, _epoch(epoch))
@@ -148,29 +154,61 @@ def test_a_superseded_attempt_can_write_nothing_more(engine, experiment):
     with session_scope(engine) as session:
         first = claim_trial(session, trial_id, worker="slow", max_attempts=3)
     with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(1)], attempt=first.attempt)
+        record_epochs(session, trial_id, [_epoch(1)], token=first.token)
     with session_scope(engine) as session:  # the broker re-delivered while "slow" still ran
         second = claim_trial(session, trial_id, worker="next", max_attempts=3, redelivered=True)
     with pytest.raises(TrialSuperseded), session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(2)], attempt=first.attempt)
+        record_epochs(session, trial_id, [_epoch(2)], token=first.token)
     with pytest.raises(TrialSuperseded), session_scope(engine) as session:
-        finish_trial(session, trial_id, status="succeeded", final_metrics={}, attempt=first.attempt)
+        finish_trial(session, trial_id, status="succeeded", final_metrics={}, token=first.token)
     with session_scope(engine) as session:
-        record_epochs(session, trial_id, [_epoch(1)], attempt=second.attempt)
-        finish_trial(session, trial_id, status="succeeded", final_metrics={}, attempt=second.attempt)
+        record_epochs(session, trial_id, [_epoch(1)], token=second.token)
+        finish_trial(session, trial_id, status="succeeded", final_metrics={}, token=second.token)
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert (trial.status, trial.worker, trial.attempts) == ("succeeded", "next", 2)
         assert session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == trial_id)).all() == [1]
 
 
+def test_an_attempt_superseded_by_a_requeue_can_write_nothing_even_with_the_same_attempt_number(engine, experiment):
+    """A re-queue resets the attempt count, so the next claim is attempt 1 again: only the token tells
+    the stale attempt 1 (still running) from the new one."""
+    from services.trials import TrialSuperseded, read_stop_flags
+
+    trial_id = experiment.trial_ids[0]
+    with session_scope(engine) as session:
+        stale = claim_trial(session, trial_id, worker="stale", max_attempts=3)
+        record_epochs(session, trial_id, [_epoch(1)], token=stale.token)
+    with session_scope(engine) as session:  # `fitscope cancel`, then `fitscope requeue` while it still runs
+        cancel_experiment(session, experiment.experiment_id)
+        finish_trial(session, trial_id, status="cancelled")
+    with session_scope(engine) as session:
+        requeue_trials(session, experiment.experiment_id)
+    with session_scope(engine) as session:
+        fresh = claim_trial(session, trial_id, worker="fresh", max_attempts=3)
+    assert fresh.attempt == stale.attempt == 1 and fresh.token != stale.token
+    for write in (lambda s: record_epochs(s, trial_id, [_epoch(2)], token=stale.token),
+                  lambda s: record_epochs(s, trial_id, [], token=stale.token),
+                  lambda s: finish_trial(s, trial_id, status="succeeded", final_metrics={}, token=stale.token)):
+        with pytest.raises(TrialSuperseded), session_scope(engine) as session:
+            write(session)
+    with engine.connect() as connection:
+        assert read_stop_flags(connection, {trial_id: stale.token}) == (set(), {trial_id})
+        assert read_stop_flags(connection, {trial_id: fresh.token}) == (set(), set())
+    with session_scope(engine) as session:
+        trial = session.get(Trial, trial_id)
+        assert (trial.status, trial.worker, trial.epochs_done) == ("running", "fresh", 0)
+        assert count_epoch_rows(session, trial_id) == 0
+
+
 def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
     import services.trials as trials_module
-    import worker.tasks as tasks
+    import worker.jobs as jobs
 
-    monkeypatch.setattr(tasks, "DB_RETRY_DELAYS_S", (0.01, 0.01))
+    monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01, 0.01]")
+    get_settings.cache_clear()  # the submit read them already
     real_finish, failures = trials_module.finish_trial, []
 
     def flaky_finish(*args, **kwargs):
@@ -179,12 +217,10 @@ def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeyp
             raise OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "finish_trial", flaky_finish)
+    monkeypatch.setattr(jobs, "finish_trial", flaky_finish)
     trial_id = experiment.trial_ids[0]
-    with session_scope(engine) as session:
-        claim = claim_trial(session, trial_id, worker="w", max_attempts=3)
-    status = tasks.execute_claim(engine, claim)
-    assert status == "succeeded" and len(failures) == 2
+    statuses = jobs.execute_job(engine, [trial_id], worker="w", redelivered=False)
+    assert statuses == {str(trial_id): "succeeded"} and len(failures) == 2
     with session_scope(engine) as session:
         trial = session.get(Trial, trial_id)
         assert trial.status == "succeeded"
@@ -195,21 +231,49 @@ def test_a_database_down_for_good_raises_database_down_and_keeps_the_trial_takea
                                                                                    monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    import worker.tasks as tasks
+    import worker.jobs as jobs
 
     def always_down(*_args, **_kwargs):
         raise OperationalError("UPDATE trials", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(tasks, "finish_trial", always_down)
+    monkeypatch.setattr(jobs, "finish_trial", always_down)
+    monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01]")
+    monkeypatch.setenv("FITSCOPE_DB_WAIT_S", "0.05")
+    get_settings.cache_clear()  # the submit read them already
     trial_id = experiment.trial_ids[0]
-    with session_scope(engine) as session:
-        claim = claim_trial(session, trial_id, worker="w", max_attempts=3)
-    monkeypatch.setattr(tasks, "DB_RETRY_DELAYS_S", (0.01,))
-    with pytest.raises(tasks.DatabaseDown, match="did not answer"):
-        tasks.execute_claim(engine, claim)
+    with pytest.raises(jobs.DatabaseDown, match="did not answer"):
+        jobs.execute_job(engine, [trial_id], worker="w", redelivered=False)
     with session_scope(engine) as session:  # the task re-queues itself as a takeover: the claim takes it
         takeover = claim_trial(session, trial_id, worker="w2", max_attempts=3, redelivered=True)
     assert takeover is not None and takeover.attempt == 2
+
+
+def test_writes_wait_for_the_database_as_long_as_the_setting_says_then_give_up(engine, monkeypatch):
+    """Outages shorter than FITSCOPE_DB_WAIT_S are waited out however short each retry delay is; the
+    delays' last one repeats."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.jobs as jobs
+    from services.config import Settings
+
+    def down_for(failures: int):
+        calls = []
+
+        def write(_session):
+            calls.append(time.monotonic())
+            if len(calls) <= failures:
+                raise OperationalError("UPDATE trials", {}, Exception("connection refused"))
+            return "written"
+        return write, calls
+
+    settings = Settings(db_retry_delays_s=(0.01, 0.02), db_wait_s=1.0)
+    write, calls = down_for(20)  # 0.01 + 19 x 0.02 = 0.39 s, far past the delays put together (0.03 s)
+    assert jobs.write_with_retry(engine, write, settings=settings) == "written" and len(calls) == 21
+    write, calls = down_for(1000)
+    started = time.monotonic()
+    with pytest.raises(jobs.DatabaseDown):
+        jobs.write_with_retry(engine, write, settings=settings)
+    assert 0.9 <= time.monotonic() - started < 3.0
 
 
 def test_requeued_trials_are_planned_into_fused_jobs_unless_their_spec_says_not(engine, experiment):

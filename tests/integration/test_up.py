@@ -15,7 +15,7 @@ import redis
 
 from services.broker import free_port, port_in_use, start_embedded_broker
 from services.config import Settings
-from services.queue import enqueue_trials, make_celery
+from services.queue import enqueue_jobs, make_celery
 from tests.servers import REPO, fitscope
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,7 +26,7 @@ def test_queued_messages_survive_an_embedded_broker_restart(tmp_path):
     broker = start_embedded_broker(data_dir=data_dir, port=port)
     try:
         producer = make_celery(Settings(broker_url=broker.url))
-        enqueue_trials(producer, [(trial_id, "cpu") for trial_id in range(1, 21)])
+        enqueue_jobs(producer, [([trial_id], "cpu") for trial_id in range(1, 21)])
     finally:
         broker.stop()
     assert (data_dir / "appendonlydir").is_dir()
@@ -35,7 +35,7 @@ def test_queued_messages_survive_an_embedded_broker_restart(tmp_path):
         client = redis.Redis(host=restarted.host, port=restarted.port)
         messages = [json.loads(raw) for raw in client.lrange("cpu", 0, -1)]
         assert len(messages) == 20
-        assert {m["headers"]["task"] for m in messages} == {"fitscope.run_trial"}
+        assert {m["headers"]["task"] for m in messages} == {"fitscope.run_job"}
     finally:
         restarted.stop()
 

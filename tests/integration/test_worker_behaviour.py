@@ -78,8 +78,7 @@ def test_a_cuda_trial_on_a_worker_without_a_gpu_fails_with_one_sentence(env_and_
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the failure path needs one without")
-    from services.trials import claim_trial
-    from worker.tasks import execute_claim
+    from worker.jobs import execute_job
 
     spec = _write(tmp_path, "name: cuda\nparameters:\n  device: {value: cuda}\n")
     submitted = fitscope("submit", spec, "--json", env=env)  # goes to the gpu queue: no worker takes it
@@ -87,8 +86,7 @@ def test_a_cuda_trial_on_a_worker_without_a_gpu_fails_with_one_sentence(env_and_
     engine = engine_for(migrated_sqlite_url)
     with session_scope(engine) as session:
         assert session.get(Trial, trial_id).queue == "gpu"
-        claim = claim_trial(session, trial_id, worker="cpu-only", max_attempts=3)
-    assert execute_claim(engine, claim) == "failed"
+    assert execute_job(engine, [trial_id], worker="cpu-only", redelivered=False) == {str(trial_id): "failed"}
     with session_scope(engine) as session:
         error = session.get(Trial, trial_id).error
     assert "cuda" in error.lower() and "\n" not in error.strip()

@@ -191,7 +191,8 @@ def test_after_a_database_outage_a_worker_sweeps_only_once_others_had_time_to_be
         assert _status(engine, "other@h2") == "lost"
         [message] = queue.lrange("cpu", 0, -1)
         headers = json.loads(message)["headers"]
-        assert (headers["argsrepr"], headers["kwargsrepr"]) == (f"[{trial_ids[0]}]", "{'takeover': True}")
+        assert (headers["task"], headers["argsrepr"], headers["kwargsrepr"]) == (
+            "fitscope.run_job", f"[[{trial_ids[0]}]]", "{'takeover': True}")
     finally:
         queue.close()
         presence.engine.dispose()
@@ -371,7 +372,7 @@ def test_sigterm_as_docker_stop_sends_it_re_queues_the_running_trial_and_marks_t
         queue.close()
         worker.stop()
     message = json.loads(message)
-    assert message["headers"]["argsrepr"] == f"[{trial_id}]"
+    assert message["headers"]["argsrepr"] == f"[[{trial_id}]]"
     assert message["properties"]["delivery_info"]["redelivered"] is True  # claimed as a takeover
     with session_scope(engine) as session:
         assert session.get(WorkerNode, "stopping@test").status == "stopped", worker.log()[-3000:]
@@ -431,7 +432,43 @@ def test_a_lost_workers_fused_trials_come_back_as_one_fused_takeover_job(migrate
         sent = sorted((h["task"], h["argsrepr"], h["kwargsrepr"])
                       for h in (json.loads(raw)["headers"] for raw in queue.lrange("cpu", 0, -1)))
         assert sent == [("fitscope.run_job", f"[{trial_ids[:2]}]", "{'takeover': True}"),
-                        ("fitscope.run_trial", f"[{trial_ids[2]}]", "{'takeover': True}")]
+                        ("fitscope.run_job", f"[{[trial_ids[2]]}]", "{'takeover': True}")]
+    finally:
+        queue.close()
+        presence.engine.dispose()
+
+
+def test_a_lost_workers_checkpointed_job_comes_back_as_that_job_to_resume(migrated_sqlite_url, broker_url, engine_for):
+    """Re-planned, the job could differ from the one its checkpoint holds and would start over; sent
+    as the checkpoint's job (its first trial first), its claim resumes it."""
+    import redis
+
+    from services.checkpoints import DatabaseStore
+    from services.trial_config import TrialConfig
+
+    engine = engine_for(migrated_sqlite_url)
+    with session_scope(engine) as session:
+        _register(session, "gone@h2")
+        trial_ids = _running_trials(session, "gone@h2", 4)
+        for seed, trial_id in enumerate(trial_ids):  # all four fuse; three of them were one checkpointed job
+            trial = session.get(Trial, trial_id)
+            trial.config = TrialConfig(seed=seed).model_dump(mode="json")
+            trial.attempt_token = "a" * 32 if seed < 3 else "b" * 32
+        job = [trial_ids[2], trial_ids[0], trial_ids[1]]
+        DatabaseStore().save(session, trial_ids=job, token="a" * 32, epoch=5, data=b"state")
+        _silence(session, "gone@h2", 60)
+    settings = Settings(database_url=migrated_sqlite_url, broker_url=broker_url, heartbeat_s=1,
+                        worker_lost_after_s=3)
+    now = [0.0]
+    presence = Presence(settings, name="me@h1", queues=["cpu"], concurrency=1, clock=lambda: now[0])
+    queue = redis.Redis.from_url(broker_url)
+    try:
+        presence.beat()
+        now[0] += 3
+        presence.beat()
+        assert _status(engine, "gone@h2") == "lost"
+        sent = sorted(h["argsrepr"] for h in (json.loads(raw)["headers"] for raw in queue.lrange("cpu", 0, -1)))
+        assert sent == sorted([f"[{job}]", f"[{[trial_ids[3]]}]"])
     finally:
         queue.close()
         presence.engine.dispose()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ import torch.nn.functional as F
 
 from services.trial_config import TrialConfig
 from services.trials import EPOCH_METRIC_FIELDS
-from worker.training import EpochMetrics, train_trial
-from worker.training import loop as loop_module
+from worker.training import EpochMetrics, fused, fused_results, train_trial
 from worker.training.data import make_dataset
 from worker.training.losses import build_loss, resolve_loss
 from worker.training.models import PolynomialFeatures, build_model, parameter_count
@@ -59,25 +56,17 @@ def test_regression_rows_and_final_metrics() -> None:
     json.dumps(metrics, allow_nan=False)
 
 
-def test_grad_norm_is_the_last_steps_gradient_and_weight_norm_the_final_weights(monkeypatch) -> None:
+def test_grad_norm_is_the_last_steps_gradient_and_weight_norm_the_final_weights(keep_model) -> None:
     config = TrialConfig(**{**SMALL, "epochs": 1}, optimizer="sgd", lr=0.1, batch_size="full")
     rows: list[EpochMetrics] = []
-    kept = {}
-    original = loop_module._prediction_artifacts
-
-    def capture(model, splits, config, device):
-        kept["model"] = model
-        return original(model, splits, config, device)
-
-    monkeypatch.setattr(loop_module, "_prediction_artifacts", capture)
-    train_trial(config, on_epoch=rows.append)
+    _, final_model, _, _ = keep_model(config, rows)
 
     splits = make_dataset(config)
     model = build_model(config, splits.n_features, splits.n_outputs)
     F.cross_entropy(model(splits.x_train), splits.y_train).backward()
     gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rows[0].grad_norm == pytest.approx(gradient.norm().item(), rel=1e-5)
-    weights = torch.cat([p.detach().flatten() for p in kept["model"].parameters()])
+    weights = torch.cat([p.detach().flatten() for p in final_model.parameters()])
     assert rows[0].weight_norm == pytest.approx(weights.norm().item(), rel=1e-5)
 
 
@@ -105,36 +94,34 @@ def test_final_metrics_keep_every_key_and_are_json() -> None:
     json.dumps(result.final_metrics, allow_nan=False)
 
 
-def test_prediction_artifacts_come_from_the_diagnosis_module_when_it_exists(monkeypatch) -> None:
-    fake = types.ModuleType("worker.training.artifacts")
+def test_prediction_artifacts_come_from_the_diagnosis_module(monkeypatch) -> None:
     seen = {}
 
-    def prediction_artifacts(model, splits, config, device):
-        seen["training"] = model.training
-        return {"decision_boundary": {"grid": [[0.5]]}}
+    def prediction_artifacts_rows(predict, splits, config, *, rows):
+        seen["outputs"] = tuple(predict(splits.x_val).shape)  # [rows, n, outputs], eval mode
+        return [{"decision_boundary": {"grid": [[0.5]]}}] * rows
 
-    fake.prediction_artifacts = prediction_artifacts
-    monkeypatch.setitem(sys.modules, "worker.training.artifacts", fake)
+    monkeypatch.setattr(fused_results, "prediction_artifacts_rows", prediction_artifacts_rows)
     result = train_trial(TrialConfig(**SMALL))
-    assert result.artifacts == {"decision_boundary": {"grid": [[0.5]]}} and seen == {"training": False}
+    assert result.artifacts == {"decision_boundary": {"grid": [[0.5]]}} and seen == {"outputs": (1, 32, 2)}
 
-    def broken(model, splits, config, device):
+    def broken(predict, splits, config, *, rows):
         raise RuntimeError("plot failed")
 
-    fake.prediction_artifacts = broken
+    monkeypatch.setattr(fused_results, "prediction_artifacts_rows", broken)
     result = train_trial(TrialConfig(**SMALL))
     assert result.status == "succeeded" and result.artifacts == {}
 
 
 def test_csv_content_goes_to_the_data_set(monkeypatch) -> None:
     seen = {}
-    real = loop_module.make_dataset
+    real = fused.make_dataset
 
     def make_dataset_spy(config, **kwargs):
         seen.update(kwargs)
         return real(config)
 
-    monkeypatch.setattr(loop_module, "make_dataset", make_dataset_spy)
+    monkeypatch.setattr(fused, "make_dataset", make_dataset_spy)
     train_trial(TrialConfig(**SMALL), csv_content=b"x,y\n1,2\n")
     assert seen == {"csv_content": b"x,y\n1,2\n"}
 

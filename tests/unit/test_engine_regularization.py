@@ -9,30 +9,13 @@ import torch
 
 from services.trial_config import EarlyStopping, TrialConfig
 from worker.training import EpochMetrics, train_trial
-from worker.training import loop as loop_module
+from worker.training.batches import batch_bounds, steps_per_epoch
 from worker.training.data import make_dataset
+from worker.training.fused_results import measure_rows, per_trial_loss
 from worker.training.models import build_model
 
 SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)
 
-
-
-@pytest.fixture
-def keep_model(monkeypatch):
-    """Train and also hand back the trial's final model (the best epoch's weights)."""
-    kept: dict = {}
-
-    def capture(model, splits, config, device):
-        kept["model"], kept["splits"] = model, splits
-        return {}
-
-    monkeypatch.setattr(loop_module, "_prediction_artifacts", capture)
-
-    def run(config: TrialConfig, rows: list | None = None):
-        result = train_trial(config, on_epoch=(rows.append if rows is not None else lambda m: None))
-        return result, kept["model"], kept["splits"]
-
-    return run
 
 
 def _without_timings(rows: list[EpochMetrics]) -> list[EpochMetrics]:
@@ -62,7 +45,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_restores_the_best_weights(k
 
     rows: list[EpochMetrics] = []
     config = TrialConfig(**overfit, early_stopping=EarlyStopping(patience=5, min_delta=0.001))
-    result, model, splits = keep_model(config, rows)
+    result, _, splits, stacked = keep_model(config, rows)
 
     assert result.status == "succeeded"
     assert result.final_metrics["stopped_epoch"] == expected == result.epochs_run
@@ -70,10 +53,10 @@ def test_early_stopping_stops_at_the_right_epoch_and_restores_the_best_weights(k
     assert _without_timings(rows) == _without_timings(full_run[:expected])  # same run up to the stop
     best = min(rows, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch < expected
-    # The restored model is the best epoch's: its validation loss is that epoch's, bit for bit.
-    model.eval()
-    with torch.no_grad():
-        restored = torch.nn.functional.mse_loss(model(splits.x_val), splits.y_val).item()
+    # The restored model is the best epoch's: measured as every epoch is (training and validation
+    # sets in one pass), its validation loss is that epoch's, bit for bit.
+    outputs = stacked.evaluate(torch.cat([splits.x_train, splits.x_val]))[:, :, splits.x_train.shape[0]:]
+    restored = measure_rows(outputs, splits.y_val.reshape(-1), per_trial_loss(config, "mse"), loss="mse")[0]["loss"]
     assert restored == best.val_loss
     assert result.final_metrics["final_val_loss"] == best.val_loss
     assert result.final_metrics["final_train_loss"] == best.train_loss
@@ -89,7 +72,7 @@ def test_l1_drives_more_weights_to_zero(keep_model) -> None:
         config = TrialConfig(dataset="moons", n_train=200, n_val=50, n_test=0, width=32, depth=2, optimizer="sgd",
                              lr=0.1, batch_size=32, epochs=30, l1=l1)
         rows: list[EpochMetrics] = []
-        _, model, _ = keep_model(config, rows)
+        _, model, _, _ = keep_model(config, rows)
         weights = torch.cat([m.weight.detach().flatten() for m in model.modules()
                              if isinstance(m, torch.nn.Linear)])
         return int((weights.abs() < 0.01).sum()), rows[-1].weight_norm
@@ -152,7 +135,7 @@ def test_grad_clip_bounds_the_update(keep_model) -> None:
     splits = make_dataset(config)
     initial = torch.cat([p.detach().flatten() for p in build_model(config, 2, 2).parameters()])
     rows: list[EpochMetrics] = []
-    _, model, _ = keep_model(config, rows)
+    _, model, _, _ = keep_model(config, rows)
     moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - initial).norm().item()
 
     assert rows[0].grad_norm > 10 * clip  # the reported norm is the one before clipping
@@ -177,11 +160,9 @@ def test_batch_norm_never_sees_a_batch_of_one() -> None:
     result = train_trial(config)
     assert result.status == "succeeded" and result.epochs_run == 3
 
-    x, y = torch.arange(65.0)[:, None], torch.arange(65)
-    sizes = [len(b) for b, _ in loop_module.get_batches(x, y, batch_size=32, generator=torch.Generator(),
-                                                        merge_single=True)]
-    assert sizes == [32, 33] and loop_module.steps_per_epoch(65, batch_size=32, merge_single=True) == 2
-    assert loop_module.steps_per_epoch(65, batch_size=32) == 3
+    sizes = [end - start for start, end in batch_bounds(65, batch_size=32, merge_single=True)]
+    assert sizes == [32, 33] and steps_per_epoch(65, batch_size=32, merge_single=True) == 2
+    assert steps_per_epoch(65, batch_size=32) == 3 and batch_bounds(65, batch_size=32)[-1] == (64, 65)
 
 
 def test_l1_shrinks_the_weights_and_makes_them_sparse_in_both_execution_paths():

@@ -1,8 +1,9 @@
-"""Fused execution against the one-trial path: the same trials, trained stacked and one at a time.
+"""The stacked engine against the one-trial reference (tests/unit/reference_loop.py: an nn.Module,
+torch.optim, torch's schedulers and norm layers): the same trials, trained stacked and one at a time.
 
 Parity: initial weights bitwise, per-step losses to 1e-5 for every optimizer, and every per-trial
-number (schedules, weight decay, l1, clipping, early stopping, epochs, losses, layer norm) inside
-one stack. Dropout and input noise draw differently (same distribution), so they are compared over
+number (schedules, weight decay, l1, clipping, early stopping, epochs, losses, layer and batch norm)
+inside one stack. Dropout and input noise draw differently (same distribution), so they are compared over
 seeds. Endings stay per trial: divergence, cancellation, early stopping.
 """
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from services.trial_config import TrialConfig
-from worker.training import train_trial
+from tests.unit.reference_loop import train_trial as reference_trial
 from worker.training.fused import train_fused
 from worker.training.fused_stack import initial_rows, module_weights
 from worker.training.models import build_model
@@ -26,7 +27,7 @@ SMALL = dict(n_train=64, n_val=48, n_test=32, width=16)
 
 def _solo(config: TrialConfig):
     rows = []
-    result = train_trial(config, on_epoch=lambda metrics: rows.append(metrics))
+    result = reference_trial(config, on_epoch=lambda metrics: rows.append(metrics))
     return result, rows
 
 
@@ -223,7 +224,7 @@ def test_dropout_and_input_noise_agree_with_the_one_trial_path_within_the_seed_s
     seeds = range(8)
     configs = [TrialConfig(seed=seed, dropout=0.3, input_noise=0.2, epochs=12, n_train=128, width=32) for seed in seeds]
     fused = [r.final_metrics["final_val_loss"] for r in train_fused(configs)]
-    solo = [train_trial(c).final_metrics["final_val_loss"] for c in configs]
+    solo = [reference_trial(c).final_metrics["final_val_loss"] for c in configs]
     spread = max(statistics.stdev(fused), statistics.stdev(solo))
     assert spread > 0
     assert abs(statistics.mean(fused) - statistics.mean(solo)) <= spread, (fused, solo)
@@ -233,8 +234,38 @@ def test_dropout_and_input_noise_agree_with_the_one_trial_path_within_the_seed_s
 def test_trials_that_cannot_share_a_stack_are_refused():
     with pytest.raises(ValueError, match="trial 1 differs from trial 0"):
         train_fused([TrialConfig(width=8), TrialConfig(width=16)])
-    with pytest.raises(ValueError, match="batch norm"):
-        train_fused([TrialConfig(norm="batch"), TrialConfig(norm="batch", seed=1)])
+    with pytest.raises(ValueError, match="trial 1 differs from trial 0"):
+        train_fused([TrialConfig(norm="batch"), TrialConfig(norm="none", seed=1)])
+
+
+def test_batch_norm_trials_share_a_stack_each_with_its_own_running_statistics():
+    # 65 = 2 * 32 + 1: the single leftover example joins the batch before it (as the reference's
+    # get_batches merges it). Different rates and endings: each row's running mean and variance
+    # must move with its own batches only, and stop moving when its trial ends (the eval-mode
+    # validation loss of every later epoch reads them). Momentum SGD, not Adam: the bias before a
+    # batch norm gets a gradient of rounding noise only, which Adam would scale up to lr-sized
+    # steps (sign(noise) * lr) that differ between any two implementations.
+    configs = [TrialConfig(norm="batch", seed=seed, lr=lr, epochs=epochs, batch_size=32, optimizer="momentum",
+                           early_stopping=early, **{**SMALL, "n_train": 65})
+               for seed, lr, epochs, early in [(0, 0.05, 6, None), (1, 0.2, 2, None), (2, 0.01, 6, None),
+                                               (3, 0.5, 6, {"patience": 1, "min_delta": 0.05})]]
+    results, rows = _fused(configs)
+    for i, config in enumerate(configs):
+        solo, solo_rows = _solo(config)
+        _assert_rows_match(rows[i], solo_rows, tolerance=1e-5)
+        assert (results[i].epochs_run, results[i].best_epoch) == (solo.epochs_run, solo.best_epoch)
+        for key in ("test_loss", "test_accuracy", "best_val_loss", "weight_l1"):
+            assert results[i].final_metrics[key] == pytest.approx(solo.final_metrics[key], abs=1e-5), key
+    assert results[3].final_metrics["stopped_epoch"] is not None and results[1].epochs_run == 2
+
+
+def test_a_model_too_wide_to_be_worth_fusing_still_trains_as_a_stack_of_one():
+    # The planner keeps wide models out of fused jobs; the engine trains any one trial.
+    config = TrialConfig(width=1500, depth=2, epochs=2, n_train=64, n_val=32, n_test=0, batch_size=32,
+                         optimizer="momentum", lr=0.01)
+    [result], rows = _fused([config])
+    _assert_rows_match(rows[0], _solo(config)[1], tolerance=1e-5)
+    assert result.status == "succeeded"
 
 
 def test_epoch_seconds_are_each_trials_share_of_the_stack():
@@ -263,10 +294,10 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
     # The end of a fused job measures every trial at once; each trial must get exactly what
     # prediction_artifacts and weight_statistics give its own model (here: a stand-in module that
     # returns the trial's row of the stacked outputs, as the stacked forward computes them).
-    from worker.training import fused
     from worker.training.artifacts import prediction_artifacts
     from worker.training.data import make_dataset
-    from worker.training.fused_stack import StackedModel, weight_statistics_rows
+    from worker.training.fused_results import stacked_prediction_artifacts, weight_statistics_rows
+    from worker.training.fused_stack import StackedModel
     from worker.training.losses import model_outputs, penalised_weights, resolve_loss, weight_statistics
 
     config = TrialConfig(dataset=dataset, loss=loss, **{**SMALL, **extra})
@@ -285,7 +316,7 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
         def forward(self, x):
             return stacked.evaluate(x)[self.row].mT
 
-    pictures = fused._prediction_artifacts_rows(stacked, [True] * 4, splits=splits, config=config,
+    pictures = stacked_prediction_artifacts(stacked, [True] * 4, splits=splits, config=config,
                                                 device=torch.device("cpu"))
     statistics = weight_statistics_rows(template, rows, [True] * 4)
     for row in range(4):
@@ -294,3 +325,29 @@ def test_a_stacks_artifacts_and_weight_statistics_are_each_trials_own_bitwise(da
         module.load_state_dict(module_weights(template, rows[row]))
         assert statistics[row] == weight_statistics(penalised_weights(module))
     assert pictures[0] and statistics[0]["weight_l1"] > 0 and statistics[3]["weight_l1"] is None
+
+
+def test_batch_norm_rows_normalise_and_keep_statistics_as_torchs_own_layer_does():
+    # Each row against nn.BatchNorm1d on that row's own batch: the same outputs, and the same
+    # running statistics afterwards - except a frozen row's, which must not move at all.
+    from worker.training.fused_stack import StackedModel
+
+    config = TrialConfig(norm="batch", depth=1, width=8, **{k: v for k, v in SMALL.items() if k != "width"})
+    template = build_model(config, 2, 2, generator=torch.Generator())
+    rows = initial_rows(template, [torch.Generator().manual_seed(seed) for seed in range(3)])
+    stacked = StackedModel(template, rows)
+    x = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(0))
+    before = [statistic.clone() for statistic in stacked.statistics]
+    frozen = torch.tensor([False, True, False]).view(-1, 1, 1)
+    outputs = stacked.forward(x, train=True, frozen=frozen)
+    for row in range(3):
+        module = build_model(config, 2, 2, generator=torch.Generator())
+        module.load_state_dict(module_weights(template, rows[row]), strict=False)
+        expected = module.train()(x[row])
+        torch.testing.assert_close(outputs[row].mT, expected, rtol=1e-5, atol=1e-6)
+        moved = [statistic[row].view(-1) for statistic in stacked.statistics]
+        if row == 1:
+            assert all(torch.equal(now, then[row].view(-1)) for now, then in zip(moved, before, strict=True))
+        else:
+            torch.testing.assert_close(moved, [module[1].running_mean, module[1].running_var], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(stacked.statistics[0], before[0])  # the statistics did move

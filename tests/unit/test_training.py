@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from services.trial_config import TrialConfig
 from worker.training import DeviceUnavailable, EpochMetrics, train_trial
 from worker.training.data import make_dataset, standardisation_stats
-from worker.training.loop import resolve_device
 from worker.training.models import build_model, parameter_count
+from worker.training.results import resolve_device
 
 SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)
 

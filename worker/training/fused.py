@@ -1,4 +1,4 @@
-"""Many trials as one batched model: train_trial's results for a whole group, many times faster.
+"""The engine: every trial trains here, alone (a stack of one) or with others as one batched model.
 
 A grid is mostly small models that differ only in numbers. Trained one at a time, Python and kernel
 launches dominate; stacked (fused_stack.py), every trial rides on the same kernel calls. The trials
@@ -7,63 +7,62 @@ optimizer family and device. Everything else stays per trial:
 
 - identity: each trial's initial weights are drawn from a generator seeded by its seed exactly as
   build_model draws them (bitwise the same), and that generator then draws its data order each
-  epoch; its dropout masks and input noise come from its own noise generator.
+  epoch; its dropout masks and input noise come from its own noise generator, so a trial's numbers
+  do not depend on the trials it trains beside.
 - numbers: lr and schedule, weight decay, l1, momentum, betas and gradient clipping are per-trial
-  tensors; so are dropout and input noise; each trial runs its own number of epochs.
+  tensors; so are dropout and input noise, and batch norm's running statistics; each trial runs its
+  own number of epochs.
 - endings: early stopping, divergence (a NaN in one trial ends that trial only) and cancellation
   (``on_epoch`` returns the trials asked to stop). An ended trial is frozen: left out of every
   optimizer update, so its weights are never written again (never multiplied by 0, and a NaN in
   them cannot leak); once half the stack has ended, the stack is compacted to the trials still
   training. Its result is built and handed to ``on_trials_end`` right after the epoch it ended in.
 
+Each step: optional Gaussian input noise -> forward (dropout, batch norm on the batch) -> data loss
+-> backward (+ l1's subgradient on the weights) -> optional gradient clipping -> optimizer step at
+the step's rate. After each epoch every trial is evaluated in eval mode, without gradients, on the
+full training and validation sets (one forward pass), giving its row of metrics; reported losses
+are the data loss alone. At its end a trial keeps the weights of its best-validation epoch (the
+ones early stopping keeps, and the test set and the prediction artifacts see).
+
+Resumable: after each epoch but the last, ``checkpoint(epoch, capture)`` may call ``capture()`` for a
+checkpoint.JobState - the stack's rows, weights, best weights and optimizer state, and per trial its
+schedule, both generators, best epoch, early stopper and ending - and ``resume=state`` goes on from
+there in a freshly built job, bitwise as if it had never stopped (timings aside); trials that had
+ended stay ended, their results kept in the state. The same configs on the CPU give bitwise the same
+numbers run to run; the global RNGs are never read.
+
 Per-step Python does not grow with the number of trials; per-epoch Python does (data order,
 metrics rows). The end of the trials that end together is measured for all of them at once (test
 metrics, weight statistics, prediction artifacts: one stacked forward per input, then the same
-reductions and roundings on every row), giving each trial the very numbers and artifacts that
-train_trial's helpers give its own model's outputs.
+reductions and roundings on every row).
 
-Not bitwise the one-trial path: dropout masks and input noise are drawn for a stretch of steps at
-once (same distribution, other draws), and batched kernels round differently (epoch losses agree to
-about 1e-6). A trial's ``epoch_seconds`` is its share of the stack's epoch (the epoch's wall time
-over the trials that ran it), so summing them over all trials gives the job's time.
+Against a plain nn.Module loop (tests/unit/reference_loop.py), the numbers agree to float rounding
+(epoch losses to about 1e-6), except that dropout masks and input noise are drawn for a stretch of
+steps at once (same distribution, other draws). A trial's ``epoch_seconds`` is its share of the
+stack's epoch (the epoch's wall time over the trials that ran it), so summing them over all trials
+gives the job's time.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from services.planner import fusable, fusion_key
-from worker.training.artifacts import prediction_artifacts_rows
-from worker.training.data import Splits, make_dataset
+from services.planner import fusion_key
+from worker.training.batches import batch_bounds
+from worker.training.checkpoint import JobState, TrialState
+from worker.training.data import make_dataset
 from worker.training.fused_optim import StepRates, row_order
-from worker.training.fused_stack import (
-    NoiseAhead,
-    PerTrialLoss,
-    StackedModel,
-    StackedTraining,
-    initial_rows,
-    measure_rows,
-    measure_test_set,
-    per_trial_loss,
-    weight_statistics_rows,
-)
-from worker.training.loop import (
-    EarlyStopper,
-    EpochMetrics,
-    TrialResult,
-    final_metrics_of,
-    finite_or_none,
-    resolve_device,
-    steps_per_epoch,
-)
+from worker.training.fused_results import PerTrialLoss, measure_rows, per_trial_loss, trial_results
+from worker.training.fused_stack import NoiseAhead, StackedModel, StackedTraining, initial_rows
 from worker.training.losses import (
     baseline_loss,
     build_loss,
@@ -71,7 +70,16 @@ from worker.training.losses import (
     model_outputs,
     resolve_loss,
 )
-from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator, parameter_count
+from worker.training.models import Dropout, build_model, fit_input_features, make_noise_generator
+from worker.training.results import (
+    CannotResume,
+    EarlyStopper,
+    EpochMetrics,
+    TrialResult,
+    divergence,
+    epoch_metrics,
+    resolve_device,
+)
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -80,6 +88,9 @@ log = logging.getLogger(__name__)
 
 OnEpoch = Callable[[dict[int, EpochMetrics]], "set[int] | None"]
 OnTrialsEnd = Callable[[dict[int, TrialResult]], None]
+# ``checkpoint(epoch, capture)``: called after each epoch but the last; calls ``capture()`` when it
+# wants the state (capturing copies every tensor, so it is done only when asked).
+CheckpointHook = Callable[[int, Callable[[], JobState]], None]
 
 
 def train_fused(
@@ -89,13 +100,19 @@ def train_fused(
     on_trials_end: OnTrialsEnd = lambda results: None,
     device: str | None = None,
     csv_content: bytes | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume: JobState | None = None,
 ) -> list[TrialResult]:
-    """Train compatible trials together; returns one TrialResult per config, in order, shaped as
-    train_trial's. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished
-    the epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets
-    ``{trial index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller
-    can record them while the others train on. Raises ValueError when the configs cannot be fused
-    (see services.planner)."""
+    """Train compatible trials together (or one alone); returns one TrialResult per config, in order.
+    ``device`` overrides the configs' device (cpu, cuda, auto); ``csv_content`` is the stored file of a
+    CSV data set. ``on_epoch`` gets ``{trial index: EpochMetrics}`` of every trial that finished the
+    epoch and returns the indices asked to stop (they end as cancelled). ``on_trials_end`` gets ``{trial
+    index: TrialResult}`` of the trials that ended in an epoch, right after it, so a caller can record
+    them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's state after each
+    epoch but the last (``capture()`` copies it into a JobState, so call it only when saving);
+    ``resume`` (a JobState of these same configs) goes on after its epoch exactly as if the job had
+    never stopped, and raises CannotResume, before training, when it does not fit. Raises ValueError
+    when the configs cannot be fused (see services.planner)."""
     _check_fusable(configs)
     first = configs[0]
     target = resolve_device(device or first.device)
@@ -111,15 +128,18 @@ def train_fused(
     template.to(target)
     generators = [torch.Generator().manual_seed(config.seed) for config in configs]  # init, then data order
     order = row_order(configs)  # stack rows: trials that step alike side by side
-    model = StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(target))
-    training = StackedTraining(model, [configs[i] for i in order], slots=order)
+    training = StackedTraining(StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(
+        target)), [configs[i] for i in order], slots=order)
     x_train, y_train, x_val, y_val = (
         t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val))
     y_train_rows, y_val_rows = (y.reshape(-1) for y in (y_train, y_val))  # targets [n, 1] -> [n]
     n_train = x_train.shape[0]
     x_both = torch.cat([x_train, x_val])
     batch_size = n_train if first.batch_size == "full" else min(first.batch_size, n_train)
-    steps = steps_per_epoch(n_train, batch_size=batch_size)
+    # Batch norm cannot normalise one example: a last batch of one joins the batch before it.
+    bounds = batch_bounds(n_train, batch_size=batch_size,
+                          merge_single=any(isinstance(layer, nn.BatchNorm1d) for layer in training.model.layers))
+    steps = len(bounds)
     loss_fn, row_loss = build_loss(first, loss_name), per_trial_loss(first, loss_name)
     constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
@@ -128,15 +148,19 @@ def train_fused(
                      stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
-    set_up_s = time.perf_counter() - started
     results: dict[int, TrialResult] = {}
+    if resume is not None:
+        training = _resume(resume, configs=configs, trials=trials, results=results, template=template, device=target)
+    set_up_s = time.perf_counter() - started
+    last_epoch = max(config.epochs for config in configs)
 
-    for epoch in range(1, max(config.epochs for config in configs) + 1):
+    for epoch in range((resume.epoch if resume else 0) + 1, last_epoch + 1):
+        model = training.model
         epoch_started = time.perf_counter()
         running = [trials[index] for index in training.slots]  # row order; some may have ended
         rates = [trial.rates.epoch(epoch) for trial in running]
         grad_norm = _train_one_epoch(training, running, x_train, y_train_rows, row_loss, rates=rates,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, bounds=bounds)
         with torch.no_grad():
             outputs = model.evaluate(x_both)  # the training and validation sets in one pass
             train = measure_rows(outputs[:, :, :n_train], y_train_rows, row_loss, loss=loss_name)
@@ -150,12 +174,13 @@ def train_fused(
             if trial.status != "running":
                 continue
             trial.seconds += share
-            bad = _divergence(train[row]["loss"], val[row]["loss"], epoch)
+            bad = divergence(train[row]["loss"], val[row]["loss"], epoch)
             if bad:
                 trial.end(training, row, status="diverged", message=bad)
                 continue
-            metrics = _epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share, norms=norms[row])
-            trial.history.append(metrics)
+            metrics = epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share,
+                                    grad_norm=norms[row][0], weight_norm=norms[row][1])
+            trial.last, trial.epochs_run = metrics, trial.epochs_run + 1
             rows[trial.index] = metrics
             if trial.best is None or metrics.val_loss < trial.best.val_loss:
                 trial.best = metrics
@@ -176,13 +201,55 @@ def train_fused(
                 trial.rates.after_epoch(rows[trial.index].val_loss)
         ended = [trial for trial in running if trial.status != "running" and trial.index not in results]
         if ended:  # their test metrics and artifacts in one stacked pass, then reported at once
-            results.update(_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
-                                    device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
+            results.update(trial_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
+                                         device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
             on_trials_end({trial.index: results[trial.index] for trial in ended})
         if not any(trial.status == "running" for trial in running):
             break
         training.compact()
+        if checkpoint is not None and epoch < last_epoch:
+            checkpoint(epoch, partial(_capture, epoch, configs=configs, trials=trials, training=training,
+                                      results=results))
     return [results[index] for index in range(len(configs))]
+
+
+def _capture(epoch: int, *, configs: Sequence[TrialConfig], trials: list[_Trial], training: StackedTraining,
+             results: dict[int, TrialResult]) -> JobState:
+    return JobState(epoch=epoch, configs=[config.model_dump_json() for config in configs],
+                    stack=training.state(), trials=[trial.state() for trial in trials], results=dict(results))
+
+
+def _resume(state: JobState, *, configs: Sequence[TrialConfig], trials: list[_Trial], results: dict[int, TrialResult],
+            template: nn.Module, device: torch.device) -> StackedTraining:
+    """Put back every piece of state that training moves into the freshly built job (data, template
+    and generators were rebuilt exactly as at the start); returns the stack as it was."""
+    if state.configs != [config.model_dump_json() for config in configs]:
+        raise CannotResume("the checkpoint was written by a job of other trials or other settings")
+    try:
+        for trial, trial_state in zip(trials, state.trials, strict=True):
+            trial.restore(trial_state)
+        training = StackedTraining.resumed(template, configs, state.stack, device=device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # e.g. a GPU generator's state on a CPU worker (device: auto), or a stack of another shape
+        raise CannotResume(f"the checkpoint does not fit this run ({type(exc).__name__}: {exc})") from None
+    results.update(state.results)
+    return training
+
+
+def train_trial(
+    config: TrialConfig,
+    *,
+    on_epoch: Callable[[EpochMetrics], bool | None] = lambda metrics: None,
+    device: str | None = None,
+    csv_content: bytes | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume: JobState | None = None,
+) -> TrialResult:
+    """One trial, trained as a stack of one (:func:`train_fused` of ``[config]``): ``on_epoch`` gets
+    each epoch's metrics and returns True to cancel the trial there."""
+    [result] = train_fused([config], on_epoch=lambda rows: {0} if on_epoch(rows[0]) else None, device=device,
+                           csv_content=csv_content, checkpoint=checkpoint, resume=resume)
+    return result
 
 
 @dataclass
@@ -195,7 +262,8 @@ class _Trial:
     stopper: EarlyStopper | None
     data_generator: torch.Generator  # drew the initial weights; now each epoch's data order
     noise_generator: torch.Generator  # dropout masks and input noise
-    history: list[EpochMetrics] = field(default_factory=list)
+    last: EpochMetrics | None = None  # its latest epoch's metrics
+    epochs_run: int = 0
     best: EpochMetrics | None = None
     best_weights: torch.Tensor | None = None  # its row at its best epoch, kept when it ends
     status: str = "running"
@@ -209,6 +277,25 @@ class _Trial:
             self.best_weights = training.best[row].clone()
         training.freeze(row)
 
+    def state(self) -> TrialState:
+        return TrialState(
+            status=self.status, message=self.message, stopped_epoch=self.stopped_epoch, epochs_run=self.epochs_run,
+            last=self.last, best=self.best, stopper=self.stopper.state() if self.stopper else None,
+            rates=self.rates.state(), generator=self.data_generator.get_state(),
+            noise_generator=self.noise_generator.get_state(), seconds=self.seconds)
+
+    def restore(self, state: TrialState) -> None:
+        if (state.stopper is None) != (self.stopper is None):
+            raise ValueError("the checkpoint was written by a trial with other early stopping")
+        self.status, self.message, self.stopped_epoch = state.status, state.message, state.stopped_epoch
+        self.epochs_run, self.last, self.best, self.seconds = state.epochs_run, state.last, state.best, state.seconds
+        if self.stopper is not None:
+            self.stopper.restore(state.stopper)
+        self.rates.restore(state.rates)
+        # set_state on the generators themselves: they are the ones the epochs draw from.
+        self.data_generator.set_state(state.generator)
+        self.noise_generator.set_state(state.noise_generator)
+
 
 # Up to this many numbers (trials x rows x features), an epoch's shuffled copy of the data is made
 # once (64 MB of float32); beyond it, each step gathers its own rows.
@@ -216,10 +303,11 @@ EPOCH_GATHER_NUMBERS = 16_000_000
 
 
 def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.Tensor, y: torch.Tensor,
-                     row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int) -> torch.Tensor:
-    """One optimizer step per batch for every row; returns each row's last gradient norm (before
-    clipping). Each trial's batches come in its own order, drawn as get_batches draws it (nothing
-    is drawn when one batch covers the set)."""
+                     row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int,
+                     bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """One optimizer step per batch (``bounds``: each step's rows) for every row; returns each row's
+    last gradient norm (before clipping). Each trial's batches come in its own order, drawn from its
+    generator (nothing is drawn when one batch covers the set)."""
     n = x.shape[0]
     training_rows = training.training
     if batch_size >= n:
@@ -240,11 +328,12 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
                     for trial, is_training in zip(running, training_rows, strict=True)],
         dropout_layers=sum(isinstance(layer, Dropout) for layer in model.layers), width=running[0].config.width,
         features=x.shape[1], n=n, batch_size=batch_size, device=x.device)
-    starts = range(0, n, batch_size)
     step_rates = [list(column) for column in zip(*rates, strict=True)]  # per step, each row's rate
+    # Batch norm's running statistics move only in the rows that still train.
+    frozen = (torch.tensor([not is_training for is_training in training_rows], device=x.device).view(-1, 1, 1)
+              if model.statistics and not all(training_rows) else None)
     norm = None
-    for step, start in enumerate(starts):
-        end = min(start + batch_size, n)
+    for step, (start, end) in enumerate(bounds):
         if order is None:
             inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
         else:
@@ -253,89 +342,17 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise
-        loss = row_loss(model.forward(inputs, dropout_scales=dropout_scales), labels).sum()
-        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(starts) - 1)
+        loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, frozen=frozen), labels).sum()
+        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(bounds) - 1)
     return norm
 
 
-def _results(trials: list[_Trial], template: nn.Module, *, splits: Splits, loss_fn, loss: str,
-             device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
-    """Each trial's TrialResult, built as train_trial builds it, from its weights at its best epoch.
-    What train_trial measures one model at a time (test metrics, weight statistics, prediction
-    artifacts) is measured here for all the trials at once, with the same numbers: one stacked
-    forward per input, then the same reductions and roundings on every row together."""
-    started = time.perf_counter()
-    count = parameter_count(template)  # the same for every trial: they share the layers
-    nothing = torch.zeros(count, device=device)  # a trial that never finished an epoch has no best
-    best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
-    has_best = [trial.best_weights is not None for trial in trials]
-    model = StackedModel(template, best_rows)
-    tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
-    statistics = weight_statistics_rows(template, best_rows, has_best)
-    pictures = _prediction_artifacts_rows(model, has_best, splits=splits, config=trials[0].config, device=device)
-    share = (time.perf_counter() - started) / len(trials)
-    results = {}
-    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
-        history, best = trial.history, trial.best
-        last = None if trial.status == "diverged" or not history else (
-            best if trial.stopper is not None else history[-1])
-        final_metrics = final_metrics_of(last=last, best=best, test=test)
-        final_metrics.update(baselines)
-        final_metrics["stopped_epoch"] = trial.stopped_epoch
-        final_metrics["final_epoch"] = history[-1].epoch if history else None
-        final_metrics["parameter_count"] = count
-        final_metrics.update(weights)
-        final_metrics["train_seconds"] = set_up_s + trial.seconds + share
-        results[trial.index] = TrialResult(status=trial.status, epochs_run=len(history),
-                                           best_epoch=best.epoch if best else None, final_metrics=final_metrics,
-                                           message=trial.message, artifacts=artifacts)
-    return results
-
-
-def _prediction_artifacts_rows(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
-                               device: torch.device) -> list[dict[str, dict]]:
-    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
-    stacked forward per input. Like loop._prediction_artifacts, a failure costs the artifacts only."""
-
-    def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
-        return model.evaluate(x.to(device)).float().cpu().mT
-
-    try:
-        pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
-    except Exception:
-        log.exception("prediction artifacts of fused %s trials failed; the trials keep their metrics",
-                      config.dataset_name)
-        pictures = [{} for _ in has_best]
-    return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
-
-
-def _divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:
-    # The one-trial path's sentence.
-    if not math.isfinite(train_loss):
-        return f"training loss became {train_loss} at epoch {epoch}"
-    if not math.isfinite(val_loss):
-        return f"validation loss became {val_loss} at epoch {epoch}"
-    return None
-
-
-def _epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: float,
-                   norms: list[float]) -> EpochMetrics:
-    return EpochMetrics(
-        epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
-        train_accuracy=train["accuracy"], val_accuracy=val["accuracy"], lr=lr, epoch_seconds=seconds,
-        train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
-        train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(norms[0]),
-        weight_norm=finite_or_none(norms[1]),
-    )
-
-
 def _check_fusable(configs: Sequence[TrialConfig]) -> None:
+    # Any one trial trains as a stack of one; several must share what shapes the computation.
+    # (Whether a group is worth fusing - a model's size - is the planner's choice, not checked here.)
     if not configs:
         raise ValueError("train_fused needs at least one trial")
     for i, config in enumerate(configs):
-        reason = fusable(config)
-        if reason:
-            raise ValueError(f"trial {i} cannot be fused: {reason}")
         if fusion_key(config) != fusion_key(configs[0]):
             raise ValueError(f"trial {i} differs from trial 0 in data, layers, loss, batch size, optimizer or "
                              "device, so they cannot be fused; see services.planner.fusion_key")

@@ -1,16 +1,28 @@
-"""The optimizers of worker/training/optim.py and the schedules of schedules.py, stepping a stack of
-trials at once.
+"""The optimizers, with exactly torch.optim's semantics, and the schedules of schedules.py, stepping a
+stack of trials at once.
+
+- sgd:      plain SGD, w <- w - lr * grad (no momentum)
+- momentum: SGD with momentum=config.momentum
+- nesterov: SGD with Nesterov momentum (momentum=config.momentum)
+- adagrad:  Adagrad
+- rmsprop:  RMSprop with torch's defaults (alpha=0.99, momentum=0): config.momentum is NOT used,
+            so rmsprop stays the textbook "divide by the running RMS" method
+- adam:     Adam with config.betas; weight_decay is an L2 term added to the gradient (torch's coupled form)
+- adamw:    AdamW with config.betas; weight_decay is decoupled. torch's own default is 0.01, ours is
+            config's (0.0)
+
+weight_decay is passed through to every optimizer unchanged. The learning rate starts at config.lr;
+the schedule moves it from there.
 
 Each parameter of the stack is one contiguous ``[rows, ...]`` tensor (a row per trial), and so are
 its gradient and optimizer state. Rows whose numbers are equal at a step (lr, weight decay,
-momentum, betas) and adjacent are updated by ONE call of the same torch kernel the one-trial path
-uses (torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_, which optim.py reaches
-through ``fused=True``), on those rows of every parameter (slices of contiguous tensors, so
-contiguous themselves, as the kernels need). The stack is ordered by those numbers (see
-:func:`row_order`), so a grid with k distinct learning rates costs about k kernel calls per step,
-not one per trial. The update arithmetic is therefore torch's own, with torch's defaults for what
-fitscope does not expose. Gradients are used as autograd returns them, one tensor per parameter:
-no copy into one flat tensor.
+momentum, betas) and adjacent are updated by ONE call of the torch kernel that torch.optim runs with
+``fused=True`` (torch._fused_sgd_ / _fused_adagrad_ / _fused_adam_ / _fused_adamw_), on those rows
+of every parameter (slices of contiguous tensors, so contiguous themselves, as the kernels need).
+The stack is ordered by those numbers (see :func:`row_order`), so a grid with k distinct learning
+rates costs about k kernel calls per step, not one per trial. The update arithmetic is therefore
+torch's own, with torch's defaults for what fitscope does not expose. Gradients are used as autograd
+returns them, one tensor per parameter: no copy into one flat tensor.
 
 Many short runs (a grid of many learning rates over small models) cost more in calls than in
 arithmetic; then the rates are folded in instead: one call per run of equal numbers writes each
@@ -27,6 +39,7 @@ never written again, so nothing is multiplied by 0 and a NaN in it cannot leak a
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +104,25 @@ class StackedOptimizer:
             else:
                 self._update_at_rates(params, list(grad_segments[segment]), state, updates,
                                       rates=rate_segments[segment], **numbers)
+
+    def state_dict(self) -> dict:
+        """What a resume needs (CPU copies): the step counts and every state tensor, by kind."""
+        return {"name": self.name, "steps": self.steps, "step_count": self.step_count.detach().to("cpu", copy=True),
+                "state": {key: [value.detach().to("cpu", copy=True) for value in values]
+                          for key, values in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what :meth:`state_dict` took, onto the parameters this optimizer was built on."""
+        if state["name"] != self.name or set(state["state"]) != set(self.state):
+            raise ValueError(f"the checkpoint's optimizer is {state['name']!r}, not {self.name!r}")
+        loaded = {key: [value.to(param.device) for value, param in zip(values, self.params, strict=True)]
+                  for key, values in state["state"].items()}
+        if any(value.shape != param.shape for values in loaded.values()
+               for value, param in zip(values, self.params, strict=True)):
+            raise ValueError("the checkpoint's optimizer state has other shapes than the model")
+        self.steps = int(state["steps"])
+        self.step_count.copy_(state["step_count"])
+        self._use(self.params, loaded)
 
     def select(self, rows: torch.Tensor, kept: Sequence[int], *, params: Sequence[torch.Tensor]) -> None:
         """Keep only these rows (``rows`` as a tensor, ``kept`` as a list); ``params`` are the
@@ -224,6 +256,23 @@ class StepRates:
     def after_epoch(self, val_loss: float) -> None:
         if self.schedule is not None:
             self.schedule.after_epoch(val_loss)
+
+    def state(self) -> dict | None:
+        """The schedule's state (plain data; None for one_cycle, which depends on the step alone)."""
+        if self.holder is None:
+            return None
+        scheduler = self.schedule.scheduler
+        return copy.deepcopy({"holder": self.holder.state_dict(),
+                              "schedule": scheduler.state_dict() if scheduler is not None else None})
+
+    def restore(self, state: dict | None) -> None:
+        if (state is None) != (self.holder is None) or (
+                state is not None and (state["schedule"] is None) != (self.schedule.scheduler is None)):
+            raise ValueError("the checkpoint was written by a trial with another schedule")
+        if state is not None:
+            self.holder.load_state_dict(state["holder"])
+            if state["schedule"] is not None:
+                self.schedule.scheduler.load_state_dict(state["schedule"])
 
     def _one_cycle(self, step: int) -> float:
         # OneCycleLR.get_lr with fitscope's settings (pct_start 0.3, cos, div 25, final div 1e4).

@@ -1,12 +1,14 @@
-"""The stacked model of fused execution: many trials' networks as one, plus the per-trial pieces
-of a step (losses, metrics, dropout and input noise, gradient clipping, l1, freezing) and of a
-trial's end (test metrics, weight statistics).
+"""The stacked model of fused execution: many trials' networks as one (or one alone), plus the
+per-trial pieces of a step (dropout and input noise, batch and layer norm, gradient clipping, l1,
+freezing). How rows are measured is fused_results.py.
 
 Every parameter of the template model (the one-trial model, built once) is one contiguous tensor
 with a row per trial: ``[slots, out, in]`` for a Linear weight, ``[slots, n, 1]`` for a bias or a
-norm's scale or shift. A trial's parameters laid out one after another, in the order of its
-nn.Module's parameters(), each in its own layout, make its row of the ``[slots, parameters]``
-"flat" form that initial weights, best weights and results use. The forward pass replays the
+norm's scale or shift. So is each batch norm's running mean and variance (``[slots, n, 1]``, per
+trial: each row's own statistics, moved only while its trial trains). A trial's parameters laid out
+one after another, in the order of its nn.Module's parameters(), each in its own layout, then its
+running statistics, make its row of the ``[slots, row_size]`` "flat" form that initial weights,
+best weights, checkpoints and results use. The forward pass replays the
 template's layers on the stacked parameters with batched matmuls, so a step costs the same few
 kernel calls whatever the number of trials; backward gives one gradient per parameter, which the
 optimizer uses as it is (fused_optim.py).
@@ -21,7 +23,7 @@ row-major, ``[slots, rows, features]`` as the data are stored, and are read tran
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,13 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.fused_optim import StackedOptimizer
-from worker.training.loop import finite_or_none
-from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import Dropout, PolynomialFeatures
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
-    from worker.training.data import Splits
 
 # Evaluation runs over at most this many hidden activations at once (slots x rows x width): about
 # 1 MB, so they stay in a core's L2 cache (measured: 2.5x faster than one pass over 64 trials).
@@ -47,15 +46,13 @@ NOISE_CHUNK_NUMBERS = 131_072
 # Compact the stack once at most this share of its rows still trains.
 COMPACT_BELOW = 0.5
 
-PerTrialLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 @torch.no_grad()
 def initial_rows(template: nn.Module, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """``[trials, parameters]``: each trial's initial parameters, drawn from its generator exactly
     as models._init_linear_layers draws them (every Linear in order, weight then bias, uniform in
     +-1/sqrt(fan_in)), so bitwise what build_model gives; other parameters (norm scales and
-    shifts) as the template has them. Leaves each generator where build_model would."""
+    shifts, batch norm's running statistics) as the template has them. Leaves each generator where
+    build_model would. On the CPU."""
     rows = []
     for generator in generators:
         parts = []
@@ -65,17 +62,26 @@ def initial_rows(template: nn.Module, generators: Sequence[torch.Generator]) -> 
                     bound = 1.0 / math.sqrt(layer.in_features)
                     parts.append(torch.empty(parameter.shape).uniform_(-bound, bound, generator=generator))
                 else:
-                    parts.append(parameter.detach().clone())
+                    parts.append(parameter.detach().to("cpu", copy=True))
+        parts += [buffer.detach().to("cpu", copy=True) for buffer in _running_statistics(template)]
         rows.append(torch.cat([part.reshape(-1) for part in parts]))
     return torch.stack(rows)
 
 
+def row_size(template: nn.Module) -> int:
+    """Numbers in one row of the flat form: the parameters, then the running statistics."""
+    return sum(p.numel() for p in template.parameters()) + sum(b.numel() for b in _running_statistics(template))
+
+
 def module_weights(template: nn.Module, row: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One row of the stack as the trial's nn.Module state_dict."""
+    """One row of the stack as the trial's nn.Module state_dict (batch norm's batch counter aside)."""
     weights, offset = {}, 0
-    for name, parameter in template.named_parameters():
-        weights[name] = row[offset:offset + parameter.numel()].view(parameter.shape).detach().clone()
-        offset += parameter.numel()
+    statistics = {id(buffer) for buffer in _running_statistics(template)}
+    named = [*template.named_parameters(), *[(name, buffer) for name, buffer in template.named_buffers()
+                                             if id(buffer) in statistics]]
+    for name, tensor in named:
+        weights[name] = row[offset:offset + tensor.numel()].view(tensor.shape).detach().clone()
+        offset += tensor.numel()
     return weights
 
 
@@ -86,9 +92,11 @@ class StackedModel:
         self.template = template
         self.layers = _layers(template)
         self.shapes = [tuple(p.shape) for p in template.parameters()]
+        self.statistics_shapes = [tuple(b.shape) for b in _running_statistics(template)]
         self.widest = max(max(layer.in_features, layer.out_features) for layer in self.layers
                           if isinstance(layer, nn.Linear))
         self.params: list[torch.Tensor] = []
+        self.statistics: list[torch.Tensor] = []  # batch norm's running mean and variance, [slots, n, 1]
         self.use(flat)
 
     @property
@@ -98,41 +106,47 @@ class StackedModel:
     def use(self, flat: torch.Tensor) -> None:
         """Make ``flat`` (``[slots, parameters]``) the parameters: each becomes its own contiguous
         tensor (a copy), an autograd leaf that backward gives its gradient and the optimizer
-        updates in place."""
-        params, offset = [], 0
+        updates in place; the running statistics after them, plain tensors."""
+        tensors, offset = [], 0
         rows = flat.shape[0]
-        for shape in self.shapes:
+        for shape in self.shapes + self.statistics_shapes:
             size = math.prod(shape)
             view_shape = (rows, *shape, 1) if len(shape) == 1 else (rows, *shape)
-            params.append(flat[:, offset:offset + size].detach().reshape(view_shape).clone())
+            tensors.append(flat[:, offset:offset + size].detach().reshape(view_shape).clone())
             offset += size
-        self._set(params)
+        self._set(tensors[:len(self.shapes)], tensors[len(self.shapes):])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (fewer rows, less work); row numbers change."""
-        self._set([p.detach()[rows] for p in self.params])
+        self._set([p.detach()[rows] for p in self.params], [b[rows] for b in self.statistics])
 
-    def flat(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``[slots, parameters]`` (or only these rows): each row's parameters as one row, a copy."""
-        params = [p.detach() if rows is None else p.detach()[rows] for p in self.params]
-        return torch.cat([p.reshape(p.shape[0], -1) for p in params], dim=1)
+    def flat(self, rows: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[slots, row_size]`` (or only these rows): each row's parameters and running statistics as
+        one row, a copy (written into ``out`` when given)."""
+        tensors = [p.detach() if rows is None else p.detach()[rows] for p in [*self.params, *self.statistics]]
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1, out=out)
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
-        """``[slots]``: the L2 norm of each row's parameters (of their norms, as the one-trial path
+        """``[slots]``: the L2 norm of each row's parameters (of their norms, as clip_grad_norm_
         takes it)."""
         return _row_norms(self.params)
 
-    def _set(self, params: list[torch.Tensor]) -> None:
+    def _set(self, params: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
         self.params = [p.requires_grad_() for p in params]
+        self.statistics = statistics
 
-    def forward(self, x: torch.Tensor, *, dropout_scales: torch.Tensor | None = None,
-                rows: slice = slice(None)) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, train: bool = False, dropout_scales: torch.Tensor | None = None,
+                frozen: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Outputs ``[slots, outputs, n]``. ``x`` is ``[slots, n, features]``, or ``[n, features]``
-        shared by all (evaluation). ``dropout_scales`` ``[slots, dropout layers, width, n]`` (mask /
-        keep) applies dropout (training); None is eval mode. ``rows`` picks a range of slots."""
+        shared by all (evaluation). ``train``: batch norm normalises by the batch and moves the
+        running statistics of every row but those ``frozen`` (``[slots, 1, 1]`` bools) marks; else
+        eval mode.
+        ``dropout_scales`` ``[slots, dropout layers, width, n]`` (mask / keep) applies dropout
+        (training). ``rows`` picks a range of slots."""
         # Slicing the leaves only when asked: a slice would add a slice-backward per parameter.
         params = iter(self.params if rows == slice(None) else [p[rows] for p in self.params])
+        statistics = iter(self.statistics if rows == slice(None) else [b[rows] for b in self.statistics])
         if isinstance(self.layers[0], PolynomialFeatures):  # works on row-major inputs
             x = self.layers[0](x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.layers[0].n_out)
         x = x.mT  # feature-major from here on (a view: the first matmul reads it transposed)
@@ -145,10 +159,11 @@ class StackedModel:
                 if x.dim() == 2:
                     x = x.expand(weight.shape[0], *x.shape)
                 x = torch.baddbmm(bias, weight, x)
-            elif isinstance(layer, nn.LayerNorm):  # F.layer_norm's formula, over the feature axis
-                scale, shift = next(params), next(params)
-                variance, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
-                x = torch.addcmul(shift, (x - mean) * torch.rsqrt(variance + layer.eps), scale)
+            elif isinstance(layer, nn.LayerNorm):
+                x = _layer_norm(x, layer, next(params), next(params))
+            elif isinstance(layer, nn.BatchNorm1d):
+                x = _batch_norm(x, layer, next(params), next(params), next(statistics), next(statistics),
+                                train=train, frozen=frozen)
             elif isinstance(layer, Dropout):
                 if dropout_scales is not None:
                     x = x * dropout_scales[:, dropout_layer]
@@ -190,6 +205,29 @@ class StackedTraining:
         self.penalised = [i for i, (layer, name) in enumerate(owners)  # what l1 acts on: Linear weights
                           if isinstance(layer, nn.Linear) and name == "weight"]
 
+    @classmethod
+    def resumed(cls, template: nn.Module, configs: Sequence[TrialConfig], state: dict, *,
+                device: torch.device) -> StackedTraining:
+        """The stack as :meth:`state` took it (its rows, weights, best weights, optimizer);
+        ``configs`` are every trial of the job, by trial index. Raises ValueError when it does not fit."""
+        slots = [int(slot) for slot in state["slots"]]
+        params, best = state["params"], state["best"]
+        count = row_size(template)
+        if params.shape != (len(slots), count) or best.shape != params.shape:
+            raise ValueError(f"the checkpoint's stack is {tuple(params.shape)}, not {(len(slots), count)}")
+        training = cls(StackedModel(template, params.to(device)), [configs[slot] for slot in slots], slots=slots)
+        training.training = [bool(flag) for flag in state["training"]]
+        training.best = best.to(device)
+        training.optimizer.load_state_dict(state["optimizer"])
+        return training
+
+    def state(self) -> dict:
+        """What a resume needs, as CPU copies: the rows' trials, which still train, every row's
+        weights and best weights, and the optimizer's state."""
+        return {"slots": list(self.slots), "training": list(self.training),
+                "params": self.model.flat().to("cpu", copy=True), "best": self.best.to("cpu", copy=True),
+                "optimizer": self.optimizer.state_dict()}
+
     def step(self, loss: torch.Tensor, *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
         """Backward from ``loss`` (the sum of every row's loss, so each row gets its own gradient)
         and one optimizer step at each row's rate ``lr``; returns each row's gradient norm before
@@ -213,7 +251,9 @@ class StackedTraining:
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
-        if rows:
+        if len(rows) == self.model.rows:  # all of them (a stack of one, mostly): no gather
+            self.model.flat(out=self.best)
+        elif rows:
             index = torch.tensor(rows, device=self.best.device)
             self.best[index] = self.model.flat(index)
 
@@ -263,8 +303,8 @@ class NoiseAhead:
         for data rows start..end of the epoch; None where no trial uses it."""
         if not (self.wants_dropout or self.wants_noise):
             return None, None
-        if end > self.end:
-            self._draw(start, min(self.n, start + self.stretch))
+        if end > self.end:  # a merged last batch (batch norm) may reach past one stretch
+            self._draw(start, max(end, min(self.n, start + self.stretch)))
         a, b = start - self.start, end - self.start
         return (None if self.noise is None else self.noise[:, a:b],
                 None if self.scales is None else self.scales[..., a:b])
@@ -285,86 +325,40 @@ class NoiseAhead:
                 for g, p in zip(self.generators, self.dropout, strict=True)])
 
 
-def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
-    """Each row's mean data loss ``[slots]`` from class-major outputs ``[slots, outputs, n]`` and
-    labels or targets ``[slots, n]``: the losses of losses.build_loss, per row."""
-    if loss == "cross_entropy":
-        smoothing = config.label_smoothing
-        return lambda output, y: F.cross_entropy(output, y, reduction="none", label_smoothing=smoothing).mean(1)
-    if loss == "bce":
-        return lambda output, y: F.binary_cross_entropy_with_logits(
-            output[:, 0], y.to(output.dtype), reduction="none").mean(1)
-    if loss == "huber":
-        return lambda output, y: F.huber_loss(output[:, 0], y, reduction="none", delta=config.huber_delta).mean(1)
-    elementwise = {"mse": F.mse_loss, "mae": F.l1_loss}[loss]
-    return lambda output, y: elementwise(output[:, 0], y, reduction="none").mean(1)
+def _batch_norm(x: torch.Tensor, layer: nn.BatchNorm1d, scale: torch.Tensor, shift: torch.Tensor,
+                running_mean: torch.Tensor, running_var: torch.Tensor, *, train: bool,
+                frozen: torch.Tensor | None) -> torch.Tensor:
+    """nn.BatchNorm1d on feature-major ``x`` ``[slots, features, n]``, each row with its own scale,
+    shift and statistics: torch's one batch_norm kernel over ``slots * features`` channels. In
+    training, the batch's statistics normalise and torch moves the running ones towards them in
+    place, except in the rows ``frozen`` marks (``[slots, 1, 1]`` bools; their trials have ended);
+    in eval mode, the running ones normalise."""
+    slots, features, n = x.shape
+    # With frozen rows, torch moves copies, and only the other rows take the moved statistics.
+    copies = train and frozen is not None
+    mean, var = (running_mean.clone(), running_var.clone()) if copies else (running_mean, running_var)
+    x = F.batch_norm(x.reshape(1, slots * features, n), mean.view(-1), var.view(-1), scale.view(-1),
+                     shift.view(-1), training=train, momentum=layer.momentum, eps=layer.eps)
+    if copies:
+        with torch.no_grad():
+            running_mean.copy_(torch.where(frozen, running_mean, mean))
+            running_var.copy_(torch.where(frozen, running_var, var))
+    return x.view(slots, features, n)
 
 
-@torch.no_grad()
-def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *, loss: str
-                 ) -> list[dict[str, float | None]]:
-    """losses.measure for every row at once, with one read from the device: class-major outputs
-    ``[slots, outputs, n]`` on the shared labels or targets ``y`` ``[n]``."""
-    slots = output.shape[0]
-    if y.shape[0] == 0:
-        return [{"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}] * slots
-    labels = y.expand(slots, *y.shape)
-    data_loss = loss_fn(output, labels)
-    if y.dtype == torch.int64:
-        predicted = (output[:, 0] > 0).long() if loss == "bce" else _first_argmax(output)
-        values = torch.stack([data_loss, (predicted == labels).float().mean(1)], 1).tolist()
-        return [{"loss": lo, "accuracy": acc, "rmse": None, "mae": None, "r2": None} for lo, acc in values]
-    error = output[:, 0] - labels
-    variance = (y - y.mean()).square().mean()
-    values = torch.stack([data_loss, error.square().mean(1), error.abs().mean(1), variance.expand(slots)], 1).tolist()
-    return [{"loss": lo, "accuracy": None, "rmse": math.sqrt(mse), "mae": mae,
-             "r2": 1 - mse / var if var > 0 else None} for lo, mse, mae, var in values]
+def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """nn.LayerNorm over the feature axis of feature-major ``x`` ``[slots, features, n]``: torch's
+    layer_norm kernel on the transposed view (one kernel forward and one backward, about twice as
+    fast as composing it from reductions), then each row's own scale and shift."""
+    normalised = F.layer_norm(x.mT, (x.shape[1],), None, None, layer.eps)
+    return torch.addcmul(shift, normalised.mT, scale)
 
 
-@torch.no_grad()
-def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
-                     device: torch.device) -> list[dict[str, float | None]]:
-    """loop.test_at_best of every row (the test metrics of each trial's best weights): losses.measure
-    on the row's outputs, as its own module gives them; all None for a row without a best epoch."""
-    nothing = ("loss", "accuracy", "rmse", "mae", "r2")
-    if splits.x_test.shape[0] == 0 or not any(has_best):
-        return [dict.fromkeys(nothing) for _ in has_best]
-    outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
-    return [{key: finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
-                                                                     loss=loss).items()}
-            if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
-
-
-@torch.no_grad()
-def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: list[bool]) -> list[dict]:
-    """losses.weight_statistics of each row's Linear weight matrices (penalised_weights), every
-    statistic taken along the rows at once (row-wise reductions give each row's numbers bitwise)."""
-    modules = dict(template.named_modules())
-    columns, offset = [], 0
-    for name, parameter in template.named_parameters():
-        owner, _, kind = name.rpartition(".")
-        if kind == "weight" and isinstance(modules[owner], nn.Linear):
-            columns.append(torch.arange(offset, offset + parameter.numel()))
-        offset += parameter.numel()
-    weights = rows[:, torch.cat(columns).to(rows.device)]
-    magnitude = weights.abs()
-    values = torch.stack([magnitude.sum(1), weights.mean(1), weights.amin(1), weights.amax(1),
-                          (magnitude < ZERO_WEIGHT).float().mean(1)], 1).tolist()
-    usable = torch.isfinite(weights).all(1).tolist()
-    names = ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction")
-    return [dict(zip(names, row_values, strict=True)) if ok and finite else dict.fromkeys(names)
-            for row_values, ok, finite in zip(values, has_best, usable, strict=True)]
-
-
-def _first_argmax(output: torch.Tensor) -> torch.Tensor:
-    """argmax over dim 1 of ``[slots, classes, n]`` (the first index of the largest, as argmax),
-    class by class: torch's argmax over a middle axis is ~10x slower than these few passes."""
-    best, predicted = output[:, 0], torch.zeros(output[:, 0].shape, dtype=torch.int64, device=output.device)
-    for k in range(1, output.shape[1]):
-        better = output[:, k] > best
-        best = torch.where(better, output[:, k], best)
-        predicted = torch.where(better, k, predicted)
-    return predicted
+def _running_statistics(template: nn.Module) -> list[torch.Tensor]:
+    """Each batch norm's running mean and variance, in layer order: what a row holds besides its
+    parameters."""
+    return [buffer for layer in _layers(template) if isinstance(layer, nn.BatchNorm1d)
+            for buffer in (layer.running_mean, layer.running_var)]
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -374,7 +368,7 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
 
 def _row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     # Each row's L2 norm over all the tensors: the norm of its per-tensor norms, as
-    # torch.nn.utils.clip_grad_norm_ and loop._l2_norm take it.
+    # torch.nn.utils.clip_grad_norm_ takes it.
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], 1), dim=1)
 

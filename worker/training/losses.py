@@ -69,11 +69,6 @@ def _bce(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(output.squeeze(1), y.to(output.dtype))
 
 
-def l1_penalty(weights: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of absolute values of the given weight tensors (the caller scales it by config.l1)."""
-    return torch.stack([w.abs().sum() for w in weights]).sum()
-
-
 def penalised_weights(model: nn.Module) -> list[torch.Tensor]:
     """The weights l1 acts on: every Linear layer's weight matrix (not biases, not norm scales)."""
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]

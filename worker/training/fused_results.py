@@ -1,0 +1,167 @@
+"""How the stack's trials are measured: each epoch's per-row losses and metrics, and at a trial's
+end its test metrics, weight statistics, prediction artifacts and TrialResult.
+
+Everything is measured for all rows at once (one stacked forward per input, then row-wise
+reductions), giving each row the numbers that losses.measure, losses.weight_statistics and
+artifacts.prediction_artifacts give its own nn.Module's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.training.artifacts import prediction_artifacts_rows
+from worker.training.fused_stack import StackedModel, row_size
+from worker.training.losses import ZERO_WEIGHT, measure
+from worker.training.models import parameter_count
+from worker.training.results import TrialResult, final_metrics_of, finite_or_none
+
+if TYPE_CHECKING:
+    from services.trial_config import TrialConfig
+    from worker.training.data import Splits
+
+log = logging.getLogger(__name__)
+
+PerTrialLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
+    """Each row's mean data loss ``[slots]`` from class-major outputs ``[slots, outputs, n]`` and
+    labels or targets ``[slots, n]``: the losses of losses.build_loss, per row."""
+    if loss == "cross_entropy":
+        smoothing = config.label_smoothing
+        return lambda output, y: F.cross_entropy(output, y, reduction="none", label_smoothing=smoothing).mean(1)
+    if loss == "bce":
+        return lambda output, y: F.binary_cross_entropy_with_logits(
+            output[:, 0], y.to(output.dtype), reduction="none").mean(1)
+    if loss == "huber":
+        return lambda output, y: F.huber_loss(output[:, 0], y, reduction="none", delta=config.huber_delta).mean(1)
+    elementwise = {"mse": F.mse_loss, "mae": F.l1_loss}[loss]
+    return lambda output, y: elementwise(output[:, 0], y, reduction="none").mean(1)
+
+
+@torch.no_grad()
+def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *, loss: str
+                 ) -> list[dict[str, float | None]]:
+    """losses.measure for every row at once, with one read from the device: class-major outputs
+    ``[slots, outputs, n]`` on the shared labels or targets ``y`` ``[n]``."""
+    slots = output.shape[0]
+    if y.shape[0] == 0:
+        return [{"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}] * slots
+    labels = y.expand(slots, *y.shape)
+    data_loss = loss_fn(output, labels)
+    if y.dtype == torch.int64:
+        predicted = (output[:, 0] > 0).long() if loss == "bce" else _first_argmax(output)
+        values = torch.stack([data_loss, (predicted == labels).float().mean(1)], 1).tolist()
+        return [{"loss": lo, "accuracy": acc, "rmse": None, "mae": None, "r2": None} for lo, acc in values]
+    error = output[:, 0] - labels
+    variance = (y - y.mean()).square().mean()
+    values = torch.stack([data_loss, error.square().mean(1), error.abs().mean(1), variance.expand(slots)], 1).tolist()
+    return [{"loss": lo, "accuracy": None, "rmse": math.sqrt(mse), "mae": mae,
+             "r2": 1 - mse / var if var > 0 else None} for lo, mse, mae, var in values]
+
+
+@torch.no_grad()
+def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
+                     device: torch.device) -> list[dict[str, float | None]]:
+    """The test metrics of each row's best weights (the test set is touched once, with the weights
+    early stopping on validation keeps): losses.measure on the row's outputs, as its own module
+    gives them; all None for a row without a best epoch."""
+    nothing = ("loss", "accuracy", "rmse", "mae", "r2")
+    if splits.x_test.shape[0] == 0 or not any(has_best):
+        return [dict.fromkeys(nothing) for _ in has_best]
+    outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
+    return [{key: finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
+                                                                     loss=loss).items()}
+            if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
+
+
+@torch.no_grad()
+def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: list[bool]) -> list[dict]:
+    """losses.weight_statistics of each row's Linear weight matrices (penalised_weights), every
+    statistic taken along the rows at once (row-wise reductions give each row's numbers bitwise)."""
+    modules = dict(template.named_modules())
+    columns, offset = [], 0
+    for name, parameter in template.named_parameters():
+        owner, _, kind = name.rpartition(".")
+        if kind == "weight" and isinstance(modules[owner], nn.Linear):
+            columns.append(torch.arange(offset, offset + parameter.numel()))
+        offset += parameter.numel()
+    weights = rows[:, torch.cat(columns).to(rows.device)]
+    magnitude = weights.abs()
+    values = torch.stack([magnitude.sum(1), weights.mean(1), weights.amin(1), weights.amax(1),
+                          (magnitude < ZERO_WEIGHT).float().mean(1)], 1).tolist()
+    usable = torch.isfinite(weights).all(1).tolist()
+    names = ("weight_l1", "weight_mean", "weight_min", "weight_max", "zero_weight_fraction")
+    return [dict(zip(names, row_values, strict=True)) if ok and finite else dict.fromkeys(names)
+            for row_values, ok, finite in zip(values, has_best, usable, strict=True)]
+
+
+def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn, loss: str,
+             device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
+    """Each ended trial's TrialResult (fused._Trial: its history, ending and best weights), from its
+    weights at its best epoch. The test metrics, weight statistics and prediction artifacts are
+    measured for all of them at once, with the numbers each trial's own nn.Module would give: one
+    stacked forward per input, then the same reductions and roundings on every row together."""
+    started = time.perf_counter()
+    count = parameter_count(template)  # the same for every trial: they share the layers
+    nothing = torch.zeros(row_size(template), device=device)  # a trial that never finished an epoch has no best
+    best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
+    has_best = [trial.best_weights is not None for trial in trials]
+    model = StackedModel(template, best_rows)
+    tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
+    statistics = weight_statistics_rows(template, best_rows, has_best)
+    pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device)
+    share = (time.perf_counter() - started) / len(trials)
+    results = {}
+    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
+        best = trial.best
+        last = None if trial.status == "diverged" or trial.last is None else (
+            best if trial.stopper is not None else trial.last)
+        final_metrics = final_metrics_of(last=last, best=best, test=test)
+        final_metrics.update(baselines)
+        final_metrics["stopped_epoch"] = trial.stopped_epoch
+        final_metrics["final_epoch"] = trial.last.epoch if trial.last else None
+        final_metrics["parameter_count"] = count
+        final_metrics.update(weights)
+        final_metrics["train_seconds"] = set_up_s + trial.seconds + share
+        results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
+                                           best_epoch=best.epoch if best else None, final_metrics=final_metrics,
+                                           message=trial.message, artifacts=artifacts)
+    return results
+
+
+def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
+                               device: torch.device) -> list[dict[str, dict]]:
+    """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
+    stacked forward per input. A failure costs the artifacts only: the trials keep their metrics."""
+
+    def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
+        return model.evaluate(x.to(device)).float().cpu().mT
+
+    try:
+        pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
+    except Exception:
+        log.exception("prediction artifacts of fused %s trials failed; the trials keep their metrics",
+                      config.dataset_name)
+        pictures = [{} for _ in has_best]
+    return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
+
+
+def _first_argmax(output: torch.Tensor) -> torch.Tensor:
+    """argmax over dim 1 of ``[slots, classes, n]`` (the first index of the largest, as argmax),
+    class by class: torch's argmax over a middle axis is ~10x slower than these few passes."""
+    best, predicted = output[:, 0], torch.zeros(output[:, 0].shape, dtype=torch.int64, device=output.device)
+    for k in range(1, output.shape[1]):
+        better = output[:, k] > best
+        best = torch.where(better, output[:, k], best)
+        predicted = torch.where(better, k, predicted)
+    return predicted
