@@ -30,9 +30,6 @@ MIN_FUSED_TRIALS = 8
 
 def fusable(config: TrialConfig) -> str | None:
     """None when the trial can train inside a fused job, else the reason (one sentence) it cannot."""
-    if _is_mlp(config) and config.norm == "batch":
-        return ("batch norm keeps running statistics and merges one-example batches into the one "
-                "before, which the stacked model does not do")
     if 2 * approximate_weights(config) > FUSED_WEIGHT_BUDGET:
         return (f"the model has about {approximate_weights(config):,} weights, so two of them exceed the "
                 f"fused job's budget of {FUSED_WEIGHT_BUDGET:,}; wide models gain nothing from fusing")

@@ -1,15 +1,15 @@
 """issue 18: who cancelled and who re-queued an experiment (the signed-in dashboard user or the CLI's)
 
-Revision ID: 0004_issue18
-Revises: 0003
+Revision ID: 0005_issue18
+Revises: 0004_13b
 Create Date: 2026-12-01 23:20:00.000000
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0004_issue18'
-down_revision = '0003'
+revision = '0005_issue18'
+down_revision = '0004_13b'
 branch_labels = None
 depends_on = None
 
