@@ -410,7 +410,8 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
             f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
     argv.append(f"--hostname={node}")
-    celery_app.worker_main(argv)
+    # worker_main drops Celery's exit code: a worker that stopped on an error must not exit 0.
+    raise typer.Exit(celery_app.start(argv) or 0)
 
 
 def _refuse_a_name_in_use(engine, node: str, *, lost_after_s: float) -> None:

@@ -29,6 +29,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = make_celery(settings, name="fitscope-worker")
     app.conf.worker_proc_alive_timeout = PROCESS_START_TIMEOUT_S
     from worker import jobs, tasks
+    from worker.messages import use_validating_transport
+
+    use_validating_transport(app)  # every message checked before Celery acts on it
 
     tasks.register(app)
     jobs.register(app)  # fused jobs: several trials trained as one batched model
