@@ -3,11 +3,15 @@ append-only persistence, so queued trials survive a restart. Used by `fitscope u
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+PASSWORD_FILE = "broker.password"  # in FITSCOPE_HOME, readable by its owner only
 
 
 class BrokerStartError(RuntimeError):
@@ -20,10 +24,13 @@ class EmbeddedBroker:
     host: str
     port: int
     data_dir: Path
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The URL clients use; it holds the password: show it only through redact_url."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Valkey flushes its append-only file and exits."""
@@ -50,9 +57,37 @@ def valkey_binary() -> Path:
     return Path(get_binary_path())
 
 
-def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
+def read_broker_password(home: Path) -> str | None:
+    """The embedded broker's password kept in ``home``, or None when `fitscope up` never made one.
+    Reads only: a command that merely talks to the broker creates nothing."""
+    try:
+        return (Path(home) / PASSWORD_FILE).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def broker_password(home: Path) -> str:
+    """The embedded broker's password: the one kept in ``home``, or a new random one written there
+    (mode 0600) so every command started from the same home uses it."""
+    path = Path(home) / PASSWORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.chmod(path, 0o600)  # a copy made readable by others is made private again
+        if password := read_broker_password(home):
+            return password
+        path.unlink()
+    password = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(password + "\n")
+    return password
+
+
+def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1", password: str | None = None,
                           appendfsync: str = "always", timeout_s: float = 15.0) -> EmbeddedBroker:
-    """Start Valkey on ``host:port`` with its data (append-only file, log) in ``data_dir``."""
+    """Start Valkey on ``host:port`` with its data (append-only file, log) in ``data_dir``; with a
+    ``password``, every client must AUTH with it (it goes through a 0600 config file, never the
+    command line that any local process can read)."""
     if port_in_use(host, port):
         raise BrokerStartError(
             f"port {port} on {host} is already taken; stop what uses it or set FITSCOPE_EMBEDDED_BROKER_PORT "
@@ -60,8 +95,13 @@ def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
         )
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "valkey.conf"
+    descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(f"requirepass {password}\n" if password else "")
+    os.chmod(config, 0o600)
     args = [
-        str(valkey_binary()),
+        str(valkey_binary()), str(config),
         "--bind", host, "--port", str(port), "--protected-mode", "yes",
         "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", appendfsync,
@@ -73,7 +113,7 @@ def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
     ]
     process = subprocess.Popen(args, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
-    broker = EmbeddedBroker(process=process, host=host, port=port, data_dir=data_dir)
+    broker = EmbeddedBroker(process=process, host=host, port=port, data_dir=data_dir, password=password)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -103,7 +143,7 @@ def _answers_ping(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, and asking for its password
     except OSError:
         return False
 

@@ -58,7 +58,7 @@ def _settings():
 
 
 def _engine(settings, *, check_schema: bool = True):
-    from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine
+    from services.db import DatabaseUnreachable, SchemaNotAtHead, describe_url, make_engine
     from services.migrate import ensure_schema_at_head
 
     try:
@@ -74,7 +74,7 @@ def _engine(settings, *, check_schema: bool = True):
             fail(str(exc))
         except DatabaseError as exc:  # e.g. FITSCOPE_DATABASE_URL names a file that is not SQLite
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-            fail(f"the database at {engine.url.render_as_string(hide_password=True)} cannot be read ({reason}); "
+            fail(f"the database at {describe_url(engine)} cannot be read ({reason}); "
                  "check that FITSCOPE_DATABASE_URL names a fitscope database")
     return engine
 
@@ -477,7 +477,7 @@ def up():
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"):
     """Create or upgrade the schema (safe to run from several processes at once)."""
-    from services.db import DatabaseUnreachable
+    from services.db import DatabaseUnreachable, describe_url
     from services.migrate import current_revision, upgrade
 
     settings = _settings()
@@ -487,7 +487,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     except DatabaseUnreachable as exc:
         fail(str(exc))
     upgrade(settings.effective_database_url, revision)
-    typer.echo(f"database at {engine.url.render_as_string(hide_password=True)} is at {current_revision(engine)}")
+    typer.echo(f"database at {describe_url(engine)} is at {current_revision(engine)}")
 
 
 @db_app.command("current")

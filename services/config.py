@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.safe_text import redact_url  # noqa: F401 - the one redaction function, imported from here too
+
 _BROKER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
 
 
@@ -148,17 +150,12 @@ class Settings(BaseSettings):
         """The broker URL in force: the configured one or the embedded Valkey's."""
         if self.broker_url:
             return self.broker_url
-        return f"redis://{self.bind_host}:{self.embedded_broker_port}/0"
+        from services.broker import read_broker_password
 
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, so that messages never print a secret."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
+        # The password `fitscope up` keeps in FITSCOPE_HOME, so every command of this home gets in.
+        password = read_broker_password(self.home)
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}{self.bind_host}:{self.embedded_broker_port}/0"
 
 
 @lru_cache(maxsize=1)

@@ -115,5 +115,7 @@ def db_now(session: Session) -> datetime:
 
 
 def describe_url(engine: Engine) -> str:
-    """The engine's URL without its password, for messages."""
-    return engine.url.render_as_string(hide_password=True)
+    """The engine's URL without its secrets (password, secret query values), for messages."""
+    from services.safe_text import redact_url
+
+    return redact_url(engine.url.render_as_string(hide_password=False))
