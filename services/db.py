@@ -25,6 +25,7 @@ NAMING_CONVENTION = {
 }
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 
 
 class Base(DeclarativeBase):
@@ -57,7 +58,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # A server that does not answer (a dropped packet, a TLS handshake with a plain port) fails
+    # within PG_CONNECT_TIMEOUT_S instead of hanging; the URL's own connect_timeout wins.
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import stat
+import time
 
 import pytest
 import redis
@@ -15,7 +16,7 @@ from services.broker import broker_password, free_port, read_broker_password, st
 from services.config import Settings
 from services.queue import BrokerUnreachable, check_broker, make_celery
 from tests.integration.test_up import _health, _start_up, _wait_for
-from tests.servers import REPO, fitscope
+from tests.servers import REPO, fitscope, fitscope_env
 
 pytestmark = [pytest.mark.integration]
 
@@ -94,3 +95,41 @@ def test_binding_beyond_loopback_names_the_risk(tmp_path):
     warning = exposure_warning(Settings(home=tmp_path, bind_host="0.0.0.0"))
     assert warning.startswith("warning: FITSCOPE_BIND_HOST=0.0.0.0 opens the dashboard on port 8501")
     assert "no sign-in" in warning and "embedded broker on port 6479" in warning
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never says a word (a stuck proxy, a black hole)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def _timed(*args, env):
+    started = time.monotonic()
+    result = fitscope(*args, env=env, timeout=120)
+    return result, time.monotonic() - started
+
+
+def test_a_tls_broker_url_to_a_plain_valkey_fails_within_the_broker_check(broker, migrated_sqlite_url, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\nparameters:\n  epochs: {value: 1}\n")
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=f"rediss://:sekrit@{broker.host}:{broker.port}/0",
+                       home=tmp_path)
+    result, took_s = _timed("submit", str(spec), env=env)
+    assert result.returncode == 2 and took_s < 30, (took_s, result.stderr)
+    assert result.stderr.count("\n") == 1 and "over TLS within 5 s" in result.stderr, result.stderr
+    assert "use redis:// for one that does not" in result.stderr and "sekrit" not in result.stderr
+
+
+def test_a_database_that_never_answers_fails_within_its_connect_timeout(silent_server, broker_url, tmp_path):
+    url = f"postgresql://u:sekrit@127.0.0.1:{silent_server}/x?sslmode=require&password=sekrit2"
+    env = fitscope_env(database_url=url, broker_url=broker_url, home=tmp_path)
+    result, took_s = _timed("status", env=env)
+    assert result.returncode == 2 and took_s < 40, (took_s, result.stderr)
+    assert "cannot reach the database at postgresql+psycopg://u:***@127.0.0.1" in result.stderr, result.stderr
+    assert "sekrit" not in result.stderr and "Traceback" not in result.stderr
