@@ -17,6 +17,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from services.safe_text import terminal_text  # every user text that reaches the terminal goes through it
+
 app = typer.Typer(help="fitscope: grids of training runs through a real queue into a shared database.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
@@ -37,14 +39,14 @@ class ExportFormat(StrEnum):
 
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
     """Print one sentence to stderr and exit; never a traceback for an error a user can cause."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {terminal_text(message)}", err=True)
     raise typer.Exit(code)
 
 
 def fail_spec(exc) -> NoReturn:
     """Every problem of a spec, one line each, then exit 2."""
     for problem in exc.problems:
-        typer.echo(f"error: {problem}", err=True)
+        typer.echo(f"error: {terminal_text(problem)}", err=True)
     raise typer.Exit(BAD_INPUT) from None
 
 
@@ -270,7 +272,7 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
         typer.echo(json.dumps([s.as_json() for s in summaries]))
         return
     if not summaries and search:
-        typer.echo(f"no experiment matches {search!r}")
+        typer.echo(f"no experiment matches {terminal_text(repr(search))}")
         return
     if not summaries:
         typer.echo("no experiments yet; submit one with `fitscope submit examples/quickstart.yaml`")
@@ -279,10 +281,10 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
     typer.echo(f"{'id':>5}  {'name':<28} {'trials':>6} " + " ".join(f"{s:>9}" for s in statuses) + "  progress")
     for s in summaries:
         counts = " ".join(f"{s.counts[k]:>9}" for k in statuses)
-        typer.echo(f"{s.id:>5}  {s.name[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
+        typer.echo(f"{s.id:>5}  {terminal_text(s.name)[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
         if s.tags or s.note:
-            labels = " ".join(f"#{t}" for t in s.tags)
-            note = (s.note or "").replace("\n", " ")
+            labels = " ".join(f"#{terminal_text(t)}" for t in s.tags)
+            note = terminal_text((s.note or "").replace("\n", " "))
             typer.echo(f"{'':>7}{labels}{'  ' if labels and note else ''}{note[:100]}")
 
 
@@ -446,7 +448,8 @@ def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-re
     typer.echo(f"{'name':<36} {'status':<8} {'queues':<8} {'device':<10} {'torch':<12} {'last beat':>10}  trials")
     for row in rows:
         trials = ",".join(map(str, row["current_trials"][:10])) + ("..." if len(row["current_trials"]) > 10 else "")
-        typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {','.join(row['queues']):<8} "
+        row = {key: terminal_text(value) if isinstance(value, str) else value for key, value in row.items()}
+        typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {terminal_text(','.join(row['queues'])):<8} "
                    f"{row['device'][:10]:<10} {(row['torch_version'] or '-')[:12]:<12} "
                    f"{row['seconds_since_heartbeat']:>4.0f} s ago  {trials or '-'}")
 
