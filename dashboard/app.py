@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import data
+from services.safe_text import markdown_code
 
 st.set_page_config(page_title="fitscope", layout="wide")
 
@@ -20,8 +21,8 @@ page = st.navigation([
 
 data.settings()  # a bad setting stops the app here, in the main area, with one sentence
 with st.sidebar:
-    st.caption(f"Database: `{data.database_label()}`")
-    st.caption(f"Broker: `{data.broker_label()}`")
+    st.caption(f"Database: {markdown_code(data.database_label())}")
+    st.caption(f"Broker: {markdown_code(data.broker_label())}")
     st.caption(f"Pages refresh every {data.REFRESH_SECONDS} s.")
 
 page.run()

@@ -80,3 +80,31 @@ def bidi_problem(field: str, text: str | None) -> str | None:
     return (f"{field}: contains the bidirectional control character U+{ord(found):04X} "
             f"({unicodedata.name(found, 'unnamed').lower()}), which makes text display in another order "
             "than it is stored; remove it")
+
+
+# Characters with a meaning anywhere in a line; "-" and "+" only start a list, so they are
+# escaped only there (one line of text has one start), keeping names like widths-on-moons readable.
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]{}()#!:<>|~$&@.")
+WORD_JOINER = "\u2060"
+_NOT_A_LINK = re.compile(r"(?i)(\w)(:/|@)|\b(www)(\.)")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` that Streamlit's Markdown (st.markdown, st.caption, st.warning, st.subheader ...)
+    shows as itself: Markdown, directive (``:red[...]``, ``:material/x:``), math and HTML characters
+    backslash-escaped, a list marker at its start escaped, and control and bidirectional characters
+    shown as escapes, so it stays one line."""
+    # Streamlit links URLs and e-mail addresses found in the text AFTER Markdown escapes are read, so
+    # an invisible word joiner goes where they would start to match: "http⁠://", "www⁠.", "a@⁠b".
+    text = _NOT_A_LINK.sub(lambda m: (m[1] or m[3]) + WORD_JOINER + (m[2] or m[4]), terminal_text(text))
+    escaped = "".join(f"\\{char}" if char in _MARKDOWN_SPECIAL else char for char in text)
+    return re.sub(r"^(\s*)([-+])", r"\1\\\2", escaped)
+
+
+def markdown_code(text: object) -> str:
+    """``text`` as an inline code span shown literally: its backtick fence is longer than any run of
+    backticks inside, and control and bidirectional characters are shown as escapes."""
+    text = terminal_text(text)
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    padded = f" {text} " if text.startswith("`") or text.endswith("`") else text
+    return f"{fence}{padded}{fence}"
