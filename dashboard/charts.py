@@ -13,6 +13,7 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from services import analysis
+from services.safe_text import plotly_text
 
 # Left to right in a stacked bar: what has ended well, what is under way, what went wrong.
 STATUS_ORDER = ("succeeded", "running", "queued", "diverged", "failed", "cancelled")
@@ -40,7 +41,7 @@ def progress_bar_chart(experiments: pd.DataFrame) -> go.Figure:
     ``experiments`` needs the columns ``id`` and ``name`` and one count column per status (a missing
     status column counts as zero). Newest experiments (first rows) are drawn at the top.
     """
-    labels = [f"#{row.id} {row.name}" for row in experiments[["id", "name"]].itertuples()]
+    labels = [plotly_text(f"#{row.id} {row.name}") for row in experiments[["id", "name"]].itertuples()]
     figure = go.Figure()
     for status in STATUS_ORDER:
         counts = experiments[status] if status in experiments else pd.Series(0, index=experiments.index)

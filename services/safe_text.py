@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 
@@ -108,3 +109,9 @@ def markdown_code(text: object) -> str:
     fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     padded = f" {text} " if text.startswith("`") or text.endswith("`") else text
     return f"{fence}{padded}{fence}"
+
+
+def plotly_text(text: object) -> str:
+    """``text`` for a Plotly label, title or legend, shown literally: Plotly reads a few HTML tags
+    (``<a href>``, ``<b>``, ``<br>``) and entities in labels, so ``&``, ``<`` and ``>`` become entities."""
+    return html.escape(terminal_text(text), quote=False)

@@ -5,6 +5,7 @@ Screenshots go to test-output/browser/literal-*.png."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from tests.servers import REPO, fitscope_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
-NAME = "[click me](http://evil.example/login) ![t](http://evil.example/t.png) **bold** :red[red]"
+NAME = ("[click me](http://evil.example/login) ![t](http://evil.example/t.png) **bold** :red[red] "
+        "<a href='http://evil.example/c'>chart</a>")
 NOTE = "<img src=http://evil.example/n.png> <a href='http://evil.example/a'>a</a> $x^2$"
 TAG = "[tag](http://evil.example/tag)"
 SUBMITTER = "![who](http://evil.example/who.png)"
@@ -36,7 +38,7 @@ def dashboard(tmp_path: Path) -> Iterator[str]:
     database_url = f"sqlite:///{tmp_path / 'fitscope.db'}"
     upgrade(database_url)
     engine = make_engine(database_url)
-    text = f"name: '{NAME}'\nparameters:\n  epochs: {{value: 1}}\n"
+    text = f"name: {json.dumps(NAME)}\nparameters:\n  epochs: {{value: 1}}\n"
     with session_scope(engine) as session:
         submit(session, spec=parse_spec(text), spec_text=text, submitted_by=SUBMITTER, max_trials=10,
                tags=[TAG], note=NOTE)
@@ -108,5 +110,8 @@ def _as_read(text: str) -> str:
 def _assert_nothing_from_evil(page) -> None:
     assert page.locator("a[href*='evil.example']").count() == 0
     assert page.locator("img[src*='evil.example']").count() == 0
+    assert "evil.example" not in "".join(page.locator("svg a").evaluate_all(
+        "links => links.map(a => a.getAttribute('href') || a.getAttribute('xlink:href') || '')"))
+    assert page.locator("svg text", has_text="<a href=").count() == page.locator("svg text", has_text="#1 [").count()
     # **bold** stays two stars each side, not a bold word of its own
     assert page.locator("strong", has_text=re.compile(r"^bold$")).count() == 0
