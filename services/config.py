@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     bind_host: str = Field("127.0.0.1", description="Address the embedded broker and dashboard listen on.")
     dashboard_port: int = Field(8501, ge=1, le=65535)
     max_trials_per_experiment: int = Field(10_000, ge=1, le=1_000_000)
+    max_trial_memory_mb: int = Field(
+        4096, ge=16, le=10_000_000, description="Largest estimated peak memory of one trial (services/admission.py); "
+        "a spec with a larger trial is refused at submit, and a worker refuses one it cannot hold.")
     max_spec_bytes: int = Field(1_000_000, ge=1_000)
     max_csv_bytes: int = Field(50_000_000, ge=1_000, description="Largest CSV data set a spec may name.")
     max_csv_rows: int = Field(1_000_000, ge=2, description="Most data rows in a CSV data set.")

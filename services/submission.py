@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from services.admission import check_admission, csv_shape
 from services.datasets import CsvLimits, resolve_csv_configs
 from services.models import Experiment, Trial, TrialStatus
 from services.planner import plan_jobs
@@ -81,6 +82,9 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     fuse_max_trials = fuse_max_trials or settings.fuse_max_trials
     fuse_min_trials = fuse_min_trials or settings.fuse_min_trials
     configs = resolve_csv_configs(configs, base_dir=base_dir, limits=csv_limits, session=session)
+    if problems := check_admission(configs, cap_mb=settings.max_trial_memory_mb,
+                                   csv_shape_of=lambda config: csv_shape(session, config)):
+        raise SpecError(problems)
     experiment = Experiment(
         name=spec.name,
         description=spec.description,

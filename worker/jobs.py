@@ -80,6 +80,7 @@ def execute_job(engine: Engine, claims: list[Claim]) -> dict[int, str]:
     """Run claimed trials: compatible ones fused, the rest one at a time. Returns {trial id: status}."""
     from pydantic import ValidationError
 
+    from services.admission import claim_problem
     from services.trial_config import TrialConfig
 
     statuses: dict[int, str] = {}
@@ -89,9 +90,14 @@ def execute_job(engine: Engine, claims: list[Claim]) -> dict[int, str]:
             statuses[claim.trial_id] = _one_trial(engine, claim)
             continue
         try:
-            fusable.append((claim, TrialConfig.model_validate(claim.config)))
+            config = TrialConfig.model_validate(claim.config)
         except ValidationError as exc:
             statuses.update(_fail_all(engine, [claim], f"its stored config is not valid: {exc}"))
+            continue
+        if problem := claim_problem(config):  # refused before it allocates anything (services/admission.py)
+            statuses.update(_fail_all(engine, [claim], problem))
+            continue
+        fusable.append((claim, config))
     groups = plan_jobs([config for _, config in fusable], max_trials=MAX_JOB_TRIALS)
     for group in groups:
         members = [fusable[i] for i in group]

@@ -199,6 +199,7 @@ class EpochBuffer:
 
 def execute_claim(engine: Engine, claim: Claim) -> str:
     """Run a claimed trial through the engine, writing its epoch rows as it runs."""
+    from services.admission import claim_problem
     from services.trial_config import TrialConfig
     from worker.training import DeviceUnavailable, train_trial
     from worker.training.loop import CannotResume
@@ -209,6 +210,8 @@ def execute_claim(engine: Engine, claim: Claim) -> str:
         buffer = _epoch_buffer(engine, claim, settings)
         try:
             config = TrialConfig.model_validate(claim.config)
+            if problem := claim_problem(config):  # refused before it allocates anything (services/admission.py)
+                raise DeviceUnavailable(problem)
             csv = csv_content_of(engine, config)
             try:
                 result = train_trial(config, on_epoch=buffer, checkpoint=buffer.checkpoint, resume_from=resume_from,
