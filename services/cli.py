@@ -50,6 +50,16 @@ def fail_spec(exc) -> NoReturn:
     raise typer.Exit(BAD_INPUT) from None
 
 
+MAX_ID = 2**63 - 1  # the largest id a database column holds
+
+
+def _id_in_range(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= MAX_ID:
+        fail(f"experiment id {value} is not an id; ids are whole numbers from 1 to {MAX_ID} "
+             "(`fitscope status` lists them)")
+    return value
+
+
 def _settings():
     from services.config import ConfigError, get_settings
 
@@ -60,9 +70,16 @@ def _settings():
 
 
 def _engine(settings, *, check_schema: bool = True):
+    from sqlalchemy.engine import make_url
+
     from services.db import DatabaseUnreachable, SchemaNotAtHead, describe_url, make_engine
     from services.migrate import ensure_schema_at_head
 
+    url = make_url(settings.effective_database_url)
+    if check_schema and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():  # a read needs no new file, nor folders for one
+        fail(f"the database at {url.database} has no fitscope schema yet; run `fitscope db upgrade` to create it "
+             "(the file does not exist, and this command creates nothing), or check FITSCOPE_DATABASE_URL")
     try:
         engine = make_engine(settings.effective_database_url)
     except DatabaseUnreachable as exc:
@@ -250,7 +267,8 @@ def _progress_line(summary) -> str:
 
 
 @app.command()
-def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.")] = None,
+def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.",
+                                                                   callback=_id_in_range)] = None,
            json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
            limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N experiments.")] = 50,
            search: Annotated[str | None, typer.Option(help="Only experiments whose name, description, note, "
@@ -289,7 +307,7 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
 
 
 @app.command()
-def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.")]):
+def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.", callback=_id_in_range)]):
     """Cancel queued trials now; running ones stop at their next epoch boundary and keep their rows."""
     from services.db import session_scope
     from services.queries import get_experiment
@@ -305,7 +323,8 @@ def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to canc
 
 
 @app.command()
-def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.")],
+def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.",
+                                                                  callback=_id_in_range)],
             status_: Annotated[list[str], typer.Option("--status", help="Statuses to re-queue (repeatable).")]
             = ["failed", "cancelled"]):  # noqa: B006 - typer needs a literal default
     """Re-queue ended trials (default: failed and cancelled) with fresh attempts."""
@@ -342,7 +361,7 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
 
 
 @app.command()
-def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.")],
+def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.", callback=_id_in_range)],
            what: Annotated[ExportWhat, typer.Option(help="epochs: one row per trial and epoch; "
                                                          "trials: one row per trial.")] = ExportWhat.trials,
            format_: Annotated[ExportFormat, typer.Option("--format", help="csv or json.")] = ExportFormat.csv,
@@ -366,10 +385,14 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
     except OSError as exc:
         fail(f"--output {str(output)!r} cannot be written ({exc.strerror}); choose another path")
     try:
-        write_rows(rows, stream, format_.value)
-    finally:
-        if output:
-            stream.close()
+        try:
+            write_rows(rows, stream, format_.value)
+        finally:
+            if output:
+                stream.close()
+    except OSError as exc:  # a full disk (/dev/full), a closed pipe, a quota
+        fail(f"--output {str(output or '-')!r} could not be written ({exc.strerror or type(exc).__name__}); "
+             "free some space or choose another path", code=1)
     if output:
         typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
 
@@ -489,7 +512,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
         current_revision(engine)  # one clear sentence when the database does not answer
     except DatabaseUnreachable as exc:
         fail(str(exc))
-    upgrade(settings.effective_database_url, revision)
+    from alembic.util import CommandError
+
+    try:
+        upgrade(settings.effective_database_url, revision)
+    except CommandError as exc:  # e.g. a revision that does not exist
+        fail(f"cannot upgrade to revision {revision!r} ({str(exc).splitlines()[0]}); use head, or an id that "
+             "`alembic history` lists")
     typer.echo(f"database at {describe_url(engine)} is at {current_revision(engine)}")
 
 

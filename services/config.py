@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         4096, ge=16, le=10_000_000, description="Largest estimated peak memory of one trial (services/admission.py); "
         "a spec with a larger trial is refused at submit, and a worker refuses one it cannot hold.")
     max_spec_bytes: int = Field(1_000_000, ge=1_000)
+    data_root: Path | None = Field(
+        None, description="A folder whose CSV files any spec may name, besides the files in the spec's own folder.")
+    allow_any_csv_path: bool = Field(
+        False, description="Let a spec name a CSV file anywhere this process can read (off: its folder or data_root).")
     max_csv_bytes: int = Field(50_000_000, ge=1_000, description="Largest CSV data set a spec may name.")
     max_csv_rows: int = Field(1_000_000, ge=2, description="Most data rows in a CSV data set.")
     max_csv_columns: int = Field(1000, ge=2, description="Most columns in a CSV data set.")
