@@ -415,6 +415,9 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
         fail(f"--queues {queues!r} names unknown queues; use cpu, gpu or cpu,gpu")
     if name is not None and not 0 < len(name) <= MAX_WORKER_NAME_CHARS:
         fail(f"--name is {len(name)} characters; give a name of 1 to {MAX_WORKER_NAME_CHARS} characters")
+    if name is not None and not name.isprintable():  # escapes and bidirectional controls reach every terminal
+        fail(f"--name {name[:40]!r} contains control or formatting characters; give a name of letters, digits "
+             "and punctuation")
     if name is not None and "/" in name:
         fail(f"--name {name!r} contains '/', which separates a worker's name from its process id in trial "
              "records; give a name without '/'")
@@ -480,9 +483,11 @@ def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-re
 @app.command()
 def dashboard():
     """Run the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT (the compose file's dashboard)."""
-    from services.launcher import dashboard_command
+    from services.launcher import dashboard_command, exposure_warning
 
     settings = _settings()
+    if warning := exposure_warning(settings):
+        typer.echo(warning, err=True)
     _engine(settings).dispose()  # refuse a database whose schema is not at head, with the fix
     command = dashboard_command(settings)
     os.execv(command[0], command)

@@ -114,7 +114,9 @@ class Settings(BaseSettings):
             raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} has a port that is not a number from 1 "
                              "to 65535; use redis://host:6379/0") from None
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} ends in {parts.path!r}, not a database "
+            # The path is shown only when no password can hide in it (an unescaped "/" or "@" in one).
+            ending = "does not end" if "@" in value else f"ends in {parts.path!r},"
+            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} {ending} not a database "
                              "number; use redis://host:6379/0")
         return value.replace("valkey", "redis", 1) if scheme.startswith("valkey") else value
 

@@ -19,15 +19,17 @@ import unicodedata
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # Query-string keys whose values are secrets (compared lower-case, also as a part of a longer key).
 _SECRET_KEY_PARTS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "signature", "sig")
-_NO_AUTHORITY_SCHEMES = ("sqlite", "file")
+_NO_AUTHORITY_SCHEMES = ("sqlite",)  # its path may hold an "@"
+_USER_NAME_SCHEMES = ("postgresql", "postgres")  # a lone user info is a role name there, not a token
 
 
 def redact_url(url: str) -> str:
     """``url`` with every secret replaced by ``***`` and odd characters shown as escapes.
 
     Secrets: the password of the user info (``user:***@host``; a lone ``token@host`` becomes
-    ``***@host``), and the value of every query-string parameter whose name says password, token,
-    secret, key and the like (``?sslpassword=***``). Works on text that is not a valid URL too.
+    ``***@host`` except in PostgreSQL URLs, where it is the role), and the value of every
+    query-string parameter whose name says password, token, secret, key and the like
+    (``?sslpassword=***``). Works on text that is not a valid URL too.
     """
     url = str(url)
     scheme, sep, rest = url.partition("://")
@@ -37,7 +39,10 @@ def redact_url(url: str) -> str:
     if scheme.split("+")[0].lower() not in _NO_AUTHORITY_SCHEMES and "@" in head:
         creds, _, after = head.rpartition("@")
         user, colon, _password = creds.partition(":")
-        head = f"{user}:***@{after}" if colon else f"***@{after}"
+        if colon:
+            head = f"{user}:***@{after}"
+        elif scheme.split("+")[0].lower() not in _USER_NAME_SCHEMES:
+            head = f"***@{after}"
     if qmark:
         query = re.sub(r"(^|[&;])([^=&;#]*)=([^&;#]*)",
                        lambda m: f"{m[1]}{m[2]}={'***' if _is_secret_key(m[2]) else m[3]}", query)
