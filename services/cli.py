@@ -407,7 +407,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     """Run a Celery worker that trains trials from the given queues."""
     from services.config import ConfigError
     from services.queue import QUEUES, BrokerUnreachable, check_broker
-    from worker.celery_app import create_app
+    from worker.celery_app import create_app, run_worker
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in chosen if q not in QUEUES]
@@ -438,8 +438,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
             f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
     argv.append(f"--hostname={node}")
-    # worker_main drops Celery's exit code: a worker that stopped on an error must not exit 0.
-    raise typer.Exit(celery_app.start(argv) or 0)
+    raise typer.Exit(run_worker(celery_app, argv))  # non-zero when the worker stopped on an error
 
 
 def _refuse_a_name_in_use(engine, node: str, *, lost_after_s: float) -> None:

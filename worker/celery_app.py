@@ -38,6 +38,22 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run `celery worker` with ``argv`` and return its exit code: non-zero when it stopped on an
+    error, so a supervisor restarts it (app.worker_main and app.start both drop the code)."""
+    from celery.bin.celery import celery
+    from click.exceptions import Exit
+
+    celery.params[0].default = app
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
+
+
 # The worker's presence (registration, heartbeat, sweep of lost workers) lives in its main process.
 _presence = None
 _main_started_at = None

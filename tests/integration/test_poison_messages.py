@@ -121,3 +121,64 @@ def test_poison_is_dropped_once_and_a_valid_grid_then_finishes_on_the_same_worke
     assert len(dead) == len(POISON)
     assert all(len(item["excerpt"]) <= 2000 for item in dead)
     assert client.hlen("unacked") == 0  # nothing left half-taken for a restart to re-deliver
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_a_trial_it_cannot_hold_and_goes_on(migrated_sqlite_url, broker_url, engine_for, tmp_path):
+    """Admitted under a generous cap at submit; the worker's own cap is lower: it fails that trial with
+    one sentence, before allocating it, and trains the next one."""
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path,
+                       FITSCOPE_MAX_TRIAL_MEMORY_MB="200", FITSCOPE_FUSE="false")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: too big here\nparameters:\n  width: {values: [1024, 8]}\n  depth: {value: 4}\n"
+                    "  n_train: {value: 20000}\n  epochs: {value: 1}\n")
+    submitted = fitscope("submit", str(spec), env={**env, "FITSCOPE_MAX_TRIAL_MEMORY_MB": "4096"})
+    assert submitted.returncode == 0, submitted.stderr
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        deadline = time.monotonic() + 120
+        while True:
+            with session_scope(engine_for(migrated_sqlite_url)) as session:
+                trials = session.scalars(select(Trial).order_by(Trial.ordinal)).all()
+            if all(t.status not in ("queued", "running") for t in trials):
+                break
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.3)
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+    big, small = trials
+    assert big.status == "failed" and big.error.startswith(
+        "this worker refuses the trial: a trial with width 1024, depth 4")
+    assert "over FITSCOPE_MAX_TRIAL_MEMORY_MB=200" in big.error and "Traceback" not in big.error
+    assert small.status == "succeeded"
+
+
+WITHOUT_THE_CHECK = """
+import os, sys
+from services.config import get_settings
+from worker.celery_app import create_app, run_worker
+app = create_app(get_settings())
+app.conf.broker_transport = None  # kombu's own Redis transport: the poison reaches Celery unchecked
+sys.exit(run_worker(app, ["worker", "--queues=cpu", "--concurrency=1", "--without-gossip", "--without-mingle",
+                          f"--hostname=unchecked-{os.getpid()}@test"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_on_an_error_exits_non_zero(migrated_sqlite_url, broker, broker_url, tmp_path):
+    """The exit code the `fitscope worker` command passes on (worker_main used to drop it: 0 after a
+    crash, so a supervisor that restarts on failure never did). Provoked the way the issue saw it:
+    the {"x": 1} body, with the message check taken out."""
+    import subprocess
+    import sys
+
+    from tests.servers import REPO
+
+    redis.Redis(host=broker.host, port=broker.port).lpush("cpu", json.dumps(POISON[0][1]))
+    env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path)
+    run = subprocess.run([sys.executable, "-c", WITHOUT_THE_CHECK], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=180)
+    assert "Unrecoverable error: ValueError" in run.stdout + run.stderr
+    assert run.returncode == 1
