@@ -125,7 +125,7 @@ def _read_spec(path: Path, settings):
     except SpecError as exc:
         fail_spec(exc)
     for warning in spec.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"warning: {terminal_text(warning)}", err=True)
     return spec, text
 
 
@@ -133,6 +133,7 @@ def _read_spec(path: Path, settings):
 def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
              json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """Check a spec and print how many trials it expands to, or every problem with its key."""
+    from services.admission import check_admission
     from services.datasets import CsvLimits, DatasetError, resolve_csv_configs
     from services.spec import SpecError, expand
 
@@ -140,7 +141,9 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     spec, _ = _read_spec(spec_file, settings)
     try:
         configs = expand(spec, max_trials=settings.max_trials_per_experiment)
-        resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
+        configs = resolve_csv_configs(configs, base_dir=spec_file.parent, limits=CsvLimits.from_settings(settings))
+        if problems := check_admission(configs, cap_mb=settings.max_trial_memory_mb):  # as submit will
+            raise SpecError(problems)
         trials = len(configs)
     except SpecError as exc:
         fail_spec(exc)
@@ -149,7 +152,7 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     if json_output:
         typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": trials, "warnings": spec.warnings}))
     else:
-        typer.echo(f"{spec.name}: {trials} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+        typer.echo(f"{terminal_text(spec.name)}: {trials} trials ({spec.method}, {len(spec.seeds)} seed(s))")
 
 
 @app.command()

@@ -86,6 +86,9 @@ def check_envelope(envelope: object) -> None:
     size = len(envelope.get("body") or "") if isinstance(envelope.get("body"), str) else 0
     if size > MAX_MESSAGE_BYTES:
         raise BadMessage(f"the body is {size} bytes, over the cap of {MAX_MESSAGE_BYTES}")
+    size = len(json.dumps(envelope))  # headers and properties too; fitscope's own are a few hundred bytes
+    if size > 2 * MAX_MESSAGE_BYTES:
+        raise BadMessage(f"the envelope is {size} bytes, over the cap of {2 * MAX_MESSAGE_BYTES}")
     properties, headers = envelope.get("properties"), envelope.get("headers")
     if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
         raise BadMessage("the envelope has no properties.delivery_tag")

@@ -94,6 +94,8 @@ CASES = [
             "poly_degree 10 on 1000 input features makes 2.91e+23 polynomial features, over the cap of 100000",
             spec=_spec(parameters="  dataset: {value: linear}\n  n_features: {value: 1000}\n"
                                   "  poly_degree: {value: 10}\n")),
+    Hostile("validate-refuses-what-submit-would", "over FITSCOPE_MAX_TRIAL_MEMORY_MB=4096", args="validate {spec}",
+            spec=_spec(parameters="  width: {value: 4096}\n  depth: {value: 16}\n  n_train: {value: 1000000}\n")),
     Hostile("poly-degree-five-on-two-hundred-features", "polynomial features, over the cap of 100000",
             spec=_spec(parameters="  dataset: {value: linear}\n  n_features: {value: 200}\n"
                                   "  poly_degree: {value: 5}\n")),

@@ -49,6 +49,8 @@ POISON = [
     ("bad-base64", {**envelope(b""), "body": "!!!not*base64"}, "the body is not valid base64"),
     ("body-not-json", envelope(b"\xff\xfegarbage"), "the body is not JSON"),
     ("huge", envelope(b"[" + b"1," * MAX_MESSAGE_BYTES + b"1]"), "over the cap of"),
+    ("huge-headers", {**envelope(body([[1]])), "headers": {"task": "fitscope.run_job", "pad": "x" * 2**20}},
+     "bytes, over the cap of 524288"),
     ("unknown-task", envelope(body([1]), task="celery.chord_unlock"), "unknown task 'celery.chord_unlock'"),
     ("no-headers", {**envelope(body([[1]])), "headers": None}, "the envelope has no headers"),
     ("no-delivery-tag", {**envelope(body([[1]])), "properties": {}}, "the envelope has no properties.delivery_tag"),
