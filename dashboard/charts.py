@@ -85,9 +85,9 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
             figure.add_scatter(
                 x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
                 line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                name=f"{color_by}={label}", legendgroup=label,
+                name=f"{color_by}={plotly_text(label)}", legendgroup=label,
                 showlegend=split == "train" and label not in in_legend,
-                hovertemplate=(f"trial {ordinal} ({color_by}={label})<br>epoch %{{x}}<br>"
+                hovertemplate=(f"trial {ordinal} ({color_by}={plotly_text(label)})<br>epoch %{{x}}<br>"
                                f"{split} {metric} %{{y:.4g}}<extra></extra>"),
             )
         in_legend.add(label)
@@ -329,9 +329,11 @@ def schedule_over_loss(curves: pd.DataFrame, trials: pd.DataFrame, *, color_by: 
         label = _format_value(_unwrap(value))
         rows = rows.sort_values("epoch")
         color = colors.get(label, _MISSING_COLOR)
-        figure.add_scatter(x=rows["epoch"].tolist(), y=rows[metric].tolist(), mode="lines", name=f"{color_by}={label}",
+        figure.add_scatter(x=rows["epoch"].tolist(), y=rows[metric].tolist(), mode="lines",
+                           name=f"{color_by}={plotly_text(label)}",
                            line={"color": color}, legendgroup=label, secondary_y=False)
-        figure.add_scatter(x=rows["epoch"].tolist(), y=rows["_epoch_lr"].tolist(), mode="lines", name=f"lr ({label})",
+        figure.add_scatter(x=rows["epoch"].tolist(), y=rows["_epoch_lr"].tolist(), mode="lines",
+                           name=f"lr ({plotly_text(label)})",
                            line={"color": color, "dash": "dot"}, legendgroup=label, showlegend=False,
                            secondary_y=True)
     figure.update_layout(title={"text": "Learning-rate schedule over the loss",
@@ -421,9 +423,9 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
             x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
             mode="lines+markers" if len(xs) < 30 else "lines",
             line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
-            name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}", legendgroup=label,
+            name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={plotly_text(label)}", legendgroup=label,
             showlegend=label not in in_legend,
-            hovertemplate=(f"{color_by}={label}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
+            hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
                            f"{y_title} %{{y:.4g}} (mean of %{{customdata}})<extra></extra>"),
         )
         in_legend.add(label)
@@ -455,8 +457,9 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
         figure.add_bar(x=[_format_value(v) for v in rows[x]], y=rows[value].tolist(), text=rows[text].tolist(),
-                       name=f"{color_by}={label}", marker_color=colors.get(label, _MISSING_COLOR),
-                       hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")
+                       name=f"{color_by}={plotly_text(label)}", marker_color=colors.get(label, _MISSING_COLOR),
+                       hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>%{{y:.3g}} "
+                                      "(%{text})<extra></extra>"))
     figure.update_layout(barmode="group", title={"text": title}, xaxis={"title": x, "type": "category"},
                          yaxis={"title": y_title}, legend={"title": {"text": color_by}},
                          margin={"l": 10, "r": 10, "t": 50, "b": 40})
