@@ -194,8 +194,9 @@ def resolve_csv_configs(configs: list[TrialConfig], *, base_dir: Path | None, li
             continue
         if dataset not in validated:
             path = _csv_path(dataset.csv, base_dir)
-            confine_csv_path(dataset.csv, path, spec_dir=base_dir or Path.cwd(), data_root=limits.data_root,
-                             any_path=limits.any_path)
+            if base_dir is not None:  # a spec file's paths stay in its folder; code that passes no folder is trusted
+                confine_csv_path(dataset.csv, path, spec_dir=base_dir, data_root=limits.data_root,
+                                 any_path=limits.any_path)
             validated[dataset] = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
                                               max_columns=limits.max_columns)
             if session is not None:

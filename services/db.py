@@ -61,6 +61,7 @@ def make_engine(url: str, **kwargs) -> Engine:
     # A server that does not answer (a dropped packet, a TLS handshake with a plain port) fails
     # within PG_CONNECT_TIMEOUT_S instead of hanging; the URL's own connect_timeout wins.
     connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    connect_args.update(kwargs.pop("connect_args", {}))  # a caller's own (worker/presence.py: 5 s) win
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
