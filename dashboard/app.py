@@ -7,6 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import data, signin
+from services.safe_text import markdown_code
 
 st.set_page_config(page_title="fitscope", layout="wide")
 data.settings()  # a bad setting stops the app here, in the main area, with one sentence
@@ -22,8 +23,8 @@ page = st.navigation([
 ])
 
 with st.sidebar:
-    st.caption(f"Database: `{data.database_label()}`")
-    st.caption(f"Broker: `{data.broker_label()}`")
+    st.caption(f"Database: {markdown_code(data.database_label())}")
+    st.caption(f"Broker: {markdown_code(data.broker_label())}")
     st.caption(f"Pages refresh every {data.REFRESH_SECONDS} s.")
 
 page.run()

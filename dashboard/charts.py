@@ -13,6 +13,7 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from services import analysis
+from services.safe_text import plotly_text
 
 # Left to right in a stacked bar: what has ended well, what is under way, what went wrong.
 STATUS_ORDER = ("succeeded", "running", "queued", "diverged", "failed", "cancelled")
@@ -40,7 +41,7 @@ def progress_bar_chart(experiments: pd.DataFrame) -> go.Figure:
     ``experiments`` needs the columns ``id`` and ``name`` and one count column per status (a missing
     status column counts as zero). Newest experiments (first rows) are drawn at the top.
     """
-    labels = [f"#{row.id} {row.name}" for row in experiments[["id", "name"]].itertuples()]
+    labels = [plotly_text(f"#{row.id} {row.name}") for row in experiments[["id", "name"]].itertuples()]
     figure = go.Figure()
     for status in STATUS_ORDER:
         counts = experiments[status] if status in experiments else pd.Series(0, index=experiments.index)
@@ -86,9 +87,9 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
             traces.append(go.Scatter(
                 x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
                 line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                name=f"{color_by}={label}", legendgroup=label,
+                name=f"{color_by}={plotly_text(label)}", legendgroup=label,
                 showlegend=split == "train" and label not in in_legend,
-                hovertemplate=(f"trial {ordinal} ({color_by}={label})<br>epoch %{{x}}<br>"
+                hovertemplate=(f"trial {ordinal} ({color_by}={plotly_text(label)})<br>epoch %{{x}}<br>"
                                f"{split} {metric} %{{y:.4g}}<extra></extra>"),
             ))
         in_legend.add(label)
@@ -386,14 +387,15 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
         label = _format_value(_unwrap(value))
         color = colors.get(label, _MISSING_COLOR)
         loss, rate = (rows[rows["split"] == split].sort_values("epoch") for split in ("loss", "lr"))
-        figure.add_scatter(x=loss["epoch"].tolist(), y=loss["mean"].tolist(), mode="lines", name=f"{color_by}={label}",
+        shown = plotly_text(label)
+        figure.add_scatter(x=loss["epoch"].tolist(), y=loss["mean"].tolist(), mode="lines", name=f"{color_by}={shown}",
                            customdata=loss["n"].tolist(), line={"color": color}, legendgroup=label, secondary_y=False,
-                           hovertemplate=f"{color_by}={label}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
+                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
                                          "(%{customdata} runs)<extra></extra>")
-        figure.add_scatter(x=rate["epoch"].tolist(), y=rate["mean"].tolist(), mode="lines", name=f"lr ({label})",
+        figure.add_scatter(x=rate["epoch"].tolist(), y=rate["mean"].tolist(), mode="lines", name=f"lr ({shown})",
                            customdata=rate["n"].tolist(), line={"color": color, "dash": "dot"}, legendgroup=label,
                            showlegend=False, secondary_y=True,
-                           hovertemplate=f"{color_by}={label}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
+                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
                                          "<extra></extra>")
     loss_type, loss_range, note = axis_plan(bands.loc[bands["split"] == "loss", "mean"] if len(bands) else [])
     rate_type = axis_plan(bands.loc[bands["split"] == "lr", "mean"] if len(bands) else [])[0]
@@ -531,11 +533,12 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                 x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
                 line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
-                name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}"
+                name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={plotly_text(label)}"
                 + (f" ({notes[label]})" if label in notes else ""), legendgroup=label,
                 showlegend=label not in in_legend,
-                hovertemplate=(f"{color_by}={label}<br>{x_title} %{{x}}<br>{SPLIT_NAMES.get(split, split)} "
-                               f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>")))
+                hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x_title} %{{x}}<br>"
+                               f"{SPLIT_NAMES.get(split, split)} {y_title} %{{y:.4g}} "
+                               "(mean of %{customdata} runs)<extra></extra>")))
             places.append((row, col))
             in_legend.add(label)
     if traces:  # at once: one add_scatter per trace re-validates the figure each time
@@ -594,8 +597,9 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
         figure.add_bar(x=[_format_value(v) for v in rows[x]], y=rows[value].tolist(), text=rows[text].tolist(),
-                       name=f"{color_by}={label}", marker_color=colors.get(label, _MISSING_COLOR),
-                       hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")
+                       name=f"{color_by}={plotly_text(label)}", marker_color=colors.get(label, _MISSING_COLOR),
+                       hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>%{{y:.3g}} "
+                                      "(%{text})<extra></extra>"))
     figure.update_layout(barmode="group", title={"text": title}, xaxis={"title": x, "type": "category"},
                          yaxis={"title": y_title}, legend={"title": {"text": color_by}},
                          margin={"l": 10, "r": 10, "t": 50, "b": 40})

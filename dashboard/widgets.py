@@ -14,6 +14,7 @@ import streamlit as st
 
 from dashboard import data
 from services.analysis import BANDS, HANDLINGS, Selection, configuration_parameters, select_configurations
+from services.safe_text import markdown_text
 
 NO_EXPERIMENTS = "No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml`."
 LAST_EXPERIMENT = "widgets_last_experiment"  # the experiment chosen last on any page, the next page's default
@@ -48,7 +49,7 @@ def choose_experiment(experiments: pd.DataFrame, *, page: str = "experiment") ->
         if parse_id(asked) in labels:
             st.session_state[selected] = parse_id(asked)
         elif asked is not None:
-            st.warning(f"Experiment {asked[:40]!r} does not exist; choose one below.")
+            st.warning(f"Experiment {markdown_text(repr(asked[:40]))} does not exist; choose one below.")
     if selected not in st.session_state and st.session_state.get(LAST_EXPERIMENT) in labels:
         st.session_state[selected] = st.session_state[LAST_EXPERIMENT]
     chosen = st.selectbox("Experiment", options=list(labels), format_func=labels.get, key=selected)
@@ -263,7 +264,3 @@ def _natural(text: str) -> tuple[int, float, str]:
 def _text(value) -> str:
     return value.replace("_", " ") if isinstance(value, str) else ""
 
-
-def escape_markdown(text: str) -> str:
-    """User text (a name, an e-mail address) shown as itself in Streamlit markdown, not as formatting."""
-    return "".join(f"\\{char}" if char in "\\`*_[]{}()#+-.!:<>|~$" else char for char in text)

@@ -113,12 +113,17 @@ def load_spec_source(source: str | Path | dict, *, max_bytes: int) -> tuple[Grid
 
 def check_spec(spec: GridSpec, *, settings: Settings, base_dir: Path | None = None) -> list:
     """Every trial configuration of ``spec``, with its CSV data sets read and checked as submit reads
-    them: what `fitscope validate` counts. Raises SpecError or DatasetError."""
+    them, and refused as submit's admission control would: what `fitscope validate` counts. Raises
+    SpecError or DatasetError."""
+    from services.admission import check_admission
     from services.datasets import resolve_csv_configs
-    from services.spec import expand
+    from services.spec import SpecError, expand
 
     configs = expand(spec, max_trials=settings.max_trials_per_experiment)
-    return resolve_csv_configs(configs, base_dir=base_dir, limits=CsvLimits.from_settings(settings))
+    configs = resolve_csv_configs(configs, base_dir=base_dir, limits=CsvLimits.from_settings(settings))
+    if problems := check_admission(configs, cap_mb=settings.max_trial_memory_mb):
+        raise SpecError(problems)
+    return configs
 
 
 def default_submitter(settings: Settings) -> str | None:

@@ -18,6 +18,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from services.safe_text import terminal_text  # every user text that reaches the terminal goes through it
+
 app = typer.Typer(help="fitscope: grids of training runs through a real queue into a shared database.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
@@ -57,15 +59,25 @@ def _main(_version: Annotated[bool, typer.Option("--version", callback=_show_ver
 
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
     """Print one sentence to stderr and exit; never a traceback for an error a user can cause."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {terminal_text(message)}", err=True)
     raise typer.Exit(code)
 
 
 def fail_spec(exc) -> NoReturn:
     """Every problem of a spec, one line each, then exit 2."""
     for problem in exc.problems:
-        typer.echo(f"error: {problem}", err=True)
+        typer.echo(f"error: {terminal_text(problem)}", err=True)
     raise typer.Exit(BAD_INPUT) from None
+
+
+MAX_ID = 2**63 - 1  # the largest id a database column holds
+
+
+def _id_in_range(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= MAX_ID:
+        fail(f"experiment id {value} is not an id; ids are whole numbers from 1 to {MAX_ID} "
+             "(`fitscope status` lists them)")
+    return value
 
 
 def _settings():
@@ -78,9 +90,16 @@ def _settings():
 
 
 def _engine(settings, *, check_schema: bool = True):
-    from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine
+    from sqlalchemy.engine import make_url
+
+    from services.db import DatabaseUnreachable, SchemaNotAtHead, describe_url, make_engine
     from services.migrate import ensure_schema_at_head
 
+    url = make_url(settings.effective_database_url)
+    if check_schema and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():  # a read needs no new file, nor folders for one
+        fail(f"the database at {url.database} has no fitscope schema yet; run `fitscope db upgrade` to create it "
+             "(the file does not exist, and this command creates nothing), or check FITSCOPE_DATABASE_URL")
     try:
         engine = make_engine(settings.effective_database_url)
     except DatabaseUnreachable as exc:
@@ -94,7 +113,7 @@ def _engine(settings, *, check_schema: bool = True):
             fail(str(exc))
         except DatabaseError as exc:  # e.g. FITSCOPE_DATABASE_URL names a file that is not SQLite
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-            fail(f"the database at {engine.url.render_as_string(hide_password=True)} cannot be read ({reason}); "
+            fail(f"the database at {describe_url(engine)} cannot be read ({reason}); "
                  "check that FITSCOPE_DATABASE_URL names a fitscope database")
     return engine
 
@@ -116,7 +135,7 @@ def _read_spec(path: Path, settings):
 
 def _warn(warnings: list[str]) -> None:
     for warning in warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"warning: {terminal_text(warning)}", err=True)
 
 
 @app.command()
@@ -147,7 +166,7 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     if json_output:
         typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": len(configs), "warnings": spec.warnings}))
     else:
-        typer.echo(f"{spec.name}: {len(configs)} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+        typer.echo(f"{terminal_text(spec.name)}: {len(configs)} trials ({spec.method}, {len(spec.seeds)} seed(s))")
 
 
 def _error_of(problem: str) -> dict[str, str]:
@@ -241,7 +260,8 @@ def _wait(engine, experiment_id: int, *, timeout: float, quiet: bool):
 
 
 @app.command()
-def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.")] = None,
+def status(experiment_id: Annotated[int | None, typer.Argument(help="One experiment; default all.",
+                                                                   callback=_id_in_range)] = None,
            json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
            limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N experiments.")] = 50,
            search: Annotated[str | None, typer.Option(help="Only experiments whose name, description, note, "
@@ -263,7 +283,7 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
         typer.echo(json.dumps([s.as_json() for s in summaries]))
         return
     if not summaries and search:
-        typer.echo(f"no experiment matches {search!r}")
+        typer.echo(f"no experiment matches {terminal_text(repr(search))}")
         return
     if not summaries:
         typer.echo("no experiments yet; submit one with `fitscope submit examples/quickstart.yaml`")
@@ -272,15 +292,15 @@ def status(experiment_id: Annotated[int | None, typer.Argument(help="One experim
     typer.echo(f"{'id':>5}  {'name':<28} {'trials':>6} " + " ".join(f"{s:>9}" for s in statuses) + "  progress")
     for s in summaries:
         counts = " ".join(f"{s.counts[k]:>9}" for k in statuses)
-        typer.echo(f"{s.id:>5}  {s.name[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
+        typer.echo(f"{s.id:>5}  {terminal_text(s.name)[:28]:<28} {s.trials:>6} {counts}  {s.progress:7.1%}")
         if s.tags or s.note:
-            labels = " ".join(f"#{t}" for t in s.tags)
-            note = (s.note or "").replace("\n", " ")
+            labels = " ".join(f"#{terminal_text(t)}" for t in s.tags)
+            note = terminal_text((s.note or "").replace("\n", " "))
             typer.echo(f"{'':>7}{labels}{'  ' if labels and note else ''}{note[:100]}")
 
 
 @app.command()
-def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.")],
+def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to cancel.", callback=_id_in_range)],
            json_output: JsonOption = False):
     """Cancel queued trials now; running ones stop at their next epoch boundary and keep their rows."""
     from services import actions
@@ -297,7 +317,8 @@ def cancel(experiment_id: Annotated[int, typer.Argument(help="Experiment to canc
 
 
 @app.command()
-def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.")],
+def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose trials to re-run.",
+                                                                  callback=_id_in_range)],
             status_: Annotated[list[str], typer.Option("--status", help="Statuses to re-queue (repeatable).")]
             = ["failed", "cancelled"],  # noqa: B006 - typer needs a literal default
             json_output: JsonOption = False):
@@ -320,7 +341,7 @@ def requeue(experiment_id: Annotated[int, typer.Argument(help="Experiment whose 
 
 
 @app.command()
-def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.")],
+def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to export.", callback=_id_in_range)],
            what: Annotated[ExportWhat, typer.Option(help="epochs: one row per trial and epoch; "
                                                          "trials: one row per trial.")] = ExportWhat.trials,
            format_: Annotated[ExportFormat, typer.Option("--format", help="csv, json, or parquet (typed columns; "
@@ -345,18 +366,19 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
         fail(f"--output {str(output)!r} is a folder; give a file name such as {output / 'epochs.csv'}")
     if output is not None and not output.parent.is_dir():
         fail(f"--output folder {str(output.parent)!r} does not exist; create it or choose another path")
-    if output is None:
-        write_rows(rows, sys.stdout, format_.value)
-        return
     try:
+        if output is None:
+            write_rows(rows, sys.stdout, format_.value)
+            return
         if format_ == ExportFormat.parquet:
             columns = ["trial_id", "epoch", *EPOCH_METRIC_FIELDS] if what == ExportWhat.epochs else None
             write_parquet(rows, str(output), columns=columns)
         else:
             with open(output, "w", newline="", encoding="utf-8") as stream:
                 write_rows(rows, stream, format_.value)
-    except OSError as exc:
-        fail(f"--output {str(output)!r} cannot be written ({exc.strerror}); choose another path")
+    except OSError as exc:  # a full disk (/dev/full), a closed pipe, a quota, no permission
+        fail(f"--output {str(output or '-')!r} could not be written ({exc.strerror or type(exc).__name__}); "
+             "free some space or choose another path", code=1)
     typer.echo(f"wrote {len(rows)} rows to {output}", err=True)
 
 
@@ -370,7 +392,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     """Run a Celery worker that trains trials from the given queues."""
     from services.config import ConfigError
     from services.queue import QUEUES, BrokerUnreachable, check_broker
-    from worker.celery_app import create_app
+    from worker.celery_app import create_app, run_worker
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in chosen if q not in QUEUES]
@@ -378,6 +400,9 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
         fail(f"--queues {queues!r} names unknown queues; use cpu, gpu or cpu,gpu")
     if name is not None and not 0 < len(name) <= MAX_WORKER_NAME_CHARS:
         fail(f"--name is {len(name)} characters; give a name of 1 to {MAX_WORKER_NAME_CHARS} characters")
+    if name is not None and not name.isprintable():  # escapes and bidirectional controls reach every terminal
+        fail(f"--name {name[:40]!r} contains control or formatting characters; give a name of letters, digits "
+             "and punctuation")
     if name is not None and "/" in name:
         fail(f"--name {name!r} contains '/', which separates a worker's name from its process id in trial "
              "records; give a name without '/'")
@@ -398,7 +423,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
             f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
     argv.append(f"--hostname={node}")
-    celery_app.worker_main(argv)
+    raise typer.Exit(run_worker(celery_app, argv))  # non-zero when the worker stopped on an error
 
 
 def _refuse_a_name_in_use(engine, node: str, *, lost_after_s: float) -> None:
@@ -433,7 +458,8 @@ def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-re
     typer.echo(f"{'name':<36} {'status':<8} {'queues':<8} {'device':<10} {'torch':<12} {'last beat':>10}  trials")
     for row in rows:
         trials = ",".join(map(str, row["current_trials"][:10])) + ("..." if len(row["current_trials"]) > 10 else "")
-        typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {','.join(row['queues']):<8} "
+        row = {key: terminal_text(value) if isinstance(value, str) else value for key, value in row.items()}
+        typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {terminal_text(','.join(row['queues'])):<8} "
                    f"{row['device'][:10]:<10} {(row['torch_version'] or '-')[:12]:<12} "
                    f"{row['seconds_since_heartbeat']:>4.0f} s ago  {trials or '-'}")
 
@@ -441,10 +467,12 @@ def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-re
 @app.command()
 def dashboard():
     """Run the dashboard on FITSCOPE_BIND_HOST:FITSCOPE_DASHBOARD_PORT (the compose file's dashboard)."""
-    from services.launcher import dashboard_command
+    from services.launcher import dashboard_command, exposure_warning
 
     settings = _settings()
     _check_sign_in(settings)
+    if warning := exposure_warning(settings):
+        typer.echo(warning, err=True)
     _engine(settings).dispose()  # refuse a database whose schema is not at head, with the fix
     command = dashboard_command(settings)
     os.execv(command[0], command)
@@ -479,7 +507,7 @@ def up():
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
                json_output: JsonOption = False):
     """Create or upgrade the schema (safe to run from several processes at once)."""
-    from services.db import DatabaseUnreachable
+    from services.db import DatabaseUnreachable, describe_url
     from services.migrate import current_revision, upgrade
 
     settings = _settings()
@@ -488,8 +516,14 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
         before = current_revision(engine)  # one clear sentence when the database does not answer
     except DatabaseUnreachable as exc:
         fail(str(exc))
-    upgrade(settings.effective_database_url, revision)
-    database, after = engine.url.render_as_string(hide_password=True), current_revision(engine)
+    from alembic.util import CommandError
+
+    try:
+        upgrade(settings.effective_database_url, revision)
+    except CommandError as exc:  # e.g. a revision that does not exist
+        fail(f"cannot upgrade to revision {revision!r} ({str(exc).splitlines()[0]}); use head, or an id that "
+             "`alembic history` lists")
+    database, after = describe_url(engine), current_revision(engine)
     if json_output:
         typer.echo(json.dumps({"database": database, "from": before, "to": after}))
     else:

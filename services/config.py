@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.safe_text import redact_url  # noqa: F401 - the one redaction function, imported from here too
+
 _BROKER_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
 
 
@@ -32,7 +34,14 @@ class Settings(BaseSettings):
     bind_host: str = Field("127.0.0.1", description="Address the embedded broker and dashboard listen on.")
     dashboard_port: int = Field(8501, ge=1, le=65535)
     max_trials_per_experiment: int = Field(10_000, ge=1, le=1_000_000)
+    max_trial_memory_mb: int = Field(
+        4096, ge=16, le=10_000_000, description="Largest estimated peak memory of one trial (services/admission.py); "
+        "a spec with a larger trial is refused at submit, and a worker refuses one it cannot hold.")
     max_spec_bytes: int = Field(1_000_000, ge=1_000)
+    data_root: Path | None = Field(
+        None, description="A folder whose CSV files any spec may name, besides the files in the spec's own folder.")
+    allow_any_csv_path: bool = Field(
+        False, description="Let a spec name a CSV file anywhere this process can read (off: its folder or data_root).")
     max_csv_bytes: int = Field(50_000_000, ge=1_000, description="Largest CSV data set a spec may name.")
     max_csv_rows: int = Field(1_000_000, ge=2, description="Most data rows in a CSV data set.")
     max_csv_columns: int = Field(1000, ge=2, description="Most columns in a CSV data set.")
@@ -129,7 +138,9 @@ class Settings(BaseSettings):
             raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} has a port that is not a number from 1 "
                              "to 65535; use redis://host:6379/0") from None
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} ends in {parts.path!r}, not a database "
+            # The path is shown only when no password can hide in it (an unescaped "/" or "@" in one).
+            ending = "does not end" if "@" in value else f"ends in {parts.path!r},"
+            raise ValueError(f"FITSCOPE_BROKER_URL={redact_url(value)!r} {ending} not a database "
                              "number; use redis://host:6379/0")
         return value.replace("valkey", "redis", 1) if scheme.startswith("valkey") else value
 
@@ -179,17 +190,12 @@ class Settings(BaseSettings):
         """The broker URL in force: the configured one or the embedded Valkey's."""
         if self.broker_url:
             return self.broker_url
-        return f"redis://{self.bind_host}:{self.embedded_broker_port}/0"
+        from services.broker import read_broker_password
 
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, so that messages never print a secret."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
+        # The password `fitscope up` keeps in FITSCOPE_HOME, so every command of this home gets in.
+        password = read_broker_password(self.home)
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}{self.bind_host}:{self.embedded_broker_port}/0"
 
 
 @lru_cache(maxsize=1)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import ValidationError
 
+from services.paths import confine_csv_path
 from services.trial_config import CsvDataset, TrialConfig
 
 if TYPE_CHECKING:
@@ -51,11 +52,15 @@ class CsvLimits:
     max_bytes: int
     max_rows: int
     max_columns: int
+    # Where a spec's CSV paths may point (services/paths.py): its own folder, this one, or anywhere.
+    data_root: Path | None = None
+    any_path: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CsvLimits:
         return cls(max_bytes=settings.max_csv_bytes, max_rows=settings.max_csv_rows,
-                   max_columns=settings.max_csv_columns)
+                   max_columns=settings.max_csv_columns, data_root=settings.data_root,
+                   any_path=settings.allow_any_csv_path)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,9 @@ def resolve_csv_configs(configs: list[TrialConfig], *, base_dir: Path | None, li
             continue
         if dataset not in validated:
             path = _csv_path(dataset.csv, base_dir)
+            if base_dir is not None:  # a spec file's paths stay in its folder; code that passes no folder is trusted
+                confine_csv_path(dataset.csv, path, spec_dir=base_dir, data_root=limits.data_root,
+                                 any_path=limits.any_path)
             validated[dataset] = validate_csv(path, dataset, max_bytes=limits.max_bytes, max_rows=limits.max_rows,
                                               max_columns=limits.max_columns)
             if session is not None:

@@ -25,6 +25,7 @@ NAMING_CONVENTION = {
 }
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 
 
 class Base(DeclarativeBase):
@@ -57,7 +58,11 @@ def make_engine(url: str, **kwargs) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # A server that does not answer (a dropped packet, a TLS handshake with a plain port) fails
+    # within PG_CONNECT_TIMEOUT_S instead of hanging; the URL's own connect_timeout wins.
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    connect_args.update(kwargs.pop("connect_args", {}))  # a caller's own (worker/presence.py: 5 s) win
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -115,5 +120,7 @@ def db_now(session: Session) -> datetime:
 
 
 def describe_url(engine: Engine) -> str:
-    """The engine's URL without its password, for messages."""
-    return engine.url.render_as_string(hide_password=True)
+    """The engine's URL without its secrets (password, secret query values), for messages."""
+    from services.safe_text import redact_url
+
+    return redact_url(engine.url.render_as_string(hide_password=False))

@@ -1,5 +1,5 @@
 """`fitscope up`: start the broker (embedded Valkey unless one is configured), migrate, then one worker
-and the dashboard as child processes; stop them all on Ctrl-C or when one of them dies."""
+and the dashboard as child processes; start a child again when it dies; stop them all on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.config import Settings, redact_url
 
 DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+# A child that exits is started again after these delays, growing while it keeps exiting within
+# RESTART_RESET_S of its start (a crash loop must not spin), back to the first once it ran longer.
+RESTART_DELAYS_S = (1, 2, 5, 10, 30, 60)
+RESTART_RESET_S = 60.0
 
 
 class LaunchError(RuntimeError):
@@ -21,28 +26,31 @@ class LaunchError(RuntimeError):
 
 
 def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int:
-    from services.broker import BrokerStartError, start_embedded_broker
+    from services.broker import PASSWORD_FILE, BrokerStartError, broker_password, start_embedded_broker
     from services.db import DatabaseUnreachable, make_engine
     from services.migrate import current_revision, upgrade
     from services.queue import BrokerUnreachable, check_broker, make_celery
 
     stop = _StopSignals()  # before anything starts, so a signal during start-up still cleans up
+    if warning := exposure_warning(settings):
+        echo(warning)
     broker = None
     if settings.uses_embedded_broker:
         try:
             broker = start_embedded_broker(data_dir=settings.home / "broker", port=settings.embedded_broker_port,
-                                           host=settings.bind_host)
+                                           host=settings.bind_host, password=broker_password(settings.home))
         except BrokerStartError as exc:
             raise LaunchError(str(exc)) from None
-        echo(f"broker     {broker.url} (embedded Valkey, append-only file in {broker.data_dir})")
-    children: list[tuple[str, subprocess.Popen]] = []
+        echo(f"broker     {redact_url(broker.url)} (embedded Valkey, password in "
+             f"{settings.home / PASSWORD_FILE}, append-only file in {broker.data_dir})")
+    children: list[_Child] = []
     try:
         if broker is None:
             try:
                 check_broker(make_celery(settings))
             except BrokerUnreachable as exc:
                 raise LaunchError(str(exc)) from None
-            echo(f"broker     {settings.effective_broker_url}")
+            echo(f"broker     {redact_url(settings.effective_broker_url)}")
         try:
             current_revision(make_engine(settings.effective_database_url))
         except DatabaseUnreachable as exc:
@@ -51,18 +59,37 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         echo(f"database   {redact_url(settings.effective_database_url)} (schema at head)")
         env = {**os.environ, "FITSCOPE_BROKER_URL": settings.effective_broker_url,
                "FITSCOPE_DATABASE_URL": settings.effective_database_url}
-        children.append(("worker", _spawn([sys.executable, "-m", "services.cli", "worker"], env)))
-        children.append(("dashboard", _spawn(dashboard_command(settings), env)))
+        for name, command in (("worker", [sys.executable, "-m", "services.cli", "worker"]),
+                              ("dashboard", dashboard_command(settings))):
+            children.append(_Child(name, command, env, _spawn(command, env)))
         echo(f"dashboard  http://{settings.bind_host}:{settings.dashboard_port}")
         echo("worker     1 process on queue cpu (add more with `fitscope worker` in another shell)")
         echo("Ctrl-C stops everything.")
         return _supervise(children, stop, echo)
     finally:
-        for _name, process in reversed(children):
-            _stop(process)
+        for child in reversed(children):
+            _stop(child.process)
         if broker is not None:
             broker.stop()
         stop.restore()
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The exact risk of FITSCOPE_BIND_HOST beyond this machine, or None on a loopback address."""
+    import ipaddress
+
+    host = settings.bind_host
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    broker = (f" and the embedded broker on port {settings.embedded_broker_port}, guarded only by the password in "
+              f"{settings.home / 'broker.password'} sent unencrypted" if settings.uses_embedded_broker else "")
+    return (f"warning: FITSCOPE_BIND_HOST={host} opens the dashboard on port {settings.dashboard_port}{broker} to "
+            "other machines; the dashboard has no sign-in, so anyone who reaches it can read every experiment "
+            "and submit or cancel runs; bind 127.0.0.1 and reach it through an SSH tunnel or a proxy with sign-in")
 
 
 def dashboard_command(settings: Settings) -> list[str]:
@@ -102,14 +129,34 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _supervise(children: list[tuple[str, subprocess.Popen]], stop: _StopSignals,
-               echo: Callable[[str], None]) -> int:
+@dataclass
+class _Child:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen
+    started_at: float = field(default_factory=time.monotonic)
+    quick_exits: int = 0  # exits in a row within RESTART_RESET_S of a start
+    restart_at: float | None = None
+
+
+def _supervise(children: list[_Child], stop: _StopSignals, echo: Callable[[str], None]) -> int:
+    """Keep every child running: one that exits is started again, after a delay that grows while it
+    keeps exiting soon after its start; the broker and the other children keep running meanwhile."""
     try:
         while True:
-            for name, process in children:
-                if process.poll() is not None:
-                    echo(f"{name} exited with code {process.returncode}; stopping the rest")
-                    return 1
+            now = time.monotonic()
+            for child in children:
+                if child.restart_at is None and child.process.poll() is not None:
+                    ran_s = now - child.started_at
+                    child.quick_exits = child.quick_exits + 1 if ran_s < RESTART_RESET_S else 1
+                    delay = RESTART_DELAYS_S[min(child.quick_exits, len(RESTART_DELAYS_S)) - 1]
+                    child.restart_at = now + delay
+                    echo(f"{child.name} exited with code {child.process.returncode} after {ran_s:.0f} s; "
+                         f"starting it again in {delay} s (the broker and the rest keep running)")
+                elif child.restart_at is not None and now >= child.restart_at:
+                    child.process, child.started_at, child.restart_at = _spawn(child.command, child.env), now, None
+                    echo(f"{child.name} started again (pid {child.process.pid})")
             time.sleep(0.5)
     except KeyboardInterrupt:
         echo("stopping ...")

@@ -12,8 +12,12 @@ from services.config import Settings, redact_url
 
 # The one task: args [trial ids] (one or more, trained as one stack), kwargs {"takeover": bool}.
 RUN_JOB_TASK = "fitscope.run_job"
+MAX_JOB_TRIALS = 4096  # the most ids one message may carry (FITSCOPE_FUSE_MAX_TRIALS is at most this)
 QUEUES = ("cpu", "gpu")
 SOFT_SHUTDOWN_S = 20.0  # docker-compose.yml's stop_grace_period must outlast it
+# Every socket to the broker gives up after this many seconds: without it a TLS handshake with a
+# server that does not speak TLS (rediss:// to a plain Valkey) waits for ever.
+BROKER_SOCKET_TIMEOUTS = {"socket_connect_timeout": 5.0, "socket_timeout": 5.0}
 
 
 class BrokerUnreachable(RuntimeError):
@@ -26,7 +30,8 @@ def celery_config(settings: Settings) -> dict:
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
         # Redis re-delivers an unacknowledged message after this long, so it must outlast any trial.
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s, **BROKER_SOCKET_TIMEOUTS},
+        "broker_connection_timeout": BROKER_SOCKET_TIMEOUTS["socket_connect_timeout"],
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -64,6 +69,11 @@ def check_broker(app: Celery, *, timeout_s: float = 5.0) -> None:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout_s)
     except Exception as exc:  # kombu raises several unrelated types for a dead broker
+        if url.startswith("rediss://"):
+            raise BrokerUnreachable(
+                f"cannot reach the broker at {redact_url(url)} over TLS within {timeout_s:g} s ({type(exc).__name__}); "
+                "check that the server speaks TLS on that port, or use redis:// for one that does not"
+            ) from None
         raise BrokerUnreachable(
             f"cannot reach the broker at {redact_url(url)} ({type(exc).__name__}); start it with `fitscope up` "
             "or set FITSCOPE_BROKER_URL to a running Redis"

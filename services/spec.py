@@ -33,6 +33,7 @@ from services._spec_values import (
     sample,
     suggest,
 )
+from services.safe_text import bidi_problem
 from services.trial_config import TRIAL_PARAMETERS, TrialConfig
 
 __all__ = [
@@ -365,6 +366,8 @@ def _name(value: Any, problems: list[str]) -> str:
     elif any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
         problems.append("name: must be one line without control characters (tabs, line breaks); "
                         "put details in description")
+    elif problem := bidi_problem("name", value):
+        problems.append(problem)
     return value
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from services.admission import check_admission, csv_shape
 from services.datasets import CsvLimits, resolve_csv_configs
 from services.models import Experiment, Trial, TrialStatus
 from services.planner import plan_jobs
-from services.spec import GridSpec, expand
+from services.safe_text import bidi_problem
+from services.spec import GridSpec, SpecError, expand
 from services.trial_config import TrialConfig
 from services.workers import training_processes
 
@@ -29,6 +31,8 @@ def tag_problem(tag: str) -> str | None:
         return f"is {len(tag)} characters; shorten it to at most {MAX_TAG_CHARS}"
     if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in tag):
         return "contains a newline or another control character; give a tag on one line"
+    if problem := bidi_problem("", tag):
+        return problem.removeprefix(": ")
     return None
 
 
@@ -66,6 +70,11 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     FITSCOPE_FUSE_MIN_TRIALS) or more can be split off (read in this session: services.workers)."""
     from services.config import get_settings
 
+    # Text every viewer sees must read in the order it is stored (the CLI and the dashboard both land here).
+    if problems := [p for field, text in (("name", spec.name), ("description", spec.description), ("note", note),
+                                          ("submitted_by", submitted_by), *(("tag", tag) for tag in tags))
+                    if (p := bidi_problem(field, text))]:
+        raise SpecError(problems[:1])
     configs = expand(spec, max_trials=max_trials)
     settings = get_settings()
     csv_limits = csv_limits or CsvLimits.from_settings(settings)
@@ -73,6 +82,9 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     fuse_max_trials = fuse_max_trials or settings.fuse_max_trials
     fuse_min_trials = fuse_min_trials or settings.fuse_min_trials
     configs = resolve_csv_configs(configs, base_dir=base_dir, limits=csv_limits, session=session)
+    if problems := check_admission(configs, cap_mb=settings.max_trial_memory_mb,
+                                   csv_shape_of=lambda config: csv_shape(session, config)):
+        raise SpecError(problems)
     experiment = Experiment(
         name=spec.name,
         description=spec.description,

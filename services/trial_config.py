@@ -179,6 +179,10 @@ class TrialConfig(BaseModel):
         if self.poly_degree > 1 and self.task == "classification":
             raise ValueError(f"poly_degree {self.poly_degree} applies to regression only and "
                              f"{self.dataset_name} is classification; leave poly_degree at 1")
+        if len(set(self.milestones)) != len(self.milestones):  # multistep would decay twice at that epoch
+            repeated = next(epoch for epoch in self.milestones if self.milestones.count(epoch) > 1)
+            raise ValueError(f"milestones lists epoch {repeated} more than once, which would decay the rate twice "
+                             "there; list each epoch once")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of the rows for training")
         return self

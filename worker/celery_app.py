@@ -29,9 +29,28 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = make_celery(settings, name="fitscope-worker")
     app.conf.worker_proc_alive_timeout = PROCESS_START_TIMEOUT_S
     from worker import tasks
+    from worker.messages import use_validating_transport
+
+    use_validating_transport(app)  # every message checked before Celery acts on it
 
     tasks.register(app)  # the one task: a job of one or more trials
     return app
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run `celery worker` with ``argv`` and return its exit code: non-zero when it stopped on an
+    error, so a supervisor restarts it (app.worker_main and app.start both drop the code)."""
+    from celery.bin.celery import celery
+    from click.exceptions import Exit
+
+    celery.params[0].default = app
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 # The worker's presence (registration, heartbeat, sweep of lost workers) lives in its main process.

@@ -128,6 +128,8 @@ class JobRun:
             except ValidationError as exc:
                 return self._fail(f"a stored trial config is not valid: {exc}")
             resume = self.job.checkpoint.data if self.job.checkpoint else None
+            if resume is None and (configs := self._admitted(configs)) == []:
+                return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
             if resume is not None:
                 log.info("job of trials %s: attempt %s resumes after epoch %s", sorted(self.job.claims),
                          self.job.token[:8], self.job.checkpoint.epoch)
@@ -149,6 +151,18 @@ class JobRun:
             self._fail("the engine ended without a result for this trial")
         log.info("job of %d trials trained in %.1f s", len(self.stack), time.perf_counter() - started)
         return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
+
+    def _admitted(self, configs: list) -> list:
+        """The configs this worker can hold; a trial it cannot (services/admission.py) fails alone, before
+        anything is allocated, and leaves the stack."""
+        from services.admission import claim_problem
+
+        refused = {self.stack[i]: problem for i, config in enumerate(configs) if (problem := claim_problem(config))}
+        for trial_id, problem in refused.items():
+            self._fail(problem, trials={trial_id})
+        kept = [i for i, trial_id in enumerate(self.stack) if trial_id not in refused]
+        self.stack = [self.stack[i] for i in kept]
+        return [configs[i] for i in kept]
 
     def _train(self, configs: list, *, resume: bytes | None) -> None:
         """THE call into the engine, for every job: a job of one trial is a stack of one."""
@@ -290,10 +304,11 @@ class JobRun:
             self.statuses[trial_id] = "superseded"
             self.pending[trial_id] = []
 
-    def _fail(self, error: str) -> dict[int, str]:
+    def _fail(self, error: str, *, trials: set[int] | None = None) -> dict[int, str]:
         """Keep each live trial's rows that ran, then mark it failed with ``error``, all in one
-        transaction with the job's checkpoint; trials that ended stay as they ended."""
-        failing = set(self.live)
+        transaction with the job's checkpoint; trials that ended stay as they ended. ``trials``: only
+        these (the job goes on without them), and the checkpoint stays."""
+        failing = set(self.live) if trials is None else set(trials) & self.live
 
         def fail(session) -> set[int]:
             superseded = set()
@@ -303,14 +318,15 @@ class JobRun:
                     finish_trial(session, trial_id, status=TrialStatus.failed, error=error, token=self.job.token)
                 except TrialSuperseded:
                     superseded.add(trial_id)
-            delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
+            if trials is None:
+                delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
             return superseded
 
         superseded = write_with_retry(self.engine, fail, settings=self.settings)
         self._drop(superseded)
         for trial_id in failing - superseded:
             self.statuses[trial_id] = TrialStatus.failed.value
-        self.live = set()
+        self.live -= failing
         return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
 
     def _start_over(self, reason: Exception) -> None:

@@ -14,11 +14,10 @@ from sqlalchemy import Engine
 from services.checkpoints import checkpoint_store
 from services.config import get_settings
 from services.db import make_engine
-from services.queue import RUN_JOB_TASK
+from services.queue import MAX_JOB_TRIALS, RUN_JOB_TASK
 from worker.jobs import DatabaseDown, execute_job
 
 log = logging.getLogger(__name__)
-MAX_JOB_TRIALS = 4096  # the most ids one message may carry (FITSCOPE_FUSE_MAX_TRIALS is at most this)
 _engine: Engine | None = None
 
 

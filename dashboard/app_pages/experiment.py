@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, widgets
+from services.safe_text import markdown_text
 
 MAX_CURVES = 100  # trials drawn at once; more lines than this is unreadable and slow in a browser
 NO_EPOCHS = ("No trial has finished an epoch yet. Learning curves appear here as soon as a worker "
@@ -16,7 +17,7 @@ NO_EPOCHS = ("No trial has finished an epoch yet. Learning curves appear here as
 
 
 def summary(experiment: dict) -> None:
-    st.subheader(f"#{experiment['id']} {experiment['name']}")
+    st.subheader(f"#{experiment['id']} {markdown_text(experiment['name'])}")
     if who := _who(experiment):
         st.caption(who)
     fit, optimizers = st.columns(2)
@@ -34,7 +35,7 @@ def failed_trials(trials: pd.DataFrame) -> None:
     failed = trials[trials["status"] == "failed"]
     for trial in failed.itertuples(index=False):
         error = trial.error if isinstance(trial.error, str) and trial.error else "no error was recorded"
-        st.error(f"Trial {trial.ordinal} (id {trial.trial_id}) failed: {error.splitlines()[0]}",
+        st.error(f"Trial {trial.ordinal} (id {trial.trial_id}) failed: {markdown_text(error.splitlines()[0])}",
                  icon=":material/error:")
         if "\n" in error:
             with st.expander(f"Full error of trial {trial.ordinal}"):
@@ -89,7 +90,7 @@ def trial_table(trials: pd.DataFrame) -> None:
 
 def _who(experiment: dict) -> str:
     """Submitted by X · last cancelled by Y · last re-queued by Z (the signed-in users, or the CLI's)."""
-    parts = [f"{label} **{widgets.escape_markdown(value)}**" for label, value in (
+    parts = [f"{label} **{markdown_text(value)}**" for label, value in (
         ("Submitted by", experiment.get("submitted_by")), ("last cancelled by", experiment.get("cancelled_by")),
         ("last re-queued by", experiment.get("requeued_by"))) if isinstance(value, str) and value]
     return " · ".join(parts)

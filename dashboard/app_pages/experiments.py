@@ -12,6 +12,7 @@ from dashboard import actions, charts, data
 from services.actions import ExperimentNotFound
 from services.db import DatabaseUnreachable
 from services.queue import BrokerUnreachable
+from services.safe_text import markdown_text
 
 NEWEST = 50
 EMPTY_STATE = ("No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml` "
@@ -47,12 +48,12 @@ def requeue_clicked(experiment_id: int) -> None:
 def experiment_card(experiment) -> None:
     with st.container(border=True, key=f"experiments_card_{experiment.id}"):
         heading, open_link = st.columns([5, 1])
-        heading.markdown(f"**#{experiment.id} {experiment.name}** · {experiment.method} · "
+        heading.markdown(f"**#{experiment.id} {markdown_text(experiment.name)}** · {experiment.method} · "
                          f"{experiment.trials} trials" +
-                         (f" · by {experiment.submitted_by}" if experiment.submitted_by else "") +
-                         "".join(f" :gray-badge[{_escaped(tag)}]" for tag in experiment.tags))
+                         (f" · by {markdown_text(experiment.submitted_by)}" if experiment.submitted_by else "") +
+                         "".join(f" :gray-badge[{markdown_text(tag)}]" for tag in experiment.tags))
         if isinstance(experiment.note, str) and experiment.note:  # pandas holds a missing note as NaN
-            heading.caption(_escaped(experiment.note))
+            heading.caption(markdown_text(experiment.note))
         open_link.page_link("app_pages/experiment.py", label="Open", icon=":material/monitoring:",
                             query_params={"experiment": str(experiment.id)})
         open_link.page_link("app_pages/fit_analysis.py", label="Fit analysis", icon=":material/insights:",
@@ -114,7 +115,8 @@ def experiments_panel(search: str) -> None:
         st.toast(notice, icon=":material/check_circle:")
     experiments = data.experiments(limit=NEWEST, search=search)
     if experiments.empty and search.strip():
-        st.info(f"No experiment's name, description, note, tags or submitter contains {search.strip()!r}.",
+        shown = markdown_text(repr(search.strip()))
+        st.info(f"No experiment's name, description, note, tags or submitter contains {shown}.",
                 icon=":material/search_off:")
         return
     if experiments.empty:
@@ -125,11 +127,6 @@ def experiments_panel(search: str) -> None:
         st.caption(f"The newest {NEWEST} experiments; `fitscope status --limit N` lists more.")
     for experiment in experiments.itertuples(index=False):
         experiment_card(experiment)
-
-
-def _escaped(text: str) -> str:
-    """User text shown as itself in Streamlit markdown, not as formatting or a badge's end."""
-    return "".join(f"\\{char}" if char in "\\`*_[]{}()#+-.!:<>|~$" else char for char in text)
 
 
 st.session_state.setdefault(ERRORS, {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any, get_args
 
@@ -16,6 +17,7 @@ from dashboard import actions, data
 from services.datasets import DatasetError
 from services.db import DatabaseUnreachable
 from services.queue import BrokerUnreachable
+from services.safe_text import markdown_text, terminal_text
 from services.spec import SpecError
 from services.trial_config import BuiltinDataset, Optimizer, Schedule
 
@@ -151,7 +153,7 @@ def yaml_editor() -> str:
     st.file_uploader("Upload a spec file", type=["yaml", "yml"], key=YAML_FILE, on_change=yaml_uploaded,
                      help="Its text replaces the editor's.")
     if YAML_FILE_ERROR in st.session_state:
-        st.error(st.session_state[YAML_FILE_ERROR])
+        st.error(markdown_text(st.session_state[YAML_FILE_ERROR]))
     return st.text_area("Spec (YAML)", key=YAML_TEXT, height=420,
                         placeholder="name: my-grid\nparameters:\n  width: {values: [8, 64]}\n  lr: {value: 0.01}")
 
@@ -193,11 +195,12 @@ def csv_uploader(uploads: dict[str, actions.StoredCsv]) -> None:
         st.button("Check and store", key="new_csv_store", icon=":material/upload:", disabled=uploaded is None,
                   on_click=store_csv_clicked, args=(target, missing))
         if CSV_ERROR in st.session_state:
-            st.error(st.session_state[CSV_ERROR])
+            st.error(markdown_text(st.session_state[CSV_ERROR]))
         for name, stored in uploads.items():
-            st.success(f"`{name}`: {stored.rows} rows, {len(stored.columns)} columns, target `{stored.target}` "
-                       f"({stored.task}). Choose `csv: {name}` among the data sets, or write "
-                       f"`dataset: {{csv: {name}, target: {stored.target}}}` in YAML.", icon=":material/table:")
+            name, target = markdown_text(name), markdown_text(stored.target)
+            st.success(f"{name}: {stored.rows} rows, {len(stored.columns)} columns, target {target} "
+                       f"({stored.task}). Choose csv: {name} among the data sets, or write "
+                       f"dataset: {{csv: {name}, target: {target}}} in YAML.", icon=":material/table:")
 
 
 def _header(content: bytes) -> list[str]:
@@ -224,12 +227,16 @@ def validation(spec_text: str, uploads: dict[str, str]) -> actions.SpecPreview |
         st.error(f"`fitscope validate` would refuse this spec:\n\n{_lines('error', found.problems)}")
         return found
     st.metric("Trials", found.trials)
-    st.caption(f"{found.name}: {found.trials} trials ({found.method}, {found.seeds} seed(s))")
+    st.caption(f"{markdown_text(found.name)}: {found.trials} trials ({found.method}, {found.seeds} seed(s))")
     return found
 
 
 def _lines(prefix: str, messages: tuple[str, ...]) -> str:
-    return "```\n" + "\n".join(f"{prefix}: {message}" for message in messages) + "\n```"
+    """The messages as a code block, shown literally: its fence is longer than any run of backticks
+    inside (a spec's own text may hold some), and control characters are shown as escapes."""
+    text = "\n".join(f"{prefix}: {terminal_text(message)}" for message in messages)
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}\n{text}\n{fence}"
 
 
 def submit_form(spec_text: str, found: actions.SpecPreview | None, uploads: dict[str, str]) -> None:
@@ -248,9 +255,10 @@ def submit_form(spec_text: str, found: actions.SpecPreview | None, uploads: dict
         st.session_state.pop(SUBMIT_ERROR, None)
         st.session_state[SUBMITTED] = _submit(spec_text, found.name, submitted_by, tags_text, note, uploads)
     if SUBMIT_ERROR in st.session_state:
-        st.error(st.session_state[SUBMIT_ERROR])
+        st.error(markdown_text(st.session_state[SUBMIT_ERROR]))
     if last := st.session_state.get(SUBMITTED):
-        st.success(f"Experiment #{last['id']} ({last['name']}) submitted: {last['trials']} trials queued.",
+        st.success(f"Experiment #{last['id']} ({markdown_text(last['name'])}) submitted: {last['trials']} trials "
+                   "queued.",
                    icon=":material/check_circle:")
         open_col, fit_col = st.columns(2)
         open_col.page_link("app_pages/experiment.py", label=f"Open experiment #{last['id']}",

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data, widgets
+from services.safe_text import markdown_text
 
 NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
 
@@ -20,7 +21,7 @@ def choose_trial() -> int | None:
         asked_id = widgets.parse_id(asked)  # a 20-digit number must not reach the database
         found = data.trial(asked_id) if asked_id is not None else None
         if found is None:
-            st.warning(f"Trial {asked[:40]!r} does not exist; choose one below.")
+            st.warning(f"Trial {markdown_text(repr(asked[:40]))} does not exist; choose one below.")
         else:
             st.query_params["experiment"] = str(found["experiment_id"])
             st.session_state["trial_selected"] = found["trial_id"]
@@ -39,7 +40,7 @@ def choose_trial() -> int | None:
 
 
 def header(trial: dict) -> None:
-    st.subheader(f"Trial {trial['ordinal']} of #{trial['experiment_id']} {trial['experiment_name']}")
+    st.subheader(f"Trial {trial['ordinal']} of #{trial['experiment_id']} {markdown_text(trial['experiment_name'])}")
     st.markdown(charts.status_badges({trial["status"]: 1}).replace("[1 ", "[")
                 + f" · {trial['epochs_done']} epochs" + (f" · worker `{trial['worker']}`" if trial["worker"] else "")
                 + f" · attempt {trial['attempts']}" + _fused_note(trial["final_metrics"]))
@@ -47,7 +48,7 @@ def header(trial: dict) -> None:
                  query_params={"experiment": str(trial["experiment_id"])})
     if trial["error"]:
         first, _, rest = trial["error"].partition("\n")
-        st.error(f"This trial {trial['status']}: {first}", icon=":material/error:")
+        st.error(f"This trial {trial['status']}: {markdown_text(first)}", icon=":material/error:")
         if rest:
             with st.expander("Full error"):
                 st.code(trial["error"], language=None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,13 @@ def counts(engine) -> tuple[int, int, int]:
         return tuple(session.scalar(select(func.count()).select_from(table)) for table in (Experiment, Trial, Dataset))
 
 
+def as_read(markdown: str) -> str:
+    """What a viewer reads: the page escapes user text for Markdown (services.safe_text.markdown_text)."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")  # and no word joiners (no autolinks)
+
+
 def error_text(app: AppTest) -> str:
-    return "\n".join(error.value for error in app.error)
+    return "\n".join(as_read(error.value) for error in app.error)
 
 
 def use_yaml(app: AppTest, text: str) -> AppTest:
@@ -122,7 +128,8 @@ def test_an_example_grid_previews_as_the_cli_and_one_click_queues_every_trial(db
     code, cli_line, _ = validate_with_cli(tmp_path, example, db_url, "redis://127.0.0.1:1/0")
     assert code == 0
     assert app.metric[0].value == "16"
-    assert cli_line in [caption.value for caption in app.caption]  # "capacity-vs-data-size: 16 trials (grid, ...)"
+    # "capacity-vs-data-size: 16 trials (grid, ...)"
+    assert cli_line in [as_read(caption.value) for caption in app.caption]
     assert app.text_input(key="new_submitted_by").value == "ada"  # FITSCOPE_SUBMITTED_BY
 
     app.text_input(key="new_tags").input("capacity, moons, capacity").run()
@@ -139,7 +146,8 @@ def test_an_example_grid_previews_as_the_cli_and_one_click_queues_every_trial(db
         assert experiment.spec_text == example
     assert len(trial_ids) == 16
     assert_queued(queue, trial_ids)
-    assert f"Experiment #{experiment.id} (capacity-vs-data-size) submitted: 16 trials queued." in app.success[-1].value
+    assert (f"Experiment #{experiment.id} (capacity-vs-data-size) submitted: 16 trials queued."
+            in as_read(app.success[-1].value))
     links = {link.proto.page: link.proto.query_string for link in app.get("page_link")}
     assert links["experiment"] == links["fit_analysis"] == f"experiment={experiment.id}"
 
@@ -208,7 +216,7 @@ def test_a_bad_spec_shows_exactly_the_cli_errors_and_cannot_be_submitted(db_url,
     assert code == 2
     cli_errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(cli_errors) == 3  # the typo'd key, the negative rate and the unknown optimizer
-    shown = app.error[0].value
+    shown = as_read(app.error[0].value)
     assert shown.startswith("`fitscope validate` would refuse this spec")
     assert shown.split("```")[1].strip().splitlines() == cli_errors
     assert app.button(key="new_submit").disabled
@@ -221,7 +229,7 @@ def test_a_grid_over_the_trial_cap_is_refused_with_the_cli_sentence(db_url, monk
     spec = "name: big\nseeds: [0, 1, 2]\nparameters:\n  width: {values: [1, 2, 3, 4]}\n"
     app = use_yaml(open_page(), spec)
 
-    assert "error: spec: the grid has 12 trials, over the cap of 10" in app.error[0].value
+    assert "error: spec: the grid has 12 trials, over the cap of 10" in as_read(app.error[0].value)
     assert app.button(key="new_submit").disabled
 
 
@@ -242,7 +250,7 @@ def test_an_uploaded_spec_that_is_not_utf8_is_one_sentence(db_url):
 
     app.get("file_uploader")[0].set_value(("grid.yaml", b"name: caf\xe9\n", "application/x-yaml")).run()
 
-    assert app.error[0].value == "grid.yaml is not UTF-8 text; save it as UTF-8 and upload it again."
+    assert as_read(app.error[0].value) == "grid.yaml is not UTF-8 text; save it as UTF-8 and upload it again."
     assert not app.text_area(key="new_yaml").value
 
 
@@ -254,7 +262,7 @@ def test_too_many_tags_is_one_sentence_and_writes_nothing(db_url, queue, engine_
 
     app.button(key="new_submit").click().run()
 
-    assert app.error[0].value == ("Tags: 21 given, over the limit of 20; keep the ones you will search by.")
+    assert as_read(app.error[0].value) == ("Tags: 21 given, over the limit of 20; keep the ones you will search by.")
     assert counts(engine_for(db_url)) == (0, 0, 0) and messages(queue) == []
 
 
@@ -268,7 +276,7 @@ def test_a_tag_the_cli_would_refuse_is_refused_here_too(db_url, queue, engine_fo
 
     app.button(key="new_submit").click().run()
 
-    assert app.error[0].value.startswith(expected), app.error[0].value
+    assert as_read(app.error[0].value).startswith(expected), as_read(app.error[0].value)
     assert counts(engine_for(db_url)) == (0, 0, 0) and messages(queue) == []
 
 
@@ -279,7 +287,7 @@ def test_a_dead_broker_is_one_sentence_and_writes_nothing(db_url, engine_for, mo
 
     app.button(key="new_submit").click().run()
 
-    assert app.error[0].value.startswith(f"Cannot reach the broker at {dead}")
+    assert as_read(app.error[0].value).startswith(f"Cannot reach the broker at {dead}")
     assert counts(engine_for(db_url)) == (0, 0, 0)
     assert not app.success
 
@@ -325,7 +333,7 @@ def test_a_bad_csv_upload_is_an_error_box_with_the_submit_sentence_and_no_rows(d
     app = upload_csv(open_page(), "houses.csv", bad.encode(), target="price")
 
     assert len(app.error) == 1
-    message = app.error[0].value
+    message = as_read(app.error[0].value)
     assert message.startswith("houses.csv: ") and "'area'" in message and "line 5" in message
     assert counts(engine_for(db_url)) == (0, 0, 0)
 
@@ -335,7 +343,7 @@ def test_a_csv_over_the_size_cap_is_refused_before_it_is_stored(db_url, engine_f
     content = HOUSES_CSV.encode() * 3
     app = upload_csv(open_page(), "houses.csv", content, target="price")
 
-    assert app.error[0].value == (f"houses.csv: the file is {len(content)} bytes, over the cap of 1000 "
+    assert as_read(app.error[0].value) == (f"houses.csv: the file is {len(content)} bytes, over the cap of 1000 "
                                   "(FITSCOPE_MAX_CSV_BYTES); use fewer rows or raise the cap")
     assert counts(engine_for(db_url)) == (0, 0, 0)
 
@@ -345,7 +353,7 @@ def test_a_spec_naming_a_csv_that_was_not_uploaded_is_refused(db_url, tmp_path):
     spec = f"name: sneaky\nparameters:\n  dataset: {{value: {{csv: {tmp_path / 'secret.csv'}, target: price}}}}\n"
     app = use_yaml(open_page(), spec)
 
-    assert "the dashboard reads only CSV data sets uploaded on this page" in app.error[0].value
+    assert "the dashboard reads only CSV data sets uploaded on this page" in as_read(app.error[0].value)
     assert app.button(key="new_submit").disabled
 
 

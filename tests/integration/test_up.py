@@ -71,7 +71,9 @@ def test_up_runs_broker_worker_and_dashboard_and_ctrl_c_stops_them_all(tmp_path)
         assert submitted.returncode == 0, submitted.stderr + log_path.read_text()[-3000:]
         assert json.loads(submitted.stdout)["summary"]["counts"]["succeeded"] == 8
         assert (tmp_path / "home" / "fitscope.db").exists()
-        assert f"redis://127.0.0.1:{broker_port}/0" in log_path.read_text()
+        password = (tmp_path / "home" / "broker.password").read_text().strip()
+        assert f"redis://:***@127.0.0.1:{broker_port}/0" in log_path.read_text()
+        assert password not in log_path.read_text()
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)
