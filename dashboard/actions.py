@@ -23,6 +23,7 @@ from celery import Celery
 from dashboard import signin
 from dashboard.data import _engine, _forget_reads, _reading, _ready_url, settings
 from services import actions
+from services.admission import check_admission
 from services.config import Settings
 from services.datasets import (
     CsvLimits,
@@ -125,18 +126,21 @@ def preview(spec_text: str, uploads: dict[str, str]) -> SpecPreview:
     url = _ready_url()
     with _reading(url):
         return _preview(url, spec_text, tuple(sorted(uploads.items())), current.max_spec_bytes,
-                        current.max_trials_per_experiment, CsvLimits.from_settings(current))
+                        current.max_trials_per_experiment, CsvLimits.from_settings(current),
+                        current.max_trial_memory_mb)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _preview(url: str, spec_text: str, uploads: tuple[tuple[str, str], ...], max_spec_bytes: int,
-             max_trials: int, csv_limits: CsvLimits) -> SpecPreview:
+             max_trials: int, csv_limits: CsvLimits, max_trial_memory_mb: int) -> SpecPreview:
     spec = None
     try:
         spec = parse_spec(spec_text, max_bytes=max_spec_bytes, default_name=UNTITLED)
         configs = expand(spec, max_trials=max_trials)
         with _csv_folder(url, spec, dict(uploads)) as folder:
-            resolve_csv_configs(configs, base_dir=folder, limits=csv_limits)
+            configs = resolve_csv_configs(configs, base_dir=folder, limits=csv_limits)
+        if problems := check_admission(configs, cap_mb=max_trial_memory_mb):  # as submit will refuse them
+            raise SpecError(problems)
     except (SpecError, DatasetError) as exc:
         problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
         return SpecPreview(name=spec and spec.name, warnings=tuple(spec.warnings if spec else ()),

@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard.data import settings
 from services import signin
 from services.config import ConfigError
+from services.safe_text import markdown_text
 
 
 def require_sign_in() -> None:
@@ -35,7 +36,7 @@ def require_sign_in() -> None:
         _sign_in_page(config.server_metadata_url)
         st.stop()
     with st.sidebar:
-        st.caption(f"Signed in as **{identity()}**")
+        st.caption(f"Signed in as **{markdown_text(identity())}**")
         st.button("Sign out", key="signin_sign_out", icon=":material/logout:", on_click=st.logout)
 
 
@@ -64,6 +65,7 @@ def _sign_in_page(metadata_url: str) -> None:
 
     st.title("fitscope")
     st.subheader("Sign in to see and run this team's experiments")
-    st.write(f"This dashboard is shared: you sign in with your account at **{urlsplit(metadata_url).hostname}**, "
+    provider = markdown_text(urlsplit(metadata_url).hostname or "")
+    st.write(f"This dashboard is shared: you sign in with your account at **{provider}**, "
              "and what you submit, cancel or re-queue is recorded under your name.")
     st.button("Sign in", key="signin_sign_in", type="primary", icon=":material/login:", on_click=st.login)

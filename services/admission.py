@@ -150,19 +150,41 @@ def csv_shape(session, config: TrialConfig) -> tuple[int, int] | None:
     return dataset.n_rows, dataset.n_columns - 1 - (config.dataset.split_column is not None)
 
 
-def claim_problem(config: TrialConfig, *, cap_mb: int | None = None) -> str | None:
+def claim_problem(config: TrialConfig, *, cap_mb: int | None = None,
+                  csv_shape: tuple[int, int] | None = None) -> str | None:
     """Why a worker must not start this trial (over the cap, or more than this machine has free right
     now), as one sentence; None when it can hold it. Refused before anything is allocated."""
     from services.config import get_settings
 
     cap_mb = cap_mb if cap_mb is not None else get_settings().max_trial_memory_mb
-    if problem := admission_problem(config, cap_mb=cap_mb):
+    if problem := admission_problem(config, cap_mb=cap_mb, csv_shape=csv_shape):
         return f"this worker refuses the trial: {problem}"
     available = _available_bytes()
-    needed = estimate_trial(config).total
+    needed = estimate_trial(config, csv_shape=csv_shape).total
     if available is not None and needed > available:
         return (f"this worker refuses the trial: it needs about {needed / 2**20:,.0f} MB and this machine has "
                 f"{available / 2**20:,.0f} MB available; run it on a larger worker or make it smaller")
+    return None
+
+
+def job_estimate(configs: Iterable[TrialConfig], *, csv_shape: tuple[int, int] | None = None) -> int:
+    """Bytes a job of ``configs`` trained as one stack needs: the data (and polynomial features) once,
+    every trial's weights, optimizer state and activations."""
+    estimates = [estimate_trial(config, csv_shape=csv_shape) for config in configs]
+    shared = max((e.data + e.polynomial for e in estimates), default=0)
+    return shared + sum(e.weights + e.activations for e in estimates)
+
+
+def job_problem(configs: list[TrialConfig], *, csv_shape: tuple[int, int] | None = None) -> str | None:
+    """Why a worker must not start this job of several trials (together more than this machine has
+    free right now), as one sentence; None when it can hold them. Each trial is checked alone by
+    claim_problem; the planner keeps a job within FITSCOPE_MAX_TRIAL_MEMORY_MB."""
+    available = _available_bytes()
+    needed = job_estimate(configs, csv_shape=csv_shape)
+    if len(configs) > 1 and available is not None and needed > available:
+        return (f"this worker refuses the job: its {len(configs)} trials together need about "
+                f"{needed / 2**20:,.0f} MB and this machine has {available / 2**20:,.0f} MB available; run it on "
+                "a larger worker, or lower FITSCOPE_FUSE_MAX_TRIALS and re-queue it")
     return None
 
 

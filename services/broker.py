@@ -97,9 +97,9 @@ def start_embedded_broker(*, data_dir: Path, port: int, host: str = "127.0.0.1",
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "valkey.conf"
     descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file left readable by others is made private before the password goes in
     with os.fdopen(descriptor, "w", encoding="ascii") as file:
         file.write(f"requirepass {password}\n" if password else "")
-    os.chmod(config, 0o600)
     args = [
         str(valkey_binary()), str(config),
         "--bind", host, "--port", str(port), "--protected-mode", "yes",

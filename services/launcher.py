@@ -75,21 +75,21 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
 
 
 def exposure_warning(settings: Settings) -> str | None:
-    """The exact risk of FITSCOPE_BIND_HOST beyond this machine, or None on a loopback address."""
-    import ipaddress
+    """The exact risk of FITSCOPE_BIND_HOST beyond this machine, or None on a loopback address. The
+    dashboard itself refuses to listen there without sign-in (services/signin.py), so what is left is
+    the unencrypted traffic and, with the embedded broker, a queue guarded by a password alone."""
+    from services.broker import PASSWORD_FILE
+    from services.signin import is_loopback
 
     host = settings.bind_host
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        if host == "localhost":
-            return None
-    broker = (f" and the embedded broker on port {settings.embedded_broker_port}, guarded only by the password in "
-              f"{settings.home / 'broker.password'} sent unencrypted" if settings.uses_embedded_broker else "")
-    return (f"warning: FITSCOPE_BIND_HOST={host} opens the dashboard on port {settings.dashboard_port}{broker} to "
-            "other machines; the dashboard has no sign-in, so anyone who reaches it can read every experiment "
-            "and submit or cancel runs; bind 127.0.0.1 and reach it through an SSH tunnel or a proxy with sign-in")
+    if is_loopback(host):
+        return None
+    broker = (f"; the embedded broker on port {settings.embedded_broker_port} is reachable too, guarded only by "
+              f"the password in {settings.home / PASSWORD_FILE}, which travels unencrypted"
+              if settings.uses_embedded_broker else "")
+    return (f"warning: FITSCOPE_BIND_HOST={host} opens the dashboard on port {settings.dashboard_port} to other "
+            f"machines over plain HTTP (sign-in cookies and every page unencrypted){broker}; bind 127.0.0.1 and "
+            "put a TLS proxy in front, or reach it through an SSH tunnel")
 
 
 def dashboard_command(settings: Settings) -> list[str]:

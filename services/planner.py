@@ -61,13 +61,16 @@ def approximate_weights(config: TrialConfig) -> int:
 
 
 def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget: int = FUSED_WEIGHT_BUDGET,
-              slots: int = 1, min_trials: int = MIN_FUSED_TRIALS) -> list[list[int]]:
+              slots: int = 1, min_trials: int = MIN_FUSED_TRIALS,
+              memory_budget_mb: int | None = None) -> list[list[int]]:
     """Group trials (by their index in ``configs``) into jobs. A job of several indices trains them
     fused; a job of one index is an ordinary trial.
 
     1. Trials with equal fusion keys form a group; each unfusable trial is a job of its own.
-    2. Each job has at most ``max_trials`` trials and about ``weight_budget`` weights: a group too big
-       for one job is split into jobs of near-equal size (70 trials, max 64: two jobs of 35).
+    2. Each job has at most ``max_trials`` trials, about ``weight_budget`` weights and, with
+       ``memory_budget_mb`` (FITSCOPE_MAX_TRIAL_MEMORY_MB), an estimated peak memory within it (the
+       data once, every trial's weights and activations: services/admission.py): a group too big for
+       one job is split into jobs of near-equal size (70 trials, max 64: two jobs of 35).
     3. While there are fewer jobs than ``slots`` (the training processes that will take them), the
        largest job (the earliest in grid order among equals) is split into two halves, the first
        one trial larger when odd, as long as each half keeps at least ``min_trials`` trials: fusing
@@ -86,7 +89,8 @@ def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget:
             jobs.append([index])
     for members in groups.values():
         per_trial = max(1, approximate_weights(configs[members[0]]))
-        largest = max(1, min(max_trials, weight_budget // per_trial))
+        largest = max(1, min(max_trials, weight_budget // per_trial,
+                             _trials_within(configs[members[0]], memory_budget_mb)))
         jobs += _near_equal(members, -(-len(members) // largest))  # ceil
     jobs.sort(key=lambda job: job[0])
     while len(jobs) < slots:
@@ -97,6 +101,17 @@ def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget:
         jobs[at:at + 1] = _near_equal(largest, 2)
         jobs.sort(key=lambda job: job[0])
     return jobs
+
+
+def _trials_within(config: TrialConfig, memory_budget_mb: int | None) -> int:
+    """How many trials like ``config`` one job may stack within ``memory_budget_mb`` (no limit: None)."""
+    from services.admission import estimate_trial
+
+    if memory_budget_mb is None:
+        return 2**31
+    estimate = estimate_trial(config)
+    shared, own = estimate.data + estimate.polynomial, max(1, estimate.weights + estimate.activations)
+    return max(1, (memory_budget_mb * 2**20 - shared) // own)
 
 
 def _near_equal(members: list[int], count: int) -> list[list[int]]:

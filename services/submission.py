@@ -166,6 +166,9 @@ def _plan_per_queue(session: Session, configs: list[TrialConfig], queues: list[s
     with as many slots as the online workers of that queue have training processes, less the
     ``busy`` ones other jobs of this plan will take; at least 1, which plans as if only one process
     were free (no worker online yet: it plans as before). Jobs in grid order of their first trial."""
+    from services.config import get_settings
+
+    memory_budget_mb = get_settings().max_trial_memory_mb
     members: dict[str, list[int]] = {}
     for index, queue in enumerate(queues):
         members.setdefault(queue, []).append(index)
@@ -174,6 +177,6 @@ def _plan_per_queue(session: Session, configs: list[TrialConfig], queues: list[s
     for queue, indices in members.items():
         slots = training_processes(session, queue, lost_after_s=lost_after_s) - taken[queue]
         planned = plan_jobs([configs[i] for i in indices], max_trials=max_trials, slots=max(1, slots),
-                            min_trials=min_trials)
+                            min_trials=min_trials, memory_budget_mb=memory_budget_mb)
         jobs += [[indices[i] for i in job] for job in planned]
     return sorted(jobs, key=lambda job: job[0])

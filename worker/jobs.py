@@ -155,14 +155,21 @@ class JobRun:
     def _admitted(self, configs: list) -> list:
         """The configs this worker can hold; a trial it cannot (services/admission.py) fails alone, before
         anything is allocated, and leaves the stack."""
-        from services.admission import claim_problem
+        from services.admission import claim_problem, csv_shape, job_problem
 
-        refused = {self.stack[i]: problem for i, config in enumerate(configs) if (problem := claim_problem(config))}
+        # A CSV data set's size, as submit measured it (a fused job's trials share their data).
+        shape = write_with_retry(self.engine, lambda session: csv_shape(session, configs[0]), settings=self.settings)
+        refused = {self.stack[i]: problem for i, config in enumerate(configs)
+                   if (problem := claim_problem(config, csv_shape=shape))}
         for trial_id, problem in refused.items():
             self._fail(problem, trials={trial_id})
         kept = [i for i, trial_id in enumerate(self.stack) if trial_id not in refused]
         self.stack = [self.stack[i] for i in kept]
-        return [configs[i] for i in kept]
+        configs = [configs[i] for i in kept]
+        if problem := job_problem(configs, csv_shape=shape):
+            self._fail(problem)
+            return []
+        return configs
 
     def _train(self, configs: list, *, resume: bytes | None) -> None:
         """THE call into the engine, for every job: a job of one trial is a stack of one."""

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from services.checkpoints import checkpoint_store
 from services.config import get_settings
 from services.db import make_engine
-from services.queue import MAX_JOB_TRIALS, RUN_JOB_TASK
+from services.queue import RUN_JOB_TASK
 from worker.jobs import DatabaseDown, execute_job
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,7 @@ def register(app: Celery) -> None:
 def run_job(task: Task, trial_ids: list[int], takeover: bool = False) -> dict[str, str]:
     """Train a job (one trial or many, as one stack); returns {trial id: final status}: "skipped"
     for trials with nothing to do, "superseded" for those another attempt took over meanwhile."""
-    if len(trial_ids) > MAX_JOB_TRIALS:  # never sent by fitscope (jobs are capped at submit): say so
-        log.error("a job message carried %d trial ids; training the first %d, the rest (%s...) stay queued: "
-                  "`fitscope requeue EXPERIMENT --status queued` sends them again", len(trial_ids),
-                  MAX_JOB_TRIALS, trial_ids[MAX_JOB_TRIALS:MAX_JOB_TRIALS + 5])
-    trial_ids = [int(trial_id) for trial_id in trial_ids[:MAX_JOB_TRIALS]]
+    # worker/messages.py has checked the message: 1 to MAX_JOB_TRIALS whole trial ids.
     worker = f"{task.request.hostname or socket.gethostname()}/{os.getpid()}"[:200]
     redelivered = takeover or bool((task.request.delivery_info or {}).get("redelivered"))
     try:

@@ -94,7 +94,8 @@ def test_binding_beyond_loopback_names_the_risk(tmp_path):
     assert exposure_warning(Settings(home=tmp_path, bind_host="localhost")) is None
     warning = exposure_warning(Settings(home=tmp_path, bind_host="0.0.0.0"))
     assert warning.startswith("warning: FITSCOPE_BIND_HOST=0.0.0.0 opens the dashboard on port 8501")
-    assert "no sign-in" in warning and "embedded broker on port 6479" in warning
+    assert "plain HTTP" in warning and "embedded broker on port 6479" in warning
+    assert exposure_warning(Settings(home=tmp_path, bind_host="[::1]")) is None
 
 
 @pytest.fixture

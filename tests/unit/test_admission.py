@@ -90,3 +90,32 @@ def test_a_worker_refuses_a_trial_over_the_cap_or_over_what_the_machine_has(monk
     problem = claim_problem(big, cap_mb=1_000_000)
     assert problem.startswith("this worker refuses the trial: it needs about ")
     assert problem.endswith("MB and this machine has 50 MB available; run it on a larger worker or make it smaller")
+
+
+def test_a_job_counts_its_data_once_and_every_trial_s_weights_and_activations(monkeypatch):
+    import services.admission as admission
+
+    configs = [TrialConfig(dataset="moons", n_train=20000, batch_size="full", width=256, depth=4, seed=seed)
+               for seed in range(4)]
+    one = estimate_trial(configs[0])
+    assert admission.job_estimate(configs) == one.data + one.polynomial + 4 * (one.weights + one.activations)
+    monkeypatch.setattr(admission, "_available_bytes", lambda: int(2.5 * one.total))
+    assert all(claim_problem(config, cap_mb=4096) is None for config in configs)  # each fits alone
+    assert admission.job_problem(configs[:2]) is None
+    problem = admission.job_problem(configs)  # four of them together do not
+    assert problem.startswith("this worker refuses the job: its 4 trials together need about ")
+    assert admission.job_problem(configs[:1]) is None  # a job of one is claim_problem's to judge
+
+
+def test_the_planner_keeps_each_job_within_the_memory_cap():
+    from services.planner import plan_jobs
+
+    configs = [TrialConfig(dataset="moons", n_train=20000, batch_size="full", width=256, depth=4, seed=seed)
+               for seed in range(22)]
+    one = estimate_trial(configs[0])
+    assert [len(job) for job in plan_jobs(configs, max_trials=64)] == [22]
+    cap_mb = (one.data + 5 * (one.weights + one.activations)) // 2**20 + 1  # room for five
+    jobs = plan_jobs(configs, max_trials=64, memory_budget_mb=cap_mb)
+    assert [len(job) for job in jobs] == [5, 5, 4, 4, 4]
+    assert all(estimate_trial(configs[0]).data + len(job) * (one.weights + one.activations) <= cap_mb * 2**20
+               for job in jobs)

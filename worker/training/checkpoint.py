@@ -108,9 +108,6 @@ def _load(data: bytes, expected: str) -> dict:
     return payload
 
 
-# The names worker/tasks.py's one-trial task still uses: a lone trial's state is a job's of one.
-state_to_bytes, state_from_bytes = job_state_to_bytes, job_state_from_bytes
-
 
 def _byte_tensor(value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
