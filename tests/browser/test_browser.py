@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,20 +91,27 @@ def _wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: f
     raise TimeoutError(f"the dashboard did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def page(stack: str):
+@contextmanager
+def browser_page(*, height: int) -> Iterator:
+    """A page in Debian's headless chromium, 1400 px wide and ``height`` tall (Streamlit scrolls inside
+    its own container, so a screenshot shows only the viewport), patient with a loaded machine."""
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM),
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-dev-shm-usage"])
         try:
-            # Tall: Streamlit scrolls inside its own container, so a screenshot shows only the viewport.
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page = browser.new_page(viewport={"width": 1400, "height": height})
             page.set_default_timeout(60_000)
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(stack: str):
+    with browser_page(height=2200) as page:
+        yield page
 
 
 def screenshot(page, name: str) -> None:

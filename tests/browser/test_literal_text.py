@@ -20,7 +20,7 @@ from services.db import make_engine, session_scope
 from services.migrate import upgrade
 from services.spec import parse_spec
 from services.submission import submit
-from tests.browser.test_browser import CHROMIUM, SCREENSHOTS, _wait_for_health, sync_api
+from tests.browser.test_browser import SCREENSHOTS, _wait_for_health, browser_page, sync_api
 from tests.servers import REPO, fitscope_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
@@ -65,40 +65,31 @@ def test_markdown_looking_user_text_renders_as_plain_text(dashboard: str):
     expect = sync_api.expect
     expect.set_options(timeout=60_000)  # a loaded machine renders slowly
     requested: list[str] = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-dev-shm-usage"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1200})
-            page.set_default_timeout(60_000)
-            page.on("request", lambda request: requested.append(request.url))
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with browser_page(height=1200) as page:
+        page.on("request", lambda request: requested.append(request.url))
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
-            page.goto(dashboard)
-            card = page.locator(".st-key-experiments_card_1")
-            expect(card).to_contain_text("1 queued")
-            shown = _as_read(card.inner_text())
-            for text in (f"#1 {NAME}", NOTE, TAG, f"by {SUBMITTER}"):
-                assert text in shown, (text, shown)  # brackets, stars and tags exactly as typed
-            page.screenshot(path=str(SCREENSHOTS / "literal-experiments.png"), full_page=True)
-            _assert_nothing_from_evil(page)
+        page.goto(dashboard)
+        card = page.locator(".st-key-experiments_card_1")
+        expect(card).to_contain_text("1 queued")
+        shown = _as_read(card.inner_text())
+        for text in (f"#1 {NAME}", NOTE, TAG, f"by {SUBMITTER}"):
+            assert text in shown, (text, shown)  # brackets, stars and tags exactly as typed
+        page.screenshot(path=str(SCREENSHOTS / "literal-experiments.png"), full_page=True)
+        _assert_nothing_from_evil(page)
 
-            page.goto(f"{dashboard}/experiment?experiment=1")
-            expect(page.get_by_role("heading", name="Trials")).to_be_visible()
-            assert f"#1 {NAME}" in [_as_read(h) for h in page.get_by_role("heading", level=3).all_inner_texts()]
-            page.screenshot(path=str(SCREENSHOTS / "literal-experiment.png"), full_page=True)
-            _assert_nothing_from_evil(page)
+        page.goto(f"{dashboard}/experiment?experiment=1")
+        expect(page.get_by_role("heading", name="Trials")).to_be_visible()
+        assert f"#1 {NAME}" in [_as_read(h) for h in page.get_by_role("heading", level=3).all_inner_texts()]
+        page.screenshot(path=str(SCREENSHOTS / "literal-experiment.png"), full_page=True)
+        _assert_nothing_from_evil(page)
 
-            page.goto(f"{dashboard}/experiment?experiment={quote(QUERY)}")
-            warning = page.locator("[data-testid='stAlertContentWarning']")
-            expect(warning).to_be_visible()
-            assert _as_read(warning.inner_text()) == f"Experiment '{QUERY}' does not exist; choose one below."
-            page.screenshot(path=str(SCREENSHOTS / "literal-query.png"), full_page=True)
-            _assert_nothing_from_evil(page)
-        finally:
-            browser.close()
+        page.goto(f"{dashboard}/experiment?experiment={quote(QUERY)}")
+        warning = page.locator("[data-testid='stAlertContentWarning']")
+        expect(warning).to_be_visible()
+        assert _as_read(warning.inner_text()) == f"Experiment '{QUERY}' does not exist; choose one below."
+        page.screenshot(path=str(SCREENSHOTS / "literal-query.png"), full_page=True)
+        _assert_nothing_from_evil(page)
     assert not [url for url in requested if urlsplit(url).hostname == "evil.example"], requested
 
 

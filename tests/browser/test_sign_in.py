@@ -28,7 +28,7 @@ from services.broker import free_port, start_embedded_broker
 from services.db import make_engine, session_scope
 from services.migrate import upgrade
 from services.models import Experiment
-from tests.browser.test_browser import CHROMIUM, EXAMPLE, TRIALS, _wait_for_health, screenshot, sync_api
+from tests.browser.test_browser import EXAMPLE, TRIALS, _wait_for_health, browser_page, screenshot, sync_api
 from tests.servers import REPO, fitscope_env
 
 oidc_provider_mock = pytest.importorskip("oidc_provider_mock", reason="the oidc-provider-mock package is missing; "
@@ -106,17 +106,8 @@ def stack(tmp_path: Path, provider: str) -> Iterator[SignedInStack]:
 
 @pytest.fixture
 def page(stack: SignedInStack):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-dev-shm-usage"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            page.set_default_timeout(60_000)
-            yield page
-        finally:
-            browser.close()
+    with browser_page(height=1400) as page:
+        yield page
 
 
 def _experiment(database_url: str, experiment_id: int) -> Experiment:
