@@ -24,7 +24,6 @@ from services.analysis import (
     SEED_PARAMETERS,
     bands_from_moments,
     configuration_parameters,
-    rejudge_among_siblings,
     unstable,
 )
 from services.config import ConfigError, Settings, get_settings, redact_url
@@ -42,12 +41,12 @@ from services.queries import (
     last_epoch_values,
     list_experiments,
     loss_maxima,
-    stored_diagnoses,
     trial_artifacts_of,
     trial_detail,
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
+from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS
 from services.workers import list_workers
@@ -136,7 +135,7 @@ def trials(experiment_id: int) -> pd.DataFrame:
     """One row per trial: TRIAL_FIELDS, every parameter of its config, and its final metrics."""
     url = _ready_url()
     with _reading(url):
-        return _trials(url, experiment_id)
+        return _trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")
 
 
 def epochs(experiment_id: int) -> pd.DataFrame:
@@ -187,8 +186,10 @@ def _experiment(url: str, experiment_id: int) -> pd.DataFrame:
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _trials(url: str, experiment_id: int) -> pd.DataFrame:
+    # One read of the trials table per experiment serves trials() and sibling_diagnoses() (the stored
+    # reasons ride along as diag_reasons, which trials() leaves out).
     with session_scope(_engine(url)) as session:
-        rows = trial_rows(session, experiment_id)
+        rows = trial_rows(session, experiment_id, reasons=True)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
 
 
@@ -312,11 +313,12 @@ def final_norms(experiment_id: int) -> pd.DataFrame:
 
 
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
-    """The fit verdict of every ended trial judged among its siblings (services.analysis.rejudge_among_siblings,
-    the rule of diagnose_experiment applied to the stored diagnoses): DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
+    """The fit verdict of every ended trial judged among its siblings (services.siblings.rejudge_table,
+    the rule of diagnose_experiment applied to the stored diagnoses), from the same read of the trials
+    table as :func:`trials`: DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
     url = _ready_url()
     with _reading(url):
-        return _sibling_diagnoses(url, experiment_id)
+        return rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)]
 
 
 def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
@@ -384,16 +386,6 @@ def _epochs_to_reach(url: str, experiment_id: int, field: str, target: float,
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _sibling_diagnoses(url: str, experiment_id: int) -> pd.DataFrame:
-    with session_scope(_engine(url)) as session:
-        stored = stored_diagnoses(session, experiment_id)
-    rows = [{"trial_id": trial_id, "sibling_verdict": found.verdict, "reasons": "; ".join(found.reasons),
-             **{name: found.numbers.get(name) for name in DIAGNOSIS_COLUMNS[3:]}}
-            for trial_id, found in rejudge_among_siblings(stored).items()]
-    return pd.DataFrame(rows, columns=list(DIAGNOSIS_COLUMNS))
-
-
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
     with session_scope(_engine(url)) as session:
         return trial_artifacts_of(session, list(trial_ids))
@@ -413,7 +405,7 @@ def _as_text(value: Any) -> Any:
 
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
-    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach, _sibling_diagnoses,
+    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach,
                    _artifacts, _trial, _final_norms):
         cached.clear()
 

@@ -340,6 +340,22 @@ def test_rejudging_stored_diagnoses_agrees_with_diagnosing_the_curves() -> None:
             from_curves[trial_id].numbers["reference_excess"])
         assert from_stored[trial_id].reasons == from_curves[trial_id].reasons
 
+    # The dashboard's table form (services.siblings.rejudge_table, from trial_rows' columns) says the same.
+    import pandas as pd
+
+    from services.siblings import rejudge_table
+
+    table = pd.DataFrame([{"trial_id": item["trial_id"], "status": trial["status"], "verdict": item["verdict"],
+                           **item["config"], "diag_reasons": item["reasons"],
+                           **{f"diag_{name}": value for name, value in item["numbers"].items()}}
+                          for item, trial in zip(stored, trials, strict=True)])
+    judged = rejudge_table(table).set_index("trial_id")
+    for trial_id, found in from_stored.items():
+        assert judged.at[trial_id, "sibling_verdict"] == found.verdict
+        assert judged.at[trial_id, "reasons"] == "; ".join(found.reasons)
+        if "reference_excess" in found.numbers:
+            assert judged.at[trial_id, "reference_excess"] == pytest.approx(found.numbers["reference_excess"])
+
 
 # --- which configurations a comparison draws ----------------------------------------------------------
 
