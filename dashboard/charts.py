@@ -76,22 +76,29 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
     by_trial = trials.set_index("trial_id")
     colors = _color_map(by_trial[color_by].tolist() if color_by in by_trial else [])
     figure = go.Figure()
-    traces: list[go.Scatter] = []
-    in_legend: set[str] = set()
+    # One trace per colour and split, the trials' lines in it separated by gaps (None): the same
+    # picture as one trace per trial, with a hundred times fewer traces for plotly to validate and
+    # the browser to lay out. Each point's text names its trial for the hover. Arrays, not lists:
+    # plotly validates a list one value at a time.
+    lines: dict[str, dict[str, list]] = {}
     for trial_id, rows in epochs.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=True):
         value = by_trial.at[trial_id, color_by] if trial_id in by_trial.index and color_by in by_trial else None
         label = _format_value(value)
         ordinal = by_trial.at[trial_id, "ordinal"] if "ordinal" in by_trial and trial_id in by_trial.index else "?"
-        for split, dash in (("train", "solid"), ("val", "dash")):
-            traces.append(go.Scatter(
-                x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
-                line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                name=f"{color_by}={label}", legendgroup=label,
-                showlegend=split == "train" and label not in in_legend,
-                hovertemplate=(f"trial {ordinal} ({color_by}={label})<br>epoch %{{x}}<br>"
-                               f"{split} {metric} %{{y:.4g}}<extra></extra>"),
-            ))
-        in_legend.add(label)
+        line = lines.setdefault(label, {"x": [], "train": [], "val": [], "text": []})
+        line["x"] += [*rows["epoch"].tolist(), None]
+        for split in ("train", "val"):
+            line[split] += [*rows[f"{split}_{metric}"].tolist(), None]
+        line["text"] += [f"trial {ordinal}"] * len(rows) + [None]
+    traces = [
+        go.Scatter(x=np.array(line["x"], dtype=float), y=np.array(line[split], dtype=float),  # gaps: NaN
+                   text=np.array(line["text"], dtype=object), mode="lines", connectgaps=False,
+                   line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
+                   name=f"{color_by}={label}", legendgroup=label, showlegend=split == "train",
+                   hovertemplate=(f"%{{text}} ({color_by}={label})<br>epoch %{{x}}<br>"
+                                  f"{split} {metric} %{{y:.4g}}<extra></extra>"))
+        for label, line in lines.items() for split, dash in (("train", "solid"), ("val", "dash"))
+    ]
     figure.add_traces(traces)  # at once: one add_scatter per trace re-validates the figure each time
     columns = [f"{split}_{metric}" for split in ("train", "val") if f"{split}_{metric}" in epochs]
     y_type, y_range, note = axis_plan(epochs[columns].to_numpy() if columns else [], log=log_y)
@@ -620,7 +627,8 @@ def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
              for edge in (k / len(classes), (k + 1) / len(classes))]
     # Cell centres as stored: column j is x_low + j * step, row i likewise in y (artifacts.py's grid).
     xs, ys = np.linspace(x_low, x_high, n).round(3).tolist(), np.linspace(y_low, y_high, n).round(3).tolist()
-    figure.add_heatmap(x=xs, y=ys, z=boundary["predicted_class"], zmin=-0.5, zmax=len(classes) - 0.5, colorscale=scale,
+    # z as an array: plotly validates a nested list of 3,600 cells one value at a time.
+    figure.add_heatmap(x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5, zmax=len(classes) - 0.5, colorscale=scale,
                        opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
     figure.add_scatter(x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
                        marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],

@@ -180,7 +180,7 @@ def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> 
     st.subheader("What the models learned")
     # Seed 0 of each configuration is enough to pick from (a list of 10,000 trials is not).
     offered = trials[trials["seed"] == trials["seed"].min()] if "seed" in trials else trials
-    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in offered.iterrows()}
+    labels = widgets.trial_labels(offered, groups)
     chosen = widgets.keyed_multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
                                        default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
                                        key=f"fit_prediction_trials_{experiment_id}")

@@ -48,9 +48,18 @@ def test_progress_bar_chart_stacks_one_bar_per_status_in_fixed_colours():
 def test_learning_curves_draw_train_solid_and_validation_dashed_per_trial():
     figure = charts.learning_curves(epochs_of([10, 11, 12]), TRIALS, "width")
 
-    assert len(figure.data) == 3 * 2
-    assert [trace.line.dash for trace in figure.data] == ["solid", "dash"] * 3
-    assert list(figure.data[0].y) == [1.0, 0.5, 1.0 / 3] and list(figure.data[1].x) == [1, 2, 3]
+    # One trace per colour and split; the trials of a colour are lines separated by a gap (None).
+    assert [(trace.name, trace.line.dash) for trace in figure.data] == [
+        ("width=8", "solid"), ("width=8", "dash"), ("width=64", "solid"), ("width=64", "dash")]
+    width_8 = figure.data[0]
+    assert _gapped(width_8.y) == [1.0, 0.5, 1.0 / 3, None] * 2 and _gapped(width_8.x) == [1, 2, 3, None] * 2
+    assert list(width_8.text) == ["trial 0"] * 3 + [None] + ["trial 2"] * 3 + [None]
+    assert width_8.connectgaps is False and "%{text}" in width_8.hovertemplate
+    assert _gapped(figure.data[3].y) == [1.2, 0.6, 1.2 / 3, None]
+
+
+def _gapped(values) -> list:
+    return [None if math.isnan(value) else value for value in values]
 
 
 def test_learning_curves_give_one_colour_and_one_legend_entry_per_parameter_value():
@@ -69,7 +78,7 @@ def test_learning_curves_of_accuracy_and_of_mixed_value_types():
     figure = charts.learning_curves(epochs_of([10, 11]), TRIALS, "batch_size", metric="accuracy")
 
     assert [trace.name for trace in figure.data] == ["batch_size=32"] * 2 + ["batch_size=full"] * 2
-    assert list(figure.data[1].y) == list(epochs_of([10])["val_accuracy"])
+    assert _gapped(figure.data[1].y) == [*epochs_of([10])["val_accuracy"], None]
     assert figure.layout.yaxis.title.text == "accuracy"
 
 
