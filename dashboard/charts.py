@@ -527,15 +527,18 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
             label = _format_value(value)
             color = colors.get(label, _MISSING_COLOR)
             rows = rows.sort_values(x, key=lambda c: c.map(_sort_key)) if not numeric_x else rows.sort_values(x)
-            xs = rows[x].tolist() if numeric_x else [_format_value(v) for v in rows[x]]
+            # Arrays where they can be: plotly validates a list one value at a time.
+            xs = rows[x].to_numpy() if numeric_x else np.array([_format_value(v) for v in rows[x]], dtype=object)
             if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap would hide the rest
                 traces.append(go.Scatter(
-                    x=xs + xs[::-1], y=rows["upper"].tolist() + rows["lower"].tolist()[::-1], fill="toself",
+                    x=np.concatenate([xs, xs[::-1]]),
+                    y=np.concatenate([rows["upper"].to_numpy(dtype=float), rows["lower"].to_numpy(dtype=float)[::-1]]),
+                    fill="toself",
                     fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
                     legendgroup=label, mode="lines"))
                 places.append((row, col))
             traces.append(go.Scatter(
-                x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
+                x=xs, y=rows["mean"].to_numpy(dtype=float), customdata=rows["n"].to_numpy(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
                 line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
                 name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={label}"
@@ -628,8 +631,8 @@ def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
     # Cell centres as stored: column j is x_low + j * step, row i likewise in y (artifacts.py's grid).
     xs, ys = np.linspace(x_low, x_high, n).round(3).tolist(), np.linspace(y_low, y_high, n).round(3).tolist()
     # z as an array: plotly validates a nested list of 3,600 cells one value at a time.
-    figure.add_heatmap(x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5, zmax=len(classes) - 0.5, colorscale=scale,
-                       opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
+    figure.add_heatmap(x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5, zmax=len(classes) - 0.5,
+                       colorscale=scale, opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
     figure.add_scatter(x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
                        marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],
                                "line": {"width": 0.5, "color": "#ffffff"}},

@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.analysis import (
     SEED_PARAMETERS,
+    UNSTABLE_RATIO,
     bands_from_moments,
     configuration_parameters,
     unstable,
@@ -281,16 +282,23 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
 def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
     """``trials`` with a boolean ``unstable`` column: the run's loss once rose above
     services.analysis.UNSTABLE_RATIO x its baseline (even if it came back down)."""
+    baselines = {}
+    for split in ("train", "val"):
+        baseline = trials.get(f"baseline_{split}_loss", pd.Series(float("nan"), index=trials.index))
+        if f"diag_baseline_{split}_loss" in trials:
+            baseline = baseline.fillna(trials[f"diag_baseline_{split}_loss"])
+        baselines[split] = pd.to_numeric(baseline, errors="coerce")
+    # Only a loss above UNSTABLE_RATIO x the smallest baseline can flag any run: the database reads
+    # those rows' trials alone (the rest are stable whatever their maximum). A hair below, for rounding.
+    smallest = pd.concat(baselines.values()).where(lambda b: b > 0).min()
+    above = float(UNSTABLE_RATIO * smallest * (1 - 1e-9)) if pd.notna(smallest) else None
     url = _ready_url()
     with _reading(url):
-        maxima = _loss_maxima(url, experiment_id)
-    merged = trials.merge(maxima, on="trial_id", how="left")
-    flags = pd.Series(False, index=merged.index)
+        maxima = _loss_maxima(url, experiment_id, above)
+    merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
+    flags = pd.Series(False, index=trials.index)
     for split in ("train", "val"):
-        baseline = merged.get(f"baseline_{split}_loss", pd.Series(float("nan"), index=merged.index))
-        if f"diag_baseline_{split}_loss" in merged:
-            baseline = baseline.fillna(merged[f"diag_baseline_{split}_loss"])
-        flags |= unstable(merged[f"max_{split}_loss"], pd.to_numeric(baseline, errors="coerce"))
+        flags |= unstable(pd.Series(merged[f"max_{split}_loss"].to_numpy(), index=trials.index), baselines[split])
     return trials.assign(unstable=flags.to_numpy())
 
 
@@ -360,9 +368,9 @@ def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, .
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _loss_maxima(url: str, experiment_id: int) -> pd.DataFrame:
+def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        found = loss_maxima(session, experiment_id)
+        found = loss_maxima(session, experiment_id, above=above)
     return pd.DataFrame([(trial_id, train, val) for trial_id, (train, val) in found.items()],
                         columns=["trial_id", "max_train_loss", "max_val_loss"])
 
