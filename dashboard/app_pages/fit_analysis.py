@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import band_charts, charts, data, widgets
 from services import analysis
 
 NO_FACETS = "none"
@@ -51,7 +51,7 @@ def learning_curves(trials: pd.DataFrame, groups: list[str], band: str, others: 
     chosen = others.select(trials, shown=[color_by, facet])
     bands = data.curve_bands(chosen.trials, by=[name for name in (facet, color_by) if name], columns=columns,
                              band=band)
-    st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
+    st.plotly_chart(band_charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
                                                 band=band, log_y=log_y, subtitle=chosen.describe(),
                                                 line_notes=chosen.best_values(color_by)),
                     key="fit_curves_chart")
@@ -81,9 +81,9 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
     else:
         chosen = others.select(trials, shown=["parameter_count", *CAPACITY, color_by, facet])
         title = f"{chosen_value.capitalize()} {chosen_metric} against parameter count"
-        st.plotly_chart(charts.metric_against(chosen.trials, x="parameter_count", color_by=color_by, columns=columns,
-                                              band=band, y_title=chosen_metric, title=title, gap=show_gap,
-                                              facet=facet, subtitle=chosen.describe()),
+        st.plotly_chart(band_charts.metric_against(chosen.trials, x="parameter_count", color_by=color_by,
+                                                   columns=columns, band=band, y_title=chosen_metric, title=title,
+                                                   gap=show_gap, facet=facet, subtitle=chosen.describe()),
                         key="fit_capacity_chart")
         st.caption("Too small a model underfits (both curves high); too large a one overfits (validation rises "
                    "again while train keeps falling, and the dotted gap grows): the bottom of the dashed U is the "
@@ -101,7 +101,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_against_colour",
                                         preferred=(*CAPACITY, charts.ALL_TRIALS), avoid=x, container=colour_column)
     chosen = others.select(trials, shown=[x, color_by])
-    st.plotly_chart(charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
+    st.plotly_chart(band_charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
                                           y_title=chosen_metric, gap=show_gap, subtitle=chosen.describe()),
                     key="fit_against_chart")
     st.caption(chosen.describe())
