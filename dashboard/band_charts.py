@@ -12,21 +12,19 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dashboard.axes import _axis_range, _note, axis_plan
 from dashboard.charts import (
     _MISSING_COLOR,
     ALL_TRIALS,
     SPLIT_DASH,
     SPLIT_NAMES,
     _axis_labels,
-    _axis_range,
     _color_map,
     _format_value,
     _is_number,
-    _note,
     _sort_key,
     _unique,
     _unwrap,
-    axis_plan,
 )
 from services import analysis
 

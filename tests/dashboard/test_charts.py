@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from dashboard import band_charts, charts
+from dashboard import axes, band_charts, charts
 from services import analysis
 
 
@@ -173,9 +173,9 @@ def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note()
 
 
 def test_axis_plan_leaves_ordinary_values_alone():
-    assert charts.axis_plan([0.1, 0.5, 0.9]) == ("linear", None, "")
-    assert charts.axis_plan([0.001, 1.0]) == ("log", None, "log scale: the values span 3 decades")
-    kind, value_range, note = charts.axis_plan([-0.1, 0.0, 0.1, 0.05, -0.05, 0.02, 0.03, 0.01, 0.04, 5e6])
+    assert axes.axis_plan([0.1, 0.5, 0.9]) == ("linear", None, "")
+    assert axes.axis_plan([0.001, 1.0]) == ("log", None, "log scale: the values span 3 decades")
+    kind, value_range, note = axes.axis_plan([-0.1, 0.0, 0.1, 0.05, -0.05, 0.02, 0.03, 0.01, 0.04, 5e6])
     assert kind == "linear" and value_range[1] < 1 and note == "1 point above the range, max 5e+06"
 
 
