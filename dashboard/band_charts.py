@@ -42,7 +42,7 @@ def learning_curve_bands(bands: pd.DataFrame, *, color_by: str, facet: str | Non
     ``bands`` is what dashboard.data.curve_bands returns (exact database aggregates): the
     ``color_by`` (and ``facet``) columns, split, epoch, mean, lower, upper, n. ``log_y`` None
     chooses: a log axis when the values span more than two decades. ``subtitle`` says how the
-    parameters that are not drawn were handled (services.analysis.Selection.describe);
+    parameters that are not drawn were handled (services.selection.Selection.describe);
     ``line_notes`` adds to a line's legend entry, by its ``color_by`` value (e.g. its best rate).
     """
     bands = _one_group(bands, color_by)

@@ -204,7 +204,7 @@ ALL_TRIALS = "all trials"  # a color_by that draws every trial as one group
 
 def importance_bars(shares: pd.DataFrame, *, metric: str) -> go.Figure:
     """One horizontal bar per varying parameter: the share of the spread of ``metric`` over the runs it
-    explains (services.analysis.parameter_importance), then the interactions and the seed noise in grey."""
+    explains (services.selection.parameter_importance), then the interactions and the seed noise in grey."""
     rows = shares.iloc[::-1]
     colors = ["#9e9e9e" if name in ("interactions", "seed noise") else "#4c78a8" for name in rows["parameter"]]
     figure = go.Figure(go.Bar(x=rows["share"].tolist(), y=rows["parameter"].tolist(), orientation="h",

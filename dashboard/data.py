@@ -21,10 +21,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from services.analysis import (
-    SEED_PARAMETERS,
     UNSTABLE_RATIO,
     bands_from_moments,
-    configuration_parameters,
     unstable,
 )
 from services.config import ConfigError, Settings, get_settings, redact_url
@@ -47,6 +45,7 @@ from services.queries import (
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
+from services.selection import SEED_PARAMETERS, configuration_parameters
 from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS

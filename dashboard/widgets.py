@@ -13,7 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
-from services.analysis import BANDS, HANDLINGS, Selection, configuration_parameters, select_configurations
+from services.analysis import BANDS
+from services.selection import HANDLINGS, Selection, configuration_parameters, select_configurations
 
 NO_EXPERIMENTS = "No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml`."
 LAST_EXPERIMENT = "widgets_last_experiment"  # the experiment chosen last on any page, the next page's default
@@ -166,7 +167,7 @@ class Handling:
     goal: str
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
-        """The trials a chart that draws the ``shown`` columns uses (services.analysis.select_configurations)."""
+        """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
         return select_configurations(trials, shown=[name for name in shown if name], metric=self.metric,
                                      goal=self.goal, parameters=data.parameter_columns(trials),
                                      handling=self.handling, held=self.held)

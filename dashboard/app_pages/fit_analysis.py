@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import band_charts, charts, data, widgets
-from services import analysis
+from services import selection
 
 NO_FACETS = "none"
 
@@ -132,13 +132,13 @@ def importance(trials: pd.DataFrame) -> None:
     metrics = [name for name in ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy",
                                  "test_accuracy", "final_train_loss", "diag_gap_ratio", "final_val_rmse")
                if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
-    parameters = analysis.configuration_parameters(trials, data.parameter_columns(trials))
+    parameters = selection.configuration_parameters(trials, data.parameter_columns(trials))
     if not metrics or not parameters:
         st.info("Only one configuration is left (nothing but the seed varies): vary a parameter in the grid to "
                 "see how much of the spread it explains.")
         return
     metric = widgets.parameter_picker("Metric", metrics, key="fit_importance_metric", preferred=("final_val_loss",))
-    shares = analysis.parameter_importance(trials, parameters=parameters, metric=metric)
+    shares = selection.parameter_importance(trials, parameters=parameters, metric=metric)
     if shares.empty:
         st.info(f"Every run has the same {metric}: there is no spread to explain.")
         return
