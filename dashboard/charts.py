@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from dashboard.axes import _axis_range, _note, axis_plan
 from services import analysis
 from services.safe_text import plotly_text
 
@@ -77,22 +78,29 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
     by_trial = trials.set_index("trial_id")
     colors = _color_map(by_trial[color_by].tolist() if color_by in by_trial else [])
     figure = go.Figure()
-    traces: list[go.Scatter] = []
-    in_legend: set[str] = set()
+    # One trace per colour and split, the trials' lines in it separated by gaps (None): the same
+    # picture as one trace per trial, with a hundred times fewer traces for plotly to validate and
+    # the browser to lay out. Each point's text names its trial for the hover. Arrays, not lists:
+    # plotly validates a list one value at a time.
+    lines: dict[str, dict[str, list]] = {}
     for trial_id, rows in epochs.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=True):
         value = by_trial.at[trial_id, color_by] if trial_id in by_trial.index and color_by in by_trial else None
         label = _format_value(value)
         ordinal = by_trial.at[trial_id, "ordinal"] if "ordinal" in by_trial and trial_id in by_trial.index else "?"
-        for split, dash in (("train", "solid"), ("val", "dash")):
-            traces.append(go.Scatter(
-                x=rows["epoch"].tolist(), y=rows[f"{split}_{metric}"].tolist(), mode="lines",
-                line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                name=f"{color_by}={plotly_text(label)}", legendgroup=label,
-                showlegend=split == "train" and label not in in_legend,
-                hovertemplate=(f"trial {ordinal} ({color_by}={plotly_text(label)})<br>epoch %{{x}}<br>"
-                               f"{split} {metric} %{{y:.4g}}<extra></extra>"),
-            ))
-        in_legend.add(label)
+        line = lines.setdefault(label, {"x": [], "train": [], "val": [], "text": []})
+        line["x"] += [*rows["epoch"].tolist(), None]
+        for split in ("train", "val"):
+            line[split] += [*rows[f"{split}_{metric}"].tolist(), None]
+        line["text"] += [f"trial {ordinal}"] * len(rows) + [None]
+    traces = [
+        go.Scatter(x=np.array(line["x"], dtype=float), y=np.array(line[split], dtype=float),  # gaps: NaN
+                   text=np.array(line["text"], dtype=object), mode="lines", connectgaps=False,
+                   line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
+                   name=f"{color_by}={plotly_text(label)}", legendgroup=label, showlegend=split == "train",
+                   hovertemplate=(f"%{{text}} ({color_by}={plotly_text(label)})<br>epoch %{{x}}<br>"
+                                  f"{split} {metric} %{{y:.4g}}<extra></extra>"))
+        for label, line in lines.items() for split, dash in (("train", "solid"), ("val", "dash"))
+    ]
     figure.add_traces(traces)  # at once: one add_scatter per trace re-validates the figure each time
     columns = [f"{split}_{metric}" for split in ("train", "val") if f"{split}_{metric}" in epochs]
     y_type, y_range, note = axis_plan(epochs[columns].to_numpy() if columns else [], log=log_y)
@@ -180,7 +188,8 @@ def status_badges(counts: dict[str, int] | pd.Series) -> str:
 # --- the analysis pages: seed bands, capacity, heatmaps, verdicts, predictions ---------------------
 # Builders below take the raw trial table or epoch rows, aggregate through services.analysis (so the
 # numbers are the ones the unit tests check) and ship one line and one band per group, never one
-# line per trial: a page over 1,000 trials draws a few hundred points.
+# line per trial: a page over 1,000 trials draws a few hundred points. The band charts (learning
+# curves, metric against a parameter, the schedule) are in dashboard/band_charts.py.
 
 VERDICT_ORDER = ("underfit", "not_converged", "good_fit", "overfit", "diverged")
 VERDICT_COLORS = {
@@ -194,56 +203,9 @@ SPLIT_NAMES = {"train": "train", "val": "validation", "gap": "generalization gap
 ALL_TRIALS = "all trials"  # a color_by that draws every trial as one group
 
 
-def _one_group(frame: pd.DataFrame, color_by: str) -> pd.DataFrame:
-    return frame.assign(**{ALL_TRIALS: "all"}) if color_by == ALL_TRIALS else frame
-
-
-def learning_curve_bands(bands: pd.DataFrame, *, color_by: str, facet: str | None = None, metric: str = "loss",
-                         band: str = "std", log_y: bool | None = None, subtitle: str = "",
-                         line_notes: dict[Any, str] | None = None) -> go.Figure:
-    """Train (solid) and validation (dashed) ``metric`` per epoch: one mean line per value of
-    ``color_by`` (one panel per value of ``facet``), with its band.
-
-    ``bands`` is what dashboard.data.curve_bands returns (exact database aggregates): the
-    ``color_by`` (and ``facet``) columns, split, epoch, mean, lower, upper, n. ``log_y`` None
-    chooses: a log axis when the values span more than two decades. ``subtitle`` says how the
-    parameters that are not drawn were handled (services.analysis.Selection.describe);
-    ``line_notes`` adds to a line's legend entry, by its ``color_by`` value (e.g. its best rate).
-    """
-    bands = _one_group(bands, color_by)
-    return _band_figure(bands, x="epoch", color_by=color_by, facet=facet, band=band, x_title="epoch",
-                        y_title=metric, title=f"{metric.replace('_', ' ').capitalize()} per epoch", log_y=log_y,
-                        note=subtitle, line_notes=line_notes)
-
-
-def metric_against(trials: pd.DataFrame, *, x: str, color_by: str, columns: dict[str, str], band: str = "std",
-                   title: str | None = None, y_title: str = "loss", gap: bool = False, facet: str | None = None,
-                   log_y: bool | None = None, subtitle: str = "") -> go.Figure:
-    """A final metric against the parameter ``x`` (e.g. parameter_count for capacity, n_train, weight_decay,
-    lr), one line per value of ``color_by`` (one panel per value of ``facet``) with a band over the runs
-    that share them. ``columns`` maps a split (train, val) to the trial-table column drawn for it, e.g.
-    {"train": "final_train_loss", "val": "final_val_loss"}; train is solid, validation dashed. ``gap``
-    adds the generalization gap (validation minus train, per run, then averaged) dotted. Numeric x
-    spanning more than a factor of 20 gets a log axis; y as in :func:`learning_curve_bands`."""
-    rows = _one_group(trials[trials[x].notna()] if x in trials else trials.iloc[:0], color_by)
-    if gap and {"train", "val"} <= set(columns) and {columns["train"], columns["val"]} <= set(rows.columns):
-        val = pd.to_numeric(rows[columns["val"]], errors="coerce")
-        rows = rows.assign(_gap=val - pd.to_numeric(rows[columns["train"]], errors="coerce"))
-        columns = {**columns, "gap": "_gap"}
-    long = _by_split(rows, columns)
-    long = long[np.isfinite(pd.to_numeric(long["value"], errors="coerce").astype(float))] if len(long) else long
-    bands = analysis.seed_bands(long, by=_unique([*([facet] if facet else []), color_by, "split", x]), value="value",
-                                band=band)
-    values = bands[x].tolist()
-    log_x = (len(values) > 0 and all(_is_number(v) and v > 0 for v in values)
-             and max(values) / min(values) > 20)
-    return _band_figure(bands, x=x, color_by=color_by, facet=facet, band=band, x_title=x, y_title=y_title,
-                        title=title or f"{y_title} against {x}", log_x=log_x, log_y=log_y, note=subtitle)
-
-
 def importance_bars(shares: pd.DataFrame, *, metric: str) -> go.Figure:
     """One horizontal bar per varying parameter: the share of the spread of ``metric`` over the runs it
-    explains (services.analysis.parameter_importance), then the interactions and the seed noise in grey."""
+    explains (services.selection.parameter_importance), then the interactions and the seed noise in grey."""
     rows = shares.iloc[::-1]
     colors = ["#9e9e9e" if name in ("interactions", "seed noise") else "#4c78a8" for name in rows["parameter"]]
     figure = go.Figure(go.Bar(x=rows["share"].tolist(), y=rows["parameter"].tolist(), orientation="h",
@@ -257,52 +219,6 @@ def importance_bars(shares: pd.DataFrame, *, metric: str) -> go.Figure:
                          yaxis={"type": "category"}, height=140 + 34 * len(rows),
                          margin={"l": 10, "r": 10, "t": 70, "b": 40})
     return figure
-
-
-LOG_DECADES = 2.0  # values spanning more than this many decades get a log axis
-OUTLIER_IQRS = 50.0  # a linear axis leaves out values this many interquartile ranges beyond the quartiles
-
-
-def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tuple[str, list[float] | None, str]:
-    """How a value axis survives blow-ups: (axis type, range or None, a note for the chart or "").
-
-    ``log`` None chooses a log axis for positive values spanning more than LOG_DECADES decades. A
-    linear axis whose values include a few far above (or below) the bulk gets a robust range, and
-    the note says how many of the ``points`` (default: the values; e.g. the mean lines, when the
-    values also hold band edges) lie outside it and how far ("3 points above the range, max 1.2e+10")."""
-    finite = _finite(values)
-    if finite.size == 0:
-        return ("log" if log else "linear"), None, ""
-    positive = bool((finite > 0).all())
-    decades = float(np.log10(finite.max() / finite.min())) if positive else 0.0
-    if log is None and positive and decades > LOG_DECADES:
-        return "log", None, f"log scale: the values span {decades:.0f} decades"
-    if log:
-        return "log", None, ""
-    # Far outside means 50 interquartile ranges beyond the quartiles: a blow-up, never the first epochs
-    # of an ordinary loss curve (1/epoch over 100 epochs stays inside).
-    low, high = np.quantile(finite, [0.25, 0.75])
-    spread = (high - low) or abs(float(np.median(finite))) or 1e-12
-    top, bottom = high + OUTLIER_IQRS * spread, low - OUTLIER_IQRS * spread
-    if not ((finite > top) | (finite < bottom)).any():
-        return "linear", None, ""
-    shown = finite if points is None else _finite(points)
-    above, below = shown[shown > top], shown[shown < bottom]
-    notes = ([f"{_points(len(above))} above the range, max {above.max():.3g}"] if len(above) else []) + \
-            ([f"{_points(len(below))} below it, min {below.min():.3g}"] if len(below) else [])
-    inside = finite[(finite >= bottom) & (finite <= top)]
-    lowest, highest = inside.min(), inside.max()
-    margin = 0.05 * ((highest - lowest) or spread)
-    return "linear", [float(lowest - margin), float(highest + margin)], "; ".join(notes) or "bands cut at the range"
-
-
-def _points(count: int) -> str:
-    return f"{count} point" + ("" if count == 1 else "s")
-
-
-def _finite(values: Any) -> np.ndarray:
-    flat = np.ravel(np.asarray(values, dtype=float)) if values is not None else np.asarray([])
-    return flat[np.isfinite(flat)]
 
 
 def metric_heatmap(trials: pd.DataFrame, *, x: str, y: str, metric: str) -> go.Figure:
@@ -372,42 +288,6 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
         elif "boundary_2d" in kinds:
             _add_boundary_2d(figure, kinds["boundary_2d"], column=column)
     figure.update_layout(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30}, showlegend=False)
-    return figure
-
-
-def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val_loss",
-                       subtitle: str = "") -> go.Figure:
-    """The learning rate (dotted, right axis) drawn over the mean ``metric`` curve (solid, left axis),
-    one colour per value of ``color_by``, so the loss's steps line up with the schedule's. ``bands``
-    is dashboard.data.curve_bands with the splits ``loss`` and ``lr`` (the epoch's rate)."""
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
-    colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
-    groups = bands.groupby(color_by, sort=False, dropna=False) if len(bands) else []
-    for value, rows in sorted(groups, key=lambda item: _sort_key(_unwrap(item[0]))):
-        label = _format_value(_unwrap(value))
-        color = colors.get(label, _MISSING_COLOR)
-        loss, rate = (rows[rows["split"] == split].sort_values("epoch") for split in ("loss", "lr"))
-        shown = plotly_text(label)
-        figure.add_scatter(x=loss["epoch"].tolist(), y=loss["mean"].tolist(), mode="lines", name=f"{color_by}={shown}",
-                           customdata=loss["n"].tolist(), line={"color": color}, legendgroup=label, secondary_y=False,
-                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
-                                         "(%{customdata} runs)<extra></extra>")
-        figure.add_scatter(x=rate["epoch"].tolist(), y=rate["mean"].tolist(), mode="lines", name=f"lr ({shown})",
-                           customdata=rate["n"].tolist(), line={"color": color, "dash": "dot"}, legendgroup=label,
-                           showlegend=False, secondary_y=True,
-                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
-                                         "<extra></extra>")
-    loss_type, loss_range, note = axis_plan(bands.loc[bands["split"] == "loss", "mean"] if len(bands) else [])
-    rate_type = axis_plan(bands.loc[bands["split"] == "lr", "mean"] if len(bands) else [])[0]
-    figure.update_layout(title={"text": "Learning-rate schedule over the loss",
-                                "subtitle": {"text": f"solid: mean {metric} (left), dotted: learning rate (right). "
-                                                     + subtitle}},
-                         margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}})
-    figure.update_xaxes(title_text="epoch")
-    figure.update_yaxes(title_text=metric, type=loss_type, range=_axis_range(loss_type, loss_range),
-                        secondary_y=False)
-    figure.update_yaxes(title_text="learning rate", type=rate_type, secondary_y=True)
-    _note(figure, note)
     return figure
 
 
@@ -486,108 +366,6 @@ def points_shipped(figure: go.Figure) -> int:
     return total
 
 
-def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,
-                 facet: str | None = None, log_x: bool = False, log_y: bool | None = None, note: str = "",
-                 line_notes: dict[Any, str] | None = None) -> go.Figure:
-    """One translucent band and one mean line per (group, split); train solid, validation dashed; one
-    panel per value of ``facet``. The y axis follows :func:`axis_plan`."""
-    panels = _axis_labels(bands, facet) if facet and facet in bands else [None]
-    columns = min(len(panels), 4)
-    grid_rows = -(-len(panels) // columns)
-    figure = go.Figure() if len(panels) == 1 else make_subplots(
-        rows=grid_rows, cols=columns, shared_yaxes=True, shared_xaxes=True, horizontal_spacing=0.03,
-        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels])
-    colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
-    numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
-    # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
-    edges = bands["lower"].where((bands["lower"] > 0) | (bands["mean"] <= 0)) if len(bands) else []
-    y_type, y_range, y_note = axis_plan(pd.concat([bands["mean"], bands["upper"], edges]) if len(bands) else [],
-                                        log=log_y, points=bands["mean"] if len(bands) else None)
-    if y_type == "log" and len(bands):
-        # mean - std below 0 has no place on a log axis: the band then starts at the lowest run instead
-        # (when the bands carry it), not at an invented floor far below every run.
-        floor = float(bands.loc[bands["mean"] > 0, "mean"].min()) / 2 if (bands["mean"] > 0).any() else 1e-12
-        lowest = bands["low"].where(bands["low"] > 0, floor) if "low" in bands else floor
-        bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, lowest))
-    in_legend: set[str] = set()
-    notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
-    traces: list[go.Scatter] = []
-    places: list[tuple[int, int]] = []
-    for k, panel in enumerate(panels):
-        rows_of_panel = bands[bands[facet].map(_format_value) == panel] if facet else bands
-        row, col = k // columns + 1, k % columns + 1
-        groups = rows_of_panel.groupby(_unique([color_by, "split"]), sort=False, dropna=False) \
-            if len(rows_of_panel) else []
-        for (value, split), rows in sorted(groups, key=lambda item: (_sort_key(item[0][0]), item[0][1])):
-            label = _format_value(value)
-            color = colors.get(label, _MISSING_COLOR)
-            rows = rows.sort_values(x, key=lambda c: c.map(_sort_key)) if not numeric_x else rows.sort_values(x)
-            xs = rows[x].tolist() if numeric_x else [_format_value(v) for v in rows[x]]
-            if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap would hide the rest
-                traces.append(go.Scatter(
-                    x=xs + xs[::-1], y=rows["upper"].tolist() + rows["lower"].tolist()[::-1], fill="toself",
-                    fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
-                    legendgroup=label, mode="lines"))
-                places.append((row, col))
-            traces.append(go.Scatter(
-                x=xs, y=rows["mean"].tolist(), customdata=rows["n"].tolist(),
-                mode="lines+markers" if len(xs) < 30 else "lines",
-                line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
-                name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={plotly_text(label)}"
-                + (f" ({notes[label]})" if label in notes else ""), legendgroup=label,
-                showlegend=label not in in_legend,
-                hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x_title} %{{x}}<br>"
-                               f"{SPLIT_NAMES.get(split, split)} {y_title} %{{y:.4g}} "
-                               "(mean of %{customdata} runs)<extra></extra>")))
-            places.append((row, col))
-            in_legend.add(label)
-    if traces:  # at once: one add_scatter per trace re-validates the figure each time
-        if len(panels) == 1:
-            figure.add_traces(traces)
-        else:
-            figure.add_traces(traces, rows=[row for row, _ in places], cols=[col for _, col in places])
-    subtitle = f"{_line_styles(bands)}band: {analysis.BANDS[band]} over the runs of each line. {note}".strip()
-    figure.update_layout(
-        title={"text": title, "subtitle": {"text": subtitle}},
-        margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}}, hovermode="closest",
-        height=(450 if len(panels) <= 4 else 300 * (-(-len(panels) // columns)) + 100),
-    )
-    figure.update_xaxes(type="log" if log_x else ("linear" if numeric_x else "category"))
-    figure.update_yaxes(type=y_type, range=_axis_range(y_type, y_range))
-    if len(panels) == 1:
-        figure.update_xaxes(title_text=x_title)
-        figure.update_yaxes(title_text=y_title)
-    else:
-        figure.update_xaxes(title_text=x_title, row=grid_rows)
-        figure.update_yaxes(title_text=y_title, col=1)
-    _note(figure, y_note)
-    return figure
-
-
-def _axis_range(axis_type: str, value_range: list[float] | None) -> list[float] | None:
-    if value_range is None:
-        return None
-    return [float(np.log10(v)) for v in value_range] if axis_type == "log" else value_range
-
-
-def _note(figure: go.Figure, text: str) -> None:
-    """A note under the plot, right-aligned below the axis titles (what the y axis does to fit the
-    values): clear of the data, the legend and the panels' titles."""
-    if text:
-        figure.add_annotation(text=text, xref="paper", yref="paper", x=1, y=0, xanchor="right", yanchor="top",
-                              yshift=-48, showarrow=False, font={"size": 12, "color": "#444444"},
-                              bgcolor="rgba(255, 243, 205, 0.9)", bordercolor="#e6b800", borderwidth=1)
-        figure.update_layout(margin={"b": 80})
-
-
-def _line_styles(bands: pd.DataFrame) -> str:
-    """The legend of line styles, for the splits a band chart draws: "solid: train, dashed: validation; "."""
-    splits = set(bands["split"]) if "split" in bands else set()
-    styles = [f"{name}: {SPLIT_NAMES[split]}" for split, name in
-              (("train", "solid"), ("val", "dashed"), ("gap", "dotted")) if split in splits]
-    return "; ".join(styles) + "; " if styles else ""
-
-
 def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
                   y_title: str) -> go.Figure:
     figure = go.Figure()
@@ -624,32 +402,18 @@ def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
              for edge in (k / len(classes), (k + 1) / len(classes))]
     # Cell centres as stored: column j is x_low + j * step, row i likewise in y (artifacts.py's grid).
     xs, ys = np.linspace(x_low, x_high, n).round(3).tolist(), np.linspace(y_low, y_high, n).round(3).tolist()
-    figure.add_heatmap(x=xs, y=ys, z=boundary["predicted_class"], zmin=-0.5, zmax=len(classes) - 0.5, colorscale=scale,
-                       opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
+    # z as an array: plotly validates a nested list of 3,600 cells one value at a time.
+    figure.add_heatmap(x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5, zmax=len(classes) - 0.5,
+                       colorscale=scale, opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
     figure.add_scatter(x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
                        marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],
                                "line": {"width": 0.5, "color": "#ffffff"}},
                        row=1, col=column)
 
 
-def _by_split(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
-    """Long format: one row per input row and split, the split's column as ``value``."""
-    parts = [frame.drop(columns=[c for c in columns.values() if c in frame]).assign(split=split, value=frame[column])
-             for split, column in columns.items() if column in frame]
-    return pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0].assign(split=[], value=[])
-
-
 def _axis_labels(frame: pd.DataFrame, column: str) -> list[str]:
     values = frame[column].drop_duplicates().tolist() if column in frame else []
     return list(dict.fromkeys(_format_value(v) for v in sorted(values, key=_sort_key)))
-
-
-def _translucent(color: str, alpha: float = 0.18) -> str:
-    if color.startswith("#") and len(color) == 7:
-        red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
-    else:  # "rgb(r, g, b)" from sample_colorscale
-        red, green, blue = (int(float(part)) for part in color[color.index("(") + 1:-1].split(",")[:3])
-    return f"rgba({red}, {green}, {blue}, {alpha})"
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -21,10 +21,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from services.analysis import (
-    SEED_PARAMETERS,
+    UNSTABLE_RATIO,
     bands_from_moments,
-    configuration_parameters,
-    rejudge_among_siblings,
     unstable,
 )
 from services.config import ConfigError, Settings, get_settings, redact_url
@@ -42,12 +40,13 @@ from services.queries import (
     last_epoch_values,
     list_experiments,
     loss_maxima,
-    stored_diagnoses,
     trial_artifacts_of,
     trial_detail,
     trial_rows,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
+from services.selection import SEED_PARAMETERS, configuration_parameters
+from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS
 from services.workers import list_workers
@@ -137,7 +136,7 @@ def trials(experiment_id: int) -> pd.DataFrame:
     """One row per trial: TRIAL_FIELDS, every parameter of its config, and its final metrics."""
     url = _ready_url()
     with _reading(url):
-        return _trials(url, experiment_id)
+        return _trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")
 
 
 def epochs(experiment_id: int) -> pd.DataFrame:
@@ -188,8 +187,10 @@ def _experiment(url: str, experiment_id: int) -> pd.DataFrame:
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _trials(url: str, experiment_id: int) -> pd.DataFrame:
+    # One read of the trials table per experiment serves trials() and sibling_diagnoses() (the stored
+    # reasons ride along as diag_reasons, which trials() leaves out).
     with session_scope(_engine(url)) as session:
-        rows = trial_rows(session, experiment_id)
+        rows = trial_rows(session, experiment_id, reasons=True)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
 
 
@@ -282,16 +283,23 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
 def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
     """``trials`` with a boolean ``unstable`` column: the run's loss once rose above
     services.analysis.UNSTABLE_RATIO x its baseline (even if it came back down)."""
+    baselines = {}
+    for split in ("train", "val"):
+        baseline = trials.get(f"baseline_{split}_loss", pd.Series(float("nan"), index=trials.index))
+        if f"diag_baseline_{split}_loss" in trials:
+            baseline = baseline.fillna(trials[f"diag_baseline_{split}_loss"])
+        baselines[split] = pd.to_numeric(baseline, errors="coerce")
+    # Only a loss above UNSTABLE_RATIO x the smallest baseline can flag any run: the database reads
+    # those rows' trials alone (the rest are stable whatever their maximum). A hair below, for rounding.
+    smallest = pd.concat(baselines.values()).where(lambda b: b > 0).min()
+    above = float(UNSTABLE_RATIO * smallest * (1 - 1e-9)) if pd.notna(smallest) else None
     url = _ready_url()
     with _reading(url):
-        maxima = _loss_maxima(url, experiment_id)
-    merged = trials.merge(maxima, on="trial_id", how="left")
-    flags = pd.Series(False, index=merged.index)
+        maxima = _loss_maxima(url, experiment_id, above)
+    merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
+    flags = pd.Series(False, index=trials.index)
     for split in ("train", "val"):
-        baseline = merged.get(f"baseline_{split}_loss", pd.Series(float("nan"), index=merged.index))
-        if f"diag_baseline_{split}_loss" in merged:
-            baseline = baseline.fillna(merged[f"diag_baseline_{split}_loss"])
-        flags |= unstable(merged[f"max_{split}_loss"], pd.to_numeric(baseline, errors="coerce"))
+        flags |= unstable(pd.Series(merged[f"max_{split}_loss"].to_numpy(), index=trials.index), baselines[split])
     return trials.assign(unstable=flags.to_numpy())
 
 
@@ -314,11 +322,12 @@ def final_norms(experiment_id: int) -> pd.DataFrame:
 
 
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
-    """The fit verdict of every ended trial judged among its siblings (services.analysis.rejudge_among_siblings,
-    the rule of diagnose_experiment applied to the stored diagnoses): DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
+    """The fit verdict of every ended trial judged among its siblings (services.siblings.rejudge_table,
+    the rule of diagnose_experiment applied to the stored diagnoses), from the same read of the trials
+    table as :func:`trials`: DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
     url = _ready_url()
     with _reading(url):
-        return _sibling_diagnoses(url, experiment_id)
+        return rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)]
 
 
 def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
@@ -340,7 +349,7 @@ def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
     nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
               and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
-    return trial_table.assign(**{name: trial_table[name].map(_as_text) for name in nested})
+    return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -360,9 +369,9 @@ def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, .
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _loss_maxima(url: str, experiment_id: int) -> pd.DataFrame:
+def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        found = loss_maxima(session, experiment_id)
+        found = loss_maxima(session, experiment_id, above=above)
     return pd.DataFrame([(trial_id, train, val) for trial_id, (train, val) in found.items()],
                         columns=["trial_id", "max_train_loss", "max_val_loss"])
 
@@ -386,16 +395,6 @@ def _epochs_to_reach(url: str, experiment_id: int, field: str, target: float,
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _sibling_diagnoses(url: str, experiment_id: int) -> pd.DataFrame:
-    with session_scope(_engine(url)) as session:
-        stored = stored_diagnoses(session, experiment_id)
-    rows = [{"trial_id": trial_id, "sibling_verdict": found.verdict, "reasons": "; ".join(found.reasons),
-             **{name: found.numbers.get(name) for name in DIAGNOSIS_COLUMNS[3:]}}
-            for trial_id, found in rejudge_among_siblings(stored).items()]
-    return pd.DataFrame(rows, columns=list(DIAGNOSIS_COLUMNS))
-
-
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
     with session_scope(_engine(url)) as session:
         return trial_artifacts_of(session, list(trial_ids))
@@ -411,11 +410,26 @@ def _as_text(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
+def _as_texts(column: pd.Series) -> list[Any]:
+    """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
+    written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
+    texts = []
+    for value in column.tolist():
+        if not isinstance(value, list | dict):
+            texts.append(value)
+            continue
+        key = repr(value)
+        if key not in written:
+            written[key] = _as_text(value)
+        texts.append(written[key])
+    return texts
+
+
 # --- after a write (dashboard/actions.py) -----------------------------------------------------------
 
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
-    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach, _sibling_diagnoses,
+    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach,
                    _artifacts, _trial, _final_norms):
         cached.clear()
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
-from services import analysis
+from dashboard import band_charts, charts, data, widgets
+from services import selection
 
 NO_FACETS = "none"
 
@@ -51,7 +51,7 @@ def learning_curves(trials: pd.DataFrame, groups: list[str], band: str, others: 
     chosen = others.select(trials, shown=[color_by, facet])
     bands = data.curve_bands(chosen.trials, by=[name for name in (facet, color_by) if name], columns=columns,
                              band=band)
-    st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
+    st.plotly_chart(band_charts.learning_curve_bands(bands, color_by=color_by, facet=facet, metric=chosen_metric,
                                                 band=band, log_y=log_y, subtitle=chosen.describe(),
                                                 line_notes=chosen.best_values(color_by)),
                     key="fit_curves_chart")
@@ -81,9 +81,9 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
     else:
         chosen = others.select(trials, shown=["parameter_count", *CAPACITY, color_by, facet])
         title = f"{chosen_value.capitalize()} {chosen_metric} against parameter count"
-        st.plotly_chart(charts.metric_against(chosen.trials, x="parameter_count", color_by=color_by, columns=columns,
-                                              band=band, y_title=chosen_metric, title=title, gap=show_gap,
-                                              facet=facet, subtitle=chosen.describe()),
+        st.plotly_chart(band_charts.metric_against(chosen.trials, x="parameter_count", color_by=color_by,
+                                                   columns=columns, band=band, y_title=chosen_metric, title=title,
+                                                   gap=show_gap, facet=facet, subtitle=chosen.describe()),
                         key="fit_capacity_chart")
         st.caption("Too small a model underfits (both curves high); too large a one overfits (validation rises "
                    "again while train keeps falling, and the dotted gap grows): the bottom of the dashed U is the "
@@ -101,7 +101,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_against_colour",
                                         preferred=(*CAPACITY, charts.ALL_TRIALS), avoid=x, container=colour_column)
     chosen = others.select(trials, shown=[x, color_by])
-    st.plotly_chart(charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
+    st.plotly_chart(band_charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
                                           y_title=chosen_metric, gap=show_gap, subtitle=chosen.describe()),
                     key="fit_against_chart")
     st.caption(chosen.describe())
@@ -132,13 +132,13 @@ def importance(trials: pd.DataFrame) -> None:
     metrics = [name for name in ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy",
                                  "test_accuracy", "final_train_loss", "diag_gap_ratio", "final_val_rmse")
                if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
-    parameters = analysis.configuration_parameters(trials, data.parameter_columns(trials))
+    parameters = selection.configuration_parameters(trials, data.parameter_columns(trials))
     if not metrics or not parameters:
         st.info("Only one configuration is left (nothing but the seed varies): vary a parameter in the grid to "
                 "see how much of the spread it explains.")
         return
     metric = widgets.parameter_picker("Metric", metrics, key="fit_importance_metric", preferred=("final_val_loss",))
-    shares = analysis.parameter_importance(trials, parameters=parameters, metric=metric)
+    shares = selection.parameter_importance(trials, parameters=parameters, metric=metric)
     if shares.empty:
         st.info(f"Every run has the same {metric}: there is no spread to explain.")
         return
@@ -180,7 +180,7 @@ def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> 
     st.subheader("What the models learned")
     # Seed 0 of each configuration is enough to pick from (a list of 10,000 trials is not).
     offered = trials[trials["seed"] == trials["seed"].min()] if "seed" in trials else trials
-    labels = {int(row["trial_id"]): widgets.trial_label(row, groups) for _, row in offered.iterrows()}
+    labels = widgets.trial_labels(offered, groups)
     chosen = widgets.keyed_multiselect(f"Trials (up to {MAX_PREDICTIONS})", list(labels), format_func=labels.get,
                                        default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
                                        key=f"fit_prediction_trials_{experiment_id}")

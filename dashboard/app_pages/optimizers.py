@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import band_charts, charts, data, widgets
 from services.analysis import UNSTABLE_RATIO, mean_difference
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The comparison appears as soon as a worker "
@@ -37,7 +37,7 @@ def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widg
     log_y = widgets.y_scale(key="optimizers_curves_scale", container=scale_column)
     chosen = others.select(trials, shown=[color_by])
     bands = data.curve_bands(_drawn(chosen.trials), by=[color_by], columns=CURVE_METRICS[metric], band=band)
-    st.plotly_chart(charts.learning_curve_bands(bands, color_by=color_by, band=band, metric=metric, log_y=log_y,
+    st.plotly_chart(band_charts.learning_curve_bands(bands, color_by=color_by, band=band, metric=metric, log_y=log_y,
                                                 subtitle=chosen.describe(), line_notes=chosen.best_values(color_by)),
                     key="optimizers_curves_chart")
     st.caption(f"Each line: the {chosen.trials['seed'].nunique() if 'seed' in chosen.trials else 1} seed(s) of one "
@@ -61,7 +61,7 @@ def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: st
     log_y = widgets.y_scale(key="optimizers_sensitivity_scale", container=scale_column)
     line_by = charts.ALL_TRIALS if x == color_by else color_by  # one line across the rates, not one dot per rate
     chosen = others.select(trials, shown=[color_by, x])
-    st.plotly_chart(charts.metric_against(_drawn(chosen.trials), x=x, color_by=line_by, band=band,
+    st.plotly_chart(band_charts.metric_against(_drawn(chosen.trials), x=x, color_by=line_by, band=band,
                                           columns=SENSITIVITY_METRICS[metric], y_title=metric,
                                           title=f"{metric.capitalize()} against {x}", log_y=log_y,
                                           subtitle=chosen.describe()),
@@ -107,7 +107,7 @@ def schedule(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) 
                                         preferred=("schedule", *OPTIMIZATION))
     chosen = others.select(trials, shown=[color_by])
     bands = data.curve_bands(_drawn(chosen.trials), by=[color_by], columns={"loss": "val_loss", "lr": "lr"})
-    st.plotly_chart(charts.schedule_over_loss(bands, color_by=color_by, subtitle=chosen.describe()),
+    st.plotly_chart(band_charts.schedule_over_loss(bands, color_by=color_by, subtitle=chosen.describe()),
                     key="optimizers_schedule_chart")
     st.caption("Each line is the mean over the seeds of one configuration, so its dotted rate is the rate those "
                "runs trained with. " + chosen.describe())

@@ -31,7 +31,7 @@ def choose_trial() -> int | None:
         st.info("This experiment has no trials.")
         return None
     varying = widgets.grouping_choices(trials)
-    labels = {int(row["trial_id"]): widgets.trial_label(row, varying) for _, row in trials.iterrows()}
+    labels = widgets.trial_labels(trials, varying)
     if st.session_state.get("trial_selected") not in labels:
         st.session_state.pop("trial_selected", None)
     chosen = st.selectbox("Trial", list(labels), format_func=labels.get, key="trial_selected")

@@ -13,7 +13,7 @@ import pytest
 
 from services.db import make_engine
 from services.migrate import upgrade
-from tests.dashboard.test_app import give_up, run_app, submit_spec, train
+from tests.dashboard.test_app import figure_spec, give_up, run_app, submit_spec, train
 
 FIT_PAGE = "app_pages/fit_analysis.py"
 OPTIMIZERS_PAGE = "app_pages/optimizers.py"
@@ -140,12 +140,11 @@ def filled(_template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Filled
 
 def figures_by_key(app) -> dict[str, dict]:
     """Each plotly chart's figure, by the element key the page gave it (the part after its prefix)."""
-    import json
 
     found = {}
     for element in app.get("plotly_chart"):
         key = element.proto.id.split("-", 2)[-1] if element.proto.id else ""
-        found[key] = json.loads(element.proto.spec)
+        found[key] = figure_spec(element)
     return found
 
 

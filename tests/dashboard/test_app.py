@@ -127,7 +127,29 @@ def markdown_text(app: AppTest) -> str:
 
 
 def plotly_figures(app: AppTest) -> list[dict]:
-    return [json.loads(element.proto.spec) for element in app.get("plotly_chart")]
+    return [figure_spec(element) for element in app.get("plotly_chart")]
+
+
+def figure_spec(element) -> dict:
+    """A plotly chart element's figure as the browser gets it, with plotly's typed arrays (numpy data
+    travels as {"dtype", "bdata": base64}, which plotly.js decodes) turned back into lists."""
+    return _plain(json.loads(element.proto.spec))
+
+
+def _plain(value):
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value:
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+            shape = [int(n) for n in str(value.get("shape", len(array))).split(",")]  # e.g. "60, 60"
+            return array.reshape(shape).tolist()
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 # --- the experiments page -------------------------------------------------------------------------

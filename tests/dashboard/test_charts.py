@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from dashboard import charts
+from dashboard import axes, band_charts, charts
 from services import analysis
 
 
@@ -48,9 +48,18 @@ def test_progress_bar_chart_stacks_one_bar_per_status_in_fixed_colours():
 def test_learning_curves_draw_train_solid_and_validation_dashed_per_trial():
     figure = charts.learning_curves(epochs_of([10, 11, 12]), TRIALS, "width")
 
-    assert len(figure.data) == 3 * 2
-    assert [trace.line.dash for trace in figure.data] == ["solid", "dash"] * 3
-    assert list(figure.data[0].y) == [1.0, 0.5, 1.0 / 3] and list(figure.data[1].x) == [1, 2, 3]
+    # One trace per colour and split; the trials of a colour are lines separated by a gap (None).
+    assert [(trace.name, trace.line.dash) for trace in figure.data] == [
+        ("width=8", "solid"), ("width=8", "dash"), ("width=64", "solid"), ("width=64", "dash")]
+    width_8 = figure.data[0]
+    assert _gapped(width_8.y) == [1.0, 0.5, 1.0 / 3, None] * 2 and _gapped(width_8.x) == [1, 2, 3, None] * 2
+    assert list(width_8.text) == ["trial 0"] * 3 + [None] + ["trial 2"] * 3 + [None]
+    assert width_8.connectgaps is False and "%{text}" in width_8.hovertemplate
+    assert _gapped(figure.data[3].y) == [1.2, 0.6, 1.2 / 3, None]
+
+
+def _gapped(values) -> list:
+    return [None if math.isnan(value) else value for value in values]
 
 
 def test_learning_curves_give_one_colour_and_one_legend_entry_per_parameter_value():
@@ -69,7 +78,7 @@ def test_learning_curves_of_accuracy_and_of_mixed_value_types():
     figure = charts.learning_curves(epochs_of([10, 11]), TRIALS, "batch_size", metric="accuracy")
 
     assert [trace.name for trace in figure.data] == ["batch_size=32"] * 2 + ["batch_size=full"] * 2
-    assert list(figure.data[1].y) == list(epochs_of([10])["val_accuracy"])
+    assert _gapped(figure.data[1].y) == [*epochs_of([10])["val_accuracy"], None]
     assert figure.layout.yaxis.title.text == "accuracy"
 
 
@@ -129,7 +138,7 @@ def test_learning_curve_bands_draw_one_mean_and_one_band_per_group_and_split():
     curves = epochs_of([10, 11, 12, 13])
     curves.loc[curves["trial_id"] == 12, "train_loss"] += 0.2  # two seeds of width 8 disagree
 
-    figure = charts.learning_curve_bands(bands_of(curves, trials, by=["width"], columns=LOSS), color_by="width",
+    figure = band_charts.learning_curve_bands(bands_of(curves, trials, by=["width"], columns=LOSS), color_by="width",
                                          subtitle="Lr at each line's best.")
 
     assert sorted((trace.name, trace.line.dash) for trace in mean_lines(figure)) == [
@@ -150,12 +159,12 @@ def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note()
     curves.loc[(curves["trial_id"] == 13) & (curves["epoch"] == 2), ["train_loss", "val_loss"]] = 1.2e10
     bands = bands_of(curves, trials, by=["width"], columns=LOSS)
 
-    auto = charts.learning_curve_bands(bands, color_by="width")
+    auto = band_charts.learning_curve_bands(bands, color_by="width")
     assert auto.layout.yaxis.type == "log"
     assert "log scale" in auto.layout.annotations[0].text
     assert all(y > 0 for trace in band_traces(auto) for y in trace.y)  # no band edge below 0 on a log axis
 
-    linear = charts.learning_curve_bands(bands, color_by="width", log_y=False)
+    linear = band_charts.learning_curve_bands(bands, color_by="width", log_y=False)
     assert linear.layout.yaxis.type == "linear"
     low, high = linear.layout.yaxis.range
     assert high < 10  # the flat lines stay readable
@@ -164,9 +173,9 @@ def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note()
 
 
 def test_axis_plan_leaves_ordinary_values_alone():
-    assert charts.axis_plan([0.1, 0.5, 0.9]) == ("linear", None, "")
-    assert charts.axis_plan([0.001, 1.0]) == ("log", None, "log scale: the values span 3 decades")
-    kind, value_range, note = charts.axis_plan([-0.1, 0.0, 0.1, 0.05, -0.05, 0.02, 0.03, 0.01, 0.04, 5e6])
+    assert axes.axis_plan([0.1, 0.5, 0.9]) == ("linear", None, "")
+    assert axes.axis_plan([0.001, 1.0]) == ("log", None, "log scale: the values span 3 decades")
+    kind, value_range, note = axes.axis_plan([-0.1, 0.0, 0.1, 0.05, -0.05, 0.02, 0.03, 0.01, 0.04, 5e6])
     assert kind == "linear" and value_range[1] < 1 and note == "1 point above the range, max 5e+06"
 
 
@@ -174,7 +183,7 @@ def test_learning_curve_bands_draw_a_second_parameter_as_panels():
     trials = TRIALS.assign(seed=0)
     bands = bands_of(epochs_of([10, 11, 12, 13]), trials, by=["optimizer", "width"], columns=LOSS)
 
-    figure = charts.learning_curve_bands(bands, color_by="width", facet="optimizer")
+    figure = band_charts.learning_curve_bands(bands, color_by="width", facet="optimizer")
 
     assert [a.text for a in figure.layout.annotations] == ["optimizer=adam", "optimizer=sgd"]
     assert {trace.xaxis for trace in figure.data} == {"x", "x2"}
@@ -182,7 +191,7 @@ def test_learning_curve_bands_draw_a_second_parameter_as_panels():
 
 
 def test_capacity_curve_shows_the_u_shaped_validation_curve_on_a_log_axis():
-    figure = charts.metric_against(seed_grid(), x="parameter_count", color_by="n_train",
+    figure = band_charts.metric_against(seed_grid(), x="parameter_count", color_by="n_train",
                                    columns={"train": "final_train_loss", "val": "final_val_loss"})
 
     train, val = sorted(mean_lines(figure), key=lambda trace: trace.line.dash != "solid")
@@ -198,7 +207,7 @@ def test_capacity_curve_shows_the_u_shaped_validation_curve_on_a_log_axis():
 
 def test_capacity_curve_with_min_max_bands_and_one_line_per_colour_value():
     grid = pd.concat([seed_grid(), seed_grid().assign(n_train=1000, trial_id=lambda f: f.trial_id + 100)])
-    figure = charts.metric_against(grid, x="width", color_by="n_train", columns={"val": "final_val_loss"},
+    figure = band_charts.metric_against(grid, x="width", color_by="n_train", columns={"val": "final_val_loss"},
                                    band="minmax")
 
     assert sorted(trace.name for trace in mean_lines(figure)) == ["n_train=1000", "n_train=200"]
@@ -290,7 +299,7 @@ SCHEDULE = {"loss": "val_loss", "lr": "lr"}
 
 def test_schedule_over_loss_puts_the_learning_rate_on_the_right_axis():
     curves = epochs_of([10, 11]).assign(lr=[0.1, 0.05, 0.025, 0.1, 0.1, 0.1])
-    figure = charts.schedule_over_loss(bands_of(curves, TRIALS, by=["width"], columns=SCHEDULE), color_by="width")
+    figure = band_charts.schedule_over_loss(bands_of(curves, TRIALS, by=["width"], columns=SCHEDULE), color_by="width")
 
     lr_traces = [trace for trace in figure.data if trace.line.dash == "dot"]
     assert [list(trace.y) for trace in lr_traces] == [[0.1, 0.05, 0.025], [0.1, 0.1, 0.1]]
@@ -303,7 +312,7 @@ def test_schedule_over_loss_grouped_by_the_learning_rate_itself():
     curves = epochs_of([10, 11]).assign(epoch_lr=[0.1, 0.05, 0.025, 0.01, 0.005, 0.0025])
 
     bands = bands_of(curves, trials, by=["lr"], columns={"loss": "val_loss", "lr": "epoch_lr"})
-    figure = charts.schedule_over_loss(bands, color_by="lr")
+    figure = band_charts.schedule_over_loss(bands, color_by="lr")
 
     lr_traces = {trace.name: list(trace.y) for trace in figure.data if trace.line.dash == "dot"}
     assert lr_traces == {"lr (0.01)": [0.01, 0.005, 0.0025], "lr (0.1)": [0.1, 0.05, 0.025]}
@@ -323,7 +332,7 @@ def test_learning_curve_bands_of_a_metric_without_splits_on_a_log_axis():
     curves = epochs_of([10, 11]).assign(grad_norm=[1.0, 0.1, 0.01, 2.0, 0.2, 0.02])
 
     bands = bands_of(curves, TRIALS, by=["optimizer"], columns={"value": "grad_norm"})
-    figure = charts.learning_curve_bands(bands, color_by="optimizer", metric="grad_norm", log_y=True)
+    figure = band_charts.learning_curve_bands(bands, color_by="optimizer", metric="grad_norm", log_y=True)
 
     (line,) = [trace for trace in figure.data if trace.fill != "toself"]
     assert list(line.y) == pytest.approx([1.5, 0.15, 0.015]) and line.line.dash == "solid"

@@ -69,3 +69,16 @@ def test_loss_maxima_and_epochs_to_reach_among_chosen_trials(database_url: str, 
         reached = queries.epochs_to_reach(session, experiment_id, field="val_loss", target=0.5, trial_ids=ids[:2])
     assert maxima[ids[4]][1] == 1e10 and math.isclose(maxima[ids[0]][0], 1.0)
     assert reached == {ids[0]: 4, ids[1]: 4}
+
+
+def test_json_columns_decode_as_json_does_non_finite_floats_included():
+    import json
+
+    from services.queries import decode_json
+
+    stored = json.dumps({"loss": float("nan"), "max": float("inf"), "betas": [0.9, 0.999], "name": "é"})
+    decoded = decode_json(stored)  # Python's json writes NaN and Infinity; orjson refuses them
+    assert math.isnan(decoded["loss"]) and decoded["max"] == math.inf
+    assert decoded["betas"] == [0.9, 0.999] and decoded["name"] == "é"
+    assert decode_json('{"a": 1, "b": [1.5, null]}') == {"a": 1, "b": [1.5, None]}
+    assert decode_json("null") is None and decode_json(None) is None

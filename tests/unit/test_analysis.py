@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from services import analysis
+from services import analysis, selection
 from services.analysis import diagnose, diagnose_experiment
 from tests.servers import REPO
 
@@ -340,6 +340,22 @@ def test_rejudging_stored_diagnoses_agrees_with_diagnosing_the_curves() -> None:
             from_curves[trial_id].numbers["reference_excess"])
         assert from_stored[trial_id].reasons == from_curves[trial_id].reasons
 
+    # The dashboard's table form (services.siblings.rejudge_table, from trial_rows' columns) says the same.
+    import pandas as pd
+
+    from services.siblings import rejudge_table
+
+    table = pd.DataFrame([{"trial_id": item["trial_id"], "status": trial["status"], "verdict": item["verdict"],
+                           **item["config"], "diag_reasons": item["reasons"],
+                           **{f"diag_{name}": value for name, value in item["numbers"].items()}}
+                          for item, trial in zip(stored, trials, strict=True)])
+    judged = rejudge_table(table).set_index("trial_id")
+    for trial_id, found in from_stored.items():
+        assert judged.at[trial_id, "sibling_verdict"] == found.verdict
+        assert judged.at[trial_id, "reasons"] == "; ".join(found.reasons)
+        if "reference_excess" in found.numbers:
+            assert judged.at[trial_id, "reference_excess"] == pytest.approx(found.numbers["reference_excess"])
+
 
 # --- which configurations a comparison draws ----------------------------------------------------------
 
@@ -364,7 +380,7 @@ PARAMETERS = ("optimizer", "lr", "schedule", "seed")
 
 def test_best_keeps_each_lines_best_rate_and_schedule_with_all_its_seeds() -> None:
     grid = optimizer_grid()
-    chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="final_val_loss")
+    chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="final_val_loss")
     kept = chosen.trials.groupby("optimizer")[["lr", "schedule"]].agg(lambda v: sorted(set(v)))
     assert kept.loc["sgd"].tolist() == [[1.0], ["step"]]
     # adam at lr 10 constant has the lowest loss on one seed but diverged on the other: worst, not best.
@@ -379,10 +395,10 @@ def test_best_keeps_each_lines_best_rate_and_schedule_with_all_its_seeds() -> No
 def test_each_band_of_a_selection_holds_one_configuration_unless_averaged() -> None:
     grid = optimizer_grid()
     for handling in ({}, {"schedule": "held"}, {"lr": "held", "schedule": "best"}):
-        chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
+        chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
                                                 metric="final_val_loss", handling=handling)
         assert (chosen.trials.groupby("optimizer")[["lr", "schedule"]].nunique() == 1).all().all()
-    averaged = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
+    averaged = selection.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS,
                                               metric="final_val_loss", handling={"lr": "averaged"})
     assert averaged.spans_configurations and "lr averaged" in averaged.describe()
     assert set(averaged.trials["lr"]) == {0.01, 1.0, 10.0}
@@ -390,19 +406,19 @@ def test_each_band_of_a_selection_holds_one_configuration_unless_averaged() -> N
 
 def test_held_keeps_the_chosen_value_or_the_best_one() -> None:
     grid = optimizer_grid()
-    chosen = analysis.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
+    chosen = selection.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
                                             metric="final_val_loss", handling={"schedule": "held"},
                                             held={"schedule": "constant"})
     assert set(chosen.trials["schedule"]) == {"constant"} and len(chosen.trials) == 8
     assert chosen.describe() == "Schedule held at constant; bands over seeds only."
-    default = analysis.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
+    default = selection.select_configurations(grid, shown=["optimizer", "lr"], parameters=PARAMETERS,
                                              metric="final_val_loss", handling={"schedule": "held"})
     assert set(default.trials["schedule"]) == {"step"}  # mean over the grid: step 0.47 < constant (inf)
 
 
 def test_a_goal_of_maximize_picks_the_highest_mean() -> None:
     grid = optimizer_grid().assign(acc=lambda frame: 1 - frame["final_val_loss"])
-    chosen = analysis.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="acc",
+    chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=PARAMETERS, metric="acc",
                                             goal="maximize")
     assert sorted(set(chosen.trials[chosen.trials["optimizer"] == "sgd"]["lr"])) == [1.0]
     assert "highest mean acc" in chosen.describe()
@@ -414,7 +430,7 @@ def test_parameter_importance_splits_the_variance_into_effects_and_seed_noise() 
         for n_train in (10, 20):
             for seed, noise in ((0, -0.1), (1, 0.1)):
                 rows.append({"width": width, "n_train": n_train, "seed": seed, "loss": 3.0 * width + noise})
-    shares = analysis.parameter_importance(pd.DataFrame(rows), parameters=("width", "n_train", "seed"),
+    shares = selection.parameter_importance(pd.DataFrame(rows), parameters=("width", "n_train", "seed"),
                                            metric="loss").set_index("parameter")["share"]
     # width moves the loss by 3 (between SS 8 x 1.5^2 = 18), seeds by +-0.1 (SS 8 x 0.01 = 0.08).
     assert shares["width"] == pytest.approx(18 / 18.08)

@@ -1,0 +1,183 @@
+"""Which configurations a comparison draws. A configuration is every parameter but the seed (and
+the cross-validation fold): the runs of one configuration differ only by chance, so a band over them
+is a band over seeds. Every other varying parameter that a chart does not show (on an axis, as the
+colour or as facets) is handled explicitly: held at one value, set to its best value for each line,
+or averaged (then a band spans configurations, and the chart must say so). Also how much of a
+metric's spread each parameter explains, against seed noise. Pure functions over pandas frames
+(imported inside them, like services.analysis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SEED_PARAMETERS = ("seed", "fold")
+HANDLINGS = {"best": "best for each line", "held": "held at one value", "averaged": "averaged"}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The trials a chart draws, and how each varying parameter it does not show was handled.
+
+    ``trials``: the rows kept; ``handling``: parameter -> best, held or averaged; ``held``: parameter
+    -> the value kept; ``best``: one row per line (the shown columns), with the best parameters'
+    chosen values and ``metric_mean``, the mean metric over the line's runs at them."""
+
+    trials: pd.DataFrame
+    handling: dict[str, str]
+    held: dict[str, Any]
+    best: pd.DataFrame
+    metric: str
+    goal: str
+
+    @property
+    def averaged(self) -> list[str]:
+        return [name for name, how in self.handling.items() if how == "averaged"]
+
+    @property
+    def spans_configurations(self) -> bool:
+        """True when a band can hold runs of more than one configuration (a parameter was averaged)."""
+        return bool(self.averaged)
+
+    def best_values(self, line: str) -> dict[Any, str]:
+        """For each value of the shown column ``line``, the best parameters it is drawn at, as text
+        ("lr=0.1, schedule=step"), for a legend; empty when no parameter is handled as best or a line
+        holds more than one best configuration (another shown column splits it)."""
+        best = [name for name, how in self.handling.items() if how == "best"]
+        if not best or line not in self.best or self.best[line].duplicated().any():
+            return {}
+        return {row[line]: ", ".join(f"{name}={_value_text(row[name])}" for name in best)
+                for row in self.best.to_dict("records")}
+
+    def describe(self) -> str:
+        """One sentence saying how every parameter that the chart does not show was handled."""
+        parts = []
+        best = [name for name, how in self.handling.items() if how == "best"]
+        if best:
+            lowest = "lowest" if self.goal == "minimize" else "highest"
+            parts.append(f"{_names(best)} at each line's best ({lowest} mean {self.metric} over seeds)")
+        parts += [f"{name} held at {_value_text(value)}" for name, value in self.held.items()]
+        if self.averaged:
+            parts.append(f"{_names(self.averaged)} averaged: each band spans {_names(self.averaged)} as well as "
+                         "seeds, so it is not seed noise")
+        else:
+            parts.append("bands over seeds only")
+        text = "; ".join(parts)
+        return text[:1].upper() + text[1:] + "."
+
+
+def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) -> list[str]:
+    """Those of ``parameters`` that take more than one value in ``trials`` and are not a seed or fold:
+    the parameters that tell configurations apart."""
+    return [name for name in parameters if name in trials and name not in SEED_PARAMETERS
+            and _distinct(trials[name]) > 1]
+
+
+def _distinct(column: pd.Series) -> int:
+    try:
+        return int(column.nunique(dropna=False))
+    except TypeError:  # list or dict values: compare their text
+        return int(column.astype(str).nunique(dropna=False))
+
+
+def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters: Iterable[str], metric: str,
+                          goal: str = "minimize", handling: dict[str, str] | None = None,
+                          held: dict[str, Any] | None = None) -> Selection:
+    """The trials a chart draws when it shows the ``shown`` columns (axis, colour, facets).
+
+    Every other varying parameter of ``parameters`` is handled as ``handling`` says (default
+    ``best``): ``held`` keeps the trials at ``held[name]`` (default: the value of the best
+    configuration overall); ``best`` keeps, for each combination of the shown columns, the values of
+    the best parameters whose runs have the best mean ``metric`` (a run without a finite metric,
+    e.g. a diverged one, counts as the worst); ``averaged`` keeps every value. Ties go to the first
+    value in sorted order, so the choice is stable."""
+    handling = dict(handling or {})
+    shown = list(dict.fromkeys(shown))
+    others = [name for name in configuration_parameters(trials, parameters) if name not in shown]
+    handling = {name: handling.get(name, "best") for name in others}
+    unknown = {how for how in handling.values()} - set(HANDLINGS)
+    if unknown:
+        raise ValueError(f"handling must be one of {', '.join(HANDLINGS)}, not {', '.join(sorted(unknown))}")
+    score = _scores(trials, metric, goal)
+    kept = trials
+    held_values: dict[str, Any] = {}
+    for name in [n for n in others if handling[n] == "held"]:
+        value = (held or {}).get(name)
+        values = kept[name].astype(str)
+        if value is None or str(value) not in set(values):
+            value = _best_value(kept, score, name)
+        held_values[name] = value
+        kept = kept[kept[name].astype(str) == str(value)]
+    best = [name for name in others if handling[name] == "best"]
+    lines = [name for name in shown if name in kept]
+    if not best or kept.empty:
+        return Selection(kept, handling, held_values, kept.iloc[:0][lines + best], metric, goal)
+    import pandas as pd
+
+    keys = pd.DataFrame({n: kept[n].astype(str) for n in lines + best}, index=kept.index)
+    means = (keys.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True)["_score"].mean()
+             .reset_index().sort_values([*lines, "_score"], kind="stable"))
+    winners = means.drop_duplicates(lines) if lines else means.head(1)
+    kept = kept[pd.MultiIndex.from_frame(keys).isin(pd.MultiIndex.from_frame(winners[lines + best]))]
+    summary = (kept.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True, dropna=False)
+               .agg(metric_mean=("_score", "mean")).reset_index())
+    summary["metric_mean"] *= 1 if goal == "minimize" else -1
+    return Selection(kept, handling, held_values, summary, metric, goal)
+
+
+def _scores(trials: pd.DataFrame, metric: str, goal: str) -> pd.Series:
+    """The metric as a score to minimise: the worst possible where it is missing or not finite."""
+    import numpy as np
+    import pandas as pd
+
+    values = pd.to_numeric(trials[metric], errors="coerce") if metric in trials else pd.Series(np.nan, trials.index)
+    values = values.astype(float) * (1 if goal == "minimize" else -1)
+    return values.where(np.isfinite(values), np.inf)
+
+
+def _best_value(trials: pd.DataFrame, score: pd.Series, name: str) -> Any:
+    means = score.loc[trials.index].groupby(trials[name].astype(str), sort=True).mean()
+    text = means.idxmin() if len(means) else None
+    matches = trials[trials[name].astype(str) == text][name]
+    return matches.iloc[0] if len(matches) else None
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parameter_importance(trials: pd.DataFrame, *, parameters: Iterable[str], metric: str) -> pd.DataFrame:
+    """How much of the spread of ``metric`` over the runs each varying parameter explains: a variance
+    decomposition over the grid. For each parameter, the between-group sum of squares of its values'
+    means over the total sum of squares (its main effect); ``seed noise``, the within-configuration
+    sum of squares (runs that differ only by seed) over the total; ``interactions``, what is left.
+    Returns ``parameter`` and ``share`` (0..1, summing to 1), largest main effect first, interactions
+    and seed noise last. Runs without a finite metric are left out; empty when fewer than 2 are left."""
+    import numpy as np
+    import pandas as pd
+
+    values = pd.to_numeric(trials[metric], errors="coerce") if metric in trials else pd.Series(dtype=float)
+    runs = trials.loc[np.isfinite(values.astype(float))].assign(_value=values.astype(float))
+    names = configuration_parameters(runs, parameters)
+    total = float(((runs["_value"] - runs["_value"].mean()) ** 2).sum()) if len(runs) > 1 else 0.0
+    if total <= 0:
+        return pd.DataFrame(columns=["parameter", "share"])
+    grand = runs["_value"].mean()
+    shares = {}
+    for name in names:
+        groups = runs.groupby(runs[name].astype(str))["_value"].agg(["mean", "size"])
+        shares[name] = float((groups["size"] * (groups["mean"] - grand) ** 2).sum()) / total
+    keys = [runs[name].astype(str) for name in names] or [pd.Series("all", index=runs.index)]
+    within = runs["_value"] - runs.groupby(keys)["_value"].transform("mean")
+    seed_noise = float((within ** 2).sum()) / total
+    rows = sorted(shares.items(), key=lambda item: -item[1])
+    rows += [("interactions", max(0.0, 1.0 - seed_noise - sum(shares.values()))), ("seed noise", seed_noise)]
+    return pd.DataFrame(rows, columns=["parameter", "share"])
