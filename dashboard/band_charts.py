@@ -108,7 +108,8 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
     figure.update_xaxes(title_text="epoch")
     figure.update_yaxes(title_text=metric, type=loss_type, range=_axis_range(loss_type, loss_range),
                         secondary_y=False)
-    figure.update_yaxes(title_text="learning rate", type=rate_type, secondary_y=True)
+    figure.update_yaxes(title_text="learning rate", type=rate_type, secondary_y=True,
+                        tickformat=".2~g")  # "0.4", "0.0069": plotly's log ticks read "120.0114µ" otherwise
     _note(figure, note)
     return figure
 

@@ -36,26 +36,32 @@ SPLIT_DASH = {"train": "solid", "val": "dash", "gap": "dot"}
 _MISSING_COLOR = "#7f7f7f"
 
 
+_LABEL_CHARS = 40  # the most characters of an experiment's name on the progress chart's axis
+
+
 def progress_bar_chart(experiments: pd.DataFrame) -> go.Figure:
     """One horizontal bar per experiment, stacked by the number of trials in each status.
 
     ``experiments`` needs the columns ``id`` and ``name`` and one count column per status (a missing
     status column counts as zero). Newest experiments (first rows) are drawn at the top.
     """
-    labels = [plotly_text(f"#{row.id} {row.name}") for row in experiments[["id", "name"]].itertuples()]
+    names = [f"#{row.id} {row.name}" for row in experiments[["id", "name"]].itertuples()]
+    # A long name would squeeze the bars to nothing: the axis shows its start (the id keeps it unique),
+    # the hover the whole of it.
+    labels = [plotly_text(name if len(name) <= _LABEL_CHARS else name[:_LABEL_CHARS - 1] + "…") for name in names]
     figure = go.Figure()
     for status in STATUS_ORDER:
         counts = experiments[status] if status in experiments else pd.Series(0, index=experiments.index)
         figure.add_bar(
             y=labels, x=counts.tolist(), name=status, orientation="h",
-            marker_color=STATUS_COLORS[status],
-            hovertemplate=f"%{{y}}<br>%{{x}} {status}<extra></extra>",
+            marker_color=STATUS_COLORS[status], customdata=[plotly_text(name) for name in names],
+            hovertemplate=f"%{{customdata}}<br>%{{x}} {status}<extra></extra>",
         )
     figure.update_layout(
         barmode="stack",
-        height=120 + 32 * len(labels),
-        margin={"l": 10, "r": 10, "t": 30, "b": 30},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
+        height=150 + 32 * len(labels),
+        margin={"l": 10, "r": 10, "t": 60, "b": 30},  # room above the bars for the legend's two rows
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         xaxis={"title": "trials", "rangemode": "tozero"},
         yaxis={"autorange": "reversed", "automargin": True},
     )
@@ -313,8 +319,10 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
     the share of trained trials that diverged, below the share that was unstable (the loss once rose
     above UNSTABLE_RATIO x its baseline, then came back), in the same colours."""
     rates = analysis.divergence_rate(trials, by=_unique([color_by, x]))
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, subplot_titles=[
-        "diverged", f"unstable: the loss once rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back"])
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16, subplot_titles=[
+        "diverged (the loss became NaN or infinite)",
+        f"unstable (rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back)"])
+    figure.for_each_annotation(lambda note: note.update(x=0, xanchor="left", font={"size": 12}))  # fits a column
     colors = _color_map(rates[color_by].tolist() if color_by in rates else [])
     groups = rates.groupby(color_by, sort=False, dropna=False) if len(rates) else []
     for group, rows in sorted(groups, key=lambda item: _sort_key(_unwrap(item[0]))):
@@ -323,15 +331,15 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
         xs = [_format_value(v) for v in rows[x]]
         for row, (share, count) in enumerate((("rate", "diverged"), ("unstable_rate", "unstable")), start=1):
             text = [f"{int(k)}/{int(n)}" for k, n in zip(rows[count], rows["trials"], strict=True)]
-            figure.add_trace(go.Bar(x=xs, y=rows[share].tolist(), text=text, name=f"{color_by}={label}",
+            figure.add_trace(go.Bar(x=xs, y=rows[share].tolist(), text=text, name=f"{color_by}={plotly_text(label)}",
                                     legendgroup=label, showlegend=row == 1,
                                     marker_color=colors.get(label, _MISSING_COLOR),
-                                    hovertemplate=f"{color_by}={label}<br>{x}=%{{x}}<br>{count}: %{{text}}"
+                                    hovertemplate=f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>{count}: %{{text}}"
                                                   "<extra></extra>"), row=row, col=1)
     figure.update_layout(barmode="group", title={"text": "Divergence rate", "subtitle": {
                              "text": "share of the trained runs of each bar; the stored verdicts are unchanged"}},
-                         legend={"title": {"text": color_by}}, height=520,
-                         margin={"l": 10, "r": 10, "t": 70, "b": 40})
+                         legend={"title": {"text": color_by}}, height=540,
+                         margin={"l": 10, "r": 10, "t": 95, "b": 40})
     figure.update_xaxes(type="category")
     figure.update_xaxes(title_text=x, row=2, col=1)
     figure.update_yaxes(range=[0, 1.05], tickformat=".0%", title_text="share of runs")

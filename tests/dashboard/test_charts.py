@@ -45,6 +45,14 @@ def test_progress_bar_chart_stacks_one_bar_per_status_in_fixed_colours():
     assert {name: trace.marker.color for name, trace in by_status.items()} == charts.STATUS_COLORS
 
 
+def test_a_long_experiment_name_is_cut_on_the_axis_and_whole_in_the_hover():
+    name = "a grid with a name far longer than any bar chart axis can hold"
+    figure = charts.progress_bar_chart(pd.DataFrame({"id": [7, 8], "name": [name, "short"], "queued": [1, 2]}))
+    queued = {trace.name: trace for trace in figure.data}["queued"]
+    assert list(queued.y) == [f"#7 {name}"[:39] + "…", "#8 short"]
+    assert list(queued.customdata) == [f"#7 {name}", "#8 short"]
+
+
 def test_learning_curves_draw_train_solid_and_validation_dashed_per_trial():
     figure = charts.learning_curves(epochs_of([10, 11, 12]), TRIALS, "width")
 
