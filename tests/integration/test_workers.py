@@ -397,8 +397,11 @@ def test_a_worker_starts_one_training_process_per_usable_cpu_unless_told(migrate
 
     cpus = usable_cpus()
     engine = engine_for(migrated_sqlite_url)
-    for extra, expected in (({}, cpus), ({"FITSCOPE_WORKER_CONCURRENCY": "1"}, 1)):
-        env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path, **extra)
+    for setting, expected in ((None, cpus), ("1", 1)):
+        env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path)
+        env.pop("FITSCOPE_WORKER_CONCURRENCY")  # tests pin it to 1; here the default is under test
+        if setting is not None:
+            env["FITSCOPE_WORKER_CONCURRENCY"] = setting
         worker = WorkerProcess(env, tmp_path / f"worker-{expected}.log")
         try:
             worker.wait_ready(processes=expected)
