@@ -384,8 +384,9 @@ def export(experiment_id: Annotated[int, typer.Argument(help="Experiment to expo
 
 @app.command()
 def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu, gpu.")] = "cpu",
-           concurrency: Annotated[int | None, typer.Option(min=1, max=256,
-                                                           help="Training processes; default the setting.")] = None,
+           concurrency: Annotated[int | None, typer.Option(
+               min=1, max=256, help="Training processes; default FITSCOPE_WORKER_CONCURRENCY, else one per "
+               "usable CPU (affinity mask and container CPU quota).")] = None,
            name: Annotated[str | None, typer.Option(help="Worker name, unique among running workers; "
                                                         "default fitscope-PID@HOST.")] = None,
            loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO"):
@@ -421,7 +422,8 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
     except BrokerUnreachable as exc:
         fail(str(exc))
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={','.join(chosen)}",
-            f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
+            f"--concurrency={concurrency or settings.effective_worker_concurrency}", "--without-gossip",
+            "--without-mingle"]
     argv.append(f"--hostname={node}")
     raise typer.Exit(run_worker(celery_app, argv))  # non-zero when the worker stopped on an error
 
@@ -455,13 +457,14 @@ def workers(json_output: Annotated[bool, typer.Option("--json", help="Machine-re
     if not rows:
         typer.echo("no workers yet; start one with `fitscope worker`")
         return
-    typer.echo(f"{'name':<36} {'status':<8} {'queues':<8} {'device':<10} {'torch':<12} {'last beat':>10}  trials")
+    typer.echo(f"{'name':<36} {'status':<8} {'queues':<8} {'device':<10} {'torch':<12} {'processes':>9} "
+               f"{'last beat':>10}  trials")
     for row in rows:
         trials = ",".join(map(str, row["current_trials"][:10])) + ("..." if len(row["current_trials"]) > 10 else "")
         row = {key: terminal_text(value) if isinstance(value, str) else value for key, value in row.items()}
         typer.echo(f"{row['name'][:36]:<36} {row['status']:<8} {terminal_text(','.join(row['queues'])):<8} "
                    f"{row['device'][:10]:<10} {(row['torch_version'] or '-')[:12]:<12} "
-                   f"{row['seconds_since_heartbeat']:>4.0f} s ago  {trials or '-'}")
+                   f"{row['concurrency'] or '-':>9} {row['seconds_since_heartbeat']:>4.0f} s ago  {trials or '-'}")
 
 
 @app.command()

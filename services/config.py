@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100, description="Runs of one trial before it is marked failed.")
     metrics_flush_s: float = Field(
         1.0, ge=0, le=3600, description="Seconds between writes of a running trial's epoch rows; 0 = every epoch.")
-    worker_concurrency: int = Field(1, ge=1, le=256)
+    worker_concurrency: int | None = Field(
+        None, ge=1, le=256, description="Training processes per worker; default one per usable CPU (the "
+        "affinity mask and a container's CPU quota, services/cpus.py).")
     torch_threads: int = Field(1, ge=1, le=256, description="Threads per training process.")
     checkpoint_every_epochs: int = Field(
         10, ge=0, le=1_000_000, description="A running trial checkpoints every this many epochs; 0 = never by count.")
@@ -89,7 +91,7 @@ class Settings(BaseSettings):
         None, description="Random text (32+ characters) that signs the dashboard's sign-in cookie.")
 
     @field_validator("oidc_server_metadata_url", "oidc_client_id", "oidc_client_secret", "oidc_redirect_uri",
-                     "oidc_cookie_secret", mode="before")
+                     "oidc_cookie_secret", "worker_concurrency", mode="before")
     @classmethod
     def _unset_when_empty(cls, value):
         # docker-compose passes an unset variable as "" (${VAR:-}); that means "not configured".
@@ -180,6 +182,15 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'fitscope.db').resolve()}"
+
+    @property
+    def effective_worker_concurrency(self) -> int:
+        """Training processes per worker: FITSCOPE_WORKER_CONCURRENCY, or one per usable CPU (at most 256)."""
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        from services.cpus import usable_cpus
+
+        return min(256, usable_cpus())
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -63,7 +63,7 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
                               ("dashboard", dashboard_command(settings))):
             children.append(_Child(name, command, env, _spawn(command, env)))
         echo(f"dashboard  http://{settings.bind_host}:{settings.dashboard_port}")
-        echo("worker     1 process on queue cpu (add more with `fitscope worker` in another shell)")
+        echo(f"worker     {worker_banner(settings)} on queue cpu (add more with `fitscope worker` in another shell)")
         echo("Ctrl-C stops everything.")
         return _supervise(children, stop, echo)
     finally:
@@ -72,6 +72,13 @@ def run_stack(settings: Settings, *, echo: Callable[[str], None] = print) -> int
         if broker is not None:
             broker.stop()
         stop.restore()
+
+
+def worker_banner(settings: Settings) -> str:
+    """How many training processes the worker of `fitscope up` starts, and why that many."""
+    processes = settings.effective_worker_concurrency
+    why = "FITSCOPE_WORKER_CONCURRENCY" if settings.worker_concurrency is not None else "one per usable CPU"
+    return f"{processes} training process{'es' if processes != 1 else ''} ({why})"
 
 
 def exposure_warning(settings: Settings) -> str | None:

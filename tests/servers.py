@@ -103,8 +103,10 @@ def throwaway_postgres() -> Iterator[PostgresCluster]:
 
 def fitscope_env(*, database_url: str, broker_url: str, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FITSCOPE_")}
+    # One training process unless a test asks for more: the default (one per usable CPU) differs from
+    # machine to machine, and so would the plans of fused jobs and the load of the suite.
     env.update({"FITSCOPE_DATABASE_URL": database_url, "FITSCOPE_BROKER_URL": broker_url,
-                "FITSCOPE_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+                "FITSCOPE_HOME": str(home), "PYTHONUNBUFFERED": "1", "FITSCOPE_WORKER_CONCURRENCY": "1"})
     env.update(extra)
     return env
 

@@ -17,6 +17,7 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from celery.utils.log import get_logger
 
 from services.config import Settings, get_settings
+from services.cpus import cpu_quota
 from services.queue import make_celery
 
 log = get_logger(__name__)
@@ -118,18 +119,7 @@ def torch_threads(settings: Settings, concurrency: int | None) -> int:
     share = cpu_quota()
     if "torch_threads" in settings.model_fields_set or share is None:
         return settings.torch_threads
-    return max(1, share // max(1, concurrency or settings.worker_concurrency))
-
-
-def cpu_quota() -> int | None:
-    """Whole CPUs this process's cgroup may use (what `cpus:` in docker-compose.yml sets), or None
-    when it has no quota."""
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as file:  # cgroup v2: "<quota> <period>" or "max <period>"
-            quota, period = file.read().split()
-        return max(1, int(quota) // int(period))
-    except (OSError, ValueError):  # no cgroup v2 here, or no quota ("max")
-        return None
+    return max(1, share // max(1, concurrency or settings.effective_worker_concurrency))
 
 
 def _warm_up() -> None:

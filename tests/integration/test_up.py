@@ -15,6 +15,7 @@ import redis
 
 from services.broker import free_port, port_in_use, start_embedded_broker
 from services.config import Settings
+from services.cpus import usable_cpus
 from services.queue import enqueue_jobs, make_celery
 from tests.servers import REPO, fitscope
 
@@ -71,6 +72,12 @@ def test_up_runs_broker_worker_and_dashboard_and_ctrl_c_stops_them_all(tmp_path)
         assert submitted.returncode == 0, submitted.stderr + log_path.read_text()[-3000:]
         assert json.loads(submitted.stdout)["summary"]["counts"]["succeeded"] == 8
         assert (tmp_path / "home" / "fitscope.db").exists()
+        # One training process per usable CPU, said in the banner and by `fitscope workers`.
+        cpus = usable_cpus()
+        plural = "es" if cpus != 1 else ""
+        assert f"worker     {cpus} training process{plural} (one per usable CPU)" in log_path.read_text()
+        listed = fitscope("workers", "--json", env=env)
+        assert [row["concurrency"] for row in json.loads(listed.stdout)] == [cpus], listed.stdout + listed.stderr
         password = (tmp_path / "home" / "broker.password").read_text().strip()
         assert f"redis://:***@127.0.0.1:{broker_port}/0" in log_path.read_text()
         assert password not in log_path.read_text()

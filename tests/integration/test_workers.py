@@ -388,6 +388,35 @@ def _trial(engine, trial_id: int) -> Trial:
         return session.get(Trial, trial_id)
 
 
+@pytest.mark.slow
+def test_a_worker_starts_one_training_process_per_usable_cpu_unless_told(migrated_sqlite_url, broker_url, tmp_path,
+                                                                        engine_for):
+    """No --concurrency and no FITSCOPE_WORKER_CONCURRENCY: as many processes as this process's
+    affinity mask and CPU quota allow (the test inherits the same ones); the setting overrides."""
+    from services.cpus import usable_cpus
+
+    cpus = usable_cpus()
+    engine = engine_for(migrated_sqlite_url)
+    for setting, expected in ((None, cpus), ("1", 1)):
+        env = fitscope_env(database_url=migrated_sqlite_url, broker_url=broker_url, home=tmp_path)
+        env.pop("FITSCOPE_WORKER_CONCURRENCY")  # tests pin it to 1; here the default is under test
+        if setting is not None:
+            env["FITSCOPE_WORKER_CONCURRENCY"] = setting
+        worker = WorkerProcess(env, tmp_path / f"worker-{expected}.log")
+        try:
+            worker.wait_ready(processes=expected)
+            name = f"fitscope-{worker.process.pid}@{os.uname().nodename}"
+            assert _wait_for_row(engine, name).concurrency == expected
+            assert worker.log().count("training process") == expected, worker.log()[-2000:]
+            table = fitscope("workers", env=env).stdout
+            [line] = [line for line in table.splitlines() if line.startswith(name[:36])]
+            header = table.splitlines()[0]
+            column = slice(header.index("processes"), header.index("processes") + len("processes"))
+            assert line[column].strip() == str(expected), table
+        finally:
+            worker.stop()
+
+
 def _wait_for_row(engine, name: str, timeout_s: float = 20) -> WorkerNode:
     deadline = time.monotonic() + timeout_s
     while True:
