@@ -103,6 +103,7 @@ def browser_page(*, height: int) -> Iterator:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": height})
             page.set_default_timeout(60_000)
+            sync_api.expect.set_options(timeout=60_000)  # a first page load on a loaded machine takes seconds
             yield page
         finally:
             browser.close()

@@ -136,7 +136,7 @@ def test_a_schema_not_at_head_names_the_fix(sqlite_url, broker_url, tmp_path):
     result = fitscope("status", env=env)
     assert result.returncode == 2
     assert "run `fitscope db upgrade`" in result.stderr
-    assert Path(sqlite_url.removeprefix("sqlite:///")).exists()
+    assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()  # a command that reads creates nothing
 
 
 @pytest.mark.parametrize(("make_args", "expected"), [
@@ -157,7 +157,7 @@ def test_a_sqlite_folder_that_cannot_be_made_is_one_sentence(broker_url, tmp_pat
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     env = fitscope_env(database_url=f"sqlite:///{blocker}/sub/x.db", broker_url=broker_url, home=tmp_path)
-    result = fitscope("status", env=env)
+    result = fitscope("db", "upgrade", env=env)  # the command that creates the database and its folders
     assert result.returncode == 2
     assert "cannot create the folder of the SQLite file" in result.stderr and "Traceback" not in result.stderr
 

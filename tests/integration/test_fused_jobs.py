@@ -1,6 +1,6 @@
 """Fused jobs through the real system: the CLI submits, a real Valkey broker carries one run_job
-message for the fusable trials and one run_job message of one trial per other trial, a real `fitscope worker`
-trains them and writes SQLite rows. Every trial must end once, with one row per epoch."""
+message per group of trials that share a fusion key, a real `fitscope worker` trains each as one stack
+and writes SQLite rows. Every trial must end once, with one row per epoch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tests.servers import WorkerProcess, fitscope, fitscope_env
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS = 4
-# Three seeds x two norms: the three norm-none trials share a fusion key; batch norm never fuses.
+# Three seeds x two norms: the three trials of each norm share a fusion key (the layers differ between
+# norms), so two jobs of three; batch norm keeps each trial's running statistics in the stack.
 SPEC = f"""name: fused-and-not
 seeds: [0, 1, 2]
 parameters:
@@ -68,21 +69,22 @@ def test_a_fusable_grid_runs_as_one_job_and_every_trial_ends_once(env_and_worker
     assert [(t.status, t.attempts, t.epochs_done) for t in trials] == [("succeeded", 1, EPOCHS)] * 6
     assert all(rows == list(range(1, EPOCHS + 1)) for rows in epochs.values()), epochs
     fused = [t for t in trials if t.config["norm"] == "none"]
-    alone = [t for t in trials if t.config["norm"] == "batch"]
-    assert len(fused) == len(alone) == 3
+    batch_norm = [t for t in trials if t.config["norm"] == "batch"]
+    assert len(fused) == len(batch_norm) == 3
     # Same result shape both ways: every final metric, a verdict, the prediction artifact's data.
-    assert all(t.final_metrics.keys() == alone[0].final_metrics.keys() and t.verdict for t in trials)
+    assert all(t.final_metrics.keys() == batch_norm[0].final_metrics.keys() and t.verdict for t in trials)
     assert len({t.final_metrics["final_val_loss"] for t in fused}) == 3  # three seeds, three models
+    assert len({t.final_metrics["final_val_loss"] for t in batch_norm}) == 3
     # How many trials shared the model each trial trained in: shown on its dashboard page.
-    assert [t.final_metrics["trained_with"] for t in trials] == [3 if t in fused else 1 for t in trials]
+    assert [t.final_metrics["trained_with"] for t in trials] == [3] * 6
 
     log = worker.log()
-    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)) == 4, log[-3000:]
-    assert _job_sizes(log) == [1, 1, 1, 3], log[-3000:]
+    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)) == 2, log[-3000:]
+    assert _job_sizes(log) == [3, 3], log[-3000:]
     assert "job of 3 trials trained" in log
     assert len({t.worker for t in fused}) == 1
 
-    # `fitscope requeue` plans the re-run as the submission did: one job again, three singles.
+    # `fitscope requeue` plans the re-run as the submission did: two jobs of three again.
     experiment_id = json.loads(submitted.stdout)["experiment_id"]
     requeued = fitscope("requeue", str(experiment_id), "--status", "succeeded", env=env)
     assert requeued.returncode == 0 and "6 trials re-queued" in requeued.stdout, requeued.stderr
@@ -95,8 +97,8 @@ def test_a_fusable_grid_runs_as_one_job_and_every_trial_ends_once(env_and_worker
         assert time.monotonic() < deadline, worker.log()[-3000:]
         time.sleep(0.2)
     log = worker.log()
-    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)) == 8, log[-3000:]
-    assert _job_sizes(log) == [1, 1, 1, 1, 1, 1, 3, 3], log[-3000:]
+    assert len(re.findall(r"Task fitscope\.run_job\[[^\]]+\] received", log)) == 4, log[-3000:]
+    assert _job_sizes(log) == [3, 3, 3, 3], log[-3000:]
 
 
 # Rows are written only every 600 s, so the cancel must come from the job's per-epoch flag read.
