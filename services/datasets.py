@@ -366,8 +366,9 @@ def _feature_values(rows: list[list[str]], lines: list[int], header: list[str], 
             try:
                 number = float(cell)
             except ValueError:
-                raise DatasetError(f"{name}: column {_show(header[column])} has text {_show(cell)} on line "
-                                   f"{lines[r]}, but feature columns must hold numbers; fix the cell or remove "
+                # The cell itself is never echoed: a CSV file's contents stay out of messages and logs.
+                raise DatasetError(f"{name}: column {_show(header[column])} has text on line {lines[r]}, but "
+                                   "feature columns must hold numbers (a decimal comma?); fix the cell or remove "
                                    "the column") from None
             if not math.isfinite(number):
                 raise DatasetError(f"{name}: column {_show(header[column])} has the infinite value {_show(cell)} "
@@ -396,9 +397,8 @@ def _encode_target(cells: list[str], lines: list[int], *, spec: CsvDataset,
     if task == "regression":
         if not numeric:
             index = next(i for i, n in enumerate(numbers) if n is None)
-            raise DatasetError(f"{name}: target column {_show(spec.target)} has text {_show(cells[index])} on "
-                               f"line {lines[index]} but task is regression; fix the cell or use task: "
-                               "classification")
+            raise DatasetError(f"{name}: target column {_show(spec.target)} has text on line {lines[index]} "
+                               "but task is regression; fix the cell or use task: classification")
         return np.asarray(numbers, dtype=np.float64), task, ()
     if numeric:  # 1 and 1.0 are one class; sort numerically so that 2 comes before 10
         labels = sorted(set(numbers))

@@ -177,7 +177,7 @@ CSVS = [
         {"data.csv": b"a,b,y\n1,2,0\n3,4\n5,6,1\n"}),
     Bad("csv-ragged-long-row", "line 4 has 4 cells but the header has 3", _spec_naming("data.csv"),
         {"data.csv": b"a,b,y\n1,2,0\n3,4,1\n5,6,1,9\n"}),
-    Bad("csv-text-in-a-numeric-column", "column 'b' has text 'abc' on line 3", _spec_naming("data.csv"),
+    Bad("csv-text-in-a-numeric-column", "column 'b' has text on line 3, but", _spec_naming("data.csv"),
         {"data.csv": b"a,b,y\n1,2,0\n3,abc,1\n5,6,0\n"}),
     Bad("csv-infinite-value", "infinite value 'inf' on line 2", _spec_naming("data.csv"),
         {"data.csv": b"a,b,y\n1,inf,0\n3,4,1\n"}),

@@ -49,8 +49,10 @@ def test_a_bad_csv_exits_2_with_one_sentence_and_writes_nothing(env, tmp_path, m
     for command in ("validate", "submit"):
         result = fitscope(command, spec, env=env, cwd=tmp_path / "data")  # paths are relative to the spec file
         assert result.returncode == 2, result.stderr
-        assert result.stderr.strip() == ("error: data/points.csv: column 'x2' has text 'oops' on line 3, but feature "
-                                         "columns must hold numbers; fix the cell or remove the column")
+        assert result.stderr.strip() == ("error: data/points.csv: column 'x2' has text on line 3, but feature "
+                                         "columns must hold numbers (a decimal comma?); fix the cell or remove the "
+                                         "column")
+        assert "oops" not in result.stderr  # the file's contents are never echoed, only its column names
     assert _counts(engine_for(migrated_sqlite_url)) == (0, 0, 0)
 
 
