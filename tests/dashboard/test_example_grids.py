@@ -169,7 +169,7 @@ def test_divergence_chart_shows_unstable_runs_next_to_diverged_ones(grids):
     drawn = sum(int(text.split("/")[0]) for trace in bars["data"] if trace.get("yaxis") == "y2"
                 for text in trace["text"])
     assert drawn >= unstable  # the train-loss rule alone; validation blow-ups count too
-    assert bars["layout"]["annotations"][1]["text"].startswith("unstable: the loss once rose above 10x")
+    assert bars["layout"]["annotations"][1]["text"].startswith("unstable (rose above 10x its baseline")
 
 
 def test_fit_analysis_draws_data_size_as_panels_not_as_an_average(grids):
