@@ -385,3 +385,16 @@ def test_importance_bars_put_interactions_and_seed_noise_last_in_grey():
     (bars,) = charts.importance_bars(shares, metric="final_val_loss").data
     assert list(bars.y) == ["seed noise", "interactions", "n_train", "width"]  # drawn bottom-up
     assert list(bars.marker.color)[:2] == ["#9e9e9e", "#9e9e9e"]
+
+
+def test_trial_labels_name_every_varying_parameter_even_a_missing_one():
+    from dashboard.widgets import trial_labels
+
+    trials = pd.DataFrame({"trial_id": [1, 2, 3], "ordinal": [0, 1, 2], "lr": [0.1, 0.01, 0.1],
+                           "early_stopping": [None, None, {"patience": 20}],  # pandas 3 keeps None as missing
+                           "verdict": ["overfit", None, "good_fit"]})
+    assert trial_labels(trials, ["early_stopping", "lr"]) == {
+        1: "trial 0 · early_stopping=None, lr=0.1 · overfit",
+        2: "trial 1 · early_stopping=None, lr=0.01",
+        3: "trial 2 · early_stopping={'patience': 20}, lr=0.1 · good fit"}
+    assert trial_labels(trials, []) == {1: "trial 0 · overfit", 2: "trial 1", 3: "trial 2 · good fit"}
