@@ -212,5 +212,6 @@ def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, pa
     screenshot(page, f"{example}-4-optimizers-and-schedules")
     page.goto(f"{url}/trial?trial=2")
     expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible(timeout=90_000)
-    page.wait_for_timeout(1000)
+    expect(page.locator(".scatterlayer .trace").first).to_be_attached(timeout=90_000)  # its curves drawn
+    page.wait_for_timeout(1500)
     screenshot(page, f"{example}-5-trial")
