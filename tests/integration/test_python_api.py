@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,7 +67,9 @@ def test_the_api_submits_a_grid_waits_and_reads_the_results_back(stack, migrated
     assert "\r" not in progress and progress.splitlines()[-1].endswith("4/4 trials ended  succeeded=4")
 
     figure = fitscope.charts.learning_curves(epochs, trials, "width")
-    assert len([trace for trace in figure.data if len(trace.x)]) == 2 * 4  # train and validation per trial
+    traces = [trace for trace in figure.data if len(trace.x)]
+    assert len(traces) == 2 * 2  # train and validation per width, each line through its trials with gaps
+    assert all(np.isfinite(np.asarray(trace.y, dtype=float)).sum() == 2 * 4 for trace in traces)  # 2 trials x 4
 
     for what in ("trials", "epochs"):
         _parquet_holds_what_the_csv_holds(env, experiment.id, what, tmp_path)
