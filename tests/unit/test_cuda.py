@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from services.trial_config import TrialConfig
-from worker.training.checkpoint import JobState, job_state_from_bytes, job_state_to_bytes
-from worker.training.fused import train_fused
+from tests.unit.test_fused_resume import _run as run_and_stop
+from worker.training.checkpoint import JobState, job_state_from_bytes
 
 pytestmark = [
     pytest.mark.cuda,
@@ -32,28 +32,10 @@ ALIKE = {
 STOP_AFTER = 3
 
 
-class _Crash(Exception):
-    """Stands in for a worker killed right after its checkpoint was saved."""
-
-
 def _run(configs, *, device: str, stop_after: int | None = None, resume: JobState | None = None):
-    rows: dict[int, list] = {i: [] for i in range(len(configs))}
-    saved: list[bytes] = []
-
-    def on_epoch(epoch_rows):
-        for index, metrics in epoch_rows.items():
-            rows[index].append(metrics)
-
-    def checkpoint(epoch, capture):
-        if epoch == stop_after:
-            saved.append(job_state_to_bytes(capture()))
-            raise _Crash
-
-    try:
-        results = train_fused(configs, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, device=device)
-    except _Crash:
-        return None, rows, saved[0]
-    return results, rows, None
+    """The resume tests' runner on ``device``: (results or None, rows, checkpoint bytes or None)."""
+    results, rows, _, saved = run_and_stop(configs, device=device, stop_after=stop_after, resume=resume)
+    return results, rows, saved
 
 
 def _numbers(rows) -> list[dict]:
