@@ -109,6 +109,9 @@ class EpochMetric(Base):
     val_r2: Mapped[float | None] = mapped_column(Float)
     grad_norm: Mapped[float | None] = mapped_column(Float, comment="L2 norm of the last step's gradient")
     weight_norm: Mapped[float | None] = mapped_column(Float, comment="L2 norm of all weights at epoch end")
+    layer_grad_norms: Mapped[list[float | None] | None] = mapped_column(
+        JSON(none_as_null=True),
+        comment="L2 norm of each linear layer's gradient at grad_norm's step, first layer first")
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

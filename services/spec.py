@@ -154,6 +154,7 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
     if not isinstance(fuse, bool):
         problems.append(f"fuse: must be true or false, got {describe(fuse)}")
     parameters = _parameters(data.get("parameters"), method, problems, warnings)
+    _warn_unused_min_lr(parameters, warnings)
     if not problems and data.get("parameters") in (None, {}):
         problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
                         "(W&B refuses a sweep without parameters too)")
@@ -169,6 +170,22 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
         metric_goal=metric_goal, seeds=seeds, sampler_seed=sampler_seed, fuse=fuse, parameters=parameters,
         warnings=warnings, raw=copy.deepcopy(data),
     )
+
+
+_MIN_LR_SCHEDULES = ("cosine", "warmup_cosine", "lr_range_test")
+
+
+def _warn_unused_min_lr(parameters: dict[str, Parameter], warnings: list[str]) -> None:
+    # min_lr means something to three schedules only; set beside none of them, say it does nothing.
+    if "min_lr" not in parameters:
+        return
+    schedule = parameters.get("schedule")
+    schedules = set(schedule.values) if schedule is not None and schedule.values else {"constant"}
+    if schedule is not None and not schedule.values:
+        return  # a drawn schedule: which ones come up is not known here
+    if not schedules & set(_MIN_LR_SCHEDULES):
+        warnings.append(f"min_lr: only schedules {', '.join(_MIN_LR_SCHEDULES)} use it, so it is ignored with "
+                        f"schedule {', '.join(sorted(map(str, schedules)))}")
 
 
 def count_trials(spec: GridSpec) -> int:

@@ -24,7 +24,8 @@ BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "sine", "polyno
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
 Loss = Literal["auto", "cross_entropy", "bce", "mse", "mae", "huber"]
-Schedule = Literal["constant", "step", "multistep", "exponential", "cosine", "warmup_cosine", "one_cycle", "plateau"]
+Schedule = Literal["constant", "step", "multistep", "exponential", "cosine", "warmup_cosine", "one_cycle", "plateau",
+                   "lr_range_test"]
 Device = Literal["cpu", "cuda", "auto"]
 
 CLASSIFICATION_LOSSES = ("cross_entropy", "bce")
@@ -141,7 +142,8 @@ class TrialConfig(BaseModel):
 
     # --- learning-rate schedule ---
     schedule: Schedule = Field("constant", description="How the learning rate moves: constant, step, multistep, "
-                                 "exponential, cosine, warmup_cosine, one_cycle (peaks at lr), plateau.")
+                                 "exponential, cosine, warmup_cosine, one_cycle (peaks at lr), plateau, lr_range_test (rises "
+                                 "exponentially every step from min_lr to lr: the learning-rate range test).")
     step_size: Annotated[int, Field(ge=1, le=10_000)] = Field(10, description="step: epochs between decays.")
     milestones: tuple[Annotated[int, Field(ge=1, le=10_000)], ...] = Field(
         (30, 60), max_length=100, description="multistep: epochs at which the rate decays.")
@@ -150,7 +152,8 @@ class TrialConfig(BaseModel):
     warmup_epochs: Annotated[int, Field(ge=0, le=10_000)] = Field(
         5, description="warmup_cosine: epochs of linear warm-up from 0.")
     min_lr: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = Field(
-        0.0, description="cosine, warmup_cosine: the floor of the rate.")
+        0.0, description="cosine, warmup_cosine: the floor of the rate; lr_range_test: the first step's rate "
+        "(above 0, below lr). Ignored by the other schedules.")
     plateau_patience: Annotated[int, Field(ge=1, le=10_000)] = Field(
         5, description="plateau: epochs without validation improvement before decaying by gamma.")
 
@@ -183,6 +186,10 @@ class TrialConfig(BaseModel):
             repeated = next(epoch for epoch in self.milestones if self.milestones.count(epoch) > 1)
             raise ValueError(f"milestones lists epoch {repeated} more than once, which would decay the rate twice "
                              "there; list each epoch once")
+        if self.schedule == "lr_range_test" and not 0 < self.min_lr < self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} must be above 0 and below lr {self.lr:g} for schedule "
+                             f"lr_range_test, which raises the rate from min_lr to lr; set e.g. min_lr: "
+                             f"{self.lr / 1e4:g}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of the rows for training")
         return self

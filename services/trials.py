@@ -26,6 +26,8 @@ from services.models import TERMINAL_STATUSES, EpochMetric, Trial, TrialArtifact
 EPOCH_METRIC_FIELDS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_seconds",
                        "train_rmse", "val_rmse", "train_mae", "val_mae", "train_r2", "val_r2",
                        "grad_norm", "weight_norm")
+# Per-epoch lists, one JSON column each: the gradient norm of each Linear layer, first layer first.
+EPOCH_SERIES_FIELDS = ("layer_grad_norms",)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *
         # attempt cannot be there: a takeover deletes them before the new attempt writes.
         session.execute(insert_ignoring_conflicts(session, EpochMetric), [
             {"trial_id": trial_id, "epoch": int(row["epoch"]),
-             **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS}}
+             **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS},
+             **{name: _finite_list_or_none(row.get(name)) for name in EPOCH_SERIES_FIELDS}}
             for row in rows
         ])
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
@@ -302,6 +305,11 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _finite_list_or_none(values: Any) -> list | None:
+    # JSON has no NaN or inf (PostgreSQL refuses them): each becomes null.
+    return None if values is None else [_finite_or_none(float(v)) if v is not None else None for v in values]
 
 
 def _clip(text: str | None, limit: int = 4000) -> str | None:

@@ -140,6 +140,7 @@ def train_trial(
             train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
             train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(grad_norm),
             weight_norm=finite_or_none(_l2_norm(list(model.parameters())).item()),
+            layer_grad_norms=layer_grad_norms(model),
         )
         last = metrics
         if best is None or metrics.val_loss < best.val_loss:
@@ -240,6 +241,13 @@ def train_one_epoch(
         # The step leaves .grad as backward made it, so the last step's gradient is still there.
         grad_norm = _l2_norm([p.grad for p in params if p.grad is not None])
     return grad_norm.item()
+
+
+def layer_grad_norms(model: nn.Module) -> list[float]:
+    """The L2 norm of each nn.Linear's gradient (weight and bias) as the last step left it, first
+    layer first."""
+    return [_l2_norm([p.grad for p in layer.parameters() if p.grad is not None]).item()
+            for layer in model.modules() if isinstance(layer, nn.Linear)]
 
 
 def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:

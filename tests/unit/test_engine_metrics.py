@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from services.trial_config import TrialConfig
-from services.trials import EPOCH_METRIC_FIELDS
+from services.trials import EPOCH_METRIC_FIELDS, EPOCH_SERIES_FIELDS
 from worker.training import EpochMetrics, fused, fused_results, train_trial
 from worker.training.data import make_dataset
 from worker.training.losses import build_loss, resolve_loss
@@ -22,7 +22,8 @@ SMALL = dict(n_train=64, n_val=32, n_test=32, width=16, depth=2, epochs=3)
 
 
 def test_epoch_rows_carry_exactly_the_database_columns() -> None:
-    assert tuple(f.name for f in dataclasses.fields(EpochMetrics)) == ("epoch", *EPOCH_METRIC_FIELDS)
+    assert tuple(f.name for f in dataclasses.fields(EpochMetrics)) == ("epoch", *EPOCH_METRIC_FIELDS,
+                                                                     *EPOCH_SERIES_FIELDS)
 
 
 def test_classification_rows() -> None:

@@ -8,6 +8,7 @@ from torch.optim import lr_scheduler
 
 from services.trial_config import TrialConfig
 from worker.training import EpochMetrics, train_trial
+from worker.training.fused_optim import StepRates
 from worker.training.schedules import build_schedule
 
 EPOCHS, STEPS, LR = 30, 4, 0.1
@@ -121,3 +122,68 @@ def test_the_lr_metric_is_the_rate_each_epoch_trained_at(schedule: str) -> None:
         reference = _torch_rates(lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=1),
                                  per_step=False, val_losses=[m.val_loss for m in rows], epochs=6, lr=0.05)
         assert [m.lr for m in rows] == pytest.approx(reference[::4])
+
+
+# --- the learning-rate range test ---------------------------------------------------------------
+
+RANGE = dict(schedule="lr_range_test", min_lr=1e-5, lr=LR, epochs=EPOCHS)
+
+
+def test_range_test_rates_equal_torchs_exponential_and_lambda_schedulers_to_1e_12() -> None:
+    config = TrialConfig(**RANGE)
+    total = EPOCHS * STEPS
+    factor = (LR / 1e-5) ** (1 / (total - 1))  # the same factor every step
+    exponential = _torch_rates(lambda o: lr_scheduler.ExponentialLR(o, gamma=factor), per_step=True,
+                               val_losses=[], lr=1e-5)
+    lambda_lr = _torch_rates(lambda o: lr_scheduler.LambdaLR(o, lambda step: 1e-5 / LR * factor ** step),
+                             per_step=True, val_losses=[], lr=LR)
+    engine = _engine_rates(config, VAL_LOSSES)  # the one-module path: schedules.build_schedule
+    stacked = [rate for epoch in range(1, EPOCHS + 1) for rate in StepRates(config, steps=STEPS).epoch(epoch)]
+
+    assert engine[0] == stacked[0] == 1e-5 and stacked[-1] == pytest.approx(LR, abs=1e-12)
+    for rates in (engine, stacked):
+        assert rates == pytest.approx(exponential, rel=1e-12, abs=1e-12)
+        assert rates == pytest.approx(lambda_lr, rel=1e-12, abs=1e-12)
+    assert all(b > a for a, b in zip(stacked, stacked[1:], strict=False))  # it rises every step
+
+
+@pytest.mark.parametrize(("min_lr", "lr"), [(0.0, 0.1), (0.1, 0.1), (0.5, 0.1)])
+def test_range_test_refuses_a_start_that_is_not_between_0_and_lr(min_lr: float, lr: float) -> None:
+    with pytest.raises(ValueError, match=r"min_lr .* must be above 0 and below lr .* lr_range_test"):
+        TrialConfig(schedule="lr_range_test", min_lr=min_lr, lr=lr)
+
+
+def test_the_spec_says_min_lr_is_ignored_where_no_schedule_uses_it() -> None:
+    from services.spec import parse_spec
+
+    ignored = parse_spec("name: t\nparameters:\n  min_lr: {value: 0.001}\n  schedule: {values: [constant, step]}\n")
+    used = parse_spec("name: t\nparameters:\n  min_lr: {value: 0.001}\n  schedule: {values: [constant, cosine]}\n")
+
+    assert any(w.startswith("min_lr: only schedules") and "constant, step" in w for w in ignored.warnings)
+    assert not any(w.startswith("min_lr") for w in used.warnings)
+
+
+def test_a_range_test_trial_records_every_steps_rate_and_loss() -> None:
+    config = TrialConfig(schedule="lr_range_test", min_lr=1e-4, lr=1.0, epochs=3, optimizer="sgd",
+                         n_train=64, n_val=32, n_test=0, width=8, batch_size=16)  # 4 steps per epoch
+    rows: list[EpochMetrics] = []
+    result = train_trial(config, on_epoch=rows.append)
+    curve = result.artifacts["lr_range"]
+
+    assert curve["steps"] == len(curve["lr"]) == len(curve["loss"]) == 12
+    assert curve["lr"] == pytest.approx([1e-4 * (1e4 ** (s / 11)) for s in range(12)], rel=1e-12)
+    assert [m.lr for m in rows] == curve["lr"][::4]  # the lr column: each epoch's first step
+    assert all(loss > 0 for loss in curve["loss"])
+
+
+def test_the_range_tests_curve_is_thinned_evenly_keeping_both_ends() -> None:
+    from worker.training.artifacts import LR_RANGE_POINTS, lr_range_artifact
+
+    points = [(float(i), float("nan") if i == 7 else float(i)) for i in range(5_001)]
+    curve = lr_range_artifact(points)
+
+    assert len(curve["lr"]) == LR_RANGE_POINTS and curve["steps"] == 5_001
+    assert curve["lr"][0] == 0 and curve["lr"][-1] == 5_000
+    gaps = {round(b - a) for a, b in zip(curve["lr"], curve["lr"][1:], strict=False)}
+    assert gaps <= {2, 3}  # evenly: 5,000 / 1,999 apart
+    assert lr_range_artifact([(1.0, 2.0), (2.0, float("inf"))])["loss"] == [2.0, None]

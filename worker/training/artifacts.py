@@ -6,6 +6,8 @@
 - 2-D classification -> ``boundary_2d``: on a ``GRID`` x ``GRID`` grid over the training inputs
   (padded likewise), the predicted class and its probability per cell, plus up to ``MAX_POINTS``
   training points with their labels.
+- and, whatever the data, a learning-rate range test -> ``lr_range``: every step's (rate, batch loss), at most
+  ``LR_RANGE_POINTS`` of them (see :func:`lr_range_artifact`).
 
 Everything is in the data's raw coordinates: grid inputs are standardised with the training mean
 and std before they reach the model, exactly as the training inputs were. Any other task or shape
@@ -14,6 +16,7 @@ gets no artifact ({}).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -162,3 +165,16 @@ def round_for_json(values: torch.Tensor) -> list[float | None]:
     if bool(finite.all()):
         return rounded
     return [v if ok else None for v, ok in zip(rounded, finite.tolist(), strict=True)]
+
+
+LR_RANGE_POINTS = 2_000
+
+
+def lr_range_artifact(points: list[tuple[float, float]]) -> dict[str, Any]:
+    """``lr_range``: a range test's (rate, training-batch loss) of every step, evenly thinned to at most
+    ``LR_RANGE_POINTS`` (the first and last always kept); a loss that is not a number is null."""
+    keep = (range(len(points)) if len(points) <= LR_RANGE_POINTS
+            else sorted(set(torch.linspace(0, len(points) - 1, LR_RANGE_POINTS).round().long().tolist())))
+    chosen = [points[i] for i in keep]
+    return {"steps": len(points), "lr": [rate for rate, _ in chosen],
+            "loss": [loss if math.isfinite(loss) else None for _, loss in chosen]}

@@ -39,6 +39,7 @@ class TrialState:
     generator: torch.Tensor  # uint8 state of the init / data-order generator
     noise_generator: torch.Tensor  # uint8 state of the dropout / input-noise generator
     seconds: float  # its share of the job's time so far
+    lr_range: list | None = None  # a range test's (rate, batch loss) of every step so far
 
 
 @dataclass(frozen=True)

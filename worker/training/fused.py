@@ -159,13 +159,16 @@ def train_fused(
         epoch_started = time.perf_counter()
         running = [trials[index] for index in training.slots]  # row order; some may have ended
         rates = [trial.rates.epoch(epoch) for trial in running]
-        grad_norm = _train_one_epoch(training, running, x_train, y_train_rows, row_loss, rates=rates,
-                                     batch_size=batch_size, bounds=bounds)
+        grad_norms, step_losses = _train_one_epoch(training, running, x_train, y_train_rows, row_loss, rates=rates,
+                                                   batch_size=batch_size, bounds=bounds)
         with torch.no_grad():
             outputs = model.evaluate(x_both)  # the training and validation sets in one pass
             train = measure_rows(outputs[:, :, :n_train], y_train_rows, row_loss, loss=loss_name)
             val = measure_rows(outputs[:, :, n_train:], y_val_rows, row_loss, loss=loss_name)
-            norms = torch.stack([grad_norm, model.row_norms()], 1).tolist()
+            # per row: the gradient norm, the weight norm, then each Linear layer's gradient norm
+            norms = torch.cat([grad_norms[:, :1], model.row_norms()[:, None], grad_norms[:, 1:]], 1).tolist()
+        if step_losses is not None:
+            _record_range_test(running, rates=rates, step_losses=step_losses)
         share = (time.perf_counter() - epoch_started) / sum(trial.status == "running" for trial in running)
 
         rows: dict[int, EpochMetrics] = {}
@@ -179,7 +182,8 @@ def train_fused(
                 trial.end(training, row, status="diverged", message=bad)
                 continue
             metrics = epoch_metrics(epoch, train[row], val[row], lr=rates[row][0], seconds=share,
-                                    grad_norm=norms[row][0], weight_norm=norms[row][1])
+                                    grad_norm=norms[row][0], weight_norm=norms[row][1],
+                                    layer_grad_norms=norms[row][2:])
             trial.last, trial.epochs_run = metrics, trial.epochs_run + 1
             rows[trial.index] = metrics
             if trial.best is None or metrics.val_loss < trial.best.val_loss:
@@ -270,6 +274,11 @@ class _Trial:
     message: str | None = None
     stopped_epoch: int | None = None
     seconds: float = 0.0
+    lr_range: list[tuple[float, float]] | None = None  # lr_range_test: every step's (rate, batch loss)
+
+    def __post_init__(self) -> None:
+        if self.config.schedule == "lr_range_test":
+            self.lr_range = []
 
     def end(self, training: StackedTraining, row: int, *, status: str, message: str | None = None) -> None:
         self.status, self.message = status, message
@@ -282,7 +291,8 @@ class _Trial:
             status=self.status, message=self.message, stopped_epoch=self.stopped_epoch, epochs_run=self.epochs_run,
             last=self.last, best=self.best, stopper=self.stopper.state() if self.stopper else None,
             rates=self.rates.state(), generator=self.data_generator.get_state(),
-            noise_generator=self.noise_generator.get_state(), seconds=self.seconds)
+            noise_generator=self.noise_generator.get_state(), seconds=self.seconds,
+            lr_range=None if self.lr_range is None else list(self.lr_range))
 
     def restore(self, state: TrialState) -> None:
         if (state.stopper is None) != (self.stopper is None):
@@ -292,6 +302,8 @@ class _Trial:
         if self.stopper is not None:
             self.stopper.restore(state.stopper)
         self.rates.restore(state.rates)
+        if self.lr_range is not None:
+            self.lr_range = [tuple(point) for point in state.lr_range or []]
         # set_state on the generators themselves: they are the ones the epochs draw from.
         self.data_generator.set_state(state.generator)
         self.noise_generator.set_state(state.noise_generator)
@@ -304,10 +316,12 @@ EPOCH_GATHER_NUMBERS = 16_000_000
 
 def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.Tensor, y: torch.Tensor,
                      row_loss: PerTrialLoss, *, rates: list[list[float]], batch_size: int,
-                     bounds: list[tuple[int, int]]) -> torch.Tensor:
+                     bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step per batch (``bounds``: each step's rows) for every row; returns each row's
-    last gradient norm (before clipping). Each trial's batches come in its own order, drawn from its
-    generator (nothing is drawn when one batch covers the set)."""
+    last gradient norms (before clipping: all parameters, then each Linear layer; StackedTraining.step)
+    and, when a trial runs a range test, every step's batch loss per row ``[steps, slots]``. Each
+    trial's batches come in its own order, drawn from its generator (nothing is drawn when one batch
+    covers the set)."""
     n = x.shape[0]
     training_rows = training.training
     if batch_size >= n:
@@ -333,6 +347,9 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
     frozen = (torch.tensor([not is_training for is_training in training_rows], device=x.device).view(-1, 1, 1)
               if model.statistics and not all(training_rows) else None)
     norm = None
+    # A range test plots loss against each step's rate: keep every step's batch loss (on the device
+    # until the epoch ends, so no step waits for a read).
+    step_losses = [] if any(trial.lr_range is not None for trial in running) else None
     for step, (start, end) in enumerate(bounds):
         if order is None:
             inputs, labels = x_epoch[:, start:end], y_epoch[:, start:end]
@@ -342,9 +359,19 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise
-        loss = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, frozen=frozen), labels).sum()
-        norm = training.step(loss, lr=step_rates[step], want_norm=step == len(bounds) - 1)
-    return norm
+        losses = row_loss(model.forward(inputs, train=True, dropout_scales=dropout_scales, frozen=frozen), labels)
+        if step_losses is not None:
+            step_losses.append(losses.detach())
+        norm = training.step(losses.sum(), lr=step_rates[step], want_norm=step == len(bounds) - 1)
+    return norm, None if step_losses is None else torch.stack(step_losses)
+
+
+def _record_range_test(running: list[_Trial], *, rates: list[list[float]], step_losses: torch.Tensor) -> None:
+    """Add this epoch's (rate, batch loss) of every step to each range-test trial still training."""
+    losses = step_losses.T.tolist()  # [slots, steps]
+    for row, trial in enumerate(running):
+        if trial.lr_range is not None and trial.status == "running":
+            trial.lr_range.extend(zip(rates[row], losses[row], strict=True))
 
 
 def _check_fusable(configs: Sequence[TrialConfig]) -> None:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.training.schedules import LearningRateSchedule, build_schedule
+from worker.training.schedules import LearningRateSchedule, build_schedule, lr_range_test_rate
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -233,8 +233,8 @@ def _runs(lr: Sequence[float], numbers: Sequence[tuple], training: Sequence[bool
 @dataclass
 class StepRates:
     """A trial's learning rate at each step: torch's own scheduler, on a stand-in optimizer, for
-    the epoch-wise schedules; OneCycleLR's formula for one_cycle (a whole epoch at a time, rather
-    than a scheduler call per trial per step)."""
+    the epoch-wise schedules; OneCycleLR's formula for one_cycle and schedules.lr_range_test_rate for
+    lr_range_test (a whole epoch at a time, rather than a scheduler call per trial per step)."""
 
     config: TrialConfig
     steps: int
@@ -242,7 +242,7 @@ class StepRates:
     holder: torch.optim.Optimizer | None = None
 
     def __post_init__(self) -> None:
-        if self.config.schedule != "one_cycle":
+        if self.config.schedule not in ("one_cycle", "lr_range_test"):
             self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.config.lr)
             self.schedule = build_schedule(self.config, self.holder, steps_per_epoch=self.steps)
             self.holder.step()  # no gradient, so no change; tells the scheduler its optimizer steps
@@ -251,6 +251,10 @@ class StepRates:
         """The rate of each step of this (1-based) epoch."""
         if self.holder is not None:
             return [self.holder.param_groups[0]["lr"]] * self.steps
+        if self.config.schedule == "lr_range_test":
+            total, first = self.config.epochs * self.steps, (epoch - 1) * self.steps
+            return [lr_range_test_rate(first + step, total_steps=total, min_lr=self.config.min_lr, lr=self.config.lr)
+                    for step in range(self.steps)]
         return [self._one_cycle((epoch - 1) * self.steps + step) for step in range(self.steps)]
 
     def after_epoch(self, val_loss: float) -> None:
@@ -258,7 +262,8 @@ class StepRates:
             self.schedule.after_epoch(val_loss)
 
     def state(self) -> dict | None:
-        """The schedule's state (plain data; None for one_cycle, which depends on the step alone)."""
+        """The schedule's state (plain data; None for one_cycle and lr_range_test, which depend on the
+        step alone)."""
         if self.holder is None:
             return None
         scheduler = self.schedule.scheduler

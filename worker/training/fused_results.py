@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.training.artifacts import prediction_artifacts_rows
+from worker.training.artifacts import lr_range_artifact, prediction_artifacts_rows
 from worker.training.fused_stack import StackedModel, row_size
 from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import parameter_count
@@ -133,6 +133,8 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
         final_metrics["parameter_count"] = count
         final_metrics.update(weights)
         final_metrics["train_seconds"] = set_up_s + trial.seconds + share
+        if trial.lr_range:  # a range test's steps, whatever its ending (a blow-up is part of the picture)
+            artifacts = {**artifacts, "lr_range": lr_range_artifact(trial.lr_range)}
         results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
                                            message=trial.message, artifacts=artifacts)

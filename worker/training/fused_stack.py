@@ -204,6 +204,9 @@ class StackedTraining:
         owners = [(layer, name) for layer in model.layers for name, _ in layer.named_parameters(recurse=False)]
         self.penalised = [i for i, (layer, name) in enumerate(owners)  # what l1 acts on: Linear weights
                           if isinstance(layer, nn.Linear) and name == "weight"]
+        # Each Linear layer's parameters (weight and bias), first layer first: its gradient norm's parts.
+        linear = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
+        self.linear_params = [[i for i, (owner, _) in enumerate(owners) if owner is layer] for layer in linear]
 
     @classmethod
     def resumed(cls, template: nn.Module, configs: Sequence[TrialConfig], state: dict, *,
@@ -230,8 +233,10 @@ class StackedTraining:
 
     def step(self, loss: torch.Tensor, *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
         """Backward from ``loss`` (the sum of every row's loss, so each row gets its own gradient)
-        and one optimizer step at each row's rate ``lr``; returns each row's gradient norm before
-        clipping when asked."""
+        and one optimizer step at each row's rate ``lr``. When asked, returns ``[slots, 1 + layers]``:
+        each row's gradient norm before clipping (all parameters), then the norm of each Linear
+        layer's gradient (its weight and bias), first layer first; with only Linear layers, the
+        first column is the root of the sum of the others' squares."""
         params = self.model.params
         # The optimizer kernels read gradients as flat memory: a strided one would be misread with
         # no error. Autograd returns them contiguous here (feature-major layout); kept so if not.
@@ -240,14 +245,18 @@ class StackedTraining:
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
                 for i in self.penalised:
                     grads[i].addcmul_(params[i].sign(), self.l1)
-            norm = _row_norms(grads) if want_norm or self.any_clip else None
+            per_tensor = _tensor_norms(grads) if want_norm or self.any_clip else None
+            norm = None if per_tensor is None else torch.linalg.vector_norm(per_tensor, dim=1)
             if self.any_clip:  # torch.nn.utils.clip_grad_norm_, per row; rows without a clip keep 1
                 coefficient = (self.clip / (norm.view(-1, 1, 1) + 1e-6)).clamp(max=1.0)
                 coefficient = torch.where(torch.isinf(self.clip), 1.0, coefficient)
                 for grad in grads:
                     grad.mul_(coefficient)
             self.optimizer.step(grads, lr=lr, training=self.training)
-        return norm
+            if not want_norm:
+                return None
+            layers = [torch.linalg.vector_norm(per_tensor[:, columns], dim=1) for columns in self.linear_params]
+            return torch.stack([norm, *layers], 1)
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
@@ -366,11 +375,15 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
+def _tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    # [slots, tensors]: each row's L2 norm of each tensor
+    return torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], 1)
+
+
 def _row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     # Each row's L2 norm over all the tensors: the norm of its per-tensor norms, as
     # torch.nn.utils.clip_grad_norm_ takes it.
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], 1), dim=1)
+    return torch.linalg.vector_norm(_tensor_norms(tensors), dim=1)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

@@ -25,7 +25,8 @@ class DeviceUnavailable(ValueError):
 class EpochMetrics:
     """One row of per-epoch metrics, measured after the epoch's last step. Losses are means per example.
 
-    Its fields are ``epoch`` followed by services.trials.EPOCH_METRIC_FIELDS, in that order.
+    Its fields are ``epoch`` followed by services.trials.EPOCH_METRIC_FIELDS, then
+    services.trials.EPOCH_SERIES_FIELDS, in that order.
     """
 
     epoch: int  # 1-based
@@ -43,6 +44,9 @@ class EpochMetrics:
     val_r2: float | None = None
     grad_norm: float | None = None  # L2 norm of the epoch's last full gradient, before clipping
     weight_norm: float | None = None  # L2 norm of all parameters at the epoch's end
+    # The L2 norm of each Linear layer's gradient (weight and bias) at the same step as grad_norm,
+    # first layer first (services.trials.EPOCH_SERIES_FIELDS: stored as one JSON list)
+    layer_grad_norms: list[float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def divergence(train_loss: float, val_loss: float, epoch: int) -> str | None:
 
 
 def epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: float, grad_norm: float,
-                  weight_norm: float) -> EpochMetrics:
+                  weight_norm: float, layer_grad_norms: list[float] | None = None) -> EpochMetrics:
     """The row of ``epoch`` from the training and validation measurements (losses.measure's keys)."""
     return EpochMetrics(
         epoch=epoch, train_loss=train["loss"], val_loss=val["loss"],
@@ -111,6 +115,7 @@ def epoch_metrics(epoch: int, train: dict, val: dict, *, lr: float, seconds: flo
         train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
         train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(grad_norm),
         weight_norm=finite_or_none(weight_norm),
+        layer_grad_norms=None if layer_grad_norms is None else [finite_or_none(v) for v in layer_grad_norms],
     )
 
 

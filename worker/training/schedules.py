@@ -15,6 +15,10 @@ of the epoch's first step.
                  cycle_momentum=False, so config.momentum and betas keep the values the user set
 - plateau:       ReduceLROnPlateau(factor=gamma, patience=plateau_patience) on the validation loss;
                  gamma=1 never decays (torch refuses a factor of 1, so the rate simply stays)
+- lr_range_test: the learning-rate range test (Smith 2015; fastai's lr_find): the rate rises
+                 exponentially every step, from min_lr at the first step to lr at the last
+                 (epochs * steps_per_epoch steps): LambdaLR, stepped per batch, the same factor each
+                 step. Its epoch's ``lr`` metric is the rate of the epoch's first step.
 """
 
 from __future__ import annotations
@@ -66,7 +70,22 @@ def build_schedule(
             lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps, cycle_momentum=False),
             per_step=True,
         )
+    if name == "lr_range_test":
+        total_steps = config.epochs * steps_per_epoch
+
+        def factor(step: int) -> float:
+            return lr_range_test_rate(step, total_steps=total_steps, min_lr=config.min_lr, lr=config.lr) / config.lr
+
+        return LearningRateSchedule(lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
     return LearningRateSchedule(_EPOCH_SCHEDULERS[name](optimizer, config))
+
+
+def lr_range_test_rate(step: int, *, total_steps: int, min_lr: float, lr: float) -> float:
+    """The range test's rate at (0-based) ``step`` of ``total_steps``: min_lr times the same factor
+    (lr / min_lr) ** (1 / (total_steps - 1)) per step, so min_lr at the first step and lr at the last
+    (a single step trains at min_lr)."""
+    fraction = step / (total_steps - 1) if total_steps > 1 else 0.0
+    return min_lr * (lr / min_lr) ** fraction
 
 
 def warmup_cosine_factor(epoch: int, *, warmup_epochs: int, epochs: int, lr: float, min_lr: float) -> float:
