@@ -121,8 +121,8 @@ def train_trial(
         lr = optimizer.param_groups[0]["lr"]
         batches = get_batches(x_train, y_train, batch_size=batch_size, generator=generator,
                               merge_single=merge_single)
-        grad_norm = train_one_epoch(model, optimizer, loss_fn, batches, schedule=schedule,
-                                    regularization=regularization)
+        grad_norm, layer_norms = train_one_epoch(model, optimizer, loss_fn, batches, schedule=schedule,
+                                                 regularization=regularization)
         model.eval()
         with torch.no_grad():
             train = measure(model(x_train), y_train, loss_fn=loss_fn, loss=loss_name)
@@ -140,7 +140,7 @@ def train_trial(
             train_rmse=train["rmse"], val_rmse=val["rmse"], train_mae=train["mae"], val_mae=val["mae"],
             train_r2=train["r2"], val_r2=val["r2"], grad_norm=finite_or_none(grad_norm),
             weight_norm=finite_or_none(_l2_norm(list(model.parameters())).item()),
-            layer_grad_norms=layer_grad_norms(model),
+            layer_grad_norms=layer_norms,
         )
         last = metrics
         if best is None or metrics.val_loss < best.val_loss:
@@ -211,8 +211,9 @@ def train_one_epoch(
     *,
     schedule: LearningRateSchedule,
     regularization: _Regularization,
-) -> float:
-    """One optimizer step per batch; returns the L2 norm of the last step's gradient (before clipping).
+) -> tuple[float, list[float]]:
+    """One optimizer step per batch; returns the L2 norm of the last step's gradient (before clipping)
+    and that of each nn.Linear's part of it (:func:`layer_grad_norms`).
 
     No .item() per step: the norm tensor of the last step is read once, at the epoch's end.
     """
@@ -233,6 +234,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
+            layer_norms = layer_grad_norms(model)  # before clipping, as grad_norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         if per_step_schedule:
@@ -240,7 +242,8 @@ def train_one_epoch(
     if grad_norm is None:
         # The step leaves .grad as backward made it, so the last step's gradient is still there.
         grad_norm = _l2_norm([p.grad for p in params if p.grad is not None])
-    return grad_norm.item()
+        layer_norms = layer_grad_norms(model)
+    return grad_norm.item(), layer_norms
 
 
 def layer_grad_norms(model: nn.Module) -> list[float]:

@@ -53,6 +53,8 @@ def _assert_rows_match(fused_rows, solo_rows, *, tolerance: float) -> None:
             if a is not None:
                 scale = tolerance * (1 if name.endswith("loss") else max(1.0, abs(b)))
                 assert abs(a - b) <= scale, (fused.epoch, name, a, b)
+        # each Linear layer's gradient norm, as the nn.Module's own layers have it
+        assert fused.layer_grad_norms == pytest.approx(solo.layer_grad_norms, rel=tolerance, abs=tolerance)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
