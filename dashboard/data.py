@@ -37,6 +37,7 @@ from services.queries import (
     epoch_moments,
     epoch_rows,
     get_experiment,
+    layer_grad_norm_rows,
     last_epoch_values,
     list_experiments,
     loss_maxima,
@@ -337,6 +338,15 @@ def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
         return _artifacts(url, trial_ids)
 
 
+def layer_grad_norms(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None) -> pd.DataFrame:
+    """One row per trial, epoch and Linear layer: trial_id, epoch, layer (1 = the first) and
+    grad_norm, the layer's gradient norm (services.queries.layer_grad_norm_rows); of ``trial_ids``
+    only when given."""
+    url = _ready_url()
+    with _reading(url):
+        return _layer_grad_norms(url, experiment_id, trial_ids)
+
+
 def trial(trial_id: int) -> dict[str, Any] | None:
     """One trial with its config, final metrics and stored diagnosis (services.queries.trial_detail)."""
     url = _ready_url()
@@ -401,6 +411,15 @@ def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _layer_grad_norms(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        rows = layer_grad_norm_rows(session, experiment_id, trial_ids=trial_ids)
+    return pd.DataFrame([{"trial_id": row["trial_id"], "epoch": row["epoch"], "layer": layer, "grad_norm": norm}
+                         for row in rows for layer, norm in enumerate(row["layer_grad_norms"], start=1)],
+                        columns=["trial_id", "epoch", "layer", "grad_norm"])
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
     with session_scope(_engine(url)) as session:
         return trial_detail(session, trial_id)
@@ -430,7 +449,7 @@ def _as_texts(column: pd.Series) -> list[Any]:
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
     for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach,
-                   _artifacts, _trial, _final_norms):
+                   _artifacts, _trial, _final_norms, _layer_grad_norms):
         cached.clear()
 
 

@@ -210,6 +210,20 @@ def epoch_curves(session: Session, experiment_id: int, *, fields: tuple[str, ...
     return [dict(zip(columns, row, strict=True)) for row in session.connection().execute(query).all()]
 
 
+def layer_grad_norm_rows(session: Session, experiment_id: int, *, trial_ids: Sequence[int] | None = None
+                         ) -> list[dict[str, Any]]:
+    """trial_id, epoch and layer_grad_norms (each Linear layer's gradient norm, first layer first) of
+    every epoch row of an experiment (or of ``trial_ids`` in it) that has them, by trial then epoch."""
+    epochs = EpochMetric.__table__.c
+    query = (select(epochs.trial_id, epochs.epoch, epochs.layer_grad_norms)
+             .where(_of_experiment(experiment_id, epochs.trial_id), epochs.layer_grad_norms.is_not(None))
+             .order_by(epochs.trial_id, epochs.epoch))
+    if trial_ids is not None:
+        query = query.where(_among(epochs.trial_id, trial_ids))
+    return [{"trial_id": trial_id, "epoch": epoch, "layer_grad_norms": norms}
+            for trial_id, epoch, norms in session.execute(query).all()]
+
+
 MOMENTS = ("n", "mean", "mean_square", "low", "high")  # per field, what epoch_moments returns
 
 
