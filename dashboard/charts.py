@@ -281,11 +281,15 @@ def verdict_grid(trials: pd.DataFrame, *, x: str, y: str, verdict: str = "siblin
     return figure
 
 
+PREDICTION_KINDS = ("curve_1d", "boundary_2d")  # the artifacts that picture what a model learned
+
+
 def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, str]) -> go.Figure:
     """Side by side, one panel per trial: the fitted 1-D curve against the truth and the training points
     (``curve_1d``), or the 2-D decision regions with the training points (``boundary_2d``). Trials
-    without an artifact are left out."""
-    shown = [(trial_id, kinds) for trial_id, kinds in artifacts.items() if kinds]
+    without such an artifact are left out."""
+    shown = [(trial_id, kinds) for trial_id, kinds in artifacts.items()
+             if any(kind in kinds for kind in PREDICTION_KINDS)]
     figure = make_subplots(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04,
                            subplot_titles=[titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown])
     for column, (_, kinds) in enumerate(shown, start=1):

@@ -4,7 +4,8 @@ the seeds of one configuration, a second parameter as panels, every other one at
 or averaged, as chosen); final (or best) train and validation metrics, and their generalization gap,
 against capacity and against any other parameter (the U-shaped validation curve); a heatmap of any
 metric over two parameters; how much of the spread each parameter explains, against seed noise; the
-fit verdicts of the trials judged among their siblings, as a colour-coded grid and a table; and the
+fit verdicts of the trials judged among their siblings, as a colour-coded grid and a table; the
+first layer's gradient over the last's against depth, per activation (vanishing gradients); and the
 learned curves or decision boundaries of chosen trials side by side."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import band_charts, charts, data, widgets
+from dashboard import band_charts, charts, data, gradient_charts, widgets
 from services import selection
 
 NO_FACETS = "none"
@@ -176,6 +177,49 @@ def diagnosis(trials: pd.DataFrame, groups: list[str], others: widgets.Handling)
     )
 
 
+def layer_gradients(experiment_id: int, trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
+    """The first layer's gradient norm over the last's, against depth (or any numeric parameter), one
+    line per activation (or any parameter), with a band over the seeds."""
+    norms = data.layer_grad_norms(experiment_id)
+    if norms.empty or norms["layer"].max() < 2:
+        return
+    st.subheader("Gradients layer by layer")
+    numeric = widgets.numeric_choices(trials, groups) or ["parameter_count"]
+    x_column, colour_column, epoch_column = st.columns(3)
+    x = widgets.parameter_picker("Against", numeric, key="fit_layers_x", preferred=("depth", "width"),
+                                 container=x_column)
+    color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_layers_colour",
+                                        preferred=("activation", "norm", charts.ALL_TRIALS), avoid=x,
+                                        container=colour_column)
+    when = epoch_column.segmented_control("At", ["first epoch", "last epoch"], default="first epoch",
+                                          key="fit_layers_epoch",
+                                          help="The gradient of the epoch's last step. The first epoch shows "
+                                               "what the initial weights pass back; by the last, training has "
+                                               "moved them.") or "first epoch"
+    chosen = others.select(trials, shown=[x, color_by])
+    ratios = _first_over_last(norms, last=when == "last epoch")
+    table = chosen.trials.merge(ratios, on="trial_id").assign(**{charts.ALL_TRIALS: "all"})
+    if table.empty:
+        st.info("None of the trials shown recorded its layers' gradients.")
+        return
+    st.plotly_chart(gradient_charts.depth_ratio_chart(table, x=x, color_by=color_by), key="fit_layers_chart")
+    st.caption("Below the dotted line, the first layer (next to the input) gets a smaller gradient than the last "
+               "(next to the output), so it learns more slowly. Sigmoid's slope is at most 1/4, so every layer "
+               "shrinks the gradient: deep sigmoid networks lose decades. " + chosen.describe()
+               + " Each trial's own layers: open a trial's page.")
+
+
+def _first_over_last(norms: pd.DataFrame, *, last: bool) -> pd.DataFrame:
+    """trial_id and ratio: the first layer's gradient norm over the last layer's, at each trial's first
+    (or last) recorded epoch."""
+    epochs = norms.groupby("trial_id")["epoch"].transform("max" if last else "min")
+    at = norms[norms["epoch"] == epochs]
+    by_trial = at.groupby("trial_id")
+    first = at.loc[by_trial["layer"].idxmin()].set_index("trial_id")["grad_norm"]
+    final = at.loc[by_trial["layer"].idxmax()].set_index("trial_id")["grad_norm"]
+    return (first / final).rename("ratio").reset_index()
+
+
 def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> None:
     st.subheader("What the models learned")
     # Seed 0 of each configuration is enough to pick from (a list of 10,000 trials is not).
@@ -185,7 +229,7 @@ def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> 
                                        default=_spread_by_capacity(trials), max_selections=MAX_PREDICTIONS,
                                        key=f"fit_prediction_trials_{experiment_id}")
     found = data.artifacts(tuple(chosen)) if chosen else {}
-    if not any(found.values()):
+    if not any(kind in kinds for kinds in found.values() for kind in charts.PREDICTION_KINDS):
         st.info("No prediction picture for these trials: fitscope draws the fitted curve of 1-D regression "
                 "(sine, polynomial) and the decision boundary of 2-D classification (moons, circles, blobs, spirals).")
         return
@@ -264,5 +308,6 @@ else:
     capacity(banded, groups, chosen_band, handled)
     heatmap(banded, groups, handled)
     importance(banded)
+    layer_gradients(experiment_id, banded, groups, handled)
 diagnosis(trained, groups, handled)
 predictions(experiment_id, trained, groups)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import band_charts, charts, data, widgets
+from dashboard import band_charts, charts, data, gradient_charts, widgets
 from services.analysis import UNSTABLE_RATIO, mean_difference
+from services.range_test import read_range_test
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The comparison appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
@@ -20,9 +21,47 @@ COMPARED = ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy"
             "final_val_rmse", "test_rmse", "final_val_r2", "final_weight_norm", "final_grad_norm")
 CURVE_METRICS = {"loss": {"train": "train_loss", "val": "val_loss"}, "grad_norm": {"value": "grad_norm"},
                  "weight_norm": {"value": "weight_norm"}}
+RANGE_TESTS_SHOWN = 30  # each curve is up to 2,000 points; more tests than this are left out (said so)
 SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
                        "final weight norm": {"value": "final_weight_norm"},
                        "final gradient norm": {"value": "final_grad_norm"}}
+
+
+def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
+    """Loss against the rate of the range-test trials, one colour per optimizer (by default), and the
+    rate each suggests (services.range_test: the steepest descent of the smoothed loss)."""
+    tests = trials[trials["schedule"] == "lr_range_test"] if "schedule" in trials else trials.iloc[:0]
+    if tests.empty:
+        return
+    st.subheader("Learning-rate range test")
+    color_by = widgets.parameter_picker("One line per", groups, key="optimizers_range_group",
+                                        preferred=("optimizer", *OPTIMIZATION))
+    shown = tests.sort_values([color_by, "seed"] if "seed" in tests else [color_by]).head(RANGE_TESTS_SHOWN)
+    curves = data.artifacts(tuple(int(i) for i in shown["trial_id"]))
+    readings, table = [], []
+    for row in shown.itertuples(index=False):
+        curve = curves.get(int(row.trial_id), {}).get("lr_range")
+        reading = read_range_test(curve["lr"], curve["loss"]) if curve else None
+        if reading is None:
+            continue
+        value = getattr(row, color_by)
+        readings.append((value, reading))
+        table.append({color_by: value, "seed": getattr(row, "seed", None), "trial": int(row.ordinal),
+                      "suggested lr (steepest descent)": reading.steepest_lr,
+                      "lr at minimum loss": reading.minimum_lr, "minimum / 10": reading.minimum_lr / 10,
+                      "status": row.status})
+    if not readings:
+        st.info("The range-test trials have not stored their curves (they store them when they end).")
+        return
+    st.plotly_chart(gradient_charts.range_test_chart(readings, color_by=color_by), key="optimizers_range_chart")
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="optimizers_range_table",
+                 column_config={name: st.column_config.NumberColumn(format="%.2e") for name in
+                                ("suggested lr (steepest descent)", "lr at minimum loss", "minimum / 10")})
+    left_out = len(tests) - len(shown)
+    st.caption("Each run raises the rate exponentially every step, from min_lr to lr. The suggested rate is where "
+               "the smoothed loss falls fastest (▼, Smith's rule and fastai's \"steep\"); past the minimum (●) "
+               "the rate is too large. The other common rule, the minimum's rate / 10, is in the table."
+               + (f" {left_out} more range tests are not drawn." if left_out > 0 else ""))
 
 
 def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> str:
@@ -163,6 +202,7 @@ if trained.empty:
     st.stop()
 trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
 groups = widgets.grouping_choices(all_trials)
+range_test(trained, groups)
 chosen_band, banded = widgets.band_controls(trained, key="optimizers")
 handled = widgets.other_parameters(trained, key="optimizers_others", metrics=COMPARED)
 if banded.empty:

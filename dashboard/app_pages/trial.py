@@ -1,13 +1,15 @@
 """Trial: one trial, opened by `?trial=ID` (the links in the other pages' tables) or chosen by
-experiment and trial. Its resolved config, learning curves, the stored fit diagnosis with every
-number that decided it, its error text when it failed, and the picture of what it learned."""
+experiment and trial. Its resolved config, learning curves, each layer's gradient norm against depth,
+its range test (schedule lr_range_test), the stored fit diagnosis with every number that decided it,
+its error text when it failed, and the picture of what it learned."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import charts, data, gradient_charts, widgets
+from services.range_test import read_range_test
 from services.safe_text import markdown_text
 
 NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
@@ -89,6 +91,42 @@ def curves(trial: dict) -> None:
                       if stopped else "."))
 
 
+def layer_gradients(trial: dict) -> None:
+    """Each Linear layer's gradient norm against its depth, at a few chosen epochs."""
+    norms = data.layer_grad_norms(trial["experiment_id"], trial_ids=(trial["trial_id"],))
+    if norms.empty:
+        return
+    st.subheader("Gradients layer by layer")
+    epochs = sorted(norms["epoch"].unique().tolist())
+    default = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+    chosen = widgets.keyed_multiselect("Epochs", epochs, default=default, key=f"trial_layer_epochs_{trial['trial_id']}",
+                                       help="One line per epoch: the gradient of that epoch's last step.")
+    if not chosen:
+        st.info("Choose an epoch to draw.")
+        return
+    st.plotly_chart(gradient_charts.layer_norms_chart(norms, epochs=chosen), key="trial_layers_chart")
+    last = norms[norms["epoch"] == chosen[-1]].sort_values("layer")["grad_norm"].tolist()
+    ratio = last[0] / last[-1] if last and last[-1] else None
+    st.caption("Gradients flow back from the output (right) to the input (left). A line falling to the left means "
+               "the first layers barely learn (vanishing gradients: saturating activations such as sigmoid in deep "
+               "networks)." + (f" At epoch {chosen[-1]} the first layer's gradient is {ratio:.2g} times the last's."
+                               if ratio else ""))
+
+
+def range_test(trial: dict) -> None:
+    if trial["config"].get("schedule") != "lr_range_test":
+        return
+    curve = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {}).get("lr_range")
+    reading = read_range_test(curve["lr"], curve["loss"]) if curve else None
+    if reading is None:
+        return
+    st.subheader("Learning-rate range test")
+    st.plotly_chart(gradient_charts.range_test_chart([(trial["config"].get("optimizer"), reading)],
+                                                     color_by="optimizer"), key="trial_range_chart")
+    st.caption(f"Suggested rate (steepest descent of the smoothed loss): {reading.suggested_lr:.2g}; the loss is "
+               f"lowest at {reading.minimum_lr:.2g} (a tenth of it: {reading.minimum_lr / 10:.2g}).")
+
+
 def diagnosis(trial: dict) -> None:
     st.subheader("Fit diagnosis")
     stored = trial["diagnosis"]
@@ -110,7 +148,7 @@ def diagnosis(trial: dict) -> None:
 
 def predictions(trial: dict) -> None:
     found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
-    if found:
+    if any(kind in found for kind in charts.PREDICTION_KINDS):
         st.subheader("What the model learned")
         st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
                         key="trial_prediction_chart")
@@ -144,6 +182,8 @@ if chosen is None:
     st.stop()
 header(chosen)
 curves(chosen)
+layer_gradients(chosen)
+range_test(chosen)
 diagnosis(chosen)
 predictions(chosen)
 config_and_metrics(chosen)

@@ -1,0 +1,151 @@
+"""The range test on the Optimizers page, and each layer's gradient on the Trial and Fit analysis pages,
+with AppTest against a real migrated SQLite database that the real engine filled (services.submission,
+then worker.jobs.execute_job per trial); and the figure builders of dashboard.gradient_charts."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dashboard import gradient_charts
+from services.db import make_engine
+from services.migrate import upgrade
+from services.range_test import read_range_test
+from tests.dashboard.test_analysis_pages import figure, table_with
+from tests.dashboard.test_app import run_app, submit_spec, train
+
+RANGE_SPEC = """
+name: range-test
+parameters:
+  dataset: {value: moons}
+  n_train: {value: 128}
+  n_val: {value: 32}
+  n_test: {value: 0}
+  width: {value: 16}
+  batch_size: {value: 16}
+  epochs: {value: 4}
+  schedule: {value: lr_range_test}
+  min_lr: {value: 0.0001}
+  lr: {value: 3.0}
+  optimizer: {values: [sgd, adam]}
+"""
+VANISH_SPEC = """
+name: vanishing
+seeds: [0, 1]
+parameters:
+  dataset: {value: moons}
+  n_train: {value: 64}
+  n_val: {value: 32}
+  n_test: {value: 0}
+  width: {value: 16}
+  batch_size: {value: full}
+  optimizer: {value: sgd}
+  lr: {value: 0.1}
+  epochs: {value: 3}
+  depth: {values: [2, 6]}
+  activation: {values: [sigmoid, relu]}
+"""
+
+
+@dataclass(frozen=True)
+class Filled:
+    range_test: int
+    vanishing: int
+    vanishing_trials: list[int]
+    range_trials: list[int]
+
+
+@pytest.fixture(scope="module")
+def _template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Filled]:
+    path = tmp_path_factory.mktemp("gradients") / "fitscope.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        ranged, vanishing = submit_spec(engine, RANGE_SPEC), submit_spec(engine, VANISH_SPEC)
+        for trial_id in ranged.trial_ids + vanishing.trial_ids:
+            assert train(engine, trial_id) in {"succeeded", "diverged"}
+    finally:
+        engine.dispose()
+    return path, Filled(range_test=ranged.experiment_id, vanishing=vanishing.experiment_id,
+                        vanishing_trials=vanishing.trial_ids, range_trials=ranged.trial_ids)
+
+
+@pytest.fixture
+def filled(_template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Filled:
+    template, filled = _template
+    shutil.copyfile(template, tmp_path / "fitscope.db")
+    monkeypatch.setenv("FITSCOPE_DATABASE_URL", f"sqlite:///{tmp_path / 'fitscope.db'}")
+    return filled
+
+
+def test_optimizers_page_draws_each_optimizers_range_test_and_suggests_a_rate(filled: Filled):
+    app = run_app(page="app_pages/optimizers.py", query={"experiment": str(filled.range_test)})
+
+    spec = figure(app, "optimizers_range_chart")
+    assert spec["layout"]["xaxis"]["type"] == "log"
+    named = {trace["name"] for trace in spec["data"] if trace.get("showlegend") is not False and trace.get("name")}
+    assert {"optimizer adam", "optimizer sgd"} <= named
+    smoothed = [trace for trace in spec["data"] if trace.get("name", "").startswith("optimizer ")]
+    assert all(len(trace["x"]) == 4 * 8 for trace in smoothed)  # 128 / 16 = 8 steps a epoch, 4 epochs
+    assert min(smoothed[0]["x"]) == pytest.approx(1e-4)
+    table = table_with(app, "suggested lr (steepest descent)")
+    assert sorted(table["optimizer"]) == ["adam", "sgd"]
+    assert (table["lr at minimum loss"] > 1e-4).all() and (table["lr at minimum loss"] <= 3.0).all()
+
+
+def test_trial_page_draws_each_layers_gradient_against_depth(filled: Filled):
+    trial_id = filled.vanishing_trials[-1]  # the last of the grid: depth 6, relu or sigmoid
+    app = run_app(page="app_pages/trial.py", query={"trial": str(trial_id)})
+
+    spec = figure(app, "trial_layers_chart")
+    assert spec["layout"]["yaxis"]["type"] == "log"
+    assert [trace["name"] for trace in spec["data"]] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert all(trace["x"] == list(range(1, 8)) for trace in spec["data"])  # 6 hidden layers + the output
+    assert "times the last's" in " ".join(caption.value for caption in app.caption)
+
+
+def test_fit_analysis_compares_the_first_layers_gradient_across_activations_and_depths(filled: Filled):
+    app = run_app(page="app_pages/fit_analysis.py", query={"experiment": str(filled.vanishing)})
+
+    spec = figure(app, "fit_layers_chart")
+    lines = {trace["name"]: trace for trace in spec["data"] if trace.get("fill") != "toself"}
+    assert set(lines) == {"activation relu", "activation sigmoid"}
+    assert all(trace["x"] == [2, 6] for trace in lines.values())
+    sigmoid, relu = lines["activation sigmoid"]["y"], lines["activation relu"]["y"]
+    assert sigmoid[1] < sigmoid[0] / 100  # four more sigmoid layers: two decades and more lost
+    assert sigmoid[1] < relu[1] / 100
+    assert spec["layout"]["yaxis"]["type"] == "log"
+
+
+# --- the figure builders -------------------------------------------------------------------------
+
+def _reading(blow_up: float = 1e6):
+    lr = np.geomspace(1e-5, 10, 200)
+    x = np.log10(lr)
+    loss = 1.0 - 0.8 / (1 + np.exp(-(x + 2) * 3)) + np.where(x > 0, blow_up * x, 0.0)
+    return read_range_test(lr.tolist(), loss.tolist())
+
+
+def test_the_range_test_charts_y_axis_is_not_flattened_by_the_blow_up():
+    spec = gradient_charts.range_test_chart([("sgd", _reading())], color_by="optimizer").to_dict()
+    low, high = spec["layout"]["yaxis"]["range"]
+    assert 0 <= low < 0.2 < 1.0 < high < 2  # the fall from 1 to 0.2 fills the chart; 1e6 is off it
+    steepest = [t for t in spec["data"] if t.get("marker", {}).get("symbol") == "triangle-down" and t["x"][0]]
+    assert abs(math.log10(steepest[0]["x"][0]) - -2) < 0.1
+
+
+def test_the_depth_chart_draws_the_geometric_mean_over_seeds_with_a_band():
+    ratios = pd.DataFrame({"depth": [2, 2, 8, 8], "activation": ["sigmoid"] * 4, "ratio": [1e-1, 1e-3, 1e-6, 1e-8]})
+    spec = gradient_charts.depth_ratio_chart(ratios).to_dict()
+    (line,) = [t for t in spec["data"] if t.get("fill") != "toself"]
+    (band,) = [t for t in spec["data"] if t.get("fill") == "toself"]
+    assert line["y"] == pytest.approx([1e-2, 1e-7])
+    assert band["y"] == pytest.approx([1e-1, 1e-6, 1e-8, 1e-3])
+    assert spec["layout"]["yaxis"]["type"] == "log"
