@@ -26,6 +26,8 @@ EXAMPLE_GRIDS = {  # label -> file in examples/; each finishes in a minute or tw
     "Capacity vs data size": "capacity_vs_data.yaml",
     "Regularizers": "regularizers.yaml",
     "Optimizers and schedules": "optimizers_and_schedules.yaml",
+    "Learning-rate range test": "lr_range_test.yaml",
+    "Vanishing gradients": "vanishing_gradients.yaml",
 }
 SOURCES = ("Example grid", "Widgets", "YAML")
 
@@ -115,6 +117,8 @@ def grid_widgets(uploads: dict[str, actions.StoredCsv]) -> str:
         "optimizer": optimizers, "lr": learning_rates, "schedule": schedules,
         "momentum": momenta if set(optimizers) & {"momentum", "nesterov"} else [],
         "batch_size": [batch_size], "epochs": [int(epochs)],
+        # A range test starts from min_lr: four decades below the smallest rate (lr is where it ends).
+        "min_lr": [min(learning_rates) / 1e4] if "lr_range_test" in schedules and learning_rates else [],
     }
     spec: dict[str, Any] = {"name": name.strip(), "description": description.strip() or None, "method": "grid",
                             "metric": {"name": "val_loss", "goal": "minimize"}, "seeds": list(range(int(seeds))),
