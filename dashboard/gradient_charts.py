@@ -31,7 +31,7 @@ def range_test_chart(tests: list[tuple[object, RangeTestReading]], *, color_by: 
         color = colors.get(label, "#7f7f7f")
         first = label not in shown
         shown.add(label)
-        name = plotly_text(f"{color_by} {label}")
+        name = plotly_text(label)
         figure.add_scatter(x=reading.lr, y=reading.loss, mode="lines", line={"color": color, "width": 1},
                            opacity=0.25, legendgroup=label, showlegend=False, hoverinfo="skip")
         figure.add_scatter(x=reading.lr, y=reading.smoothed, mode="lines", line={"color": color, "width": 2.5},
@@ -54,7 +54,7 @@ def range_test_chart(tests: list[tuple[object, RangeTestReading]], *, color_by: 
     figure.update_layout(
         title={"text": "Learning-rate range test: loss against the rate",
                "subtitle": {"text": "the rate rises every step; faint: each batch's loss, solid: smoothed"}},
-        xaxis={"title": "learning rate (log scale)", "type": "log"},
+        xaxis={"title": "learning rate (log scale)", "type": "log", "dtick": 1, "exponentformat": "power"},
         yaxis={"title": "training batch loss", "range": _loss_range(tests)},
         margin=_MARGIN, hovermode="closest", legend={"title": {"text": color_by}})
     return figure
@@ -115,17 +115,20 @@ def depth_ratio_chart(ratios: pd.DataFrame, *, x: str = "depth", color_by: str =
                                 "low": grouped.min(), "high": grouped.max(), "n": grouped.size()}).sort_index()
         xs = summary.index.tolist()
         figure.add_scatter(x=xs + xs[::-1], y=summary["high"].tolist() + summary["low"].tolist()[::-1],
-                           fill="toself", fillcolor=color, opacity=0.18, line={"width": 0}, legendgroup=label,
+                           fill="toself", fillcolor=color, opacity=0.18, line={"width": 0}, mode="lines",
+                           legendgroup=label,
                            showlegend=False, hoverinfo="skip")
-        name = plotly_text(f"{color_by} {label}")
+        name = plotly_text(label)
         figure.add_scatter(x=xs, y=summary["mean"].tolist(), mode="lines+markers", name=name, legendgroup=label,
                            line={"color": color, "width": 2.5}, marker={"size": 8},
                            customdata=summary[["low", "high", "n"]].to_numpy(),
                            hovertemplate=(f"{name}<br>{x} %{{x}}<br>first / last layer %{{y:.2g}}<br>seeds: "
                                           "%{customdata[2]}, from %{customdata[0]:.2g} to %{customdata[1]:.2g}"
                                           "<extra></extra>"))
-    figure.add_hline(y=1, line={"color": "#7f7f7f", "dash": "dot", "width": 1},
-                     annotation_text="first layer's gradient as large as the last's", annotation_position="top left")
+    figure.add_hline(y=1, line={"color": "#7f7f7f", "dash": "dot", "width": 1})
+    # (add_hline's own annotation lands at 10**1 on a log axis: placed by hand, at log10(1) = 0)
+    figure.add_annotation(x=0, xref="paper", y=0, yref="y", text="equal: the first layer learns as fast as the last",
+                          showarrow=False, xanchor="left", yanchor="bottom", font={"color": "#7f7f7f", "size": 11})
     decades = np.log10(usable["ratio"]) if len(usable) else pd.Series([0.0])
     figure.update_layout(
         title={"text": "Do the first layers still learn? First layer's gradient over the last's",

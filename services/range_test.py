@@ -5,7 +5,8 @@ The batch losses are noisy, so they are smoothed first: a centred moving average
 twentieth of the test (an odd number of steps; fewer at the ends). Centred, so it does not lag: the
 exponential average fastai's plot uses shifts every feature right by its window (measured: ~0.25
 decade on a 400-step test), which would suggest too large a rate. On the smoothed curve, up to the point where
-the loss has blown up (above 4x its minimum after it, where fastai stops the test):
+the loss has blown up (past its lowest so far, above 4x that lowest, where fastai stops the test, or,
+once it had fallen by a quarter, back above where it started):
 
 - the minimum: the rate of the lowest smoothed loss. Past it the rate is too large.
 - the steepest descent: where the smoothed loss falls fastest per decade of rate (its slope taken
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FELL = 0.25  # a fall by this share of the first loss makes a return above it a blow-up
 BLOW_UP = 4.0  # the test counts as over once the smoothed loss passes this many times its minimum
 SETTLE = 0.1  # share of the test skipped before looking for the steepest descent
 WINDOW_SHARE = 0.05  # the smoothing window, as a share of the test's steps
@@ -53,9 +55,7 @@ def read_range_test(lr: Sequence[float], loss: Sequence[float | None]) -> RangeT
     rates = np.array([r for r, _ in points])
     values = np.array([v for _, v in points])
     smoothed = smooth(values)
-    lowest = int(np.argmin(smoothed))
-    over = np.nonzero(smoothed[lowest:] > BLOW_UP * smoothed[lowest])[0] if smoothed[lowest] > 0 else []
-    end = lowest + int(over[0]) if len(over) else len(smoothed)  # the test as fastai would have stopped it
+    end = _end(smoothed)
     lowest = int(np.argmin(smoothed[:end]))
     start = int(SETTLE * len(smoothed))
     steepest = None
@@ -68,6 +68,22 @@ def read_range_test(lr: Sequence[float], loss: Sequence[float | None]) -> RangeT
         steepest_lr=None if steepest is None else float(rates[steepest]),
         steepest_loss=None if steepest is None else float(smoothed[steepest]),
         minimum_lr=float(rates[lowest]), minimum_loss=float(smoothed[lowest]))
+
+
+def mean_curve(losses: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """The step-by-step mean of several tests' losses over the same rates (seeds of one
+    configuration); a step where any of them is not a number is None (that run had blown up)."""
+    return [None if any(v is None or not math.isfinite(v) for v in step) else sum(step) / len(step)
+            for step in zip(*losses, strict=True)]
+
+
+def _end(smoothed: np.ndarray) -> int:
+    # The first step past the lowest loss so far where the loss is above BLOW_UP times that lowest, or,
+    # once it had fallen by a quarter, back above where it started: the test is over there.
+    lowest = np.minimum.accumulate(smoothed)
+    over = np.nonzero((smoothed > BLOW_UP * lowest)
+                      | ((smoothed > smoothed[0]) & (lowest < (1 - FELL) * smoothed[0])))[0]
+    return int(over[0]) if len(over) else len(smoothed)
 
 
 def smooth(values: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import streamlit as st
 
 from dashboard import band_charts, charts, data, gradient_charts, widgets
 from services.analysis import UNSTABLE_RATIO, mean_difference
-from services.range_test import read_range_test
+from services.range_test import mean_curve, read_range_test
 
 NOTHING_FINISHED = ("No trial of this experiment has finished yet. The comparison appears as soon as a worker "
                     "finishes the first one (start one with `fitscope worker` or `fitscope up`).")
@@ -28,8 +28,9 @@ SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
 
 
 def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
-    """Loss against the rate of the range-test trials, one colour per optimizer (by default), and the
-    rate each suggests (services.range_test: the steepest descent of the smoothed loss)."""
+    """Loss against the rate of the range-test trials, one line per optimizer (by default) and
+    configuration, the mean over its seeds, and the rate each suggests (services.range_test: the
+    steepest descent of the smoothed loss)."""
     tests = trials[trials["schedule"] == "lr_range_test"] if "schedule" in trials else trials.iloc[:0]
     if tests.empty:
         return
@@ -37,31 +38,40 @@ def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
     color_by = widgets.parameter_picker("One line per", groups, key="optimizers_range_group",
                                         preferred=("optimizer", *OPTIMIZATION))
     shown = tests.sort_values([color_by, "seed"] if "seed" in tests else [color_by]).head(RANGE_TESTS_SHOWN)
-    curves = data.artifacts(tuple(int(i) for i in shown["trial_id"]))
+    stored = data.artifacts(tuple(int(i) for i in shown["trial_id"]))
+    configurations = widgets.configuration_labels(shown, groups)
+    lines: dict[tuple, list] = {}  # (colour value, configuration) -> [(trial row, curve)]: its seeds
+    for (index, row), configuration in zip(shown.iterrows(), configurations, strict=True):
+        curve = stored.get(int(row["trial_id"]), {}).get("lr_range")
+        if curve:
+            lines.setdefault((str(row[color_by]), configuration), []).append((row, curve))
     readings, table = [], []
-    for row in shown.itertuples(index=False):
-        curve = curves.get(int(row.trial_id), {}).get("lr_range")
-        reading = read_range_test(curve["lr"], curve["loss"]) if curve else None
-        if reading is None:
-            continue
-        value = getattr(row, color_by)
-        readings.append((value, reading))
-        table.append({color_by: value, "seed": getattr(row, "seed", None), "trial": int(row.ordinal),
-                      "suggested lr (steepest descent)": reading.steepest_lr,
-                      "lr at minimum loss": reading.minimum_lr, "minimum / 10": reading.minimum_lr / 10,
-                      "status": row.status})
+    for runs in lines.values():
+        first_rates = runs[0][1]["lr"]
+        same_rates = all(curve["lr"] == first_rates for _, curve in runs)
+        for part in ([runs] if same_rates else [[run] for run in runs]):
+            reading = read_range_test(part[0][1]["lr"], mean_curve([curve["loss"] for _, curve in part]))
+            if reading is None:
+                continue
+            value = part[0][0][color_by]
+            readings.append((value, reading))
+            table.append({color_by: value, "runs": len(part),
+                          "trials": ", ".join(str(int(row["ordinal"])) for row, _ in part),
+                          "suggested lr (steepest descent)": reading.steepest_lr,
+                          "lr at minimum loss": reading.minimum_lr, "minimum / 10": reading.minimum_lr / 10})
     if not readings:
-        st.info("The range-test trials have not stored their curves (they store them when they end).")
+        st.info("The range-test trials have not stored their curves yet (each stores its curve when it ends).")
         return
     st.plotly_chart(gradient_charts.range_test_chart(readings, color_by=color_by), key="optimizers_range_chart")
     st.dataframe(pd.DataFrame(table), hide_index=True, key="optimizers_range_table",
                  column_config={name: st.column_config.NumberColumn(format="%.2e") for name in
                                 ("suggested lr (steepest descent)", "lr at minimum loss", "minimum / 10")})
     left_out = len(tests) - len(shown)
-    st.caption("Each run raises the rate exponentially every step, from min_lr to lr. The suggested rate is where "
-               "the smoothed loss falls fastest (▼, Smith's rule and fastai's \"steep\"); past the minimum (●) "
-               "the rate is too large. The other common rule, the minimum's rate / 10, is in the table."
-               + (f" {left_out} more range tests are not drawn." if left_out > 0 else ""))
+    st.caption("Each run raises the rate exponentially every step, from min_lr to lr; a line is the mean of its "
+               "seeds' batch losses. The suggested rate is where the smoothed loss falls fastest (▼, Smith's rule, "
+               "fastai's \"steep\"); past the minimum (●) the rate is too large. The other common rule, the "
+               "minimum's rate / 10, is in the table." + (f" {left_out} more range tests are not drawn."
+                                                           if left_out > 0 else ""))
 
 
 def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> str:

@@ -46,3 +46,18 @@ def test_a_loss_that_only_rises_suggests_a_tenth_of_the_minimums_rate():
     reading = read_range_test(lr, [1 + r for r in lr])
     assert reading.steepest_lr is None and reading.suggested_lr == pytest.approx(reading.minimum_lr / 10)
     assert read_range_test([1e-3, 1e-2], [1.0, None]) is None
+
+
+def test_a_loss_that_blows_up_and_falls_back_ends_the_test_where_it_blew_up():
+    lr, loss = _test_curve(n=400)
+    x = np.log10(lr)
+    loss = [v if xi < 0 else v + (0.0 if xi > 0.5 else 5.0) - (1.0 if xi > 0.5 else 0.0)
+            for v, xi in zip(loss, x, strict=True)]  # a blow-up at 1, then a lower loss than ever
+    reading = read_range_test(lr, loss)
+    assert -1.5 < np.log10(reading.minimum_lr) < -0.5  # the minimum before the blow-up
+
+
+def test_the_mean_of_seeds_is_taken_step_by_step_and_none_where_one_blew_up():
+    from services.range_test import mean_curve
+
+    assert mean_curve([[1.0, 2.0, None], [3.0, 4.0, 5.0]]) == [2.0, 3.0, None]
