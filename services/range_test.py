@@ -4,13 +4,14 @@ against the rate it trained at, rising exponentially from min_lr to lr.
 The batch losses are noisy, so they are smoothed first: a centred moving average over about a
 twentieth of the test (an odd number of steps; fewer at the ends). Centred, so it does not lag: the
 exponential average fastai's plot uses shifts every feature right by its window (measured: ~0.25
-decade on a 400-step test), which would suggest too large a rate. On the smoothed curve, up to the point where
-the loss has blown up (past its lowest so far, above 4x that lowest, where fastai stops the test, or,
-once it had fallen by a quarter, back above where it started):
+decade on a 400-step test), which would suggest too large a rate. On the smoothed curve, up to the
+point where the loss has blown up (past its lowest so far, above 4x that lowest, where fastai stops
+the test, or, once it had fallen by a quarter, back above where it started):
 
 - the minimum: the rate of the lowest smoothed loss. Past it the rate is too large.
-- the steepest descent: where the smoothed loss falls fastest per decade of rate (its slope taken
-  across one smoothing window, so the noise left in it does not decide), before the minimum (the first tenth of the test, where the average still settles, is skipped).
+- the steepest descent: where the smoothed loss falls fastest per decade of rate, before the
+  minimum. Its slope is taken across a tenth of the test, so a sustained fall wins over a short drop
+  in the noise; the first tenth of the test, where the average still settles, is skipped.
 - the suggestion: the steepest-descent rate (Smith's rule: the rate where the loss improves
   fastest, fastai's "steep"). The other common rule, the minimum's rate / 10, is given beside it.
 """
@@ -27,6 +28,7 @@ FELL = 0.25  # a fall by this share of the first loss makes a return above it a 
 BLOW_UP = 4.0  # the test counts as over once the smoothed loss passes this many times its minimum
 SETTLE = 0.1  # share of the test skipped before looking for the steepest descent
 WINDOW_SHARE = 0.05  # the smoothing window, as a share of the test's steps
+SLOPE_SHARE = 0.1  # the slope is taken across this share of the test: a sustained fall, not a blip
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,8 @@ def smooth(values: np.ndarray) -> np.ndarray:
 
 
 def _slope(values: np.ndarray, x: np.ndarray) -> np.ndarray:
-    # d values / d x at each point, across a smoothing window centred on it (narrower at the ends)
-    half = max(1, int(WINDOW_SHARE * len(values)) // 2)
+    # d values / d x at each point, across SLOPE_SHARE of the points centred on it (narrower at the ends)
+    half = max(1, int(SLOPE_SHARE * len(values)) // 2)
     index = np.arange(len(values))
     low, high = np.maximum(index - half, 0), np.minimum(index + half, len(values) - 1)
     return (values[high] - values[low]) / (x[high] - x[low])
