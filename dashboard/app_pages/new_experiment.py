@@ -26,6 +26,7 @@ EXAMPLE_GRIDS = {  # label -> file in examples/; each finishes in a minute or tw
     "Capacity vs data size": "capacity_vs_data.yaml",
     "Regularizers": "regularizers.yaml",
     "Optimizers and schedules": "optimizers_and_schedules.yaml",
+    "Loss surfaces (2-D test functions)": "loss_surfaces.yaml",
 }
 SOURCES = ("Example grid", "Widgets", "YAML")
 
