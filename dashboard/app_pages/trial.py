@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import charts, data, surface_charts, widgets
 from services.safe_text import markdown_text
 
 NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
@@ -110,7 +110,13 @@ def diagnosis(trial: dict) -> None:
 
 def predictions(trial: dict) -> None:
     found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
-    if found:
+    if "path_2d" in found:  # a 2-D test function: the point's path on the function, not a model's predictions
+        st.subheader("The point's path")
+        row = pd.DataFrame([{"trial_id": trial["trial_id"], "optimizer": trial["config"].get("optimizer")}])
+        st.plotly_chart(surface_charts.surface_paths(row, {trial["trial_id"]: found["path_2d"]},
+                                                     function=found["path_2d"]["function"], color_by="optimizer",
+                                                     panel_by=None), key="trial_path_chart")
+    elif found:
         st.subheader("What the model learned")
         st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
                         key="trial_prediction_chart")
