@@ -19,6 +19,7 @@ page = st.navigation([
     st.Page("app_pages/experiment.py", title="Experiment", icon=":material/monitoring:"),
     st.Page("app_pages/fit_analysis.py", title="Fit analysis", icon=":material/insights:"),
     st.Page("app_pages/optimizers.py", title="Optimizers and schedules", icon=":material/speed:"),
+    st.Page("app_pages/loss_surfaces.py", title="Loss surfaces", icon=":material/landscape:"),
     st.Page("app_pages/trial.py", title="Trial", icon=":material/search:"),
 ])
 

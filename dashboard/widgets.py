@@ -275,3 +275,15 @@ def _natural(text: str) -> tuple[int, float, str]:
 def _text(value) -> str:
     return value.replace("_", " ") if isinstance(value, str) else ""
 
+
+def networks_or_stop(trials: pd.DataFrame, *, page: str) -> None:
+    """On an experiment whose every trial is a 2-D test function (no network, no data), one sentence
+    in place of a page about networks, pointing to the Loss surfaces page; the page stops there."""
+    from services.surfaces import SURFACE_NAMES
+
+    if not trials.empty and "dataset" in trials and trials["dataset"].isin(SURFACE_NAMES).all():
+        st.info(f"This experiment optimizes points on 2-D test functions, which have no network, no validation "
+                f"set and no fit to diagnose, so {page} does not apply; the Loss surfaces page draws its paths.",
+                icon=":material/landscape:")
+        st.page_link("app_pages/loss_surfaces.py", label="Open Loss surfaces", icon=":material/landscape:")
+        st.stop()

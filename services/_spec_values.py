@@ -132,7 +132,8 @@ def _pydantic_message(exc: ValidationError) -> str:
 
 @cache
 def _takes_tuple(name: str) -> bool:
-    return get_origin(TrialConfig.model_fields[name].annotation) is tuple
+    annotation = TrialConfig.model_fields[name].annotation  # betas, or start (a tuple or None)
+    return any(get_origin(a) is tuple for a in (annotation, *get_args(annotation)))
 
 
 @cache

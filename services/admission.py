@@ -72,6 +72,8 @@ def _shape(config: TrialConfig, csv_shape: tuple[int, int] | None) -> tuple[int,
 def estimate_trial(config: TrialConfig, *, csv_shape: tuple[int, int] | None = None) -> Estimate:
     """The peak memory one trial of ``config`` needs; ``csv_shape`` is (rows, feature columns) of its
     CSV data set."""
+    if config.is_surface:  # a point (float64), its gradient, optimizer state and its path of epochs + 1 points
+        return Estimate(data=0, polynomial=0, weights=2 * FLOAT64 * 8, activations=2 * FLOAT64 * (config.epochs + 1))
     n_train, n_val, n_test, inputs, outputs = _shape(config, csv_shape)
     rows, largest_split = n_train + n_val + n_test, max(n_train, n_val, n_test)
     batch = n_train if config.batch_size == "full" else min(config.batch_size, n_train)

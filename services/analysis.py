@@ -94,6 +94,9 @@ def diagnose(
     numbers: dict[str, Any] = {**THRESHOLDS, "epochs": len(epochs)}
     if status in ("failed", "cancelled"):
         return Diagnosis(None, [f"no verdict: the trial {status} after {len(epochs)} epochs"], numbers)
+    if "final_x" in final_metrics and status != "diverged":  # a 2-D test function: a point, no data to fit
+        return Diagnosis(None, ["no verdict: a 2-D test function has no data to fit; see where its point ended"],
+                         numbers)
 
     train = [_number(row.get("train_loss")) for row in epochs]
     val = [_number(row.get("val_loss")) for row in epochs]

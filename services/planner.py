@@ -26,6 +26,10 @@ _LINEAR_WEIGHTS = 20_000
 # A fused job is split to fill idle training processes only while each half keeps this many trials
 # (FITSCOPE_FUSE_MIN_TRIALS's default): below it, stacking gains too little over one trial at a time.
 MIN_FUSED_TRIALS = 8
+# A 2-D test function's trial is two numbers and its optimizer's state: a whole grid of them (any
+# functions, any optimizers) is one job of up to this many trials, never split to fill processes
+# (each job would cost more in set-up and writes than its steps).
+SURFACE_JOB_TRIALS = 1000
 
 
 def fusable(config: TrialConfig) -> str | None:
@@ -38,7 +42,11 @@ def fusable(config: TrialConfig) -> str | None:
 
 def fusion_key(config: TrialConfig) -> tuple:
     """Trials with equal keys (and both fusable) can be stacked: same data and split, same layers,
-    loss, batch size, optimizer family and device. What is left out may differ per trial."""
+    loss, batch size, optimizer family and device. What is left out may differ per trial. Every 2-D
+    test function trial on one device shares one key: the surface engine steps each function and
+    optimizer family on its own rows (worker/training/surfaces.py)."""
+    if config.is_surface:
+        return ("surface", config.device)
     data = (config.dataset, config.train_size, config.n_val, config.n_test, config.val_fraction,
             config.test_fraction, config.noise, config.label_noise, config.n_classes, config.n_features,
             config.true_degree, config.data_seed, config.poly_degree)
@@ -55,6 +63,8 @@ def fusion_key(config: TrialConfig) -> tuple:
 def approximate_weights(config: TrialConfig) -> int:
     """About how many weights one trial's model has (the input and output layers counted as if they
     had ``width`` inputs or outputs): what a fused job's size is measured in."""
+    if config.is_surface:
+        return 2
     if not _is_mlp(config):
         return _LINEAR_WEIGHTS
     return config.depth * config.width * (config.width + 1) + config.width
@@ -88,13 +98,17 @@ def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget:
         else:
             jobs.append([index])
     for members in groups.values():
+        if configs[members[0]].is_surface:
+            jobs += _near_equal(members, -(-len(members) // SURFACE_JOB_TRIALS))
+            continue
         per_trial = max(1, approximate_weights(configs[members[0]]))
         largest = max(1, min(max_trials, weight_budget // per_trial,
                              _trials_within(configs[members[0]], memory_budget_mb)))
         jobs += _near_equal(members, -(-len(members) // largest))  # ceil
     jobs.sort(key=lambda job: job[0])
     while len(jobs) < slots:
-        largest = max(jobs, key=len, default=[])  # max() keeps the first of equals: the earliest
+        # max() keeps the first of equals: the earliest; surface jobs are never split (see SURFACE_JOB_TRIALS)
+        largest = max((job for job in jobs if not configs[job[0]].is_surface), key=len, default=[])
         if len(largest) // 2 < max(1, min_trials):
             break  # the largest cannot be split, so no job can
         at = jobs.index(largest)

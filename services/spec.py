@@ -34,7 +34,8 @@ from services._spec_values import (
     suggest,
 )
 from services.safe_text import bidi_problem
-from services.trial_config import TRIAL_PARAMETERS, TrialConfig
+from services.surfaces import is_surface
+from services.trial_config import NOT_FOR_SURFACES, TRIAL_PARAMETERS, TrialConfig, surface_refusal
 
 __all__ = [
     "GridSpec", "Parameter", "SpecError", "count_trials", "expand", "load_spec", "parse_spec",
@@ -155,6 +156,7 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
         problems.append(f"fuse: must be true or false, got {describe(fuse)}")
     parameters = _parameters(data.get("parameters"), method, problems, warnings)
     _warn_unused_min_lr(parameters, warnings)
+    _check_surface_parameters(parameters, problems)
     if not problems and data.get("parameters") in (None, {}):
         problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
                         "(W&B refuses a sweep without parameters too)")
@@ -465,6 +467,20 @@ def _seeds(value: Any, problems: list[str]) -> list[int]:
             problems.append(f"seeds[{index}]: {seed} is listed twice; seeds must be unique")
         seeds.append(seed)
     return seeds
+
+
+def _check_surface_parameters(parameters: dict[str, Parameter], problems: list[str]) -> None:
+    """A grid with a 2-D test function among its data sets must not set what a surface lacks (a network,
+    data): the trials of that function would silently ignore it."""
+    dataset = parameters.get("dataset")
+    surface = next((value for value in (dataset.values if dataset else ()) if is_surface(value)), None)
+    if surface is None:
+        return
+    for name in parameters:
+        if name in NOT_FOR_SURFACES:
+            others = "" if all(is_surface(v) for v in dataset.values) else (
+                " (or put the test functions in an experiment of their own)")
+            problems.append(f"parameters.{name}: {surface_refusal(name, surface)}{others}")
 
 
 def _parameters(value: Any, method: str | None, problems: list[str], warnings: list[str]) -> dict[str, Parameter]:

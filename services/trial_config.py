@@ -11,16 +11,26 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.surfaces import SURFACE_NAMES, SURFACES, is_surface
+
 SYNTHETIC_CLASSIFICATION = ("moons", "circles", "blobs", "spirals")
 SYNTHETIC_REGRESSION = ("sine", "polynomial", "linear")
 # Small real data sets shipped inside scikit-learn (no download): rows available in each.
 REAL_DATASETS = {"digits": 1797, "breast_cancer": 569, "wine": 178}
 REGRESSION_DATASETS = SYNTHETIC_REGRESSION
 CLASSIFICATION_DATASETS = SYNTHETIC_CLASSIFICATION + tuple(REAL_DATASETS)
-DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS
+DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS + SURFACE_NAMES
+# What a 2-D test function does not have (it optimizes a point: no network, no data, no loss to pick):
+# a spec that sets one of these for a surface is refused, naming the field.
+NOT_FOR_SURFACES = ("n_train", "n_val", "n_test", "val_fraction", "test_fraction", "noise", "label_noise",
+                    "n_classes", "n_features", "true_degree", "data_seed", "model", "width", "depth", "activation",
+                    "norm", "dropout", "poly_degree", "loss", "huber_delta", "label_smoothing", "l1",
+                    "early_stopping", "input_noise", "batch_size")
 
 BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "sine", "polynomial", "linear",
-                         "digits", "breast_cancer", "wine"]
+                         "digits", "breast_cancer", "wine", "himmelblau", "rosenbrock", "saddle",
+                         "ill_conditioned", "six_hump_camel", "rastrigin"]
+Coordinate = Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
 Loss = Literal["auto", "cross_entropy", "bce", "mse", "mae", "huber"]
@@ -73,7 +83,13 @@ class TrialConfig(BaseModel):
     dataset: BuiltinDataset | CsvDataset = Field(
         "moons", description="moons, circles, blobs, spirals (2-D classification); sine, polynomial (1-D "
                              "regression), linear (multi-feature regression); digits, breast_cancer, wine "
-                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN}.")
+                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN}; or a 2-D test function "
+                             "whose point is optimized directly: himmelblau, rosenbrock, saddle, ill_conditioned, "
+                             "six_hump_camel, rastrigin (each epoch is one optimizer step).")
+    start: tuple[Coordinate, Coordinate] | None = Field(
+        None, description="[x, y]: where a 2-D test function's point starts. Default: one per function "
+                          "(himmelblau [0, 0], rosenbrock [-1.2, 1], saddle [1.5, 0.01], ill_conditioned [-4, 1], "
+                          "six_hump_camel [-1.5, 1], rastrigin [2.3, 2.6]).")
     n_train: Annotated[int, Field(ge=4, le=1_000_000)] | None = Field(
         None, description="Training-set size: the lever between over- and underfitting. Default: 200 for "
                           "synthetic data, every training row for real and CSV data.")
@@ -164,6 +180,17 @@ class TrialConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrialConfig:
+        if self.is_surface:
+            # Fields the spec named are refused by the spec (services.spec); here, values that differ
+            # from the default (a config built in Python, or stored by hand).
+            changed = [name for name in NOT_FOR_SURFACES
+                       if getattr(self, name) != TrialConfig.model_fields[name].default]
+            if changed:
+                raise ValueError(surface_refusal(changed[0], self.dataset))
+            return self
+        if self.start is not None:
+            raise ValueError(f"start applies to the 2-D test functions ({', '.join(SURFACE_NAMES)}) only, and "
+                             f"{self.dataset_name} is a data set; remove start")
         if self.loss != "auto" and self.task != "auto":
             allowed = REGRESSION_LOSSES if self.task == "regression" else CLASSIFICATION_LOSSES
             if self.loss not in allowed:
@@ -193,6 +220,16 @@ class TrialConfig(BaseModel):
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of the rows for training")
         return self
+
+    @property
+    def is_surface(self) -> bool:
+        """Whether this trial optimizes a 2-D test function's point instead of training a network."""
+        return is_surface(self.dataset)
+
+    @property
+    def resolved_start(self) -> tuple[float, float]:
+        """A surface trial's start: ``start``, or its function's default."""
+        return self.start if self.start is not None else SURFACES[self.dataset].start
 
     @property
     def train_size(self) -> int | None:
@@ -231,6 +268,12 @@ class TrialConfig(BaseModel):
 
 
 TRIAL_PARAMETERS: tuple[str, ...] = tuple(TrialConfig.model_fields)
+
+
+def surface_refusal(field: str, dataset: str) -> str:
+    """The sentence that refuses ``field`` on the 2-D test function ``dataset``."""
+    return (f"{field} does not apply to dataset {dataset}, a 2-D test function whose point is optimized "
+            f"directly (no network, no data); remove {field}")
 
 
 def parameter_reference() -> list[dict[str, Any]]:

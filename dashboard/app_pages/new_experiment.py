@@ -28,6 +28,7 @@ EXAMPLE_GRIDS = {  # label -> file in examples/; each finishes in a minute or tw
     "Optimizers and schedules": "optimizers_and_schedules.yaml",
     "Learning-rate range test": "lr_range_test.yaml",
     "Vanishing gradients": "vanishing_gradients.yaml",
+    "Loss surfaces (2-D test functions)": "loss_surfaces.yaml",
 }
 SOURCES = ("Example grid", "Widgets", "YAML")
 

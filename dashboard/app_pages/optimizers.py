@@ -206,6 +206,7 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
 st.title("Optimizers and schedules")
 experiment_id = widgets.experiment_or_stop("optimizers")
 all_trials = data.groupable(data.trials(experiment_id))
+widgets.networks_or_stop(all_trials, page="this page of loss curves")
 trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, gradient_charts, widgets
+from dashboard import charts, data, gradient_charts, surface_charts, widgets
 from services.range_test import read_range_test
 from services.safe_text import markdown_text
 
@@ -148,7 +148,13 @@ def diagnosis(trial: dict) -> None:
 
 def predictions(trial: dict) -> None:
     found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
-    if any(kind in found for kind in charts.PREDICTION_KINDS):
+    if "path_2d" in found:  # a 2-D test function: the point's path on the function, not a model's predictions
+        st.subheader("The point's path")
+        row = pd.DataFrame([{"trial_id": trial["trial_id"], "optimizer": trial["config"].get("optimizer")}])
+        st.plotly_chart(surface_charts.surface_paths(row, {trial["trial_id"]: found["path_2d"]},
+                                                     function=found["path_2d"]["function"], color_by="optimizer",
+                                                     panel_by=None), key="trial_path_chart")
+    elif any(kind in found for kind in charts.PREDICTION_KINDS):
         st.subheader("What the model learned")
         st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
                         key="trial_prediction_chart")

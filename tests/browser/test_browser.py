@@ -215,3 +215,24 @@ def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, pa
     expect(page.locator(".scatterlayer .trace").first).to_be_attached(timeout=90_000)  # its curves drawn
     page.wait_for_timeout(1500)
     screenshot(page, f"{example}-5-trial")
+
+
+def test_the_loss_surfaces_page_draws_every_optimizers_path(_stack, page):
+    """examples/loss_surfaces.yaml (168 trials, one job of seconds): the Loss surfaces page draws the
+    paths on himmelblau's contour, one panel per learning rate, and the network pages say in one
+    sentence that they do not apply."""
+    expect = sync_api.expect
+    url, env = _stack
+    submitted = fitscope("submit", str(REPO / "examples" / "loss_surfaces.yaml"), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
+    page.set_viewport_size({"width": 1400, "height": 1900})
+    page.goto(f"{url}/loss_surfaces?experiment=1")
+    chart = page.locator(".st-key-surfaces_chart")
+    expect(chart.locator(".gtitle")).to_contain_text("himmelblau", timeout=90_000)
+    expect(chart.locator(".scatterlayer .trace").first).to_be_attached()
+    expect(page.get_by_text("ended at a known minimum")).to_be_visible()
+    page.wait_for_timeout(1500)
+    screenshot(page, "loss_surfaces-1-himmelblau")
+    page.goto(f"{url}/fit_analysis?experiment=1")
+    expect(page.get_by_text("so the fit analysis does not apply")).to_be_visible(timeout=90_000)

@@ -115,6 +115,11 @@ def train_fused(
     when the configs cannot be fused (see services.planner)."""
     _check_fusable(configs)
     first = configs[0]
+    if first.is_surface:  # a 2-D test function: the points themselves are the stack (surfaces.py)
+        from worker.training.surfaces import train_surfaces
+
+        return train_surfaces(configs, on_epoch=on_epoch, on_trials_end=on_trials_end, device=device,
+                              checkpoint=checkpoint, resume=resume)
     target = resolve_device(device or first.device)
     started = time.perf_counter()
     splits = make_dataset(first, csv_content=csv_content)

@@ -149,7 +149,9 @@ class StackedOptimizer:
             training_numbers = self.row_numbers * sum(end - start for start, end in alike)
             if (len(runs) - len(alike)) * CALL_NUMBERS > training_numbers:
                 device = self.step_count.device
-                runs, rates = alike, torch.tensor(lr, dtype=torch.float32, device=device).view(-1, 1, 1)
+                # in the parameters' precision: a float32 rate would round a float64 surface's steps
+                rates = torch.tensor(lr, dtype=self.params[0].dtype, device=device).view(-1, 1, 1)
+                runs = alike
                 if self._updates is None:
                     self._updates = [torch.zeros_like(p) for p in self.params]
             else:
