@@ -204,6 +204,11 @@ class StackedTraining:
         owners = [(layer, name) for layer in model.layers for name, _ in layer.named_parameters(recurse=False)]
         self.penalised = [i for i, (layer, name) in enumerate(owners)  # what l1 acts on: Linear weights
                           if isinstance(layer, nn.Linear) and name == "weight"]
+        linear = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
+        # Each parameter's linear layer (0-based), for freeze: N (None: a norm's scale or shift).
+        self.linear_of = [linear.index(layer) if isinstance(layer, nn.Linear) else None for layer, _ in owners]
+        self.fixed_layers = [c.freeze for c in configs]  # per row: its first N linear layers never move
+        self._fix_masks()
 
     @classmethod
     def resumed(cls, template: nn.Module, configs: Sequence[TrialConfig], state: dict, *,
@@ -240,14 +245,34 @@ class StackedTraining:
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
                 for i in self.penalised:
                     grads[i].addcmul_(params[i].sign(), self.l1)
+            for i, fixed in self.fixed:  # a fixed layer has no gradient, as with requires_grad=False in torch
+                grads[i].masked_fill_(fixed, 0.0)
             norm = _row_norms(grads) if want_norm or self.any_clip else None
             if self.any_clip:  # torch.nn.utils.clip_grad_norm_, per row; rows without a clip keep 1
                 coefficient = (self.clip / (norm.view(-1, 1, 1) + 1e-6)).clamp(max=1.0)
                 coefficient = torch.where(torch.isinf(self.clip), 1.0, coefficient)
                 for grad in grads:
                     grad.mul_(coefficient)
+            # Weight decay (coupled or not) and momentum would still move a weight whose gradient is 0:
+            # a fixed layer's rows are put back exactly as they were.
+            kept = [(params[i], rows, params[i][rows]) for i, rows in self.fixed_rows]
             self.optimizer.step(grads, lr=lr, training=self.training)
+            for param, rows, values in kept:
+                param[rows] = values
         return norm
+
+    def _fix_masks(self) -> None:
+        """For each parameter some row keeps fixed: (its index, ``[rows, 1, 1]`` bools of the rows
+        that keep it fixed) and (its index, those rows' numbers)."""
+        device = self.model.params[0].device
+        self.fixed, self.fixed_rows = [], []
+        for i, layer in enumerate(self.linear_of):
+            rows = [row for row, fixed in enumerate(self.fixed_layers) if layer is not None and layer < fixed]
+            if rows:
+                mask = torch.zeros(len(self.fixed_layers), dtype=torch.bool, device=device)
+                mask[rows] = True
+                self.fixed.append((i, mask.view(-1, 1, 1)))
+                self.fixed_rows.append((i, torch.tensor(rows, device=device)))
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
@@ -272,6 +297,8 @@ class StackedTraining:
             self.model.keep(index)
             self.best = self.best[index]
         self.l1, self.clip = self.l1[index], self.clip[index]
+        self.fixed_layers = [self.fixed_layers[row] for row in keep]
+        self._fix_masks()
         self.optimizer.select(index, keep, params=self.model.params)
         self.slots = [self.slots[row] for row in keep]
         self.training = [True] * len(keep)
