@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from services.trial_config import TrialConfig
+from tests.unit.test_fused_resume import _result_without_timings, _run, _without_timings
 from worker.training.checkpoint import job_state_from_bytes
 from worker.training.fine_tuning import decode_row, start_from, weights_artifact
 from worker.training.fused import train_fused
 from worker.training.fused_stack import initial_rows, module_weights
 from worker.training.models import build_model
-from tests.unit.test_fused_resume import _result_without_timings, _run, _without_timings
 
 PARENT = dict(dataset="moons", n_train=200, n_val=100, n_test=50, width=16, depth=2, epochs=12, lr=0.02)
 

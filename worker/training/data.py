@@ -24,8 +24,10 @@ are then capped to ``config.train_size``.
 k-fold cross-validation (``folds: K``, ``fold: k``) re-deals a trial's training and validation rows
 (the synthetic draws of n_train and n_val points, in that order; or a table's non-test rows, capped
 as above, in file order): fold k validates on the k-th of K parts and trains on the others, exactly
-scikit-learn's ``KFold(K, shuffle=True, random_state=data_seed)`` over those rows. ``label_noise`` flips that fraction of the training labels
-(exactly round(fraction * n_train) of them) to another class, for every classification set.
+scikit-learn's ``KFold(K, shuffle=True, random_state=data_seed)`` over those rows.
+
+``label_noise`` flips that fraction of the training labels (exactly round(fraction * n_train) of
+them) to another class, for every classification set.
 """
 
 from __future__ import annotations

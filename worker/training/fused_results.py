@@ -109,9 +109,10 @@ def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: li
 def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn, loss: str,
              device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
     """Each ended trial's TrialResult (fused._Trial: its history, ending and best weights), from its
-    weights at its best epoch, which it also keeps as an artifact (fine_tuning.weights_artifact). The test metrics, weight statistics and prediction artifacts are
-    measured for all of them at once, with the numbers each trial's own nn.Module would give: one
-    stacked forward per input, then the same reductions and roundings on every row together."""
+    weights at its best epoch, which it also keeps (TrialResult.best_weights, for init_from). The test
+    metrics, weight statistics and prediction artifacts are measured for all of them at once, with the
+    numbers each trial's own nn.Module would give: one stacked forward per input, then the same
+    reductions and roundings on every row together."""
     started = time.perf_counter()
     count = parameter_count(template)  # the same for every trial: they share the layers
     nothing = torch.zeros(row_size(template), device=device)  # a trial that never finished an epoch has no best
