@@ -15,7 +15,13 @@ import streamlit as st
 from dashboard import data
 from services.analysis import BANDS
 from services.safe_text import markdown_text
-from services.selection import HANDLINGS, Selection, configuration_parameters, select_configurations
+from services.selection import (
+    HANDLINGS,
+    SEED_PARAMETERS,
+    Selection,
+    configuration_parameters,
+    select_configurations,
+)
 
 NO_EXPERIMENTS = "No experiments yet. Submit one with `fitscope submit examples/quickstart.yaml`."
 LAST_EXPERIMENT = "widgets_last_experiment"  # the experiment chosen last on any page, the next page's default
@@ -62,7 +68,7 @@ def choose_experiment(experiments: pd.DataFrame, *, page: str = "experiment") ->
 def grouping_choices(trials: pd.DataFrame) -> list[str]:
     """Parameters a chart can group, colour or lay out by: those that vary, seeds excepted (seeds
     collapse into bands). ``ordinal`` (one group per trial) when nothing else varies."""
-    return [name for name in data.varying_parameters(trials) if name != "seed"] or ["ordinal"]
+    return [name for name in data.varying_parameters(trials) if name not in SEED_PARAMETERS] or ["ordinal"]
 
 
 def numeric_choices(trials: pd.DataFrame, names: Sequence[str]) -> list[str]:

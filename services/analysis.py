@@ -61,7 +61,7 @@ VERDICTS = ("underfit", "overfit", "good_fit", "diverged", "not_converged")
 # The trial parameters that decide which data a trial sees: siblings equal on all of them share a
 # data set, so their train losses are comparable.
 DATA_PARAMETERS = ("dataset", "n_train", "n_val", "n_test", "val_fraction", "test_fraction", "noise",
-                   "label_noise", "n_classes", "n_features", "true_degree", "data_seed")
+                   "label_noise", "n_classes", "n_features", "true_degree", "data_seed", "folds", "fold")
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def validate(spec_file: Annotated[Path, typer.Argument(help="YAML grid spec.")],
     if json_output:
         typer.echo(json.dumps({"valid": True, "name": spec.name, "trials": len(configs), "warnings": spec.warnings}))
     else:
-        typer.echo(f"{terminal_text(spec.name)}: {len(configs)} trials ({spec.method}, {len(spec.seeds)} seed(s))")
+        typer.echo(f"{terminal_text(spec.name)}: {len(configs)} trials ({spec.method}, {len(spec.seeds)} seed(s)"
+                   + (f", {spec.folds} folds" if spec.folds else "") + ")")
 
 
 def _error_of(problem: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ def fusion_key(config: TrialConfig) -> tuple:
         return ("surface", config.device)
     data = (config.dataset, config.train_size, config.n_val, config.n_test, config.val_fraction,
             config.test_fraction, config.noise, config.label_noise, config.n_classes, config.n_features,
-            config.true_degree, config.data_seed, config.poly_degree)
+            config.true_degree, config.data_seed, config.poly_degree, config.folds, config.fold)
     if _is_mlp(config):
         layers: tuple = ("mlp", config.width, config.depth, config.activation, config.norm)
     else:

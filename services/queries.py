@@ -12,6 +12,7 @@ import orjson
 from sqlalchemy import String, Text, bindparam, cast, func, literal_column, or_, select, union_all
 from sqlalchemy.orm import Session
 
+from services.fine_tuning import WEIGHTS_KIND  # kept weights, not a picture: no chart reads them
 from services.models import TERMINAL_STATUSES, EpochMetric, Experiment, Trial, TrialArtifact, TrialStatus
 from services.trials import EPOCH_METRIC_FIELDS
 
@@ -165,7 +166,8 @@ def trial_detail(session: Session, trial_id: int) -> dict[str, Any] | None:
 
 def trial_artifacts(session: Session, trial_id: int) -> dict[str, dict]:
     """A trial's prediction artifacts, kind (curve_1d, boundary_2d) -> its JSON data; {} when none."""
-    result = session.execute(select(TrialArtifact.kind, TrialArtifact.data).where(TrialArtifact.trial_id == trial_id))
+    result = session.execute(select(TrialArtifact.kind, TrialArtifact.data).where(
+        TrialArtifact.trial_id == trial_id, TrialArtifact.kind != WEIGHTS_KIND))
     return {kind: data for kind, data in result}
 
 
@@ -188,7 +190,7 @@ def trial_artifacts_of(session: Session, trial_ids: list[int]) -> dict[int, dict
     if not trial_ids:
         return found
     result = session.execute(select(TrialArtifact.trial_id, TrialArtifact.kind, TrialArtifact.data)
-                             .where(TrialArtifact.trial_id.in_(trial_ids)))
+                             .where(TrialArtifact.trial_id.in_(trial_ids), TrialArtifact.kind != WEIGHTS_KIND))
     for trial_id, kind, data in result:
         found.setdefault(trial_id, {})[kind] = data
     return found

@@ -64,6 +64,8 @@ class Selection:
         if self.averaged:
             parts.append(f"{_names(self.averaged)} averaged: each band spans {_names(self.averaged)} as well as "
                          "seeds, so it is not seed noise")
+        elif "fold" in self.trials and self.trials["fold"].nunique() > 1:
+            parts.append("bands over seeds and cross-validation folds only (the cross-validated mean)")
         else:
             parts.append("bands over seeds only")
         text = "; ".join(parts)

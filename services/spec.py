@@ -48,8 +48,9 @@ MAX_NAME_CHARS = 200
 MAX_METRIC_NAME_CHARS = 100  # the experiments.metric_name column
 MAX_CROSS_FIELD_REPORTS = 5
 
-_KEYS = ("name", "description", "method", "count", "metric", "seeds", "sampler_seed", "fuse", "parameters",
-         "run_cap")
+_KEYS = ("name", "description", "method", "count", "metric", "seeds", "folds", "sampler_seed", "fuse",
+         "parameters", "run_cap")
+MAX_FOLDS = 20
 # The rest of W&B's sweep schema: keys that make sense to its agent, not to fitscope. Accepted so W&B
 # files load as they are, each with a warning that says what fitscope does instead.
 _WANDB_IGNORED = {
@@ -94,6 +95,12 @@ class GridSpec:
     parameters: dict[str, Parameter]
     warnings: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    folds: int | None = None  # k-fold cross-validation: each configuration and seed runs once per fold
+
+    @property
+    def replicates(self) -> int:
+        """Runs of each configuration: one per seed and fold."""
+        return len(self.seeds) * (self.folds or 1)
 
 
 class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml where PyYAML has it
@@ -144,6 +151,7 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
     count = _count(data.get("count", run_cap if method == "random" else None), method, problems)
     metric_name, metric_goal = _metric(data.get("metric"), problems, warnings)
     seeds = _seeds(data.get("seeds", [0]), problems)
+    folds = _folds(data.get("folds"), problems)
     sampler_seed = data.get("sampler_seed")
     if sampler_seed is None:
         sampler_seed = 0  # a fixed default keeps random search reproducible: preview == submission
@@ -161,16 +169,16 @@ def load_spec(data: dict[str, Any], *, default_name: str | None = None) -> GridS
         problems.append("parameters: is required; say what to vary, e.g. parameters: {width: {values: [8, 64]}} "
                         "(W&B refuses a sweep without parameters too)")
     if not problems and run_cap is not None and method == "grid":
-        total = math.prod(len(parameter.values) for parameter in parameters.values()) * len(seeds)
+        total = math.prod(len(parameter.values) for parameter in parameters.values()) * len(seeds) * (folds or 1)
         if total > run_cap:
             problems.append(f"run_cap: the grid has {total} trials, more than run_cap {run_cap}; raise run_cap, "
-                            "or drop values or seeds")
+                            "or drop values, seeds or folds")
     if problems:
         raise SpecError(problems)
     return GridSpec(
         name=name, description=description, method=method, count=count, metric_name=metric_name,
         metric_goal=metric_goal, seeds=seeds, sampler_seed=sampler_seed, fuse=fuse, parameters=parameters,
-        warnings=warnings, raw=copy.deepcopy(data),
+        warnings=warnings, raw=copy.deepcopy(data), folds=folds,
     )
 
 
@@ -194,19 +202,20 @@ def count_trials(spec: GridSpec) -> int:
     """How many trials ``expand`` would give, without building them: the product of the grid's
     value counts (or ``count`` for random search) times the number of seeds."""
     if spec.method == "random":
-        return (spec.count or 0) * len(spec.seeds)
-    return math.prod(len(parameter.values) for parameter in spec.parameters.values()) * len(spec.seeds)
+        return (spec.count or 0) * spec.replicates
+    return math.prod(len(parameter.values) for parameter in spec.parameters.values()) * spec.replicates
 
 
 def expand(spec: GridSpec, *, max_trials: int = 10_000) -> list[TrialConfig]:
-    """Every trial of ``spec``, seeds innermost: each configuration once per seed, in spec order.
+    """Every trial of ``spec``, seeds (then folds) innermost: each configuration once per seed and fold,
+    in spec order.
 
     Raises SpecError when the spec has more than ``max_trials`` trials (checked before anything is
     built) or when configurations fail TrialConfig's cross-field checks (the first few are named).
     """
     total = count_trials(spec)
     if total > max_trials:
-        what = "grid" if spec.method == "grid" else f"random search ({spec.count} x {len(spec.seeds)} seeds)"
+        what = "grid" if spec.method == "grid" else f"random search ({spec.count} x {spec.replicates} seeds and folds)"
         raise SpecError([f"spec: the {what} has {total} trials, over the cap of {max_trials}; "
                          "drop values or seeds, or split it into several experiments"])
     names = list(spec.parameters)
@@ -226,16 +235,17 @@ def expand(spec: GridSpec, *, max_trials: int = 10_000) -> list[TrialConfig]:
     for index, combination in enumerate(configurations):
         settings = dict(zip(names, combination, strict=True))
         try:
-            first = TrialConfig(**settings, seed=spec.seeds[0])
+            folds = {"folds": spec.folds, "fold": 1} if spec.folds else {}
+            first = TrialConfig(**settings, seed=spec.seeds[0], **folds)
         except ValidationError as exc:
             failed += 1
             if failed <= MAX_CROSS_FIELD_REPORTS:
                 label = ", ".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
-                failures.append(f"parameters: trial {index * len(spec.seeds) + 1} ({label}): {_message(exc)}")
+                failures.append(f"parameters: trial {index * spec.replicates + 1} ({label}): {_message(exc)}")
             continue
-        trials.append(first)
-        # seeds were checked on load, so the copies need no second validation
-        trials.extend(first.model_copy(update={"seed": seed}) for seed in spec.seeds[1:])
+        # seeds and folds were checked on load, so the copies need no second validation
+        trials.extend(first.model_copy(update={"seed": seed, **({"fold": fold} if spec.folds else {})})
+                      for seed in spec.seeds for fold in range(1, (spec.folds or 1) + 1))
     if failed > MAX_CROSS_FIELD_REPORTS:
         failures.append(f"parameters: {failed - MAX_CROSS_FIELD_REPORTS} more configurations fail the same way")
     if failures:
@@ -483,6 +493,16 @@ def _check_surface_parameters(parameters: dict[str, Parameter], problems: list[s
             problems.append(f"parameters.{name}: {surface_refusal(name, surface)}{others}")
 
 
+def _folds(value: Any, problems: list[str]) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_FOLDS:
+        problems.append(f"folds: must be a whole number from 2 to {MAX_FOLDS} (the parts of k-fold "
+                        f"cross-validation), got {describe(value)}; leave it out for one train/validation split")
+        return None
+    return value
+
+
 def _parameters(value: Any, method: str | None, problems: list[str], warnings: list[str]) -> dict[str, Parameter]:
     if value is None or value == {}:
         return {}  # refused by load_spec once nothing else is wrong: the sentence that matters comes first
@@ -503,8 +523,11 @@ def _parameters(value: Any, method: str | None, problems: list[str], warnings: l
         if name == "seed":
             problems.append("parameters.seed: set replicate seeds with the top-level seeds: list, "
                             "e.g. seeds: [0, 1, 2]")
+        elif name in ("fold", "folds"):
+            problems.append(f"parameters.{name}: set cross-validation with the top-level folds: K (2 to "
+                            f"{MAX_FOLDS}), e.g. folds: 5; every configuration then runs once per fold")
         elif name not in TRIAL_PARAMETERS:
-            known = tuple(p for p in TRIAL_PARAMETERS if p != "seed")
+            known = tuple(p for p in TRIAL_PARAMETERS if p not in ("seed", "fold", "folds"))
             problems.append(f"parameters.{name}: unknown parameter{suggest(name, known, noun='a trial parameter:')}")
         else:
             if isinstance(body, dict) and "csv" in body:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from services.admission import check_admission, csv_shape
 from services.datasets import CsvLimits, resolve_csv_configs
+from services.fine_tuning import parent_problems
 from services.models import Experiment, Trial, TrialStatus
 from services.planner import plan_jobs
 from services.safe_text import bidi_problem
@@ -85,6 +86,8 @@ def submit(session: Session, *, spec: GridSpec, spec_text: str, submitted_by: st
     if problems := check_admission(configs, cap_mb=settings.max_trial_memory_mb,
                                    csv_shape_of=lambda config: csv_shape(session, config)):
         raise SpecError(problems)
+    if problems := parent_problems(session, configs, csv_shape_of=lambda config: csv_shape(session, config)):
+        raise SpecError(problems)  # init_from: a missing or unfinished parent, or another first layer
     experiment = Experiment(
         name=spec.name,
         description=spec.description,

@@ -173,6 +173,22 @@ class TrialConfig(BaseModel):
     plateau_patience: Annotated[int, Field(ge=1, le=10_000)] = Field(
         5, description="plateau: epochs without validation improvement before decaying by gamma.")
 
+    # --- fine-tuning (services/fine_tuning.py) ---
+    init_from: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
+        None, description="Start from the best-epoch weights of this finished trial (its id, in the same "
+                          "database): its whole network when the shapes match, else its leading layers of the "
+                          "same shapes. The data and every training parameter may differ from the parent's.")
+    freeze: Annotated[int, Field(ge=0, le=17)] = Field(
+        0, description="Keep the first N linear layers fixed (never updated, weight decay included); at most "
+                       "depth + 1 (every layer).")
+
+    # --- cross-validation (set through the spec's folds: K) ---
+    folds: Annotated[int, Field(ge=2, le=20)] | None = Field(
+        None, description="k-fold cross-validation: the trial's training and validation rows are cut into this "
+                          "many parts (shuffled by data_seed, scikit-learn's KFold); set by the spec's folds: K.")
+    fold: Annotated[int, Field(ge=1, le=20)] | None = Field(
+        None, description="Which part (1..folds) validates; the others train. Set by the spec's folds: K.")
+
     # --- execution ---
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(
         0, description="Trial seed (weights, data order, dropout); set through the spec's seeds axis.")
@@ -217,6 +233,17 @@ class TrialConfig(BaseModel):
             raise ValueError(f"min_lr {self.min_lr:g} must be above 0 and below lr {self.lr:g} for schedule "
                              f"lr_range_test, which raises the rate from min_lr to lr; set e.g. min_lr: "
                              f"{self.lr / 1e4:g}")
+        if (self.folds is None) != (self.fold is None) or (self.folds is not None and self.fold > self.folds):
+            raise ValueError("fold and folds go together, fold from 1 to folds; set folds: K at the top of the "
+                             "spec and leave fold to it")
+        if self.folds is not None and isinstance(self.dataset, str) and self.dataset not in REAL_DATASETS:
+            pool = self.train_size + self.n_val
+            if pool < 2 * self.folds:
+                raise ValueError(f"folds {self.folds} needs at least {2 * self.folds} training and validation rows "
+                                 f"but n_train + n_val is {pool}; use fewer folds or more rows")
+        if self.freeze > self.linear_layers:
+            raise ValueError(f"freeze {self.freeze} is more than the {self.linear_layers} linear layers of this "
+                             f"model (depth + 1); use at most {self.linear_layers}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of the rows for training")
         return self
@@ -237,6 +264,11 @@ class TrialConfig(BaseModel):
         if self.n_train is not None:
             return self.n_train
         return 200 if self.dataset in SYNTHETIC_CLASSIFICATION + SYNTHETIC_REGRESSION else None
+
+    @property
+    def linear_layers(self) -> int:
+        """How many linear layers the model has: depth + 1 for an mlp, 1 for a linear model."""
+        return 1 if self.model == "linear" else self.depth + 1
 
     @property
     def dataset_name(self) -> str:

@@ -178,13 +178,14 @@ class JobRun:
         from worker.training.results import CannotResume as EngineCannotResume
 
         csv_content = self._csv_content(configs[0])
+        parents = parents_of(self.engine, configs, settings=self.settings)
         try:
             state = job_state_from_bytes(resume) if resume is not None else None
             if state is not None and state.epoch != self.job.checkpoint.epoch:
                 raise CannotResume(f"it holds epoch {state.epoch}, its row says {self.job.checkpoint.epoch}")
             train_fused(configs, on_epoch=self.on_epoch, on_trials_end=self.on_trials_end,
                         checkpoint=lambda epoch, capture: self.checkpoint(epoch, lambda: job_state_to_bytes(capture())),
-                        resume=state, csv_content=csv_content)
+                        resume=state, csv_content=csv_content, parents=parents)
         except (CheckpointUnreadable, EngineCannotResume) as exc:
             raise CannotResume(str(exc)) from None
 
@@ -240,7 +241,8 @@ class JobRun:
                     record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token)
                     finish_trial(session, trial_id, status=TrialStatus(result.status),
                                  final_metrics={**result.final_metrics, "trained_with": len(self.stack)},
-                                 best_epoch=result.best_epoch, error=result.message, artifacts=result.artifacts,
+                                 best_epoch=result.best_epoch, error=result.message,
+                                 artifacts=_with_weights(result.artifacts, result.best_weights),
                                  token=self.job.token)
                 except TrialSuperseded as exc:
                     log.warning("%s; its results are dropped", exc)
@@ -347,6 +349,34 @@ class JobRun:
 
     def _csv_content(self, config) -> bytes | None:
         return csv_content_of(self.engine, config, settings=self.settings)
+
+
+def _with_weights(artifacts: dict, best_weights: dict | None) -> dict:
+    """The pictures, and the best weights a fine-tuned trial may start from (init_from)."""
+    from services.fine_tuning import WEIGHTS_KIND
+
+    return artifacts if best_weights is None else {**artifacts, WEIGHTS_KIND: best_weights}
+
+
+def parents_of(engine: Engine, configs: list, *, settings: Settings | None = None) -> list[dict | None] | None:
+    """Per config, the best-epoch weights its ``init_from`` trial kept (None: it starts from its own
+    draw); None when no config fine-tunes. Read like a write, retried through an outage. Raises
+    ValueError (the job fails, saying why) when a parent's weights are gone since submit (re-queued)."""
+    from sqlalchemy import select
+
+    from services.fine_tuning import WEIGHTS_KIND
+    from services.models import TrialArtifact
+
+    wanted = sorted({config.init_from for config in configs if config.init_from is not None})
+    if not wanted:
+        return None
+    found = write_with_retry(engine, lambda session: dict(session.execute(
+        select(TrialArtifact.trial_id, TrialArtifact.data).where(
+            TrialArtifact.trial_id.in_(wanted), TrialArtifact.kind == WEIGHTS_KIND)).all()), settings=settings)
+    if missing := [trial_id for trial_id in wanted if trial_id not in found]:
+        raise ValueError(f"init_from: trial {missing[0]} no longer keeps its best weights (re-queued since this "
+                         "trial was submitted?); re-queue this trial once it has succeeded again")
+    return [found.get(config.init_from) if config.init_from is not None else None for config in configs]
 
 
 def csv_content_of(engine: Engine, config, *, settings: Settings | None = None) -> bytes | None:

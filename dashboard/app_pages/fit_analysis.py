@@ -25,6 +25,7 @@ NOTHING_KEPT = "No finished trial is left after the filter: leave out fewer valu
 CAPACITY = ("width", "depth", "poly_degree", "model", "activation")
 DATA_SIZE = ("n_train", "noise", "label_noise")
 REGULARIZERS = ("weight_decay", "l1", "dropout", "input_noise", "label_smoothing", "norm", "early_stopping")
+FINE_TUNING = ("init_from", "freeze")  # fine-tuned against from scratch, over n_train: the first line choice
 SPLIT_METRICS = ("loss", "accuracy", "rmse", "mae", "r2")  # recorded for train and validation each epoch
 NORMS = ("grad_norm", "weight_norm")  # recorded once per epoch, no split
 BEST = {  # what "best" means for each metric: split -> trial-table column (others have only "final")
@@ -100,7 +101,8 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
                                                           "final_weight_norm above to see weight decay or L1 "
                                                           "shrink the weights.")
     color_by = widgets.parameter_picker("One line per", [charts.ALL_TRIALS, *groups], key="fit_against_colour",
-                                        preferred=(*CAPACITY, charts.ALL_TRIALS), avoid=x, container=colour_column)
+                                        preferred=(*FINE_TUNING, *CAPACITY, charts.ALL_TRIALS), avoid=x,
+                                        container=colour_column)
     chosen = others.select(trials, shown=[x, color_by])
     st.plotly_chart(band_charts.metric_against(chosen.trials, x=x, color_by=color_by, columns=columns, band=band,
                                           y_title=chosen_metric, gap=show_gap, subtitle=chosen.describe()),
@@ -282,9 +284,17 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
     return [int(trial_id) for trial_id in dict.fromkeys(picks)]
 
 
+def _parents_as_words(trials: pd.DataFrame) -> pd.DataFrame:
+    """init_from as words, so a line per parent reads "from trial 12" beside "from scratch" (not 12.0 and nan)."""
+    if "init_from" not in trials:
+        return trials
+    return trials.assign(init_from=["from scratch" if pd.isna(value) else f"from trial {int(value)}"
+                                    for value in trials["init_from"]])
+
+
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
-all_trials = data.groupable(data.trials(experiment_id))
+all_trials = _parents_as_words(data.groupable(data.trials(experiment_id)))
 widgets.networks_or_stop(all_trials, page="the fit analysis")
 groups = widgets.grouping_choices(all_trials)
 kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)

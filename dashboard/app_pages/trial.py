@@ -44,16 +44,34 @@ def choose_trial() -> int | None:
 def header(trial: dict) -> None:
     st.subheader(f"Trial {trial['ordinal']} of #{trial['experiment_id']} {markdown_text(trial['experiment_name'])}")
     st.markdown(charts.status_badges({trial["status"]: 1}).replace("[1 ", "[")
-                + f" · {trial['epochs_done']} epochs" + (f" · worker `{trial['worker']}`" if trial["worker"] else "")
-                + f" · attempt {trial['attempts']}" + _fused_note(trial["final_metrics"]))
+                + f" · id {trial['trial_id']} (what init_from takes) · {trial['epochs_done']} epochs"
+                + (f" · worker `{trial['worker']}`" if trial["worker"] else "")
+                + f" · attempt {trial['attempts']}" + _fused_note(trial["final_metrics"]) + _fold_note(trial["config"]))
     st.page_link("app_pages/fit_analysis.py", label="Fit analysis of this experiment", icon=":material/insights:",
                  query_params={"experiment": str(trial["experiment_id"])})
+    parent_link(trial["config"])
     if trial["error"]:
         first, _, rest = trial["error"].partition("\n")
         st.error(f"This trial {trial['status']}: {markdown_text(first)}", icon=":material/error:")
         if rest:
             with st.expander("Full error"):
                 st.code(trial["error"], language=None)
+
+
+def parent_link(config: dict) -> None:
+    """A fine-tuned trial links to the trial whose best weights it started from."""
+    parent = config.get("init_from")
+    if parent is None:
+        return
+    fixed = config.get("freeze") or 0
+    kept = f", its first {fixed} linear layer{'s' if fixed > 1 else ''} kept fixed" if fixed else ""
+    st.page_link("app_pages/trial.py", label=f"Fine-tuned from trial {int(parent)}'s best-epoch weights{kept}",
+                 icon=":material/call_split:", query_params={"trial": str(int(parent))})
+
+
+def _fold_note(config: dict) -> str:
+    folds = config.get("folds")
+    return f" · cross-validation fold {config.get('fold')} of {folds}" if folds else ""
 
 
 def _fused_note(final_metrics: dict) -> str:

@@ -375,8 +375,9 @@ def _kill_at(engine, trial_ids: list[int], worker: WorkerProcess, targets: tuple
     return killed
 
 
-def _uninterrupted(configs: list) -> tuple[list, dict[int, list]]:
-    """The job trained in this process, as the worker's training processes train it (one thread)."""
+def _uninterrupted(configs: list, parents: list | None = None) -> tuple[list, dict[int, list]]:
+    """The job trained in this process, as the worker's training processes train it (one thread);
+    ``parents``: the weights artifacts its fine-tuned trials start from."""
     import torch
 
     from worker.training.fused import train_fused
@@ -385,14 +386,14 @@ def _uninterrupted(configs: list) -> tuple[list, dict[int, list]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = train_fused(configs, on_epoch=lambda epoch_rows: [
+        results = train_fused(configs, parents=parents, on_epoch=lambda epoch_rows: [
             rows[index].append(metrics) for index, metrics in epoch_rows.items()] and None)
     finally:
         torch.set_num_threads(threads)
     return results, rows
 
 
-def _assert_as_uninterrupted(engine, trial_ids: list[int]) -> None:
+def _assert_as_uninterrupted(engine, trial_ids: list[int], parents: list | None = None) -> None:
     """Every trial: its status, every epoch row (once) and its final metrics bitwise those of the same
     job trained without a kill; timings aside."""
     from services.trial_config import TrialConfig
@@ -401,7 +402,7 @@ def _assert_as_uninterrupted(engine, trial_ids: list[int]) -> None:
         trials = [session.get(Trial, trial_id) for trial_id in trial_ids]
         stored = {trial_id: session.scalars(select(EpochMetric).where(EpochMetric.trial_id == trial_id)
                                             .order_by(EpochMetric.epoch)).all() for trial_id in trial_ids}
-    results, reference_rows = _uninterrupted([TrialConfig.model_validate(trial.config) for trial in trials])
+    results, reference_rows = _uninterrupted([TrialConfig.model_validate(trial.config) for trial in trials], parents)
     fields = [f.name for f in dataclasses.fields(reference_rows[0][0]) if not f.name.endswith("_seconds")]
     for index, (trial, result) in enumerate(zip(trials, results, strict=True)):
         assert (trial.status, trial.best_epoch) == (result.status, result.best_epoch), trial.id

@@ -55,7 +55,8 @@ def _configs(group: str) -> list[TrialConfig]:
     return [TrialConfig(**{**SMALL, **overrides}) for overrides in GROUPS[group]]
 
 
-def _run(configs, *, stop_after: int | None = None, resume: JobState | None = None, device: str | None = None):
+def _run(configs, *, stop_after: int | None = None, resume: JobState | None = None, device: str | None = None,
+         parents: list | None = None):
     """train_fused with every trial's rows; with ``stop_after``, it saves the state after that epoch
     as bytes and stops as a killed worker would. Returns (results or None, rows, ended, bytes)."""
     rows: dict[int, list] = {i: [] for i in range(len(configs))}
@@ -73,7 +74,7 @@ def _run(configs, *, stop_after: int | None = None, resume: JobState | None = No
 
     try:
         results = train_fused(configs, on_epoch=on_epoch, on_trials_end=ended.update, checkpoint=checkpoint,
-                              resume=resume, device=device)
+                              resume=resume, device=device, parents=parents)
     except _Crash:
         return None, rows, ended, saved[0]
     return results, rows, ended, None

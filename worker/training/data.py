@@ -19,8 +19,15 @@ data_seed. The function itself comes from its own stream, so every split shares 
 
 Real data (digits, breast_cancer, wine from scikit-learn; users' CSVs) are permuted by data_seed and
 split by val_fraction / test_fraction (class-stratified), or by a CSV's split column; training rows
-are then capped to ``config.train_size``. ``label_noise`` flips that fraction of the training labels
-(exactly round(fraction * n_train) of them) to another class, for every classification set.
+are then capped to ``config.train_size``.
+
+k-fold cross-validation (``folds: K``, ``fold: k``) re-deals a trial's training and validation rows
+(the synthetic draws of n_train and n_val points, in that order; or a table's non-test rows, capped
+as above, in file order): fold k validates on the k-th of K parts and trains on the others, exactly
+scikit-learn's ``KFold(K, shuffle=True, random_state=data_seed)`` over those rows.
+
+``label_noise`` flips that fraction of the training labels (exactly round(fraction * n_train) of
+them) to another class, for every classification set.
 """
 
 from __future__ import annotations
@@ -91,6 +98,10 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
         sizes = (config.train_size, config.n_val, config.n_test)
         parts = [_draw_split(config, n=n, seed=seed, function=function)
                  for n, seed in zip(sizes, streams[:3], strict=True)]
+        if config.folds is not None:
+            x_pool, y_pool = (np.concatenate([parts[0][i], parts[1][i]]) for i in (0, 1))
+            train, val = fold_rows(len(y_pool), folds=config.folds, fold=config.fold, data_seed=config.data_seed)
+            parts[:2] = [(x_pool[train], y_pool[train]), (x_pool[val], y_pool[val])]
         if function is not None and parts[0][0].shape[1] == 1:
             truth = function
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
@@ -119,6 +130,23 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
 _STREAMS = 5
 _FUNCTION = 3
 _LABEL_NOISE = 4
+
+
+def fold_rows(n: int, *, folds: int, fold: int, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of fold ``fold`` (1-based) of ``folds`` over ``n`` rows: the
+    fold-th split of scikit-learn's ``KFold(folds, shuffle=True, random_state=data_seed)`` (rows
+    shuffled by numpy's legacy RandomState, the first n % folds parts one row longer)."""
+    if n < folds:
+        raise ValueError(f"folds {folds} needs at least {folds} training and validation rows, but there are {n}; "
+                         "use fewer folds or more rows")
+    order = np.random.RandomState(data_seed).permutation(n)
+    sizes = np.full(folds, n // folds)
+    sizes[: n % folds] += 1
+    stop = int(sizes[:fold].sum())
+    val = order[stop - int(sizes[fold - 1]):stop]
+    keep = np.ones(n, dtype=bool)
+    keep[val] = False
+    return np.flatnonzero(keep), np.flatnonzero(~keep)  # both in row order, as KFold.split gives them
 
 
 def standardisation_stats(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +248,10 @@ def _split_rows(
             raise ValueError(f"n_train {config.train_size} is more than the {len(train)} training rows of "
                              f"{config.dataset_name}; use at most {len(train)}")
         train = train[:config.train_size]
+    if config.folds is not None:  # the non-test rows in file order, re-dealt by fold (scikit-learn's KFold)
+        pool = np.sort(np.concatenate([train, val]))
+        in_train, in_val = fold_rows(len(pool), folds=config.folds, fold=config.fold, data_seed=config.data_seed)
+        train, val = pool[in_train], pool[in_val]
     return [(x[rows], y[rows]) for rows in (train, val, test)]
 
 

@@ -60,6 +60,7 @@ from services.planner import fusion_key
 from worker.training.batches import batch_bounds
 from worker.training.checkpoint import JobState, TrialState
 from worker.training.data import make_dataset
+from worker.training.fine_tuning import start_from
 from worker.training.fused_optim import StepRates, row_order
 from worker.training.fused_results import PerTrialLoss, measure_rows, per_trial_loss, trial_results
 from worker.training.fused_stack import NoiseAhead, StackedModel, StackedTraining, initial_rows
@@ -102,6 +103,7 @@ def train_fused(
     csv_content: bytes | None = None,
     checkpoint: CheckpointHook | None = None,
     resume: JobState | None = None,
+    parents: Sequence[dict | None] | None = None,
 ) -> list[TrialResult]:
     """Train compatible trials together (or one alone); returns one TrialResult per config, in order.
     ``device`` overrides the configs' device (cpu, cuda, auto); ``csv_content`` is the stored file of a
@@ -111,8 +113,10 @@ def train_fused(
     them while the others train on. ``checkpoint(epoch, capture)`` is offered the job's state after each
     epoch but the last (``capture()`` copies it into a JobState, so call it only when saving);
     ``resume`` (a JobState of these same configs) goes on after its epoch exactly as if the job had
-    never stopped, and raises CannotResume, before training, when it does not fit. Raises ValueError
-    when the configs cannot be fused (see services.planner)."""
+    never stopped, and raises CannotResume, before training, when it does not fit. ``parents`` gives,
+    per config, the weights artifact of the trial its ``init_from`` names (fine_tuning.weights_artifact;
+    None for a trial that starts from its own draw). Raises ValueError when the configs cannot be fused
+    (see services.planner) or a parent's first layer does not fit."""
     _check_fusable(configs)
     first = configs[0]
     if first.is_surface:  # a 2-D test function: the points themselves are the stack (surfaces.py)
@@ -133,8 +137,10 @@ def train_fused(
     template.to(target)
     generators = [torch.Generator().manual_seed(config.seed) for config in configs]  # init, then data order
     order = row_order(configs)  # stack rows: trials that step alike side by side
-    training = StackedTraining(StackedModel(template, initial_rows(template, [generators[i] for i in order]).to(
-        target)), [configs[i] for i in order], slots=order)
+    rows = initial_rows(template, [generators[i] for i in order])  # drawn for every trial: same data order
+    if parents is not None and any(parent is not None for parent in parents):
+        start_from(template, rows, [parents[i] for i in order])  # fine-tuning: the parents' best weights
+    training = StackedTraining(StackedModel(template, rows.to(target)), [configs[i] for i in order], slots=order)
     x_train, y_train, x_val, y_val = (
         t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val))
     y_train_rows, y_val_rows = (y.reshape(-1) for y in (y_train, y_val))  # targets [n, 1] -> [n]
@@ -253,11 +259,12 @@ def train_trial(
     csv_content: bytes | None = None,
     checkpoint: CheckpointHook | None = None,
     resume: JobState | None = None,
+    parent: dict | None = None,
 ) -> TrialResult:
     """One trial, trained as a stack of one (:func:`train_fused` of ``[config]``): ``on_epoch`` gets
     each epoch's metrics and returns True to cancel the trial there."""
     [result] = train_fused([config], on_epoch=lambda rows: {0} if on_epoch(rows[0]) else None, device=device,
-                           csv_content=csv_content, checkpoint=checkpoint, resume=resume)
+                           csv_content=csv_content, checkpoint=checkpoint, resume=resume, parents=[parent])
     return result
 
 

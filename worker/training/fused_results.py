@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.training.artifacts import lr_range_artifact, prediction_artifacts_rows
+from worker.training.fine_tuning import weights_artifact
 from worker.training.fused_stack import StackedModel, row_size
 from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import parameter_count
@@ -108,9 +109,10 @@ def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: li
 def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn, loss: str,
              device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
     """Each ended trial's TrialResult (fused._Trial: its history, ending and best weights), from its
-    weights at its best epoch. The test metrics, weight statistics and prediction artifacts are
-    measured for all of them at once, with the numbers each trial's own nn.Module would give: one
-    stacked forward per input, then the same reductions and roundings on every row together."""
+    weights at its best epoch, which it also keeps (TrialResult.best_weights, for init_from). The test
+    metrics, weight statistics and prediction artifacts are measured for all of them at once, with the
+    numbers each trial's own nn.Module would give: one stacked forward per input, then the same
+    reductions and roundings on every row together."""
     started = time.perf_counter()
     count = parameter_count(template)  # the same for every trial: they share the layers
     nothing = torch.zeros(row_size(template), device=device)  # a trial that never finished an epoch has no best
@@ -135,7 +137,8 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
         final_metrics["train_seconds"] = set_up_s + trial.seconds + share
         if trial.lr_range:  # a range test's steps, whatever its ending (a blow-up is part of the picture)
             artifacts = {**artifacts, "lr_range": lr_range_artifact(trial.lr_range)}
-        results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
+        kept = None if trial.best_weights is None else weights_artifact(template, trial.best_weights)
+        results[trial.index] = TrialResult(best_weights=kept, status=trial.status, epochs_run=trial.epochs_run,
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
                                            message=trial.message, artifacts=artifacts)
     return results

@@ -207,6 +207,10 @@ class StackedTraining:
         # Each Linear layer's parameters (weight and bias), first layer first: its gradient norm's parts.
         linear = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
         self.linear_params = [[i for i, (owner, _) in enumerate(owners) if owner is layer] for layer in linear]
+        # Each parameter's linear layer (0-based), for freeze: N (None: a norm's scale or shift).
+        self.linear_of = [linear.index(layer) if isinstance(layer, nn.Linear) else None for layer, _ in owners]
+        self.fixed_layers = [c.freeze for c in configs]  # per row: its first N linear layers never move
+        self._fix_masks()
 
     @classmethod
     def resumed(cls, template: nn.Module, configs: Sequence[TrialConfig], state: dict, *,
@@ -245,6 +249,8 @@ class StackedTraining:
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
                 for i in self.penalised:
                     grads[i].addcmul_(params[i].sign(), self.l1)
+            for i, fixed in self.fixed:  # a fixed layer has no gradient, as with requires_grad=False in torch
+                grads[i].masked_fill_(fixed, 0.0)
             per_tensor = _tensor_norms(grads) if want_norm or self.any_clip else None
             norm = None if per_tensor is None else torch.linalg.vector_norm(per_tensor, dim=1)
             if self.any_clip:  # torch.nn.utils.clip_grad_norm_, per row; rows without a clip keep 1
@@ -252,11 +258,29 @@ class StackedTraining:
                 coefficient = torch.where(torch.isinf(self.clip), 1.0, coefficient)
                 for grad in grads:
                     grad.mul_(coefficient)
+            # Weight decay (coupled or not) and momentum would still move a weight whose gradient is 0:
+            # a fixed layer's rows are put back exactly as they were.
+            kept = [(params[i], rows, params[i][rows]) for i, rows in self.fixed_rows]
             self.optimizer.step(grads, lr=lr, training=self.training)
+            for param, rows, values in kept:
+                param[rows] = values
             if not want_norm:
                 return None
             layers = [torch.linalg.vector_norm(per_tensor[:, columns], dim=1) for columns in self.linear_params]
             return torch.stack([norm, *layers], 1)
+
+    def _fix_masks(self) -> None:
+        """For each parameter some row keeps fixed: (its index, ``[rows, 1, 1]`` bools of the rows
+        that keep it fixed) and (its index, those rows' numbers)."""
+        device = self.model.params[0].device
+        self.fixed, self.fixed_rows = [], []
+        for i, layer in enumerate(self.linear_of):
+            rows = [row for row, fixed in enumerate(self.fixed_layers) if layer is not None and layer < fixed]
+            if rows:
+                mask = torch.zeros(len(self.fixed_layers), dtype=torch.bool, device=device)
+                mask[rows] = True
+                self.fixed.append((i, mask.view(-1, 1, 1)))
+                self.fixed_rows.append((i, torch.tensor(rows, device=device)))
 
     def keep_best(self, rows: list[int]) -> None:
         """These rows just reached their best validation loss: remember their weights."""
@@ -281,6 +305,8 @@ class StackedTraining:
             self.model.keep(index)
             self.best = self.best[index]
         self.l1, self.clip = self.l1[index], self.clip[index]
+        self.fixed_layers = [self.fixed_layers[row] for row in keep]
+        self._fix_masks()
         self.optimizer.select(index, keep, params=self.model.params)
         self.slots = [self.slots[row] for row in keep]
         self.training = [True] * len(keep)

@@ -59,6 +59,9 @@ class TrialResult:
     final_metrics: dict
     message: str | None
     artifacts: dict[str, dict] = field(default_factory=dict)  # name -> small JSON-able plotting data
+    # The best epoch's weights as JSON (fine_tuning.weights_artifact), what init_from starts from;
+    # None without a best epoch or for a model too large to keep.
+    best_weights: dict | None = None
 
 
 class EarlyStopper:
