@@ -12,14 +12,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SYNTHETIC_CLASSIFICATION = ("moons", "circles", "blobs", "spirals")
+# Multi-label: each point carries several independent yes/no labels (one sigmoid output per label).
+SYNTHETIC_MULTILABEL = ("multilabel_2d",)
+MULTILABEL_2D_LABELS = ("inside_circle", "above_line")
+MAX_LABELS = 20  # labels of one multi-label target: each is an output and a column of every chart's hover
 SYNTHETIC_REGRESSION = ("sine", "polynomial", "linear")
 # Small real data sets shipped inside scikit-learn (no download): rows available in each.
 REAL_DATASETS = {"digits": 1797, "breast_cancer": 569, "wine": 178}
 REGRESSION_DATASETS = SYNTHETIC_REGRESSION
-CLASSIFICATION_DATASETS = SYNTHETIC_CLASSIFICATION + tuple(REAL_DATASETS)
+CLASSIFICATION_DATASETS = SYNTHETIC_CLASSIFICATION + SYNTHETIC_MULTILABEL + tuple(REAL_DATASETS)
 DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS
 
-BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "sine", "polynomial", "linear",
+BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "multilabel_2d", "sine", "polynomial", "linear",
                          "digits", "breast_cancer", "wine"]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
@@ -41,7 +45,9 @@ class CsvDataset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     csv: str = Field(min_length=1, max_length=1000, description="Path of the CSV file, as given in the spec.")
-    target: str = Field(min_length=1, max_length=200, description="Column to predict.")
+    target: Annotated[str, Field(min_length=1, max_length=200)] | tuple[
+        Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(
+        description="Column to predict; or a list of 0/1 columns, one yes/no label each (multi-label).")
     split_column: str | None = Field(
         "split", description="Column of train/val/test labels, used as given when present; None to ignore.")
     missing: Literal["error", "drop_rows", "mean"] = Field(
@@ -70,9 +76,10 @@ class TrialConfig(BaseModel):
 
     # --- data ---
     dataset: BuiltinDataset | CsvDataset = Field(
-        "moons", description="moons, circles, blobs, spirals (2-D classification); sine, polynomial (1-D "
+        "moons", description="moons, circles, blobs, spirals (2-D classification); multilabel_2d (2-D, two "
+                             "yes/no labels per point: inside_circle, above_line); sine, polynomial (1-D "
                              "regression), linear (multi-feature regression); digits, breast_cancer, wine "
-                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN}.")
+                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN or [COLUMN, ...]}.")
     n_train: Annotated[int, Field(ge=4, le=1_000_000)] | None = Field(
         None, description="Training-set size: the lever between over- and underfitting. Default: 200 for "
                           "synthetic data, every training row for real and CSV data.")
@@ -176,6 +183,9 @@ class TrialConfig(BaseModel):
             if self.n_train > available:
                 raise ValueError(f"n_train {self.n_train} is more than the {available} training rows of "
                                  f"{self.dataset} (after val_fraction and test_fraction); use at most {available}")
+        if self.multilabel and self.loss not in ("auto", "bce"):
+            raise ValueError(f"loss {self.loss!r} does not fit the multi-label data of {self.dataset_name} (one "
+                             "yes/no label per output); use loss bce or auto")
         if self.poly_degree > 1 and self.task == "classification":
             raise ValueError(f"poly_degree {self.poly_degree} applies to regression only and "
                              f"{self.dataset_name} is classification; leave poly_degree at 1")
@@ -192,7 +202,7 @@ class TrialConfig(BaseModel):
         """Training rows to use: n_train, or 200 for synthetic data; None = every available row."""
         if self.n_train is not None:
             return self.n_train
-        return 200 if self.dataset in SYNTHETIC_CLASSIFICATION + SYNTHETIC_REGRESSION else None
+        return 200 if self.dataset in SYNTHETIC_CLASSIFICATION + SYNTHETIC_MULTILABEL + SYNTHETIC_REGRESSION else None
 
     @property
     def dataset_name(self) -> str:
@@ -206,6 +216,14 @@ class TrialConfig(BaseModel):
         return "regression" if self.dataset in REGRESSION_DATASETS else "classification"
 
     @property
+    def multilabel(self) -> bool:
+        """Several yes/no labels per example (a CSV target list, or multilabel_2d): a classification
+        task trained with one sigmoid output and binary cross-entropy per label."""
+        if isinstance(self.dataset, CsvDataset):
+            return isinstance(self.dataset.target, tuple)
+        return self.dataset in SYNTHETIC_MULTILABEL
+
+    @property
     def _builtin_classes(self) -> int | None:
         return {"moons": 2, "circles": 2, "breast_cancer": 2, "wine": 3, "digits": 10,
                 "blobs": self.n_classes, "spirals": self.n_classes}.get(self.dataset) if isinstance(
@@ -215,6 +233,8 @@ class TrialConfig(BaseModel):
     def resolved_loss(self) -> str:
         if self.loss != "auto":
             return self.loss
+        if self.multilabel:
+            return "bce"
         return "mse" if self.task == "regression" else "cross_entropy"
 
     @property
