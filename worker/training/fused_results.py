@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MULTILABEL_ARTIFACT = "multilabel"  # a multi-label trial's exact-match series and per-label accuracies
+
 PerTrialLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -132,9 +134,10 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
     pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device)
     if snapshots is not None:  # each trial's frames, with its best epoch's from the weights the pictures saw
         _add_snapshots(snapshots, model, trials, pictures, has_best)
+    per_label = label_accuracies(model, splits=splits, device=device) if splits.task == "multilabel" else None
     share = (time.perf_counter() - started) / len(trials)
     results = {}
-    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
+    for row, (trial, test, weights, artifacts) in enumerate(zip(trials, tests, statistics, pictures, strict=True)):
         best = trial.best
         last = None if trial.status == "diverged" or trial.last is None else (
             best if trial.stopper is not None else trial.last)
@@ -144,9 +147,10 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
         final_metrics["final_epoch"] = trial.last.epoch if trial.last else None
         final_metrics["parameter_count"] = count
         final_metrics.update(weights)
-        if trial.exact_match:
-            artifacts = {**artifacts, "exact_match": _exact_match(trial, last=last, best=best, test=test,
-                                                                  final_metrics=final_metrics)}
+        if per_label is not None:
+            artifacts = {**artifacts, MULTILABEL_ARTIFACT: _multilabel_artifact(
+                trial, last=last, best=best, test=test, final_metrics=final_metrics, splits=splits,
+                per_label={split: values[row] if has_best[row] else None for split, values in per_label.items()})}
         final_metrics["train_seconds"] = set_up_s + trial.seconds + share
         results[trial.index] = TrialResult(status=trial.status, epochs_run=trial.epochs_run,
                                            best_epoch=best.epoch if best else None, final_metrics=final_metrics,
@@ -184,17 +188,36 @@ def _add_snapshots(snapshots: Snapshots, model: StackedModel, trials: list, pict
         pictures[row][ARTIFACT] = snapshots.artifact([*trials[row].frames, frame])
 
 
-def _exact_match(trial, *, last, best, test: dict, final_metrics: dict) -> dict:
-    """Multi-label: the exact-match ratios (every label of an example right) into ``final_metrics``
-    (final train and val, at the best epoch, on the test set) and the per-epoch series as an
-    artifact, since epoch_metrics has no column for them."""
+@torch.no_grad()
+def label_accuracies(model: StackedModel, *, splits: Splits, device: torch.device) -> dict[str, list]:
+    """Multi-label: each row's accuracy of every label on the train, val and test sets, split ->
+    [rows][labels] (None for an empty set)."""
+    found = {}
+    for split, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
+                        ("test", splits.x_test, splits.y_test)):
+        if x.shape[0] == 0:
+            found[split] = [None] * model.rows
+            continue
+        outputs = model.evaluate(x.to(device))  # [rows, labels, n]
+        found[split] = ((outputs > 0) == (y.to(device).mT > 0.5)).float().mean(2).tolist()
+    return found
+
+
+def _multilabel_artifact(trial, *, last, best, test: dict, final_metrics: dict, splits: Splits,
+                         per_label: dict[str, list | None]) -> dict:
+    """Multi-label: the exact-match ratios (every label of an example right) go into ``final_metrics``
+    (final train and val, at the best epoch, on the test set), and the per-epoch series into an
+    artifact, since epoch_metrics has no column for them; beside it each label's accuracy with the
+    best epoch's weights (the ones the test set sees), to tell the hard labels from the easy ones."""
     by_epoch = {int(epoch): (train, val) for epoch, train, val in trial.exact_match}
     final = by_epoch.get(last.epoch, (None, None)) if last else (None, None)
     final_metrics["final_train_exact_match"], final_metrics["final_val_exact_match"] = final
     final_metrics["best_val_exact_match"] = by_epoch.get(best.epoch, (None, None))[1] if best else None
     final_metrics["test_exact_match"] = test.get("exact_match")
     epochs = sorted(by_epoch)
-    return {"epoch": epochs, "train": [by_epoch[e][0] for e in epochs], "val": [by_epoch[e][1] for e in epochs]}
+    return {"labels": list(splits.label_names), "epoch": epochs,
+            "train_exact_match": [by_epoch[e][0] for e in epochs], "val_exact_match": [by_epoch[e][1] for e in epochs],
+            "best_label_accuracy": per_label}
 
 
 def _first_argmax(output: torch.Tensor) -> torch.Tensor:
