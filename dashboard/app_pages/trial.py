@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import charts, data, fit_frames, widgets
 from services.safe_text import markdown_text
 
 NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
@@ -110,10 +110,29 @@ def diagnosis(trial: dict) -> None:
 
 def predictions(trial: dict) -> None:
     found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
-    if found:
+    if fit_frames.has_frames(found):
+        st.subheader("Watch it fit")
+        losses = data.curves(trial["experiment_id"], trial_ids=(trial["trial_id"],), fields=("train_loss", "val_loss"))
+        st.plotly_chart(fit_frames.fit_animation([("What the model predicts", found)], curves=losses,
+                                                 best_epoch=trial["best_epoch"]), key="trial_fit_animation")
+        st.caption(fit_frames.HOW_TO_READ)
+    elif found.get("boundary_2d") or found.get("curve_1d"):
         st.subheader("What the model learned")
         st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
                         key="trial_prediction_chart")
+    if found.get("multilabel"):
+        multilabel(found["multilabel"])
+
+
+def multilabel(series: dict) -> None:
+    """A multi-label trial: exact match (every label of an example right) per epoch, and each label's
+    accuracy with the best epoch's weights."""
+    st.subheader("Labels")
+    left, right = st.columns(2)
+    left.plotly_chart(fit_frames.exact_match_curves(series), key="trial_exact_match_chart")
+    right.plotly_chart(fit_frames.label_accuracy_bars(series), key="trial_label_accuracy_chart")
+    st.caption("Accuracy on the curves above is the mean of the per-label accuracies; exact match asks every "
+               "label of an example to be right, so it is lower and falls first when one label is hard.")
 
 
 def config_and_metrics(trial: dict) -> None:

@@ -25,6 +25,10 @@ full training and validation sets (one forward pass), giving its row of metrics;
 are the data loss alone. At its end a trial keeps the weights of its best-validation epoch (the
 ones early stopping keeps, and the test set and the prediction artifacts see).
 
+Watch it fit: at about 20 epochs of each trial (snapshots.py: the first, log-spaced ones, the one it
+ended at, its best), the trials of the stack that want a frame are drawn on the picture's inputs in
+one evaluation; the frames are kept per trial, in the checkpoint too, and stored as one artifact.
+
 Resumable: after each epoch but the last, ``checkpoint(epoch, capture)`` may call ``capture()`` for a
 checkpoint.JobState - the stack's rows, weights, best weights and optimizer state, and per trial its
 schedule, both generators, best epoch, early stopper and ending - and ``resume=state`` goes on from

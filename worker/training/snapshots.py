@@ -18,13 +18,12 @@ before the crash and takes the later ones again, bitwise as the first attempt wo
 
 from __future__ import annotations
 
-import base64
-import zlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from services.snapshot_codec import decode_bytes, encode_bytes
 from worker.training.artifacts import (
     DECIMALS,
     GRID,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 SNAPSHOTS = 20  # about this many frames a trial: the planned ones, then its last and best epochs
 PLANNED = SNAPSHOTS - 2
 ARTIFACT = "snapshots"  # the TrialArtifact kind of a trial's frames
+__all__ = ["ARTIFACT", "PLANNED", "SNAPSHOTS", "Snapshots", "decode_bytes", "encode_bytes", "snapshot_epochs"]
 
 
 def snapshot_epochs(epochs: int, *, count: int = PLANNED) -> frozenset[int]:
@@ -56,16 +56,6 @@ def snapshot_epochs(epochs: int, *, count: int = PLANNED) -> frozenset[int]:
         if len(planned) >= count:
             return frozenset(int(epoch) for epoch in planned)
         points += 1
-
-
-def encode_bytes(values: np.ndarray) -> str:
-    """uint8 values as the text a frame stores: zlib, then base64."""
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), 9)).decode()
-
-
-def decode_bytes(text: str) -> np.ndarray:
-    """The uint8 values :func:`encode_bytes` stored."""
-    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
 
 
 class Snapshots:
