@@ -112,9 +112,8 @@ def predictions(trial: dict) -> None:
     found = data.artifacts((trial["trial_id"],)).get(trial["trial_id"], {})
     if fit_frames.has_frames(found):
         st.subheader("Watch it fit")
-        losses = data.curves(trial["experiment_id"], trial_ids=(trial["trial_id"],), fields=("train_loss", "val_loss"))
-        st.plotly_chart(fit_frames.fit_animation([("What the model predicts", found)], curves=losses,
-                                                 best_epoch=trial["best_epoch"]), key="trial_fit_animation")
+        st.plotly_chart(_fit_animation(trial["experiment_id"], trial["trial_id"], trial["best_epoch"]),
+                        key="trial_fit_animation")
         st.caption(fit_frames.HOW_TO_READ)
     elif found.get("boundary_2d") or found.get("curve_1d"):
         st.subheader("What the model learned")
@@ -133,6 +132,14 @@ def multilabel(series: dict) -> None:
     right.plotly_chart(fit_frames.label_accuracy_bars(series), key="trial_label_accuracy_chart")
     st.caption("Accuracy on the curves above is the mean of the per-label accuracies; exact match asks every "
                "label of an example to be right, so it is lower and falls first when one label is hard.")
+
+
+@st.cache_data(ttl=60, max_entries=16, show_spinner=False)
+def _fit_animation(experiment_id: int, trial_id: int, best_epoch: int | None):
+    # A finished trial's frames never change, and building ~20 frames takes a second: once a minute.
+    found = data.artifacts((trial_id,)).get(trial_id, {})
+    losses = data.curves(experiment_id, trial_ids=(trial_id,), fields=("train_loss", "val_loss"))
+    return fit_frames.fit_animation([("What the model predicts", found)], curves=losses, best_epoch=best_epoch)
 
 
 def config_and_metrics(trial: dict) -> None:
