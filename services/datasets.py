@@ -1,7 +1,8 @@
 """Users' CSV data sets: validated at submit, stored by content, parsed the same way by the worker.
 
 A CSV data set is comma-separated UTF-8 text with a header row. The ``target`` column is what the
-model predicts; the optional ``split_column`` (default ``split``) says train/val/test per row and is
+model predicts (a list of columns, each holding only 0 and 1, makes a multi-label target: one
+yes/no label per column, at most ``MAX_LABELS``); the optional ``split_column`` (default ``split``) says train/val/test per row and is
 used as given when the file has it; every other column is a numeric feature. Missing cells are an
 empty cell or NaN, NA, N/A, null, none (any case). Lines are counted as in an editor: the header is
 line 1.
@@ -29,7 +30,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from services.paths import confine_csv_path
-from services.trial_config import CsvDataset, TrialConfig
+from services.trial_config import MAX_LABELS, CsvDataset, TrialConfig
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -68,8 +69,9 @@ class CsvTable:
     """A parsed CSV data set, ready to split.
 
     ``features`` is float64 [N, F], NaN only where ``missing: mean`` left a cell to fill; ``target``
-    is int64 class indices (into ``classes``, sorted labels) or float64 values; ``split`` is
-    "train"/"val"/"test" per row, or None when the rows are split by fractions.
+    is int64 class indices (into ``classes``, sorted labels) or float64 values; or, for a list of
+    target columns (``multilabel``), int64 0/1 [N, labels] with ``classes`` the label columns' names;
+    ``split`` is "train"/"val"/"test" per row, or None when the rows are split by fractions.
     """
 
     columns: tuple[str, ...]
@@ -80,6 +82,7 @@ class CsvTable:
     classes: tuple[str, ...]  # () for regression
     split: np.ndarray | None
     file_rows: int  # data rows in the file, before missing: drop_rows
+    multilabel: bool = False  # target holds one 0/1 column per label
 
     @property
     def n_rows(self) -> int:
@@ -141,26 +144,30 @@ def parse_csv(content: bytes, spec: CsvDataset, *, max_rows: int | None = None,
     """Parse CSV bytes by the rules in the module docstring; raises DatasetError."""
     name = spec.csv
     header, rows, lines = _read_rows(_decode(content, name), name, max_rows=max_rows, max_columns=max_columns)
-    target_at = _target_index(header, spec.target, name)
+    labels = spec.target if isinstance(spec.target, tuple) else None
+    target_columns = _multilabel_indices(header, labels, spec, name) if labels is not None else [
+        _target_index(header, spec.target, name)]
+    shown_target = spec.target if labels is None else ", ".join(labels)
     split_at = header.index(spec.split_column) if spec.split_column in header else None
-    if split_at == target_at:
-        raise DatasetError(f"{name}: column {spec.target!r} cannot be both the target and the split column; "
+    if split_at in target_columns:
+        raise DatasetError(f"{name}: column {header[split_at]!r} cannot be both the target and the split column; "
                            "set split_column to another column or to null")
-    feature_at = [i for i in range(len(header)) if i not in (target_at, split_at)]
+    feature_at = [i for i in range(len(header)) if i not in target_columns and i != split_at]
     if not feature_at:
-        raise DatasetError(f"{name}: there is no feature column besides the target {spec.target!r}; add at least "
+        raise DatasetError(f"{name}: there is no feature column besides the target {shown_target!r}; add at least "
                            "one numeric column to learn from")
     features, complete = _feature_values(rows, lines, header, feature_at, name=name, missing=spec.missing)
-    target_cells = [row[target_at].strip() for row in rows]
-    for index, cell in enumerate(target_cells):
-        if cell.lower() in MISSING_CELLS:
-            if spec.missing == "drop_rows":
-                complete[index] = False
-            else:
-                fix = ("missing: mean fills only feature columns, so fill it or use missing: drop_rows"
-                       if spec.missing == "mean" else "fill it, or set missing: drop_rows in the dataset mapping")
-                raise DatasetError(f"{name}: target column {spec.target!r} has a missing value ({cell!r}) on "
-                                   f"line {lines[index]}; {fix}")
+    for target_at in target_columns:
+        for index, row in enumerate(rows):
+            cell = row[target_at].strip()
+            if cell.lower() in MISSING_CELLS:
+                if spec.missing == "drop_rows":
+                    complete[index] = False
+                else:
+                    fix = ("missing: mean fills only feature columns, so fill it or use missing: drop_rows"
+                           if spec.missing == "mean" else "fill it, or set missing: drop_rows in the dataset mapping")
+                    raise DatasetError(f"{name}: target column {header[target_at]!r} has a missing value ({cell!r}) "
+                                       f"on line {lines[index]}; {fix}")
     keep = np.flatnonzero(complete)
     if len(keep) < 2:
         raise DatasetError(f"{name}: only {len(keep)} row(s) have no missing value, and a data set needs at least "
@@ -171,14 +178,20 @@ def parse_csv(content: bytes, spec: CsvDataset, *, max_rows: int | None = None,
             if np.isnan(values).all():
                 raise DatasetError(f"{name}: column {header[column]!r} has no values at all; fill it or remove "
                                    "the column")
-    target, task, classes = _encode_target([target_cells[i] for i in keep], [lines[i] for i in keep],
-                                           spec=spec, name=name)
+    if labels is None:
+        target_at = target_columns[0]
+        target, task, classes = _encode_target([rows[i][target_at].strip() for i in keep], [lines[i] for i in keep],
+                                               spec=spec, name=name)
+    else:
+        target, task, classes = _multilabel_target(rows, lines, keep, target_columns, header=header, name=name), \
+            "classification", tuple(labels)
     split = None
     if split_at is not None:
         split = _split_labels([rows[i][split_at] for i in keep], [lines[i] for i in keep],
                               column=header[split_at], name=name)
     return CsvTable(columns=tuple(header), feature_names=tuple(header[i] for i in feature_at), features=features,
-                    target=target, task=task, classes=classes, split=split, file_rows=len(rows))
+                    target=target, task=task, classes=classes, split=split, file_rows=len(rows),
+                    multilabel=labels is not None)
 
 
 def resolve_csv_configs(configs: list[TrialConfig], *, base_dir: Path | None, limits: CsvLimits,
@@ -220,7 +233,7 @@ def _with_stored_dataset(config: TrialConfig, validated: ValidatedCsv) -> TrialC
     if config.n_train is not None and config.n_train > available:
         raise DatasetError(f"{validated.name}: n_train {config.n_train} is more than its {available} training rows; "
                            f"use n_train of at most {available}")
-    if config.loss == "bce" and len(table.classes) != 2:
+    if config.loss == "bce" and len(table.classes) != 2 and not table.multilabel:
         raise DatasetError(f"{validated.name}: loss 'bce' needs two classes but target {config.dataset.target!r} "
                            f"has {len(table.classes) or 'none (regression)'}; use cross_entropy or auto")
     dataset = config.dataset.model_copy(update={"sha256": validated.sha256, "task": table.task})
@@ -345,6 +358,39 @@ def _target_index(header: list[str], target: str, name: str) -> int:
         shown = ", ".join(_show(c) for c in header[:10]) + (", ..." if len(header) > 10 else "")
         hint = f"the columns are {shown}"
     raise DatasetError(f"{name}: target column {_show(target)} is not in the header; {hint}")
+
+
+def _multilabel_indices(header: list[str], labels: tuple[str, ...], spec: CsvDataset, name: str) -> list[int]:
+    """The columns of a multi-label target list, checked: at least one, each once, at most MAX_LABELS."""
+    if not labels:
+        raise DatasetError(f"{name}: target is an empty list; name the 0/1 label columns, e.g. target: [a, b]")
+    if spec.task == "regression":
+        raise DatasetError(f"{name}: target lists {len(labels)} columns but task is regression; a list of target "
+                           "columns is multi-label classification, so use task: auto or classification")
+    repeated = next((label for label in labels if labels.count(label) > 1), None)
+    if repeated is not None:
+        raise DatasetError(f"{name}: target lists column {_show(repeated)} more than once; list each label "
+                           "column once")
+    if len(labels) > MAX_LABELS:
+        raise DatasetError(f"{name}: target lists {len(labels)} columns, over the cap of {MAX_LABELS} labels; "
+                           f"keep at most {MAX_LABELS} label columns")
+    return [_target_index(header, label, name) for label in labels]
+
+
+def _multilabel_target(rows: list[list[str]], lines: list[int], keep: np.ndarray, columns: list[int], *,
+                       header: list[str], name: str) -> np.ndarray:
+    """int64 0/1 [rows kept, labels]: each label column must hold only 0 or 1 (1.0 and 0.0 too)."""
+    target = np.empty((len(keep), len(columns)), dtype=np.int64)
+    for c, column in enumerate(columns):
+        for r, index in enumerate(keep):
+            number = _number(rows[index][column].strip())
+            if number not in (0.0, 1.0):
+                # The cell itself is never echoed: a CSV file's contents stay out of messages and logs.
+                raise DatasetError(f"{name}: target column {_show(header[column])} has a value other than 0 or 1 "
+                                   f"on line {lines[index]}; a multi-label target column holds 1 (the label "
+                                   "applies) or 0 (it does not) in every row")
+            target[r, c] = int(number)
+    return target
 
 
 def _feature_values(rows: list[list[str]], lines: list[int], header: list[str], feature_at: list[int], *,

@@ -14,11 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.surfaces import SURFACE_NAMES, SURFACES, is_surface
 
 SYNTHETIC_CLASSIFICATION = ("moons", "circles", "blobs", "spirals")
+# Multi-label: each point carries several independent yes/no labels (one sigmoid output per label).
+SYNTHETIC_MULTILABEL = ("multilabel_2d",)
+MULTILABEL_2D_LABELS = ("inside_circle", "above_line")
+MAX_LABELS = 20  # labels of one multi-label target: each is an output and a column of every chart's hover
 SYNTHETIC_REGRESSION = ("sine", "polynomial", "linear")
 # Small real data sets shipped inside scikit-learn (no download): rows available in each.
 REAL_DATASETS = {"digits": 1797, "breast_cancer": 569, "wine": 178}
 REGRESSION_DATASETS = SYNTHETIC_REGRESSION
-CLASSIFICATION_DATASETS = SYNTHETIC_CLASSIFICATION + tuple(REAL_DATASETS)
+CLASSIFICATION_DATASETS = SYNTHETIC_CLASSIFICATION + SYNTHETIC_MULTILABEL + tuple(REAL_DATASETS)
 DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS + SURFACE_NAMES
 # What a 2-D test function does not have (it optimizes a point: no network, no data, no loss to pick):
 # a spec that sets one of these for a surface is refused, naming the field.
@@ -27,7 +31,7 @@ NOT_FOR_SURFACES = ("n_train", "n_val", "n_test", "val_fraction", "test_fraction
                     "norm", "dropout", "poly_degree", "loss", "huber_delta", "label_smoothing", "l1",
                     "early_stopping", "input_noise", "batch_size")
 
-BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "sine", "polynomial", "linear",
+BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "multilabel_2d", "sine", "polynomial", "linear",
                          "digits", "breast_cancer", "wine", "himmelblau", "rosenbrock", "saddle",
                          "ill_conditioned", "six_hump_camel", "rastrigin"]
 Coordinate = Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]
@@ -52,7 +56,9 @@ class CsvDataset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     csv: str = Field(min_length=1, max_length=1000, description="Path of the CSV file, as given in the spec.")
-    target: str = Field(min_length=1, max_length=200, description="Column to predict.")
+    target: Annotated[str, Field(min_length=1, max_length=200)] | tuple[
+        Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(
+        description="Column to predict; or a list of 0/1 columns, one yes/no label each (multi-label).")
     split_column: str | None = Field(
         "split", description="Column of train/val/test labels, used as given when present; None to ignore.")
     missing: Literal["error", "drop_rows", "mean"] = Field(
@@ -81,9 +87,10 @@ class TrialConfig(BaseModel):
 
     # --- data ---
     dataset: BuiltinDataset | CsvDataset = Field(
-        "moons", description="moons, circles, blobs, spirals (2-D classification); sine, polynomial (1-D "
+        "moons", description="moons, circles, blobs, spirals (2-D classification); multilabel_2d (2-D, two "
+                             "yes/no labels per point: inside_circle, above_line); sine, polynomial (1-D "
                              "regression), linear (multi-feature regression); digits, breast_cancer, wine "
-                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN}; or a 2-D test function "
+                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN or [COLUMN, ...]}; or a 2-D test function "
                              "whose point is optimized directly: himmelblau, rosenbrock, saddle, ill_conditioned, "
                              "six_hump_camel, rastrigin (each epoch is one optimizer step).")
     start: tuple[Coordinate, Coordinate] | None = Field(
@@ -222,6 +229,9 @@ class TrialConfig(BaseModel):
             if self.n_train > available:
                 raise ValueError(f"n_train {self.n_train} is more than the {available} training rows of "
                                  f"{self.dataset} (after val_fraction and test_fraction); use at most {available}")
+        if self.multilabel and self.loss not in ("auto", "bce"):
+            raise ValueError(f"loss {self.loss!r} does not fit the multi-label data of {self.dataset_name} (one "
+                             "yes/no label per output); use loss bce or auto")
         if self.poly_degree > 1 and self.task == "classification":
             raise ValueError(f"poly_degree {self.poly_degree} applies to regression only and "
                              f"{self.dataset_name} is classification; leave poly_degree at 1")
@@ -263,7 +273,7 @@ class TrialConfig(BaseModel):
         """Training rows to use: n_train, or 200 for synthetic data; None = every available row."""
         if self.n_train is not None:
             return self.n_train
-        return 200 if self.dataset in SYNTHETIC_CLASSIFICATION + SYNTHETIC_REGRESSION else None
+        return 200 if self.dataset in SYNTHETIC_CLASSIFICATION + SYNTHETIC_MULTILABEL + SYNTHETIC_REGRESSION else None
 
     @property
     def linear_layers(self) -> int:
@@ -282,6 +292,14 @@ class TrialConfig(BaseModel):
         return "regression" if self.dataset in REGRESSION_DATASETS else "classification"
 
     @property
+    def multilabel(self) -> bool:
+        """Several yes/no labels per example (a CSV target list, or multilabel_2d): a classification
+        task trained with one sigmoid output and binary cross-entropy per label."""
+        if isinstance(self.dataset, CsvDataset):
+            return isinstance(self.dataset.target, tuple)
+        return self.dataset in SYNTHETIC_MULTILABEL
+
+    @property
     def _builtin_classes(self) -> int | None:
         return {"moons": 2, "circles": 2, "breast_cancer": 2, "wine": 3, "digits": 10,
                 "blobs": self.n_classes, "spirals": self.n_classes}.get(self.dataset) if isinstance(
@@ -291,6 +309,8 @@ class TrialConfig(BaseModel):
     def resolved_loss(self) -> str:
         if self.loss != "auto":
             return self.loss
+        if self.multilabel:
+            return "bce"
         return "mse" if self.task == "regression" else "cross_entropy"
 
     @property

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import band_charts, charts, data, gradient_charts, widgets
+from dashboard import band_charts, charts, data, fit_frames, gradient_charts, widgets
 from services import selection
 
 NO_FACETS = "none"
@@ -237,6 +237,14 @@ def predictions(experiment_id: int, trials: pd.DataFrame, groups: list[str]) -> 
         return
     titles = {trial_id: labels[trial_id].split(" · ")[0] + " · " + labels[trial_id].split(" · ")[-1]
               for trial_id in chosen}
+    if any(fit_frames.has_frames(found.get(trial_id, {})) for trial_id in chosen):
+        st.plotly_chart(fit_frames.fit_animation([(titles[trial_id], found.get(trial_id, {})) for trial_id in chosen],
+                                                 start="last"), key="fit_prediction_animation")
+        st.caption("Each panel at its last epoch; drag the slider or press Play to watch them fit from epoch 1 "
+                   "(each panel shows its latest snapshot at the slider's epoch). Dashed black: the truth; red: "
+                   "the model; dots: training points; pale regions: the model is unsure. A straight line that "
+                   "misses the curve underfits; a wiggly one that chases the dots overfits.")
+        return
     st.plotly_chart(charts.prediction_panels({trial_id: found.get(trial_id, {}) for trial_id in chosen}, titles),
                     key="fit_prediction_chart")
     st.caption("Dashed black: the truth; red: the model; grey or coloured dots: training points. A straight "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, gradient_charts, surface_charts, widgets
+from dashboard import charts, data, fit_frames, gradient_charts, surface_charts, widgets
 from services.range_test import read_range_test
 from services.safe_text import markdown_text
 
@@ -172,10 +172,36 @@ def predictions(trial: dict) -> None:
         st.plotly_chart(surface_charts.surface_paths(row, {trial["trial_id"]: found["path_2d"]},
                                                      function=found["path_2d"]["function"], color_by="optimizer",
                                                      panel_by=None), key="trial_path_chart")
+    elif fit_frames.has_frames(found):
+        st.subheader("Watch it fit")
+        st.plotly_chart(_fit_animation(trial["experiment_id"], trial["trial_id"], trial["best_epoch"]),
+                        key="trial_fit_animation")
+        st.caption(fit_frames.HOW_TO_READ)
     elif any(kind in found for kind in charts.PREDICTION_KINDS):
         st.subheader("What the model learned")
         st.plotly_chart(charts.prediction_panels({trial["trial_id"]: found}, {trial["trial_id"]: ""}),
                         key="trial_prediction_chart")
+    if found.get("multilabel"):
+        multilabel(found["multilabel"])
+
+
+def multilabel(series: dict) -> None:
+    """A multi-label trial: exact match (every label of an example right) per epoch, and each label's
+    accuracy with the best epoch's weights."""
+    st.subheader("Labels")
+    left, right = st.columns(2)
+    left.plotly_chart(fit_frames.exact_match_curves(series), key="trial_exact_match_chart")
+    right.plotly_chart(fit_frames.label_accuracy_bars(series), key="trial_label_accuracy_chart")
+    st.caption("Accuracy on the curves above is the mean of the per-label accuracies; exact match asks every "
+               "label of an example to be right, so it is lower and falls first when one label is hard.")
+
+
+@st.cache_data(ttl=60, max_entries=16, show_spinner=False)
+def _fit_animation(experiment_id: int, trial_id: int, best_epoch: int | None):
+    # A finished trial's frames never change, and building ~20 frames takes a second: once a minute.
+    found = data.artifacts((trial_id,)).get(trial_id, {})
+    losses = data.curves(experiment_id, trial_ids=(trial_id,), fields=("train_loss", "val_loss"))
+    return fit_frames.fit_animation([("What the model predicts", found)], curves=losses, best_epoch=best_epoch)
 
 
 def config_and_metrics(trial: dict) -> None:

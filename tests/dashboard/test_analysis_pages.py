@@ -194,9 +194,11 @@ def test_fit_analysis_draws_capacity_train_and_validation_per_group(filled: Fill
     assert len(table) == 7 and table["sibling_verdict"].notna().all()
     assert set(table["link"]) == {f"trial?trial={trial_id}" for trial_id in filled.moons_trials[:-1]}
 
-    boundaries = figure(app, "fit_prediction_chart")
-    # By default one seed's smallest, middle and largest model, side by side.
-    assert [trace["type"] for trace in boundaries["data"]] == ["heatmap", "scatter"] * 3
+    boundaries = figure(app, "fit_prediction_animation")
+    # By default one seed's smallest, middle and largest model, side by side, each with its epochs to play
+    # (regions, their 0.5 line, the training points).
+    assert [trace["type"] for trace in boundaries["data"]] == ["heatmap", "contour", "scatter"] * 3
+    assert [frame["name"] for frame in boundaries["frames"]] == ["1", "2", "3", "4"]
 
 
 def test_fit_analysis_group_by_and_axes_change_the_figures(filled: Filled):
@@ -218,7 +220,7 @@ def test_fit_analysis_group_by_and_axes_change_the_figures(filled: Filled):
 def test_fit_analysis_of_a_regression_draws_the_fitted_curve_against_the_truth(filled: Filled):
     app = run_app(page=FIT_PAGE, query={"experiment": str(filled.sine)})
 
-    panels = figure(app, "fit_prediction_chart")["data"]
+    panels = figure(app, "fit_prediction_animation")["data"]
     lines = [trace for trace in panels if trace["mode"] == "lines"]
     assert {trace["name"] for trace in lines} == {"truth", "model"}
     assert all(len(trace["x"]) == 200 for trace in lines)  # artifacts.CURVE_POINTS, as the engine stored them
@@ -292,7 +294,9 @@ def test_trial_page_shows_config_curves_diagnosis_numbers_and_the_picture(filled
     assert any("underfit_ratio_limit" in names for names in numbers)  # the thresholds, in their own table
     assert len(figure(app, "trial_loss_chart")["data"]) == 2  # train and validation
     assert figure(app, "trial_accuracy_chart")
-    assert [trace["type"] for trace in figure(app, "trial_prediction_chart")["data"]] == ["heatmap", "scatter"]
+    animation = figure(app, "trial_fit_animation")  # the picture, then the loss beside it with its epoch marked
+    assert [trace["type"] for trace in animation["data"]] == ["heatmap", "contour"] + ["scatter"] * 5
+    assert len(animation["frames"]) == len(animation["layout"]["sliders"][0]["steps"]) >= 3
     assert app.json[0].value and '"width": 4' in app.json[0].value
 
 

@@ -5,7 +5,10 @@
   when the data set has one, and up to ``MAX_POINTS`` training points.
 - 2-D classification -> ``boundary_2d``: on a ``GRID`` x ``GRID`` grid over the training inputs
   (padded likewise), the predicted class and its probability per cell, plus up to ``MAX_POINTS``
-  training points with their labels.
+  training points with their labels. Multi-label (up to ``MAX_PICTURED_LABELS`` labels): the
+  "class" of a cell is its predicted label set (bit k set: label k predicted yes), its probability
+  that set's under the model (the product over labels of p or 1 - p), and ``class_names`` names
+  each set.
 - and, whatever the data, a learning-rate range test -> ``lr_range``: every step's (rate, batch loss), at most
   ``LR_RANGE_POINTS`` of them (see :func:`lr_range_artifact`).
 
@@ -32,6 +35,7 @@ GRID = 60
 MAX_POINTS = 300
 PADDING = 0.05  # share of the input range added on each side of the plot
 DECIMALS = 3
+MAX_PICTURED_LABELS = 3  # a multi-label boundary colours each label set: 2^3 colours stay readable
 
 
 # Standardised inputs [n, features] -> outputs [rows, n, outputs]: one model (rows=1), or every
@@ -62,17 +66,63 @@ def prediction_artifacts_rows(predict: Predict, splits: Splits, config: TrialCon
     roundings are done once for all of them; each row's numbers are its own."""
     if splits.x_train.shape[0] == 0:
         return [{} for _ in range(rows)]
-    if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
+    kind = picture_kind(splits)
+    if kind == "curve_1d":
         return [{"curve_1d": curve} for curve in _curve_1d(predict, splits, config, rows)]
-    if splits.task == "classification" and splits.n_features == 2:
+    if kind == "boundary_2d":
         return [{"boundary_2d": boundary} for boundary in _boundary_2d(predict, splits, rows)]
     return [{} for _ in range(rows)]
 
 
+def picture_kind(splits: Splits) -> str | None:
+    """curve_1d, boundary_2d, or None: the picture a trial on these data gets."""
+    if splits.task == "regression" and splits.n_features == 1 and splits.n_outputs == 1:
+        return "curve_1d"
+    if splits.n_features == 2 and (splits.task == "classification" or (
+            splits.task == "multilabel" and splits.n_outputs <= MAX_PICTURED_LABELS)):
+        return "boundary_2d"
+    return None
+
+
+def curve_inputs(splits: Splits) -> torch.Tensor:
+    """The ``CURVE_POINTS`` raw inputs a fitted curve is drawn at."""
+    low, high = padded_range(raw_inputs(splits, splits.x_train)[:, 0])
+    return torch.linspace(low, high, CURVE_POINTS)
+
+
+def boundary_grid(splits: Splits) -> tuple[tuple[float, float], tuple[float, float], torch.Tensor]:
+    """(x range, y range, raw inputs [GRID * GRID, 2]) of the decision-region grid: row i of the
+    grid is one y value, column j one x value, flattened row by row."""
+    raw = raw_inputs(splits, splits.x_train)
+    (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
+    xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return (x_low, x_high), (y_low, y_high), torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+
+
+def boundary_cells(logits: torch.Tensor, *, multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability, predicted class) of each cell from outputs [..., cells, outputs]: the most
+    probable class and its probability, or (multi-label) the predicted label set's code and its
+    probability."""
+    if multilabel:
+        positive = torch.sigmoid(logits)
+        yes = logits > 0  # as accuracy counts a label predicted
+        bits = 2 ** torch.arange(logits.shape[-1], device=logits.device)
+        return torch.where(yes, positive, 1 - positive).prod(-1), (yes.long() * bits).sum(-1)
+    shape = logits.shape[:-1]
+    probability, predicted = class_probabilities(logits.reshape(-1, logits.shape[-1])).max(dim=1)
+    return probability.reshape(shape), predicted.reshape(shape)
+
+
+def label_set_names(labels: tuple[str, ...]) -> list[str]:
+    """The name of each label set by its code (bit k: label k): "none", "a", "b", "a + b", ..."""
+    return [" + ".join(label for k, label in enumerate(labels) if code >> k & 1) or "none"
+            for code in range(2 ** len(labels))]
+
+
 def _curve_1d(predict: Predict, splits: Splits, config: TrialConfig, rows: int) -> list[dict[str, Any]]:
     raw_x = raw_inputs(splits, splits.x_train)[:, 0]
-    low, high = padded_range(raw_x)
-    x = torch.linspace(low, high, CURVE_POINTS)
+    x = curve_inputs(splits)
     y_pred = _predict(predict, splits, x[:, None])[:, :, 0]  # [rows, points]
     keep = subsample(raw_x.shape[0])
     x_list, truth = round_for_json(x), true_values(splits, config, x)
@@ -96,27 +146,32 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _boundary_2d(predict: Predict, splits: Splits, rows: int) -> list[dict[str, Any]]:
+    (x_low, x_high), (y_low, y_high), grid = boundary_grid(splits)
+    multilabel = splits.task == "multilabel"
+    probability, predicted = boundary_cells(_predict(predict, splits, grid), multilabel=multilabel)
     raw = raw_inputs(splits, splits.x_train)
-    (x_low, x_high), (y_low, y_high) = padded_range(raw[:, 0]), padded_range(raw[:, 1])
-    xs, ys = torch.linspace(x_low, x_high, GRID), torch.linspace(y_low, y_high, GRID)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # row i is one y value, column j one x value
-    logits = _predict(predict, splits, torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
-    probability, predicted = class_probabilities(logits.reshape(-1, logits.shape[-1])).max(dim=1)
     keep = subsample(raw.shape[0])
     train_x, train_y = round_for_json(raw[keep, 0]), round_for_json(raw[keep, 1])
-    train_label = splits.y_train[keep].tolist()
+    if multilabel:
+        names = label_set_names(splits.label_names)
+        bits = 2 ** torch.arange(splits.n_outputs)
+        train_label = (splits.y_train[keep] > 0.5).long().mul(bits).sum(1).tolist()
+    else:
+        names = list(splits.class_names) if splits.class_names else [str(k) for k in range(splits.n_outputs)]
+        train_label = splits.y_train[keep].tolist()
     return [{
         "x_range": [round(x_low, DECIMALS), round(x_high, DECIMALS)],
         "y_range": [round(y_low, DECIMALS), round(y_high, DECIMALS)],
         "resolution": GRID,
-        "classes": list(range(splits.n_outputs)),
+        "classes": list(range(len(names))),
+        "class_names": names,
         "predicted_class": classes,  # [row = y][column = x]
         "probability": grid_rows(row, GRID),  # of that class
         "train_x": list(train_x),
         "train_y": list(train_y),
         "train_label": list(train_label),
     } for classes, row in zip(predicted.reshape(rows, GRID, GRID).tolist(),
-                              grid_rows(round_for_json(probability), GRID * GRID), strict=True)]
+                              grid_rows(round_for_json(probability.reshape(-1)), GRID * GRID), strict=True)]
 
 
 def _predict(predict: Predict, splits: Splits, raw_x: torch.Tensor) -> torch.Tensor:

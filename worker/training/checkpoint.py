@@ -40,6 +40,8 @@ class TrialState:
     noise_generator: torch.Tensor  # uint8 state of the dropout / input-noise generator
     seconds: float  # its share of the job's time so far
     lr_range: list | None = None  # a range test's (rate, batch loss) of every step so far
+    frames: list | None = None  # its prediction snapshots so far (snapshots.py); None in older checkpoints
+    exact_match: list | None = None  # multi-label: [epoch, train, val] exact-match ratios so far
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ Regression: ``sine`` is sin(2 pi x); ``polynomial`` is a random Legendre series 
 is x . w + b with ``n_features`` standard-normal inputs, w ~ N(0, 1/n_features) and b ~ N(0, 1) from
 data_seed. The function itself comes from its own stream, so every split shares it.
 
+Multi-label: ``multilabel_2d`` draws clean points uniformly in [-1, 1]^2, each with two yes/no
+labels, ``inside_circle`` (the centred circle covering half the square) and ``above_line`` (y > 0.5 x
+- 0.2); ``noise`` is added to the inputs as for the other 2-D sets. A CSV whose target is a list of
+0/1 columns is multi-label too. Targets are then float32 0/1 [N, labels]; ``label_noise`` flips that
+fraction of every label column.
+
 Real data (digits, breast_cancer, wine from scikit-learn; users' CSVs) are permuted by data_seed and
 split by val_fraction / test_fraction (class-stratified), or by a CSV's split column; training rows
 are then capped to ``config.train_size``.
@@ -40,7 +46,14 @@ import numpy as np
 import torch
 
 from services.datasets import fraction_sizes, parse_csv
-from services.trial_config import REAL_DATASETS, SYNTHETIC_REGRESSION, CsvDataset, TrialConfig
+from services.trial_config import (
+    MULTILABEL_2D_LABELS,
+    REAL_DATASETS,
+    SYNTHETIC_MULTILABEL,
+    SYNTHETIC_REGRESSION,
+    CsvDataset,
+    TrialConfig,
+)
 
 _CIRCLES_INNER_RADIUS = 0.5  # sklearn's make_circles(factor=0.5): outer radius 1, inner 0.5
 _BLOBS_RADIUS = 1.0  # blob centres sit evenly on a circle of this radius; `noise` is their spread
@@ -63,12 +76,14 @@ class Splits:
     y_test: torch.Tensor
     n_features: int
     n_outputs: int
-    task: str  # "classification" | "regression"
+    task: str  # "classification" | "regression" | "multilabel"
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     # 1-D synthetic regression only: raw x [N, 1] (or [N]) -> noiseless y [N, 1], to draw the truth.
     truth: Callable[[np.ndarray], np.ndarray] | None = None
     class_names: tuple[str, ...] | None = None  # classification: the label of each class index
+    # multilabel: each output's label name; targets are float32 0/1 [N, labels], one column per label
+    label_names: tuple[str, ...] | None = None
 
 
 def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Splits:
@@ -80,17 +95,24 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
     streams = np.random.SeedSequence(config.data_seed).spawn(_STREAMS)
     class_names = None
     truth = None
+    label_names = None
     if isinstance(config.dataset, CsvDataset):
         if csv_content is None:
             raise ValueError(f"dataset {config.dataset_name} is a CSV; pass its bytes as csv_content")
         table = parse_csv(csv_content, config.dataset)
         task, n_classes, class_names = table.task, len(table.classes) or None, table.classes or None
+        if table.multilabel:
+            task, n_classes, class_names, label_names = "multilabel", None, None, table.classes
         parts = _split_rows(config, table.features, table.target, split=table.split, n_classes=n_classes,
                             stream=streams[_FUNCTION])
     elif config.dataset in REAL_DATASETS:
         x, y = _load_real(config.dataset)
         task, n_classes = "classification", int(y.max()) + 1
         parts = _split_rows(config, x, y, split=None, n_classes=n_classes, stream=streams[_FUNCTION])
+    elif config.dataset in SYNTHETIC_MULTILABEL:
+        task, n_classes, label_names = "multilabel", None, MULTILABEL_2D_LABELS
+        sizes = (config.train_size, config.n_val, config.n_test)
+        parts = [_draw_multilabel_2d(config, n=n, seed=seed) for n, seed in zip(sizes, streams[:3], strict=True)]
     else:
         task = config.task
         n_classes = None if task == "regression" else _n_classes(config)
@@ -108,20 +130,24 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
     if n_classes is not None and config.label_noise > 0:
         y_train = flip_labels(y_train, fraction=config.label_noise, n_classes=n_classes,
                               rng=np.random.default_rng(streams[_LABEL_NOISE]))
+    if label_names is not None and config.label_noise > 0:
+        y_train = flip_label_columns(y_train, fraction=config.label_noise,
+                                     rng=np.random.default_rng(streams[_LABEL_NOISE]))
     x_train, x_val, x_test = _fill_missing(x_train, x_val, x_test)
     mean, std = standardisation_stats(x_train)
     x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
 
     regression = task == "regression"
+    targets = _label_columns if label_names is not None else partial(_targets, regression=regression)
     return Splits(
-        x_train=_features(x_train), y_train=_targets(y_train, regression=regression),
-        x_val=_features(x_val), y_val=_targets(y_val, regression=regression),
-        x_test=_features(x_test), y_test=_targets(y_test, regression=regression),
+        x_train=_features(x_train), y_train=targets(y_train),
+        x_val=_features(x_val), y_val=targets(y_val),
+        x_test=_features(x_test), y_test=targets(y_test),
         n_features=x_train.shape[1],
-        n_outputs=1 if regression else n_classes,
+        n_outputs=1 if regression else len(label_names) if label_names is not None else n_classes,
         task=task,
         feature_mean=_features(mean), feature_std=_features(std),
-        truth=truth, class_names=class_names,
+        truth=truth, class_names=class_names, label_names=label_names,
     )
 
 
@@ -171,6 +197,37 @@ def flip_labels(y: np.ndarray, *, fraction: float, n_classes: int, rng: np.rando
     chosen = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
     flipped[chosen] = (y[chosen] + rng.integers(1, n_classes, size=len(chosen))) % n_classes
     return flipped
+
+
+def flip_label_columns(y: np.ndarray, *, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Multi-label: a copy of 0/1 ``y`` [N, labels] with round(fraction * N) entries of each label
+    column, chosen at random per column, flipped (0 <-> 1)."""
+    flipped = y.copy()
+    for column in range(y.shape[1]):
+        chosen = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+        flipped[chosen, column] = 1 - flipped[chosen, column]
+    return flipped
+
+
+# multilabel_2d: clean points uniform in the square [-1, 1]^2, two yes/no labels each. The circle's
+# radius makes it cover half the square (pi r^2 = 2); the line is tilted so neither label is an axis.
+_MULTILABEL_RADIUS = float(np.sqrt(2 / np.pi))
+_MULTILABEL_LINE = (0.5, -0.2)  # above_line: y > 0.5 x - 0.2
+
+
+def multilabel_2d_labels(points: np.ndarray) -> np.ndarray:
+    """The true labels of clean 2-D points [N, 2]: int64 [N, 2] (inside_circle, above_line)."""
+    slope, intercept = _MULTILABEL_LINE
+    inside = (points ** 2).sum(axis=1) < _MULTILABEL_RADIUS ** 2
+    above = points[:, 1] > slope * points[:, 0] + intercept
+    return np.stack([inside, above], axis=1).astype(np.int64)
+
+
+def _draw_multilabel_2d(config: TrialConfig, *, n: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    # Labels belong to the clean point; the input noise then blurs where it is seen (as for moons).
+    position_rng, noise_rng = (np.random.default_rng(s) for s in seed.spawn(2))
+    clean = position_rng.uniform(-1.0, 1.0, size=(n, 2))
+    return clean + config.noise * noise_rng.standard_normal(clean.shape), multilabel_2d_labels(clean)
 
 
 def _draw_split(
@@ -314,6 +371,10 @@ def _n_classes(config: TrialConfig) -> int:
 
 def _features(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _label_columns(y: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
 
 
 def _targets(y: np.ndarray, *, regression: bool) -> torch.Tensor:

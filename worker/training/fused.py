@@ -25,6 +25,10 @@ full training and validation sets (one forward pass), giving its row of metrics;
 are the data loss alone. At its end a trial keeps the weights of its best-validation epoch (the
 ones early stopping keeps, and the test set and the prediction artifacts see).
 
+Watch it fit: at about 20 epochs of each trial (snapshots.py: the first, log-spaced ones, the one it
+ended at, its best), the trials of the stack that want a frame are drawn on the picture's inputs in
+one evaluation; the frames are kept per trial, in the checkpoint too, and stored as one artifact.
+
 Resumable: after each epoch but the last, ``checkpoint(epoch, capture)`` may call ``capture()`` for a
 checkpoint.JobState - the stack's rows, weights, best weights and optimizer state, and per trial its
 schedule, both generators, best epoch, early stopper and ending - and ``resume=state`` goes on from
@@ -49,7 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -81,6 +85,7 @@ from worker.training.results import (
     epoch_metrics,
     resolve_device,
 )
+from worker.training.snapshots import Snapshots, snapshot_epochs
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -143,7 +148,8 @@ def train_fused(
     training = StackedTraining(StackedModel(template, rows.to(target)), [configs[i] for i in order], slots=order)
     x_train, y_train, x_val, y_val = (
         t.to(target) for t in (splits.x_train, splits.y_train, splits.x_val, splits.y_val))
-    y_train_rows, y_val_rows = (y.reshape(-1) for y in (y_train, y_val))  # targets [n, 1] -> [n]
+    # targets [n, 1] -> [n]; multi-label ones stay [n, labels]
+    y_train_rows, y_val_rows = (y if splits.task == "multilabel" else y.reshape(-1) for y in (y_train, y_val))
     n_train = x_train.shape[0]
     x_both = torch.cat([x_train, x_val])
     batch_size = n_train if first.batch_size == "full" else min(first.batch_size, n_train)
@@ -155,9 +161,11 @@ def train_fused(
     constant = constant_predictor(splits.y_train, loss=loss_name, n_outputs=splits.n_outputs)
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
+    snapshots = Snapshots.of(splits, device=target)  # None: these data get no prediction picture
     trials = [_Trial(index=i, config=config, rates=StepRates(config, steps=steps),
                      stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
-                     data_generator=generator, noise_generator=make_noise_generator(config.seed, target))
+                     data_generator=generator, noise_generator=make_noise_generator(config.seed, target),
+                     planned=snapshot_epochs(config.epochs) if snapshots else frozenset())
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
     results: dict[int, TrialResult] = {}
     if resume is not None:
@@ -197,6 +205,8 @@ def train_fused(
                                     layer_grad_norms=norms[row][2:])
             trial.last, trial.epochs_run = metrics, trial.epochs_run + 1
             rows[trial.index] = metrics
+            if "exact_match" in train[row]:  # multi-label: no column of its own, kept per trial
+                trial.exact_match.append([epoch, train[row]["exact_match"], val[row]["exact_match"]])
             if trial.best is None or metrics.val_loss < trial.best.val_loss:
                 trial.best = metrics
                 improved.append(row)
@@ -214,10 +224,13 @@ def train_fused(
                 trial.end(training, row, status="succeeded")
             else:
                 trial.rates.after_epoch(rows[trial.index].val_loss)
+        if snapshots is not None:
+            _take_snapshots(snapshots, training, running, rows, epoch=epoch)
         ended = [trial for trial in running if trial.status != "running" and trial.index not in results]
         if ended:  # their test metrics and artifacts in one stacked pass, then reported at once
             results.update(trial_results(ended, template, splits=splits, loss_fn=loss_fn, loss=loss_name,
-                                         device=target, baselines=baselines, set_up_s=set_up_s / len(configs)))
+                                         device=target, baselines=baselines, set_up_s=set_up_s / len(configs),
+                                         snapshots=snapshots))
             on_trials_end({trial.index: results[trial.index] for trial in ended})
         if not any(trial.status == "running" for trial in running):
             break
@@ -226,6 +239,19 @@ def train_fused(
             checkpoint(epoch, partial(_capture, epoch, configs=configs, trials=trials, training=training,
                                       results=results))
     return [results[index] for index in range(len(configs))]
+
+
+def _take_snapshots(snapshots: Snapshots, training: StackedTraining, running: list[_Trial],
+                    rows: dict[int, EpochMetrics], *, epoch: int) -> None:
+    """The frames of the trials that measured this epoch and planned it or ended at it (their row
+    still holds this epoch's weights): one evaluation on the picture's inputs for all of them."""
+    wanted = [row for row, trial in enumerate(running) if trial.index in rows
+              and (epoch in trial.planned or trial.status != "running")]
+    if not wanted:
+        return
+    metrics = [(epoch, rows[running[row].index].train_loss, rows[running[row].index].val_loss) for row in wanted]
+    for row, frame in zip(wanted, snapshots.frames(training.model, wanted, metrics=metrics), strict=True):
+        running[row].frames.append(frame)
 
 
 def _capture(epoch: int, *, configs: Sequence[TrialConfig], trials: list[_Trial], training: StackedTraining,
@@ -287,6 +313,9 @@ class _Trial:
     stopped_epoch: int | None = None
     seconds: float = 0.0
     lr_range: list[tuple[float, float]] | None = None  # lr_range_test: every step's (rate, batch loss)
+    planned: frozenset[int] = frozenset()  # the epochs it takes a snapshot at (snapshots.snapshot_epochs)
+    frames: list[dict] = field(default_factory=list)  # its snapshots so far
+    exact_match: list[list[float]] = field(default_factory=list)  # multi-label: [epoch, train, val] per epoch
 
     def __post_init__(self) -> None:
         if self.config.schedule == "lr_range_test":
@@ -304,6 +333,7 @@ class _Trial:
             last=self.last, best=self.best, stopper=self.stopper.state() if self.stopper else None,
             rates=self.rates.state(), generator=self.data_generator.get_state(),
             noise_generator=self.noise_generator.get_state(), seconds=self.seconds,
+            frames=list(self.frames), exact_match=[list(entry) for entry in self.exact_match],
             lr_range=None if self.lr_range is None else list(self.lr_range))
 
     def restore(self, state: TrialState) -> None:
@@ -311,6 +341,7 @@ class _Trial:
             raise ValueError("the checkpoint was written by a trial with other early stopping")
         self.status, self.message, self.stopped_epoch = state.status, state.message, state.stopped_epoch
         self.epochs_run, self.last, self.best, self.seconds = state.epochs_run, state.last, state.best, state.seconds
+        self.frames, self.exact_match = list(state.frames or []), [list(entry) for entry in state.exact_match or []]
         if self.stopper is not None:
             self.stopper.restore(state.stopper)
         self.rates.restore(state.rates)

@@ -24,12 +24,15 @@ from worker.training.fused_stack import StackedModel, row_size
 from worker.training.losses import ZERO_WEIGHT, measure
 from worker.training.models import parameter_count
 from worker.training.results import TrialResult, final_metrics_of, finite_or_none
+from worker.training.snapshots import ARTIFACT, Snapshots
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
     from worker.training.data import Splits
 
 log = logging.getLogger(__name__)
+
+MULTILABEL_ARTIFACT = "multilabel"  # a multi-label trial's exact-match series and per-label accuracies
 
 PerTrialLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,6 +46,9 @@ def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
     if loss == "bce":
         return lambda output, y: F.binary_cross_entropy_with_logits(
             output[:, 0], y.to(output.dtype), reduction="none").mean(1)
+    if loss == "multilabel_bce":  # labels [slots, n, labels] against label-major outputs [slots, labels, n]
+        return lambda output, y: F.binary_cross_entropy_with_logits(
+            output, y.mT.to(output.dtype), reduction="none").mean((1, 2))
     if loss == "huber":
         return lambda output, y: F.huber_loss(output[:, 0], y, reduction="none", delta=config.huber_delta).mean(1)
     elementwise = {"mse": F.mse_loss, "mae": F.l1_loss}[loss]
@@ -59,6 +65,11 @@ def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *
         return [{"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}] * slots
     labels = y.expand(slots, *y.shape)
     data_loss = loss_fn(output, labels)
+    if loss == "multilabel_bce":  # y [n, labels]: accuracy per label, averaged; exact match per example
+        correct = (output > 0) == (labels.mT > 0.5)
+        values = torch.stack([data_loss, correct.float().mean((1, 2)), correct.all(1).float().mean(1)], 1).tolist()
+        return [{"loss": lo, "accuracy": acc, "rmse": None, "mae": None, "r2": None, "exact_match": exact}
+                for lo, acc, exact in values]
     if y.dtype == torch.int64:
         predicted = (output[:, 0] > 0).long() if loss == "bce" else _first_argmax(output)
         values = torch.stack([data_loss, (predicted == labels).float().mean(1)], 1).tolist()
@@ -107,7 +118,8 @@ def weight_statistics_rows(template: nn.Module, rows: torch.Tensor, has_best: li
 
 
 def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn, loss: str,
-             device: torch.device, baselines: dict, set_up_s: float) -> dict[int, TrialResult]:
+             device: torch.device, baselines: dict, set_up_s: float,
+             snapshots: Snapshots | None = None) -> dict[int, TrialResult]:
     """Each ended trial's TrialResult (fused._Trial: its history, ending and best weights), from its
     weights at its best epoch, which it also keeps (TrialResult.best_weights, for init_from). The test
     metrics, weight statistics and prediction artifacts are measured for all of them at once, with the
@@ -122,9 +134,12 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
     tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
     statistics = weight_statistics_rows(template, best_rows, has_best)
     pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device)
+    if snapshots is not None:  # each trial's frames, with its best epoch's from the weights the pictures saw
+        _add_snapshots(snapshots, model, trials, pictures, has_best)
+    per_label = label_accuracies(model, splits=splits, device=device) if splits.task == "multilabel" else None
     share = (time.perf_counter() - started) / len(trials)
     results = {}
-    for trial, test, weights, artifacts in zip(trials, tests, statistics, pictures, strict=True):
+    for row, (trial, test, weights, artifacts) in enumerate(zip(trials, tests, statistics, pictures, strict=True)):
         best = trial.best
         last = None if trial.status == "diverged" or trial.last is None else (
             best if trial.stopper is not None else trial.last)
@@ -134,6 +149,10 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
         final_metrics["final_epoch"] = trial.last.epoch if trial.last else None
         final_metrics["parameter_count"] = count
         final_metrics.update(weights)
+        if per_label is not None:
+            artifacts = {**artifacts, MULTILABEL_ARTIFACT: _multilabel_artifact(
+                trial, last=last, best=best, test=test, final_metrics=final_metrics, splits=splits,
+                per_label={split: values[row] if has_best[row] else None for split, values in per_label.items()})}
         final_metrics["train_seconds"] = set_up_s + trial.seconds + share
         if trial.lr_range:  # a range test's steps, whatever its ending (a blow-up is part of the picture)
             artifacts = {**artifacts, "lr_range": lr_range_artifact(trial.lr_range)}
@@ -159,6 +178,51 @@ def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, s
                       config.dataset_name)
         pictures = [{} for _ in has_best]
     return [picture if ok else {} for picture, ok in zip(pictures, has_best, strict=True)]
+
+
+def _add_snapshots(snapshots: Snapshots, model: StackedModel, trials: list, pictures: list[dict],
+                   has_best: list[bool]) -> None:
+    rows = [row for row, ok in enumerate(has_best) if ok]
+    try:
+        best = snapshots.frames(model, rows, metrics=[
+            (trials[row].best.epoch, trials[row].best.train_loss, trials[row].best.val_loss) for row in rows])
+    except Exception:  # as for the pictures: a failure costs the frames only
+        log.exception("snapshots of %d trials failed; the trials keep their metrics", len(trials))
+        return
+    for row, frame in zip(rows, best, strict=True):
+        pictures[row][ARTIFACT] = snapshots.artifact([*trials[row].frames, frame])
+
+
+@torch.no_grad()
+def label_accuracies(model: StackedModel, *, splits: Splits, device: torch.device) -> dict[str, list]:
+    """Multi-label: each row's accuracy of every label on the train, val and test sets, split ->
+    [rows][labels] (None for an empty set)."""
+    found = {}
+    for split, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
+                        ("test", splits.x_test, splits.y_test)):
+        if x.shape[0] == 0:
+            found[split] = [None] * model.rows
+            continue
+        outputs = model.evaluate(x.to(device))  # [rows, labels, n]
+        found[split] = ((outputs > 0) == (y.to(device).mT > 0.5)).float().mean(2).tolist()
+    return found
+
+
+def _multilabel_artifact(trial, *, last, best, test: dict, final_metrics: dict, splits: Splits,
+                         per_label: dict[str, list | None]) -> dict:
+    """Multi-label: the exact-match ratios (every label of an example right) go into ``final_metrics``
+    (final train and val, at the best epoch, on the test set), and the per-epoch series into an
+    artifact, since epoch_metrics has no column for them; beside it each label's accuracy with the
+    best epoch's weights (the ones the test set sees), to tell the hard labels from the easy ones."""
+    by_epoch = {int(epoch): (train, val) for epoch, train, val in trial.exact_match}
+    final = by_epoch.get(last.epoch, (None, None)) if last else (None, None)
+    final_metrics["final_train_exact_match"], final_metrics["final_val_exact_match"] = final
+    final_metrics["best_val_exact_match"] = by_epoch.get(best.epoch, (None, None))[1] if best else None
+    final_metrics["test_exact_match"] = test.get("exact_match")
+    epochs = sorted(by_epoch)
+    return {"labels": list(splits.label_names), "epoch": epochs,
+            "train_exact_match": [by_epoch[e][0] for e in epochs], "val_exact_match": [by_epoch[e][1] for e in epochs],
+            "best_label_accuracy": per_label}
 
 
 def _first_argmax(output: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,13 @@ Classification labels are int64 class indices; regression targets are float32 sh
 - cross_entropy: softmax cross-entropy over n_classes logits, with config.label_smoothing
 - bce:           binary cross-entropy on ONE logit (two classes; the logit is the evidence for
                  class 1, so a positive logit predicts class 1)
+- multilabel_bce: multi-label targets (float 0/1 [N, labels]): one logit per label, binary
+                 cross-entropy per label (torch's binary_cross_entropy_with_logits), averaged over
+                 labels and examples; what the user's loss bce (or auto) means on multi-label data
 - mse, mae, huber (with config.huber_delta): regression, means per example
+
+Multi-label metrics: accuracy is the mean of the per-label accuracies (each label right or wrong
+on its own), exact_match the share of examples with every label right.
 
 Reported losses are always this data loss alone; the l1 penalty is added to the training objective
 only, so curves compare across l1 values.
@@ -35,6 +41,11 @@ def resolve_loss(config: TrialConfig, *, task: str, n_classes: int | None = None
 
     Raises ValueError with one clear sentence when the loss does not fit the task or the classes.
     """
+    if task == "multilabel":
+        if config.loss not in ("auto", "bce"):
+            raise ValueError(f"loss {config.loss!r} does not fit the multi-label data of {config.dataset_name}; "
+                             "use loss bce or auto (one sigmoid and binary cross-entropy per label)")
+        return "multilabel_bce"
     name = config.loss if config.loss != "auto" else ("mse" if task == "regression" else "cross_entropy")
     if (name in _REGRESSION_LOSSES) != (task == "regression"):
         raise ValueError(f"loss {name!r} does not fit the {task} data of {config.dataset_name}; "
@@ -58,6 +69,8 @@ def build_loss(config: TrialConfig, loss: str) -> LossFn:
         return F.cross_entropy
     if loss == "bce":
         return _bce
+    if loss == "multilabel_bce":
+        return _multilabel_bce
     if loss == "mae":
         return F.l1_loss
     if loss == "huber":
@@ -67,6 +80,10 @@ def build_loss(config: TrialConfig, loss: str) -> LossFn:
 
 def _bce(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(output.squeeze(1), y.to(output.dtype))
+
+
+def _multilabel_bce(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(output, y.to(output.dtype))
 
 
 def penalised_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -101,6 +118,11 @@ def measure(output: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn, loss: str
     [0, 1]), or rmse, mae and r2 (regression; r2 is None when the targets are constant)."""
     if y.shape[0] == 0:
         return {"loss": None, "accuracy": None, "rmse": None, "mae": None, "r2": None}
+    if loss == "multilabel_bce":
+        correct = (output > 0) == (y > 0.5)
+        values = torch.stack([loss_fn(output, y), correct.float().mean(), correct.all(1).float().mean()]).tolist()
+        return {"loss": values[0], "accuracy": values[1], "rmse": None, "mae": None, "r2": None,
+                "exact_match": values[2]}
     if y.dtype == torch.int64:
         predicted = (output.squeeze(1) > 0).long() if loss == "bce" else output.argmax(dim=1)
         values = torch.stack([loss_fn(output, y), (predicted == y).float().mean()]).tolist()
@@ -117,7 +139,11 @@ def measure(output: torch.Tensor, y: torch.Tensor, *, loss_fn: LossFn, loss: str
 @torch.no_grad()
 def constant_predictor(y_train: torch.Tensor, *, loss: str, n_outputs: int) -> torch.Tensor:
     """The output row of the best constant predictor fitted on the training targets: the class prior
-    as logits (classification), or the training mean (regression)."""
+    as logits (classification), each label's share as a logit (multi-label), or the training mean
+    (regression)."""
+    if loss == "multilabel_bce":
+        share = y_train.double().mean(dim=0).clamp(1e-7, 1 - 1e-7)  # a label never seen: huge, finite loss
+        return torch.log(share / (1 - share)).float()
     if y_train.dtype != torch.int64:
         return y_train.mean(dim=0)
     prior = torch.bincount(y_train, minlength=max(n_outputs, 2)).double() / y_train.shape[0]

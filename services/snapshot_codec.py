@@ -1,0 +1,20 @@
+"""How a prediction snapshot stores a grid of small numbers (worker/training/snapshots.py writes
+them, the dashboard reads them): uint8 values, zlib-compressed, then base64 text, so 3,600 cells
+of a decision-region frame cost a few kilobytes of JSON. Pure: no torch."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+
+import numpy as np
+
+
+def encode_bytes(values: np.ndarray) -> str:
+    """uint8 values (0..255) as the text a frame stores: zlib, then base64."""
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), 9)).decode()
+
+
+def decode_bytes(text: str) -> np.ndarray:
+    """The uint8 values :func:`encode_bytes` stored, flat."""
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)

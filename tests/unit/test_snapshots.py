@@ -1,0 +1,116 @@
+"""Watch it fit: the epochs a trial's picture is kept at, what a frame holds (the best one is the final
+picture), its size, and that a resumed job keeps the very same frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from services.trial_config import TrialConfig
+from tests.unit.test_fused_resume import _run
+from worker.training.artifacts import GRID
+from worker.training.checkpoint import job_state_from_bytes
+from worker.training.fused import train_trial
+from worker.training.fused_results import MULTILABEL_ARTIFACT
+from worker.training.snapshots import ARTIFACT, PLANNED, SNAPSHOTS, decode_bytes, encode_bytes, snapshot_epochs
+
+SMALL = dict(n_train=60, n_val=40, n_test=20, width=16, depth=2, batch_size=20)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 17, 18, 19, 50, 200, 1000, 10_000])
+def test_planned_epochs_are_the_first_log_spaced_ones_and_the_last(epochs: int) -> None:
+    planned = sorted(snapshot_epochs(epochs))
+    assert planned[0] == 1 and planned[-1] == epochs
+    assert len(planned) == min(epochs, PLANNED)  # unique, and all of them when there are few
+    if epochs > 100:  # log-spaced: consecutive ratios stay within a small band, after the crowded start
+        ratios = np.diff(np.log(planned[4:]))
+        assert ratios.max() < 2.5 * ratios.min() and (np.diff(planned) > 0).all()
+
+
+def _frames(artifact: dict) -> list[dict]:
+    return artifact["frames"]
+
+
+def test_the_frames_are_the_planned_epochs_and_the_best_and_the_best_one_is_the_final_picture() -> None:
+    rows = []
+    config = TrialConfig(dataset="moons", noise=0.35, epochs=40, lr=0.02, **SMALL)
+    result = train_trial(config, on_epoch=rows.append)
+    frames = _frames(result.artifacts[ARTIFACT])
+    epochs = [frame["epoch"] for frame in frames]
+    assert epochs == sorted(snapshot_epochs(40) | {result.best_epoch}) and len(epochs) <= SNAPSHOTS
+    assert result.best_epoch not in snapshot_epochs(40), "the case must add a best epoch of its own"
+    for frame in frames:  # each frame's losses are its epoch's row
+        row = rows[frame["epoch"] - 1]
+        assert (frame["train_loss"], frame["val_loss"]) == (row.train_loss, row.val_loss)
+
+    final = result.artifacts["boundary_2d"]
+    best = next(frame for frame in frames if frame["epoch"] == result.best_epoch)
+    classes = decode_bytes(best["predicted_class"]).reshape(GRID, GRID)
+    probability = decode_bytes(best["probability"]).reshape(GRID, GRID) / 255
+    np.testing.assert_array_equal(classes, np.asarray(final["predicted_class"]))
+    np.testing.assert_allclose(probability, np.asarray(final["probability"]), atol=0.5 / 255 + 5e-4)
+    last = frames[-1]  # the last epoch's frame is another picture: the model kept training past its best
+    assert last["epoch"] == 40 and last["predicted_class"] != best["predicted_class"]
+
+
+def test_when_the_best_epoch_is_the_last_its_frame_is_the_final_picture() -> None:
+    result = train_trial(TrialConfig(dataset="circles", noise=0.05, epochs=8, lr=0.01, **SMALL))
+    assert result.best_epoch == 8, "the case needs a validation loss still falling at the end"
+    [last] = [frame for frame in _frames(result.artifacts[ARTIFACT]) if frame["epoch"] == 8]
+    final = result.artifacts["boundary_2d"]
+    np.testing.assert_array_equal(decode_bytes(last["predicted_class"]).reshape(GRID, GRID),
+                                  np.asarray(final["predicted_class"]))
+
+
+def test_an_early_stopped_trial_keeps_the_epoch_it_stopped_at() -> None:
+    config = TrialConfig(dataset="moons", noise=0.4, epochs=300, lr=0.05, early_stopping={"patience": 3}, **SMALL)
+    result = train_trial(config)
+    stopped = result.final_metrics["stopped_epoch"]
+    epochs = [frame["epoch"] for frame in _frames(result.artifacts[ARTIFACT])]
+    assert stopped is not None and stopped < 300 and epochs[-1] == stopped
+    assert set(epochs) == {e for e in snapshot_epochs(300) if e <= stopped} | {stopped, result.best_epoch}
+
+
+def test_a_fitted_curve_keeps_its_inputs_once_and_the_best_frame_is_the_final_curve() -> None:
+    result = train_trial(TrialConfig(dataset="sine", epochs=30, lr=0.01, **SMALL))
+    artifact, final = result.artifacts[ARTIFACT], result.artifacts["curve_1d"]
+    assert artifact["kind"] == "curve_1d" and artifact["x"] == final["x"]
+    [best] = [frame for frame in artifact["frames"] if frame["epoch"] == result.best_epoch]
+    assert best["y_pred"] == final["y_pred"]
+
+
+def test_a_trial_stores_its_frames_under_200_kb_even_when_they_do_not_compress() -> None:
+    # The largest grid there is (GRID x GRID cells), 20 frames, 20 classes, noise in every cell.
+    rng = np.random.default_rng(0)
+    frames = [{"epoch": epoch, "train_loss": 0.123456789, "val_loss": 0.987654321,
+               "predicted_class": encode_bytes(rng.integers(0, 20, GRID * GRID)),
+               "probability": encode_bytes(rng.integers(0, 256, GRID * GRID))} for epoch in range(SNAPSHOTS)]
+    worst = {"kind": "boundary_2d", "x_range": [-1.0, 1.0], "y_range": [-1.0, 1.0], "resolution": GRID,
+             "class_names": [f"class {k}" for k in range(20)], "encoding": "x" * 200, "frames": frames}
+    assert len(json.dumps(worst)) < 200_000
+    # and a real overfitting trial, every artifact it stores together
+    result = train_trial(TrialConfig(dataset="spirals", n_classes=5, noise=0.3, epochs=40, width=64, lr=0.01,
+                                     n_train=60, n_val=40, n_test=0, batch_size=20))
+    sizes = {kind: len(json.dumps(data)) for kind, data in result.artifacts.items()}
+    assert sum(sizes.values()) < 200_000 and sizes[ARTIFACT] < 80_000, sizes
+
+
+def test_a_multi_label_boundary_colours_each_label_set_and_a_resume_keeps_every_frame() -> None:
+    configs = [TrialConfig(dataset="multilabel_2d", noise=0.1, epochs=12, lr=lr, seed=seed, **SMALL)
+               for seed, lr in ((0, 0.01), (1, 0.03))]
+    full, _, _, _ = _run(configs)
+    _, _, _, data = _run(configs, stop_after=5)  # killed after its checkpoint at epoch 5
+    resumed, _, _, _ = _run(configs, resume=job_state_from_bytes(data))
+    for before, after in zip(full, resumed, strict=True):
+        assert after.artifacts[ARTIFACT] == before.artifacts[ARTIFACT]
+        assert after.artifacts[MULTILABEL_ARTIFACT] == before.artifacts[MULTILABEL_ARTIFACT]
+    picture = full[0].artifacts["boundary_2d"]
+    assert picture["class_names"] == ["none", "inside_circle", "above_line", "inside_circle + above_line"]
+    assert set(np.unique(picture["predicted_class"])) <= {0, 1, 2, 3} and len(np.unique(picture["train_label"])) == 4
+    frame = full[0].artifacts[ARTIFACT]["frames"][-1]
+    assert decode_bytes(frame["predicted_class"]).max() <= 3
+    probability = decode_bytes(frame["probability"]) / 255  # a label set's chance: at least 1/4 for 2 labels
+    assert probability.min() >= 0.25 - 1 / 255 and torch.tensor(probability).max() <= 1
