@@ -30,6 +30,7 @@ from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, sessi
 from services.export import write_rows
 from services.migrate import ensure_schema_at_head
 from services.models import TrialStatus
+from dashboard import frames
 from services.queries import (
     MOMENTS,
     ExperimentSummary,
@@ -43,6 +44,7 @@ from services.queries import (
     trial_artifacts_of,
     trial_detail,
     trial_rows,
+    trials_stamp,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
 from services.selection import SEED_PARAMETERS, configuration_parameters
@@ -186,12 +188,25 @@ def _experiment(url: str, experiment_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _trials(url: str, experiment_id: int) -> pd.DataFrame:
-    # One read of the trials table per experiment serves trials() and sibling_diagnoses() (the stored
-    # reasons ride along as diag_reasons, which trials() leaves out).
+def _stamp(url: str, experiment_id: int) -> tuple:
     with session_scope(_engine(url)) as session:
-        rows = trial_rows(session, experiment_id, reasons=True)
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+        return trials_stamp(session, experiment_id)
+
+
+def _per_change(url: str, experiment_id: int, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, kept until the experiment changes (dashboard.frames)."""
+    return frames.per_change(url, experiment_id, name, _stamp(url, experiment_id), build)
+
+
+def _trials(url: str, experiment_id: int) -> pd.DataFrame:
+    # One read of the trials table per experiment and change serves trials() and sibling_diagnoses()
+    # (the stored reasons ride along as diag_reasons, which trials() leaves out).
+    def read() -> pd.DataFrame:
+        with session_scope(_engine(url)) as session:
+            rows = trial_rows(session, experiment_id, reasons=True)
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+
+    return _per_change(url, experiment_id, "trials", read)
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -295,7 +310,8 @@ def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
     above = float(UNSTABLE_RATIO * smallest * (1 - 1e-9)) if pd.notna(smallest) else None
     url = _ready_url()
     with _reading(url):
-        maxima = _loss_maxima(url, experiment_id, above)
+        maxima = _per_change(url, experiment_id, f"loss_maxima {above!r}",
+                             lambda: _loss_maxima(url, experiment_id, above))
     merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
     flags = pd.Series(False, index=trials.index)
     for split in ("train", "val"):
@@ -318,7 +334,7 @@ def final_norms(experiment_id: int) -> pd.DataFrame:
     last recorded epoch (services.queries.last_epoch_values), to merge into the trials table."""
     url = _ready_url()
     with _reading(url):
-        return _final_norms(url, experiment_id)
+        return _per_change(url, experiment_id, "final_norms", lambda: _final_norms(url, experiment_id))
 
 
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
@@ -327,7 +343,8 @@ def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
     table as :func:`trials`: DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
     url = _ready_url()
     with _reading(url):
-        return rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)]
+        return _per_change(url, experiment_id, "sibling_diagnoses",
+                           lambda: rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)])
 
 
 def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
@@ -342,6 +359,14 @@ def trial(trial_id: int) -> dict[str, Any] | None:
     url = _ready_url()
     with _reading(url):
         return _trial(url, trial_id)
+
+
+def groupable_trials(experiment_id: int) -> pd.DataFrame:
+    """:func:`groupable` of :func:`trials`, kept until the experiment changes."""
+    url = _ready_url()
+    with _reading(url):
+        return _per_change(url, experiment_id, "groupable",
+                           lambda: groupable(_trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")))
 
 
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
@@ -368,7 +393,6 @@ def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, .
     return pd.DataFrame(rows, columns=columns).astype({"group": int, "epoch": int})
 
 
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         found = loss_maxima(session, experiment_id, above=above)
@@ -376,7 +400,6 @@ def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFr
                         columns=["trial_id", "max_train_loss", "max_val_loss"])
 
 
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         found = last_epoch_values(session, experiment_id, fields=("grad_norm", "weight_norm"))
@@ -429,9 +452,10 @@ def _as_texts(column: pd.Series) -> list[Any]:
 
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
-    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach,
-                   _artifacts, _trial, _final_norms):
+    for cached in (_experiments, _experiment, _stamp, _epochs, _curves, _epochs_to_reach, _moments,
+                   _artifacts, _trial):
         cached.clear()
+    frames.forget()
 
 
 # --- workers --------------------------------------------------------------------------------------

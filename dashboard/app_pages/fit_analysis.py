@@ -240,7 +240,7 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
 
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
-all_trials = data.groupable(data.trials(experiment_id))
+all_trials = data.groupable_trials(experiment_id)
 groups = widgets.grouping_choices(all_trials)
 kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)
 trained = kept[kept["status"].isin(widgets.TRAINED)]

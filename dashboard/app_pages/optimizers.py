@@ -156,7 +156,7 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
 
 st.title("Optimizers and schedules")
 experiment_id = widgets.experiment_or_stop("optimizers")
-all_trials = data.groupable(data.trials(experiment_id))
+all_trials = data.groupable_trials(experiment_id)
 trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
