@@ -182,9 +182,8 @@ def _bulk_epochs(engine, columns: list[str], rows: list[tuple]) -> None:
 def time_pages(experiment_id: int, trial_id: int) -> list[tuple[str, float]]:
     """Each page opened as a user opens it (AppTest runs the real script), caches emptied first."""
     import streamlit as st
-    from streamlit.testing.v1 import AppTest
-
     from streamlit import config
+    from streamlit.testing.v1 import AppTest
 
     from dashboard import frames
 

@@ -103,7 +103,7 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
                    text=np.array(line["text"], dtype=object), mode="lines", connectgaps=False,
                    line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
                    name=_line_name(color_by, label), legendgroup=label, showlegend=split == "train",
-                   hovertemplate=(f"%{{text}}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")
+                   hovertemplate=("%{text}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")
                                   + f"<br>epoch %{{x}}<br>{split} {metric} %{{y:.4g}}<extra></extra>"))
         for label, line in lines.items() for split, dash in (("train", "solid"), ("val", "dash"))
     ]

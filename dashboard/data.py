@@ -10,7 +10,6 @@ seconds, so a live panel and several browser tabs share one read). A database th
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -20,6 +19,15 @@ import streamlit as st
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from dashboard import frames
+from dashboard.trial_tables import (  # noqa: F401 - the pages' names for them
+    NOT_METRICS,
+    TRIAL_FIELDS,
+    groupable,
+    metric_columns,
+    parameter_columns,
+    varying_parameters,
+)
 from services.analysis import (
     UNSTABLE_RATIO,
     bands_from_moments,
@@ -30,7 +38,6 @@ from services.db import DatabaseUnreachable, SchemaNotAtHead, make_engine, sessi
 from services.export import write_rows
 from services.migrate import ensure_schema_at_head
 from services.models import TrialStatus
-from dashboard import frames
 from services.queries import (
     MOMENTS,
     ExperimentSummary,
@@ -47,7 +54,6 @@ from services.queries import (
     trials_stamp,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
-from services.selection import SEED_PARAMETERS, configuration_parameters
 from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS
@@ -58,9 +64,6 @@ STATUSES = tuple(status.value for status in TrialStatus)
 EXPERIMENT_COLUMNS = ("id", "name", "method", "submitted_by", "created_at", "trials", *STATUSES,
                       "ended", "epochs_done", "epochs_planned", "progress", "finished", "tags", "note",
                       "cancelled_by", "requeued_by")
-# Columns of services.queries.trial_rows that describe the run rather than a parameter or a metric.
-TRIAL_FIELDS = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch",
-                "started_at", "finished_at", "error")
 
 
 # --- settings and connections -------------------------------------------------------------------
@@ -228,29 +231,8 @@ def _experiment_frame(summaries: list[ExperimentSummary]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
 
 
-# --- shaping trial tables -------------------------------------------------------------------------
-
-def parameter_columns(trial_table: pd.DataFrame) -> list[str]:
-    """The trial-config parameters present in a trials table, in TrialConfig's order."""
-    return [name for name in TRIAL_PARAMETERS if name in trial_table.columns]
-
-
-def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
-    """The parameters that take more than one value across the experiment's trials."""
-    return configuration_parameters(trial_table, parameter_columns(trial_table)) + \
-        [name for name in SEED_PARAMETERS if name in trial_table and trial_table[name].nunique() > 1]
-
-
-# Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
-# picker or seed aggregate offers it (the trial page shows it).
-NOT_METRICS = ("trained_with",)
-
-
-def metric_columns(trial_table: pd.DataFrame) -> list[str]:
-    """The final-metric columns of a trials table (whatever the engine reported)."""
-    known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS) | set(NOT_METRICS)
-    return [name for name in trial_table.columns if name not in known]
-
+# --- shaping trial tables: dashboard/trial_tables.py (TRIAL_FIELDS, parameter_columns, varying_parameters,
+# metric_columns, groupable), imported above so that pages find them here
 
 # --- reads of the analysis pages (Fit analysis, Optimizers and schedules, Trial) ------------------
 
@@ -369,14 +351,6 @@ def groupable_trials(experiment_id: int) -> pd.DataFrame:
                            lambda: groupable(_trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")))
 
 
-def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
-    """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
-    early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
-              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
-    return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
-
-
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _curves(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None, fields: tuple[str, ...]) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
@@ -427,25 +401,6 @@ def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict
 def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
     with session_scope(_engine(url)) as session:
         return trial_detail(session, trial_id)
-
-
-def _as_text(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
-
-
-def _as_texts(column: pd.Series) -> list[Any]:
-    """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
-    written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
-    texts = []
-    for value in column.tolist():
-        if not isinstance(value, list | dict):
-            texts.append(value)
-            continue
-        key = repr(value)
-        if key not in written:
-            written[key] = _as_text(value)
-        texts.append(written[key])
-    return texts
 
 
 # --- after a write (dashboard/actions.py) -----------------------------------------------------------
