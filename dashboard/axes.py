@@ -11,6 +11,8 @@ import plotly.graph_objects as go
 
 LOG_DECADES = 2.0  # values spanning more than this many decades get a log axis
 OUTLIER_IQRS = 50.0  # a linear axis leaves out values this many interquartile ranges beyond the quartiles
+OUTLIER_DECADES = 1.5  # a log axis leaves out values this many decades (at least) above the upper quartile...
+OUTLIER_SHARE = 0.05  # ...when they are at most this share of the values (a few blow-ups, not a second bulk)
 
 
 def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tuple[str, list[float] | None, str]:
@@ -26,7 +28,13 @@ def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tu
     positive = bool((finite > 0).all())
     decades = float(np.log10(finite.max() / finite.min())) if positive else 0.0
     if log is None and positive and decades > LOG_DECADES:
-        return "log", None, f"log scale: the values span {decades:.0f} decades"
+        value_range, above = _log_range(finite, points)
+        if value_range is None:
+            return "log", None, f"log scale: the values span {decades:.0f} decades"
+        # A few blow-ups (an unstable run's spike in a mean) would squeeze every other line into the
+        # bottom decades of a twelve-decade axis: the axis spans the rest, the note counts the spikes.
+        return "log", value_range, ("log scale: " + (f"{_points(len(above))} above the range, max {above.max():.3g}"
+                                                     if len(above) else "bands cut at the range"))
     if log:
         return "log", None, ""
     # Far outside means 50 interquartile ranges beyond the quartiles: a blow-up, never the first epochs
@@ -44,6 +52,23 @@ def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tu
     lowest, highest = inside.min(), inside.max()
     margin = 0.05 * ((highest - lowest) or spread)
     return "linear", [float(lowest - margin), float(highest + margin)], "; ".join(notes) or "bands cut at the range"
+
+
+def _log_range(finite: np.ndarray, points: Any) -> tuple[list[float] | None, np.ndarray]:
+    """For positive values on a log axis: the range of all but a few far above the rest (more than
+    OUTLIER_DECADES, and 3 interquartile ranges, above the upper quartile; at most OUTLIER_SHARE of
+    the values), and those of ``points`` (default: the values) above it; (None, []) when none are."""
+    logs = np.log10(finite)
+    low, high = np.quantile(logs, [0.25, 0.75])
+    top = high + max(OUTLIER_DECADES, 3 * (high - low))
+    outside = logs > top
+    if not outside.any() or outside.mean() > OUTLIER_SHARE:
+        return None, np.asarray([])
+    inside = finite[~outside]
+    pad = (inside.max() / inside.min()) ** 0.04 if inside.max() > inside.min() else 1.5
+    shown = finite if points is None else _finite(points)
+    shown = shown[shown > 0]
+    return [float(inside.min() / pad), float(inside.max() * pad)], shown[np.log10(shown) > top]
 
 
 def _points(count: int) -> str:

@@ -102,9 +102,9 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
         go.Scatter(x=np.array(line["x"], dtype=float), y=np.array(line[split], dtype=float),  # gaps: NaN
                    text=np.array(line["text"], dtype=object), mode="lines", connectgaps=False,
                    line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                   name=f"{color_by}={plotly_text(label)}", legendgroup=label, showlegend=split == "train",
-                   hovertemplate=(f"%{{text}} ({color_by}={plotly_text(label)})<br>epoch %{{x}}<br>"
-                                  f"{split} {metric} %{{y:.4g}}<extra></extra>"))
+                   name=_line_name(color_by, label), legendgroup=label, showlegend=split == "train",
+                   hovertemplate=("%{text}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")
+                                  + f"<br>epoch %{{x}}<br>{split} {metric} %{{y:.4g}}<extra></extra>"))
         for label, line in lines.items() for split, dash in (("train", "solid"), ("val", "dash"))
     ]
     figure.add_traces(traces)  # at once: one add_scatter per trace re-validates the figure each time
@@ -116,12 +116,17 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
         margin={"l": 10, "r": 10, "t": 70, "b": 40},
         xaxis={"title": "epoch"},
         yaxis={"title": metric, "type": y_type, "range": _axis_range(y_type, y_range)},
-        legend={"title": {"text": color_by}},
+        legend={"title": {"text": "" if color_by == "ordinal" else color_by}},
         hovermode="closest",
     )
     _note(figure, note)
     _mark_epochs(figure, epoch_marks)
     return figure
+
+
+def _line_name(color_by: str, label: str) -> str:
+    """A legend entry: ``lr=0.1``; a trial's own line (coloured by ordinal) reads ``trial 3``."""
+    return f"trial {plotly_text(label)}" if color_by == "ordinal" else f"{color_by}={plotly_text(label)}"
 
 
 def norm_curves(epochs: pd.DataFrame, *, epoch_marks: dict[str, int | None] | None = None) -> go.Figure:
@@ -144,10 +149,13 @@ def norm_curves(epochs: pd.DataFrame, *, epoch_marks: dict[str, int | None] | No
 
 
 def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None:
-    for label, epoch in (marks or {}).items():
-        if epoch:
-            figure.add_vline(x=int(epoch), line={"color": "#7f7f7f", "dash": "dot", "width": 1},
-                             annotation_text=f"{label} (epoch {int(epoch)})", annotation_position="top")
+    """A dotted vertical line at each named epoch, labelled inside the plot's top edge (above it, the
+    label ran into the title's subtitle); a second label sits one line lower, clear of the first."""
+    for k, (label, epoch) in enumerate((name, epoch) for name, epoch in (marks or {}).items() if epoch):
+        figure.add_vline(x=int(epoch), line={"color": "#7f7f7f", "dash": "dot", "width": 1})
+        figure.add_annotation(x=int(epoch), xref="x", y=1, yref="paper", yanchor="top", yshift=-2 - 20 * k,
+                              xanchor="left", xshift=3, text=f"{label} (epoch {int(epoch)})", showarrow=False,
+                              font={"size": 11, "color": "#555555"}, bgcolor="rgba(255, 255, 255, 0.8)")
 
 
 def _color_map(values: list[Any]) -> dict[str, str]:

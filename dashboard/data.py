@@ -10,7 +10,6 @@ seconds, so a live panel and several browser tabs share one read). A database th
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -20,6 +19,15 @@ import streamlit as st
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from dashboard import frames
+from dashboard.trial_tables import (  # noqa: F401 - the pages' names for them
+    NOT_METRICS,
+    TRIAL_FIELDS,
+    groupable,
+    metric_columns,
+    parameter_columns,
+    varying_parameters,
+)
 from services.analysis import (
     UNSTABLE_RATIO,
     bands_from_moments,
@@ -44,9 +52,9 @@ from services.queries import (
     trial_artifacts_of,
     trial_detail,
     trial_rows,
+    trials_stamp,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
-from services.selection import SEED_PARAMETERS, configuration_parameters
 from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS
@@ -57,9 +65,6 @@ STATUSES = tuple(status.value for status in TrialStatus)
 EXPERIMENT_COLUMNS = ("id", "name", "method", "submitted_by", "created_at", "trials", *STATUSES,
                       "ended", "epochs_done", "epochs_planned", "progress", "finished", "tags", "note",
                       "cancelled_by", "requeued_by")
-# Columns of services.queries.trial_rows that describe the run rather than a parameter or a metric.
-TRIAL_FIELDS = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch",
-                "started_at", "finished_at", "error")
 
 
 # --- settings and connections -------------------------------------------------------------------
@@ -187,12 +192,25 @@ def _experiment(url: str, experiment_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _trials(url: str, experiment_id: int) -> pd.DataFrame:
-    # One read of the trials table per experiment serves trials() and sibling_diagnoses() (the stored
-    # reasons ride along as diag_reasons, which trials() leaves out).
+def _stamp(url: str, experiment_id: int) -> tuple:
     with session_scope(_engine(url)) as session:
-        rows = trial_rows(session, experiment_id, reasons=True)
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+        return trials_stamp(session, experiment_id)
+
+
+def _per_change(url: str, experiment_id: int, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, kept until the experiment changes (dashboard.frames)."""
+    return frames.per_change(url, experiment_id, name, _stamp(url, experiment_id), build)
+
+
+def _trials(url: str, experiment_id: int) -> pd.DataFrame:
+    # One read of the trials table per experiment and change serves trials() and sibling_diagnoses()
+    # (the stored reasons ride along as diag_reasons, which trials() leaves out).
+    def read() -> pd.DataFrame:
+        with session_scope(_engine(url)) as session:
+            rows = trial_rows(session, experiment_id, reasons=True)
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+
+    return _per_change(url, experiment_id, "trials", read)
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -214,29 +232,8 @@ def _experiment_frame(summaries: list[ExperimentSummary]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
 
 
-# --- shaping trial tables -------------------------------------------------------------------------
-
-def parameter_columns(trial_table: pd.DataFrame) -> list[str]:
-    """The trial-config parameters present in a trials table, in TrialConfig's order."""
-    return [name for name in TRIAL_PARAMETERS if name in trial_table.columns]
-
-
-def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
-    """The parameters that take more than one value across the experiment's trials."""
-    return configuration_parameters(trial_table, parameter_columns(trial_table)) + \
-        [name for name in SEED_PARAMETERS if name in trial_table and trial_table[name].nunique() > 1]
-
-
-# Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
-# picker or seed aggregate offers it (the trial page shows it).
-NOT_METRICS = ("trained_with",)
-
-
-def metric_columns(trial_table: pd.DataFrame) -> list[str]:
-    """The final-metric columns of a trials table (whatever the engine reported)."""
-    known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS) | set(NOT_METRICS)
-    return [name for name in trial_table.columns if name not in known]
-
+# --- shaping trial tables: dashboard/trial_tables.py (TRIAL_FIELDS, parameter_columns, varying_parameters,
+# metric_columns, groupable), imported above so that pages find them here
 
 # --- reads of the analysis pages (Fit analysis, Optimizers and schedules, Trial) ------------------
 
@@ -296,7 +293,8 @@ def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
     above = float(UNSTABLE_RATIO * smallest * (1 - 1e-9)) if pd.notna(smallest) else None
     url = _ready_url()
     with _reading(url):
-        maxima = _loss_maxima(url, experiment_id, above)
+        maxima = _per_change(url, experiment_id, f"loss_maxima {above!r}",
+                             lambda: _loss_maxima(url, experiment_id, above))
     merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
     flags = pd.Series(False, index=trials.index)
     for split in ("train", "val"):
@@ -319,7 +317,7 @@ def final_norms(experiment_id: int) -> pd.DataFrame:
     last recorded epoch (services.queries.last_epoch_values), to merge into the trials table."""
     url = _ready_url()
     with _reading(url):
-        return _final_norms(url, experiment_id)
+        return _per_change(url, experiment_id, "final_norms", lambda: _final_norms(url, experiment_id))
 
 
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
@@ -328,7 +326,8 @@ def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:
     table as :func:`trials`: DIAGNOSIS_COLUMNS, ``reasons`` as one line."""
     url = _ready_url()
     with _reading(url):
-        return rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)]
+        return _per_change(url, experiment_id, "sibling_diagnoses",
+                           lambda: rejudge_table(_trials(url, experiment_id))[list(DIAGNOSIS_COLUMNS)])
 
 
 def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
@@ -354,12 +353,12 @@ def trial(trial_id: int) -> dict[str, Any] | None:
         return _trial(url, trial_id)
 
 
-def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
-    """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
-    early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
-              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
-    return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
+def groupable_trials(experiment_id: int) -> pd.DataFrame:
+    """:func:`groupable` of :func:`trials`, kept until the experiment changes."""
+    url = _ready_url()
+    with _reading(url):
+        return _per_change(url, experiment_id, "groupable",
+                           lambda: groupable(_trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")))
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -378,7 +377,6 @@ def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, .
     return pd.DataFrame(rows, columns=columns).astype({"group": int, "epoch": int})
 
 
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         found = loss_maxima(session, experiment_id, above=above)
@@ -386,7 +384,6 @@ def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFr
                         columns=["trial_id", "max_train_loss", "max_val_loss"])
 
 
-@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         found = last_epoch_values(session, experiment_id, fields=("grad_norm", "weight_norm"))
@@ -425,32 +422,14 @@ def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
         return trial_detail(session, trial_id)
 
 
-def _as_text(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
-
-
-def _as_texts(column: pd.Series) -> list[Any]:
-    """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
-    written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
-    texts = []
-    for value in column.tolist():
-        if not isinstance(value, list | dict):
-            texts.append(value)
-            continue
-        key = repr(value)
-        if key not in written:
-            written[key] = _as_text(value)
-        texts.append(written[key])
-    return texts
-
-
 # --- after a write (dashboard/actions.py) -----------------------------------------------------------
 
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
-    for cached in (_experiments, _experiment, _trials, _epochs, _curves, _epochs_to_reach,
+    for cached in (_experiments, _experiment, _stamp, _epochs, _curves, _epochs_to_reach, _moments,
                    _artifacts, _trial, _final_norms, _layer_grad_norms):
         cached.clear()
+    frames.forget()
 
 
 # --- workers --------------------------------------------------------------------------------------

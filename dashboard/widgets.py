@@ -100,8 +100,10 @@ def trial_filter(trials: pd.DataFrame, *, key: str, experiment_id: int) -> pd.Da
     The widgets hold what is left out (nothing at first), keyed by the experiment: a value that
     appears later (a trial of a running experiment) is shown, not silently filtered away, and another
     experiment starts with its own, empty, choices."""
-    choices = [name for name in data.varying_parameters(trials)
-               if trials[name].astype(str).nunique() <= MAX_FILTER_OPTIONS]
+    # Each column's distinct values first, then their texts: the text of every one of 10,000 values,
+    # and a set built from it, took most of a second.
+    texts = {name: _distinct_texts(trials[name]) for name in data.varying_parameters(trials)}
+    choices = [name for name, values in texts.items() if values.nunique() <= MAX_FILTER_OPTIONS]
     kept = trials
     with st.expander("Filter trials", icon=":material/filter_alt:"):
         for name in choices:
@@ -109,13 +111,23 @@ def trial_filter(trials: pd.DataFrame, *, key: str, experiment_id: int) -> pd.Da
             kept_choice = f"{widget}_left_out"  # not a widget's key: survives the runs that show another experiment
             if widget not in st.session_state:
                 st.session_state[widget] = list(st.session_state.get(kept_choice, []))
-            values = set(trials[name].astype(str)) | set(st.session_state[widget])
+            values = set(texts[name]) | set(st.session_state[widget])
             left_out = st.multiselect(f"Leave out {name}", sorted(values, key=_natural), key=widget)
             st.session_state[kept_choice] = left_out
             if left_out:
                 kept = kept[~kept[name].astype(str).isin(left_out)]
         st.caption(f"{len(kept)} of {len(trials)} trials kept.")
     return kept
+
+
+def _distinct_texts(column: pd.Series) -> pd.Series:
+    """``column.astype(str)`` of each distinct value once (by type and value: True and 1.0 are equal
+    keys to pandas but have different texts)."""
+    try:
+        distinct = list(dict.fromkeys((type(value), value) for value in column.tolist()))
+    except TypeError:  # list or dict values
+        return column.astype(str)
+    return pd.Series([value for _, value in distinct], dtype=object).astype(str)
 
 
 def diverged_mask(trials: pd.DataFrame) -> pd.Series:

@@ -129,6 +129,21 @@ def trial_rows(session: Session, experiment_id: int, *, reasons: bool = False) -
     return rows
 
 
+def trials_stamp(session: Session, experiment_id: int) -> tuple:
+    """What changes whenever a row of :func:`trial_rows` (or an epoch row of a trial) changes, read in
+    one small aggregate over the experiment's trials (its index): per status, the count, the epochs
+    done, the attempts, the latest start and finish, and the total length of the worker names and
+    errors. A claim, an epoch landing, a finish, a cancel, a re-queue or a worker hand-over each move
+    it; a cache of the experiment's trials is good as long as it is equal."""
+    result = session.connection().execute(
+        select(Trial.status, func.count(), func.sum(Trial.epochs_done), func.sum(Trial.attempts),
+               func.max(Trial.started_at), func.max(Trial.finished_at), func.sum(func.length(Trial.worker)),
+               func.sum(func.length(Trial.error)), func.count(Trial.verdict))
+        .where(Trial.experiment_id == experiment_id).group_by(Trial.status).order_by(Trial.status)
+    ).all()
+    return tuple(tuple(str(value) if isinstance(value, datetime) else value for value in row) for row in result)
+
+
 def decode_json(text: str | None) -> Any:
     """A JSON column's stored text as Python values: orjson (several times faster than json, which
     dominated reading 10,000 trials), and json for what orjson refuses (NaN and Infinity, which

@@ -302,7 +302,7 @@ def _parents_as_words(trials: pd.DataFrame) -> pd.DataFrame:
 
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
-all_trials = _parents_as_words(data.groupable(data.trials(experiment_id)))
+all_trials = _parents_as_words(data.groupable_trials(experiment_id))
 widgets.networks_or_stop(all_trials, page="the fit analysis")
 groups = widgets.grouping_choices(all_trials)
 kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)

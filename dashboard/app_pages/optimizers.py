@@ -96,7 +96,8 @@ def loss_curves(trials: pd.DataFrame, groups: list[str], band: str, others: widg
 
 
 def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: str, others: widgets.Handling) -> None:
-    st.subheader("Sensitivity to the learning rate")
+    heading = st.empty()  # named after the parameter on the x axis, once it is chosen below
+    heading.subheader("Sensitivity to the learning rate")
     numeric = widgets.numeric_choices(trials, groups)
     if not numeric:
         st.info("No numeric parameter varies in this experiment, so there is no sensitivity curve: vary lr (or "
@@ -105,6 +106,7 @@ def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: st
     x_column, metric_column, scale_column = st.columns([2, 2, 2])
     x = widgets.parameter_picker("Against", numeric, key="optimizers_sensitivity_x",
                                  preferred=("lr", "momentum", "weight_decay", "l1"), container=x_column)
+    heading.subheader(sensitivity_heading(x))
     metric = metric_column.selectbox("Metric", list(SENSITIVITY_METRICS), key="optimizers_sensitivity_metric",
                                      help="The weight norm against weight_decay or l1 shows the penalty at work.")
     log_y = widgets.y_scale(key="optimizers_sensitivity_scale", container=scale_column)
@@ -121,6 +123,11 @@ def sensitivity(trials: pd.DataFrame, groups: list[str], color_by: str, band: st
                + f" {diverged} of the {len(chosen.trials)} runs diverged"
                + (" (drawn: the toggle above includes them)." if st.session_state.get("optimizers_include_diverged")
                   else " and are left out of the bands."))
+
+
+def sensitivity_heading(x: str) -> str:
+    """The section's heading for the parameter on its x axis: the learning rate, or whichever it is."""
+    return "Sensitivity to the learning rate" if x == "lr" else f"Sensitivity to {x}"
 
 
 def speed_and_divergence(experiment_id: int, trials: pd.DataFrame, groups: list[str], color_by: str,
@@ -205,7 +212,7 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
 
 st.title("Optimizers and schedules")
 experiment_id = widgets.experiment_or_stop("optimizers")
-all_trials = data.groupable(data.trials(experiment_id))
+all_trials = data.groupable_trials(experiment_id)
 widgets.networks_or_stop(all_trials, page="this page of loss curves")
 trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:

@@ -10,9 +10,12 @@ import streamlit as st
 def _fresh_streamlit_caches():
     """Each test has its own database and broker: drop cached engines (disposing them), producers
     and query results after it."""
+    from dashboard import frames
+
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+    frames.forget()
 
 
 @pytest.fixture(autouse=True)

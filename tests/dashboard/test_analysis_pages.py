@@ -279,6 +279,18 @@ def test_optimizers_page_follows_the_group_and_the_configs_compared(filled: Fill
     assert app.markdown[-1].value != before
 
 
+def test_the_sensitivity_heading_names_the_parameter_on_its_x_axis(filled: Filled):
+    app = run_app(page=OPTIMIZERS_PAGE, query={"experiment": str(filled.sine)})
+    assert "Sensitivity to the learning rate" in [header.value for header in app.subheader]
+
+    app = run_app(page=OPTIMIZERS_PAGE, query={"experiment": str(filled.moons)})  # varies width and n_train
+    app.selectbox(key="optimizers_sensitivity_x").select("n_train").run()
+
+    headings = [header.value for header in app.subheader]
+    assert "Sensitivity to n_train" in headings and "Sensitivity to the learning rate" not in headings
+    assert figure(app, "optimizers_sensitivity_chart")["layout"]["xaxis"]["title"]["text"] == "n_train"
+
+
 # --- Trial and Experiment ----------------------------------------------------------------------------------
 
 def test_trial_page_shows_config_curves_diagnosis_numbers_and_the_picture(filled: Filled):

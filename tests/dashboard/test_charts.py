@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -104,7 +105,17 @@ def test_status_badges_name_only_statuses_with_trials():
 
 def test_learning_curves_coloured_by_trial_when_no_parameter_varies():
     figure = charts.learning_curves(epochs_of([10, 11]), TRIALS, "ordinal")
-    assert [trace.name for trace in figure.data] == ["ordinal=0"] * 2 + ["ordinal=1"] * 2
+    assert [trace.name for trace in figure.data] == ["trial 0"] * 2 + ["trial 1"] * 2  # not "ordinal=0"
+
+
+def test_epoch_marks_sit_inside_the_plot_below_the_title():
+    figure = charts.learning_curves(epochs_of([10]), TRIALS, "ordinal", epoch_marks={"best": 3, "stopped early": 4})
+    marks = [a for a in figure.layout.annotations if "(epoch " in a.text]
+    assert [a.text for a in marks] == ["best (epoch 3)", "stopped early (epoch 4)"]
+    # Anchored at the plot's top edge and hanging down into it (above it they ran into the subtitle),
+    # the second one line lower than the first.
+    assert all(a.yref == "paper" and a.y == 1 and a.yanchor == "top" for a in marks)
+    assert marks[1].yshift < marks[0].yshift
 
 
 # --- the analysis pages' builders ----------------------------------------------------------------------
@@ -178,6 +189,17 @@ def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note()
     assert high < 10  # the flat lines stay readable
     (note,) = linear.layout.annotations
     assert note.text == "2 points above the range, max 6e+09"  # width 64's train and val means at epoch 2
+
+
+def test_a_few_blow_ups_on_a_log_axis_leave_the_rest_readable():
+    # 100 epochs of losses between 0.005 and 0.7, and three spikes of unstable runs' means (1e4 .. 1e9).
+    ordinary = np.linspace(0.005, 0.7, 300)
+    kind, value_range, note = axes.axis_plan([*ordinary, 2e4, 3e7, 1e9])
+    assert kind == "log" and note == "log scale: 3 points above the range, max 1e+09"
+    low, high = value_range
+    assert low < 0.005 < 0.7 < high < 1.0  # the axis spans the ordinary values, not twelve decades
+    # Many values that high are a second bulk, not blow-ups: the axis spans everything.
+    assert axes.axis_plan([*ordinary, *[1e9] * 30])[1] is None
 
 
 def test_axis_plan_leaves_ordinary_values_alone():

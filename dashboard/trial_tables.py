@@ -1,0 +1,67 @@
+"""The trials table's columns as the pages use them: which are a trial's fields, its parameters
+(and which of them vary), its metrics; and the table with list and dict parameter values as text
+so that any parameter can be a group, a colour or an axis. Pure functions over the frame
+dashboard.data.trials returns."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from services.selection import SEED_PARAMETERS, configuration_parameters
+from services.trial_config import TRIAL_PARAMETERS
+
+# Columns of services.queries.trial_rows that describe the run rather than a parameter or a metric.
+TRIAL_FIELDS = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch",
+                "started_at", "finished_at", "error")
+
+
+def parameter_columns(trial_table: pd.DataFrame) -> list[str]:
+    """The trial-config parameters present in a trials table, in TrialConfig's order."""
+    return [name for name in TRIAL_PARAMETERS if name in trial_table.columns]
+
+
+def varying_parameters(trial_table: pd.DataFrame) -> list[str]:
+    """The parameters that take more than one value across the experiment's trials."""
+    return configuration_parameters(trial_table, parameter_columns(trial_table)) + \
+        [name for name in SEED_PARAMETERS if name in trial_table and trial_table[name].nunique() > 1]
+
+
+# Recorded with the final metrics but describing how a trial ran, not what it learned: no chart,
+# picker or seed aggregate offers it (the trial page shows it).
+NOT_METRICS = ("trained_with",)
+
+
+def metric_columns(trial_table: pd.DataFrame) -> list[str]:
+    """The final-metric columns of a trials table (whatever the engine reported)."""
+    known = set(TRIAL_FIELDS) | set(TRIAL_PARAMETERS) | set(NOT_METRICS)
+    return [name for name in trial_table.columns if name not in known]
+
+
+def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
+    """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
+    early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
+    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
+              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
+
+
+def _as_text(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
+def _as_texts(column: pd.Series) -> list[Any]:
+    """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
+    written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
+    texts = []
+    for value in column.tolist():
+        if not isinstance(value, list | dict):
+            texts.append(value)
+            continue
+        key = repr(value)
+        if key not in written:
+            written[key] = _as_text(value)
+        texts.append(written[key])
+    return texts
