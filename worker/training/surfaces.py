@@ -5,8 +5,8 @@ directly in float64, with the same optimizers (fused_optim.StackedOptimizer) and
 train_fused hands a job of surface trials here; the hooks, endings, checkpoints and results are the
 same as for networks. The stack is one ``[rows, 2, 1]`` float64 tensor, its rows grouped by optimizer
 family, each family's slice stepped by its own optimizer (a job may mix families and functions:
-every surface trial of a grid is one job). Each epoch is exactly one
-step: every row's function at its point -> one backward for all rows -> optional gradient clipping
+every surface trial of a grid is one job). Each epoch is exactly one step: every row's function at
+its point -> one backward for all rows -> optional gradient clipping
 (torch.nn.utils.clip_grad_norm_'s arithmetic, per row) -> the optimizer's step at each row's rate ->
 the function at the new point. The epoch's row: ``train_loss`` is the value after the step,
 ``grad_norm`` the norm of the gradient the step used (before clipping), ``lr`` its rate; there is no
@@ -186,7 +186,7 @@ class _SurfaceStack:
         moved = [row for row, training in enumerate(self.training) if training]
         slots = [self.slots[row] for row in moved]
         self.path[slots, epoch] = self.points.detach()[moved].reshape(-1, 2).to("cpu", copy=True)
-        for row, slot, value, row_norm in zip(moved, slots, after[moved].tolist(), norm[moved].tolist(), strict=True):
+        for slot, value, row_norm in zip(slots, after[moved].tolist(), norm[moved].tolist(), strict=True):
             norms[slot], values[slot] = row_norm, value
             self.length[slot] = epoch + 1
         return norms, values
