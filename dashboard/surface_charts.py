@@ -65,7 +65,7 @@ def surface_paths(trials: pd.DataFrame, paths: dict[int, dict], *, function: str
             x=xs, y=ys, z=levels, colorscale=_CONTOUR_SCALE, ncontours=24,
             contours={"coloring": "fill", "showlines": True}, line={"width": 0.6, "color": "#8a9bb0"},
             showscale=index == 0, hoverinfo="skip",
-            colorbar={"title": {"text": "f (log-spaced levels)", "side": "right"}, "tickvals": ticks, "len": 0.8,
+            colorbar={"title": {"text": "f", "side": "top"}, "tickvals": ticks, "len": 0.8,
                       "ticktext": [f"{lowest + 10.0 ** v:.3g}" for v in ticks], "thickness": 10, "x": 1.0},
         ), row=row, col=column)
         chosen = trials if panel_by is None else trials[trials[panel_by].map(_format_value) == _format_value(value)]
