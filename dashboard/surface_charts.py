@@ -53,7 +53,7 @@ def surface_paths(trials: pd.DataFrame, paths: dict[int, dict], *, function: str
     columns = min(len(panels), MAX_PANELS)
     rows = math.ceil(len(panels) / columns)
     titles_of = [f"{panel_by} = {_format_value(value)}" if panel_by else "" for value in panels]
-    figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles_of, shared_xaxes=True, shared_yaxes=True,
+    figure = make_subplots(rows=rows, cols=columns, shared_xaxes=True, shared_yaxes=True,
                            horizontal_spacing=0.03, vertical_spacing=0.08)
     xs, ys, levels, lowest = contour_grid(function)
     ticks = [v for v in range(-3, 7) if levels.min() <= v <= levels.max()]
@@ -65,7 +65,7 @@ def surface_paths(trials: pd.DataFrame, paths: dict[int, dict], *, function: str
             x=xs, y=ys, z=levels, colorscale=_CONTOUR_SCALE, ncontours=24,
             contours={"coloring": "fill", "showlines": True}, line={"width": 0.6, "color": "#8a9bb0"},
             showscale=index == 0, hoverinfo="skip",
-            colorbar={"title": {"text": "f (log-spaced levels)", "side": "right"}, "tickvals": ticks, "len": 0.8,
+            colorbar={"title": {"text": "f", "side": "top"}, "tickvals": ticks, "len": 0.8,
                       "ticktext": [f"{lowest + 10.0 ** v:.3g}" for v in ticks], "thickness": 10, "x": 1.0},
         ), row=row, col=column)
         chosen = trials if panel_by is None else trials[trials[panel_by].map(_format_value) == _format_value(value)]
@@ -103,12 +103,15 @@ def surface_paths(trials: pd.DataFrame, paths: dict[int, dict], *, function: str
     figure.update_xaxes(title_text="x", row=rows)
     figure.update_yaxes(range=list(surface.y_range), constrain="domain")
     figure.update_yaxes(title_text="y", col=1)
-    for index in range(len(panels)):  # one unit of x as long as one unit of y: the function's true shape
+    for index, title in enumerate(titles_of):  # one unit of x as long as one unit of y: the true shape
         suffix = "" if index == 0 else str(index + 1)
         figure.layout[f"yaxis{suffix}"].scaleanchor = f"x{suffix}"
+        if title:  # over the panel as drawn (its domain shrinks to keep the scale), not over its cell
+            figure.add_annotation(text=title, showarrow=False, xref=f"x{suffix} domain", yref=f"y{suffix} domain",
+                                  x=0.5, y=1.0, yanchor="bottom", font={"size": 14})
     figure.update_layout(
         title={"text": f"{function}: f(x, y) = {surface.formula}", "x": 0.01},
-        height=500 * rows + 70 if columns > 1 else 640, margin={"l": 50, "r": 10, "t": 70, "b": 40},
+        height=460 * rows + 60 if columns > 1 else 640, margin={"l": 50, "r": 10, "t": 70, "b": 40},
         legend={"title": {"text": color_by}, "x": 1.08, "y": 1.0, "yanchor": "top", "font": {"size": 13}},
         plot_bgcolor="white",
     )

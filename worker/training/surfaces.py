@@ -5,8 +5,8 @@ directly in float64, with the same optimizers (fused_optim.StackedOptimizer) and
 train_fused hands a job of surface trials here; the hooks, endings, checkpoints and results are the
 same as for networks. The stack is one ``[rows, 2, 1]`` float64 tensor, its rows grouped by optimizer
 family, each family's slice stepped by its own optimizer (a job may mix families and functions:
-every surface trial of a grid is one job). Each epoch is exactly one
-step: every row's function at its point -> one backward for all rows -> optional gradient clipping
+every surface trial of a grid is one job). Each epoch is exactly one step: every row's function at
+its point -> one backward for all rows -> optional gradient clipping
 (torch.nn.utils.clip_grad_norm_'s arithmetic, per row) -> the optimizer's step at each row's rate ->
 the function at the new point. The epoch's row: ``train_loss`` is the value after the step,
 ``grad_norm`` the norm of the gradient the step used (before clipping), ``lr`` its rate; there is no
@@ -143,8 +143,10 @@ class _SurfaceStack:
             self.families.append(_Family(name, start, end, StackedOptimizer(
                 name, params=[rows], configs=[configs[i] for i in self.slots[start:end]])))
             start = end
-        # path[trial]: (x, y) after each epoch so far, the start first
-        self.path: list[list[tuple[float, float]]] = [[tuple(map(float, c.resolved_start))] for c in configs]
+        # path[trial, epoch]: the point after that epoch (the start at 0), on the CPU; NaN past its end
+        self.path = torch.full((len(configs), max(c.epochs for c in configs) + 1, 2), math.nan, dtype=torch.float64)
+        self.path[:, 0] = torch.tensor([c.resolved_start for c in configs], dtype=torch.float64)
+        self.length = [1] * len(configs)  # points of each trial's path so far
         self.clip = torch.tensor([configs[i].grad_clip or math.inf for i in self.slots], dtype=torch.float64,
                                  device=device).view(-1, 1, 1)
         self.any_clip = any(c.grad_clip is not None for c in configs)
@@ -181,15 +183,16 @@ class _SurfaceStack:
         count = len(self.configs)
         norms: list[float | None] = [None] * count
         values: list[float] = [math.nan] * count
-        for row, (slot, value, row_norm, point) in enumerate(zip(
-                self.slots, after.tolist(), norm.tolist(), self.points.detach().reshape(-1, 2).tolist(), strict=True)):
-            if self.training[row]:
-                norms[slot], values[slot] = row_norm, value
-                self.path[slot].append((point[0], point[1]))
+        moved = [row for row, training in enumerate(self.training) if training]
+        slots = [self.slots[row] for row in moved]
+        self.path[slots, epoch] = self.points.detach()[moved].reshape(-1, 2).to("cpu", copy=True)
+        for slot, value, row_norm in zip(slots, after[moved].tolist(), norm[moved].tolist(), strict=True):
+            norms[slot], values[slot] = row_norm, value
+            self.length[slot] = epoch + 1
         return norms, values
 
     def finite(self, slot: int) -> bool:
-        return all(math.isfinite(v) for v in self.path[slot][-1])
+        return bool(torch.isfinite(self.path[slot, self.length[slot] - 1]).all())
 
     def freeze(self, slot: int) -> None:
         self.training[self.row_of[slot]] = False
@@ -197,20 +200,21 @@ class _SurfaceStack:
     def state(self) -> dict:
         return {"kind": "surface", "slots": list(self.slots), "training": list(self.training),
                 "points": self.points.detach().to("cpu", copy=True),
-                "path": [[list(point) for point in path] for path in self.path],
+                "path": self.path[:, :max(self.length)].clone(), "length": list(self.length),
                 "optimizers": [family.optimizer.state_dict() for family in self.families]}
 
     def restore(self, state: dict) -> None:
         if state.get("kind") != "surface" or list(state["slots"]) != self.slots:
             raise ValueError("the checkpoint is not of this job's surface trials")
-        if len(state["path"]) != len(self.path) or len(state["optimizers"]) != len(self.families):
+        if state["path"].shape[0] != self.path.shape[0] or len(state["optimizers"]) != len(self.families):
             raise ValueError("the checkpoint's paths or optimizers are not this job's")
         with torch.no_grad():
             self.points.copy_(state["points"])
         self.training = [bool(flag) for flag in state["training"]]
         for family, saved in zip(self.families, state["optimizers"], strict=True):
             family.optimizer.load_state_dict(saved)
-        self.path = [[(float(x), float(y)) for x, y in path] for path in state["path"]]
+        self.path[:, :state["path"].shape[1]] = state["path"]
+        self.length = [int(length) for length in state["length"]]
 
 
 @dataclass
@@ -240,7 +244,8 @@ class _Trial:
         stack.freeze(self.index)
 
     def result(self, stack: _SurfaceStack, *, set_up_s: float) -> TrialResult:
-        path = [point for point in stack.path[self.index] if all(map(math.isfinite, point))]
+        points = stack.path[self.index, :stack.length[self.index]]
+        path = [(x, y) for x, y in points[torch.isfinite(points).all(dim=1)].tolist()]
         name = self.config.dataset
         x, y = path[-1]
         value = self.last.train_loss if self.status != "diverged" and self.last else None
