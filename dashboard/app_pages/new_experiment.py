@@ -26,6 +26,9 @@ EXAMPLE_GRIDS = {  # label -> file in examples/; each finishes in a minute or tw
     "Capacity vs data size": "capacity_vs_data.yaml",
     "Regularizers": "regularizers.yaml",
     "Optimizers and schedules": "optimizers_and_schedules.yaml",
+    # Fine-tuning: the parent first; the second names it by trial id (1 on a fresh database: edit it in YAML).
+    "Fine-tuning 1: the pre-trained parent": "fine_tuning_parent.yaml",
+    "Fine-tuning 2: fine-tuned vs from scratch": "fine_tuning.yaml",
 }
 SOURCES = ("Example grid", "Widgets", "YAML")
 
