@@ -115,3 +115,16 @@ def test_folds_are_replicates_of_a_configuration_and_its_band_is_the_cross_valid
     bands = seed_bands(chosen.trials, by=["width"], value="final_val_loss")
     assert bands["mean"].tolist() == pytest.approx([np.mean(losses[:3]), np.mean(losses[3:])])
     assert bands["n"].tolist() == [3, 3]
+
+
+def test_folds_train_apart_and_different_parents_together():
+    from services.planner import fusion_key, plan_jobs
+
+    spec = parse_spec("name: cv\nseeds: [0, 1]\nfolds: 3\nparameters:\n  init_from: {values: [null, 7, 8]}\n"
+                      "  freeze: {value: 0}\n")
+    trials = expand(spec)
+    jobs = plan_jobs(trials, max_trials=64, min_trials=64)
+    assert len(jobs) == 3  # one per fold: the folds train on different rows
+    for job in jobs:
+        assert len({trials[i].fold for i in job}) == 1 and len({trials[i].init_from for i in job}) == 3
+    assert fusion_key(trials[0]) == fusion_key(trials[0].model_copy(update={"init_from": 9, "freeze": 2}))
