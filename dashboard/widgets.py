@@ -249,6 +249,14 @@ def keyed_multiselect(label: str, options: Sequence, *, key: str, default: Seque
     return st.multiselect(label, options, key=key, **kwargs)
 
 
+def parents_as_words(trials: pd.DataFrame) -> pd.DataFrame:
+    """init_from as words, so a line per parent reads "from trial 12" beside "from scratch" (not 12.0 and nan)."""
+    if "init_from" not in trials:
+        return trials
+    return trials.assign(init_from=["from scratch" if pd.isna(value) else f"from trial {int(value)}"
+                                    for value in trials["init_from"]])
+
+
 def trial_labels(trials: pd.DataFrame, parameters: Sequence[str]) -> dict[int, str]:
     """A label per trial, by trial id: ``trial 3 · width=64, lr=0.01 · overfit``: its ordinal, the
     ``parameters`` (those that vary), its verdict among siblings (else its stored one). Built column

@@ -292,17 +292,9 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
     return [int(trial_id) for trial_id in dict.fromkeys(picks)]
 
 
-def _parents_as_words(trials: pd.DataFrame) -> pd.DataFrame:
-    """init_from as words, so a line per parent reads "from trial 12" beside "from scratch" (not 12.0 and nan)."""
-    if "init_from" not in trials:
-        return trials
-    return trials.assign(init_from=["from scratch" if pd.isna(value) else f"from trial {int(value)}"
-                                    for value in trials["init_from"]])
-
-
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
-all_trials = _parents_as_words(data.groupable_trials(experiment_id))
+all_trials = widgets.parents_as_words(data.groupable_trials(experiment_id))
 widgets.networks_or_stop(all_trials, page="the fit analysis")
 groups = widgets.grouping_choices(all_trials)
 kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)

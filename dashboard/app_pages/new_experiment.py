@@ -29,6 +29,9 @@ EXAMPLE_GRIDS = {  # label -> file in examples/; each finishes in a minute or tw
     "Learning-rate range test": "lr_range_test.yaml",
     "Vanishing gradients": "vanishing_gradients.yaml",
     "Loss surfaces (2-D test functions)": "loss_surfaces.yaml",
+    # Fine-tuning: the parent first; the second names it by trial id (1 on a fresh database: edit it in YAML).
+    "Fine-tuning 1: the pre-trained parent": "fine_tuning_parent.yaml",
+    "Fine-tuning 2: fine-tuned vs from scratch": "fine_tuning.yaml",
 }
 SOURCES = ("Example grid", "Widgets", "YAML")
 

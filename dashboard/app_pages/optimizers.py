@@ -191,10 +191,12 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
         return
     metric = metric_column.selectbox("Metric", metrics, key="optimizers_compare_metric")
     runs_a, runs_b = trials[labels == a], trials[labels == b]
-    paired = ("seed" in trials and len(runs_a) == len(runs_b) > 1
-              and sorted(runs_a["seed"]) == sorted(runs_b["seed"]))
+    # A run is named by its seed and, under cross-validation, its fold: pairs share both (same data, same draw).
+    by = [name for name in ("seed", "fold") if name in trials and trials[name].notna().any()]
+    runs_of = lambda runs: sorted(runs[by].astype(str).itertuples(index=False, name=None))  # noqa: E731
+    paired = "seed" in by and len(runs_a) == len(runs_b) > 1 and runs_of(runs_a) == runs_of(runs_b)
     if paired:
-        runs_a, runs_b = runs_a.sort_values("seed"), runs_b.sort_values("seed")
+        runs_a, runs_b = runs_a.sort_values(by), runs_b.sort_values(by)
     result = mean_difference(runs_a[metric].tolist(), runs_b[metric].tolist(), paired=paired)
     st.plotly_chart(charts.difference_interval(result, label_a=a, label_b=b, metric=metric),
                     key="optimizers_compare_chart")

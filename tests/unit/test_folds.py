@@ -97,3 +97,34 @@ def test_a_wrong_folds_is_one_sentence_naming_it(text, expected):
     with pytest.raises(SpecError) as caught:
         expand(parse_spec(head))
     assert len(caught.value.problems) == 1 and expected in caught.value.problems[0], caught.value.problems
+
+
+def test_folds_are_replicates_of_a_configuration_and_its_band_is_the_cross_validated_mean():
+    import pandas as pd
+
+    from services.analysis import seed_bands
+    from services.selection import configuration_parameters, select_configurations
+
+    losses = [0.3, 0.5, 0.4, 0.2, 0.25, 0.3]
+    trials = pd.DataFrame({"width": [8, 8, 8, 16, 16, 16], "fold": [1, 2, 3] * 2, "folds": [3] * 6, "seed": [0] * 6,
+                           "final_val_loss": losses})
+    assert configuration_parameters(trials, ["width", "fold", "folds", "seed"]) == ["width"]
+    chosen = select_configurations(trials, shown=["width"], parameters=["width", "fold", "seed"],
+                                   metric="final_val_loss")
+    assert len(chosen.trials) == 6 and "cross-validation folds" in chosen.describe()
+    bands = seed_bands(chosen.trials, by=["width"], value="final_val_loss")
+    assert bands["mean"].tolist() == pytest.approx([np.mean(losses[:3]), np.mean(losses[3:])])
+    assert bands["n"].tolist() == [3, 3]
+
+
+def test_folds_train_apart_and_different_parents_together():
+    from services.planner import fusion_key, plan_jobs
+
+    spec = parse_spec("name: cv\nseeds: [0, 1]\nfolds: 3\nparameters:\n  init_from: {values: [null, 7, 8]}\n"
+                      "  freeze: {value: 0}\n")
+    trials = expand(spec)
+    jobs = plan_jobs(trials, max_trials=64, min_trials=64)
+    assert len(jobs) == 3  # one per fold: the folds train on different rows
+    for job in jobs:
+        assert len({trials[i].fold for i in job}) == 1 and len({trials[i].init_from for i in job}) == 3
+    assert fusion_key(trials[0]) == fusion_key(trials[0].model_copy(update={"init_from": 9, "freeze": 2}))
