@@ -42,7 +42,8 @@ def fit_animation(panels: list[tuple[str, dict[str, dict]]], *, curves: pd.DataF
     columns = len(shown) + (curves is not None)
     # Built without plotly's per-property validation (the inputs are our own numbers): ~20 frames of
     # 3,600 cells per trial otherwise take seconds, on every rerun of the page.
-    figure = make_subplots(figure=go.Figure(_validate=False), rows=1, cols=max(columns, 1), horizontal_spacing=0.08 if curves is not None else 0.04,
+    figure = make_subplots(figure=go.Figure(_validate=False), rows=1, cols=max(columns, 1),
+                           horizontal_spacing=0.08 if curves is not None else 0.04,
                            column_widths=[1.0] * len(shown) + ([0.8] if curves is not None else []),
                            subplot_titles=[plotly_text(title) or " " for title, _ in shown]
                            + (["Loss at that epoch"] if curves is not None else []))
@@ -236,7 +237,8 @@ def exact_match_curves(series: dict) -> go.Figure:
         figure.add_scatter(x=series["epoch"], y=series[f"{split}_exact_match"], mode="lines",
                            name="training" if split == "train" else "validation",
                            line={"color": color, "dash": "solid" if split == "train" else "dash"})
-    figure.update_layout(title={"text": "Exact match", "subtitle": {"text": "share of examples with every label right"}},
+    figure.update_layout(title={"text": "Exact match",
+                                "subtitle": {"text": "share of examples with every label right"}},
                          yaxis={"range": [0, 1.02], "tickformat": ".0%"}, xaxis={"title": "epoch"}, height=320,
                          margin={"l": 10, "r": 10, "t": 70, "b": 40})
     return figure
