@@ -42,7 +42,8 @@ def fit_animation(panels: list[tuple[str, dict[str, dict]]], *, curves: pd.DataF
     columns = len(shown) + (curves is not None)
     # Built without plotly's per-property validation (the inputs are our own numbers): ~20 frames of
     # 3,600 cells per trial otherwise take seconds, on every rerun of the page.
-    figure = make_subplots(figure=go.Figure(_validate=False), rows=1, cols=max(columns, 1), horizontal_spacing=0.08 if curves is not None else 0.04,
+    figure = make_subplots(figure=go.Figure(_validate=False), rows=1, cols=max(columns, 1),
+                           horizontal_spacing=0.08 if curves is not None else 0.04,
                            column_widths=[1.0] * len(shown) + ([0.8] if curves is not None else []),
                            subplot_titles=[plotly_text(title) or " " for title, _ in shown]
                            + (["Loss at that epoch"] if curves is not None else []))
@@ -83,12 +84,11 @@ def fit_animation(panels: list[tuple[str, dict[str, dict]]], *, curves: pd.DataF
     for index, update in zip(frames[opening]["traces"], frames[opening]["data"], strict=True):
         figure.data[index].update({key: value for key, value in update.items() if key != "type"})
     figure.layout.annotations = frames[opening]["layout"]["annotations"]
-    legend_x = figure.layout[f"xaxis{columns}" if columns > 1 else "xaxis"].domain[0] + 0.01
     # Assigned, not update_layout's merge: the same without walking every step through validators.
-    figure.layout.height, figure.layout.showlegend = height, curves is not None
-    figure.layout.margin = {"l": 10, "r": 10, "t": 70, "b": 10}
-    figure.layout.legend = {"y": 0.98, "x": legend_x, "xanchor": "left", "yanchor": "top",
-                            "bgcolor": "rgba(255,255,255,0.8)"}
+    figure.layout.height, figure.layout.showlegend = height, True
+    figure.layout.margin = {"l": 10, "r": 10, "t": 95, "b": 10}
+    figure.layout.legend = {"orientation": "h", "x": 0, "xanchor": "left", "yref": "container", "y": 1.0,
+                            "yanchor": "top", "traceorder": "normal"}
     figure.layout.sliders = [{
         "active": opening, "currentvalue": {"visible": False}, "x": 0.16, "len": 0.84, "y": 0, "yanchor": "top",
         "pad": {"t": 40},
@@ -152,6 +152,11 @@ def _boundary_traces(figure: go.Figure, kinds: dict, *, column: int) -> list[int
                                "line": {"width": 0.8, "color": "#ffffff"}},
                        text=[plotly_text(names[label]) if label < len(names) else str(label) for label in labels],
                        hovertemplate="training point: %{text}<extra></extra>", row=1, col=column)
+    if column == 1:  # which colour is which class (or label set), once for every panel
+        for name, color in zip(names, palette, strict=True):
+            label = f"class {name}" if name.isdigit() else plotly_text(name)
+            figure.add_scatter(x=[None], y=[None], mode="markers", name=label,
+                               marker={"size": 12, "symbol": "square", "color": color}, row=1, col=column)
     figure.update_xaxes(range=snapshots["x_range"], row=1, col=column)
     figure.update_yaxes(range=snapshots["y_range"], row=1, col=column)
     return changing
@@ -236,7 +241,8 @@ def exact_match_curves(series: dict) -> go.Figure:
         figure.add_scatter(x=series["epoch"], y=series[f"{split}_exact_match"], mode="lines",
                            name="training" if split == "train" else "validation",
                            line={"color": color, "dash": "solid" if split == "train" else "dash"})
-    figure.update_layout(title={"text": "Exact match", "subtitle": {"text": "share of examples with every label right"}},
+    figure.update_layout(title={"text": "Exact match",
+                                "subtitle": {"text": "share of examples with every label right"}},
                          yaxis={"range": [0, 1.02], "tickformat": ".0%"}, xaxis={"title": "epoch"}, height=320,
                          margin={"l": 10, "r": 10, "t": 70, "b": 40})
     return figure

@@ -27,7 +27,7 @@ from services.trial_config import REAL_DATASETS, TrialConfig
 FLOAT32, FLOAT64, INT64 = 4, 8, 8
 MAX_POLYNOMIAL_FEATURES = 100_000  # the engine's cap (worker/training/models.py)
 _REAL_SHAPES = {"digits": (1797, 64, 10), "breast_cancer": (569, 30, 2), "wine": (178, 13, 3)}
-_BUILTIN_INPUTS = {"moons": 2, "circles": 2, "blobs": 2, "spirals": 2, "sine": 1, "polynomial": 1}
+_BUILTIN_INPUTS = {"moons": 2, "circles": 2, "blobs": 2, "spirals": 2, "multilabel_2d": 2, "sine": 1, "polynomial": 1}
 _OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1, "adam": 2, "adamw": 2}
 
 
@@ -62,7 +62,7 @@ def _shape(config: TrialConfig, csv_shape: tuple[int, int] | None) -> tuple[int,
         return config.n_train or rows - n_val - n_test, n_val, n_test, inputs, outputs
     if isinstance(config.dataset, str):
         inputs = config.n_features if config.dataset == "linear" else _BUILTIN_INPUTS[config.dataset]
-        outputs = 1 if config.task == "regression" else config._builtin_classes or 2
+        outputs = 1 if config.task == "regression" else config._builtin_classes or 2  # multilabel_2d: 2 labels
         return config.train_size, config.n_val, config.n_test, inputs, outputs
     rows, inputs = csv_shape or (0, 1)
     n_val, n_test = int(rows * config.val_fraction), int(rows * config.test_fraction)

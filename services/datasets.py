@@ -2,10 +2,10 @@
 
 A CSV data set is comma-separated UTF-8 text with a header row. The ``target`` column is what the
 model predicts (a list of columns, each holding only 0 and 1, makes a multi-label target: one
-yes/no label per column, at most ``MAX_LABELS``); the optional ``split_column`` (default ``split``) says train/val/test per row and is
-used as given when the file has it; every other column is a numeric feature. Missing cells are an
-empty cell or NaN, NA, N/A, null, none (any case). Lines are counted as in an editor: the header is
-line 1.
+yes/no label per column, at most ``MAX_LABELS``); the optional ``split_column`` (default ``split``)
+says train/val/test per row and is used as given when the file has it; every other column is a
+numeric feature. Missing cells are an empty cell or NaN, NA, N/A, null, none (any case). Lines are
+counted as in an editor: the header is line 1.
 
 At submit :func:`validate_csv` checks the file and :func:`store_dataset` writes its bytes (gzip) to
 the ``datasets`` table under their sha256; the trial's config then carries that hash. The worker

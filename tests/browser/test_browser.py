@@ -165,6 +165,11 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     page.goto(f"{stack}/trial?trial=1")
     expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible()
     expect(page.locator(".st-key-trial_norms_chart .scatterlayer .trace").first).to_be_attached()
+    # Watch it fit: the picture with its epoch slider and play button (plotly draws them when in view).
+    animation = page.locator(".st-key-trial_fit_animation")
+    animation.scroll_into_view_if_needed()
+    expect(animation.locator(".slider-container")).to_be_attached()
+    expect(animation.locator(".updatemenu-button").first).to_be_attached()  # play
     screenshot(page, "7-trial")
 
 

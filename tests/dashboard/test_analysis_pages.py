@@ -197,7 +197,9 @@ def test_fit_analysis_draws_capacity_train_and_validation_per_group(filled: Fill
     boundaries = figure(app, "fit_prediction_animation")
     # By default one seed's smallest, middle and largest model, side by side, each with its epochs to play
     # (regions, their 0.5 line, the training points).
-    assert [trace["type"] for trace in boundaries["data"]] == ["heatmap", "contour", "scatter"] * 3
+    # (the first panel also holds the two class colours' legend entries)
+    assert [trace["type"] for trace in boundaries["data"]] == (["heatmap", "contour", "scatter"] + ["scatter"] * 2
+                                                               + ["heatmap", "contour", "scatter"] * 2)
     assert [frame["name"] for frame in boundaries["frames"]] == ["1", "2", "3", "4"]
 
 
@@ -307,7 +309,7 @@ def test_trial_page_shows_config_curves_diagnosis_numbers_and_the_picture(filled
     assert len(figure(app, "trial_loss_chart")["data"]) == 2  # train and validation
     assert figure(app, "trial_accuracy_chart")
     animation = figure(app, "trial_fit_animation")  # the picture, then the loss beside it with its epoch marked
-    assert [trace["type"] for trace in animation["data"]] == ["heatmap", "contour"] + ["scatter"] * 5
+    assert [trace["type"] for trace in animation["data"]] == ["heatmap", "contour"] + ["scatter"] * 7
     assert len(animation["frames"]) == len(animation["layout"]["sliders"][0]["steps"]) >= 3
     assert app.json[0].value and '"width": 4' in app.json[0].value
 

@@ -51,3 +51,16 @@ def test_several_trials_share_one_slider_and_each_shows_its_latest_frame() -> No
     assert len(figure.layout.annotations) == 2  # the trial without frames is left out
     assert not has_frames({"boundary_2d": {}}) and has_frames(_trial([1], best=1))
     assert HALF == 127.5 and decode_bytes(encode_bytes(np.arange(3))).tolist() == [0, 1, 2]
+
+
+def test_a_multi_label_trial_draws_its_exact_match_and_each_labels_accuracy() -> None:
+    from dashboard.fit_frames import exact_match_curves, label_accuracy_bars
+
+    series = {"labels": ["inside_circle", "above_line"], "epoch": [1, 2, 3], "train_exact_match": [0.2, 0.5, 0.9],
+              "val_exact_match": [0.2, 0.4, 0.5],
+              "best_label_accuracy": {"train": [0.95, 0.9], "val": [0.8, 0.85], "test": None}}
+    curves = exact_match_curves(series)
+    assert [list(trace.y) for trace in curves.data] == [[0.2, 0.5, 0.9], [0.2, 0.4, 0.5]]
+    bars = label_accuracy_bars(series)
+    assert [trace.name for trace in bars.data] == ["train", "validation"]  # no test set: no bar
+    assert list(bars.data[1].x) == ["inside_circle", "above_line"] and list(bars.data[1].y) == [0.8, 0.85]

@@ -143,3 +143,9 @@ def test_a_loss_other_than_bce_is_refused_for_multi_label_data() -> None:
         TrialConfig(dataset="multilabel_2d", loss="cross_entropy")
     assert TrialConfig(dataset="multilabel_2d", loss="bce").resolved_loss == "bce"
     assert TrialConfig(dataset="multilabel_2d").multilabel and not TrialConfig(dataset="moons").multilabel
+
+
+def test_the_worker_admits_a_multilabel_2d_trial() -> None:
+    from services.admission import claim_problem
+
+    assert claim_problem(TrialConfig(dataset="multilabel_2d"), csv_shape=None) is None
