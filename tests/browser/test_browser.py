@@ -215,3 +215,36 @@ def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, pa
     expect(page.locator(".scatterlayer .trace").first).to_be_attached(timeout=90_000)  # its curves drawn
     page.wait_for_timeout(1500)
     screenshot(page, f"{example}-5-trial")
+
+
+def test_the_gradient_charts_draw_on_their_example_grids(_stack, page, tmp_path: Path):
+    """examples/vanishing_gradients.yaml (depths 2 and 8 only, one seed) and examples/lr_range_test.yaml
+    (two epochs), trained by the worker in seconds: a deep sigmoid trial's layers against depth, Fit
+    analysis's first-over-last layer against depth per activation, and the Optimizers page's range
+    test (test-output/browser/gradients-*.png)."""
+    import yaml
+
+    expect = sync_api.expect
+    url, env = _stack
+    trimmed = {"vanishing_gradients": {"depth": {"values": [2, 8]}}, "lr_range_test": {"epochs": {"value": 2}}}
+    for example, parameters in trimmed.items():
+        spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+        spec["parameters"].update(parameters)
+        spec["seeds"] = [0]
+        path = tmp_path / f"{example}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        submitted = fitscope("submit", str(path), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+    _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
+    page.set_viewport_size({"width": 1400, "height": 7000})  # every chart of the page drawn at once
+    # trial 4: depth 8, sigmoid (the grid's last parameter varies fastest)
+    for name, address, key in (("1-trial-layers", "trial?trial=4", "trial_layers_chart"),
+                               ("2-fit-analysis-depth", "fit_analysis?experiment=1", "fit_layers_chart"),
+                               ("3-optimizers-range-test", "optimizers?experiment=2", "optimizers_range_chart")):
+        page.goto(f"{url}/{address}")
+        chart = page.locator(f".st-key-{key}")
+        # Fit analysis draws a dozen charts before this one: minutes on a machine loaded 10x over.
+        expect(chart.locator(".scatterlayer .trace").first).to_be_attached(timeout=240_000)
+        page.wait_for_timeout(1000)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        chart.screenshot(path=str(SCREENSHOTS / f"gradients-{name}.png"))
