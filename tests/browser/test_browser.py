@@ -232,7 +232,7 @@ def test_the_gradient_charts_draw_on_their_example_grids(_stack, page, tmp_path:
         spec["parameters"].update(parameters)
         spec["seeds"] = [0]
         path = tmp_path / f"{example}.yaml"
-        path.write_text(yaml.safe_dump(spec))
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the grid in the example's order
         submitted = fitscope("submit", str(path), env=env)
         assert submitted.returncode == 0, submitted.stderr
     _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
