@@ -45,8 +45,8 @@ from services.queries import (
     epoch_moments,
     epoch_rows,
     get_experiment,
-    layer_grad_norm_rows,
     last_epoch_values,
+    layer_grad_norm_rows,
     list_experiments,
     loss_maxima,
     trial_artifacts_of,
@@ -427,7 +427,7 @@ def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
     for cached in (_experiments, _experiment, _stamp, _epochs, _curves, _epochs_to_reach, _moments,
-                   _artifacts, _trial, _final_norms, _layer_grad_norms):
+                   _artifacts, _trial, _layer_grad_norms):
         cached.clear()
     frames.forget()
 

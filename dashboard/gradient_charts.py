@@ -48,9 +48,10 @@ def range_test_chart(tests: list[tuple[object, RangeTestReading]], *, color_by: 
                                    "line": {"color": "black", "width": 1}},
                            legendgroup=label, showlegend=False,
                            hovertemplate=f"{name}<br>minimum: lr %{{x:.3g}}, loss %{{y:.4g}}<extra></extra>")
-    for symbol, text in (("triangle-down", "▼ steepest descent (suggested rate)"), ("circle", "● minimum loss")):
+    for symbol, text in (("triangle-down", "steepest descent (suggested rate)"), ("circle", "minimum loss")):
         figure.add_scatter(x=[None], y=[None], mode="markers", name=text,
-                           marker={"symbol": symbol, "size": 11, "color": "white", "line": {"color": "black", "width": 1}})
+                           marker={"symbol": symbol, "size": 11, "color": "white",
+                                   "line": {"color": "black", "width": 1}})
     figure.update_layout(
         title={"text": "Learning-rate range test: loss against the rate",
                "subtitle": {"text": "the rate rises every step; faint: each batch's loss, solid: smoothed"}},

@@ -165,8 +165,9 @@ class TrialConfig(BaseModel):
 
     # --- learning-rate schedule ---
     schedule: Schedule = Field("constant", description="How the learning rate moves: constant, step, multistep, "
-                                 "exponential, cosine, warmup_cosine, one_cycle (peaks at lr), plateau, lr_range_test (rises "
-                                 "exponentially every step from min_lr to lr: the learning-rate range test).")
+                                 "exponential, cosine, warmup_cosine, one_cycle (peaks at lr), plateau, "
+                                 "lr_range_test (rises exponentially every step from min_lr to lr: the "
+                                 "learning-rate range test).")
     step_size: Annotated[int, Field(ge=1, le=10_000)] = Field(10, description="step: epochs between decays.")
     milestones: tuple[Annotated[int, Field(ge=1, le=10_000)], ...] = Field(
         (30, 60), max_length=100, description="multistep: epochs at which the rate decays.")

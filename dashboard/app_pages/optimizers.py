@@ -41,7 +41,7 @@ def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
     stored = data.artifacts(tuple(int(i) for i in shown["trial_id"]))
     configurations = widgets.configuration_labels(shown, groups)
     lines: dict[tuple, list] = {}  # (colour value, configuration) -> [(trial row, curve)]: its seeds
-    for (index, row), configuration in zip(shown.iterrows(), configurations, strict=True):
+    for (_, row), configuration in zip(shown.iterrows(), configurations, strict=True):
         curve = stored.get(int(row["trial_id"]), {}).get("lr_range")
         if curve:
             lines.setdefault((str(row[color_by]), configuration), []).append((row, curve))

@@ -222,22 +222,50 @@ def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, pa
     screenshot(page, f"{example}-5-trial")
 
 
-def test_the_loss_surfaces_page_draws_every_optimizers_path(_stack, page):
-    """examples/loss_surfaces.yaml (168 trials, one job of seconds): the Loss surfaces page draws the
-    paths on himmelblau's contour, one panel per learning rate, and the network pages say in one
-    sentence that they do not apply."""
+def test_the_optimization_views_draw_on_their_example_grids(_stack, page, tmp_path: Path):
+    """One stack for the optimization examples, trained by the worker in seconds:
+    examples/vanishing_gradients.yaml (depths 2 and 8 only, one seed) and examples/lr_range_test.yaml
+    (two epochs): a deep sigmoid trial's layers against depth, Fit analysis's first-over-last layer
+    against depth per activation, and the Optimizers page's range test (gradients-*.png); then
+    examples/loss_surfaces.yaml (168 trials, one job): the Loss surfaces page draws the paths on
+    himmelblau's contour, one panel per learning rate, and the network pages say in one sentence that
+    they do not apply (loss_surfaces-*.png)."""
+    import yaml
+
     expect = sync_api.expect
     url, env = _stack
-    submitted = fitscope("submit", str(REPO / "examples" / "loss_surfaces.yaml"), env=env)
+    trimmed = {"vanishing_gradients": {"depth": {"values": [2, 8]}}, "lr_range_test": {"epochs": {"value": 2}}}
+    for example, parameters in trimmed.items():  # experiments 1 and 2
+        spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+        spec["parameters"].update(parameters)
+        spec["seeds"] = [0]
+        path = tmp_path / f"{example}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the grid in the example's order
+        submitted = fitscope("submit", str(path), env=env)
+        assert submitted.returncode == 0, submitted.stderr
+    submitted = fitscope("submit", str(REPO / "examples" / "loss_surfaces.yaml"), env=env)  # experiment 3
     assert submitted.returncode == 0, submitted.stderr
     _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
+    page.set_viewport_size({"width": 1400, "height": 7000})  # every chart of the page drawn at once
+    # trial 4: depth 8, sigmoid (the grid's last parameter varies fastest)
+    for name, address, key in (("1-trial-layers", "trial?trial=4", "trial_layers_chart"),
+                               ("2-fit-analysis-depth", "fit_analysis?experiment=1", "fit_layers_chart"),
+                               ("3-optimizers-range-test", "optimizers?experiment=2", "optimizers_range_chart")):
+        page.goto(f"{url}/{address}")
+        chart = page.locator(f".st-key-{key}")
+        # Fit analysis draws a dozen charts before this one: minutes on a machine loaded 10x over.
+        expect(chart.locator(".scatterlayer .trace").first).to_be_attached(timeout=240_000)
+        page.wait_for_timeout(1000)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        chart.screenshot(path=str(SCREENSHOTS / f"gradients-{name}.png"))
+
     page.set_viewport_size({"width": 1400, "height": 1900})
-    page.goto(f"{url}/loss_surfaces?experiment=1")
+    page.goto(f"{url}/loss_surfaces?experiment=3")
     chart = page.locator(".st-key-surfaces_chart")
     expect(chart.locator(".gtitle")).to_contain_text("himmelblau", timeout=90_000)
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached()
     expect(page.get_by_text("ended at a known minimum")).to_be_visible()
     page.wait_for_timeout(1500)
     screenshot(page, "loss_surfaces-1-himmelblau")
-    page.goto(f"{url}/fit_analysis?experiment=1")
+    page.goto(f"{url}/fit_analysis?experiment=3")
     expect(page.get_by_text("so the fit analysis does not apply")).to_be_visible(timeout=90_000)

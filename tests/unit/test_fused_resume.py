@@ -36,13 +36,13 @@ GROUPS = {
         for lr, early, epochs, seed, clip, l1 in [
             (0.01, None, 12, 0, None, 0.0), (0.05, EARLY, 12, 1, 0.5, 1e-3), (0.2, EARLY, 12, 2, None, 0.0),
             (0.1, None, 2, 3, 1.0, 1e-4), (0.02, None, 4, 4, None, 0.0)]],
-    "regression, sgd, one_cycle, multistep": [
+    "regression, sgd, one_cycle, multistep, lr_range_test": [
         dict(lr=lr, input_noise=0.1, early_stopping=early, epochs=epochs, seed=seed, dataset="sine",
-             optimizer="sgd", schedule=schedule, milestones=(3, 6), poly_degree=1)
+             optimizer="sgd", schedule=schedule, milestones=(3, 6), poly_degree=1, min_lr=1e-4)
         for lr, early, epochs, seed, schedule in [
             (0.01, None, 12, 0, "one_cycle"), (0.05, EARLY, 12, 1, "multistep"), (0.1, LATE, 12, 2, "one_cycle"),
             (0.3, LATE, 12, 4, "multistep"),
-            (0.02, None, 3, 3, "multistep")]],
+            (0.02, None, 3, 3, "multistep"), (0.5, None, 12, 5, "lr_range_test")]],  # its every step's loss
 }
 STOP_AFTER = 5
 
@@ -113,6 +113,8 @@ def test_a_job_resumed_from_checkpoint_bytes_matches_an_uninterrupted_one_bitwis
         assert [row.epoch for row in first_rows[i]] == list(range(1, min(STOP_AFTER, ended_at[i]) + 1))
         assert _without_timings(first_rows[i] + resumed_rows[i]) == _without_timings(full_rows[i]), i
         assert _result_without_timings(resumed[i]) == _result_without_timings(full[i]), i
+    if "lr_range_test" in group:  # the steps before the checkpoint are in the resumed trial's curve
+        assert resumed[-1].artifacts["lr_range"]["steps"] == 12 * 4
 
 
 def test_the_hook_is_offered_every_epoch_but_the_last_and_captures_only_when_asked() -> None:
