@@ -113,6 +113,7 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
         task, n_classes, label_names = "multilabel", None, MULTILABEL_2D_LABELS
         sizes = (config.train_size, config.n_val, config.n_test)
         parts = [_draw_multilabel_2d(config, n=n, seed=seed) for n, seed in zip(sizes, streams[:3], strict=True)]
+        _deal_fold(config, parts)
     else:
         task = config.task
         n_classes = None if task == "regression" else _n_classes(config)
@@ -120,10 +121,7 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
         sizes = (config.train_size, config.n_val, config.n_test)
         parts = [_draw_split(config, n=n, seed=seed, function=function)
                  for n, seed in zip(sizes, streams[:3], strict=True)]
-        if config.folds is not None:
-            x_pool, y_pool = (np.concatenate([parts[0][i], parts[1][i]]) for i in (0, 1))
-            train, val = fold_rows(len(y_pool), folds=config.folds, fold=config.fold, data_seed=config.data_seed)
-            parts[:2] = [(x_pool[train], y_pool[train]), (x_pool[val], y_pool[val])]
+        _deal_fold(config, parts)
         if function is not None and parts[0][0].shape[1] == 1:
             truth = function
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
@@ -156,6 +154,16 @@ def make_dataset(config: TrialConfig, *, csv_content: bytes | None = None) -> Sp
 _STREAMS = 5
 _FUNCTION = 3
 _LABEL_NOISE = 4
+
+
+def _deal_fold(config: TrialConfig, parts: list) -> None:
+    """k-fold on synthetic data: the drawn training and validation rows pooled and re-dealt for this
+    trial's fold (in place); nothing without folds."""
+    if config.folds is None:
+        return
+    x_pool, y_pool = (np.concatenate([parts[0][i], parts[1][i]]) for i in (0, 1))
+    train, val = fold_rows(len(y_pool), folds=config.folds, fold=config.fold, data_seed=config.data_seed)
+    parts[:2] = [(x_pool[train], y_pool[train]), (x_pool[val], y_pool[val])]
 
 
 def fold_rows(n: int, *, folds: int, fold: int, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
