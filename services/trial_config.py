@@ -29,7 +29,7 @@ DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS + SURFACE_NAMES
 NOT_FOR_SURFACES = ("n_train", "n_val", "n_test", "val_fraction", "test_fraction", "noise", "label_noise",
                     "n_classes", "n_features", "true_degree", "data_seed", "model", "width", "depth", "activation",
                     "norm", "dropout", "poly_degree", "loss", "huber_delta", "label_smoothing", "l1",
-                    "early_stopping", "input_noise", "batch_size")
+                    "early_stopping", "input_noise", "batch_size", "init_from", "freeze", "folds", "fold")
 
 BuiltinDataset = Literal["moons", "circles", "blobs", "spirals", "multilabel_2d", "sine", "polynomial", "linear",
                          "digits", "breast_cancer", "wine", "himmelblau", "rosenbrock", "saddle",
@@ -90,8 +90,8 @@ class TrialConfig(BaseModel):
         "moons", description="moons, circles, blobs, spirals (2-D classification); multilabel_2d (2-D, two "
                              "yes/no labels per point: inside_circle, above_line); sine, polynomial (1-D "
                              "regression), linear (multi-feature regression); digits, breast_cancer, wine "
-                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN or [COLUMN, ...]}; or a 2-D test function "
-                             "whose point is optimized directly: himmelblau, rosenbrock, saddle, ill_conditioned, "
+                             "(real, from scikit-learn); or {csv: PATH, target: COLUMN or [COLUMN, ...]}; "
+                             "or a 2-D test function whose point is optimized directly: himmelblau, rosenbrock, saddle, ill_conditioned, "
                              "six_hump_camel, rastrigin (each epoch is one optimizer step).")
     start: tuple[Coordinate, Coordinate] | None = Field(
         None, description="[x, y]: where a 2-D test function's point starts. Default: one per function "
@@ -211,6 +211,10 @@ class TrialConfig(BaseModel):
                        if getattr(self, name) != TrialConfig.model_fields[name].default]
             if changed:
                 raise ValueError(surface_refusal(changed[0], self.dataset))
+            if self.schedule == "lr_range_test":  # a range test charts batch losses; a surface has one value
+                raise ValueError(f"schedule lr_range_test does not apply to dataset {self.dataset}, a 2-D test "
+                                 "function (its one value per step is already on the Loss surfaces page); "
+                                 "use another schedule")
             return self
         if self.start is not None:
             raise ValueError(f"start applies to the 2-D test functions ({', '.join(SURFACE_NAMES)}) only, and "
@@ -233,6 +237,9 @@ class TrialConfig(BaseModel):
         if self.multilabel and self.loss not in ("auto", "bce"):
             raise ValueError(f"loss {self.loss!r} does not fit the multi-label data of {self.dataset_name} (one "
                              "yes/no label per output); use loss bce or auto")
+        if self.multilabel and self.label_smoothing > 0:
+            raise ValueError(f"label_smoothing {self.label_smoothing:g} applies to cross_entropy, and the multi-label "
+                             f"data of {self.dataset_name} train with bce per label; leave label_smoothing at 0")
         if self.poly_degree > 1 and self.task == "classification":
             raise ValueError(f"poly_degree {self.poly_degree} applies to regression only and "
                              f"{self.dataset_name} is classification; leave poly_degree at 1")

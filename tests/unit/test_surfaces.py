@@ -233,3 +233,18 @@ def test_the_cli_refuses_a_network_parameter_on_a_surface_with_exit_2(tmp_path, 
     result = CliRunner().invoke(app, ["validate", str(spec)])
     assert result.exit_code == 2
     assert "parameters.depth: depth does not apply to dataset himmelblau" in result.stderr
+
+
+@pytest.mark.parametrize("extra, field", [({"folds": 3, "fold": 1}, "folds"), ({"init_from": 1}, "init_from"),
+                                          ({"freeze": 1}, "freeze"),
+                                          ({"schedule": "lr_range_test", "min_lr": 1e-5}, "lr_range_test")])
+def test_what_a_surface_cannot_honour_is_refused_naming_it(extra, field):
+    # fine-tuning, folds and the range test came after the surfaces: a point has no layers, rows or batches
+    with pytest.raises(ValueError, match=field):
+        TrialConfig(dataset="himmelblau", **extra)
+
+
+def test_top_level_folds_on_a_surface_grid_is_one_sentence():
+    spec = parse_spec("name: s\nfolds: 3\nparameters:\n  dataset: {value: himmelblau}\n  lr: {values: [0.01]}\n")
+    with pytest.raises(SpecError, match="folds does not apply to dataset himmelblau"):
+        expand(spec)
