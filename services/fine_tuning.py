@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from services.trial_config import TrialConfig
+from services.trial_config import MULTILABEL_2D_LABELS, TrialConfig
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -35,6 +35,8 @@ def first_layer_shape(config: TrialConfig, *, csv_shape: tuple[int, int] | None 
         return config.width, inputs
     if config.task == "regression":
         return 1, inputs
+    if config.multilabel:  # one output per label
+        return (len(MULTILABEL_2D_LABELS) if isinstance(config.dataset, str) else len(config.dataset.target)), inputs
     if config.resolved_loss == "bce":
         return 1, inputs
     return (None if not isinstance(config.dataset, str) else outputs), inputs

@@ -149,3 +149,15 @@ def test_the_worker_admits_a_multilabel_2d_trial() -> None:
     from services.admission import claim_problem
 
     assert claim_problem(TrialConfig(dataset="multilabel_2d"), csv_shape=None) is None
+
+
+def test_label_smoothing_on_multi_label_data_is_refused_naming_it():
+    with pytest.raises(ValueError, match="leave label_smoothing at 0"):
+        TrialConfig(dataset="multilabel_2d", label_smoothing=0.1)
+
+
+def test_a_multi_label_linear_models_first_layer_has_one_row_per_label():
+    from services.fine_tuning import first_layer_shape
+
+    assert first_layer_shape(TrialConfig(dataset="multilabel_2d", model="linear")) == (2, 2)
+    assert first_layer_shape(TrialConfig(dataset="moons", model="linear", loss="bce")) == (1, 2)
