@@ -156,12 +156,13 @@ def _group_ids(trials: pd.DataFrame, names: list[str]):
 
 def _text_codes(column: pd.Series):
     """(codes, number of codes): each value's rank among the column's distinct texts (str of the
-    value, as astype(str) writes it), -1 for a missing value."""
+    value, as astype(str) writes it). A missing value (grad_clip: null beside 1.0, no init_from) is
+    one more value, "nan", so its runs are a configuration like any other and not dropped."""
     import numpy as np
     import pandas as pd
 
     try:
-        codes, uniques = pd.factorize(column)
+        codes, uniques = pd.factorize(column, use_na_sentinel=False)
     except TypeError:  # list or dict values
         return _text_codes(column.astype(str))
     texts = [str(value) for value in uniques]

@@ -464,3 +464,13 @@ def test_bands_from_database_moments_match_pandas() -> None:
     std = values[values["g"] == 0]["x"].std()
     assert banded["upper"].tolist() == pytest.approx([7 / 3 + std, 5.0])
     assert analysis.bands_from_moments(moments, band="minmax")["lower"].tolist() == [1.0, 5.0]
+
+
+def test_a_configuration_with_a_missing_value_competes_and_can_win():
+    # grad_clip: [null, 1.0] (or no init_from beside one): the runs without a value are a configuration
+    # too; they used to drop out of every chart whenever the parameter was handled as "best".
+    grid = pd.DataFrame({"optimizer": ["adam"] * 4, "grad_clip": [None, None, 1.0, 1.0], "seed": [0, 1, 0, 1],
+                         "final_val_loss": [0.1, 0.2, 0.5, 0.6]})
+    chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=["optimizer", "grad_clip"],
+                                             metric="final_val_loss")
+    assert sorted(chosen.trials["final_val_loss"]) == [0.1, 0.2]
