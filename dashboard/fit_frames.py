@@ -185,10 +185,10 @@ def _frame_data(kinds: dict, frame: dict) -> list[dict]:
     snapshots = kinds["snapshots"]
     if snapshots["kind"] == "curve_1d":
         return [{"type": "scatter", "y": frame["y_pred"]}]
-    n = snapshots["resolution"]
-    classes = decode_bytes(frame["predicted_class"]).reshape(n, n)
+    n = int(snapshots["resolution"])
+    classes = decode_bytes(frame["predicted_class"], most=n * n).reshape(n, n)
     if len(snapshots["class_names"]) == 2:
-        probability = decode_bytes(frame["probability"]).reshape(n, n)
+        probability = decode_bytes(frame["probability"], most=n * n).reshape(n, n)
         second = np.where(classes == 1, probability, 255 - probability).astype(np.uint8)
         return [{"type": "heatmap", "z": second}, {"type": "contour", "z": second}]
     return [{"type": "heatmap", "z": classes}]

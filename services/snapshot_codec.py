@@ -15,6 +15,14 @@ def encode_bytes(values: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), 9)).decode()
 
 
-def decode_bytes(text: str) -> np.ndarray:
-    """The uint8 values :func:`encode_bytes` stored, flat."""
-    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+MAX_VALUES = 1_000_000  # far above a frame's cells (60 x 60): a stored row can never inflate past it
+
+
+def decode_bytes(text: str, *, most: int = MAX_VALUES) -> np.ndarray:
+    """The uint8 values :func:`encode_bytes` stored, flat; ValueError where they would be more than
+    ``most`` (a row read back is data, so it is never inflated without a bound)."""
+    inflater = zlib.decompressobj()
+    values = inflater.decompress(base64.b64decode(text), most)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"a stored snapshot holds more than {most} values")
+    return np.frombuffer(values, dtype=np.uint8)

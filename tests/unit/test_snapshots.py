@@ -114,3 +114,16 @@ def test_a_multi_label_boundary_colours_each_label_set_and_a_resume_keeps_every_
     assert decode_bytes(frame["predicted_class"]).max() <= 3
     probability = decode_bytes(frame["probability"]) / 255  # a label set's chance: at least 1/4 for 2 labels
     assert probability.min() >= 0.25 - 1 / 255 and torch.tensor(probability).max() <= 1
+
+
+def test_a_stored_frame_that_would_inflate_past_its_cells_is_refused_without_inflating_it():
+    import base64
+    import zlib
+
+    values = np.random.default_rng(0).integers(0, 256, 3600).astype(np.uint8)
+    np.testing.assert_array_equal(decode_bytes(encode_bytes(values), most=3600), values)
+    bomb = base64.b64encode(zlib.compress(bytes(50_000_000), 9)).decode()  # 50 MB of zeros in ~50 KB
+    with pytest.raises(ValueError, match="more than 3600"):
+        decode_bytes(bomb, most=3600)
+    with pytest.raises(ValueError, match="more than 1000000"):
+        decode_bytes(bomb)
