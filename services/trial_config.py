@@ -91,8 +91,8 @@ class TrialConfig(BaseModel):
                              "yes/no labels per point: inside_circle, above_line); sine, polynomial (1-D "
                              "regression), linear (multi-feature regression); digits, breast_cancer, wine "
                              "(real, from scikit-learn); or {csv: PATH, target: COLUMN or [COLUMN, ...]}; "
-                             "or a 2-D test function whose point is optimized directly: himmelblau, rosenbrock, saddle, ill_conditioned, "
-                             "six_hump_camel, rastrigin (each epoch is one optimizer step).")
+                             "or a 2-D test function whose point is optimized directly: himmelblau, rosenbrock, "
+                             "saddle, ill_conditioned, six_hump_camel, rastrigin (each epoch is one optimizer step).")
     start: tuple[Coordinate, Coordinate] | None = Field(
         None, description="[x, y]: where a 2-D test function's point starts. Default: one per function "
                           "(himmelblau [0, 0], rosenbrock [-1.2, 1], saddle [1.5, 0.01], ill_conditioned [-4, 1], "
