@@ -337,13 +337,14 @@ def artifacts(trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict]]:
         return _artifacts(url, trial_ids)
 
 
-def layer_grad_norms(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None) -> pd.DataFrame:
+def layer_grad_norms(experiment_id: int, *, trial_ids: tuple[int, ...] | None = None,
+                     ends_only: bool = False) -> pd.DataFrame:
     """One row per trial, epoch and Linear layer: trial_id, epoch, layer (1 = the first) and
     grad_norm, the layer's gradient norm (services.queries.layer_grad_norm_rows); of ``trial_ids``
-    only when given."""
+    only when given; each trial's first and latest epoch only with ``ends_only``."""
     url = _ready_url()
     with _reading(url):
-        return _layer_grad_norms(url, experiment_id, trial_ids)
+        return _layer_grad_norms(url, experiment_id, trial_ids, ends_only)
 
 
 def trial(trial_id: int) -> dict[str, Any] | None:
@@ -408,9 +409,10 @@ def _artifacts(url: str, trial_ids: tuple[int, ...]) -> dict[int, dict[str, dict
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def _layer_grad_norms(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None) -> pd.DataFrame:
+def _layer_grad_norms(url: str, experiment_id: int, trial_ids: tuple[int, ...] | None,
+                      ends_only: bool) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        rows = layer_grad_norm_rows(session, experiment_id, trial_ids=trial_ids)
+        rows = layer_grad_norm_rows(session, experiment_id, trial_ids=trial_ids, ends_only=ends_only)
     return pd.DataFrame([{"trial_id": row["trial_id"], "epoch": row["epoch"], "layer": layer, "grad_norm": norm}
                          for row in rows for layer, norm in enumerate(row["layer_grad_norms"], start=1)],
                         columns=["trial_id", "epoch", "layer", "grad_norm"])

@@ -227,14 +227,20 @@ def epoch_curves(session: Session, experiment_id: int, *, fields: tuple[str, ...
     return [dict(zip(columns, row, strict=True)) for row in session.connection().execute(query).all()]
 
 
-def layer_grad_norm_rows(session: Session, experiment_id: int, *, trial_ids: Sequence[int] | None = None
-                         ) -> list[dict[str, Any]]:
+def layer_grad_norm_rows(session: Session, experiment_id: int, *, trial_ids: Sequence[int] | None = None,
+                         ends_only: bool = False) -> list[dict[str, Any]]:
     """trial_id, epoch and layer_grad_norms (each Linear layer's gradient norm, first layer first) of
-    every epoch row of an experiment (or of ``trial_ids`` in it) that has them, by trial then epoch."""
+    every epoch row of an experiment (or of ``trial_ids`` in it) that has them, by trial then epoch.
+    ``ends_only``: each trial's first epoch and its latest (``epochs_done``) only, which is what a
+    comparison across the grid reads (a million rows at 10,000 trials x 100 epochs otherwise)."""
     epochs = EpochMetric.__table__.c
     query = (select(epochs.trial_id, epochs.epoch, epochs.layer_grad_norms)
              .where(_of_experiment(experiment_id, epochs.trial_id), epochs.layer_grad_norms.is_not(None))
              .order_by(epochs.trial_id, epochs.epoch))
+    if ends_only:
+        trials = Trial.__table__.c
+        query = query.join(Trial.__table__, trials.id == epochs.trial_id).where(
+            (epochs.epoch == 1) | (epochs.epoch == trials.epochs_done))
     if trial_ids is not None:
         query = query.where(_among(epochs.trial_id, trial_ids))
     return [{"trial_id": trial_id, "epoch": epoch, "layer_grad_norms": norms}

@@ -182,7 +182,7 @@ def diagnosis(trials: pd.DataFrame, groups: list[str], others: widgets.Handling)
 def layer_gradients(experiment_id: int, trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     """The first layer's gradient norm over the last's, against depth (or any numeric parameter), one
     line per activation (or any parameter), with a band over the seeds."""
-    norms = data.layer_grad_norms(experiment_id)
+    norms = data.layer_grad_norms(experiment_id, ends_only=True)  # first and last epochs: all it draws
     if norms.empty or norms["layer"].max() < 2:
         return
     st.subheader("Gradients layer by layer")

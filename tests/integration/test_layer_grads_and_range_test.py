@@ -58,6 +58,7 @@ def test_every_epoch_row_has_each_layers_gradient_norm_and_a_range_test_its_curv
         curves = dict(session.execute(select(TrialArtifact.trial_id, TrialArtifact.data)
                                       .where(TrialArtifact.kind == "lr_range")).all())
         read = layer_grad_norm_rows(session, experiment_id)
+        ends = layer_grad_norm_rows(session, experiment_id, ends_only=True)
     assert len(trials) == 4 and all(t.status == "succeeded" for t in trials)
     depth = {t.id: t.config["depth"] for t in trials}
     assert len(rows) == 4 * EPOCHS
@@ -66,6 +67,9 @@ def test_every_epoch_row_has_each_layers_gradient_norm_and_a_range_test_its_curv
         assert grad_norm == pytest.approx(sum(v * v for v in layers) ** 0.5, rel=1e-5)
     assert len(read) == 4 * EPOCHS and read[0]["layer_grad_norms"] == next(
         layers for trial_id, _, layers in rows if trial_id == read[0]["trial_id"])
+    assert [(row["trial_id"], row["epoch"]) for row in ends] == [
+        (t.id, epoch) for t in sorted(trials, key=lambda t: t.id) for epoch in (1, EPOCHS)]
+    assert all(row in read for row in ends)
 
     range_tests = {t.id for t in trials if t.config["schedule"] == "lr_range_test"}
     assert set(curves) == range_tests
