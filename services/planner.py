@@ -30,6 +30,9 @@ MIN_FUSED_TRIALS = 8
 # functions, any optimizers) is one job of up to this many trials, never split to fill processes
 # (each job would cost more in set-up and writes than its steps).
 SURFACE_JOB_TRIALS = 1000
+# ...and of at most this many path points: a surface job keeps every step of every trial's path
+# (float64 x and y) in memory and in its checkpoint, so 1,000 trials of 10,000 steps would be 160 MB.
+SURFACE_PATH_POINTS = 2_000_000  # 32 MB
 
 
 def fusable(config: TrialConfig) -> str | None:
@@ -99,7 +102,9 @@ def plan_jobs(configs: Sequence[TrialConfig], *, max_trials: int, weight_budget:
             jobs.append([index])
     for members in groups.values():
         if configs[members[0]].is_surface:
-            jobs += _near_equal(members, -(-len(members) // SURFACE_JOB_TRIALS))
+            steps = max(configs[i].epochs for i in members) + 1
+            per_job = max(1, min(SURFACE_JOB_TRIALS, SURFACE_PATH_POINTS // steps))
+            jobs += _near_equal(members, -(-len(members) // per_job))
             continue
         per_trial = max(1, approximate_weights(configs[members[0]]))
         largest = max(1, min(max_trials, weight_budget // per_trial,

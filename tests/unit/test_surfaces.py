@@ -188,6 +188,15 @@ def test_a_grid_of_every_function_and_optimizer_is_one_job():
     assert plan_jobs(configs, max_trials=64, slots=8) == [list(range(len(configs)))]
 
 
+def test_long_surface_trials_split_so_a_jobs_paths_stay_bounded():
+    from services.planner import SURFACE_PATH_POINTS
+
+    configs = [TrialConfig(dataset="rosenbrock", lr=0.001 * (i + 1), epochs=10_000) for i in range(600)]
+    jobs = plan_jobs(configs, max_trials=64, slots=1)
+    assert sorted(i for job in jobs for i in job) == list(range(600)) and len(jobs) == 4
+    assert all(len(job) * 10_001 <= SURFACE_PATH_POINTS for job in jobs)
+
+
 SPEC = """
 name: surfaces
 parameters:
