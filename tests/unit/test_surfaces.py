@@ -13,9 +13,9 @@ from services.planner import plan_jobs
 from services.spec import SpecError, expand, parse_spec
 from services.surfaces import SURFACES
 from services.trial_config import TrialConfig
+from worker.training.artifacts import thin
 from worker.training.checkpoint import job_state_from_bytes, job_state_to_bytes
 from worker.training.fused import train_fused
-from worker.training.surfaces import thin
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 
@@ -152,8 +152,8 @@ def test_too_large_a_rate_diverges_and_keeps_the_finite_path():
 
 
 def test_paths_are_thinned_evenly_to_2000_points_keeping_first_and_last():
-    assert thin(10) == list(range(10))
-    kept = thin(5001)
+    assert thin(10, 2000) == list(range(10))
+    kept = thin(5001, 2000)
     assert len(kept) == 2000 and kept[0] == 0 and kept[-1] == 5000
     gaps = {b - a for a, b in zip(kept, kept[1:], strict=False)}
     assert gaps <= {2, 3}

@@ -225,11 +225,17 @@ def round_for_json(values: torch.Tensor) -> list[float | None]:
 LR_RANGE_POINTS = 2_000
 
 
+def thin(count: int, most: int) -> list[int]:
+    """At most ``most`` evenly spaced indices of ``count`` points, the first and the last always among
+    them (a stored series: a range test's steps, a surface's path)."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
 def lr_range_artifact(points: list[tuple[float, float]]) -> dict[str, Any]:
     """``lr_range``: a range test's (rate, training-batch loss) of every step, evenly thinned to at most
     ``LR_RANGE_POINTS`` (the first and last always kept); a loss that is not a number is null."""
-    keep = (range(len(points)) if len(points) <= LR_RANGE_POINTS
-            else sorted(set(torch.linspace(0, len(points) - 1, LR_RANGE_POINTS).round().long().tolist())))
-    chosen = [points[i] for i in keep]
+    chosen = [points[i] for i in thin(len(points), LR_RANGE_POINTS)]
     return {"steps": len(points), "lr": [rate for rate, _ in chosen],
             "loss": [loss if math.isfinite(loss) else None for _, loss in chosen]}

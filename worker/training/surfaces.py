@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.surfaces import SURFACES, nearest_minimum, reached
+from worker.training.artifacts import thin
 from worker.training.checkpoint import JobState, TrialState
 from worker.training.fused_optim import StackedOptimizer, StepRates, row_order
 from worker.training.results import CannotResume, EpochMetrics, TrialResult, resolve_device
@@ -113,13 +114,6 @@ def _train(configs, *, on_epoch, on_trials_end, device, checkpoint, resume) -> l
                 epoch=epoch, configs=[config.model_dump_json() for config in configs], stack=stack.state(),
                 trials=[trial.state() for trial in trials], results=dict(results)))
     return [results[index] for index in range(len(configs))]
-
-
-def thin(count: int, most: int = PATH_POINTS) -> list[int]:
-    """At most ``most`` evenly spaced indices of ``count`` points, the first and the last always among them."""
-    if count <= most:
-        return list(range(count))
-    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
 
 
 class _SurfaceStack:
@@ -258,7 +252,7 @@ class _Trial:
             "final_train_loss": value, "best_train_loss": self.best.train_loss if self.best else None,
             "steps": self.epochs_run, "parameter_count": 2, "total_seconds": self.seconds + set_up_s,
         }
-        keep = thin(len(path))
+        keep = thin(len(path), PATH_POINTS)
         artifact = {"function": name, "step": keep, "x": [path[i][0] for i in keep], "y": [path[i][1] for i in keep]}
         return TrialResult(status=self.status, epochs_run=self.epochs_run,
                            best_epoch=self.best.epoch if self.best else None, final_metrics=final,
