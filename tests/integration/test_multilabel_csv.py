@@ -76,7 +76,8 @@ def test_a_multi_label_csv_trains_and_stores_accuracy_exact_match_and_snapshots(
         assert metrics["test_exact_match"] is not None and trial.verdict
         kinds = {artifact.kind: artifact.data for artifact in session.scalars(
             select(TrialArtifact).where(TrialArtifact.trial_id == trial_id))}
-    assert set(kinds) == {"boundary_2d", "snapshots", "multilabel"}
+    # and, as every finished trial under the cap, its best-epoch weights for a fine-tuned child
+    assert set(kinds) == {"boundary_2d", "snapshots", "multilabel", "best_weights"}
     assert kinds["boundary_2d"]["class_names"] == ["none", "right", "high", "right + high"]
     frames = kinds["snapshots"]["frames"]
     assert frames[0]["epoch"] == 1 and frames[-1]["epoch"] == 30 and len(frames) <= 20
