@@ -65,8 +65,9 @@ def test_verdict_diagnosis_parameter_count_and_artifact_are_stored(engine):
             assert trial.diagnosis["numbers"]["underfit_ratio_limit"] > 0  # the thresholds travel along
             assert trial.parameter_count == trial.final_metrics["parameter_count"] > 0
             artifacts = trial_artifacts(session, trial.id)
-            assert set(artifacts) == {expected_kinds[trial.config["dataset"]]}
-            assert len(json.dumps(artifacts)) < 60_000
+            picture = expected_kinds[trial.config["dataset"]]
+            assert set(artifacts) == {picture, "snapshots"}  # the picture, and its frames epoch by epoch
+            assert len(json.dumps(artifacts[picture])) < 60_000 and len(json.dumps(artifacts)) < 200_000
 
         rows = trial_rows(session, experiment_id)
         assert [row["verdict"] for row in rows] == [trial.verdict for trial in trials]
@@ -96,4 +97,5 @@ def test_a_rerun_replaces_the_artifacts_and_a_requeue_clears_the_verdict(engine)
     execute_job(engine, [trial.id], worker="again", redelivered=False)
     with session_scope(engine) as session:
         assert session.get(Trial, trial.id).verdict in VERDICTS
-        assert session.scalar(select(func.count()).select_from(TrialArtifact)) == 2  # one per trial, no duplicate
+        # per trial: its picture, its frames and its best-epoch weights, once each
+        assert session.scalar(select(func.count()).select_from(TrialArtifact)) == 2 * 3
