@@ -104,14 +104,15 @@ def test_prediction_artifacts_come_from_the_diagnosis_module(monkeypatch) -> Non
 
     monkeypatch.setattr(fused_results, "prediction_artifacts_rows", prediction_artifacts_rows)
     result = train_trial(TrialConfig(**SMALL))
-    assert result.artifacts == {"decision_boundary": {"grid": [[0.5]]}} and seen == {"outputs": (1, 32, 2)}
+    pictures = {kind: data for kind, data in result.artifacts.items() if kind != "snapshots"}  # frames: snapshots.py
+    assert pictures == {"decision_boundary": {"grid": [[0.5]]}} and seen == {"outputs": (1, 32, 2)}
 
     def broken(predict, splits, config, *, rows):
         raise RuntimeError("plot failed")
 
     monkeypatch.setattr(fused_results, "prediction_artifacts_rows", broken)
     result = train_trial(TrialConfig(**SMALL))
-    assert result.status == "succeeded" and result.artifacts == {}
+    assert result.status == "succeeded" and set(result.artifacts) <= {"snapshots"}
 
 
 def test_csv_content_goes_to_the_data_set(monkeypatch) -> None:

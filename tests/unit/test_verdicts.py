@@ -55,7 +55,7 @@ def test_sgd_with_learning_rate_10_on_the_sine_diverges() -> None:
 @pytest.mark.parametrize(("dataset", "kind"), [("moons", "boundary_2d"), ("sine", "curve_1d")])
 def test_the_engine_returns_the_prediction_artifact(dataset: str, kind: str) -> None:
     result = train_trial(TrialConfig(dataset=dataset, n_train=50, n_val=20, n_test=0, width=8, epochs=2))
-    assert set(result.artifacts) == {kind}
+    assert set(result.artifacts) == {kind, "snapshots"}  # the picture, and its frames epoch by epoch
 
 
 def test_a_well_fitted_sine_is_a_good_fit_and_its_curve_follows_the_truth() -> None:
