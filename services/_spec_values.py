@@ -170,7 +170,12 @@ def _check_tuple(name: str, value: list[Any], path: str, problems: list[str]) ->
     except ValidationError as exc:
         for error in exc.errors():
             index = error["loc"][0] if error["loc"] and isinstance(error["loc"][0], int) else None
-            if index is None:
+            if error["type"] == "missing":  # too few items: [] or [1] for start: [x, y]; said once
+                if any(problem.startswith(f"{path}: item ") for problem in problems):
+                    continue
+                problems.append(f"{path}: item {index + 1 if index is not None else 1} is missing, got "
+                                f"{len(value)} items; give every item, e.g. start: [x, y] or betas: [0.9, 0.999]")
+            elif index is None or index >= len(value):
                 problems.append(f"{path}: {error['msg']}, got {len(value)} items")
             else:
                 problems.append(f"{path}[{index}]: {error['msg']}, got {describe(value[index])}")

@@ -671,3 +671,12 @@ def test_arbitrary_text_gives_a_spec_or_a_spec_error(text: str) -> None:
         parse_spec(text)
     except SpecError as exc:
         assert exc.problems
+
+
+@pytest.mark.parametrize(("name", "value"), [("start", []), ("start", [1.0]), ("betas", [0.9])])
+def test_a_pair_with_too_few_items_is_one_sentence(name, value):
+    # hypothesis found start: [] raising IndexError while the message was built
+    parameters = {"dataset": {"value": "himmelblau"} if name == "start" else {"value": "moons"},
+                  name: {"value": value}}
+    with pytest.raises(SpecError, match=rf"parameters\.{name}\.value: item {len(value) + 1} is missing"):
+        load_spec({"name": "x", "method": "grid", "parameters": parameters})
