@@ -51,6 +51,7 @@ from services.queries import (
     loss_maxima,
     trial_artifacts_of,
     trial_detail,
+    trial_frame,
     trial_rows,
     trials_stamp,
 )
@@ -207,8 +208,8 @@ def _trials(url: str, experiment_id: int) -> pd.DataFrame:
     # (the stored reasons ride along as diag_reasons, which trials() leaves out).
     def read() -> pd.DataFrame:
         with session_scope(_engine(url)) as session:
-            rows = trial_rows(session, experiment_id, reasons=True)
-        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+            found = trial_frame(session, experiment_id, reasons=True)
+        return found if len(found) else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
 
     return _per_change(url, experiment_id, "trials", read)
 

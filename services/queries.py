@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -127,6 +128,71 @@ def trial_rows(session: Session, experiment_id: int, *, reasons: bool = False) -
             row["diag_reasons"] = stored.get("reasons", [])
         rows.append(row)
     return rows
+
+
+def trial_frame(session: Session, experiment_id: int, *, reasons: bool = False):
+    """The rows of :func:`trial_rows` as a pandas DataFrame, one column per field (NaN where a trial
+    lacks one), ``diag_reasons`` last.
+
+    Built column by column, with the garbage collector paused (it would otherwise walk the young
+    objects again and again as 10,000 trials' decoded dicts and their columns pile up), and each JSON
+    column's dicts turned into columns in one pass per distinct set of keys, about half the time of
+    one dict per row handed to pandas."""
+    import gc
+
+    import pandas as pd
+
+    result = session.connection().execute(
+        select(Trial.id, Trial.ordinal, Trial.status, Trial.attempts, Trial.worker, Trial.epochs_done,
+               Trial.best_epoch, Trial.started_at, Trial.finished_at, Trial.error, Trial.verdict,
+               Trial.parameter_count, _as_text(Trial.config), _as_text(Trial.final_metrics),
+               _as_text(Trial.diagnosis))
+        .where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
+    ).all()
+    fields = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch", "started_at",
+              "finished_at", "error", "verdict", "parameter_count")
+    stored = list(zip(*result, strict=True)) if result else [()] * (len(fields) + 3)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        configs, finals, diagnoses = ([decode_json(text) or {} for text in column] for column in stored[-3:])
+        columns: dict[str, list] = {name: list(values) for name, values in zip(fields, stored, strict=False)}
+        for name in ("started_at", "finished_at"):
+            columns[name] = [_iso(value) for value in columns[name]]
+        columns.update(_dict_columns(configs))
+        columns.update(_dict_columns(finals))
+        columns.update({f"diag_{name}": values for name, values in
+                        _dict_columns([diagnosis.get("numbers", {}) for diagnosis in diagnoses]).items()
+                        if not name.endswith("_limit") and name != "tail_fraction"})
+        if reasons:
+            columns["diag_reasons"] = [diagnosis.get("reasons", []) for diagnosis in diagnoses]
+        return pd.DataFrame(columns)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _dict_columns(dicts: list[dict[str, Any]]) -> dict[str, list]:
+    """One list per key of ``dicts`` (NaN where a dict lacks the key), keys in order of appearance.
+    Dicts that share their keys (a grid's configs, most trials' metrics) are split in one pass."""
+    by_keys: dict[tuple, list[int]] = {}
+    for position, values in enumerate(dicts):
+        by_keys.setdefault(tuple(values), []).append(position)
+    if len(by_keys) == 1:
+        keys = next(iter(by_keys))
+        return {key: list(values) for key, values in
+                zip(keys, zip(*(values.values() for values in dicts), strict=True), strict=True)} if keys else {}
+    columns: dict[str, list] = {}
+    for keys, positions in by_keys.items():
+        for key in keys:
+            columns.setdefault(key, [math.nan] * len(dicts))  # as pandas fills a key a row lacks
+        if not keys:
+            continue
+        for key, values in zip(keys, zip(*(dicts[p].values() for p in positions), strict=True), strict=True):
+            column = columns[key]
+            for position, value in zip(positions, values, strict=True):
+                column[position] = value
+    return columns
 
 
 def trials_stamp(session: Session, experiment_id: int) -> tuple:
