@@ -61,7 +61,9 @@ def metric_against(trials: pd.DataFrame, *, x: str, color_by: str, columns: dict
     {"train": "final_train_loss", "val": "final_val_loss"}; train is solid, validation dashed. ``gap``
     adds the generalization gap (validation minus train, per run, then averaged) dotted. Numeric x
     spanning more than a factor of 20 gets a log axis; y as in :func:`learning_curve_bands`."""
-    rows = _one_group(trials[trials[x].notna()] if x in trials else trials.iloc[:0], color_by)
+    # Only the columns drawn: the split below copies every column it keeps once per split.
+    kept = [name for name in _unique([x, color_by, *([facet] if facet else []), *columns.values()]) if name in trials]
+    rows = _one_group(trials.loc[trials[x].notna(), kept] if x in trials else trials.iloc[:0][kept], color_by)
     if gap and {"train", "val"} <= set(columns) and {columns["train"], columns["val"]} <= set(rows.columns):
         val = pd.to_numeric(rows[columns["val"]], errors="coerce")
         rows = rows.assign(_gap=val - pd.to_numeric(rows[columns["train"]], errors="coerce"))

@@ -20,14 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from dashboard import frames
-from dashboard.trial_tables import (  # noqa: F401 - the pages' names for them
-    NOT_METRICS,
-    TRIAL_FIELDS,
-    groupable,
-    metric_columns,
-    parameter_columns,
-    varying_parameters,
-)
+from dashboard.trial_tables import TRIAL_FIELDS, groupable
 from services.analysis import (
     UNSTABLE_RATIO,
     bands_from_moments,
@@ -233,9 +226,6 @@ def _experiment_frame(summaries: list[ExperimentSummary]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(EXPERIMENT_COLUMNS))
 
 
-# --- shaping trial tables: dashboard/trial_tables.py (TRIAL_FIELDS, parameter_columns, varying_parameters,
-# metric_columns, groupable), imported above so that pages find them here
-
 # --- reads of the analysis pages (Fit analysis, Optimizers and schedules, Trial) ------------------
 
 DIAGNOSIS_COLUMNS = ("trial_id", "sibling_verdict", "reasons", "train_ratio", "gap_ratio", "val_rise_ratio",
@@ -292,14 +282,26 @@ def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
     # those rows' trials alone (the rest are stable whatever their maximum). A hair below, for rounding.
     smallest = pd.concat(baselines.values()).where(lambda b: b > 0).min()
     above = float(UNSTABLE_RATIO * smallest * (1 - 1e-9)) if pd.notna(smallest) else None
-    url = _ready_url()
-    with _reading(url):
-        maxima = _per_change(url, experiment_id, f"loss_maxima {above!r}",
-                             lambda: _loss_maxima(url, experiment_id, above))
+    # A diagnosis keeps the run's largest losses (services.analysis.diagnose); the epoch rows are read
+    # only for the runs diagnosed before it did, or not at all.
+    stored = [f"diag_max_{split}_loss" for split in ("train", "val")]
+    known = trials[stored].notna().all(axis=1) if set(stored) <= set(trials.columns) else \
+        pd.Series(False, index=trials.index)
+    maxima = trials.loc[known, ["trial_id", *stored]].set_axis(["trial_id", "max_train_loss", "max_val_loss"],
+                                                               axis=1)
+    unknown = tuple(sorted(int(i) for i in trials.loc[~known, "trial_id"]))
+    if unknown:
+        url = _ready_url()
+        with _reading(url):
+            among = unknown if known.any() else None  # none known (an older experiment): the whole of it
+            read = _per_change(url, experiment_id, f"loss_maxima {above!r} {hash(among)}",
+                               lambda: _loss_maxima(url, experiment_id, above, among))
+        maxima = pd.concat([maxima, read], ignore_index=True)
     merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
     flags = pd.Series(False, index=trials.index)
     for split in ("train", "val"):
-        flags |= unstable(pd.Series(merged[f"max_{split}_loss"].to_numpy(), index=trials.index), baselines[split])
+        flags |= unstable(pd.Series(pd.to_numeric(merged[f"max_{split}_loss"]).to_numpy(dtype=float),
+                                    index=trials.index), baselines[split])
     return trials.assign(unstable=flags.to_numpy())
 
 
@@ -379,9 +381,10 @@ def _moments(url: str, groups: tuple[tuple[int, ...], ...], fields: tuple[str, .
     return pd.DataFrame(rows, columns=columns).astype({"group": int, "epoch": int})
 
 
-def _loss_maxima(url: str, experiment_id: int, above: float | None) -> pd.DataFrame:
+def _loss_maxima(url: str, experiment_id: int, above: float | None,
+                 trial_ids: tuple[int, ...] | None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        found = loss_maxima(session, experiment_id, above=above)
+        found = loss_maxima(session, experiment_id, above=above, trial_ids=trial_ids)
     return pd.DataFrame([(trial_id, train, val) for trial_id, (train, val) in found.items()],
                         columns=["trial_id", "max_train_loss", "max_val_loss"])
 

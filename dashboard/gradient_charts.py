@@ -90,7 +90,8 @@ def layer_norms_chart(norms: pd.DataFrame, *, epochs: list[int]) -> go.Figure:
                                     "epoch's last step"}},
         xaxis={"title": "layer (input → output)", "tickmode": "array", "tickvals": list(range(1, layers + 1)),
                "ticktext": _layer_ticks(layers)},
-        yaxis={"title": "gradient L2 norm", "type": "log", "exponentformat": "power"},
+        # automargin: the powers of ten are wider than plain ticks, and the title was cut at the left edge.
+        yaxis={"title": "gradient L2 norm", "type": "log", "exponentformat": "power", "automargin": True},
         margin=_MARGIN, hovermode="closest")
     return figure
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import data
+from dashboard import data, trial_tables
 from services.analysis import BANDS
 from services.safe_text import markdown_text
 from services.selection import (
@@ -68,7 +68,7 @@ def choose_experiment(experiments: pd.DataFrame, *, page: str = "experiment") ->
 def grouping_choices(trials: pd.DataFrame) -> list[str]:
     """Parameters a chart can group, colour or lay out by: those that vary, seeds excepted (seeds
     collapse into bands). ``ordinal`` (one group per trial) when nothing else varies."""
-    return [name for name in data.varying_parameters(trials) if name not in SEED_PARAMETERS] or ["ordinal"]
+    return [name for name in trial_tables.varying_parameters(trials) if name not in SEED_PARAMETERS] or ["ordinal"]
 
 
 def numeric_choices(trials: pd.DataFrame, names: Sequence[str]) -> list[str]:
@@ -102,7 +102,7 @@ def trial_filter(trials: pd.DataFrame, *, key: str, experiment_id: int) -> pd.Da
     experiment starts with its own, empty, choices."""
     # Each column's distinct values first, then their texts: the text of every one of 10,000 values,
     # and a set built from it, took most of a second.
-    texts = {name: _distinct_texts(trials[name]) for name in data.varying_parameters(trials)}
+    texts = {name: _distinct_texts(trials[name]) for name in trial_tables.varying_parameters(trials)}
     choices = [name for name, values in texts.items() if values.nunique() <= MAX_FILTER_OPTIONS]
     kept = trials
     with st.expander("Filter trials", icon=":material/filter_alt:"):
@@ -184,12 +184,16 @@ class Handling:
     held: dict[str, object]
     metric: str
     goal: str
+    trials: pd.DataFrame | None = field(default=None, compare=False, repr=False)  # offered for these trials...
+    varying: tuple[str, ...] = ()  # ...and their parameters that tell configurations apart
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
+        # Of the very trials the handling was offered for, only the parameters found varying then can
+        # vary: a page's six charts need not look through 50 columns of 10,000 runs six more times.
+        parameters = list(self.varying) if trials is self.trials else trial_tables.parameter_columns(trials)
         return select_configurations(trials, shown=[name for name in shown if name], metric=self.metric,
-                                     goal=self.goal, parameters=data.parameter_columns(trials),
-                                     handling=self.handling, held=self.held)
+                                     goal=self.goal, parameters=parameters, handling=self.handling, held=self.held)
 
 
 def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) -> Handling:
@@ -197,7 +201,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) 
     does not draw it (on an axis, as the colour or as panels) does with it: best (each line at the value
     with the best mean ``metric`` over seeds, the default), held at a chosen value, or averaged (then the
     band spans configurations and the caption says so)."""
-    names = configuration_parameters(trials, data.parameter_columns(trials))
+    names = configuration_parameters(trials, trial_tables.parameter_columns(trials))
     offered = [name for name in metrics
                if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
     handling: dict[str, str] = {}
@@ -216,7 +220,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) 
             if how == "held":
                 values = list(dict.fromkeys(sorted(trials[name].dropna().tolist(), key=_natural_value)))
                 held[name] = value_column.selectbox(f"{name} held at", values, key=f"{key}_{name}_held")
-    return Handling(handling, held, metric, goal_of(metric))
+    return Handling(handling, held, metric, goal_of(metric), trials, tuple(names))
 
 
 def goal_of(metric: str) -> str:

@@ -100,6 +100,10 @@ def diagnose(
 
     train = [_number(row.get("train_loss")) for row in epochs]
     val = [_number(row.get("val_loss")) for row in epochs]
+    if epochs and all(map(_finite, train + val)):
+        # What says that a run once blew up (:func:`unstable`), kept so that a chart of 10,000 runs
+        # need not read their million epoch rows again for it.
+        numbers.update(max_train_loss=max(train), max_val_loss=max(val))
     if status == "diverged" or not epochs or not all(map(_finite, train + val)):
         bad = next((i for i, (t, v) in enumerate(zip(train, val, strict=True))
                     if not (_finite(t) and _finite(v))), None)

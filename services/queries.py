@@ -300,15 +300,25 @@ def layer_grad_norm_rows(session: Session, experiment_id: int, *, trial_ids: Seq
     ``ends_only``: each trial's first epoch and its latest (``epochs_done``) only, which is what a
     comparison across the grid reads (a million rows at 10,000 trials x 100 epochs otherwise)."""
     epochs = EpochMetric.__table__.c
-    query = (select(epochs.trial_id, epochs.epoch, epochs.layer_grad_norms)
-             .where(_of_experiment(experiment_id, epochs.trial_id), epochs.layer_grad_norms.is_not(None))
-             .order_by(epochs.trial_id, epochs.epoch))
+    columns = (epochs.trial_id, epochs.epoch, epochs.layer_grad_norms)
     if ends_only:
+        # Two joins that each look up one (trial, epoch) per trial in the epochs' unique index: one
+        # join on "the first or the latest epoch" read every epoch row of the experiment instead.
         trials = Trial.__table__.c
-        query = query.join(Trial.__table__, trials.id == epochs.trial_id).where(
-            (epochs.epoch == 1) | (epochs.epoch == trials.epochs_done))
-    if trial_ids is not None:
-        query = query.where(_among(epochs.trial_id, trial_ids))
+        ends = [select(*columns).join(Trial.__table__, (trials.id == epochs.trial_id) & (epochs.epoch == epoch))
+                .where(trials.experiment_id == experiment_id, epochs.layer_grad_norms.is_not(None), *extra)
+                for epoch, extra in ((1, ()), (trials.epochs_done, (trials.epochs_done != 1,)))]
+        if trial_ids is not None:
+            ends = [end.where(_among(epochs.trial_id, trial_ids)) for end in ends]
+        query = union_all(*ends).subquery()
+        query = select(query.c.trial_id, query.c.epoch, query.c.layer_grad_norms).order_by(
+            query.c.trial_id, query.c.epoch)
+    else:
+        query = (select(*columns)
+                 .where(_of_experiment(experiment_id, epochs.trial_id), epochs.layer_grad_norms.is_not(None))
+                 .order_by(epochs.trial_id, epochs.epoch))
+        if trial_ids is not None:
+            query = query.where(_among(epochs.trial_id, trial_ids))
     return [{"trial_id": trial_id, "epoch": epoch, "layer_grad_norms": norms}
             for trial_id, epoch, norms in session.execute(query).all()]
 
@@ -345,18 +355,21 @@ def epoch_moments(session: Session, *, groups: Sequence[Sequence[int]], fields: 
     return [dict(zip(columns, row, strict=True)) for row in session.connection().execute(query).all()]
 
 
-def loss_maxima(session: Session, experiment_id: int, *, above: float | None = None
-                ) -> dict[int, tuple[float | None, float | None]]:
+def loss_maxima(session: Session, experiment_id: int, *, above: float | None = None,
+                trial_ids: Sequence[int] | None = None) -> dict[int, tuple[float | None, float | None]]:
     """Each trial's largest recorded train and validation loss, by trial id (one GROUP BY): what
     says that a run once blew up even when it came back down (services.analysis.unstable). With
     ``above``, only the trials with a loss above it, from the epoch rows above it: on a million
-    rows, aggregating the few blow-ups costs a fraction of aggregating every trial."""
+    rows, aggregating the few blow-ups costs a fraction of aggregating every trial. With
+    ``trial_ids``, those trials of the experiment only."""
     epochs = EpochMetric.__table__.c
     query = (select(epochs.trial_id, func.max(epochs.train_loss), func.max(epochs.val_loss))
              .where(_of_experiment(experiment_id, epochs.trial_id)).group_by(epochs.trial_id))
+    if trial_ids is not None:
+        query = query.where(_among(epochs.trial_id, trial_ids))
     if above is not None:
         query = query.where(or_(epochs.train_loss > above, epochs.val_loss > above))
-    return {trial_id: (train, val) for trial_id, train, val in session.connection().execute(query)}
+    return {trial_id: (train, val) for trial_id, train, val in session.connection().execute(query).all()}
 
 
 def epochs_to_reach(session: Session, experiment_id: int, *, field: str, target: float,
@@ -387,7 +400,7 @@ def last_epoch_values(session: Session, experiment_id: int, *, fields: tuple[str
         select(epochs.trial_id, *(epochs[name] for name in fields))
         .join(Trial, (Trial.id == epochs.trial_id) & (Trial.epochs_done == epochs.epoch))
         .where(Trial.experiment_id == experiment_id)
-    )
+    ).all()  # in one fetch: row by row costs twice as much on 10,000 rows
     return {row[0]: dict(zip(fields, row[1:], strict=True)) for row in result}
 
 

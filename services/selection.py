@@ -75,8 +75,18 @@ class Selection:
 def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) -> list[str]:
     """Those of ``parameters`` that take more than one value in ``trials`` and are not a seed or fold:
     the parameters that tell configurations apart."""
-    return [name for name in parameters if name in trials and name not in SEED_PARAMETERS
-            and _distinct(trials[name]) > 1]
+    return [name for name in parameters if name in trials and name not in SEED_PARAMETERS and _varies(trials[name])]
+
+
+def _varies(column: pd.Series) -> bool:
+    """More than one value, a missing one counting as a value: ``_distinct(column) > 1``, without
+    hashing every value of a number or text column (a page asks this of 50 columns x 10,000 runs)."""
+    if column.dtype == object:
+        return _distinct(column) > 1
+    missing = column.isna()
+    if missing.any():
+        return not missing.all()
+    return len(column) > 1 and bool((column != column.iloc[0]).any())
 
 
 def _distinct(column: pd.Series) -> int:
@@ -125,15 +135,14 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     # text columns: grouping 10,000 runs by strings took most of a page's selections. Same groups, same
     # order, same means (pandas' grouped mean), same winners as grouping by the texts.
     line_id, group_id = _group_ids(kept, lines), _group_ids(kept, lines + best)
-    named = group_id >= 0  # a run missing one of the values is in no group, as in a group-by of the texts
-    means = pd.Series(score.loc[kept.index].to_numpy()[named]).groupby(group_id[named], sort=True).mean()
+    means = pd.Series(score.loc[kept.index].to_numpy()).groupby(group_id, sort=True).mean()
     groups = means.index.to_numpy()
-    group_line = pd.Series(line_id[named]).groupby(group_id[named], sort=True).first().to_numpy()
+    group_line = pd.Series(line_id).groupby(group_id, sort=True).first().to_numpy()
     ranked = np.lexsort((groups, means.to_numpy(), group_line))  # by line, then score, then the texts' order
     first = np.ones(len(ranked), dtype=bool)
     first[1:] = group_line[ranked][1:] != group_line[ranked][:-1]
     winners = groups[ranked][first] if lines else groups[ranked][:1]
-    kept = kept[np.isin(group_id, winners) & named]
+    kept = kept[np.isin(group_id, winners)]
     summary = (kept.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True, dropna=False)
                .agg(metric_mean=("_score", "mean")).reset_index())
     summary["metric_mean"] *= 1 if goal == "minimize" else -1
@@ -142,15 +151,14 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
 
 def _group_ids(trials: pd.DataFrame, names: list[str]):
     """One integer per row for its combination of ``names``' texts, numbered in the sorted order of
-    the texts (name by name); -1 where a value is missing."""
+    the texts (name by name); a missing value is a text of its own (:func:`_text_codes`)."""
     import numpy as np
 
     ids = np.zeros(len(trials), dtype=np.int64)
     for name in names:
         codes, size = _text_codes(trials[name])
-        ids = np.where((ids < 0) | (codes < 0), -1, ids * max(size, 1) + codes)
-        named = ids >= 0  # renumbered densely, in the same order, so that many names cannot overflow
-        ids[named] = np.unique(ids[named], return_inverse=True)[1]
+        # Renumbered densely, in the same order, so that many names cannot overflow.
+        ids = np.unique(ids * max(size, 1) + codes, return_inverse=True)[1].astype(np.int64)
     return ids
 
 
@@ -167,7 +175,8 @@ def _text_codes(column: pd.Series):
         return _text_codes(column.astype(str))
     texts = [str(value) for value in uniques]
     rank = {text: i for i, text in enumerate(sorted(set(texts)))}
-    return np.array([rank[text] for text in texts] + [-1], dtype=np.int64)[codes], len(rank)
+    # use_na_sentinel=False: a missing value gets a code like any other, never -1.
+    return np.array([rank[text] for text in texts], dtype=np.int64)[codes], len(rank)
 
 
 def _scores(trials: pd.DataFrame, metric: str, goal: str) -> pd.Series:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, widgets
+from dashboard import charts, data, trial_tables, widgets
 from services.safe_text import markdown_text
 
 MAX_CURVES = 100  # trials drawn at once; more lines than this is unreadable and slow in a browser
@@ -51,7 +51,7 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
     shown = started.head(MAX_CURVES)
     epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]),
                          fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
-    varying = data.varying_parameters(trials)
+    varying = trial_tables.varying_parameters(trials)
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
     metrics = ["loss"] + (["accuracy"] if epochs["val_accuracy"].notna().any() else [])
     colour_by, metric = st.columns(2)
@@ -70,8 +70,8 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
 
 def trial_table(trials: pd.DataFrame) -> None:
     st.subheader("Trials")
-    varying = data.varying_parameters(trials)
-    metrics = data.metric_columns(trials)
+    varying = trial_tables.varying_parameters(trials)
+    metrics = trial_tables.metric_columns(trials)
     table = trials.assign(error=trials["error"].map(_first_line), link=trials["trial_id"].map(widgets.trial_page_link))
     st.dataframe(
         table[["ordinal", "status", *varying, "epochs_done", "best_epoch", *metrics, "error", "link"]],
@@ -81,7 +81,7 @@ def trial_table(trials: pd.DataFrame) -> None:
                        **{name: st.column_config.NumberColumn(format="%.4g") for name in metrics
                           if pd.api.types.is_numeric_dtype(trials[name])}},  # verdict, reasons: text
     )
-    shared = [name for name in data.parameter_columns(trials) if name not in varying]
+    shared = [name for name in trial_tables.parameter_columns(trials) if name not in varying]
     if shared and len(trials):
         with st.expander("Parameters shared by every trial"):
             st.dataframe(pd.DataFrame({"parameter": shared, "value": [str(trials[name].iloc[0]) for name in shared]}),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import band_charts, charts, data, fit_frames, gradient_charts, widgets
+from dashboard import band_charts, charts, data, fit_frames, gradient_charts, trial_tables, widgets
 from services import selection
 
 NO_FACETS = "none"
@@ -112,7 +112,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
 
 def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Heatmap")
-    metrics = [name for name in data.metric_columns(trials)
+    metrics = [name for name in trial_tables.metric_columns(trials)
                if pd.to_numeric(trials[name], errors="coerce").notna().any()]
     if not metrics:
         st.info("These trials recorded no numeric metric to map.")
@@ -135,7 +135,7 @@ def importance(trials: pd.DataFrame) -> None:
     metrics = [name for name in ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy",
                                  "test_accuracy", "final_train_loss", "diag_gap_ratio", "final_val_rmse")
                if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
-    parameters = selection.configuration_parameters(trials, data.parameter_columns(trials))
+    parameters = selection.configuration_parameters(trials, trial_tables.parameter_columns(trials))
     if not metrics or not parameters:
         st.info("Only one configuration is left (nothing but the seed varies): vary a parameter in the grid to "
                 "see how much of the spread it explains.")
@@ -166,7 +166,7 @@ def diagnosis(trials: pd.DataFrame, groups: list[str], others: widgets.Handling)
                "the stored verdict judges it alone. Diverged runs are counted here whatever the toggle above says. "
                "The table lists every trial. Thresholds: README, \"Fit diagnosis\".")
     shown = trials.assign(link=trials["trial_id"].map(widgets.trial_page_link))
-    varying = [name for name in data.varying_parameters(trials) if name != "ordinal"]
+    varying = [name for name in trial_tables.varying_parameters(trials) if name != "ordinal"]
     numbers = [name for name in data.DIAGNOSIS_COLUMNS[3:] if name in shown]
     st.dataframe(
         shown[["ordinal", *varying, "sibling_verdict", "verdict", *numbers, "reasons", "link"]],

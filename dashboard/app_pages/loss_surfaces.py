@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, surface_charts, widgets
+from dashboard import data, surface_charts, trial_tables, widgets
 from services.surfaces import SURFACE_NAMES
 
 NOT_SURFACES = ("Experiment #{id} trains networks on data sets; this page draws 2-D test functions, whose trials "
@@ -40,7 +40,7 @@ all_trials = data.trials(experiment_id)
 if "dataset" not in all_trials or not all_trials["dataset"].isin(SURFACE_NAMES).any():
     st.info(NOT_SURFACES.format(id=experiment_id), icon=":material/landscape:")
     st.stop()
-trials = data.groupable(all_trials[all_trials["dataset"].isin(SURFACE_NAMES)])
+trials = trial_tables.groupable(all_trials[all_trials["dataset"].isin(SURFACE_NAMES)])
 trained = trials[trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")

@@ -12,6 +12,7 @@ from dashboard import charts, data, fit_frames, gradient_charts, surface_charts,
 from services.range_test import read_range_test
 from services.safe_text import markdown_text
 
+PICKER_TRIALS = 100  # the most trials the picker lists at once (a list of 10,000 is slow and unreadable)
 NOT_STARTED = "This trial has not recorded an epoch yet; its curves appear when a worker reports the first one."
 
 
@@ -36,9 +37,27 @@ def choose_trial() -> int | None:
     labels = widgets.trial_labels(trials, varying)
     if st.session_state.get("trial_selected") not in labels:
         st.session_state.pop("trial_selected", None)
-    chosen = st.selectbox("Trial", list(labels), format_func=labels.get, key="trial_selected")
+    chosen = st.selectbox("Trial", _listed(labels), format_func=labels.get, key="trial_selected")
     st.query_params["trial"] = st.session_state["trial_query"] = str(chosen)
     return chosen
+
+
+def _listed(labels: dict[int, str]) -> list[int]:
+    """The trials the picker lists: all of a small experiment; of a large one, the first PICKER_TRIALS
+    whose label holds every word typed in a search box (the chosen trial always among them)."""
+    if len(labels) <= PICKER_TRIALS:
+        return list(labels)
+    words = st.text_input("Find a trial", key="trial_search", placeholder="e.g. adam lr=0.1 overfit, or trial 12",
+                          help="Lists the trials whose label (number, parameters that vary, verdict) holds every "
+                               "word typed.").lower().split()
+    matching = [trial_id for trial_id, label in labels.items() if all(word in label.lower() for word in words)]
+    listed = matching[:PICKER_TRIALS]
+    chosen = st.session_state.get("trial_selected")
+    if chosen in labels and chosen not in listed:  # the trial shown stays choosable whatever the search
+        listed.insert(0, chosen)
+    st.caption(f"{len(listed)} of {len(matching)} matching trials listed ({len(labels)} in the experiment)"
+               + ("; type parameter values above to narrow the list." if len(matching) > PICKER_TRIALS else "."))
+    return listed
 
 
 def header(trial: dict) -> None:
@@ -174,8 +193,9 @@ def predictions(trial: dict) -> None:
                                                      panel_by=None), key="trial_path_chart")
     elif fit_frames.has_frames(found):
         st.subheader("Watch it fit")
-        st.plotly_chart(_fit_animation(trial["experiment_id"], trial["trial_id"], trial["best_epoch"]),
-                        key="trial_fit_animation")
+        losses = data.curves(trial["experiment_id"], trial_ids=(trial["trial_id"],), fields=("train_loss", "val_loss"))
+        st.plotly_chart(fit_frames.fit_animation([("What the model predicts", found)], curves=losses,
+                                                 best_epoch=trial["best_epoch"]), key="trial_fit_animation")
         st.caption(fit_frames.HOW_TO_READ)
     elif any(kind in found for kind in charts.PREDICTION_KINDS):
         st.subheader("What the model learned")
@@ -194,14 +214,6 @@ def multilabel(series: dict) -> None:
     right.plotly_chart(fit_frames.label_accuracy_bars(series), key="trial_label_accuracy_chart")
     st.caption("Accuracy on the curves above is the mean of the per-label accuracies; exact match asks every "
                "label of an example to be right, so it is lower and falls first when one label is hard.")
-
-
-@st.cache_data(ttl=60, max_entries=16, show_spinner=False)
-def _fit_animation(experiment_id: int, trial_id: int, best_epoch: int | None):
-    # A finished trial's frames never change, and building ~20 frames takes a second: once a minute.
-    found = data.artifacts((trial_id,)).get(trial_id, {})
-    losses = data.curves(experiment_id, trial_ids=(trial_id,), fields=("train_loss", "val_loss"))
-    return fit_frames.fit_animation([("What the model predicts", found)], curves=losses, best_epoch=best_epoch)
 
 
 def config_and_metrics(trial: dict) -> None:

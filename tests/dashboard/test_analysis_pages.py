@@ -333,11 +333,11 @@ def test_trial_page_says_how_many_trials_shared_the_fused_model(filled: Filled, 
     assert "trained fused with 4 other trials" in header(fused_id)
     assert "trained fused" not in header(alone_id)  # trained_with 1: the one-trial path
     # How a trial ran is not something it learned: no metric picker offers it.
-    from dashboard import data
+    from dashboard import data, trial_tables
 
     table = data.trials(filled.moons)
-    assert "trained_with" in table.columns and "final_val_loss" in data.metric_columns(table)
-    assert "trained_with" not in data.metric_columns(table)
+    assert "trained_with" in table.columns and "final_val_loss" in trial_tables.metric_columns(table)
+    assert "trained_with" not in trial_tables.metric_columns(table)
 
 
 def test_trial_page_of_a_failed_trial_shows_its_error(filled: Filled):

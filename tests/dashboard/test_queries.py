@@ -82,3 +82,48 @@ def test_json_columns_decode_as_json_does_non_finite_floats_included():
     assert decoded["betas"] == [0.9, 0.999] and decoded["name"] == "é"
     assert decode_json('{"a": 1, "b": [1.5, null]}') == {"a": 1, "b": [1.5, None]}
     assert decode_json("null") is None and decode_json(None) is None
+
+
+def test_trial_frame_is_the_frame_of_trial_rows(database_url: str, engine_for) -> None:
+    from services.models import Trial
+
+    engine = engine_for(database_url)
+    ids, _ = fill(engine)
+    with session_scope(engine) as session:
+        # Trials with different metric keys (a diverged run records fewer), one without any, and a
+        # diagnosis with reasons, numbers and thresholds.
+        session.get(Trial, ids[0]).final_metrics = {"final_val_loss": 0.5, "test_loss": 0.6}
+        session.get(Trial, ids[1]).final_metrics = {"final_val_loss": 0.7}
+        session.get(Trial, ids[2]).diagnosis = {"reasons": ["overfit: ..."],
+                                                "numbers": {"gap_ratio": 0.4, "overfit_gap_limit": 0.25}}
+    with session_scope(engine) as session:
+        experiment_id = session.get(Trial, ids[0]).experiment_id
+        rows = queries.trial_rows(session, experiment_id, reasons=True)
+        frame = queries.trial_frame(session, experiment_id, reasons=True)
+    expected = pd.DataFrame(rows)
+    assert set(frame.columns) == set(expected.columns) and frame.columns[-1] == "diag_reasons"
+    pd.testing.assert_frame_equal(frame[expected.columns], expected)
+    assert "diag_overfit_gap_limit" not in frame and math.isnan(frame.loc[1, "test_loss"])
+
+
+def test_loss_maxima_of_chosen_trials_and_layer_norms_at_both_ends(database_url: str, engine_for) -> None:
+    from services.models import EpochMetric, Trial
+
+    engine = engine_for(database_url)
+    ids, rows = fill(engine)
+    with session_scope(engine) as session:
+        for row in session.scalars(queries.select(EpochMetric).where(EpochMetric.trial_id.in_(ids[:2]))):
+            row.layer_grad_norms = [row.epoch * 1.0, row.trial_id * 1.0]
+        for trial_id in ids:
+            session.get(Trial, trial_id).epochs_done = int((rows["trial_id"] == trial_id).sum())
+    with session_scope(engine) as session:
+        experiment_id = session.get(Trial, ids[0]).experiment_id
+        maxima = queries.loss_maxima(session, experiment_id, trial_ids=[ids[4], ids[5]])
+        ends = queries.layer_grad_norm_rows(session, experiment_id, ends_only=True)
+        every = queries.layer_grad_norm_rows(session, experiment_id)
+    assert set(maxima) == {ids[4], ids[5]} and maxima[ids[4]][1] == 1e10
+    last = rows.groupby("trial_id")["epoch"].max()
+    assert [(row["trial_id"], row["epoch"]) for row in ends] == [
+        (trial_id, epoch) for trial_id in ids[:2] for epoch in (1, int(last[trial_id]))]
+    assert [row for row in every if (row["trial_id"], row["epoch"]) in {(r["trial_id"], r["epoch"]) for r in ends}] \
+        == ends

@@ -474,3 +474,13 @@ def test_a_configuration_with_a_missing_value_competes_and_can_win():
     chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=["optimizer", "grad_clip"],
                                              metric="final_val_loss")
     assert sorted(chosen.trials["final_val_loss"]) == [0.1, 0.2]
+
+
+def test_a_diagnosis_keeps_the_largest_losses_of_a_run_that_blew_up_and_came_back() -> None:
+    train, val = decaying(0.9, 0.1), decaying(0.95, 0.2)
+    val[3] = 1e9  # an unstable run: the spike is in its numbers, its verdict is the curves'
+    result = diagnose(rows(train, val), BASELINE, status="succeeded")
+    assert result.numbers["max_val_loss"] == 1e9 and result.numbers["max_train_loss"] == max(train)
+    assert analysis.unstable(pd.Series([result.numbers["max_val_loss"]]), pd.Series([1.0])).tolist() == [True]
+    # A non-finite loss has no largest value worth keeping: the epoch rows decide then.
+    assert "max_val_loss" not in diagnose(rows([1.0, math.nan], [1.0, 1.0]), BASELINE, status="diverged").numbers
