@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import data, signin
+from dashboard import data, frames, signin
 from services.safe_text import markdown_code
 
 st.set_page_config(page_title="fitscope", layout="wide")
@@ -29,3 +29,4 @@ with st.sidebar:
     st.caption(f"Pages refresh every {data.REFRESH_SECONDS} s.")
 
 page.run()
+frames.settle()  # once per process, the libraries the first page imported are set aside (dashboard/frames.py)

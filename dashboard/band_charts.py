@@ -124,9 +124,12 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     panels = _axis_labels(bands, facet) if facet and facet in bands else [None]
     columns = min(len(panels), 4)
     grid_rows = -(-len(panels) // columns)
-    figure = go.Figure() if len(panels) == 1 else make_subplots(
+    # Built without plotly's per-property validation (our own arrays and settings): a chart of 20
+    # panels x 8 lines of 100 epochs otherwise spends most of its time checking them.
+    figure = go.Figure(_validate=False) if len(panels) == 1 else make_subplots(
         rows=grid_rows, cols=columns, shared_yaxes=True, shared_xaxes=True, horizontal_spacing=0.03,
-        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels])
+        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels],
+        figure=go.Figure(_validate=False))
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
     numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
     # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
@@ -141,7 +144,7 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, lowest))
     in_legend: set[str] = set()
     notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
-    traces: list[go.Scatter] = []
+    traces: list[dict] = []
     places: list[tuple[int, int]] = []
     for k, panel in enumerate(panels):
         rows_of_panel = bands[bands[facet].map(_format_value) == panel] if facet else bands
@@ -155,15 +158,15 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
             # Arrays where they can be: plotly validates a list one value at a time.
             xs = rows[x].to_numpy() if numeric_x else np.array([_format_value(v) for v in rows[x]], dtype=object)
             if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap would hide the rest
-                traces.append(go.Scatter(
-                    x=np.concatenate([xs, xs[::-1]]),
+                traces.append(dict(
+                    type="scatter", x=np.concatenate([xs, xs[::-1]]),
                     y=np.concatenate([rows["upper"].to_numpy(dtype=float), rows["lower"].to_numpy(dtype=float)[::-1]]),
                     fill="toself",
                     fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
                     legendgroup=label, mode="lines"))
                 places.append((row, col))
-            traces.append(go.Scatter(
-                x=xs, y=rows["mean"].to_numpy(dtype=float), customdata=rows["n"].to_numpy(),
+            traces.append(dict(
+                type="scatter", x=xs, y=rows["mean"].to_numpy(dtype=float), customdata=rows["n"].to_numpy(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
                 line={"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2}, marker={"size": 5},
                 name=ALL_TRIALS if color_by == ALL_TRIALS else f"{color_by}={plotly_text(label)}"

@@ -350,7 +350,10 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
                                                   "<extra></extra>"), row=row, col=1)
     figure.update_layout(barmode="group", title={"text": "Divergence rate", "subtitle": {
                              "text": "share of the trained runs of each bar; the stored verdicts are unchanged"}},
-                         legend={"title": {"text": color_by}}, height=540,
+                         # Below the bars, not beside them: beside, it took the width that the second
+                         # panel's title needs in a half-page column, and the title ran under it.
+                         legend={"title": {"text": color_by}, "orientation": "h", "x": 0, "xanchor": "left",
+                                 "y": -0.12, "yanchor": "top"}, height=580,
                          margin={"l": 10, "r": 10, "t": 95, "b": 40})
     figure.update_xaxes(type="category")
     figure.update_xaxes(title_text=x, row=2, col=1)

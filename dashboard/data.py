@@ -139,6 +139,20 @@ def trials(experiment_id: int) -> pd.DataFrame:
         return _trials(url, experiment_id).drop(columns="diag_reasons", errors="ignore")
 
 
+def trial_configs(experiment_id: int) -> pd.DataFrame:
+    """:func:`trials` without the final metrics and diagnoses (TRIAL_FIELDS, verdict, parameter_count
+    and every parameter): enough to name and pick trials, at a third of the read."""
+    url = _ready_url()
+
+    def read() -> pd.DataFrame:
+        with session_scope(_engine(url)) as session:
+            found = trial_frame(session, experiment_id, metrics=False)
+        return found if len(found) else pd.DataFrame(columns=[*TRIAL_FIELDS, *TRIAL_PARAMETERS])
+
+    with _reading(url):
+        return _per_change(url, experiment_id, "trial_configs", read)
+
+
 def epochs(experiment_id: int) -> pd.DataFrame:
     """One row per trial and epoch: trial_id, epoch, train/val loss and accuracy, lr, epoch_seconds."""
     url = _ready_url()
@@ -347,6 +361,9 @@ def layer_grad_norms(experiment_id: int, *, trial_ids: tuple[int, ...] | None = 
     only when given; each trial's first and latest epoch only with ``ends_only``."""
     url = _ready_url()
     with _reading(url):
+        if trial_ids is None:  # the whole experiment's: kept until it changes, like its trials
+            return _per_change(url, experiment_id, f"layer_grad_norms {ends_only}",
+                               lambda: _layer_grad_norms(url, experiment_id, None, ends_only))
         return _layer_grad_norms(url, experiment_id, trial_ids, ends_only)
 
 

@@ -184,16 +184,19 @@ class Handling:
     held: dict[str, object]
     metric: str
     goal: str
-    trials: pd.DataFrame | None = field(default=None, compare=False, repr=False)  # offered for these trials...
-    varying: tuple[str, ...] = ()  # ...and their parameters that tell configurations apart
+    # The parameters that tell configurations apart, of each trials frame seen in this page run, by
+    # its id (the frame kept beside them, so that a new frame never inherits an old id's answer): a
+    # page's six charts need not look through 50 columns of 10,000 runs six times.
+    varying: dict[int, tuple[pd.DataFrame, list[str]]] = field(default_factory=dict, compare=False, repr=False)
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
-        # Of the very trials the handling was offered for, only the parameters found varying then can
-        # vary: a page's six charts need not look through 50 columns of 10,000 runs six more times.
-        parameters = list(self.varying) if trials is self.trials else trial_tables.parameter_columns(trials)
+        seen = self.varying.get(id(trials))
+        if seen is None or seen[0] is not trials:
+            seen = self.varying[id(trials)] = (
+                trials, configuration_parameters(trials, trial_tables.parameter_columns(trials)))
         return select_configurations(trials, shown=[name for name in shown if name], metric=self.metric,
-                                     goal=self.goal, parameters=parameters, handling=self.handling, held=self.held)
+                                     goal=self.goal, parameters=seen[1], handling=self.handling, held=self.held)
 
 
 def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) -> Handling:
@@ -220,7 +223,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) 
             if how == "held":
                 values = list(dict.fromkeys(sorted(trials[name].dropna().tolist(), key=_natural_value)))
                 held[name] = value_column.selectbox(f"{name} held at", values, key=f"{key}_{name}_held")
-    return Handling(handling, held, metric, goal_of(metric), trials, tuple(names))
+    return Handling(handling, held, metric, goal_of(metric), {id(trials): (trials, names)})
 
 
 def goal_of(metric: str) -> str:

@@ -130,9 +130,10 @@ def trial_rows(session: Session, experiment_id: int, *, reasons: bool = False) -
     return rows
 
 
-def trial_frame(session: Session, experiment_id: int, *, reasons: bool = False):
+def trial_frame(session: Session, experiment_id: int, *, reasons: bool = False, metrics: bool = True):
     """The rows of :func:`trial_rows` as a pandas DataFrame, one column per field (NaN where a trial
-    lacks one), ``diag_reasons`` last.
+    lacks one), ``diag_reasons`` last. Without ``metrics``, the fields and the config only (a picker
+    of trials: the final metrics and diagnoses are two thirds of what is read and decoded).
 
     Built column by column, with the garbage collector paused (it would otherwise walk the young
     objects again and again as 10,000 trials' decoded dicts and their columns pile up), and each JSON
@@ -145,8 +146,9 @@ def trial_frame(session: Session, experiment_id: int, *, reasons: bool = False):
     result = session.connection().execute(
         select(Trial.id, Trial.ordinal, Trial.status, Trial.attempts, Trial.worker, Trial.epochs_done,
                Trial.best_epoch, Trial.started_at, Trial.finished_at, Trial.error, Trial.verdict,
-               Trial.parameter_count, _as_text(Trial.config), _as_text(Trial.final_metrics),
-               _as_text(Trial.diagnosis))
+               Trial.parameter_count, _as_text(Trial.config),
+               *((_as_text(Trial.final_metrics), _as_text(Trial.diagnosis)) if metrics else
+                 (literal_column("NULL").label("final_metrics"), literal_column("NULL").label("diagnosis"))))
         .where(Trial.experiment_id == experiment_id).order_by(Trial.ordinal)
     ).all()
     fields = ("trial_id", "ordinal", "status", "attempts", "worker", "epochs_done", "best_epoch", "started_at",
@@ -164,7 +166,7 @@ def trial_frame(session: Session, experiment_id: int, *, reasons: bool = False):
         columns.update({f"diag_{name}": values for name, values in
                         _dict_columns([diagnosis.get("numbers", {}) for diagnosis in diagnoses]).items()
                         if not name.endswith("_limit") and name != "tail_fraction"})
-        if reasons:
+        if reasons and metrics:
             columns["diag_reasons"] = [diagnosis.get("reasons", []) for diagnosis in diagnoses]
         return pd.DataFrame(columns)
     finally:

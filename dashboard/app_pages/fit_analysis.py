@@ -112,8 +112,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
 
 def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Heatmap")
-    metrics = [name for name in trial_tables.metric_columns(trials)
-               if pd.to_numeric(trials[name], errors="coerce").notna().any()]
+    metrics = [name for name in trial_tables.metric_columns(trials) if _any_number(trials[name])]
     if not metrics:
         st.info("These trials recorded no numeric metric to map.")
         return
@@ -262,6 +261,14 @@ def _facet_picker(groups: list[str], color_by: str, *, key: str, container=st, s
     chosen = widgets.parameter_picker("Panels per", options, key=key, preferred=(start,), container=container,
                                       help="One small chart per value, on one shared y axis.")
     return None if chosen == NO_FACETS else chosen
+
+
+def _any_number(column: pd.Series) -> bool:
+    """Whether the column holds a number: a numeric column's non-missing values all are (parsing
+    each of 10,000 values as a number is for text columns only)."""
+    if pd.api.types.is_numeric_dtype(column):  # booleans included, as to_numeric keeps them
+        return bool(column.notna().any())
+    return bool(pd.to_numeric(column, errors="coerce").notna().any())
 
 
 def _split_metrics(trials: pd.DataFrame) -> list[str]:

@@ -29,7 +29,7 @@ def choose_trial() -> int | None:
             st.query_params["experiment"] = str(found["experiment_id"])
             st.session_state["trial_selected"] = found["trial_id"]
     experiment_id = widgets.experiment_or_stop("trial_experiment")
-    trials = widgets.parents_as_words(data.trials(experiment_id))
+    trials = widgets.parents_as_words(data.trial_configs(experiment_id))
     if trials.empty:
         st.info("This experiment has no trials.")
         return None
