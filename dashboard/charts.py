@@ -88,19 +88,27 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
     # picture as one trace per trial, with a hundred times fewer traces for plotly to validate and
     # the browser to lay out. Each point's text names its trial for the hover. Arrays, not lists:
     # plotly validates a list one value at a time.
-    lines: dict[str, dict[str, list]] = {}
-    for trial_id, rows in epochs.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=True):
-        value = by_trial.at[trial_id, color_by] if trial_id in by_trial.index and color_by in by_trial else None
-        label = _format_value(value)
-        ordinal = by_trial.at[trial_id, "ordinal"] if "ordinal" in by_trial and trial_id in by_trial.index else "?"
-        line = lines.setdefault(label, {"x": [], "train": [], "val": [], "text": []})
-        line["x"] += [*rows["epoch"].tolist(), None]
-        for split in ("train", "val"):
-            line[split] += [*rows[f"{split}_{metric}"].tolist(), None]
-        line["text"] += [f"trial {ordinal}"] * len(rows) + [None]
+    ordered = epochs.sort_values(["trial_id", "epoch"])
+    trial_ids = list(dict.fromkeys(ordered["trial_id"].tolist()))
+    labels = {trial_id: _format_value(by_trial.at[trial_id, color_by]
+                                      if trial_id in by_trial.index and color_by in by_trial else None)
+              for trial_id in trial_ids}
+    known = "ordinal" in by_trial
+    names = {trial_id: f"trial {by_trial.at[trial_id, 'ordinal'] if known and trial_id in by_trial.index else '?'}"
+             for trial_id in trial_ids}
+    lines: dict[str, dict[str, np.ndarray]] = {}
+    for label, rows in ordered.groupby(ordered["trial_id"].map(labels), sort=False):
+        # The label's trials one after the other, a NaN after each trial's last epoch (a gap).
+        ids = rows["trial_id"].to_numpy()
+        ends = np.append(np.flatnonzero(ids[1:] != ids[:-1]) + 1, len(ids))
+        lines[label] = {
+            "x": np.insert(rows["epoch"].to_numpy(dtype=float), ends, np.nan),
+            **{split: np.insert(rows[f"{split}_{metric}"].to_numpy(dtype=float), ends, np.nan)
+               for split in ("train", "val")},
+            "text": np.insert(rows["trial_id"].map(names).to_numpy(dtype=object), ends, None)}
     traces = [
-        go.Scatter(x=np.array(line["x"], dtype=float), y=np.array(line[split], dtype=float),  # gaps: NaN
-                   text=np.array(line["text"], dtype=object), mode="lines", connectgaps=False,
+        go.Scatter(x=line["x"], y=line[split],  # gaps: NaN
+                   text=line["text"], mode="lines", connectgaps=False,
                    line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
                    name=_line_name(color_by, label), legendgroup=label, showlegend=split == "train",
                    hovertemplate=("%{text}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")

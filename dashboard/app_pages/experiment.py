@@ -42,7 +42,7 @@ def failed_trials(trials: pd.DataFrame) -> None:
                 st.code(error, language=None)
 
 
-def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
+def learning_curves(experiment_id: int, trials: pd.DataFrame, varying: list[str]) -> None:
     st.subheader("Learning curves")
     started = trials[trials["epochs_done"] > 0]
     if started.empty:
@@ -51,7 +51,6 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
     shown = started.head(MAX_CURVES)
     epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]),
                          fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
-    varying = trial_tables.varying_parameters(trials)
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
     metrics = ["loss"] + (["accuracy"] if epochs["val_accuracy"].notna().any() else [])
     colour_by, metric = st.columns(2)
@@ -68,9 +67,8 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame) -> None:
                    "epoch (Fit analysis shows all of them as bands). The epochs CSV has everything.")
 
 
-def trial_table(trials: pd.DataFrame) -> None:
+def trial_table(trials: pd.DataFrame, varying: list[str]) -> None:
     st.subheader("Trials")
-    varying = trial_tables.varying_parameters(trials)
     metrics = trial_tables.metric_columns(trials)
     table = trials.assign(error=trials["error"].map(_first_line), link=trials["trial_id"].map(widgets.trial_page_link))
     st.dataframe(
@@ -109,8 +107,9 @@ def experiment_panel(experiment_id: int) -> None:
     trials = data.trials(experiment_id)
     summary(experiment)
     failed_trials(trials)
-    learning_curves(experiment_id, trials)
-    trial_table(trials)
+    varying = trial_tables.varying_parameters(trials)  # once: 50 columns of 10,000 trials
+    learning_curves(experiment_id, trials, varying)
+    trial_table(trials, varying)
 
 
 st.title("Experiment")

@@ -52,11 +52,11 @@ def _listed(labels: dict[int, str]) -> list[int]:
                                "word typed.").lower().split()
     matching = [trial_id for trial_id, label in labels.items() if all(word in label.lower() for word in words)]
     listed = matching[:PICKER_TRIALS]
+    st.caption(f"{len(listed)} of {len(matching)} matching trials listed ({len(labels)} in the experiment)"
+               + ("; type parameter values above to narrow the list." if len(matching) > PICKER_TRIALS else "."))
     chosen = st.session_state.get("trial_selected")
     if chosen in labels and chosen not in listed:  # the trial shown stays choosable whatever the search
         listed.insert(0, chosen)
-    st.caption(f"{len(listed)} of {len(matching)} matching trials listed ({len(labels)} in the experiment)"
-               + ("; type parameter values above to narrow the list." if len(matching) > PICKER_TRIALS else "."))
     return listed
 
 
