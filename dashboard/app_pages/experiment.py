@@ -5,6 +5,7 @@ trial's own page. Refreshed live; the Fit analysis and Optimizers pages go deepe
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -48,7 +49,7 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame, varying: list[str]
     if started.empty:
         st.info(NO_EPOCHS, icon=":material/hourglass_empty:")
         return
-    shown = started.head(MAX_CURVES)
+    shown, sample = _spread_sample(started)
     epochs = data.curves(experiment_id, trial_ids=tuple(int(i) for i in shown["trial_id"]),
                          fields=("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
     colour_by_options = varying or ["ordinal"]  # one trial, or a grid of one point
@@ -63,8 +64,24 @@ def learning_curves(experiment_id: int, trials: pd.DataFrame, varying: list[str]
     st.plotly_chart(charts.learning_curves(epochs, trials, chosen_colour, metric=chosen_metric),
                     key=f"experiment_curves_{experiment_id}")
     if len(shown) < len(started):
-        st.caption(f"To keep the chart light, the first {MAX_CURVES} of {len(started)} trials are drawn, every "
-                   "epoch (Fit analysis shows all of them as bands). The epochs CSV has everything.")
+        st.caption(f"To keep the chart light, {len(shown)} of the {len(started)} trials that have started are drawn, "
+                   f"every epoch: {sample}. Fit analysis shows all of them as bands; the epochs CSV has everything.")
+
+
+def _spread_sample(started: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """At most MAX_CURVES trials spread evenly over the grid (the first seed of each configuration
+    when there are several seeds), not its first corner; and what was drawn, in words."""
+    if len(started) <= MAX_CURVES:
+        return started, "all of them"
+    seeds = "seed" in started and started["seed"].nunique() > 1
+    seed = started["seed"].min() if seeds else None
+    pool = started[started["seed"] == seed] if seeds else started
+    picks = np.unique(np.linspace(0, len(pool) - 1, min(MAX_CURVES, len(pool))).round().astype(int))
+    if not seeds:
+        return pool.iloc[picks], f"{len(picks)} spread evenly over the grid"
+    which = f"each of the {len(pool)} configurations" if len(picks) == len(pool) else \
+        f"{len(picks)} of the {len(pool)} configurations, spread evenly over the grid"
+    return pool.iloc[picks], f"seed {seed} of {which}"
 
 
 def trial_table(trials: pd.DataFrame, varying: list[str]) -> None:

@@ -12,7 +12,7 @@ import streamlit as st
 from dashboard import data, frames
 from services.db import session_scope
 from services.models import TrialStatus
-from services.queries import last_epoch_values, trial_rows
+from services.queries import last_epoch_values, trial_frame, trial_rows
 from services.siblings import rejudge_table
 from services.spec import parse_spec
 from services.submission import submit
@@ -54,9 +54,9 @@ def reads_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return trial_rows(*args, **kwargs)
+        return trial_frame(*args, **kwargs)
 
-    monkeypatch.setattr(data, "trial_rows", counted)
+    monkeypatch.setattr(data, "trial_frame", counted)
     return calls
 
 
