@@ -310,3 +310,44 @@ def test_an_unreachable_database_is_one_sentence_and_the_password_stays_hidden(m
     assert "Cannot reach the database" in app.error[0].value
     shown = app.error[0].value + "".join(caption.value for caption in app.sidebar.caption)
     assert "s3cret" not in shown and "***" in shown
+
+
+MANY_SPEC = """
+name: many
+seeds: [0, 1, 2, 3, 4, 5]
+parameters:
+  dataset: {value: moons}
+  epochs: {value: 2}
+  lr: {values: [0.001, 0.01, 0.1, 1.0]}
+  width: {values: [4, 8, 16, 32, 64]}
+"""
+
+
+def test_a_large_experiment_lists_a_bounded_searchable_trial_picker_and_a_spread_of_curves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.trials import record_epochs
+
+    url = f"sqlite:///{tmp_path / 'fitscope.db'}"
+    upgrade(url)
+    monkeypatch.setenv("FITSCOPE_DATABASE_URL", url)
+    engine = make_engine(url)
+    with session_scope(engine) as session:  # 120 trials, more than the picker lists
+        submitted = submit(session, spec=parse_spec(MANY_SPEC), spec_text=MANY_SPEC, submitted_by="t", max_trials=200)
+    with session_scope(engine) as session:
+        for trial_id in submitted.trial_ids:
+            record_epochs(session, trial_id, [{"epoch": 1, "train_loss": 0.7, "val_loss": 0.8}])
+    asked = submitted.trial_ids[-1]  # beyond the first 100: a link to it still shows it chosen
+
+    app = run_app(page="app_pages/trial.py", query={"trial": str(asked)})
+    picker = app.selectbox(key="trial_selected")
+    assert picker.value == asked and len(picker.options) == 101  # the first 100, and the trial shown
+    assert any("100 of 120 matching trials listed" in caption.value for caption in app.caption)
+    app.text_input(key="trial_search").input("lr=1.0 width=64").run()
+    listed = app.selectbox(key="trial_selected").options
+    assert any("6 of 6 matching trials listed" in caption.value for caption in app.caption)
+    assert len(listed) in (6, 7) and sum("lr=1.0" in text and "width=64" in text for text in listed) == 6
+
+    app = run_app(page=EXPERIMENT_PAGE, query={"experiment": str(submitted.experiment_id)})
+    caption = next(c.value for c in app.caption if "trials that have started" in c.value)
+    assert "20 of the 120 trials that have started" in caption and "seed 0 of each of the 20 configurations" in caption
+    engine.dispose()
