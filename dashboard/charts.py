@@ -363,7 +363,9 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
                          legend={"title": {"text": color_by}, "orientation": "h", "x": 0, "xanchor": "left",
                                  "y": -0.12, "yanchor": "top"}, height=580,
                          margin={"l": 10, "r": 10, "t": 95, "b": 40})
-    figure.update_xaxes(type="category")
+    # In the values' order, not in the order the colours first show them (0.001, 0.1, 0.01 when the
+    # first colour lacks 0.01).
+    figure.update_xaxes(type="category", categoryorder="array", categoryarray=_axis_labels(rates, x))
     figure.update_xaxes(title_text=x, row=2, col=1)
     figure.update_yaxes(range=[0, 1.05], tickformat=".0%", title_text="share of runs")
     return figure
@@ -409,7 +411,9 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                        name=f"{color_by}={plotly_text(label)}", marker_color=colors.get(label, _MISSING_COLOR),
                        hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>%{{y:.3g}} "
                                       "(%{text})<extra></extra>"))
-    figure.update_layout(barmode="group", title={"text": title}, xaxis={"title": x, "type": "category"},
+    figure.update_layout(barmode="group", title={"text": title},
+                         xaxis={"title": x, "type": "category", "categoryorder": "array",
+                                "categoryarray": _axis_labels(table, x)},
                          yaxis={"title": y_title}, legend={"title": {"text": color_by}},
                          margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return figure

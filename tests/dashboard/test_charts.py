@@ -420,3 +420,13 @@ def test_trial_labels_name_every_varying_parameter_even_a_missing_one():
         2: "trial 1 · early_stopping=None, lr=0.01",
         3: "trial 2 · early_stopping={'patience': 20}, lr=0.1 · good fit"}
     assert trial_labels(trials, []) == {1: "trial 0 · overfit", 2: "trial 1", 3: "trial 2 · good fit"}
+
+
+def test_grouped_bars_keep_the_values_order_when_the_first_colour_lacks_one():
+    trials = pd.DataFrame({"trial_id": range(4), "lr": [0.001, 0.1, 0.01, 1.0],
+                           "optimizer": ["adam", "adam", "sgd", "sgd"], "status": "succeeded", "unstable": False})
+    order = ["0.001", "0.01", "0.1", "1"]
+    assert list(charts.divergence_bars(trials, x="lr", color_by="optimizer").layout.xaxis.categoryarray) == order
+    reached = pd.Series({0: 3, 1: 4, 2: 5, 3: 6})
+    bars = charts.epochs_to_target_bars(reached, trials, target=0.5, x="lr", color_by="optimizer")
+    assert list(bars.layout.xaxis.categoryarray) == order
