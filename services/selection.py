@@ -81,12 +81,19 @@ def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) ->
 def _varies(column: pd.Series) -> bool:
     """More than one value, a missing one counting as a value: ``_distinct(column) > 1``, without
     hashing every value of a number or text column (a page asks this of 50 columns x 10,000 runs)."""
-    if column.dtype == object:
-        return _distinct(column) > 1
     missing = column.isna()
     if missing.any():
         return not missing.all()
-    return len(column) > 1 and bool((column != column.iloc[0]).any())
+    if column.dtype != object:
+        return len(column) > 1 and bool((column != column.iloc[0]).any())
+    values = column.tolist()  # lists (betas), dicts, mixed values: compared, not written out as text
+    first = values[0] if values else None
+    try:
+        if not any(value != first for value in values):
+            return False
+    except (TypeError, ValueError):  # values that do not compare to a plain bool
+        pass
+    return _distinct(column) > 1  # a difference found (or none decidable): counted as before
 
 
 def _distinct(column: pd.Series) -> int:

@@ -484,3 +484,15 @@ def test_a_diagnosis_keeps_the_largest_losses_of_a_run_that_blew_up_and_came_bac
     assert analysis.unstable(pd.Series([result.numbers["max_val_loss"]]), pd.Series([1.0])).tolist() == [True]
     # A non-finite loss has no largest value worth keeping: the epoch rows decide then.
     assert "max_val_loss" not in diagnose(rows([1.0, math.nan], [1.0, 1.0]), BASELINE, status="diverged").numbers
+
+
+def test_a_parameter_varies_exactly_when_it_takes_more_than_one_value_missing_included() -> None:
+    import numpy as np
+
+    columns = [pd.Series([[0.9, 0.999]] * 5), pd.Series([[0.9, 0.999]] * 4 + [[0.8, 0.99]]),
+               pd.Series([None] * 3, dtype=object), pd.Series([None, [1]], dtype=object),
+               pd.Series([1, 1.0], dtype=object), pd.Series([{"a": 1}, {"a": 2}]), pd.Series(["x"] * 3),
+               pd.Series([1.0, np.nan]), pd.Series([np.nan, np.nan]), pd.Series([1, 2]), pd.Series([], dtype=object)]
+    assert [selection._varies(column) for column in columns] == [
+        selection._distinct(column) > 1 for column in columns] == [
+        False, True, False, True, False, True, False, True, False, True, False]
