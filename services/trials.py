@@ -243,7 +243,7 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
                         .execution_options(synchronize_session=False))
     session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
     if artifacts:
-        session.execute(insert(TrialArtifact), [
+        session.execute(insert(TrialArtifact.__table__), [  # Core: compiled once (db.insert_ignoring_conflicts)
             {"trial_id": trial_id, "kind": kind, "data": data} for kind, data in artifacts.items()
         ])
 
