@@ -48,6 +48,7 @@ from services.trials import (
     new_token,
     read_stop_flags,
     record_epochs,
+    record_job_epochs,
     restart_job,
 )
 
@@ -272,14 +273,11 @@ class JobRun:
         another attempt took over are dropped from the job. Returns the trials asked to stop."""
 
         def write(session) -> tuple[set[int], set[int]]:
-            cancelled, superseded = set(), set()
-            for trial_id in sorted(self.live):
-                try:
-                    if record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token):
-                        cancelled.add(trial_id)
-                except TrialSuperseded as exc:  # nothing was written for it; the others go on
-                    log.warning("%s; dropping it from its job", exc)
-                    superseded.add(trial_id)
+            cancelled, superseded = record_job_epochs(
+                session, {trial_id: self.pending[trial_id] for trial_id in sorted(self.live)}, token=self.job.token)
+            for trial_id in sorted(superseded):  # nothing was written for it; the others go on
+                log.warning("trial %s: attempt %s no longer owns it; dropping it from its job", trial_id,
+                            self.job.token[:8])
             self.live -= superseded  # read by ``also``; restored below if this transaction rolls back
             try:
                 also(session)
