@@ -244,10 +244,14 @@ class JobRun:
             return
 
         def finish(session) -> set[int]:
-            superseded = set()
+            _, superseded = record_job_epochs(session, {trial_id: self.pending[trial_id] for trial_id in ended},
+                                              token=self.job.token)
             for trial_id, result in ended.items():
+                if trial_id in superseded:
+                    log.warning("trial %s: attempt %s no longer owns it; its results are dropped", trial_id,
+                                self.job.token[:8])
+                    continue
                 try:
-                    record_epochs(session, trial_id, self.pending[trial_id], token=self.job.token)
                     finish_trial(session, trial_id, status=TrialStatus(result.status),
                                  final_metrics={**result.final_metrics, "trained_with": len(self.stack)},
                                  best_epoch=result.best_epoch, error=result.message,
