@@ -100,7 +100,9 @@ def insert_ignoring_conflicts(session: Session, model: type[Base]):
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(model).on_conflict_do_nothing()
+    # On the Table, not the ORM class: the ORM's bulk INSERT compiles the statement anew at every call
+    # (~0.5 ms, as much as running it); a Core INSERT is compiled once and cached.
+    return dialect_insert(model.__table__).on_conflict_do_nothing()
 
 
 def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:

@@ -214,6 +214,35 @@ def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
 
 
+def record_job_epochs(session: Session, rows: dict[int, list[dict[str, Any]]], *, token: str
+                      ) -> tuple[set[int], set[int]]:
+    """:func:`record_epochs` with ``token`` for every trial of ``{trial id: rows}`` at once, in a few
+    statements whatever the number of trials (one each took ~3 statements a trial: a fused job of 32
+    paid ~100 per write). Returns (trials asked to stop, trials that attempt no longer owns: nothing
+    written for them)."""
+    if not rows:
+        return set(), set()
+    by_done: dict[int | None, list[int]] = {}
+    for trial_id, trial_rows in rows.items():
+        by_done.setdefault(max((int(row["epoch"]) for row in trial_rows), default=None), []).append(trial_id)
+    mine = (Trial.status == TrialStatus.running) & (Trial.attempt_token == token)
+    updated = 0
+    for done, trial_ids in by_done.items():  # the UPDATEs take the row locks first, as _claim_still_held
+        updated += session.execute(
+            update(Trial).where(Trial.id.in_(trial_ids), mine)
+            .values(epochs_done=Trial.epochs_done if done is None else done)
+            .execution_options(synchronize_session=False)).rowcount
+    held = set(rows) if updated == len(rows) else set(
+        session.scalars(select(Trial.id).where(Trial.id.in_(list(rows)), mine)))
+    if inserts := [{"trial_id": trial_id, "epoch": int(row["epoch"]),
+                    **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS},
+                    **{name: _finite_list_or_none(row.get(name)) for name in EPOCH_SERIES_FIELDS}}
+                   for trial_id in sorted(held) for row in rows[trial_id]]:
+        session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)  # as record_epochs
+    cancelled = set(session.scalars(select(Trial.id).where(Trial.id.in_(sorted(held)), Trial.cancel_requested)))
+    return cancelled, set(rows) - held
+
+
 def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
     """One epoch's row; see :func:`record_epochs`."""
     return record_epochs(session, trial_id, [metrics])
@@ -243,7 +272,7 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
                         .execution_options(synchronize_session=False))
     session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
     if artifacts:
-        session.execute(insert(TrialArtifact), [
+        session.execute(insert(TrialArtifact.__table__), [  # Core: compiled once (db.insert_ignoring_conflicts)
             {"trial_id": trial_id, "kind": kind, "data": data} for kind, data in artifacts.items()
         ])
 

@@ -294,3 +294,33 @@ def test_requeued_trials_are_planned_into_fused_jobs_unless_their_spec_says_not(
     assert sorted(ids[0] for ids, _ in jobs if len(ids) == 1) == sorted(unfused.trial_ids)
     assert sorted(ids[0] for ids, _ in off) == sorted(experiment.trial_ids + unfused.trial_ids)
     assert all(len(ids) == 1 for ids, _ in off) and {queue for _, queue in jobs} == {"cpu"}
+
+
+def test_a_jobs_rows_written_at_once_match_one_trial_at_a_time(engine, experiment):
+    """record_job_epochs, the job's write of all its trials' rows in a few statements, does what
+    record_epochs with the token does for each trial: rows and progress for the trials the attempt
+    holds, the cancel flags read back, nothing written for a trial another attempt took over."""
+    from sqlalchemy import update
+
+    from services.trials import TrialSuperseded, record_job_epochs
+
+    a, b, c, d = experiment.trial_ids
+    with session_scope(engine) as session:
+        job = claim_job(session, [a, b, c, d], worker="w", max_attempts=3)
+    with session_scope(engine) as session:  # c: asked to stop; d: taken over by another attempt
+        session.execute(update(Trial).where(Trial.id == c).values(cancel_requested=True))
+        session.execute(update(Trial).where(Trial.id == d).values(attempt_token="another"))
+    rows = {a: [_epoch(1), _epoch(2)], b: [], c: [_epoch(1)], d: [_epoch(1)]}
+    with session_scope(engine) as session:
+        assert record_job_epochs(session, rows, token=job.token) == ({c}, {d})
+    with session_scope(engine) as session:  # the same through record_epochs, one trial at a time
+        assert [record_epochs(session, trial_id, [], token=job.token) for trial_id in (a, b, c)] == [
+            False, False, True]
+        with pytest.raises(TrialSuperseded):
+            record_epochs(session, d, [], token=job.token)
+    with session_scope(engine) as session:
+        assert {t.id: t.epochs_done for t in session.scalars(select(Trial))} == {a: 2, b: 0, c: 1, d: 0}
+        written = session.execute(select(EpochMetric.trial_id, EpochMetric.epoch, EpochMetric.val_loss)).all()
+        assert sorted(written) == [(a, 1, _epoch(1)["val_loss"]), (a, 2, _epoch(2)["val_loss"]),
+                                   (c, 1, _epoch(1)["val_loss"])]
+        assert record_job_epochs(session, {}, token=job.token) == (set(), set())
