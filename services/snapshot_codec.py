@@ -10,9 +10,15 @@ import zlib
 import numpy as np
 
 
+# zlib's default level: on a frame's 3,600 cells as small as level 9 (within ~5%, and far less on
+# the near-constant class map) in a fifth of the time; level 9 made the compression a fifth of a
+# fused grid's wall time.
+LEVEL = 6
+
+
 def encode_bytes(values: np.ndarray) -> str:
     """uint8 values (0..255) as the text a frame stores: zlib, then base64."""
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), 9)).decode()
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), LEVEL)).decode()
 
 
 MAX_VALUES = 1_000_000  # far above a frame's cells (60 x 60): a stored row can never inflate past it
