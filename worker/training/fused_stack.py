@@ -156,13 +156,18 @@ class StackedModel:
                 continue
             if isinstance(layer, nn.Linear):
                 weight, bias = next(params), next(params)
-                if x.dim() == 2:
-                    x = x.expand(weight.shape[0], *x.shape)
-                x = torch.baddbmm(bias, weight, x)
+                if x.dim() == 2 and weight.shape[0] == 1:
+                    # One row on shared inputs (evaluation): a 2-D matmul, the same numbers as a
+                    # baddbmm of one batch and ~25% faster (torch's bmm of one takes a slower path).
+                    x = torch.addmm(bias[0], weight[0], x)
+                else:
+                    if x.dim() == 2:
+                        x = x.expand(weight.shape[0], *x.shape)
+                    x = torch.baddbmm(bias, weight, x)
             elif isinstance(layer, nn.LayerNorm):
-                x = _layer_norm(x, layer, next(params), next(params))
+                x = _layer_norm(_stacked(x), layer, next(params), next(params))
             elif isinstance(layer, nn.BatchNorm1d):
-                x = _batch_norm(x, layer, next(params), next(params), next(statistics), next(statistics),
+                x = _batch_norm(_stacked(x), layer, next(params), next(params), next(statistics), next(statistics),
                                 train=train, frozen=frozen)
             elif isinstance(layer, Dropout):
                 if dropout_scales is not None:
@@ -172,7 +177,7 @@ class StackedModel:
                 x = x.relu_()  # in place on the fresh matmul output (relu's backward needs only its result)
             else:
                 x = layer(x)  # a stateless activation module
-        return x
+        return _stacked(x)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,6 +392,11 @@ def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift
     fast as composing it from reductions), then each row's own scale and shift."""
     normalised = F.layer_norm(x.mT, (x.shape[1],), None, None, layer.eps)
     return torch.addcmul(shift, normalised.mT, scale)
+
+
+def _stacked(x: torch.Tensor) -> torch.Tensor:
+    # One row's 2-D activations [features, n] (see the one-row matmul in forward) as [1, features, n].
+    return x if x.dim() == 3 else x.unsqueeze(0)
 
 
 def _running_statistics(template: nn.Module) -> list[torch.Tensor]:
