@@ -162,10 +162,12 @@ def train_fused(
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
     snapshots = Snapshots.of(splits, device=target)  # None: these data get no prediction picture
+    # planned once per number of epochs, not per trial (a plan is a few dozen numpy calls)
+    plans = {epochs: snapshot_epochs(epochs) if snapshots else frozenset() for epochs in {c.epochs for c in configs}}
     trials = [_Trial(index=i, config=config, rates=StepRates(config, steps=steps),
                      stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target),
-                     planned=snapshot_epochs(config.epochs) if snapshots else frozenset())
+                     planned=plans[config.epochs])
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
     results: dict[int, TrialResult] = {}
     if resume is not None:
