@@ -90,7 +90,10 @@ class Snapshots:
         validation loss) from ``metrics``; every row is evaluated once, on the shared inputs."""
         if not rows:
             return []
-        outputs = model.evaluate(self.inputs).float().mT[rows].cpu()  # [rows, inputs, outputs]
+        outputs = model.evaluate(self.inputs).float()
+        if len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
+            outputs = outputs[rows]
+        outputs = outputs.mT.cpu()  # [rows, inputs, outputs]
         frames = []
         if self.kind == "curve_1d":
             for values, (epoch, train_loss, val_loss) in zip(outputs[:, :, 0], metrics, strict=True):
