@@ -246,9 +246,12 @@ def train_fused(
 def _take_snapshots(snapshots: Snapshots, training: StackedTraining, running: list[_Trial],
                     rows: dict[int, EpochMetrics], *, epoch: int) -> None:
     """The frames of the trials that measured this epoch and planned it or ended at it (their row
-    still holds this epoch's weights): one evaluation on the picture's inputs for all of them."""
+    still holds this epoch's weights): one evaluation on the picture's inputs for all of them. A
+    trial that ended at its best epoch gets none here: its best-epoch frame, taken at its end from
+    the same weights, would replace it (Snapshots.artifact keeps an epoch's later frame)."""
     wanted = [row for row, trial in enumerate(running) if trial.index in rows
-              and (epoch in trial.planned or trial.status != "running")]
+              and (epoch in trial.planned or trial.status != "running")
+              and not (trial.status != "running" and trial.best is not None and trial.best.epoch == epoch)]
     if not wanted:
         return
     metrics = [(epoch, rows[running[row].index].train_loss, rows[running[row].index].val_loss) for row in wanted]

@@ -144,9 +144,11 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
     on_test = test_outputs(model, has_best, splits=splits, device=device)
     tests = measure_test_set(on_test, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
     statistics = weight_statistics_rows(template, best_rows, has_best)
-    pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the pictures' (inputs, outputs): the frames reuse them
+    pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device,
+                                            seen=seen)
     if snapshots is not None:  # each trial's frames, with its best epoch's from the weights the pictures saw
-        _add_snapshots(snapshots, model, trials, pictures, has_best)
+        _add_snapshots(snapshots, model, trials, pictures, has_best, seen=seen)
     per_label = (label_accuracies(model, splits=splits, device=device, on_test=on_test)
                  if splits.task == "multilabel" else None)
     share = (time.perf_counter() - started) / len(trials)
@@ -176,12 +178,17 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
 
 
 def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
-                               device: torch.device) -> list[dict[str, dict]]:
+                               device: torch.device, seen: list | None = None) -> list[dict[str, dict]]:
     """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
-    stacked forward per input. A failure costs the artifacts only: the trials keep their metrics."""
+    stacked forward per input; each (inputs on ``device``, outputs) it evaluated is appended to
+    ``seen``. A failure costs the artifacts only: the trials keep their metrics."""
 
     def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
-        return model.evaluate(x.to(device)).float().cpu().mT
+        x = x.to(device)
+        outputs = model.evaluate(x).float().cpu().mT
+        if seen is not None:
+            seen.append((x, outputs))
+        return outputs
 
     try:
         pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
@@ -193,10 +200,15 @@ def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, s
 
 
 def _add_snapshots(snapshots: Snapshots, model: StackedModel, trials: list, pictures: list[dict],
-                   has_best: list[bool]) -> None:
+                   has_best: list[bool], *, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     rows = [row for row, ok in enumerate(has_best) if ok]
+    # The best-epoch frames show the pictures' weights on the pictures' grid: reuse those outputs
+    # (one evaluation, not two) when the inputs are the very same numbers.
+    known = next((outputs for inputs, outputs in seen if inputs.shape == snapshots.inputs.shape
+                  and inputs.dtype == snapshots.inputs.dtype
+                  and torch.equal(inputs, snapshots.inputs)), None)
     try:
-        best = snapshots.frames(model, rows, metrics=[
+        best = snapshots.frames(model, rows, outputs=known, metrics=[
             (trials[row].best.epoch, trials[row].best.train_loss, trials[row].best.val_loss) for row in rows])
     except Exception:  # as for the pictures: a failure costs the frames only
         log.exception("snapshots of %d trials failed; the trials keep their metrics", len(trials))
