@@ -8,6 +8,9 @@ Two grids, each trained both ways on one torch thread (as a worker's training pr
 Both ways are warmed up, then timed --repeats times, interleaved (the fastest run of each counts:
 the machine may be shared); prints trials/second for each and their ratio, and the largest gap
 between the two ways' final validation losses (a sanity check; tests/unit/test_fused.py tests parity).
+Then where one more fused run spends its time (this process's CPU seconds, so a shared machine
+inflates it less than the wall clock): the training steps, the snapshot frames taken after epochs,
+the trials' ends (test set, artifacts), and the rest (set-up, each epoch's evaluation and metrics).
 
 Then the ceiling: both ways do the same matrix-multiply FLOPs (counted with torch's
 FlopCounterMode, forward and backward), so no way can be faster than those FLOPs at this core's
@@ -23,7 +26,10 @@ import argparse
 import math
 import sys
 import time
+from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,6 +37,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from services.trial_config import TrialConfig  # noqa: E402
+from worker.training import fused as engine  # noqa: E402
 from worker.training import train_trial  # noqa: E402
 from worker.training.fused import train_fused  # noqa: E402
 from worker.training.memory import keep_freed_memory  # noqa: E402
@@ -58,6 +65,31 @@ def fused(configs: list[TrialConfig]) -> tuple[float, list[float]]:
     started = time.perf_counter()
     results = train_fused(configs)
     return time.perf_counter() - started, [r.final_metrics["final_val_loss"] for r in results]
+
+
+# The engine's parts a breakdown times (module-level functions of worker/training/fused.py).
+PARTS = {"training steps": "_train_one_epoch", "snapshots": "_take_snapshots", "trial ends": "trial_results"}
+
+
+def breakdown(configs: list[TrialConfig]) -> tuple[float, dict[str, float]]:
+    """One fused run's CPU seconds in all, and in each of PARTS."""
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(part: str, function):
+        def run(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[part] += time.process_time() - started
+        return run
+
+    with ExitStack() as patches:
+        for part, name in PARTS.items():
+            patches.enter_context(mock.patch.object(engine, name, timed(part, getattr(engine, name))))
+        started = time.process_time()
+        train_fused(configs)
+        return time.process_time() - started, dict(spent)
 
 
 def peak_gflops() -> float:
@@ -109,6 +141,9 @@ def main() -> None:
         print(f"    matmuls: {solo_gflop:.1f} GFLOP one-by-one, {fused_gflop:.1f} GFLOP fused; at the peak no way "
               f"takes under {floor_s:.2f} s, so the ratio cannot pass {solo_s / floor_s:.1f}x here "
               f"(fused runs at {floor_s / fused_s:.0%} of the peak)")
+        total, parts = breakdown(configs)
+        print(f"    fused, CPU seconds: {total:.2f} in all; " + ", ".join(f"{part} {seconds:.2f}" for part, seconds
+              in parts.items()) + f", the rest {total - sum(parts.values()):.2f}")
 
 
 if __name__ == "__main__":

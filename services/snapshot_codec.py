@@ -9,10 +9,14 @@ import zlib
 
 import numpy as np
 
+# zlib's fastest level: a trial's frames ~12% larger than at level 9 (50 KB, not 45 KB, on moons)
+# in a tenth of the time; level 9 made the compression a fifth of a fused grid's time.
+LEVEL = 1
+
 
 def encode_bytes(values: np.ndarray) -> str:
     """uint8 values (0..255) as the text a frame stores: zlib, then base64."""
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), 9)).decode()
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(values, dtype=np.uint8).tobytes(), LEVEL)).decode()
 
 
 MAX_VALUES = 1_000_000  # far above a frame's cells (60 x 60): a stored row can never inflate past it

@@ -11,11 +11,21 @@ import torch
 
 from services.trial_config import TrialConfig
 from tests.unit.test_fused_resume import _run
-from worker.training.artifacts import GRID
+from worker.training import fused
+from worker.training.artifacts import CURVE_POINTS, GRID
 from worker.training.checkpoint import job_state_from_bytes
 from worker.training.fused import train_trial
 from worker.training.fused_results import MULTILABEL_ARTIFACT
-from worker.training.snapshots import ARTIFACT, PLANNED, SNAPSHOTS, decode_bytes, encode_bytes, snapshot_epochs
+from worker.training.fused_stack import StackedModel
+from worker.training.snapshots import (
+    ARTIFACT,
+    PLANNED,
+    SNAPSHOTS,
+    Snapshots,
+    decode_bytes,
+    encode_bytes,
+    snapshot_epochs,
+)
 
 SMALL = dict(n_train=60, n_val=40, n_test=20, width=16, depth=2, batch_size=20)
 
@@ -127,3 +137,88 @@ def test_a_stored_frame_that_would_inflate_past_its_cells_is_refused_without_inf
         decode_bytes(bomb, most=3600)
     with pytest.raises(ValueError, match="more than 1000000"):
         decode_bytes(bomb)
+
+
+def _old_way(monkeypatch) -> None:
+    """The engine as it was before a trial's end shared its grid evaluation: every trial that ended
+    took a last-epoch frame (even at its best epoch), and the best-epoch frames evaluated the grid
+    again instead of reusing the end pictures' outputs."""
+    frames = Snapshots.frames
+    monkeypatch.setattr(Snapshots, "frames", lambda self, model, rows, *, metrics, outputs=None:
+                        frames(self, model, rows, metrics=metrics))
+
+    def take_snapshots(snapshots, training, running, rows, *, epoch):
+        wanted = [row for row, trial in enumerate(running) if trial.index in rows
+                  and (epoch in trial.planned or trial.status != "running")]
+        metrics = [(epoch, rows[running[row].index].train_loss, rows[running[row].index].val_loss) for row in wanted]
+        for row, frame in zip(wanted, snapshots.frames(training.model, wanted, metrics=metrics), strict=True):
+            running[row].frames.append(frame)
+
+    monkeypatch.setattr(fused, "_take_snapshots", take_snapshots)
+
+
+def _grid_evaluations(monkeypatch, cells: int) -> tuple[list[int], list[int]]:
+    """(every evaluation on the picture's ``cells`` inputs, those of each trial end) as a run goes."""
+    evaluate, trial_results = StackedModel.evaluate, fused.trial_results
+    everywhere, per_end = [], []
+
+    def counted(self, x):
+        if x.shape[0] == cells:
+            everywhere.append(1)
+        return evaluate(self, x)
+
+    def ends(*args, **kwargs):
+        before = len(everywhere)
+        try:
+            return trial_results(*args, **kwargs)
+        finally:
+            per_end.append(len(everywhere) - before)
+
+    monkeypatch.setattr(StackedModel, "evaluate", counted)
+    monkeypatch.setattr(fused, "trial_results", ends)
+    return everywhere, per_end
+
+
+# Trials that end at their best epoch and others past it, early stopping, a single trial: each kind
+# of picture (boundary, multi-label boundary, fitted curve).
+SHARED_EVALUATION = {
+    "classification": ([dict(dataset="moons", noise=0.35, epochs=epochs, lr=lr, seed=seed, early_stopping=early)
+                        for seed, (epochs, lr, early) in enumerate([(40, 0.02, None), (8, 0.01, None), (25, 0.05, None),
+                                                                    (30, 0.2, None), (60, 0.05, {"patience": 3})])],
+                       GRID * GRID),
+    "one trial": ([dict(dataset="circles", noise=0.05, epochs=8, lr=0.01)], GRID * GRID),
+    "fitted curve": ([dict(dataset="sine", epochs=epochs, lr=lr, seed=seed)
+                      for seed, (epochs, lr) in enumerate([(30, 0.01), (40, 0.3), (20, 0.003)])], CURVE_POINTS),
+    # a trial that diverges in its first epoch (no best weights, no pictures) ends with one that has them
+    "no best beside a best": ([dict(dataset="sine", optimizer="sgd", lr=lr, seed=seed, epochs=epochs, batch_size=8)
+                                for seed, (lr, epochs) in enumerate([(0.05, 1), (10.0, 5), (0.02, 5)])], CURVE_POINTS),
+    "multi-label": ([dict(dataset="multilabel_2d", noise=0.1, epochs=30, lr=lr, seed=seed)
+                     for seed, lr in ((0, 0.1), (1, 0.03))], GRID * GRID),
+}
+
+
+@pytest.mark.parametrize("case", SHARED_EVALUATION)
+def test_a_trial_end_evaluates_the_grid_once_and_stores_what_two_evaluations_stored(monkeypatch, case) -> None:
+    overrides, cells = SHARED_EVALUATION[case]
+    configs = [TrialConfig(**{**SMALL, **override}) for override in overrides]
+    with monkeypatch.context() as patches:
+        now, per_end = _grid_evaluations(patches, cells)
+        shared, _, _, _ = _run(configs)
+    with monkeypatch.context() as patches:
+        _old_way(patches)
+        before, _ = _grid_evaluations(patches, cells)
+        separate, _, _, _ = _run(configs)
+    assert per_end and all(count == 1 for count in per_end), per_end  # the pictures' evaluation, reused
+    assert len(now) < len(before)
+    # a trial ended at its best epoch (no last-epoch frame of its own now), and (more than one trial)
+    # another went on past it (its last-epoch frame is its own)
+    ends = {result.best_epoch == result.final_metrics["final_epoch"] for result in shared if result.best_epoch}
+    assert ends == ({True} if len(configs) == 1 or case == "no best beside a best" else {True, False}), ends
+    for new, old in zip(shared, separate, strict=True):
+        assert (new.artifacts[ARTIFACT]["frames"] if new.best_epoch else not new.artifacts)
+        assert new.artifacts == old.artifacts
+        assert json.dumps(new.artifacts) == json.dumps(old.artifacts)
+        assert new.best_weights == old.best_weights and new.best_epoch == old.best_epoch
+        drop = ("train_seconds",)
+        assert ({k: v for k, v in new.final_metrics.items() if k not in drop}
+                == {k: v for k, v in old.final_metrics.items() if k not in drop})

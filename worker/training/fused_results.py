@@ -82,15 +82,25 @@ def measure_rows(output: torch.Tensor, y: torch.Tensor, loss_fn: PerTrialLoss, *
 
 
 @torch.no_grad()
-def measure_test_set(model: StackedModel, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
+def test_outputs(model: StackedModel, has_best: list[bool], *, splits: Splits,
+                 device: torch.device) -> torch.Tensor | None:
+    """Every row's outputs ``[rows, outputs, n]`` on the test set (one evaluation, which the test
+    metrics and the per-label accuracies share); None without a test set or a row with a best epoch."""
+    if splits.x_test.shape[0] == 0 or not any(has_best):
+        return None
+    return model.evaluate(splits.x_test.to(device))
+
+
+@torch.no_grad()
+def measure_test_set(outputs: torch.Tensor | None, has_best: list[bool], *, splits: Splits, loss_fn, loss: str,
                      device: torch.device) -> list[dict[str, float | None]]:
     """The test metrics of each row's best weights (the test set is touched once, with the weights
-    early stopping on validation keeps): losses.measure on the row's outputs, as its own module
-    gives them; all None for a row without a best epoch."""
+    early stopping on validation keeps) from their :func:`test_outputs`: losses.measure on the row's
+    outputs, as its own module gives them; all None for a row without a best epoch."""
     nothing = ("loss", "accuracy", "rmse", "mae", "r2")
-    if splits.x_test.shape[0] == 0 or not any(has_best):
+    if outputs is None:
         return [dict.fromkeys(nothing) for _ in has_best]
-    outputs, y = model.evaluate(splits.x_test.to(device)), splits.y_test.to(device)
+    y = splits.y_test.to(device)
     return [{key: finite_or_none(value) for key, value in measure(outputs[row].mT, y, loss_fn=loss_fn,
                                                                      loss=loss).items()}
             if ok else dict.fromkeys(nothing) for row, ok in enumerate(has_best)]
@@ -131,12 +141,16 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
     best_rows = torch.stack([nothing if trial.best_weights is None else trial.best_weights for trial in trials])
     has_best = [trial.best_weights is not None for trial in trials]
     model = StackedModel(template, best_rows)
-    tests = measure_test_set(model, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
+    on_test = test_outputs(model, has_best, splits=splits, device=device)
+    tests = measure_test_set(on_test, has_best, splits=splits, loss_fn=loss_fn, loss=loss, device=device)
     statistics = weight_statistics_rows(template, best_rows, has_best)
-    pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the pictures' (inputs, outputs): the frames reuse them
+    pictures = stacked_prediction_artifacts(model, has_best, splits=splits, config=trials[0].config, device=device,
+                                            seen=seen)
     if snapshots is not None:  # each trial's frames, with its best epoch's from the weights the pictures saw
-        _add_snapshots(snapshots, model, trials, pictures, has_best)
-    per_label = label_accuracies(model, splits=splits, device=device) if splits.task == "multilabel" else None
+        _add_snapshots(snapshots, model, trials, pictures, has_best, seen=seen)
+    per_label = (label_accuracies(model, splits=splits, device=device, on_test=on_test)
+                 if splits.task == "multilabel" else None)
     share = (time.perf_counter() - started) / len(trials)
     results = {}
     for row, (trial, test, weights, artifacts) in enumerate(zip(trials, tests, statistics, pictures, strict=True)):
@@ -164,12 +178,17 @@ def trial_results(trials: list, template: nn.Module, *, splits: Splits, loss_fn,
 
 
 def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, splits: Splits, config: TrialConfig,
-                               device: torch.device) -> list[dict[str, dict]]:
+                               device: torch.device, seen: list | None = None) -> list[dict[str, dict]]:
     """artifacts.prediction_artifacts of every row with a best epoch ({} for the others), from one
-    stacked forward per input. A failure costs the artifacts only: the trials keep their metrics."""
+    stacked forward per input; each (inputs on ``device``, outputs) it evaluated is appended to
+    ``seen``. A failure costs the artifacts only: the trials keep their metrics."""
 
     def predict(x: torch.Tensor) -> torch.Tensor:  # [rows, n, outputs], as the artifacts read them
-        return model.evaluate(x.to(device)).float().cpu().mT
+        x = x.to(device)
+        outputs = model.evaluate(x).float().cpu().mT
+        if seen is not None:
+            seen.append((x, outputs))
+        return outputs
 
     try:
         pictures = prediction_artifacts_rows(predict, splits, config, rows=model.rows)
@@ -181,10 +200,15 @@ def stacked_prediction_artifacts(model: StackedModel, has_best: list[bool], *, s
 
 
 def _add_snapshots(snapshots: Snapshots, model: StackedModel, trials: list, pictures: list[dict],
-                   has_best: list[bool]) -> None:
+                   has_best: list[bool], *, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     rows = [row for row, ok in enumerate(has_best) if ok]
+    # The best-epoch frames show the pictures' weights on the pictures' grid: reuse those outputs
+    # (one evaluation, not two) when the inputs are the very same numbers.
+    known = next((outputs for inputs, outputs in seen if inputs.shape == snapshots.inputs.shape
+                  and inputs.dtype == snapshots.inputs.dtype
+                  and torch.equal(inputs, snapshots.inputs)), None)
     try:
-        best = snapshots.frames(model, rows, metrics=[
+        best = snapshots.frames(model, rows, outputs=known, metrics=[
             (trials[row].best.epoch, trials[row].best.train_loss, trials[row].best.val_loss) for row in rows])
     except Exception:  # as for the pictures: a failure costs the frames only
         log.exception("snapshots of %d trials failed; the trials keep their metrics", len(trials))
@@ -194,18 +218,27 @@ def _add_snapshots(snapshots: Snapshots, model: StackedModel, trials: list, pict
 
 
 @torch.no_grad()
-def label_accuracies(model: StackedModel, *, splits: Splits, device: torch.device) -> dict[str, list]:
+def label_accuracies(model: StackedModel, *, splits: Splits, device: torch.device,
+                     on_test: torch.Tensor | None) -> dict[str, list]:
     """Multi-label: each row's accuracy of every label on the train, val and test sets, split ->
-    [rows][labels] (None for an empty set)."""
-    found = {}
-    for split, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
-                        ("test", splits.x_test, splits.y_test)):
-        if x.shape[0] == 0:
-            found[split] = [None] * model.rows
-            continue
-        outputs = model.evaluate(x.to(device))  # [rows, labels, n]
-        found[split] = ((outputs > 0) == (y.to(device).mT > 0.5)).float().mean(2).tolist()
+    [rows][labels] (None for an empty set). ``on_test``: the rows' :func:`test_outputs`, so the test
+    set is evaluated once; the training and validation sets are evaluated together."""
+    found: dict[str, list] = {split: [None] * model.rows for split in ("train", "val", "test")}
+    seen = [(split, x, y) for split, x, y in (("train", splits.x_train, splits.y_train),
+                                              ("val", splits.x_val, splits.y_val)) if x.shape[0]]
+    outputs = model.evaluate(torch.cat([x for _, x, _ in seen]).to(device)) if seen else None  # [rows, labels, n]
+    start = 0
+    for split, x, y in seen:
+        found[split] = _label_accuracy(outputs[:, :, start:start + x.shape[0]], y.to(device))
+        start += x.shape[0]
+    if on_test is not None:
+        found["test"] = _label_accuracy(on_test, splits.y_test.to(device))
     return found
+
+
+def _label_accuracy(outputs: torch.Tensor, y: torch.Tensor) -> list:
+    # [rows][labels]: the share of examples whose label the row predicts right
+    return ((outputs > 0) == (y.mT > 0.5)).float().mean(2).tolist()
 
 
 def _multilabel_artifact(trial, *, last, best, test: dict, final_metrics: dict, splits: Splits,

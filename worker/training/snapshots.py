@@ -85,12 +85,21 @@ class Snapshots:
         return cls(splits, device=device) if splits.x_train.shape[0] and picture_kind(splits) else None
 
     @torch.no_grad()
-    def frames(self, model: StackedModel, rows: list[int], *, metrics: list[tuple[int, float, float]]) -> list[dict]:
+    def frames(self, model: StackedModel, rows: list[int], *, metrics: list[tuple[int, float, float]],
+               outputs: torch.Tensor | None = None) -> list[dict]:
         """One frame per row of ``rows`` (the stack's current weights), with its (epoch, train loss,
-        validation loss) from ``metrics``; every row is evaluated once, on the shared inputs."""
+        validation loss) from ``metrics``; every row is evaluated once, on the shared inputs, unless
+        ``outputs`` already holds every row's outputs on them ([rows, inputs, outputs] on the CPU, as
+        a trial's end pictures computed them: the same weights on the same grid)."""
         if not rows:
             return []
-        outputs = model.evaluate(self.inputs).float().mT[rows].cpu()  # [rows, inputs, outputs]
+        if outputs is None:
+            outputs = model.evaluate(self.inputs).float()
+            if len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
+                outputs = outputs[rows]
+            outputs = outputs.mT.cpu()  # [rows, inputs, outputs]
+        elif len(rows) != outputs.shape[0]:
+            outputs = outputs[rows]
         frames = []
         if self.kind == "curve_1d":
             for values, (epoch, train_loss, val_loss) in zip(outputs[:, :, 0], metrics, strict=True):
