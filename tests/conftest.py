@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -42,13 +43,30 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 @pytest.fixture
 def broker_url(broker: EmbeddedBroker) -> str:
-    """The session broker, emptied before each test so no test sees another's messages."""
+    """The session broker (its database 0), emptied before each test so no test sees another's messages."""
     import redis
 
-    client = redis.Redis(host=broker.host, port=broker.port)
-    client.flushall()
+    client = redis.Redis(host=broker.host, port=broker.port, db=0)
+    client.flushdb()
     client.close()
     return broker.url
+
+
+_module_broker_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def module_broker_url(broker: EmbeddedBroker) -> str:
+    """A database of the session broker (1-15) for one module, emptied once: for a worker that the
+    module's tests share. Each test's broker_url empties only database 0, never this one's queues
+    from under the running worker; the module's tests tell their messages apart by experiment."""
+    import redis
+
+    number = 1 + next(_module_broker_databases) % 15
+    client = redis.Redis(host=broker.host, port=broker.port, db=number)
+    client.flushdb()
+    client.close()
+    return broker.url.rpartition("/")[0] + f"/{number}"
 
 
 @pytest.fixture(scope="session")
