@@ -70,7 +70,7 @@ class PostgresCluster:
 MEMORY_FOLDER = "/dev/shm"  # noqa: S108 - mkdtemp makes a private (0700) folder of its own in it
 
 
-def _memory_folder(room_bytes: int = 4 * 2**30) -> str | None:
+def memory_folder(room_bytes: int = 4 * 2**30) -> str | None:
     """The in-memory folder where it has room for the suite's databases (each test creates one, ~8 MB):
     a cluster there creates, migrates and removes them without waiting on a disk the other jobs of a
     busy machine share. None (the usual temp folder) elsewhere, or where it is small (Docker gives
@@ -88,7 +88,7 @@ def start_postgres() -> PostgresCluster:
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    root = Path(tempfile.mkdtemp(prefix="fitscope-pg-", dir=_memory_folder()))
+    root = Path(tempfile.mkdtemp(prefix="fitscope-pg-", dir=memory_folder()))
     run_as = "nobody" if os.geteuid() == 0 else None
     if run_as:
         shutil.chown(root, user="nobody", group="nogroup")
