@@ -10,6 +10,8 @@ installs both where it can: playwright from PyPI, chromium with apt-get when run
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -44,10 +46,12 @@ def stack(_stack: tuple[str, dict[str, str]]) -> str:
     return _stack[0]
 
 
-@pytest.fixture
-def _stack(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """The real stack on free ports; yields the dashboard's URL and the environment of its CLI, and
-    stops everything after."""
+@pytest.fixture(scope="module")
+def _stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """The real stack on free ports, one for the module (each test reads only the experiments it
+    submitted, by the ids the submit gave it); yields the dashboard's URL and the environment of its
+    CLI, and stops everything after."""
+    tmp_path = tmp_path_factory.mktemp("browser-stack")
     broker = start_embedded_broker(data_dir=tmp_path / "valkey", port=free_port())
     database_url = f"sqlite:///{tmp_path / 'fitscope.db'}"
     upgrade(database_url)
@@ -120,7 +124,7 @@ def screenshot(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stack: str, page):
+def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(_stack, stack: str, page):
     expect = sync_api.expect
 
     # New experiment: pick the example grid, see its trial count, submit it with one click.
@@ -135,9 +139,11 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     screenshot(page, "2-submitted")
 
     # Experiments: the live panel refreshes until the worker has trained every trial.
-    page.get_by_role("link", name="Open experiment #1").wait_for()
+    link = page.get_by_role("link", name=re.compile(r"^Open experiment #\d+$"))
+    link.wait_for()
+    experiment = int(link.inner_text().rpartition("#")[2])
     page.goto(stack)
-    card = page.locator(".st-key-experiments_card_1")
+    card = page.locator(f".st-key-experiments_card_{experiment}")
     expect(card.get_by_text("capacity-vs-data-size")).to_be_visible()
     expect(card.get_by_text(f"{TRIALS} succeeded")).to_be_visible(timeout=300_000)
     expect(page.get_by_text("No worker online")).to_have_count(0)  # the worker is listed online
@@ -154,15 +160,15 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     screenshot(page, "4-fit-analysis")
 
     # The other pages, opened by the links the pages use, each with its main chart drawn.
-    page.goto(f"{stack}/experiment?experiment=1")
-    expect(page.get_by_role("heading", name="#1 capacity-vs-data-size")).to_be_visible()
-    expect(page.locator(".st-key-experiment_curves_1 .scatterlayer .trace").first).to_be_attached()
+    page.goto(f"{stack}/experiment?experiment={experiment}")
+    expect(page.get_by_role("heading", name=f"#{experiment} capacity-vs-data-size")).to_be_visible()
+    expect(page.locator(f".st-key-experiment_curves_{experiment} .scatterlayer .trace").first).to_be_attached()
     screenshot(page, "5-experiment")
-    page.goto(f"{stack}/optimizers?experiment=1")
+    page.goto(f"{stack}/optimizers?experiment={experiment}")
     expect(page.get_by_role("heading", name="Loss per epoch")).to_be_visible()
     expect(page.locator(".st-key-optimizers_curves_chart .scatterlayer .trace").first).to_be_attached()
     screenshot(page, "6-optimizers-and-schedules")
-    page.goto(f"{stack}/trial?trial=1")
+    page.goto(f"{stack}/trial?trial={_first_trial(_stack[1], experiment)}")
     expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible()
     expect(page.locator(".st-key-trial_norms_chart .scatterlayer .trace").first).to_be_attached()
     # Watch it fit: the picture with its epoch slider and play button (plotly draws them when in view).
@@ -171,6 +177,22 @@ def test_submit_an_example_grid_watch_it_finish_and_find_the_capacity_chart(stac
     expect(animation.locator(".slider-container")).to_be_attached()
     expect(animation.locator(".updatemenu-button").first).to_be_attached()  # play
     screenshot(page, "7-trial")
+
+
+def _first_trial(env: dict[str, str], experiment: int) -> int:
+    import sqlite3
+
+    with sqlite3.connect(env["FITSCOPE_DATABASE_URL"].removeprefix("sqlite:///")) as connection:
+        return connection.execute("SELECT min(id) FROM trials WHERE experiment_id = ?", (experiment,)).fetchone()[0]
+
+
+def _submit(env: dict[str, str], path: Path) -> tuple[int, list[int]]:
+    """`fitscope submit --json`: the experiment's id and its trials' ids (the module's stack holds
+    the other tests' experiments too)."""
+    submitted = fitscope("submit", str(path), "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    payload = json.loads(submitted.stdout)
+    return payload["experiment_id"], payload["trial_ids"]
 
 
 def _wait_until_trained(database_url: str, timeout: float = 600) -> None:
@@ -193,29 +215,29 @@ def test_every_page_of_an_example_grid_as_a_first_time_viewer_sees_it(_stack, pa
     screenshot of every page (test-output/browser/<example>-*.png) with each main chart drawn."""
     expect = sync_api.expect
     url, env = _stack
-    submitted = fitscope("submit", str(REPO / "examples" / f"{example}.yaml"), env=env)
-    assert submitted.returncode == 0, submitted.stderr
+    experiment, trial_ids = _submit(env, REPO / "examples" / f"{example}.yaml")
     _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
     page.set_viewport_size({"width": 1400, "height": 7000})  # every section of a long page in one picture
 
     page.goto(url)
     expect(page.get_by_text("succeeded").first).to_be_visible(timeout=90_000)
     screenshot(page, f"{example}-1-experiments")
-    page.goto(f"{url}/experiment?experiment=1")
-    expect(page.locator(".st-key-experiment_curves_1 .scatterlayer .trace").first).to_be_attached(timeout=90_000)
+    page.goto(f"{url}/experiment?experiment={experiment}")
+    expect(page.locator(f".st-key-experiment_curves_{experiment} .scatterlayer .trace").first).to_be_attached(
+        timeout=90_000)
     screenshot(page, f"{example}-2-experiment")
-    page.goto(f"{url}/fit_analysis?experiment=1")
+    page.goto(f"{url}/fit_analysis?experiment={experiment}")
     expect(page.locator(".st-key-fit_curves_chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
     expect(page.locator(".st-key-fit_verdict_chart .heatmaplayer, .st-key-fit_verdict_chart .cartesianlayer")
            .first).to_be_attached(timeout=90_000)
     page.wait_for_timeout(1500)  # the last charts below the fold finish drawing
     screenshot(page, f"{example}-3-fit-analysis")
-    page.goto(f"{url}/optimizers?experiment=1")
+    page.goto(f"{url}/optimizers?experiment={experiment}")
     expect(page.locator(".st-key-optimizers_curves_chart .scatterlayer .trace").first).to_be_attached(timeout=90_000)
     expect(page.locator(".st-key-optimizers_divergence_chart .barlayer").first).to_be_attached(timeout=90_000)
     page.wait_for_timeout(1500)
     screenshot(page, f"{example}-4-optimizers-and-schedules")
-    page.goto(f"{url}/trial?trial=2")
+    page.goto(f"{url}/trial?trial={trial_ids[1]}")
     expect(page.get_by_role("heading", name="Fit diagnosis")).to_be_visible(timeout=90_000)
     expect(page.locator(".scatterlayer .trace").first).to_be_attached(timeout=90_000)  # its curves drawn
     page.wait_for_timeout(1500)
@@ -235,22 +257,23 @@ def test_the_optimization_views_draw_on_their_example_grids(_stack, page, tmp_pa
     expect = sync_api.expect
     url, env = _stack
     trimmed = {"vanishing_gradients": {"depth": {"values": [2, 8]}}, "lr_range_test": {"epochs": {"value": 2}}}
-    for example, parameters in trimmed.items():  # experiments 1 and 2
+    submitted = {}
+    for example, parameters in trimmed.items():
         spec = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
         spec["parameters"].update(parameters)
         spec["seeds"] = [0]
         path = tmp_path / f"{example}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the grid in the example's order
-        submitted = fitscope("submit", str(path), env=env)
-        assert submitted.returncode == 0, submitted.stderr
-    submitted = fitscope("submit", str(REPO / "examples" / "loss_surfaces.yaml"), env=env)  # experiment 3
-    assert submitted.returncode == 0, submitted.stderr
+        submitted[example] = _submit(env, path)
+    surfaces, _ = _submit(env, REPO / "examples" / "loss_surfaces.yaml")
     _wait_until_trained(env["FITSCOPE_DATABASE_URL"])
     page.set_viewport_size({"width": 1400, "height": 7000})  # every chart of the page drawn at once
-    # trial 4: depth 8, sigmoid (the grid's last parameter varies fastest)
-    for name, address, key in (("1-trial-layers", "trial?trial=4", "trial_layers_chart"),
-                               ("2-fit-analysis-depth", "fit_analysis?experiment=1", "fit_layers_chart"),
-                               ("3-optimizers-range-test", "optimizers?experiment=2", "optimizers_range_chart")):
+    vanishing, vanishing_trials = submitted["vanishing_gradients"]
+    # its fourth trial: depth 8, sigmoid (the grid's last parameter varies fastest)
+    for name, address, key in (("1-trial-layers", f"trial?trial={vanishing_trials[3]}", "trial_layers_chart"),
+                               ("2-fit-analysis-depth", f"fit_analysis?experiment={vanishing}", "fit_layers_chart"),
+                               ("3-optimizers-range-test", f"optimizers?experiment={submitted['lr_range_test'][0]}",
+                                "optimizers_range_chart")):
         page.goto(f"{url}/{address}")
         chart = page.locator(f".st-key-{key}")
         # Fit analysis draws a dozen charts before this one: minutes on a machine loaded 10x over.
@@ -260,12 +283,12 @@ def test_the_optimization_views_draw_on_their_example_grids(_stack, page, tmp_pa
         chart.screenshot(path=str(SCREENSHOTS / f"gradients-{name}.png"))
 
     page.set_viewport_size({"width": 1400, "height": 1900})
-    page.goto(f"{url}/loss_surfaces?experiment=3")
+    page.goto(f"{url}/loss_surfaces?experiment={surfaces}")
     chart = page.locator(".st-key-surfaces_chart")
     expect(chart.locator(".gtitle")).to_contain_text("himmelblau", timeout=90_000)
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached()
     expect(page.get_by_text("ended at a known minimum")).to_be_visible()
     page.wait_for_timeout(1500)
     screenshot(page, "loss_surfaces-1-himmelblau")
-    page.goto(f"{url}/fit_analysis?experiment=3")
+    page.goto(f"{url}/fit_analysis?experiment={surfaces}")
     expect(page.get_by_text("so the fit analysis does not apply")).to_be_visible(timeout=90_000)

@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 
 from services.config import Settings
 from services.db import session_scope
+from services.migrate import upgrade
 from services.models import EpochMetric, Experiment, Trial
 from services.queue import enqueue_jobs, make_celery
 from tests.servers import REPO, WorkerProcess, fitscope, fitscope_env
@@ -23,10 +25,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
 
-@pytest.fixture
-def stack(database_url, broker_url, tmp_path):
-    """The environment a user would have, plus one running worker."""
-    env = fitscope_env(database_url=database_url, broker_url=broker_url, home=tmp_path / "home")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack_database_url(request, tmp_path_factory):
+    """A migrated database of each kind that the module's worker writes to (each test reads back its
+    own experiment)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('end-to-end') / 'fitscope.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"fitscope_e2e_{uuid.uuid4().hex[:12]}")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def stack(stack_database_url, module_broker_url, tmp_path_factory):
+    """The environment a user would have, plus one running worker, shared by the module's tests of
+    each database kind (a worker costs seconds to start)."""
+    tmp_path = tmp_path_factory.mktemp("stack")
+    env = fitscope_env(database_url=stack_database_url, broker_url=module_broker_url, home=tmp_path / "home")
     worker = WorkerProcess(env, tmp_path / "worker.log", "--name", f"w1@{tmp_path.name}")
     worker.wait_ready()
     yield env, worker
@@ -38,8 +54,9 @@ def _rows(engine, model):
         return session.scalar(select(func.count()).select_from(model))
 
 
-def test_a_grid_runs_end_to_end_through_the_cli(stack, database_url, engine_for, tmp_path):
+def test_a_grid_runs_end_to_end_through_the_cli(stack, stack_database_url, engine_for, tmp_path):
     env, worker = stack
+    database_url = stack_database_url
     validated = fitscope("validate", str(QUICKSTART), env=env)
     assert validated.returncode == 0, validated.stderr
     expected_trials = int(re.search(r"(\d+) trials", validated.stdout).group(1))
@@ -81,20 +98,25 @@ def test_a_grid_runs_end_to_end_through_the_cli(stack, database_url, engine_for,
     assert {"trial_id", "epoch", "train_loss", "val_loss", "val_accuracy"} <= set(rows[0])
 
 
-def test_a_redelivered_task_for_a_finished_trial_writes_nothing(stack, database_url, broker_url, engine_for):
+def test_a_redelivered_task_for_a_finished_trial_writes_nothing(stack, stack_database_url, engine_for):
     env, worker = stack
+    database_url, broker_url = stack_database_url, env["FITSCOPE_BROKER_URL"]
     submitted = fitscope("submit", str(QUICKSTART), "--wait", "--json", "--timeout", "240", env=env)
     assert submitted.returncode == 0, submitted.stderr
     trial_ids = json.loads(submitted.stdout)["trial_ids"]
     engine = engine_for(database_url)
     before = _snapshot(engine)
 
+    def skipped() -> int:  # in this test's part of the shared worker's log
+        return worker.log()[logged:].count("'skipped'")
+
+    logged = len(worker.log())
     producer = make_celery(Settings(broker_url=broker_url, database_url=database_url))
     enqueue_jobs(producer, [([trial_id], "cpu") for trial_id in trial_ids])
     deadline = time.monotonic() + 60
-    while worker.log().count("'skipped'") < len(trial_ids) and time.monotonic() < deadline:
+    while skipped() < len(trial_ids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert worker.log().count("'skipped'") == len(trial_ids), worker.log()[-3000:]
+    assert skipped() == len(trial_ids), worker.log()[-3000:]
     assert _snapshot(engine) == before
 
 

@@ -25,14 +25,17 @@ MEASURE = Path(__file__).with_name("_measure_peak.py")
 
 # Each over 100 MB, so the process's own noise (a few MB) does not decide the ratio; one of each
 # dominant part: activations at evaluation, polynomial features, a full batch, weights and Adam.
+# Each part is made large where it costs memory, not arithmetic: a long validation split through a
+# narrow MLP, a full batch of many rows through a narrow one, few rows through a wide one, and
+# the polynomial expansion in four large batches rather than 160 small ones.
 MEASURED = {
-    "wide-mlp-eval": dict(dataset="moons", n_train=20000, n_val=5000, n_test=1000, width=1024, depth=4,
-                          batch_size=256, epochs=1),
-    "polynomial-features": dict(dataset="linear", n_features=40, poly_degree=3, n_train=5000, n_val=2000,
-                                n_test=500, width=64, depth=1, epochs=1),
-    "full-batch": dict(dataset="moons", n_train=100000, n_val=20000, n_test=1000, width=512, depth=2,
+    "eval-activations": dict(dataset="moons", n_train=2000, n_val=150000, n_test=1000, width=128, depth=2,
+                             batch_size=256, epochs=1),
+    "polynomial-features": dict(dataset="linear", n_features=40, poly_degree=3, n_train=2000, n_val=1000,
+                                n_test=500, width=64, depth=1, batch_size=500, epochs=1),
+    "full-batch": dict(dataset="moons", n_train=100000, n_val=20000, n_test=1000, width=128, depth=2,
                        batch_size="full", epochs=1),
-    "weights-and-adam": dict(dataset="digits", width=2048, depth=3, epochs=1, optimizer="adam"),
+    "weights-and-adam": dict(dataset="digits", n_train=200, width=2048, depth=3, epochs=1, optimizer="adam"),
 }
 
 
