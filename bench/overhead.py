@@ -1,12 +1,15 @@
 """What the service costs over training directly.
 
-Runs the same 40 small trials (20 epochs each) both ways in one go, twice, in the order
-direct, service, service, direct:
+Runs the same 40 small trials (20 epochs each) both ways in one go, --rounds times (default 3), each
+round in the order direct, service, service, direct:
   direct  - the training function called in a loop in this process, no database, no queue;
   service - submitted (one transaction), queued on a real Valkey broker, trained by a real
             `fitscope worker` process that writes one row per epoch into SQLite, waited for
             by polling the database as `fitscope submit --wait` does.
-and prints both wall times and their ratio. Both sides use one torch thread per training process.
+and prints both wall times and their ratio per round, then the median of the rounds' ratios: this
+VM's speed drifts by tens of percent within a minute, and one round's ratio moved from +3% to +27%
+between two runs of the same code; the median of several rounds moves less. Both sides use one torch
+thread per training process.
 
     .venv/bin/python bench/overhead.py [--trials 40] [--epochs 20]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of direct, service, service, direct")
     args = parser.parse_args()
     spec_text = bench_spec(args.trials, args.epochs)
     configs = expand(parse_spec(spec_text), max_trials=10_000)
@@ -105,24 +110,34 @@ def main() -> None:
 
     torch.set_num_threads(1)
     train_trial(configs[0].model_copy(update={"epochs": 1}))  # warm, as the worker's process is
-    # direct, service, service, direct: a slow drift of the machine's speed cancels out of the sums.
-    direct = service = 0.0
+    # direct, service, service, direct: a slow drift of the machine's speed cancels out of each round's sums.
+    totals = {"direct": 0.0, "service": 0.0}
+    ratios = []
     with tempfile.TemporaryDirectory(prefix="fitscope-bench-") as workdir:
         stack = Service(Path(workdir))
         try:
-            for order in ("direct", "service", "service", "direct"):
-                if order == "direct":
-                    seconds = run_direct(configs)
-                    direct += seconds
-                    print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s")
-                else:
-                    seconds, epoch_rows = stack.run(spec_text)
-                    service += seconds
-                    print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s")
+            for round_number in range(1, args.rounds + 1):
+                sums = {"direct": 0.0, "service": 0.0}
+                for order in ("direct", "service", "service", "direct"):
+                    if order == "direct":
+                        seconds = run_direct(configs)
+                        print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s")
+                    else:
+                        seconds, epoch_rows = stack.run(spec_text)
+                        print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s")
+                    sums[order] += seconds
+                ratios.append(sums["service"] / sums["direct"])
+                print(f"round {round_number}: direct {sums['direct']:.2f} s, service {sums['service']:.2f} s, "
+                      f"overhead {100 * (ratios[-1] - 1):+.1f}%")
+                for side in totals:
+                    totals[side] += sums[side]
         finally:
             stack.close()
+    direct, service = totals["direct"], totals["service"]
     print(f"total: direct {direct:.2f} s, service {service:.2f} s")
-    print(f"ratio service/direct = {service / direct:.3f}  (overhead {100 * (service / direct - 1):+.1f}%)")
+    median = statistics.median(ratios)
+    print(f"ratio service/direct = {median:.3f}  (overhead {100 * (median - 1):+.1f}%, the median of "
+          f"{len(ratios)} rounds; all rounds together {100 * (service / direct - 1):+.1f}%)")
 
 
 if __name__ == "__main__":

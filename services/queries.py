@@ -287,9 +287,7 @@ def epoch_curves(session: Session, experiment_id: int, *, fields: tuple[str, ...
     _check_fields(fields)
     epochs = EpochMetric.__table__.c
     query = (select(epochs.trial_id, epochs.epoch, *(epochs[name] for name in fields))
-             .where(_of_experiment(experiment_id, epochs.trial_id)).order_by(epochs.trial_id, epochs.epoch))
-    if trial_ids is not None:
-        query = query.where(_among(epochs.trial_id, trial_ids))
+             .where(_of_experiment(experiment_id, epochs.trial_id, trial_ids)).order_by(epochs.trial_id, epochs.epoch))
     columns = ["trial_id", "epoch", *fields]
     # .all() fetches in one call; iterating the result would fetch row by row, ~2x slower on 100k rows.
     return [dict(zip(columns, row, strict=True)) for row in session.connection().execute(query).all()]
@@ -317,10 +315,9 @@ def layer_grad_norm_rows(session: Session, experiment_id: int, *, trial_ids: Seq
             query.c.trial_id, query.c.epoch)
     else:
         query = (select(*columns)
-                 .where(_of_experiment(experiment_id, epochs.trial_id), epochs.layer_grad_norms.is_not(None))
+                 .where(_of_experiment(experiment_id, epochs.trial_id, trial_ids),
+                        epochs.layer_grad_norms.is_not(None))
                  .order_by(epochs.trial_id, epochs.epoch))
-        if trial_ids is not None:
-            query = query.where(_among(epochs.trial_id, trial_ids))
     return [{"trial_id": trial_id, "epoch": epoch, "layer_grad_norms": norms}
             for trial_id, epoch, norms in session.execute(query).all()]
 
@@ -366,9 +363,7 @@ def loss_maxima(session: Session, experiment_id: int, *, above: float | None = N
     ``trial_ids``, those trials of the experiment only."""
     epochs = EpochMetric.__table__.c
     query = (select(epochs.trial_id, func.max(epochs.train_loss), func.max(epochs.val_loss))
-             .where(_of_experiment(experiment_id, epochs.trial_id)).group_by(epochs.trial_id))
-    if trial_ids is not None:
-        query = query.where(_among(epochs.trial_id, trial_ids))
+             .where(_of_experiment(experiment_id, epochs.trial_id, trial_ids)).group_by(epochs.trial_id))
     if above is not None:
         query = query.where(or_(epochs.train_loss > above, epochs.val_loss > above))
     return {trial_id: (train, val) for trial_id, train, val in session.connection().execute(query).all()}
@@ -420,10 +415,15 @@ def stored_diagnoses(session: Session, experiment_id: int) -> list[dict[str, Any
             for trial_id, config, verdict, diagnosis in result]
 
 
-def _of_experiment(experiment_id: int, trial_id_column):
+def _of_experiment(experiment_id: int, trial_id_column, trial_ids: Sequence[int] | None = None):
     # An IN (subquery) rather than a join: SQLite then walks the (trial_id, epoch) index in order,
-    # about twice as fast as the join's plan on 100k rows.
-    return trial_id_column.in_(select(Trial.id).where(Trial.experiment_id == experiment_id))
+    # about twice as fast as the join's plan on 100k rows. ``trial_ids`` narrow the subquery itself:
+    # as a second IN beside it, SQLite still looked up every trial of the experiment in the epochs'
+    # index and filtered after (0.16 s for 100 of 10,000 trials' curves; 0.005 s narrowed).
+    trials = select(Trial.id).where(Trial.experiment_id == experiment_id)
+    if trial_ids is not None:
+        trials = trials.where(_among(Trial.id, trial_ids))
+    return trial_id_column.in_(trials)
 
 
 def _among(trial_id_column, trial_ids: Sequence[int]):
