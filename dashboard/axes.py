@@ -54,6 +54,33 @@ def axis_plan(values: Any, *, log: bool | None = None, points: Any = None) -> tu
     return "linear", [float(lowest - margin), float(highest + margin)], "; ".join(notes) or "bands cut at the range"
 
 
+def log_ticks(values: Any, value_range: list[float] | None = None) -> dict[str, Any]:
+    """Tick marks for a log axis that read at a glance: each decade labelled in full ("0.01", "1e-05"),
+    with 2 and 5 between when the axis spans at most LOG_DECADES decades; at most about 10 labels.
+    Plotly's own labels the 2s and 5s between decades "2" and "5" alone, so a loss axis read "2, 1, 5,
+    2, 0.1" from the top, and "100µ" for 1e-4. ``value_range`` (values, not logs) is the axis's range
+    when it has one; {} (plotly's ticks) when fewer than 2 marks fall among the values."""
+    if value_range is not None:
+        low, high = value_range
+    else:
+        finite = _finite(values)
+        finite = finite[finite > 0]
+        if finite.size == 0:
+            return {}
+        low, high = float(finite.min()), float(finite.max())
+    if not 0 < low < high:
+        return {}
+    first, last = int(np.floor(np.log10(low))), int(np.ceil(np.log10(high)))
+    mantissas = (1,) if np.log10(high / low) > LOG_DECADES else (1, 2, 5)
+    step = max(1, -(-(last - first) // 10)) if mantissas == (1,) else 1
+    # A little beyond the values: plotly pads its range and leaves out the marks outside it.
+    ticks = [m * 10.0 ** k for k in range(first, last + 1, step) for m in mantissas
+             if low / 2 <= m * 10.0 ** k <= high * 2]
+    if sum(low <= tick <= high for tick in ticks) < 2:  # plotly's ticks do better within a decade
+        return {}
+    return {"tickvals": ticks, "ticktext": [f"{tick:.12g}" for tick in ticks]}
+
+
 def _log_range(finite: np.ndarray, points: Any) -> tuple[list[float] | None, np.ndarray]:
     """For positive values on a log axis: the range of all but a few far above the rest (more than
     OUTLIER_DECADES, and 3 interquartile ranges, above the upper quartile; at most OUTLIER_SHARE of

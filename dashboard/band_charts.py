@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dashboard.axes import _axis_range, _note, axis_plan
+from dashboard.axes import _axis_range, _note, axis_plan, log_ticks
 from dashboard.charts import (
     _MISSING_COLOR,
     ALL_TRIALS,
@@ -109,7 +109,8 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
                          margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}})
     figure.update_xaxes(title_text="epoch")
     figure.update_yaxes(title_text=metric, type=loss_type, range=_axis_range(loss_type, loss_range),
-                        secondary_y=False)
+                        secondary_y=False, **(log_ticks(bands.loc[bands["split"] == "loss", "mean"], loss_range)
+                                              if loss_type == "log" else {}))
     figure.update_yaxes(title_text="learning rate", type=rate_type, secondary_y=True,
                         tickformat=".2~g")  # "0.4", "0.0069": plotly's log ticks read "120.0114µ" otherwise
     _note(figure, note)
@@ -188,8 +189,11 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}}, hovermode="closest",
         height=(450 if len(panels) <= 4 else 300 * (-(-len(panels) // columns)) + 100),
     )
-    figure.update_xaxes(type="log" if log_x else ("linear" if numeric_x else "category"))
-    figure.update_yaxes(type=y_type, range=_axis_range(y_type, y_range))
+    figure.update_xaxes(type="log" if log_x else ("linear" if numeric_x else "category"),
+                        **(log_ticks(bands[x]) if log_x and numeric_x and len(bands) else {}))
+    figure.update_yaxes(type=y_type, range=_axis_range(y_type, y_range),
+                        **(log_ticks(pd.concat([bands["mean"], bands["upper"], bands["lower"]]), y_range)
+                           if y_type == "log" and len(bands) else {}))
     if len(panels) == 1:
         figure.update_xaxes(title_text=x_title)
         figure.update_yaxes(title_text=y_title)

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.axes import _axis_range, _note, axis_plan
+from dashboard.axes import _axis_range, _note, axis_plan, log_ticks
 from services import analysis
 from services.safe_text import plotly_text
 
@@ -123,7 +123,8 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
                "subtitle": {"text": "solid: train, dashed: validation"}},
         margin={"l": 10, "r": 10, "t": 70, "b": 40},
         xaxis={"title": "epoch"},
-        yaxis={"title": metric, "type": y_type, "range": _axis_range(y_type, y_range)},
+        yaxis={"title": metric, "type": y_type, "range": _axis_range(y_type, y_range),
+               **(log_ticks(epochs[columns].to_numpy(), y_range) if y_type == "log" and columns else {})},
         legend={"title": {"text": "" if color_by == "ordinal" else color_by}},
         hovermode="closest",
     )

@@ -209,6 +209,31 @@ def test_axis_plan_leaves_ordinary_values_alone():
     assert kind == "linear" and value_range[1] < 1 and note == "1 point above the range, max 5e+06"
 
 
+def test_log_axes_label_whole_values_not_plotlys_lone_digits():
+    # Four decades: each decade once, in full ("0.0001", not plotly's "100µ"; no lone "2" or "5").
+    wide = axes.log_ticks([0.00012, 0.003, 0.2, 1.7])
+    assert wide["tickvals"] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    assert wide["ticktext"] == ["0.0001", "0.001", "0.01", "0.1", "1"]
+    # Under two decades, 2 and 5 between them, written as the values they are.
+    narrow = axes.log_ticks([0.05, 0.9])
+    assert narrow["ticktext"] == ["0.05", "0.1", "0.2", "0.5", "1"]
+    assert axes.log_ticks([0.3, 0.6]) == {}  # within a decade plotly's own ticks are whole values
+    assert axes.log_ticks([-1.0, 0.0]) == {}
+    # Twenty-five decades: at most about ten labels, still whole decades.
+    assert len(axes.log_ticks([1e-12, 1e12])["tickvals"]) <= 14
+    # The charts use them: a log loss axis and a log parameter-count axis.
+    trials = TRIALS.assign(seed=[0, 1, 0, 1])
+    curves = epochs_of([10, 11, 12, 13])
+    curves.loc[(curves["trial_id"] == 13) & (curves["epoch"] == 2), ["train_loss", "val_loss"]] = 1.2e10
+    figure = band_charts.learning_curve_bands(bands_of(curves, trials, by=["width"], columns=LOSS), color_by="width")
+    assert figure.layout.yaxis.type == "log" and figure.layout.yaxis.ticktext
+    assert all(math.log10(float(text)).is_integer() for text in figure.layout.yaxis.ticktext)  # decades, in full
+    capacity = band_charts.metric_against(seed_grid(), x="parameter_count", color_by="n_train",
+                                          columns={"train": "final_train_loss", "val": "final_val_loss"})
+    assert capacity.layout.xaxis.type == "log"
+    assert list(capacity.layout.xaxis.ticktext) == ["100", "1000", "10000"]  # 40 .. 10240
+
+
 def test_learning_curve_bands_draw_a_second_parameter_as_panels():
     trials = TRIALS.assign(seed=0)
     bands = bands_of(epochs_of([10, 11, 12, 13]), trials, by=["optimizer", "width"], columns=LOSS)
