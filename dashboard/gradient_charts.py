@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
+from dashboard.axes import log_ticks
 from dashboard.charts import _color_map, _format_value, _sort_key
 from services.range_test import RangeTestReading
 from services.safe_text import plotly_text
@@ -135,8 +136,26 @@ def depth_ratio_chart(ratios: pd.DataFrame, *, x: str = "depth", color_by: str =
     figure.update_layout(
         title={"text": "Do the first layers still learn? First layer's gradient over the last's",
                "subtitle": {"text": "geometric mean over seeds, band: lowest to highest seed; log scale"}},
-        xaxis={"title": x, "dtick": 1},
-        yaxis={"title": "first layer / last layer gradient norm", "type": "log", "exponentformat": "power",
+        xaxis=_x_axis(usable[x], x),
+        yaxis={"title": "first layer / last layer gradient norm", "type": "log", "exponentformat": "power", "dtick": 1,
                "range": [math.floor(min(decades.min(), -1)) - 0.2, max(0.5, math.ceil(decades.max()) + 0.2)]},
         margin=_MARGIN, hovermode="closest", legend={"title": {"text": color_by}})
     return figure
+
+
+def _x_axis(values: pd.Series, title: str) -> dict:
+    """A tick per whole number for a few (depth 1..8), a log axis for sizes spanning decades (width 2
+    .. 256, labelled at its values; a tick per whole number drew 256 labels on top of each other),
+    else plotly's own."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if len(numbers) == 0 or numbers.isna().any():
+        return {"title": title}
+    low, high = float(numbers.min()), float(numbers.max())
+    if low > 0 and high / low >= 30:
+        distinct = sorted(set(numbers.tolist()))
+        ticks = {"tickvals": distinct, "ticktext": [f"{value:g}" for value in distinct]} if len(distinct) <= 8 \
+            else log_ticks(numbers)  # a grid's few sizes are their own best labels
+        return {"title": title, "type": "log", **ticks}
+    if high - low <= 20 and (numbers == numbers.round()).all():
+        return {"title": title, "dtick": 1}
+    return {"title": title}

@@ -149,3 +149,14 @@ def test_the_depth_chart_draws_the_geometric_mean_over_seeds_with_a_band():
     assert line["y"] == pytest.approx([1e-2, 1e-7])
     assert band["y"] == pytest.approx([1e-1, 1e-6, 1e-8, 1e-3])
     assert spec["layout"]["yaxis"]["type"] == "log"
+
+
+def test_the_depth_chart_labels_its_x_axis_readably_against_depth_and_against_width():
+    # Depth 1..8: a tick per depth. Width 2..256: a log axis with a few whole labels, not a tick per
+    # whole number (256 labels drawn over each other).
+    by_depth = pd.DataFrame({"depth": [1, 2, 4, 8], "activation": ["relu"] * 4, "ratio": [0.9, 0.5, 0.2, 0.1]})
+    assert gradient_charts.depth_ratio_chart(by_depth).to_dict()["layout"]["xaxis"]["dtick"] == 1
+    by_width = pd.DataFrame({"width": [2, 8, 64, 256], "activation": ["relu"] * 4, "ratio": [0.5, 0.4, 0.2, 0.1]})
+    xaxis = gradient_charts.depth_ratio_chart(by_width, x="width").to_dict()["layout"]["xaxis"]
+    assert xaxis["type"] == "log" and "dtick" not in xaxis
+    assert xaxis["ticktext"] == ["2", "8", "64", "256"]  # a grid's few widths label themselves
