@@ -147,7 +147,7 @@ def test_only_a_signed_in_user_sees_the_dashboard_and_their_submit_and_cancel_ar
     page.get_by_role("button", name="ada").click()  # the provider's "Authenticate predefined users" form
     expect(page.get_by_text(_shown(f"Signed in as {EMAIL}"))).to_be_visible()
     expect(page.get_by_role("link", name="New experiment")).to_be_visible()
-    expect(page.get_by_role("heading", name="Experiments")).to_be_visible()
+    expect(page.get_by_role("heading", name="Experiments", level=1)).to_be_visible()  # and an h3 "Experiments"
     screenshot(page, "sign-in-2-signed-in")
 
     # Submit from the page: the submitter is the signed-in user, shown and not editable.
