@@ -111,12 +111,7 @@ def boundary_cells(logits: torch.Tensor, *, multilabel: bool) -> tuple[torch.Ten
         return torch.where(yes, positive, 1 - positive).prod(-1), (yes.long() * bits).sum(-1)
     # Class-major ([classes, ...cells]): softmax and the reductions over a last axis of a few
     # classes run ~50x slower in torch (a frame of 64 trials: 70 ms, now ~3 ms); same numbers.
-    by_class = logits.movedim(-1, 0).contiguous()
-    if by_class.shape[0] == 1:
-        positive = torch.sigmoid(by_class[0])
-        by_class = torch.stack([1 - positive, positive])
-    else:
-        by_class = torch.softmax(by_class, dim=0)
+    by_class = class_probabilities(logits.movedim(-1, 0).contiguous())
     return by_class.amax(0), _first_max_index(by_class)
 
 
@@ -153,13 +148,13 @@ def _curve_1d(predict: Predict, splits: Splits, config: TrialConfig, rows: int) 
     } for row in grid_rows(round_for_json(y_pred.reshape(-1)), CURVE_POINTS)]
 
 
-def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """[N, classes] probabilities from a classifier's outputs: softmax over several logits, or for a
-    single bce logit the sigmoid as class 1's probability beside its complement."""
-    if logits.shape[1] == 1:
-        positive = torch.sigmoid(logits)
-        return torch.cat([1 - positive, positive], dim=1)
-    return torch.softmax(logits, dim=1)
+def class_probabilities(by_class: torch.Tensor) -> torch.Tensor:
+    """[classes, ...] probabilities from a classifier's outputs, classes first: softmax over several
+    logits, or for a single bce logit the sigmoid as class 1's probability beside its complement."""
+    if by_class.shape[0] == 1:
+        positive = torch.sigmoid(by_class)
+        return torch.cat([1 - positive, positive])
+    return torch.softmax(by_class, dim=0)
 
 
 def _boundary_2d(predict: Predict, splits: Splits, rows: int) -> list[dict[str, Any]]:
