@@ -205,12 +205,7 @@ def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *
         # ON CONFLICT DO NOTHING: a write whose COMMIT reached the server but whose reply was lost is
         # retried (worker/jobs.write_with_retry) and must not fail on its own rows. Rows of another
         # attempt cannot be there: a takeover deletes them before the new attempt writes.
-        session.execute(insert_ignoring_conflicts(session, EpochMetric), [
-            {"trial_id": trial_id, "epoch": int(row["epoch"]),
-             **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS},
-             **{name: _finite_list_or_none(row.get(name)) for name in EPOCH_SERIES_FIELDS}}
-            for row in rows
-        ])
+        session.execute(insert_ignoring_conflicts(session, EpochMetric), [_epoch_row(trial_id, row) for row in rows])
     return bool(session.scalar(select(Trial.cancel_requested).where(Trial.id == trial_id)))
 
 
@@ -234,13 +229,17 @@ def record_job_epochs(session: Session, rows: dict[int, list[dict[str, Any]]], *
             .execution_options(synchronize_session=False)).rowcount
     held = set(rows) if updated == len(rows) else set(
         session.scalars(select(Trial.id).where(Trial.id.in_(list(rows)), mine)))
-    if inserts := [{"trial_id": trial_id, "epoch": int(row["epoch"]),
-                    **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS},
-                    **{name: _finite_list_or_none(row.get(name)) for name in EPOCH_SERIES_FIELDS}}
-                   for trial_id in sorted(held) for row in rows[trial_id]]:
+    if inserts := [_epoch_row(trial_id, row) for trial_id in sorted(held) for row in rows[trial_id]]:
         session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)  # as record_epochs
     cancelled = set(session.scalars(select(Trial.id).where(Trial.id.in_(sorted(held)), Trial.cancel_requested)))
     return cancelled, set(rows) - held
+
+
+def _epoch_row(trial_id: int, row: dict[str, Any]) -> dict[str, Any]:
+    """One epoch_metrics row as written: non-finite numbers stored as NULL."""
+    return {"trial_id": trial_id, "epoch": int(row["epoch"]),
+            **{name: _finite_or_none(row.get(name)) for name in EPOCH_METRIC_FIELDS},
+            **{name: _finite_list_or_none(row.get(name)) for name in EPOCH_SERIES_FIELDS}}
 
 
 def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bool:
