@@ -94,12 +94,10 @@ class Snapshots:
         if not rows:
             return []
         if outputs is None:
-            outputs = model.evaluate(self.inputs).float()
-            if len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
-                outputs = outputs[rows]
-            outputs = outputs.mT.cpu()  # [rows, inputs, outputs]
-        elif len(rows) != outputs.shape[0]:
+            outputs = model.evaluate(self.inputs).float().mT  # [rows, inputs, outputs]
+        if len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
             outputs = outputs[rows]
+        outputs = outputs.cpu()
         frames = []
         if self.kind == "curve_1d":
             for values, (epoch, train_loss, val_loss) in zip(outputs[:, :, 0], metrics, strict=True):
