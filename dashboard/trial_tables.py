@@ -40,6 +40,14 @@ def metric_columns(trial_table: pd.DataFrame) -> list[str]:
     return [name for name in trial_table.columns if name not in known]
 
 
+def any_number(column: pd.Series) -> bool:
+    """Whether the column holds a number: a numeric column's non-missing values all are (parsing
+    each of 10,000 values as a number is for text columns only)."""
+    if pd.api.types.is_numeric_dtype(column):  # booleans included, as to_numeric keeps them
+        return bool(column.notna().any())
+    return bool(pd.to_numeric(column, errors="coerce").notna().any())
+
+
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""

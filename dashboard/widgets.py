@@ -206,7 +206,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) 
     band spans configurations and the caption says so)."""
     names = configuration_parameters(trials, trial_tables.parameter_columns(trials))
     offered = [name for name in metrics
-               if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
+               if name in trials and trial_tables.any_number(trials[name])]
     handling: dict[str, str] = {}
     held: dict[str, object] = {}
     with st.expander("Parameters not on a chart's axes, colour or panels: " + (", ".join(

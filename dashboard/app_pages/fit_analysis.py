@@ -112,7 +112,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
 
 def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
     st.subheader("Heatmap")
-    metrics = [name for name in trial_tables.metric_columns(trials) if _any_number(trials[name])]
+    metrics = [name for name in trial_tables.metric_columns(trials) if trial_tables.any_number(trials[name])]
     if not metrics:
         st.info("These trials recorded no numeric metric to map.")
         return
@@ -133,7 +133,7 @@ def importance(trials: pd.DataFrame) -> None:
     st.subheader("Which parameter matters")
     metrics = [name for name in ("final_val_loss", "best_val_loss", "test_loss", "final_val_accuracy",
                                  "test_accuracy", "final_train_loss", "diag_gap_ratio", "final_val_rmse")
-               if name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()]
+               if name in trials and trial_tables.any_number(trials[name])]
     parameters = selection.configuration_parameters(trials, trial_tables.parameter_columns(trials))
     if not metrics or not parameters:
         st.info("Only one configuration is left (nothing but the seed varies): vary a parameter in the grid to "
@@ -261,14 +261,6 @@ def _facet_picker(groups: list[str], color_by: str, *, key: str, container=st, s
     chosen = widgets.parameter_picker("Panels per", options, key=key, preferred=(start,), container=container,
                                       help="One small chart per value, on one shared y axis.")
     return None if chosen == NO_FACETS else chosen
-
-
-def _any_number(column: pd.Series) -> bool:
-    """Whether the column holds a number: a numeric column's non-missing values all are (parsing
-    each of 10,000 values as a number is for text columns only)."""
-    if pd.api.types.is_numeric_dtype(column):  # booleans included, as to_numeric keeps them
-        return bool(column.notna().any())
-    return bool(pd.to_numeric(column, errors="coerce").notna().any())
 
 
 def _split_metrics(trials: pd.DataFrame) -> list[str]:
