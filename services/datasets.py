@@ -99,9 +99,16 @@ class ValidatedCsv:
     table: CsvTable
 
     def training_rows(self, *, val_fraction: float, test_fraction: float) -> int:
+        return self._split_sizes(val_fraction=val_fraction, test_fraction=test_fraction)[0]
+
+    def validation_rows(self, *, val_fraction: float, test_fraction: float) -> int:
+        return self._split_sizes(val_fraction=val_fraction, test_fraction=test_fraction)[1]
+
+    def _split_sizes(self, *, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+        """(train, val, test) rows as the worker splits them (worker/training/data.py, _split_rows)."""
         if self.table.split is not None:
-            return int(np.count_nonzero(self.table.split == "train"))
-        return fraction_sizes(self.table.n_rows, val_fraction=val_fraction, test_fraction=test_fraction)[0]
+            return tuple(int(np.count_nonzero(self.table.split == name)) for name in ("train", "val", "test"))
+        return fraction_sizes(self.table.n_rows, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 def fraction_sizes(n: int, *, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -233,6 +240,12 @@ def _with_stored_dataset(config: TrialConfig, validated: ValidatedCsv) -> TrialC
     if config.n_train is not None and config.n_train > available:
         raise DatasetError(f"{validated.name}: n_train {config.n_train} is more than its {available} training rows; "
                            f"use n_train of at most {available}")
+    if config.folds is not None:  # k-fold re-deals the training and validation rows (worker's fold_rows)
+        pool = min(available, config.train_size or available) + validated.validation_rows(
+            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+        if pool < config.folds:
+            raise DatasetError(f"{validated.name}: folds {config.folds} needs at least {config.folds} training and "
+                               f"validation rows, but it has {pool}; use at most {pool} folds or more rows")
     if config.loss == "bce" and len(table.classes) != 2 and not table.multilabel:
         raise DatasetError(f"{validated.name}: loss 'bce' needs two classes but target {config.dataset.target!r} "
                            f"has {len(table.classes) or 'none (regression)'}; use cross_entropy or auto")

@@ -200,6 +200,8 @@ CSVS = [
         env={"FITSCOPE_MAX_CSV_ROWS": "10"}),
     Bad("csv-n-train-over-its-rows", "n_train 500 is more than its 3 training rows",
         _spec_naming("data.csv", extra="  n_train: {value: 500}\n"), {"data.csv": GOOD_CSV}),
+    Bad("csv-fewer-rows-than-folds", "data.csv: folds 5 needs at least 5 training and validation rows, but it has 4",
+        _spec_naming("data.csv", extra="folds: 5\n"), {"data.csv": GOOD_CSV}),
     Bad("csv-not-found", "CSV file 'missing.csv' not found", _spec_naming("missing.csv")),
     Bad("csv-is-a-folder", "CSV file 'data' is a folder", _spec_naming("data"), {"data": FOLDER}),
     Bad("csv-is-a-pipe", "is not a regular file (a device, pipe or socket)",

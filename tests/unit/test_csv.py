@@ -166,6 +166,31 @@ def test_resolve_fills_sha256_and_task_and_checks_n_train(tmp_path: Path):
 
 
 
+def test_resolve_checks_folds_against_the_rows_the_worker_would_deal(tmp_path: Path):
+    """A CSV with fewer training plus validation rows than folds is refused at submit, with the
+    count the worker's split would give (it used to fail only in the worker, trial by trial)."""
+    from worker.training.data import fold_rows
+
+    (tmp_path / "d.csv").write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(10)))
+    limits = CsvLimits(**LIMITS)
+    base = TrialConfig(dataset=CsvDataset(csv="d.csv", target="y"), folds=2, fold=1)
+    # 10 rows: 2 validation, 2 test, 6 training; n_train 4 leaves 4 + 2 = 6 rows to deal
+    for folds, n_train in ((6, 4), (8, None), (7, 4)):
+        config = base.model_copy(update={"folds": folds, "n_train": n_train})
+        pool = 6 if n_train == 4 else 8
+        if folds <= pool:
+            [resolved] = resolve_csv_configs([config], base_dir=tmp_path, limits=limits)
+            assert resolved.folds == folds
+            train, val = fold_rows(pool, folds=folds, fold=1, data_seed=0)  # the worker can deal them
+            assert len(train) + len(val) == pool
+        else:
+            with pytest.raises(DatasetError, match=f"d.csv: folds {folds} needs at least {folds} training and "
+                                                   f"validation rows, but it has {pool}; use at most {pool} folds"):
+                resolve_csv_configs([config], base_dir=tmp_path, limits=limits)
+            with pytest.raises(ValueError, match=f"there are {pool}"):
+                fold_rows(pool, folds=folds, fold=1, data_seed=0)  # what the worker would have said
+
+
 def test_the_spec_shorthand_names_a_csv_alone_or_among_values():
     from services.spec import expand, parse_spec
 
