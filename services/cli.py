@@ -70,10 +70,9 @@ def fail_spec(exc) -> NoReturn:
     raise typer.Exit(BAD_INPUT) from None
 
 
-MAX_ID = 2**63 - 1  # the largest id a database column holds
-
-
 def _id_in_range(value: int | None) -> int | None:
+    from services.models import MAX_ID
+
     if value is not None and not 1 <= value <= MAX_ID:
         fail(f"experiment id {value} is not an id; ids are whole numbers from 1 to {MAX_ID} "
              "(`fitscope status` lists them)")

@@ -11,6 +11,10 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from services.db import Base
 
+# The largest id a command line or a queue message may name: a 64-bit integer, the largest SQLite
+# binds (a larger one is refused with a sentence, not an OverflowError from the driver).
+MAX_ID = 2**63 - 1
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 from kombu.transport import redis as kombu_redis
 
+from services.models import MAX_ID
 from services.queue import MAX_JOB_TRIALS, QUEUES, RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024  # a job of 4096 ids is ~50 KB; anything larger was not sent by fitscope
-MAX_TRIAL_ID = 2**63 - 1  # a BIGINT primary key
 DEAD_LETTER_KEY = "fitscope.dead"
 DEAD_LETTER_KEEP = 1000
 _DEAD_LETTER_EXCERPT = 2000  # characters of the rejected envelope kept for the operator
@@ -45,8 +45,8 @@ class BadMessage(ValueError):
 def _trial_id_problem(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return f"a trial id must be a whole number, got {type(value).__name__}"
-    if not 1 <= value <= MAX_TRIAL_ID:
-        return f"a trial id must be from 1 to {MAX_TRIAL_ID}, got {value}"
+    if not 1 <= value <= MAX_ID:
+        return f"a trial id must be from 1 to {MAX_ID}, got {value}"
     return None
 
 
