@@ -1,7 +1,8 @@
 """Experiment: one experiment, chosen in a selectbox or by `?experiment=ID`. Its progress, the
 error of every failed trial, learning curves coloured by a parameter that varies across its
 trials, and a table of every trial's status, parameters and final metrics with a link to each
-trial's own page. Refreshed live; the Fit analysis and Optimizers pages go deeper."""
+trial's own page. Refreshed live; the Fit analysis and Optimizers pages go deeper (and, for trials on
+2-D test functions, Loss surfaces)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ import streamlit as st
 
 from dashboard import charts, data, trial_tables, widgets
 from services.safe_text import markdown_text
+from services.surfaces import SURFACE_NAMES
 
 MAX_CURVES = 100  # trials drawn at once; more lines than this is unreadable and slow in a browser
 NO_EPOCHS = ("No trial has finished an epoch yet. Learning curves appear here as soon as a worker "
              "reports the first epoch (start one with `fitscope worker` or `fitscope up`).")
 
 
-def summary(experiment: dict) -> None:
+def summary(experiment: dict, trials: pd.DataFrame) -> None:
     st.subheader(f"#{experiment['id']} {markdown_text(experiment['name'])}")
     if who := _who(experiment):
         st.caption(who)
-    fit, optimizers = st.columns(2)
-    fit.page_link("app_pages/fit_analysis.py", label="Fit analysis", icon=":material/insights:",
-                  query_params={"experiment": str(experiment["id"])})
-    optimizers.page_link("app_pages/optimizers.py", label="Optimizers and schedules", icon=":material/speed:",
-                         query_params={"experiment": str(experiment["id"])})
+    on_surfaces = trials["dataset"].isin(SURFACE_NAMES) if "dataset" in trials else pd.Series(False, index=trials.index)
+    links = [("app_pages/loss_surfaces.py", "Loss surfaces", ":material/landscape:")] if on_surfaces.any() else []
+    if not on_surfaces.all() or trials.empty:  # networks on data: analysed on these two pages
+        links += [("app_pages/fit_analysis.py", "Fit analysis", ":material/insights:"),
+                  ("app_pages/optimizers.py", "Optimizers and schedules", ":material/speed:")]
+    for column, (page, label, icon) in zip(st.columns(len(links)), links, strict=True):
+        column.page_link(page, label=label, icon=icon, query_params={"experiment": str(experiment["id"])})
     st.progress(float(experiment["progress"]),
                 text=f"{experiment['progress']:.0%} of planned epochs · {experiment['ended']} of "
                      f"{experiment['trials']} trials ended")
@@ -122,7 +126,7 @@ def experiment_panel(experiment_id: int) -> None:
         st.warning(f"Experiment {experiment_id} no longer exists.")
         return
     trials = data.trials(experiment_id)
-    summary(experiment)
+    summary(experiment, trials)
     failed_trials(trials)
     varying = trial_tables.varying_parameters(trials)  # once: 50 columns of 10,000 trials
     learning_curves(experiment_id, trials, varying)

@@ -98,6 +98,15 @@ def test_the_step_slider_replays_the_descent(filled):
     assert all(len(p["x"]) == 6 for p in _paths(figure_spec(app.get("plotly_chart")[0])))
 
 
+def test_the_experiment_page_links_a_surface_experiment_to_loss_surfaces_only(filled):
+    _, surfaces, network = filled
+    app = run_app(page="app_pages/experiment.py", query={"experiment": str(surfaces)})
+    assert {link.proto.page: link.proto.query_string for link in app.get("page_link")} == {
+        "loss_surfaces": f"experiment={surfaces}"}
+    app = run_app(page="app_pages/experiment.py", query={"experiment": str(network)})
+    assert {link.proto.page for link in app.get("page_link")} == {"fit_analysis", "optimizers"}
+
+
 def test_the_saddle_function_and_colour_by_start(filled):
     _, surfaces, _ = filled
     app = run_app(page=PAGE, query={"experiment": str(surfaces)})
