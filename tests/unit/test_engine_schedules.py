@@ -187,3 +187,40 @@ def test_the_range_tests_curve_is_thinned_evenly_keeping_both_ends() -> None:
     gaps = {round(b - a) for a, b in zip(curve["lr"], curve["lr"][1:], strict=False)}
     assert gaps <= {2, 3}  # evenly: 5,000 / 1,999 apart
     assert lr_range_artifact([(1.0, 2.0), (2.0, float("inf"))])["loss"] == [2.0, None]
+
+
+@pytest.mark.parametrize("fields", [dict(schedule="constant"), dict(schedule="plateau", gamma=1.0)])
+def test_a_constant_rate_equals_torchs_stand_in_and_resumes_from_older_checkpoints(fields) -> None:
+    # Older checkpoints held a constant rate's stand-in torch optimizer; the rate is config.lr either way.
+    config = TrialConfig(lr=0.0123, epochs=EPOCHS, **fields)
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    rates = StepRates(config, steps=STEPS)
+    assert rates.holder is None and rates.state() is None
+    for epoch in range(1, EPOCHS + 1):
+        assert rates.epoch(epoch) == [holder.param_groups[0]["lr"]] * STEPS
+        rates.after_epoch(1.0)
+    older = StepRates(config, steps=STEPS)
+    older.restore({"holder": holder.state_dict(), "schedule": None})
+    assert older.epoch(3) == [config.lr] * STEPS
+    with pytest.raises(ValueError, match="another schedule"):
+        older.restore({"holder": holder.state_dict(), "schedule": {"last_epoch": 2}})
+
+
+def test_a_constant_rate_grid_never_imports_torchs_compiler() -> None:
+    # A process's first torch optimizer imports torch._dynamo (~1.5 s at each worker start).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys\n"
+              "from services.trial_config import TrialConfig\n"
+              "from worker.training.fused import train_fused\n"
+              "train_fused([TrialConfig(dataset='moons', n_train=32, n_val=16, n_test=16, width=8, epochs=2, seed=s)"
+              " for s in range(2)])\n"
+              "print('torch._dynamo' in sys.modules)\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300,
+                         cwd=root, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "False"

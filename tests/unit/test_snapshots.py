@@ -162,10 +162,10 @@ def _grid_evaluations(monkeypatch, cells: int) -> tuple[list[int], list[int]]:
     evaluate, trial_results = StackedModel.evaluate, fused.trial_results
     everywhere, per_end = [], []
 
-    def counted(self, x):
+    def counted(self, x, **kwargs):
         if x.shape[0] == cells:
             everywhere.append(1)
-        return evaluate(self, x)
+        return evaluate(self, x, **kwargs)
 
     def ends(*args, **kwargs):
         before = len(everywhere)
@@ -222,3 +222,27 @@ def test_a_trial_end_evaluates_the_grid_once_and_stores_what_two_evaluations_sto
         drop = ("train_seconds",)
         assert ({k: v for k, v in new.final_metrics.items() if k not in drop}
                 == {k: v for k, v in old.final_metrics.items() if k not in drop})
+
+
+@pytest.mark.parametrize("width", [16, 64])  # several rows per evaluation, and one at a time
+def test_a_snapshot_of_some_rows_evaluates_only_those_rows(width: int) -> None:
+    # Trials of one stack that want a frame at an epoch are often not all of them (other epochs,
+    # early stopping): the grid is evaluated for those rows alone, with the frames a full one gives.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from worker.training.data import make_dataset
+    from worker.training.fused_stack import initial_rows
+    from worker.training.models import build_model
+
+    config = TrialConfig(**{**SMALL, "dataset": "moons", "width": width})
+    splits = make_dataset(config)
+    template = build_model(config, splits.n_features, splits.n_outputs, generator=torch.Generator())
+    model = StackedModel(template, initial_rows(template, [torch.Generator().manual_seed(s) for s in range(6)]))
+    snapshots = Snapshots.of(splits, device=torch.device("cpu"))
+    metrics = [(1, 0.5, 0.6)] * 6
+    with FlopCounterMode(display=False) as every:
+        all_frames = snapshots.frames(model, list(range(6)), metrics=metrics)
+    with FlopCounterMode(display=False) as some:
+        frames = snapshots.frames(model, [4, 1], metrics=metrics[:2])
+    assert frames == [all_frames[4], all_frames[1]]
+    assert some.get_total_flops() * 3 == every.get_total_flops()

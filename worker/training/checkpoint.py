@@ -35,7 +35,8 @@ class TrialState:
     last: EpochMetrics | None  # the metrics of its latest epoch
     best: EpochMetrics | None  # its first epoch with the lowest validation loss so far
     stopper: dict | None  # the early stopper's counters, when early stopping is on
-    rates: dict | None  # its schedule's state: {"holder": ..., "schedule": ...}; None when it has none
+    rates: dict | None  # its schedule's state: {"holder": ..., "schedule": ...}; None when it has none (older
+    # checkpoints hold a constant rate's stand-in too: StepRates.restore reads them)
     generator: torch.Tensor  # uint8 state of the init / data-order generator
     noise_generator: torch.Tensor  # uint8 state of the dropout / input-noise generator
     seconds: float  # its share of the job's time so far

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.training.schedules import LearningRateSchedule, build_schedule, lr_range_test_rate
+from worker.training.schedules import LearningRateSchedule, build_schedule, is_constant, lr_range_test_rate
 
 if TYPE_CHECKING:
     from services.trial_config import TrialConfig
@@ -234,9 +234,11 @@ def _runs(lr: Sequence[float], numbers: Sequence[tuple], training: Sequence[bool
 
 @dataclass
 class StepRates:
-    """A trial's learning rate at each step: torch's own scheduler, on a stand-in optimizer, for
-    the epoch-wise schedules; OneCycleLR's formula for one_cycle and schedules.lr_range_test_rate for
-    lr_range_test (a whole epoch at a time, rather than a scheduler call per trial per step)."""
+    """A trial's learning rate at each step: config.lr for a constant one; torch's own scheduler, on
+    a stand-in optimizer, for the other epoch-wise schedules; OneCycleLR's formula for one_cycle and
+    schedules.lr_range_test_rate for lr_range_test (a whole epoch at a time, rather than a scheduler
+    call per trial per step). A constant rate builds no stand-in: a process's first torch optimizer
+    imports torch._dynamo (~1.5 s at every worker start), and most grids keep the default."""
 
     config: TrialConfig
     steps: int
@@ -244,7 +246,7 @@ class StepRates:
     holder: torch.optim.Optimizer | None = None
 
     def __post_init__(self) -> None:
-        if self.config.schedule not in ("one_cycle", "lr_range_test"):
+        if self.config.schedule not in ("one_cycle", "lr_range_test") and not is_constant(self.config):
             self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.config.lr)
             self.schedule = build_schedule(self.config, self.holder, steps_per_epoch=self.steps)
             self.holder.step()  # no gradient, so no change; tells the scheduler its optimizer steps
@@ -253,6 +255,8 @@ class StepRates:
         """The rate of each step of this (1-based) epoch."""
         if self.holder is not None:
             return [self.holder.param_groups[0]["lr"]] * self.steps
+        if is_constant(self.config):
+            return [self.config.lr] * self.steps
         if self.config.schedule == "lr_range_test":
             total, first = self.config.epochs * self.steps, (epoch - 1) * self.steps
             return [lr_range_test_rate(first + step, total_steps=total, min_lr=self.config.min_lr, lr=self.config.lr)
@@ -264,8 +268,8 @@ class StepRates:
             self.schedule.after_epoch(val_loss)
 
     def state(self) -> dict | None:
-        """The schedule's state (plain data; None for one_cycle and lr_range_test, which depend on the
-        step alone)."""
+        """The schedule's state (plain data; None for a constant rate, one_cycle and lr_range_test,
+        which depend on the step alone)."""
         if self.holder is None:
             return None
         scheduler = self.schedule.scheduler
@@ -273,6 +277,8 @@ class StepRates:
                               "schedule": scheduler.state_dict() if scheduler is not None else None})
 
     def restore(self, state: dict | None) -> None:
+        if self.holder is None and is_constant(self.config) and state is not None and state.get("schedule") is None:
+            state = None  # written before constant rates had no stand-in: it holds config.lr, nothing to restore
         if (state is None) != (self.holder is None) or (
                 state is not None and (state["schedule"] is None) != (self.schedule.scheduler is None)):
             raise ValueError("the checkpoint was written by a trial with another schedule")

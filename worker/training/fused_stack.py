@@ -153,13 +153,13 @@ class StackedModel:
         self.statistics = statistics
 
     def forward(self, x: torch.Tensor, *, train: bool = False, dropout_scales: torch.Tensor | None = None,
-                frozen: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+                frozen: torch.Tensor | None = None, rows: slice | list[int] = slice(None)) -> torch.Tensor:
         """Outputs ``[slots, outputs, n]``. ``x`` is ``[slots, n, features]``, or ``[n, features]``
         shared by all (evaluation). ``train``: batch norm normalises by the batch and moves the
         running statistics of every row but those ``frozen`` (``[slots, 1, 1]`` bools) marks; else
         eval mode.
         ``dropout_scales`` ``[slots, dropout layers, width, n]`` (mask / keep) applies dropout
-        (training). ``rows`` picks a range of slots."""
+        (training). ``rows`` picks a range of slots (or a list of them: a gather of the parameters)."""
         # Slicing the leaves only when asked: a slice would add a slice-backward per parameter.
         params = iter(self.params if rows == slice(None) else [p[rows] for p in self.params])
         statistics = iter(self.statistics if rows == slice(None) else [b[rows] for b in self.statistics])
@@ -191,16 +191,20 @@ class StackedModel:
         return x
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode outputs ``[slots, outputs, n]`` of every row on the shared inputs ``x``
-        ``[n, features]``, a few rows at a time so the activations stay small."""
+    def evaluate(self, x: torch.Tensor, *, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Eval-mode outputs ``[slots, outputs, n]`` of every row (or only ``rows``, in that order) on
+        the shared inputs ``x`` ``[n, features]``, a few rows at a time so the activations stay small."""
         count = self.rows
         step = max(1, EVAL_CHUNK_NUMBERS // max(1, x.shape[0] * self.widest))
         if self.row_plan is not None and (step == 1 or count == 1):
-            return torch.stack([self._evaluate_row(x.mT, row) for row in range(count)])
-        if step >= count:
-            return self.forward(x)
-        return torch.cat([self.forward(x, rows=slice(start, start + step)) for start in range(0, count, step)])
+            # one row at a time anyway: only the rows asked for (a snapshot's, often not all)
+            return torch.stack([self._evaluate_row(x.mT, row) for row in (range(count) if rows is None else rows)])
+        if rows is None or list(rows) == list(range(count)):
+            if step >= count:
+                return self.forward(x)
+            return torch.cat([self.forward(x, rows=slice(start, start + step)) for start in range(0, count, step)])
+        rows = list(rows)
+        return torch.cat([self.forward(x, rows=rows[start:start + step]) for start in range(0, len(rows), step)])
 
 
 class StackedTraining:

@@ -62,7 +62,7 @@ def build_schedule(
 ) -> LearningRateSchedule:
     """The schedule config.schedule names, driving ``optimizer`` (steps_per_epoch: batches per epoch)."""
     name = config.schedule
-    if name == "constant" or (name == "plateau" and config.gamma >= 1):
+    if is_constant(config):
         return LearningRateSchedule()
     if name == "one_cycle":
         total_steps = config.epochs * steps_per_epoch
@@ -78,6 +78,12 @@ def build_schedule(
 
         return LearningRateSchedule(lr_scheduler.LambdaLR(optimizer, factor), per_step=True)
     return LearningRateSchedule(_EPOCH_SCHEDULERS[name](optimizer, config))
+
+
+def is_constant(config: TrialConfig) -> bool:
+    """Whether the trial trains at config.lr throughout: a constant schedule, or a plateau one that
+    never decays (gamma 1)."""
+    return config.schedule == "constant" or (config.schedule == "plateau" and config.gamma >= 1)
 
 
 def lr_range_test_rate(step: int, *, total_steps: int, min_lr: float, lr: float) -> float:

@@ -94,8 +94,8 @@ class Snapshots:
         if not rows:
             return []
         if outputs is None:
-            outputs = model.evaluate(self.inputs).float().mT  # [rows, inputs, outputs]
-        if len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
+            outputs = model.evaluate(self.inputs, rows=rows).float().mT  # [rows, inputs, outputs]
+        elif len(rows) != outputs.shape[0]:  # a gather copies every output: only when some rows are left out
             outputs = outputs[rows]
         outputs = outputs.cpu()
         frames = []
