@@ -208,14 +208,16 @@ class Handling:
         return chosen
 
 
-def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) -> Handling:
+def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str],
+                     recorded: Sequence[str] = ()) -> Handling:
     """An expander that says, for each parameter that tells configurations apart, what a chart that
     does not draw it (on an axis, as the colour or as panels) does with it: best (each line at the value
     with the best mean ``metric`` over seeds, the default), held at a chosen value, or averaged (then the
-    band spans configurations and the caption says so)."""
+    band spans configurations and the caption says so). ``metrics`` are offered when ``trials`` holds a
+    number of them, or when they are ``recorded`` (known to hold one, not read until chosen)."""
     names = configuration_parameters(trials, trial_tables.parameter_columns(trials))
     offered = [name for name in metrics
-               if name in trials and trial_tables.any_number(trials[name])]
+               if name in recorded or (name in trials and trial_tables.any_number(trials[name]))]
     handling: dict[str, str] = {}
     held: dict[str, object] = {}
     with st.expander("Parameters not on a chart's axes, colour or panels: " + (", ".join(
