@@ -323,7 +323,8 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
 def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: float, x: str, color_by: str,
                           column: str = "val_loss") -> go.Figure:
     """Mean epochs to reach ``column`` <= ``target`` per ``x`` and ``color_by``, among the trials that
-    reached it; each bar says how many of its trials did (a group where none did has no bar).
+    reached it; each bar says how many of its trials did. A group where none did has no bar: its slot
+    says "none reached (0/N)", so that the gap is not read as zero epochs.
 
     ``reached`` is the first epoch at the target per trial id (services.analysis.epochs_to_target, or
     the database's aggregate of the same rule); trials of ``trials`` missing from it never got there.
@@ -333,7 +334,8 @@ def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: f
     summary = merged.groupby(_unique([color_by, x]), sort=False, dropna=False)["epochs_to_target"].agg(
         ["mean", "count", "size"]).reset_index()
     summary["text"] = [f"{int(got)}/{int(of)}" for got, of in zip(summary["count"], summary["size"], strict=True)]
-    return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text",
+    summary["none_text"] = [f"none reached (0/{int(of)})" for of in summary["size"]]
+    return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text", empty_text="none_text",
                          title=f"Epochs until {column} <= {target:g}", y_title="epochs (mean of those that got there)")
 
 
@@ -427,18 +429,30 @@ def points_shipped(figure: go.Figure) -> int:
 
 
 def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
-                  y_title: str) -> go.Figure:
+                  y_title: str, empty_text: str | None = None) -> go.Figure:
+    """One bar per row of ``table``, grouped along ``x``, one colour per ``color_by``, labelled with its
+    ``text``. A row without a ``value`` has no bar; with ``empty_text`` (a column), its slot says so:
+    the text, written upwards from the axis in an empty bar of the same colour group."""
     colors = _color_map(table[color_by].tolist() if color_by in table else [])
     traces = []
     for group, rows in sorted(table.groupby(color_by, sort=False, dropna=False) if len(table) else [],
                               key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
+        name, color = f"{color_by}={plotly_text(label)}", colors.get(label, _MISSING_COLOR)
         traces.append({"type": "bar", "x": [_format_value(v) for v in rows[x]], "y": rows[value].tolist(),
-                       "text": rows[text].tolist(), "name": f"{color_by}={plotly_text(label)}",
-                       "marker": {"color": colors.get(label, _MISSING_COLOR)},
-                       "hovertemplate": (f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>%{{y:.3g}} "
-                                         "(%{text})<extra></extra>")})
+                       "text": rows[text].tolist(), "name": name, "marker": {"color": color},
+                       # One slot per colour, shared with the empty bars below: a label sits in its gap.
+                       "offsetgroup": label, "legendgroup": label,
+                       "hovertemplate": (f"{name}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")})
+        empty = rows[rows[value].isna()] if empty_text is not None else rows.iloc[:0]
+        if len(empty):
+            traces.append({"type": "bar", "x": [_format_value(v) for v in empty[x]], "y": [0] * len(empty),
+                           "text": empty[empty_text].tolist(), "textposition": "outside", "textangle": -90,
+                           "constraintext": "none",
+                           "cliponaxis": False, "marker": {"color": color}, "name": name, "offsetgroup": label,
+                           "legendgroup": label, "showlegend": False,
+                           "hovertemplate": f"{name}<br>{x}=%{{x}}<br>%{{text}}<extra></extra>"})
     return _figure(traces, {"barmode": "group", "title": {"text": title},
                             "xaxis": {"title": {"text": x}, "type": "category", "categoryorder": "array",
                                       "categoryarray": _axis_labels(table, x)},
