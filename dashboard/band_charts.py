@@ -5,6 +5,8 @@ sensitivity). A DataFrame in, a figure out; the shared colours, axes and notes a
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import numpy as np
@@ -84,37 +86,56 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
     """The learning rate (dotted, right axis) drawn over the mean ``metric`` curve (solid, left axis),
     one colour per value of ``color_by``, so the loss's steps line up with the schedule's. ``bands``
     is dashboard.data.curve_bands with the splits ``loss`` and ``lr`` (the epoch's rate)."""
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
     groups = bands.groupby(color_by, sort=False, dropna=False) if len(bands) else []
+    traces = []
     for value, rows in sorted(groups, key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(value))
         color = colors.get(label, _MISSING_COLOR)
         loss, rate = (rows[rows["split"] == split].sort_values("epoch") for split in ("loss", "lr"))
         shown = plotly_text(label)
-        figure.add_scatter(x=loss["epoch"].tolist(), y=loss["mean"].tolist(), mode="lines", name=f"{color_by}={shown}",
-                           customdata=loss["n"].tolist(), line={"color": color}, legendgroup=label, secondary_y=False,
-                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
-                                         "(%{customdata} runs)<extra></extra>")
-        figure.add_scatter(x=rate["epoch"].tolist(), y=rate["mean"].tolist(), mode="lines", name=f"lr ({shown})",
-                           customdata=rate["n"].tolist(), line={"color": color, "dash": "dot"}, legendgroup=label,
-                           showlegend=False, secondary_y=True,
-                           hovertemplate=f"{color_by}={shown}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
-                                         "<extra></extra>")
+        traces.append({"type": "scatter", "x": loss["epoch"].tolist(), "y": loss["mean"].tolist(), "mode": "lines",
+                       "name": f"{color_by}={shown}", "customdata": loss["n"].tolist(), "line": {"color": color},
+                       "legendgroup": label, "xaxis": "x", "yaxis": "y",
+                       "hovertemplate": f"{color_by}={shown}<br>epoch %{{x}}<br>mean {metric} %{{y:.4g}} "
+                                        "(%{customdata} runs)<extra></extra>"})
+        traces.append({"type": "scatter", "x": rate["epoch"].tolist(), "y": rate["mean"].tolist(), "mode": "lines",
+                       "name": f"lr ({shown})", "customdata": rate["n"].tolist(),
+                       "line": {"color": color, "dash": "dot"}, "legendgroup": label, "showlegend": False,
+                       "xaxis": "x", "yaxis": "y2",
+                       "hovertemplate": f"{color_by}={shown}<br>epoch %{{x}}<br>learning rate %{{y:.4g}}"
+                                        "<extra></extra>"})
     loss_type, loss_range, note = axis_plan(bands.loc[bands["split"] == "loss", "mean"] if len(bands) else [])
     rate_type = axis_plan(bands.loc[bands["split"] == "lr", "mean"] if len(bands) else [])[0]
-    figure.update_layout(title={"text": "Learning-rate schedule over the loss",
-                                "subtitle": {"text": f"solid: mean {metric} (left), dotted: learning rate (right). "
-                                                     + subtitle}},
-                         margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}})
-    figure.update_xaxes(title_text="epoch")
-    figure.update_yaxes(title_text=metric, type=loss_type, range=_axis_range(loss_type, loss_range),
-                        secondary_y=False, **(log_ticks(bands.loc[bands["split"] == "loss", "mean"], loss_range)
-                                              if loss_type == "log" else {}))
-    figure.update_yaxes(title_text="learning rate", type=rate_type, secondary_y=True,
-                        tickformat=".2~g")  # "0.4", "0.0069": plotly's log ticks read "120.0114µ" otherwise
+    layout = _secondary_y_layout()
+    layout["xaxis"]["title"] = {"text": "epoch"}
+    layout["yaxis"].update(title={"text": metric}, type=loss_type,
+                           **({"range": _axis_range(loss_type, loss_range)} if loss_range is not None else {}),
+                           **(log_ticks(bands.loc[bands["split"] == "loss", "mean"], loss_range)
+                              if loss_type == "log" else {}))
+    layout["yaxis2"].update(title={"text": "learning rate"}, type=rate_type,
+                            tickformat=".2~g")  # "0.4", "0.0069": plotly's log ticks read "120.0114µ" otherwise
+    layout.update(title={"text": "Learning-rate schedule over the loss",
+                         "subtitle": {"text": f"solid: mean {metric} (left), dotted: learning rate (right). "
+                                              + subtitle}},
+                  margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}})
+    # Built without plotly's per-property validation (our own values): validating each line and
+    # layout update took most of the chart's time.
+    figure = go.Figure({"data": traces, "layout": layout}, _validate=False)
     _note(figure, note)
     return figure
+
+
+@functools.cache
+def _secondary_y_layout_kept() -> dict:
+    layout = make_subplots(specs=[[{"secondary_y": True}]]).layout.to_plotly_json()
+    return {key: value for key, value in layout.items() if key != "template"}
+
+
+def _secondary_y_layout() -> dict:
+    """One plot with a second y axis on the right, as plotly's make_subplots lays it out: computed
+    once, a copy each time."""
+    return copy.deepcopy(_secondary_y_layout_kept())
 
 
 def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,

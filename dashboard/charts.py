@@ -3,6 +3,8 @@ so every chart can be unit-tested (and reused in a notebook) without a running a
 
 from __future__ import annotations
 
+import copy
+import functools
 import numbers
 from typing import Any
 
@@ -321,7 +323,8 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
 def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: float, x: str, color_by: str,
                           column: str = "val_loss") -> go.Figure:
     """Mean epochs to reach ``column`` <= ``target`` per ``x`` and ``color_by``, among the trials that
-    reached it; each bar says how many of its trials did (a group where none did has no bar).
+    reached it; each bar says how many of its trials did. A group where none did has no bar: its slot
+    says "none reached (0/N)", so that the gap is not read as zero epochs.
 
     ``reached`` is the first epoch at the target per trial id (services.analysis.epochs_to_target, or
     the database's aggregate of the same rule); trials of ``trials`` missing from it never got there.
@@ -331,7 +334,8 @@ def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: f
     summary = merged.groupby(_unique([color_by, x]), sort=False, dropna=False)["epochs_to_target"].agg(
         ["mean", "count", "size"]).reset_index()
     summary["text"] = [f"{int(got)}/{int(of)}" for got, of in zip(summary["count"], summary["size"], strict=True)]
-    return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text",
+    summary["none_text"] = [f"none reached (0/{int(of)})" for of in summary["size"]]
+    return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text", empty_text="none_text",
                          title=f"Epochs until {column} <= {target:g}", y_title="epochs (mean of those that got there)")
 
 
@@ -340,53 +344,77 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
     the share of trained trials that diverged, below the share that was unstable (the loss once rose
     above UNSTABLE_RATIO x its baseline, then came back), in the same colours."""
     rates = analysis.divergence_rate(trials, by=_unique([color_by, x]))
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16, subplot_titles=[
-        "diverged (the loss became NaN or infinite)",
-        f"unstable (rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back)"])
-    figure.for_each_annotation(lambda note: note.update(x=0, xanchor="left", font={"size": 12}))  # fits a column
     colors = _color_map(rates[color_by].tolist() if color_by in rates else [])
     groups = rates.groupby(color_by, sort=False, dropna=False) if len(rates) else []
+    traces = []
     for group, rows in sorted(groups, key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
         xs = [_format_value(v) for v in rows[x]]
         for row, (share, count) in enumerate((("rate", "diverged"), ("unstable_rate", "unstable")), start=1):
             text = [f"{int(k)}/{int(n)}" for k, n in zip(rows[count], rows["trials"], strict=True)]
-            figure.add_trace(go.Bar(x=xs, y=rows[share].tolist(), text=text, name=f"{color_by}={plotly_text(label)}",
-                                    legendgroup=label, showlegend=row == 1,
-                                    marker_color=colors.get(label, _MISSING_COLOR),
-                                    hovertemplate=f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>{count}: %{{text}}"
-                                                  "<extra></extra>"), row=row, col=1)
-    figure.update_layout(barmode="group", title={"text": "Divergence rate", "subtitle": {
-                             "text": "share of the trained runs of each bar; the stored verdicts are unchanged"}},
-                         # Below the bars, not beside them: beside, it took the width that the second
-                         # panel's title needs in a half-page column, and the title ran under it.
-                         legend={"title": {"text": color_by}, "orientation": "h", "x": 0, "xanchor": "left",
-                                 "y": -0.12, "yanchor": "top"}, height=580,
-                         margin={"l": 10, "r": 10, "t": 95, "b": 40})
+            traces.append({"type": "bar", "x": xs, "y": rows[share].tolist(), "text": text,
+                           "name": f"{color_by}={plotly_text(label)}", "legendgroup": label, "showlegend": row == 1,
+                           "marker": {"color": colors.get(label, _MISSING_COLOR)},
+                           "hovertemplate": f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>{count}: %{{text}}"
+                                            "<extra></extra>",
+                           "xaxis": "x" if row == 1 else "x2", "yaxis": "y" if row == 1 else "y2"})
+    layout = _two_rows_layout()
+    for note in layout["annotations"]:
+        note.update(x=0, xanchor="left", font={"size": 12})  # the panels' titles fit a column
     # In the values' order, not in the order the colours first show them (0.001, 0.1, 0.01 when the
     # first colour lacks 0.01).
-    figure.update_xaxes(type="category", categoryorder="array", categoryarray=_axis_labels(rates, x))
-    figure.update_xaxes(title_text=x, row=2, col=1)
-    figure.update_yaxes(range=[0, 1.05], tickformat=".0%", title_text="share of runs")
-    return figure
+    categories = {"type": "category", "categoryorder": "array", "categoryarray": _axis_labels(rates, x)}
+    layout["xaxis"].update(categories)
+    layout["xaxis2"].update(categories, title={"text": x})
+    for axis in ("yaxis", "yaxis2"):
+        layout[axis].update(range=[0, 1.05], tickformat=".0%", title={"text": "share of runs"})
+    layout.update(barmode="group", title={"text": "Divergence rate", "subtitle": {
+                      "text": "share of the trained runs of each bar; the stored verdicts are unchanged"}},
+                  # Below the bars, not beside them: beside, it took the width that the second
+                  # panel's title needs in a half-page column, and the title ran under it.
+                  legend={"title": {"text": color_by}, "orientation": "h", "x": 0, "xanchor": "left",
+                          "y": -0.12, "yanchor": "top"}, height=580,
+                  margin={"l": 10, "r": 10, "t": 95, "b": 40})
+    return _figure(traces, layout)
+
+
+@functools.cache
+def _two_rows_layout_kept() -> dict:
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16, subplot_titles=[
+        "diverged (the loss became NaN or infinite)",
+        f"unstable (rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back)"])
+    return {key: value for key, value in figure.layout.to_plotly_json().items() if key != "template"}
+
+
+def _two_rows_layout() -> dict:
+    """The divergence chart's two panels (diverged above unstable, one x axis), as plotly's
+    make_subplots lays them out: computed once, a copy each time."""
+    return copy.deepcopy(_two_rows_layout_kept())
+
+
+def _figure(traces: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain trace and layout dicts, without plotly's per-property validation (our own
+    values, in plotly's own form): validating each property of a few bar charts took a tenth of a
+    page."""
+    return go.Figure({"data": traces, "layout": layout}, _validate=False)
 
 
 def difference_interval(result: analysis.MeanDifference, *, label_a: str, label_b: str, metric: str) -> go.Figure:
     """The mean difference A - B as a point with its 95% confidence interval, beside a line at 0."""
-    figure = go.Figure()
+    point = {"type": "scatter", "x": [result.difference], "y": ["A - B"], "mode": "markers",
+             "marker": {"size": 12, "color": "#1f77b4"},
+             "hovertemplate": f"{metric}: A - B = %{{x:.4g}}<extra></extra>"}
     if result.low is not None and result.high is not None:
-        error = {"type": "data", "symmetric": False, "array": [result.high - result.difference],
-                 "arrayminus": [result.difference - result.low]}
-    else:
-        error = None
-    figure.add_scatter(x=[result.difference], y=["A - B"], mode="markers", marker={"size": 12, "color": "#1f77b4"},
-                       error_x=error, hovertemplate=f"{metric}: A - B = %{{x:.4g}}<extra></extra>")
-    figure.add_vline(x=0, line={"color": "#7f7f7f", "dash": "dash"})
-    figure.update_layout(title={"text": f"Mean {metric}: A - B, with its 95% confidence interval",
-                                "subtitle": {"text": f"A: {label_a} · B: {label_b}"}},
-                         height=220, margin={"l": 10, "r": 10, "t": 70, "b": 40}, xaxis={"title": metric})
-    return figure
+        point["error_x"] = {"type": "data", "symmetric": False, "array": [result.high - result.difference],
+                            "arrayminus": [result.difference - result.low]}
+    return _figure([point], {"title": {"text": f"Mean {metric}: A - B, with its 95% confidence interval",
+                                       "subtitle": {"text": f"A: {label_a} · B: {label_b}"}},
+                             "height": 220, "margin": {"l": 10, "r": 10, "t": 70, "b": 40},
+                             "xaxis": {"title": {"text": metric}},
+                             # A dashed line at 0 across the plot (what add_vline(x=0) draws).
+                             "shapes": [{"type": "line", "x0": 0, "x1": 0, "xref": "x", "y0": 0, "y1": 1,
+                                         "yref": "y domain", "line": {"color": "#7f7f7f", "dash": "dash"}}]})
 
 
 def points_shipped(figure: go.Figure) -> int:
@@ -401,23 +429,35 @@ def points_shipped(figure: go.Figure) -> int:
 
 
 def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
-                  y_title: str) -> go.Figure:
-    figure = go.Figure()
+                  y_title: str, empty_text: str | None = None) -> go.Figure:
+    """One bar per row of ``table``, grouped along ``x``, one colour per ``color_by``, labelled with its
+    ``text``. A row without a ``value`` has no bar; with ``empty_text`` (a column), its slot says so:
+    the text, written upwards from the axis in an empty bar of the same colour group."""
     colors = _color_map(table[color_by].tolist() if color_by in table else [])
+    traces = []
     for group, rows in sorted(table.groupby(color_by, sort=False, dropna=False) if len(table) else [],
                               key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(group))
         rows = rows.sort_values(x, key=lambda column: column.map(_sort_key))
-        figure.add_bar(x=[_format_value(v) for v in rows[x]], y=rows[value].tolist(), text=rows[text].tolist(),
-                       name=f"{color_by}={plotly_text(label)}", marker_color=colors.get(label, _MISSING_COLOR),
-                       hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>%{{y:.3g}} "
-                                      "(%{text})<extra></extra>"))
-    figure.update_layout(barmode="group", title={"text": title},
-                         xaxis={"title": x, "type": "category", "categoryorder": "array",
-                                "categoryarray": _axis_labels(table, x)},
-                         yaxis={"title": y_title}, legend={"title": {"text": color_by}},
-                         margin={"l": 10, "r": 10, "t": 50, "b": 40})
-    return figure
+        name, color = f"{color_by}={plotly_text(label)}", colors.get(label, _MISSING_COLOR)
+        traces.append({"type": "bar", "x": [_format_value(v) for v in rows[x]], "y": rows[value].tolist(),
+                       "text": rows[text].tolist(), "name": name, "marker": {"color": color},
+                       # One slot per colour, shared with the empty bars below: a label sits in its gap.
+                       "offsetgroup": label, "legendgroup": label,
+                       "hovertemplate": (f"{name}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")})
+        empty = rows[rows[value].isna()] if empty_text is not None else rows.iloc[:0]
+        if len(empty):
+            traces.append({"type": "bar", "x": [_format_value(v) for v in empty[x]], "y": [0] * len(empty),
+                           "text": empty[empty_text].tolist(), "textposition": "outside", "textangle": -90,
+                           "constraintext": "none",
+                           "cliponaxis": False, "marker": {"color": color}, "name": name, "offsetgroup": label,
+                           "legendgroup": label, "showlegend": False,
+                           "hovertemplate": f"{name}<br>{x}=%{{x}}<br>%{{text}}<extra></extra>"})
+    return _figure(traces, {"barmode": "group", "title": {"text": title},
+                            "xaxis": {"title": {"text": x}, "type": "category", "categoryorder": "array",
+                                      "categoryarray": _axis_labels(table, x)},
+                            "yaxis": {"title": {"text": y_title}}, "legend": {"title": {"text": color_by}},
+                            "margin": {"l": 10, "r": 10, "t": 50, "b": 40}})
 
 
 def _add_curve_1d(figure: go.Figure, curve: dict, *, column: int) -> None:

@@ -39,6 +39,7 @@ from services.queries import (
     epoch_rows,
     get_experiment,
     last_epoch_values,
+    last_epoch_values_recorded,
     layer_grad_norm_rows,
     list_experiments,
     loss_maxima,
@@ -335,6 +336,22 @@ def final_norms(experiment_id: int) -> pd.DataFrame:
     url = _ready_url()
     with _reading(url):
         return _per_change(url, experiment_id, "final_norms", lambda: _final_norms(url, experiment_id))
+
+
+def final_norms_recorded(experiment_id: int, *, statuses: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of :func:`final_norms`' columns (final_grad_norm, final_weight_norm) hold a value for at
+    least one trial of ``statuses``, without reading them for every trial
+    (services.queries.last_epoch_values_recorded): a page offers a norm, and reads it once chosen."""
+    url = _ready_url()
+
+    def read() -> tuple[str, ...]:
+        with session_scope(_engine(url)) as session:
+            found = last_epoch_values_recorded(session, experiment_id, fields=("grad_norm", "weight_norm"),
+                                               statuses=statuses)
+        return tuple(f"final_{name}" for name in found)
+
+    with _reading(url):
+        return _per_change(url, experiment_id, f"final_norms_recorded {statuses!r}", read)
 
 
 def sibling_diagnoses(experiment_id: int) -> pd.DataFrame:

@@ -188,25 +188,36 @@ class Handling:
     # its id (the frame kept beside them, so that a new frame never inherits an old id's answer): a
     # page's six charts need not look through 50 columns of 10,000 runs six times.
     varying: dict[int, tuple[pd.DataFrame, list[str]]] = field(default_factory=dict, compare=False, repr=False)
+    # The selections made in this page run, by the frame's id and the shown columns (the frame kept
+    # beside each): two charts that draw the same columns share one.
+    selections: dict[tuple, tuple[pd.DataFrame, Selection]] = field(default_factory=dict, compare=False, repr=False)
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
+        shown = [name for name in shown if name]
+        made = self.selections.get((id(trials), *shown))
+        if made is not None and made[0] is trials:
+            return made[1]
         seen = self.varying.get(id(trials))
         if seen is None or seen[0] is not trials:
             seen = self.varying[id(trials)] = (
                 trials, configuration_parameters(trials, trial_tables.parameter_columns(trials)))
-        return select_configurations(trials, shown=[name for name in shown if name], metric=self.metric,
-                                     goal=self.goal, parameters=seen[1], handling=self.handling, held=self.held)
+        chosen = select_configurations(trials, shown=shown, metric=self.metric, goal=self.goal, parameters=seen[1],
+                                       handling=self.handling, held=self.held)
+        self.selections[(id(trials), *shown)] = (trials, chosen)
+        return chosen
 
 
-def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str]) -> Handling:
+def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str],
+                     recorded: Sequence[str] = ()) -> Handling:
     """An expander that says, for each parameter that tells configurations apart, what a chart that
     does not draw it (on an axis, as the colour or as panels) does with it: best (each line at the value
     with the best mean ``metric`` over seeds, the default), held at a chosen value, or averaged (then the
-    band spans configurations and the caption says so)."""
+    band spans configurations and the caption says so). ``metrics`` are offered when ``trials`` holds a
+    number of them, or when they are ``recorded`` (known to hold one, not read until chosen)."""
     names = configuration_parameters(trials, trial_tables.parameter_columns(trials))
     offered = [name for name in metrics
-               if name in trials and trial_tables.any_number(trials[name])]
+               if name in recorded or (name in trials and trial_tables.any_number(trials[name]))]
     handling: dict[str, str] = {}
     held: dict[str, object] = {}
     with st.expander("Parameters not on a chart's axes, colour or panels: " + (", ".join(

@@ -401,6 +401,25 @@ def last_epoch_values(session: Session, experiment_id: int, *, fields: tuple[str
     return {row[0]: dict(zip(fields, row[1:], strict=True)) for row in result}
 
 
+def last_epoch_values_recorded(session: Session, experiment_id: int, *, fields: tuple[str, ...],
+                               statuses: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Those of ``fields`` that :func:`last_epoch_values` gives a value (not None) for at least one
+    trial of the experiment (of ``statuses``, default any): one look-up per field that stops at the
+    first such trial, so that a page can offer a metric without reading it for 10,000 trials."""
+    _check_fields(fields)
+    epochs = EpochMetric.__table__.c
+    recorded = []
+    for name in fields:
+        query = (select(epochs.trial_id)
+                 .join(Trial, (Trial.id == epochs.trial_id) & (Trial.epochs_done == epochs.epoch))
+                 .where(Trial.experiment_id == experiment_id, epochs[name].is_not(None)).limit(1))
+        if statuses is not None:
+            query = query.where(Trial.status.in_(list(statuses)))
+        if session.connection().execute(query).first() is not None:
+            recorded.append(name)
+    return tuple(recorded)
+
+
 def stored_diagnoses(session: Session, experiment_id: int) -> list[dict[str, Any]]:
     """What services.analysis.rejudge_among_siblings takes, for every ended trial of an experiment:
     trial_id, config, verdict, and the stored diagnosis's ``reasons`` and ``numbers``. One query of

@@ -25,6 +25,7 @@ RANGE_TESTS_SHOWN = 30  # each curve is up to 2,000 points; more tests than this
 SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
                        "final weight norm": {"value": "final_weight_norm"},
                        "final gradient norm": {"value": "final_grad_norm"}}
+NORMS = ("final_grad_norm", "final_weight_norm")  # per trial, read only once a choice on the page uses them
 
 
 def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
@@ -174,7 +175,16 @@ def _drawn(trials: pd.DataFrame) -> pd.DataFrame:
     return trials if st.session_state.get("optimizers_include_diverged") else trials[~widgets.diverged_mask(trials)]
 
 
-def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
+def norms_chosen() -> bool:
+    """Whether a choice on the page (the metric that picks the best values, the sensitivity metric or
+    the compared metric) is a final norm: only then are the norms read for every trial (a join of each
+    trial's last epoch row, a tenth of the page at 10,000 trials)."""
+    chosen = {st.session_state.get("optimizers_others_best_metric"), st.session_state.get("optimizers_compare_metric"),
+              *SENSITIVITY_METRICS.get(st.session_state.get("optimizers_sensitivity_metric"), {}).values()}
+    return not chosen.isdisjoint(NORMS)
+
+
+def compare_two(trials: pd.DataFrame, groups: list[str], recorded: tuple[str, ...] = ()) -> None:
     st.subheader("A against B")
     labels = widgets.configuration_labels(trials, groups)
     configurations = sorted(labels.unique())
@@ -184,7 +194,7 @@ def compare_two(trials: pd.DataFrame, groups: list[str]) -> None:
     a_column, b_column, metric_column = st.columns([2, 2, 1])
     a = a_column.selectbox("A", configurations, index=0, key="optimizers_compare_a")
     b = b_column.selectbox("B", configurations, index=1, key="optimizers_compare_b")
-    metrics = [name for name in COMPARED if name in trials and trials[name].notna().any()]
+    metrics = [name for name in COMPARED if name in recorded or (name in trials and trials[name].notna().any())]
     if not metrics:
         st.info("These trials recorded no final metric to compare (every one of them diverged, or ended before "
                 "its first epoch).")
@@ -220,11 +230,16 @@ trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
     st.stop()
-trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
+recorded: tuple[str, ...] = ()  # the norms some trial holds, offered in the metric lists though not read
+if norms_chosen():
+    trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
+else:  # a look-up that stops at the first trial holding them; the index as the merge leaves it
+    trained, recorded = trained.reset_index(drop=True), data.final_norms_recorded(experiment_id,
+                                                                                  statuses=widgets.TRAINED)
 groups = widgets.grouping_choices(all_trials)
 range_test(trained, groups)
 chosen_band, banded = widgets.band_controls(trained, key="optimizers")
-handled = widgets.other_parameters(trained, key="optimizers_others", metrics=COMPARED)
+handled = widgets.other_parameters(trained, key="optimizers_others", metrics=COMPARED, recorded=recorded)
 if banded.empty:
     st.info("Every trial diverged: turn on \"Include diverged runs\" to draw their curves.")
     colour = widgets.parameter_picker("One line per", groups, key="optimizers_group", preferred=OPTIMIZATION)
@@ -234,4 +249,4 @@ else:
 speed_and_divergence(experiment_id, trained, groups, colour, handled)
 if not banded.empty:
     schedule(trained, groups, handled)
-compare_two(trained, groups)
+compare_two(trained, groups, recorded)

@@ -281,6 +281,39 @@ def test_optimizers_page_follows_the_group_and_the_configs_compared(filled: Fill
     assert app.markdown[-1].value != before
 
 
+def test_optimizers_page_offers_the_final_norms_and_reads_them_once_chosen(filled: Filled):
+    """The norms at each trial's last epoch are offered as metrics without being read for every trial
+    (a tenth of the page at 10,000 trials); chosen, they are read and compared with their true means."""
+    import os
+
+    from dashboard import frames
+    from services.db import session_scope
+    from services.queries import last_epoch_values, trial_rows
+
+    def kept_reads() -> set[str]:
+        return {name for (_, experiment_id), (_, values) in frames._kept.items() if experiment_id == filled.sine
+                for name in values}
+
+    app = run_app(page=OPTIMIZERS_PAGE, query={"experiment": str(filled.sine)})
+    for key in ("optimizers_compare_metric", "optimizers_others_best_metric"):
+        assert {"final_weight_norm", "final_grad_norm"} <= set(app.selectbox(key=key).options)
+    assert "final_norms" not in kept_reads()
+
+    app.selectbox(key="optimizers_compare_metric").select("final_weight_norm").run()
+
+    assert not app.exception and "final_norms" in kept_reads()
+    label_a = app.selectbox(key="optimizers_compare_a").value  # "optimizer=adam, lr=0.01"
+    chosen = dict(part.split("=") for part in label_a.split(", "))
+    engine = make_engine(os.environ["FITSCOPE_DATABASE_URL"])
+    with session_scope(engine) as session:
+        norms = last_epoch_values(session, filled.sine)
+        runs = [row["trial_id"] for row in trial_rows(session, filled.sine)
+                if all(str(row[name]) == value for name, value in chosen.items())]
+    engine.dispose()
+    expected = sum(norms[trial_id]["weight_norm"] for trial_id in runs) / len(runs)
+    assert f"Mean final_weight_norm: A **{expected:.4g}** ({len(runs)} runs)" in app.markdown[-1].value
+
+
 def test_the_sensitivity_heading_names_the_parameter_on_its_x_axis(filled: Filled):
     app = run_app(page=OPTIMIZERS_PAGE, query={"experiment": str(filled.sine)})
     assert "Sensitivity to the learning rate" in [header.value for header in app.subheader]

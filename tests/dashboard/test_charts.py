@@ -322,14 +322,35 @@ def test_epochs_to_target_and_divergence_bars():
     first = analysis.epochs_to_target(curves, target=0.5).dropna()
 
     reached = charts.epochs_to_target_bars(first, trials, target=0.5, x="optimizer", color_by="width")
-    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in reached.data}
+    bars = [trace for trace in reached.data if trace.textposition != "outside"]  # not the "none reached" labels
+    by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in bars}
     assert by_name["width=8"] == {"adam": 3.0, "sgd": 3.0} and by_name["width=64"]["adam"] == 3.0
     assert math.isnan(by_name["width=64"]["sgd"])
-    assert {trace.name: list(trace.text) for trace in reached.data}["width=64"] == ["1/1", "0/1"]
+    assert {trace.name: list(trace.text) for trace in bars}["width=64"] == ["1/1", "0/1"]
 
     rates = charts.divergence_bars(trials, x="optimizer", color_by="width")
     by_name = {trace.name: dict(zip(trace.x, trace.y, strict=True)) for trace in rates.data if trace.yaxis == "y"}
     assert by_name == {"width=8": {"adam": 0.0, "sgd": 0.0}, "width=64": {"adam": 1.0, "sgd": 0.0}}
+
+
+def test_a_group_where_no_run_reached_the_target_is_labelled_in_its_own_slot_not_left_blank():
+    """An empty slot read as zero epochs: each gap says "none reached (0/N)", at the bar's place (the
+    same colour's offset group), in an empty bar that plotly draws no height for."""
+    trials = pd.DataFrame({"trial_id": range(8), "lr": [0.01, 0.01, 0.1, 0.1] * 2,
+                           "optimizer": ["adam"] * 4 + ["sgd"] * 4})
+    reached = pd.Series({0: 5, 1: 7, 2: 3, 4: 9})  # sgd at lr 0.1 (trials 6, 7) never got there, nor 3 or 5
+
+    figure = charts.epochs_to_target_bars(reached, trials, target=0.5, x="lr", color_by="optimizer")
+
+    bars = {trace.name: trace for trace in figure.data if trace.textposition != "outside"}
+    labels = {trace.name: trace for trace in figure.data if trace.textposition == "outside"}
+    assert dict(zip(bars["optimizer=adam"].x, bars["optimizer=adam"].y, strict=True)) == {"0.01": 6.0, "0.1": 3.0}
+    assert bars["optimizer=sgd"].y[0] == 9.0 and math.isnan(bars["optimizer=sgd"].y[1])
+    assert list(labels) == ["optimizer=sgd"]  # adam reached the target in every slot: no label
+    (empty,) = labels.values()
+    assert list(empty.x) == ["0.1"] and list(empty.y) == [0] and list(empty.text) == ["none reached (0/2)"]
+    assert empty.offsetgroup == bars["optimizer=sgd"].offsetgroup != bars["optimizer=adam"].offsetgroup
+    assert empty.showlegend is False and empty.legendgroup == bars["optimizer=sgd"].legendgroup
 
 
 def test_prediction_panels_put_curves_and_boundaries_side_by_side():

@@ -7,10 +7,12 @@ import math
 
 import pandas as pd
 import pytest
+from sqlalchemy import update
 
 from services import queries
 from services.analysis import bands_from_moments
 from services.db import session_scope
+from services.models import EpochMetric
 from services.spec import parse_spec
 from services.submission import submit
 from services.trials import record_epochs
@@ -69,6 +71,32 @@ def test_loss_maxima_and_epochs_to_reach_among_chosen_trials(database_url: str, 
         reached = queries.epochs_to_reach(session, experiment_id, field="val_loss", target=0.5, trial_ids=ids[:2])
     assert maxima[ids[4]][1] == 1e10 and math.isclose(maxima[ids[0]][0], 1.0)
     assert reached == {ids[0]: 4, ids[1]: 4}
+
+
+def test_norms_recorded_are_those_the_last_epochs_hold(database_url: str, engine_for) -> None:
+    """last_epoch_values_recorded names a field exactly when last_epoch_values gives it a value for
+    some trial: a norm recorded on an earlier epoch only does not count, nor a trial of another status."""
+    engine = engine_for(database_url)
+    ids, _ = fill(engine)
+    with session_scope(engine) as session:
+        # ids[1] ran 4 epochs (fill): its gradient norm is on epoch 2 only, its weight norm on its last.
+        session.execute(update(EpochMetric).where(
+            EpochMetric.trial_id == ids[1], EpochMetric.epoch == 2).values(grad_norm=0.5))
+        session.execute(update(EpochMetric).where(
+            EpochMetric.trial_id == ids[1], EpochMetric.epoch == 4).values(weight_norm=3.0))
+    with session_scope(engine) as session:
+        experiment_id = session.execute(queries.select(queries.Trial.experiment_id)).scalars().first()
+        status = session.get(queries.Trial, ids[1]).status
+        values = queries.last_epoch_values(session, experiment_id)
+        recorded = queries.last_epoch_values_recorded(session, experiment_id, fields=("grad_norm", "weight_norm"))
+        of_status = queries.last_epoch_values_recorded(session, experiment_id, fields=("grad_norm", "weight_norm"),
+                                                       statuses=[status])
+        of_others = queries.last_epoch_values_recorded(session, experiment_id, fields=("weight_norm",),
+                                                       statuses=["succeeded", "diverged"])
+    expected = tuple(name for name in ("grad_norm", "weight_norm")
+                     if any(row[name] is not None for row in values.values()))
+    assert recorded == of_status == expected == ("weight_norm",)
+    assert of_others == () and status not in ("succeeded", "diverged")
 
 
 def test_json_columns_decode_as_json_does_non_finite_floats_included():

@@ -1,0 +1,27 @@
+"""Unit tests of the shared widgets' pure parts, from small hand-made DataFrames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dashboard import widgets
+from services.selection import select_configurations
+
+
+def test_two_charts_that_draw_the_same_columns_share_one_selection_of_the_same_trials():
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame({"trial_id": range(24), "optimizer": ["adam", "sgd"] * 12,
+                           "lr": [0.1, 0.1, 0.01, 0.01] * 6, "seed": np.repeat(range(6), 4),
+                           "final_val_loss": rng.uniform(size=24)})
+    handling = widgets.Handling({"lr": "best"}, {}, "final_val_loss", "minimize")
+
+    first = handling.select(trials, shown=["optimizer"])
+    again = handling.select(trials, shown=["optimizer", None])
+    other = handling.select(trials.copy(), shown=["optimizer"])
+
+    direct = select_configurations(trials, shown=["optimizer"], parameters=["optimizer", "lr"],
+                                   metric="final_val_loss")
+    assert again is first and other is not first
+    assert first.trials.equals(direct.trials) and other.trials.equals(direct.trials)
+    assert handling.select(trials, shown=["optimizer", "lr"]).trials.equals(trials)  # nothing left to choose
