@@ -20,6 +20,7 @@ viewed, so its trials frame is kept (its stamp is still read). It prints both pe
 beside them, steadier on a shared machine). A page that shows an error stops the bench.
 
     .venv/bin/python bench/dashboard.py [--trials 10000] [--epochs 100] [--database-url URL] [--repeat 3]
+                                        [--page "Fit analysis"]
 
 Without --database-url a temporary SQLite file is used. A database given by URL must be empty, or hold
 only what an earlier run of this bench filled with the same --trials and --epochs: that experiment is
@@ -187,10 +188,11 @@ def _bulk_epochs(engine, columns: list[str], rows: list[tuple]) -> None:
                                [dict(zip(columns, row, strict=True)) for row in rows[start:start + 100_000]])
 
 
-def time_pages(experiment_id: int, trial_id: int, *, repeat: int = 1
+def time_pages(experiment_id: int, trial_id: int, *, repeat: int = 1, pages: list[str] | None = None
                ) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
-    """Each page opened as a user opens it (AppTest runs the real script), caches emptied first; the
-    fastest of ``repeat`` openings (wall and CPU seconds each the smallest)."""
+    """Each page (of ``pages``, default all) opened as a user opens it (AppTest runs the real
+    script), caches emptied first; the fastest of ``repeat`` openings (wall and CPU seconds each the
+    smallest). Every page is still opened once untimed first."""
     import streamlit as st
     from streamlit import config
     from streamlit.testing.v1 import AppTest
@@ -223,11 +225,12 @@ def time_pages(experiment_id: int, trial_id: int, *, repeat: int = 1
     def fastest(timings: list[tuple[float, float]]) -> tuple[float, float]:
         return min(wall for wall, _ in timings), min(cpu for _, cpu in timings)
 
-    runs = [([open_page(name, page) for name, page in PAGES.items()],
-             [open_page(name, page, cold=False) for name, page in PAGES.items()]) for _ in range(repeat)]
-    cold = [fastest([run[0][k] for run in runs]) for k in range(len(PAGES))]
-    unchanged = [fastest([run[1][k] for run in runs]) for k in range(len(PAGES))]
-    return [(name, first, second) for name, first, second in zip(PAGES, cold, unchanged, strict=True)]
+    timed = {name: page for name, page in PAGES.items() if pages is None or name in pages}
+    runs = [([open_page(name, page) for name, page in timed.items()],
+             [open_page(name, page, cold=False) for name, page in timed.items()]) for _ in range(repeat)]
+    cold = [fastest([run[0][k] for run in runs]) for k in range(len(timed))]
+    unchanged = [fastest([run[1][k] for run in runs]) for k in range(len(timed))]
+    return [(name, first, second) for name, first, second in zip(timed, cold, unchanged, strict=True)]
 
 
 def main() -> int:
@@ -237,6 +240,8 @@ def main() -> int:
     parser.add_argument("--database-url", default=None, help="an empty database (default: a temporary SQLite file)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="time each page this many times and print the fastest (a shared machine's noise)")
+    parser.add_argument("--page", action="append", choices=list(PAGES), default=None,
+                        help="time only this page (repeatable; default: every page)")
     args = parser.parse_args()
     import streamlit.logger
 
@@ -254,7 +259,8 @@ def main() -> int:
         else:
             print(f"reusing experiment {experiment_id}: {args.trials} trials x {args.epochs} epochs on "
                   f"{make_engine(url).dialect.name}, filled by an earlier run")
-        results = time_pages(experiment_id, trial_id=_a_trial(url, experiment_id), repeat=args.repeat)
+        results = time_pages(experiment_id, trial_id=_a_trial(url, experiment_id), repeat=args.repeat,
+                              pages=args.page)
     print(f"\n{'page':<26} {'cold s':>8} {'(cpu)':>7} {'unchanged s':>12} {'(cpu)':>7}  (bar: < {BAR_S:g} s)")
     for name, (cold, cold_cpu), (unchanged, unchanged_cpu) in results:
         print(f"{name:<26} {cold:>8.2f} {cold_cpu:>7.2f} {unchanged:>12.2f} {unchanged_cpu:>7.2f}  "
