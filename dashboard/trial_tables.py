@@ -51,9 +51,17 @@ def any_number(column: pd.Series) -> bool:
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
-              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    nested = [name for name in parameter_columns(trial_table) if _holds_nested(trial_table[name])]
     return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
+
+
+def _holds_nested(column: pd.Series) -> bool:
+    """Whether any value is a list or a dict. A grid leaves most object columns all missing (start,
+    grad_clip, folds, ...), which pandas' C type inference says at once; the others stop at the first
+    list found."""
+    if column.dtype != object or pd.api.types.infer_dtype(column, skipna=True) == "empty":
+        return False
+    return any(isinstance(value, list | dict) for value in column.tolist())
 
 
 def _as_text(value: Any) -> Any:
