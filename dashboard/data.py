@@ -264,6 +264,7 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
     each point."""
     url = _ready_url()
     by = list(dict.fromkeys(by))
+    trials = trials[list(dict.fromkeys([*by, "trial_id"]))]  # grouped below: the other 90 columns need not be
     grouped = list(trials.groupby([trials[name].astype(str) for name in by], sort=True)) if by and len(trials) \
         else ([((), trials)] if len(trials) else [])
     keys = [rows.iloc[0][by].tolist() for _, rows in grouped]
