@@ -45,7 +45,25 @@ def any_number(column: pd.Series) -> bool:
     each of 10,000 values as a number is for text columns only)."""
     if pd.api.types.is_numeric_dtype(column):  # booleans included, as to_numeric keeps them
         return bool(column.notna().any())
-    return bool(pd.to_numeric(column, errors="coerce").notna().any())
+    return bool(pd.to_numeric(_distinct_values(column), errors="coerce").notna().any())
+
+
+def all_numbers(column: pd.Series) -> bool:
+    """Whether the column has a value and every value it has is a number (or text that reads as one):
+    it can go on a numeric axis."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        return bool(column.notna().any())
+    values = _distinct_values(column)
+    return pd.to_numeric(values, errors="coerce").notna().sum() == values.notna().sum() > 0
+
+
+def _distinct_values(column: pd.Series) -> pd.Series:
+    """Each distinct value once (a verdict or optimizer column holds a handful among 10,000 runs), so
+    that parsing them as numbers reads a few, not all; the column itself when its values are unhashable."""
+    try:
+        return pd.Series(column.unique(), dtype=column.dtype)
+    except TypeError:  # lists or dicts
+        return column
 
 
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:

@@ -34,3 +34,19 @@ def test_groupable_writes_exactly_the_columns_that_hold_a_list_or_a_dict():
     assert rewritten == {name for name in trial_tables.parameter_columns(table)
                          if table[name].map(lambda value: isinstance(value, list | dict)).any()}
     assert rewritten == {"betas", "milestones", "early_stopping"}
+
+
+def test_number_checks_read_each_distinct_value_as_the_whole_column_would():
+    columns = {
+        "floats": pd.Series([0.1, None, 0.3]), "ints": pd.Series([1, 2, 3]), "bools": pd.Series([True, False]),
+        "text": pd.Series(["adam", "sgd", "adam"], dtype="str"), "numeric text": pd.Series(["0.1", "1e-3"], dtype="str"),
+        "some numeric text": pd.Series(["0.1", "fast", None], dtype="str"), "missing": pd.Series([None, None], dtype=object),
+        "mixed": pd.Series([1, "1", 2.5, None], dtype=object), "lists": pd.Series([[1], [2]], dtype=object),
+        "empty": pd.Series([], dtype=float),
+    }
+    for name, column in columns.items():
+        parsed = pd.to_numeric(column, errors="coerce")
+        assert trial_tables.any_number(column) == bool(parsed.notna().any()), name
+        assert trial_tables.all_numbers(column) == bool(parsed.notna().sum() == column.notna().sum() > 0), name
+    assert [name for name, column in columns.items() if trial_tables.all_numbers(column)] == [
+        "floats", "ints", "bools", "numeric text", "mixed"]
