@@ -244,10 +244,13 @@ def parameter_importance(trials: pd.DataFrame, *, parameters: Iterable[str], met
         return pd.DataFrame(columns=["parameter", "share"])
     grand = runs["_value"].mean()
     shares = {}
+    # Each parameter's values as the integer codes of their texts (the groups of astype(str), without
+    # writing 10,000 values out as text twice per parameter).
+    codes = {name: _text_codes(runs[name])[0] for name in names}
     for name in names:
-        groups = runs.groupby(runs[name].astype(str))["_value"].agg(["mean", "size"])
+        groups = runs["_value"].groupby(codes[name]).agg(["mean", "size"])
         shares[name] = float((groups["size"] * (groups["mean"] - grand) ** 2).sum()) / total
-    keys = [runs[name].astype(str) for name in names] or [pd.Series("all", index=runs.index)]
+    keys = [pd.Series(codes[name], index=runs.index) for name in names] or [pd.Series("all", index=runs.index)]
     within = runs["_value"] - runs.groupby(keys)["_value"].transform("mean")
     seed_noise = float((within ** 2).sum()) / total
     rows = sorted(shares.items(), key=lambda item: -item[1])
