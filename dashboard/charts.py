@@ -313,7 +313,8 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
                            subplot_titles=[titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown])
     traces, columns = [], []
     for column, (_, kinds) in enumerate(shown, start=1):
-        added = _curve_1d_traces(kinds["curve_1d"]) if "curve_1d" in kinds else _boundary_2d_traces(kinds["boundary_2d"])
+        added = (_curve_1d_traces(kinds["curve_1d"]) if "curve_1d" in kinds
+                 else _boundary_2d_traces(kinds["boundary_2d"]))
         traces += added
         columns += [column] * len(added)
     if traces:  # as dicts, at once: add_scatter builds and checks each trace (and its 300 colours) first

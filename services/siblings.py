@@ -61,9 +61,9 @@ def rejudge_table(trials):
         # One list per column and a dict per row from them: DataFrame.to_dict("records") boxed the same
         # Python values at several times the cost.
         columns = [ended[f"diag_{name}"].to_numpy(dtype=object)[again].tolist() for name in names]
+        rows = zip(*columns, strict=True)
         decided = [_decide(_numbers(dict(zip(names, values, strict=True)), reference=ref, excess=ex))
-                   for values, ref, ex in zip(zip(*columns), reference[again].tolist(), excess[again].tolist(),
-                                              strict=True)]
+                   for values, ref, ex in zip(rows, reference[again].tolist(), excess[again].tolist(), strict=True)]
         out.loc[again, "sibling_verdict"] = [verdict for verdict, _ in decided]
         for position, (_, why) in zip(again.nonzero()[0], decided, strict=True):
             reasons[position] = "; ".join(why)

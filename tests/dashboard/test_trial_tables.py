@@ -39,8 +39,10 @@ def test_groupable_writes_exactly_the_columns_that_hold_a_list_or_a_dict():
 def test_number_checks_read_each_distinct_value_as_the_whole_column_would():
     columns = {
         "floats": pd.Series([0.1, None, 0.3]), "ints": pd.Series([1, 2, 3]), "bools": pd.Series([True, False]),
-        "text": pd.Series(["adam", "sgd", "adam"], dtype="str"), "numeric text": pd.Series(["0.1", "1e-3"], dtype="str"),
-        "some numeric text": pd.Series(["0.1", "fast", None], dtype="str"), "missing": pd.Series([None, None], dtype=object),
+        "text": pd.Series(["adam", "sgd", "adam"], dtype="str"),
+        "numeric text": pd.Series(["0.1", "1e-3"], dtype="str"),
+        "some numeric text": pd.Series(["0.1", "fast", None], dtype="str"),
+        "missing": pd.Series([None, None], dtype=object),
         "mixed": pd.Series([1, "1", 2.5, None], dtype=object), "lists": pd.Series([[1], [2]], dtype=object),
         "empty": pd.Series([], dtype=float),
     }
