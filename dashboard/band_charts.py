@@ -153,7 +153,7 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels],
         figure=go.Figure(_validate=False))
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
-    numeric_x = bool(len(bands)) and all(_is_number(v) for v in bands[x])
+    numeric_x = bool(len(bands)) and (_numbers_only(bands[x]) or all(_is_number(v) for v in bands[x]))
     # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
     edges = bands["lower"].where((bands["lower"] > 0) | (bands["mean"] <= 0)) if len(bands) else []
     y_type, y_range, y_note = axis_plan(pd.concat([bands["mean"], bands["upper"], edges]) if len(bands) else [],
@@ -168,8 +168,9 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
     traces: list[dict] = []
     places: list[tuple[int, int]] = []
+    panel_of = bands[facet].map(_format_value) if facet else None  # once, not once per panel
     for k, panel in enumerate(panels):
-        rows_of_panel = bands[bands[facet].map(_format_value) == panel] if facet else bands
+        rows_of_panel = bands[panel_of == panel] if facet else bands
         row, col = k // columns + 1, k % columns + 1
         groups = rows_of_panel.groupby(_unique([color_by, "split"]), sort=False, dropna=False) \
             if len(rows_of_panel) else []
@@ -223,6 +224,11 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
         figure.update_yaxes(title_text=y_title, col=1)
     _note(figure, y_note)
     return figure
+
+
+def _numbers_only(column: pd.Series) -> bool:
+    """A numpy integer or float column: every value is a number (NaN too) without asking each one."""
+    return isinstance(column.dtype, np.dtype) and column.dtype.kind in "iuf"
 
 
 def _line_styles(bands: pd.DataFrame) -> str:

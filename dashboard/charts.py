@@ -309,13 +309,18 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
     without such an artifact are left out."""
     shown = [(trial_id, kinds) for trial_id, kinds in artifacts.items()
              if any(kind in kinds for kind in PREDICTION_KINDS)]
-    figure = make_subplots(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04,
+    # Built without plotly's per-property validation (the artifacts' own numbers and our colours): the
+    # 300 training points' colours were checked one by one, in every panel.
+    figure = make_subplots(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04, figure=go.Figure(_validate=False),
                            subplot_titles=[titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown])
+    traces, columns = [], []
     for column, (_, kinds) in enumerate(shown, start=1):
-        if "curve_1d" in kinds:
-            _add_curve_1d(figure, kinds["curve_1d"], column=column)
-        elif "boundary_2d" in kinds:
-            _add_boundary_2d(figure, kinds["boundary_2d"], column=column)
+        added = (_curve_1d_traces(kinds["curve_1d"]) if "curve_1d" in kinds
+                 else _boundary_2d_traces(kinds["boundary_2d"]))
+        traces += added
+        columns += [column] * len(added)
+    if traces:  # as dicts, at once: add_scatter builds and checks each trace (and its 300 colours) first
+        figure.add_traces(traces, rows=[1] * len(traces), cols=columns)
     figure.update_layout(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30}, showlegend=False)
     return figure
 
@@ -460,17 +465,18 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                             "margin": {"l": 10, "r": 10, "t": 50, "b": 40}})
 
 
-def _add_curve_1d(figure: go.Figure, curve: dict, *, column: int) -> None:
-    figure.add_scatter(x=curve["train_x"], y=curve["train_y"], mode="markers", name="training points",
-                       marker={"size": 4, "color": "#9e9e9e"}, row=1, col=column)
+def _curve_1d_traces(curve: dict) -> list[dict]:
+    traces = [dict(type="scatter", x=curve["train_x"], y=curve["train_y"], mode="markers", name="training points",
+                   marker={"size": 4, "color": "#9e9e9e"})]
     if curve.get("y_true"):
-        figure.add_scatter(x=curve["x"], y=curve["y_true"], mode="lines", name="truth",
-                           line={"color": "#000000", "dash": "dash"}, row=1, col=column)
-    figure.add_scatter(x=curve["x"], y=curve["y_pred"], mode="lines", name="model",
-                       line={"color": "#d62728", "width": 2.5}, row=1, col=column)
+        traces.append(dict(type="scatter", x=curve["x"], y=curve["y_true"], mode="lines", name="truth",
+                           line={"color": "#000000", "dash": "dash"}))
+    traces.append(dict(type="scatter", x=curve["x"], y=curve["y_pred"], mode="lines", name="model",
+                       line={"color": "#d62728", "width": 2.5}))
+    return traces
 
 
-def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
+def _boundary_2d_traces(boundary: dict) -> list[dict]:
     (x_low, x_high), (y_low, y_high), n = boundary["x_range"], boundary["y_range"], boundary["resolution"]
     classes = boundary["classes"] or [0]
     palette = [qualitative.Plotly[k % len(qualitative.Plotly)] for k in range(len(classes))]
@@ -478,13 +484,11 @@ def _add_boundary_2d(figure: go.Figure, boundary: dict, *, column: int) -> None:
              for edge in (k / len(classes), (k + 1) / len(classes))]
     # Cell centres as stored: column j is x_low + j * step, row i likewise in y (artifacts.py's grid).
     xs, ys = np.linspace(x_low, x_high, n).round(3).tolist(), np.linspace(y_low, y_high, n).round(3).tolist()
-    # z as an array: plotly validates a nested list of 3,600 cells one value at a time.
-    figure.add_heatmap(x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5, zmax=len(classes) - 0.5,
-                       colorscale=scale, opacity=0.35, showscale=False, hoverinfo="skip", row=1, col=column)
-    figure.add_scatter(x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
-                       marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],
-                               "line": {"width": 0.5, "color": "#ffffff"}},
-                       row=1, col=column)
+    return [dict(type="heatmap", x=xs, y=ys, z=np.asarray(boundary["predicted_class"]), zmin=-0.5,
+                 zmax=len(classes) - 0.5, colorscale=scale, opacity=0.35, showscale=False, hoverinfo="skip"),
+            dict(type="scatter", x=boundary["train_x"], y=boundary["train_y"], mode="markers", name="training points",
+                 marker={"size": 5, "color": [palette[label % len(palette)] for label in boundary["train_label"]],
+                         "line": {"width": 0.5, "color": "#ffffff"}})]
 
 
 def _axis_labels(frame: pd.DataFrame, column: str) -> list[str]:

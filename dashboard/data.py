@@ -265,6 +265,7 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
     each point."""
     url = _ready_url()
     by = list(dict.fromkeys(by))
+    trials = trials[list(dict.fromkeys([*by, "trial_id"]))]  # grouped below: the other 90 columns need not be
     grouped = list(trials.groupby([trials[name].astype(str) for name in by], sort=True)) if by and len(trials) \
         else ([((), trials)] if len(trials) else [])
     keys = [rows.iloc[0][by].tolist() for _, rows in grouped]
@@ -426,9 +427,10 @@ def _loss_maxima(url: str, experiment_id: int, above: float | None,
 def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         found = last_epoch_values(session, experiment_id, fields=("grad_norm", "weight_norm"))
-    rows = [{"trial_id": trial_id, "final_grad_norm": values["grad_norm"], "final_weight_norm": values["weight_norm"]}
-            for trial_id, values in found.items()]
-    return pd.DataFrame(rows, columns=["trial_id", "final_grad_norm", "final_weight_norm"])
+    # Column by column: a DataFrame from 10,000 row dicts took several times as long.
+    return pd.DataFrame({"trial_id": pd.Series(list(found), dtype="int64"),
+                         **{f"final_{name}": pd.Series([values[name] for values in found.values()], dtype="float64")
+                            for name in ("grad_norm", "weight_norm")}})
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)

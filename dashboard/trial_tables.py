@@ -45,15 +45,41 @@ def any_number(column: pd.Series) -> bool:
     each of 10,000 values as a number is for text columns only)."""
     if pd.api.types.is_numeric_dtype(column):  # booleans included, as to_numeric keeps them
         return bool(column.notna().any())
-    return bool(pd.to_numeric(column, errors="coerce").notna().any())
+    return bool(pd.to_numeric(_distinct_values(column), errors="coerce").notna().any())
+
+
+def all_numbers(column: pd.Series) -> bool:
+    """Whether the column has a value and every value it has is a number (or text that reads as one):
+    it can go on a numeric axis."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        return bool(column.notna().any())
+    values = _distinct_values(column)
+    return pd.to_numeric(values, errors="coerce").notna().sum() == values.notna().sum() > 0
+
+
+def _distinct_values(column: pd.Series) -> pd.Series:
+    """Each distinct value once (a verdict or optimizer column holds a handful among 10,000 runs), so
+    that parsing them as numbers reads a few, not all; the column itself when its values are unhashable."""
+    try:
+        return pd.Series(column.unique(), dtype=column.dtype)
+    except TypeError:  # lists or dicts
+        return column
 
 
 def groupable(trial_table: pd.DataFrame) -> pd.DataFrame:
     """The trials table with list and dict parameter values (betas, milestones, a CSV data set,
     early_stopping) as text, so that every parameter can be a group, a colour or an axis."""
-    nested = [name for name in parameter_columns(trial_table) if trial_table[name].dtype == object
-              and trial_table[name].map(lambda value: isinstance(value, list | dict)).any()]
+    nested = [name for name in parameter_columns(trial_table) if _holds_nested(trial_table[name])]
     return trial_table.assign(**{name: _as_texts(trial_table[name]) for name in nested})
+
+
+def _holds_nested(column: pd.Series) -> bool:
+    """Whether any value is a list or a dict. A grid leaves most object columns all missing (start,
+    grad_clip, folds, ...), which pandas' C type inference says at once; the others stop at the first
+    list found."""
+    if column.dtype != object or pd.api.types.infer_dtype(column, skipna=True) == "empty":
+        return False
+    return any(isinstance(value, list | dict) for value in column.tolist())
 
 
 def _as_text(value: Any) -> Any:

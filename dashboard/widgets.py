@@ -73,8 +73,7 @@ def grouping_choices(trials: pd.DataFrame) -> list[str]:
 
 def numeric_choices(trials: pd.DataFrame, names: Sequence[str]) -> list[str]:
     """Those of ``names`` whose every value is a number (they can go on a numeric x axis)."""
-    return [name for name in names if name in trials
-            and pd.to_numeric(trials[name], errors="coerce").notna().sum() == trials[name].notna().sum() > 0]
+    return [name for name in names if name in trials and trial_tables.all_numbers(trials[name])]
 
 
 def parameter_picker(label: str, options: Sequence[str], *, key: str, preferred: Sequence[str] = (),

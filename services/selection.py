@@ -81,11 +81,23 @@ def configuration_parameters(trials: pd.DataFrame, parameters: Iterable[str]) ->
 def _varies(column: pd.Series) -> bool:
     """More than one value, a missing one counting as a value: ``_distinct(column) > 1``, without
     hashing every value of a number or text column (a page asks this of 50 columns x 10,000 runs)."""
+    import numpy as np
+
+    numpy_dtype = isinstance(column.dtype, np.dtype)  # not pandas' nullable Int64, str, ...
+    if numpy_dtype and column.dtype.kind in "iub":  # integers and booleans: never missing, compared in numpy
+        values = column.to_numpy()
+        return len(values) > 1 and bool((values != values[0]).any())
+    if numpy_dtype and column.dtype.kind == "f":
+        values = column.to_numpy()
+        missing = np.isnan(values)
+        if missing.any():
+            return not missing.all()
+        return len(values) > 1 and bool((values != values[0]).any())
     missing = column.isna()
     if missing.any():
         return not missing.all()
-    if column.dtype != object:
-        return len(column) > 1 and bool((column != column.iloc[0]).any())
+    if column.dtype != object:  # text (pandas' str), dates, categories: counted by pandas (pyarrow for text)
+        return column.nunique(dropna=False) > 1
     values = column.tolist()  # lists (betas), dicts, mixed values: compared, not written out as text
     first = values[0] if values else None
     try:
@@ -141,7 +153,8 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     # The configurations as integer codes (one per distinct text, in the texts' sorted order), not as
     # text columns: grouping 10,000 runs by strings took most of a page's selections. Same groups, same
     # order, same means (pandas' grouped mean), same winners as grouping by the texts.
-    line_id, group_id = _group_ids(kept, lines), _group_ids(kept, lines + best)
+    codes = {name: _text_codes(kept[name]) for name in lines + best}  # each column's codes once for both
+    line_id, group_id = _group_ids(codes, lines), _group_ids(codes, lines + best)
     means = pd.Series(score.loc[kept.index].to_numpy()).groupby(group_id, sort=True).mean()
     groups = means.index.to_numpy()
     group_line = pd.Series(line_id).groupby(group_id, sort=True).first().to_numpy()
@@ -156,14 +169,16 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     return Selection(kept, handling, held_values, summary, metric, goal)
 
 
-def _group_ids(trials: pd.DataFrame, names: list[str]):
+def _group_ids(codes_of: dict[str, tuple], names: list[str]):
     """One integer per row for its combination of ``names``' texts, numbered in the sorted order of
-    the texts (name by name); a missing value is a text of its own (:func:`_text_codes`)."""
+    the texts (name by name); a missing value is a text of its own. ``codes_of``: each name's
+    :func:`_text_codes`."""
     import numpy as np
 
-    ids = np.zeros(len(trials), dtype=np.int64)
+    rows = len(next(iter(codes_of.values()))[0]) if codes_of else 0
+    ids = np.zeros(rows, dtype=np.int64)
     for name in names:
-        codes, size = _text_codes(trials[name])
+        codes, size = codes_of[name]
         # Renumbered densely, in the same order, so that many names cannot overflow.
         ids = np.unique(ids * max(size, 1) + codes, return_inverse=True)[1].astype(np.int64)
     return ids
@@ -229,10 +244,13 @@ def parameter_importance(trials: pd.DataFrame, *, parameters: Iterable[str], met
         return pd.DataFrame(columns=["parameter", "share"])
     grand = runs["_value"].mean()
     shares = {}
+    # Each parameter's values as the integer codes of their texts (the groups of astype(str), without
+    # writing 10,000 values out as text twice per parameter).
+    codes = {name: _text_codes(runs[name])[0] for name in names}
     for name in names:
-        groups = runs.groupby(runs[name].astype(str))["_value"].agg(["mean", "size"])
+        groups = runs["_value"].groupby(codes[name]).agg(["mean", "size"])
         shares[name] = float((groups["size"] * (groups["mean"] - grand) ** 2).sum()) / total
-    keys = [runs[name].astype(str) for name in names] or [pd.Series("all", index=runs.index)]
+    keys = [pd.Series(codes[name], index=runs.index) for name in names] or [pd.Series("all", index=runs.index)]
     within = runs["_value"] - runs.groupby(keys)["_value"].transform("mean")
     seed_noise = float((within ** 2).sum()) / total
     rows = sorted(shares.items(), key=lambda item: -item[1])

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import pytest
 
 from dashboard import axes, band_charts, charts
@@ -368,6 +369,7 @@ def test_prediction_panels_put_curves_and_boundaries_side_by_side():
     assert list(figure.data[2].y) == curve["y_pred"] and figure.data[3].xaxis == "x2"
     # training points 2 x, 2 y; truth and model 3 + 3 each; grid 2 x, 2 y, 2 x 2 z; labelled points 2 + 2
     assert charts.points_shipped(figure) == 4 + 6 + 6 + 8 + 4
+    go.Figure(figure.to_plotly_json())  # built without plotly's checks, it still passes them
 
 
 SCHEDULE = {"loss": "val_loss", "lr": "lr"}

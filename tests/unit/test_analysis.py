@@ -496,3 +496,12 @@ def test_a_parameter_varies_exactly_when_it_takes_more_than_one_value_missing_in
     assert [selection._varies(column) for column in columns] == [
         selection._distinct(column) > 1 for column in columns] == [
         False, True, False, True, False, True, False, True, False, True, False]
+    # Each dtype's own fast path (numpy numbers, pandas' text, nullable integers) against the count.
+    typed = [pd.Series(["x", None, "x"], dtype="str"), pd.Series(["x", "y"], dtype="str"),
+             pd.Series([None, None], dtype="str"), pd.Series([True, True]), pd.Series([True, False]),
+             pd.Series([3, 3, 3]), pd.Series([0.5, 0.5]), pd.Series([np.inf, np.inf]), pd.Series([np.inf, 1.0]),
+             pd.Series([2.0]), pd.Series([], dtype=float), pd.Series([1, None], dtype="Int64"),
+             pd.Series([1, 1], dtype="Int64")]
+    assert [selection._varies(column) for column in typed] == [
+        selection._distinct(column) > 1 for column in typed] == [
+        True, True, False, False, True, False, False, False, True, False, False, True, False]
