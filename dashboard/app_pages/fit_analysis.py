@@ -28,6 +28,7 @@ REGULARIZERS = ("weight_decay", "l1", "dropout", "input_noise", "label_smoothing
 FINE_TUNING = ("init_from", "freeze")  # fine-tuned against from scratch, over n_train: the first line choice
 SPLIT_METRICS = ("loss", "accuracy", "rmse", "mae", "r2")  # recorded for train and validation each epoch
 NORMS = ("grad_norm", "weight_norm")  # recorded once per epoch, no split
+FINAL_NORMS = tuple(f"final_{name}" for name in NORMS)  # each trial's at its last epoch (data.final_norms)
 BEST = {  # what "best" means for each metric: split -> trial-table column (others have only "final")
     "loss": {"train": "diag_best_train_loss", "val": "best_val_loss"},
     "accuracy": {"val": "best_val_accuracy"},
@@ -61,10 +62,11 @@ def learning_curves(trials: pd.DataFrame, groups: list[str], band: str, others: 
                + chosen.describe() + " Every epoch is drawn; the database computes the means and bands.")
 
 
-def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling) -> None:
+def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets.Handling,
+             recorded: tuple[str, ...] = ()) -> None:
     st.subheader("Capacity: train and validation against model size")
     metric, value, colour, facet_column = st.columns(4)
-    metrics = [*_split_metrics(trials), *(f"final_{name}" for name in NORMS if f"final_{name}" in trials)]
+    metrics = [*_split_metrics(trials), *(name for name in FINAL_NORMS if name in trials or name in recorded)]
     chosen_metric = metric.segmented_control("Metric", metrics, default="loss", key="fit_capacity_metric") or "loss"
     chosen_value = value.segmented_control("Value", ["final", "best"], default="final", key="fit_capacity_value",
                                            help="final: the last epoch; best: the lowest train loss and the "
@@ -110,9 +112,10 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
     st.caption(chosen.describe())
 
 
-def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling) -> None:
+def heatmap(trials: pd.DataFrame, groups: list[str], others: widgets.Handling, recorded: tuple[str, ...] = ()) -> None:
     st.subheader("Heatmap")
     metrics = [name for name in trial_tables.metric_columns(trials) if trial_tables.any_number(trials[name])]
+    metrics += [name for name in recorded if name not in metrics]
     if not metrics:
         st.info("These trials recorded no numeric metric to map.")
         return
@@ -291,6 +294,13 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
     return [int(trial_id) for trial_id in dict.fromkeys(picks)]
 
 
+def norms_chosen() -> bool:
+    """Whether the capacity or heatmap metric is a final norm: only then are the norms read for every
+    trial (a join of each trial's last epoch row, about a tenth of a cold page at 10,000 trials)."""
+    chosen = {st.session_state.get("fit_capacity_metric"), st.session_state.get("fit_heatmap_metric")}
+    return not chosen.isdisjoint(FINAL_NORMS)
+
+
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
 all_trials = widgets.parents_as_words(data.groupable_trials(experiment_id))
@@ -304,8 +314,12 @@ if all_trials[all_trials["status"].isin(widgets.TRAINED)].empty:
 if trained.empty:
     st.info(NOTHING_KEPT, icon=":material/filter_alt_off:")
     st.stop()
-trained = (trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
-           .merge(data.final_norms(experiment_id), on="trial_id", how="left"))
+trained = trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
+recorded: tuple[str, ...] = ()  # the final norms some trial holds, offered in the metric lists though not read
+if norms_chosen():
+    trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
+else:  # a look-up that stops at the first trial holding them (a join of every trial's last epoch otherwise)
+    recorded = data.final_norms_recorded(experiment_id, statuses=widgets.TRAINED)
 st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
            f"(failed, cancelled and unfinished trials are left out).")
 chosen_band, banded = widgets.band_controls(trained, key="fit")
@@ -315,8 +329,8 @@ if banded.empty:
     st.info("Every trial shown diverged: turn on \"Include diverged runs\" to draw them.")
 else:
     learning_curves(banded, groups, chosen_band, handled)
-    capacity(banded, groups, chosen_band, handled)
-    heatmap(banded, groups, handled)
+    capacity(banded, groups, chosen_band, handled, recorded)
+    heatmap(banded, groups, handled, recorded)
     importance(banded)
     layer_gradients(experiment_id, banded, groups, handled)
 diagnosis(trained, groups, handled)

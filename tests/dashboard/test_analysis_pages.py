@@ -458,6 +458,36 @@ def test_fit_analysis_offers_regression_metrics_and_norms(filled: Filled):
     assert {trace["line"]["dash"] for trace in against["data"] if trace.get("fill") != "toself"} == {"solid"}
 
 
+def test_fit_analysis_offers_the_final_norms_and_reads_them_once_chosen(filled: Filled):
+    """As on the Optimizers page: the capacity and heatmap metric lists offer the final norms without
+    reading them for every trial; chosen, they are read, and the heatmap maps their true means."""
+    import os
+
+    from dashboard import frames
+    from services.db import session_scope
+    from services.queries import last_epoch_values
+
+    def kept_reads() -> set[str]:
+        return {name for (_, experiment_id), (_, values) in frames._kept.items() if experiment_id == filled.sine
+                for name in values}
+
+    app = run_app(page=FIT_PAGE, query={"experiment": str(filled.sine)})
+    assert {"final_weight_norm", "final_grad_norm"} <= set(app.segmented_control(key="fit_capacity_metric").options)
+    assert {"final_weight_norm", "final_grad_norm"} <= set(app.selectbox(key="fit_heatmap_metric").options)
+    assert "final_norms" not in kept_reads()
+
+    app.selectbox(key="fit_heatmap_metric").select("final_weight_norm").run()
+
+    assert not app.exception and "final_norms" in kept_reads()
+    engine = make_engine(os.environ["FITSCOPE_DATABASE_URL"])
+    with session_scope(engine) as session:
+        norms = last_epoch_values(session, filled.sine)
+    engine.dispose()
+    cells = [z for row in figure(app, "fit_heatmap_chart")["data"][0]["z"] for z in row if z is not None]
+    weights = [values["weight_norm"] for values in norms.values() if values.get("weight_norm") is not None]
+    assert cells and min(weights) - 1e-9 <= min(cells) and max(cells) <= max(weights) + 1e-9
+
+
 @pytest.mark.parametrize("page", [TRIAL_PAGE, FIT_PAGE])
 def test_a_link_with_a_twenty_digit_id_is_a_warning_not_a_crash(filled: Filled, page: str):
     asked = "9" * 25
