@@ -30,7 +30,6 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Engine
@@ -119,6 +118,11 @@ class JobRun:
         self.live = set(job.claims)  # claimed trials not ended and not superseded
         self.pending: dict[int, list[dict[str, Any]]] = {trial_id: [] for trial_id in job.claims}
         self.statuses: dict[int, str] = {}
+        # Trials some of whose rows this attempt has written; a trial's rows are all in memory until then
+        # (its claim removed any earlier ones), unless it resumed from a checkpoint.
+        self.rows_written: set[int] = set()
+        # Whether a checkpoint of this job may be this attempt's (adopted, or saved): else there is none to delete.
+        self.holds_checkpoint = job.checkpoint is not None
         self.stack = list(job.trial_ids)  # engine index -> trial id
         self._last_flush = self._last_checkpoint_at = self._last_read = time.monotonic()
         self._last_checkpoint_epoch = job.checkpoint.epoch if job.checkpoint else 0
@@ -206,7 +210,9 @@ class JobRun:
         for index, metrics in rows.items():
             trial_id = self.stack[index]
             if trial_id in self.live:
-                self.pending[trial_id].append(asdict(metrics))
+                # A shallow copy: dataclasses.asdict deep-copies each value, ~0.1 ms an epoch for nothing
+                # (the engine makes a new row, and a new list in it, every epoch).
+                self.pending[trial_id].append(dict(vars(metrics)))
         now = time.monotonic()
         if now - self._last_flush >= self.settings.metrics_flush_s:
             cancelled = self._write(lambda session: None)
@@ -231,6 +237,7 @@ class JobRun:
 
         def save(session) -> None:
             if self.live:  # still holding one trial of the job, checked (and locked) by the rows' writes
+                self.holds_checkpoint = True  # set even if this rolls back: a needless delete costs nothing
                 self.store.save(session, trial_ids=self.stack, token=self.job.token, epoch=epoch, data=data,
                                 first_trial_id=self.job.first_trial_id)
 
@@ -247,23 +254,22 @@ class JobRun:
             return
 
         def finish(session) -> set[int]:
-            _, superseded = record_job_epochs(session, {trial_id: self.pending[trial_id] for trial_id in ended},
-                                              token=self.job.token)
+            # Rows, progress and status in one guarded UPDATE and one INSERT a trial (with a separate
+            # write of the rows first, then a read of them back for the verdict, a trial ending cost
+            # twice as many statements: ~7 ms of a 170 ms trial here).
+            superseded = set()
             for trial_id, result in ended.items():
-                if trial_id in superseded:
-                    log.warning("trial %s: attempt %s no longer owns it; its results are dropped", trial_id,
-                                self.job.token[:8])
-                    continue
                 try:
                     finish_trial(session, trial_id, status=TrialStatus(result.status),
                                  final_metrics={**result.final_metrics, "trained_with": len(self.stack)},
                                  best_epoch=result.best_epoch, error=result.message,
                                  artifacts=_with_weights(result.artifacts, result.best_weights),
-                                 token=self.job.token)
+                                 token=self.job.token, rows=self.pending[trial_id],
+                                 rows_stored=self.job.checkpoint is not None or trial_id in self.rows_written)
                 except TrialSuperseded as exc:
                     log.warning("%s; its results are dropped", exc)
                     superseded.add(trial_id)
-            if not self.live - set(ended):
+            if not self.live - set(ended) and self.holds_checkpoint:
                 delete_checkpoints(session, [self.job.first_trial_id], token=self.job.token)
             return superseded
 
@@ -300,6 +306,8 @@ class JobRun:
             self.live = live_before
             raise
         for trial_id in live_before:
+            if self.pending[trial_id]:
+                self.rows_written.add(trial_id)
             self.pending[trial_id] = []
         self._drop(superseded)
         self._last_flush = self._last_read = time.monotonic()
