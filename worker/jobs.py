@@ -92,6 +92,7 @@ def execute_job(engine: Engine, trial_ids: list[int], *, worker: str, redelivere
     """Claim and train a job; returns {trial id: final status} ("skipped" for trials with nothing to
     do, "superseded" for those another attempt took over meanwhile). Raises DatabaseDown."""
     settings = get_settings()
+    cpu_started = time.process_time()
     token, tries = new_token(), 0
 
     def claim(session) -> ClaimedJob:
@@ -105,15 +106,21 @@ def execute_job(engine: Engine, trial_ids: list[int], *, worker: str, redelivere
     job = write_with_retry(engine, claim, settings=settings)
     statuses = {str(trial_id): "skipped" for trial_id in trial_ids}
     if job.claims:
-        statuses.update({str(k): v for k, v in JobRun(engine, job, settings=settings).run().items()})
+        run = JobRun(engine, job, settings=settings, cpu_started=cpu_started)
+        statuses.update({str(k): v for k, v in run.run().items()})
     return statuses
 
 
 class JobRun:
     """One attempt at a claimed job: the engine's hooks and every write the attempt makes."""
 
-    def __init__(self, engine: Engine, job: ClaimedJob, *, settings: Settings) -> None:
+    def __init__(self, engine: Engine, job: ClaimedJob, *, settings: Settings, cpu_started: float | None = None
+                 ) -> None:
         self.engine, self.job, self.settings = engine, job, settings
+        # This process's CPU seconds since the job's claim began, and those spent training in the engine
+        # (its calls into the hooks below excluded): what the service costs around the engine, per job.
+        self.cpu_started = time.process_time() if cpu_started is None else cpu_started
+        self.engine_cpu_s = 0.0
         self.store = checkpoint_store(settings.checkpoint_url)
         self.live = set(job.claims)  # claimed trials not ended and not superseded
         self.pending: dict[int, list[dict[str, Any]]] = {trial_id: [] for trial_id in job.claims}
@@ -162,7 +169,9 @@ class JobRun:
             return self._fail(f"{detail}\n{traceback.format_exc(limit=8)}")
         if self.live:  # the engine returned without a result for them: never expected, never silent
             self._fail("the engine ended without a result for this trial")
-        log.info("job of %d trials trained in %.1f s", len(self.stack), time.perf_counter() - started)
+        log.info("job of %d trials trained in %.1f s; CPU %.4f s in the engine, %.4f s around it", len(self.stack),
+                 time.perf_counter() - started, self.engine_cpu_s,
+                 time.process_time() - self.cpu_started - self.engine_cpu_s)
         return {trial_id: self.statuses.get(trial_id, "superseded") for trial_id in self.job.claims}
 
     def _admitted(self, configs: list) -> list:
@@ -196,9 +205,15 @@ class JobRun:
             state = job_state_from_bytes(resume) if resume is not None else None
             if state is not None and state.epoch != self.job.checkpoint.epoch:
                 raise CannotResume(f"it holds epoch {state.epoch}, its row says {self.job.checkpoint.epoch}")
-            train_fused(configs, on_epoch=self.on_epoch, on_trials_end=self.on_trials_end,
-                        checkpoint=lambda epoch, capture: self.checkpoint(epoch, lambda: job_state_to_bytes(capture())),
-                        resume=state, csv_content=csv_content, parents=parents)
+            hooks, cpu_started = _HookClock(), time.process_time()
+            try:
+                train_fused(configs, on_epoch=hooks.timed(self.on_epoch),
+                            on_trials_end=hooks.timed(self.on_trials_end),
+                            checkpoint=hooks.timed(lambda epoch, capture: self.checkpoint(
+                                epoch, lambda: job_state_to_bytes(capture()))),
+                            resume=state, csv_content=csv_content, parents=parents)
+            finally:
+                self.engine_cpu_s += time.process_time() - cpu_started - hooks.cpu_s
         except (CheckpointUnreadable, EngineCannotResume) as exc:
             raise CannotResume(str(exc)) from None
 
@@ -371,6 +386,23 @@ class JobRun:
 
     def _csv_content(self, config) -> bytes | None:
         return csv_content_of(self.engine, config, settings=self.settings)
+
+
+class _HookClock:
+    """The CPU seconds this process spends in the hooks it times: the service's work inside the engine's call."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+
+    def timed(self, hook: Callable) -> Callable:
+        def run(*args):
+            started = time.process_time()
+            try:
+                return hook(*args)
+            finally:
+                self.cpu_s += time.process_time() - started
+
+        return run
 
 
 def _with_weights(artifacts: dict, best_weights: dict | None) -> dict:
