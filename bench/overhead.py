@@ -14,7 +14,10 @@ thread per training process.
 Wall time on a shared machine also counts other people's work, so the CPU seconds of each side are
 printed too (Linux): the direct loop's own, and the service's worker processes (main and training)
 plus its broker, read from /proc around each run; their ratio is the service's cost in work done,
-which another process's load moves far less than the wall-clock one.
+which another process's load moves less than the wall-clock one. Less still moves the share the
+worker logs for each job: the CPU its training process spent around the engine (claim, rows,
+status) over the CPU it spent in the engine, measured within the job, so the machine's drift during
+the job slows both alike.
 
     .venv/bin/python bench/overhead.py [--trials 40] [--epochs 20]
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -71,6 +75,10 @@ def group_cpu_s(group: int) -> float:
     return total
 
 
+# worker/jobs.py logs this for every job.
+JOB_CPU = re.compile(r"CPU ([0-9.]+) s in the engine, ([0-9.]+) s around it")
+
+
 def run_direct(configs) -> tuple[float, float]:
     """Wall and CPU seconds of training ``configs`` one after another in this process."""
     from worker.training import train_trial
@@ -100,10 +108,12 @@ class Service:
         """CPU seconds used so far by the worker's processes and the broker."""
         return group_cpu_s(self.worker.process.pid) + process_cpu_s(self.broker.process.pid)
 
-    def run(self, spec_text: str) -> tuple[float, float, int]:
+    def run(self, spec_text: str) -> tuple[float, float, int, tuple[float, float]]:
         """Submit, queue, and poll the database until every trial has ended: wall seconds, the CPU
-        seconds of the worker and the broker meanwhile, and the epoch rows written."""
+        seconds of the worker and the broker meanwhile, the epoch rows written, and the CPU seconds
+        the worker's jobs logged (in the engine, around it)."""
         spec = parse_spec(spec_text)
+        log_start = len(self.worker.log())
         started, cpu_started = time.perf_counter(), self.cpu_s()
         with session_scope(self.engine) as session:
             submitted = submit(session, spec=spec, spec_text=spec_text, submitted_by="bench", max_trials=10_000)
@@ -116,7 +126,10 @@ class Service:
             time.sleep(0.1)  # as `fitscope submit --wait` polls
         elapsed, cpu = time.perf_counter() - started, self.cpu_s() - cpu_started
         assert summary.counts["succeeded"] == summary.trials, summary.counts
-        return elapsed, cpu, summary.epochs_done
+        time.sleep(0.2)  # the last job's log line
+        jobs = [tuple(map(float, found)) for found in JOB_CPU.findall(self.worker.log()[log_start:])]
+        assert len(jobs) in (0, summary.trials), f"{len(jobs)} job CPU lines for {summary.trials} trials"
+        return elapsed, cpu, summary.epochs_done, (sum(j[0] for j in jobs), sum(j[1] for j in jobs))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -144,6 +157,7 @@ def main() -> None:
     totals = {"direct": 0.0, "service": 0.0}
     cpu_totals = {"direct": 0.0, "service": 0.0}
     ratios, cpu_ratios = [], []
+    in_worker = [0.0, 0.0]  # CPU seconds the jobs logged: in the engine, around it
     with tempfile.TemporaryDirectory(prefix="fitscope-bench-") as workdir:
         stack = Service(Path(workdir))
         try:
@@ -155,7 +169,9 @@ def main() -> None:
                         seconds, cpu = run_direct(configs)
                         print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s  cpu {cpu:6.2f} s")
                     else:
-                        seconds, cpu, epoch_rows = stack.run(spec_text)
+                        seconds, cpu, epoch_rows, (engine_cpu, around_cpu) = stack.run(spec_text)
+                        in_worker[0] += engine_cpu
+                        in_worker[1] += around_cpu
                         print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s  "
                               f"cpu {cpu:6.2f} s")
                     sums[order] += seconds
@@ -175,6 +191,9 @@ def main() -> None:
     print(f"cpu: direct {cpu_totals['direct']:.2f} s, service {cpu_totals['service']:.2f} s (worker and broker "
           f"processes), ratio {cpu_median:.3f} (overhead {100 * (cpu_median - 1):+.1f}%, the median of "
           f"{len(cpu_ratios)} rounds)")
+    if in_worker[0]:  # a worker older than this bench logs no CPU per job
+        print(f"inside the worker's training process: {in_worker[1]:.2f} s CPU around the engine for "
+              f"{in_worker[0]:.2f} s in it ({100 * in_worker[1] / in_worker[0]:.1f}%; claim, rows and status, per job)")
     median = statistics.median(ratios)
     print(f"ratio service/direct = {median:.3f}  (overhead {100 * (median - 1):+.1f}%, the median of "
           f"{len(ratios)} rounds; all rounds together {100 * (service / direct - 1):+.1f}%)")
