@@ -11,6 +11,14 @@ VM's speed drifts by tens of percent within a minute, and one round's ratio move
 between two runs of the same code; the median of several rounds moves less. Both sides use one torch
 thread per training process.
 
+Wall time on a shared machine also counts other people's work, so the CPU seconds of each side are
+printed too (Linux): the direct loop's own, and the service's worker processes (main and training)
+plus its broker, read from /proc around each run; their ratio is the service's cost in work done,
+which another process's load moves less than the wall-clock one. Less still moves the share the
+worker logs for each job: the CPU its training process spent around the engine (claim, rows,
+status) over the CPU it spent in the engine, measured within the job, so the machine's drift during
+the job slows both alike.
+
     .venv/bin/python bench/overhead.py [--trials 40] [--epochs 20]
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -47,14 +56,38 @@ def bench_spec(trials: int, epochs: int) -> str:
     )
 
 
-def run_direct(configs) -> float:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process ``pid`` has used so far, its own threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(group: int) -> float:
+    """CPU seconds of the live processes of process group ``group`` (a worker and its training processes)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+# worker/jobs.py logs this for every job.
+JOB_CPU = re.compile(r"CPU ([0-9.]+) s in the engine, ([0-9.]+) s around it")
+
+
+def run_direct(configs) -> tuple[float, float]:
+    """Wall and CPU seconds of training ``configs`` one after another in this process."""
     from worker.training import train_trial
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for config in configs:
         result = train_trial(config)
         assert result.status == "succeeded", result
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 class Service:
@@ -71,10 +104,17 @@ class Service:
         self.engine = make_engine(database_url)
         self.producer = make_celery(Settings(database_url=database_url, broker_url=self.broker.url))
 
-    def run(self, spec_text: str) -> tuple[float, int]:
-        """Submit, queue, and poll the database until every trial has ended."""
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the worker's processes and the broker."""
+        return group_cpu_s(self.worker.process.pid) + process_cpu_s(self.broker.process.pid)
+
+    def run(self, spec_text: str) -> tuple[float, float, int, tuple[float, float]]:
+        """Submit, queue, and poll the database until every trial has ended: wall seconds, the CPU
+        seconds of the worker and the broker meanwhile, the epoch rows written, and the CPU seconds
+        the worker's jobs logged (in the engine, around it)."""
         spec = parse_spec(spec_text)
-        started = time.perf_counter()
+        log_start = len(self.worker.log())
+        started, cpu_started = time.perf_counter(), self.cpu_s()
         with session_scope(self.engine) as session:
             submitted = submit(session, spec=spec, spec_text=spec_text, submitted_by="bench", max_trials=10_000)
         enqueue_jobs(self.producer, [([trial_id], queue) for trial_id, queue in submitted.trials])
@@ -84,9 +124,12 @@ class Service:
             if summary.finished:
                 break
             time.sleep(0.1)  # as `fitscope submit --wait` polls
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, self.cpu_s() - cpu_started
         assert summary.counts["succeeded"] == summary.trials, summary.counts
-        return elapsed, summary.epochs_done
+        time.sleep(0.2)  # the last job's log line
+        jobs = [tuple(map(float, found)) for found in JOB_CPU.findall(self.worker.log()[log_start:])]
+        assert len(jobs) in (0, summary.trials), f"{len(jobs)} job CPU lines for {summary.trials} trials"
+        return elapsed, cpu, summary.epochs_done, (sum(j[0] for j in jobs), sum(j[1] for j in jobs))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -112,29 +155,45 @@ def main() -> None:
     train_trial(configs[0].model_copy(update={"epochs": 1}))  # warm, as the worker's process is
     # direct, service, service, direct: a slow drift of the machine's speed cancels out of each round's sums.
     totals = {"direct": 0.0, "service": 0.0}
-    ratios = []
+    cpu_totals = {"direct": 0.0, "service": 0.0}
+    ratios, cpu_ratios = [], []
+    in_worker = [0.0, 0.0]  # CPU seconds the jobs logged: in the engine, around it
     with tempfile.TemporaryDirectory(prefix="fitscope-bench-") as workdir:
         stack = Service(Path(workdir))
         try:
             for round_number in range(1, args.rounds + 1):
                 sums = {"direct": 0.0, "service": 0.0}
+                cpu_sums = {"direct": 0.0, "service": 0.0}
                 for order in ("direct", "service", "service", "direct"):
                     if order == "direct":
-                        seconds = run_direct(configs)
-                        print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s")
+                        seconds, cpu = run_direct(configs)
+                        print(f"direct  (train_trial in a loop)                    {seconds:8.2f} s  cpu {cpu:6.2f} s")
                     else:
-                        seconds, epoch_rows = stack.run(spec_text)
-                        print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s")
+                        seconds, cpu, epoch_rows, (engine_cpu, around_cpu) = stack.run(spec_text)
+                        in_worker[0] += engine_cpu
+                        in_worker[1] += around_cpu
+                        print(f"service (submit, broker, worker, {epoch_rows} epoch rows) {seconds:8.2f} s  "
+                              f"cpu {cpu:6.2f} s")
                     sums[order] += seconds
+                    cpu_sums[order] += cpu
                 ratios.append(sums["service"] / sums["direct"])
+                cpu_ratios.append(cpu_sums["service"] / cpu_sums["direct"])
                 print(f"round {round_number}: direct {sums['direct']:.2f} s, service {sums['service']:.2f} s, "
-                      f"overhead {100 * (ratios[-1] - 1):+.1f}%")
+                      f"overhead {100 * (ratios[-1] - 1):+.1f}%; cpu overhead {100 * (cpu_ratios[-1] - 1):+.1f}%")
                 for side in totals:
                     totals[side] += sums[side]
+                    cpu_totals[side] += cpu_sums[side]
         finally:
             stack.close()
     direct, service = totals["direct"], totals["service"]
     print(f"total: direct {direct:.2f} s, service {service:.2f} s")
+    cpu_median = statistics.median(cpu_ratios)
+    print(f"cpu: direct {cpu_totals['direct']:.2f} s, service {cpu_totals['service']:.2f} s (worker and broker "
+          f"processes), ratio {cpu_median:.3f} (overhead {100 * (cpu_median - 1):+.1f}%, the median of "
+          f"{len(cpu_ratios)} rounds)")
+    if in_worker[0]:  # a worker older than this bench logs no CPU per job
+        print(f"inside the worker's training process: {in_worker[1]:.2f} s CPU around the engine for "
+              f"{in_worker[0]:.2f} s in it ({100 * in_worker[1] / in_worker[0]:.1f}%; claim, rows and status, per job)")
     median = statistics.median(ratios)
     print(f"ratio service/direct = {median:.3f}  (overhead {100 * (median - 1):+.1f}%, the median of "
           f"{len(ratios)} rounds; all rounds together {100 * (service / direct - 1):+.1f}%)")

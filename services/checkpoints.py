@@ -191,8 +191,10 @@ def delete_checkpoints(session: Session, first_trial_ids: Iterable[int], *, toke
     which = JobCheckpoint.first_trial_id.in_(ids)
     if token is not None:
         which = which & (JobCheckpoint.attempt_token == token)
-    locations = session.scalars(select(JobCheckpoint.location).where(which, JobCheckpoint.location.is_not(None))).all()
-    session.execute(delete(JobCheckpoint).where(which).execution_options(synchronize_session=False))
+    # One statement (a claim runs this for every job): the rows go and their files' names come back.
+    locations = [location for location in session.scalars(
+        delete(JobCheckpoint).where(which).returning(JobCheckpoint.location)
+        .execution_options(synchronize_session=False)) if location is not None]
     if locations:
         _after_commit(session, lambda: [_remove_file(location, folder_too=True) for location in locations])
 

@@ -6,6 +6,7 @@ several writes (an experiment and all its trials) share one transaction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -40,8 +41,23 @@ class DatabaseUnreachable(RuntimeError):
     """The database URL does not answer; the message names the URL and what to check."""
 
 
+def dumps_json(value) -> str:
+    """JSON columns' text: orjson where it can (a trial's artifacts, ~100 KB of floats, took the
+    standard encoder ~1.7 ms, 1% of a small trial's time; orjson ~0.2 ms), else the standard encoder,
+    so anything orjson refuses (a numpy scalar, a huge int) is written as before. Non-finite floats,
+    which JSON does not have, become null (callers store them as None already)."""
+    import orjson
+
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(value)
+
+
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine for ``url`` with fitscope's pragmas: SQLite gets WAL and a busy timeout."""
+    """An engine for ``url`` with fitscope's pragmas: SQLite gets WAL and a busy timeout. JSON columns
+    are written by :func:`dumps_json`."""
+    kwargs.setdefault("json_serializer", dumps_json)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database

@@ -98,6 +98,12 @@ def claim_job(session: Session, trial_ids: Sequence[int], *, worker: str, max_at
                       claims=claims)
 
 
+# What a claim reads, built once: loading the whole ORM object (its final metrics' and diagnosis' JSON
+# too) cost more than the claim's UPDATE.
+_CLAIM_READ = select(Trial.status, Trial.attempts, Trial.cancel_requested, Trial.config).where(
+    Trial.id == bindparam("trial_id"))
+
+
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
                 redelivered: bool = False, token: str | None = None) -> Claim | None:
     """Mark the trial running on ``worker`` under the attempt ``token`` (a new one by default) and
@@ -109,7 +115,7 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
     A plain duplicate message for a running trial is ignored; a taken-over trial that was asked to
     stop ends ``cancelled`` with the rows it has.
     """
-    trial = session.get(Trial, trial_id)
+    trial = session.execute(_CLAIM_READ, {"trial_id": trial_id}).one_or_none()
     if trial is None or trial.status in TERMINAL_STATUSES:
         return None
     if trial.status == TrialStatus.running and not redelivered:
@@ -249,18 +255,31 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
 
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
                  best_epoch: int | None = None, error: str | None = None,
-                 artifacts: dict[str, dict] | None = None, token: str | None = None) -> None:
-    """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from the epoch rows
-    already written in this session) and the prediction artifacts, which replace any earlier ones.
-    ``error`` is kept short enough to show in a table. With ``token``, raises TrialSuperseded
-    (writing nothing) when that attempt no longer owns the trial. Its job's checkpoint stays: the
-    job's other trials may still resume from it (the job removes it when it ends)."""
+                 artifacts: dict[str, dict] | None = None, token: str | None = None,
+                 rows: list[dict[str, Any]] | None = None, rows_stored: bool = True) -> None:
+    """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from its epoch rows)
+    and the prediction artifacts, which replace any earlier ones. ``rows``: its last epoch rows, not
+    yet written; they are written here, and its progress moves with its status (what
+    :func:`record_epochs` would do, in fewer statements). ``rows_stored=False`` says that none of its
+    rows are in the database yet (its attempt started from epoch 1 and has written none), so the
+    verdict comes from ``rows`` without reading any. ``error`` is kept short enough to show in a
+    table. With ``token``, raises TrialSuperseded (writing nothing) when that attempt no longer owns
+    the trial. Its job's checkpoint stays: the job's other trials may still resume from it (the job
+    removes it when it ends)."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
     if final_metrics is not None:
         values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
         values["best_epoch"] = best_epoch
         values["parameter_count"] = final_metrics.get("parameter_count")
-    diagnosis = diagnose(_loss_rows(session, trial_id), final_metrics or {}, status=TrialStatus(status).value)
+    inserts = [_epoch_row(trial_id, row) for row in rows or ()]
+    if inserts:
+        values["epochs_done"] = max(row["epoch"] for row in inserts)
+    # The rows as stored (non-finite numbers as NULL): stored ones first, then these, in epoch order.
+    # Read before the guarded UPDATE below: an attempt that took the trial over meanwhile deleted them,
+    # but then that UPDATE finds the trial no longer this attempt's and nothing is written.
+    loss_rows = (_loss_rows(session, trial_id) if rows_stored else []) + [
+        {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in inserts]
+    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value)
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
@@ -269,6 +288,8 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     else:
         session.execute(update(Trial).where(Trial.id == trial_id).values(**values)
                         .execution_options(synchronize_session=False))
+    if inserts:  # as record_epochs: a retried write must not fail on its own rows
+        session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)
     session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
     if artifacts:
         session.execute(insert(TrialArtifact.__table__), [  # Core: compiled once (db.insert_ignoring_conflicts)

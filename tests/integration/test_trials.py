@@ -324,3 +324,42 @@ def test_a_jobs_rows_written_at_once_match_one_trial_at_a_time(engine, experimen
         assert sorted(written) == [(a, 1, _epoch(1)["val_loss"]), (a, 2, _epoch(2)["val_loss"]),
                                    (c, 1, _epoch(1)["val_loss"])]
         assert record_job_epochs(session, {}, token=job.token) == (set(), set())
+
+
+def test_finish_with_its_last_rows_writes_what_rows_then_finish_write(engine, experiment):
+    """A job ends a trial in one write: finish_trial given the trial's unwritten rows stores them, its
+    progress and the verdict that record_epochs then finish_trial store, whether its earlier rows are in
+    memory (rows_stored=False) or already written (rows_stored=True); nothing for a trial taken over."""
+    from sqlalchemy import update
+
+    from services.trials import TrialSuperseded
+
+    a, b, c, d = experiment.trial_ids
+    rows = [_epoch(1), _epoch(2), {**_epoch(3), "val_loss": 0.5}, {**_epoch(4), "val_loss": 0.7}]
+    ended = {"status": "succeeded", "final_metrics": {"final_val_loss": 0.7}, "best_epoch": 3}
+    with session_scope(engine) as session:
+        job = claim_job(session, [a, b, c, d], worker="w", max_attempts=3)
+    with session_scope(engine) as session:  # a: rows, then the end, as before
+        record_epochs(session, a, rows, token=job.token)
+        finish_trial(session, a, **ended, token=job.token)
+    with session_scope(engine) as session:  # b: all its rows with the end
+        finish_trial(session, b, **ended, token=job.token, rows=rows, rows_stored=False)
+    with session_scope(engine) as session:  # c: two rows written earlier, the last two with the end
+        record_epochs(session, c, rows[:2], token=job.token)
+    with session_scope(engine) as session:
+        finish_trial(session, c, **ended, token=job.token, rows=rows[2:], rows_stored=True)
+    with session_scope(engine) as session:
+        session.execute(update(Trial).where(Trial.id == d).values(attempt_token="another"))
+    with pytest.raises(TrialSuperseded), session_scope(engine) as session:
+        finish_trial(session, d, **ended, token=job.token, rows=rows, rows_stored=False)
+    with session_scope(engine) as session:
+        trials = {t.id: t for t in session.scalars(select(Trial))}
+        stored = session.execute(select(EpochMetric.trial_id, EpochMetric.epoch, EpochMetric.val_loss)).all()
+    expected = sorted((trial_id, row["epoch"], row["val_loss"]) for trial_id in (a, b, c) for row in rows)
+    assert sorted(stored) == expected
+    assert trials[a].verdict is not None and trials[a].diagnosis["numbers"]["epochs"] == 4
+    for trial_id in (b, c):
+        assert (trials[trial_id].status, trials[trial_id].epochs_done, trials[trial_id].best_epoch) == (
+            "succeeded", 4, 3)
+        assert (trials[trial_id].verdict, trials[trial_id].diagnosis) == (trials[a].verdict, trials[a].diagnosis)
+    assert (trials[d].status, trials[d].epochs_done) == ("running", 0)
