@@ -9,6 +9,7 @@ seconds, so a live panel and several browser tabs share one read). A database th
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -310,7 +311,8 @@ def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
         url = _ready_url()
         with _reading(url):
             among = unknown if known.any() else None  # none known (an older experiment): the whole of it
-            read = _per_change(url, experiment_id, f"loss_maxima {above!r} {hash(among)}",
+            ids = "all" if among is None else hashlib.sha256(",".join(map(str, among)).encode()).hexdigest()
+            read = _per_change(url, experiment_id, f"loss_maxima {above!r} {ids}",  # a digest: no collisions
                                lambda: _loss_maxima(url, experiment_id, above, among))
         maxima = pd.concat([maxima, read], ignore_index=True)
     merged = trials[["trial_id"]].merge(maxima, on="trial_id", how="left")
