@@ -187,8 +187,8 @@ class TrialConfig(BaseModel):
                           "database): its whole network when the shapes match, else its leading layers of the "
                           "same shapes. The data and every training parameter may differ from the parent's.")
     freeze: Annotated[int, Field(ge=0, le=17)] = Field(
-        0, description="Keep the first N linear layers fixed (never updated, weight decay included); at most "
-                       "depth + 1 (every layer).")
+        0, description="Keep the first N linear layers fixed (never updated, weight decay included), with "
+                       "the scale and shift of the norm layer after each; at most depth + 1 (every layer).")
 
     # --- cross-validation (set through the spec's folds: K) ---
     folds: Annotated[int, Field(ge=2, le=20)] | None = Field(

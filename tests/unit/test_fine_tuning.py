@@ -56,6 +56,24 @@ def test_fixed_layers_stay_bitwise_under_weight_decay_and_momentum_while_the_oth
                                                                                           after["4.weight"])
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_a_fixed_layer_keeps_the_norm_after_it_fixed_too(norm):
+    """freeze: 1 fixes the first linear layer and the scale and shift of the norm of its output; the
+    second layer's norm trains (it used to train the first norm too, moving what "fixed" keeps)."""
+    parent, _ = _parent(norm=norm)
+    start = decode_row(parent.best_weights)
+    child = TrialConfig(**{**PARENT, "norm": norm, "init_from": 1, "freeze": 1, "lr": 0.5, "epochs": 3,
+                           "optimizer": "momentum", "weight_decay": 0.5})
+    [result] = train_fused([child], parents=[parent.best_weights])
+    template = build_model(child, 2, 2, generator=torch.Generator())
+    before, after = module_weights(template, start), module_weights(template, decode_row(result.best_weights))
+    assert isinstance(template[1], torch.nn.LayerNorm | torch.nn.BatchNorm1d)
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        assert torch.equal(before[name], after[name]), name
+    for name in ("3.weight", "4.weight", "4.bias"):
+        assert not torch.equal(before[name], after[name]), name
+
+
 def test_the_artifact_is_plain_json_and_gives_the_row_back_bitwise():
     template = build_model(TrialConfig(**PARENT), 2, 2, generator=torch.Generator())
     row = initial_rows(template, [torch.Generator().manual_seed(3)])[0]

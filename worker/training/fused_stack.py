@@ -229,8 +229,14 @@ class StackedTraining:
         # Each Linear layer's parameters (weight and bias), first layer first: its gradient norm's parts.
         linear = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
         self.linear_params = [[i for i, (owner, _) in enumerate(owners) if owner is layer] for layer in linear]
-        # Each parameter's linear layer (0-based), for freeze: N (None: a norm's scale or shift).
-        self.linear_of = [linear.index(layer) if isinstance(layer, nn.Linear) else None for layer, _ in owners]
+        # Each parameter's linear layer (0-based), for freeze: N. A norm's scale and shift belong to the
+        # linear layer before it (the norm of that layer's output): freezing the layer fixes them too.
+        block: dict[int, int | None] = {}
+        current = None
+        for layer in model.layers:
+            current = linear.index(layer) if isinstance(layer, nn.Linear) else current
+            block[id(layer)] = current
+        self.linear_of = [block[id(layer)] for layer, _ in owners]
         self.fixed_layers = [c.freeze for c in configs]  # per row: its first N linear layers never move
         self._fix_masks()
 
