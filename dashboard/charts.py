@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -329,7 +330,8 @@ def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: f
                           column: str = "val_loss") -> go.Figure:
     """Mean epochs to reach ``column`` <= ``target`` per ``x`` and ``color_by``, among the trials that
     reached it; each bar says how many of its trials did. A group where none did has no bar: its slot
-    says "none reached (0/N)", so that the gap is not read as zero epochs.
+    says "none reached (0/N)", so that the gap is not read as zero epochs; where no group of an ``x``
+    value did, one note over it says "none reached" with the count of all its runs.
 
     ``reached`` is the first epoch at the target per trial id (services.analysis.epochs_to_target, or
     the database's aggregate of the same rule); trials of ``trials`` missing from it never got there.
@@ -341,6 +343,7 @@ def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: f
     summary["text"] = [f"{int(got)}/{int(of)}" for got, of in zip(summary["count"], summary["size"], strict=True)]
     summary["none_text"] = [f"none reached (0/{int(of)})" for of in summary["size"]]
     return _grouped_bars(summary, x=x, color_by=color_by, value="mean", text="text", empty_text="none_text",
+                         empty_note=lambda rows: f"none<br>reached<br>(0/{int(rows['size'].sum())})",
                          title=f"Epochs until {column} <= {target:g}", y_title="epochs (mean of those that got there)")
 
 
@@ -434,12 +437,21 @@ def points_shipped(figure: go.Figure) -> int:
 
 
 def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, text: str, title: str,
-                  y_title: str, empty_text: str | None = None) -> go.Figure:
+                  y_title: str, empty_text: str | None = None,
+                  empty_note: Callable[[pd.DataFrame], str] = lambda rows: "none") -> go.Figure:
     """One bar per row of ``table``, grouped along ``x``, one colour per ``color_by``, labelled with its
     ``text``. A row without a ``value`` has no bar; with ``empty_text`` (a column), its slot says so:
-    the text, written upwards from the axis in an empty bar of the same colour group."""
+    the text, written upwards from the axis in an empty bar of the same colour group. Where no row of
+    an ``x`` value has a bar, one level note over the whole category says so instead (slot labels side
+    by side there ran into one another): ``empty_note`` of that category's rows."""
     colors = _color_map(table[color_by].tolist() if color_by in table else [])
     traces = []
+    labels = table[x].map(_format_value) if len(table) else pd.Series(dtype=object)
+    all_empty = [] if empty_text is None or not len(table) else [
+        label for label, rows in table.groupby(labels, sort=False) if rows[value].isna().all()]
+    notes = [{"x": label, "y": 0, "xref": "x", "yref": "y", "yanchor": "bottom", "showarrow": False,
+              "text": empty_note(table[labels == label]), "font": {"size": 11, "color": "#555555"}}
+             for label in all_empty]
     for group, rows in sorted(table.groupby(color_by, sort=False, dropna=False) if len(table) else [],
                               key=lambda item: _sort_key(_unwrap(item[0]))):
         label = _format_value(_unwrap(group))
@@ -450,7 +462,8 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                        # One slot per colour, shared with the empty bars below: a label sits in its gap.
                        "offsetgroup": label, "legendgroup": label,
                        "hovertemplate": (f"{name}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")})
-        empty = rows[rows[value].isna()] if empty_text is not None else rows.iloc[:0]
+        empty = rows[rows[value].isna() & ~rows[x].map(_format_value).isin(all_empty)] if empty_text is not None \
+            else rows.iloc[:0]
         if len(empty):
             traces.append({"type": "bar", "x": [_format_value(v) for v in empty[x]], "y": [0] * len(empty),
                            "text": empty[empty_text].tolist(), "textposition": "outside", "textangle": -90,
@@ -462,7 +475,7 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                             "xaxis": {"title": {"text": x}, "type": "category", "categoryorder": "array",
                                       "categoryarray": _axis_labels(table, x)},
                             "yaxis": {"title": {"text": y_title}}, "legend": {"title": {"text": color_by}},
-                            "margin": {"l": 10, "r": 10, "t": 50, "b": 40}})
+                            "annotations": notes, "margin": {"l": 10, "r": 10, "t": 50, "b": 40}})
 
 
 def _curve_1d_traces(curve: dict) -> list[dict]:
