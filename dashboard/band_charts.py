@@ -160,10 +160,15 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                                         log=log_y, points=bands["mean"] if len(bands) else None)
     if y_type == "log" and len(bands):
         # mean - std below 0 has no place on a log axis: the band then starts at the lowest run instead
-        # (when the bands carry it), not at an invented floor far below every run.
+        # (when the bands carry it), not at an invented floor far below every run. Nor does it reach
+        # below the lowest run when mean - std is a hair above 0: on a log axis that drew decades of
+        # band under every run, in teeth wherever the std crossed the mean from epoch to epoch.
         floor = float(bands.loc[bands["mean"] > 0, "mean"].min()) / 2 if (bands["mean"] > 0).any() else 1e-12
         lowest = bands["low"].where(bands["low"] > 0, floor) if "low" in bands else floor
-        bands = bands.assign(lower=bands["lower"].where(bands["lower"] > 0, lowest))
+        lower = bands["lower"].where(bands["lower"] > 0, lowest)
+        if "low" in bands:
+            lower = lower.where(~(bands["low"] > lower), bands["low"])
+        bands = bands.assign(lower=lower)
     in_legend: set[str] = set()
     notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
     traces: list[dict] = []

@@ -192,6 +192,24 @@ def test_a_blow_up_gets_a_log_axis_and_a_linear_one_a_robust_range_with_a_note()
     assert note.text == "2 points above the range, max 6e+09"  # width 64's train and val means at epoch 2
 
 
+def test_on_a_log_axis_a_band_never_reaches_below_its_lowest_run():
+    """Seeds at 1, 0.2 and 0.21: mean - std is 0.011, positive but a decade under every run. On a log
+    axis that drew a band down to it (in teeth, where the std crossed the mean from epoch to epoch);
+    the band now starts at the lowest run. The mean line and the linear axis are unchanged."""
+    trials = pd.DataFrame({"trial_id": [1, 2, 3], "width": [8, 8, 8], "seed": [0, 1, 2]})
+    curves = pd.DataFrame([{"trial_id": trial_id, "epoch": epoch, "train_loss": loss * (1 + epoch / 10),
+                            "val_loss": loss * (1 + epoch / 10)}
+                           for trial_id, loss in ((1, 1.0), (2, 0.2), (3, 0.21)) for epoch in (1, 2, 3)])
+    bands = bands_of(curves, trials, by=["width"], columns=LOSS)
+    bands["low"] = bands["epoch"].map(curves.groupby("epoch")["train_loss"].min())  # as data.curve_bands gives
+    assert (bands["lower"] > 0).all() and (bands["lower"] < bands["low"] / 10).all()  # the case above
+    log = band_charts.learning_curve_bands(bands, color_by="width", log_y=True)
+    for band in band_traces(log):
+        assert min(band.y) == pytest.approx(0.2 * 1.1)  # the lowest run, at epoch 1
+    linear = band_charts.learning_curve_bands(bands, color_by="width", log_y=False)
+    assert min(min(band.y) for band in band_traces(linear)) == pytest.approx(float(bands["lower"].min()))
+
+
 def test_a_few_blow_ups_on_a_log_axis_leave_the_rest_readable():
     # 100 epochs of losses between 0.005 and 0.7, and three spikes of unstable runs' means (1e4 .. 1e9).
     ordinary = np.linspace(0.005, 0.7, 300)
