@@ -449,8 +449,11 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
     labels = table[x].map(_format_value) if len(table) else pd.Series(dtype=object)
     all_empty = [] if empty_text is None or not len(table) else [
         label for label, rows in table.groupby(labels, sort=False) if rows[value].isna().all()]
-    notes = [{"x": label, "y": 0, "xref": "x", "yref": "y", "yanchor": "bottom", "showarrow": False,
-              "text": empty_note(table[labels == label]), "font": {"size": 11, "color": "#555555"}}
+    categories = _axis_labels(table, x)
+    # At the category's position, not its label: plotly reads a label that looks like a number ("10")
+    # as a position on a category axis, and stretched the axis out to it.
+    notes = [{"x": categories.index(label), "y": 0, "xref": "x", "yref": "y", "yanchor": "bottom",
+              "showarrow": False, "text": empty_note(table[labels == label]), "font": {"size": 11, "color": "#555555"}}
              for label in all_empty]
     for group, rows in sorted(table.groupby(color_by, sort=False, dropna=False) if len(table) else [],
                               key=lambda item: _sort_key(_unwrap(item[0]))):
@@ -473,7 +476,7 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                            "hovertemplate": f"{name}<br>{x}=%{{x}}<br>%{{text}}<extra></extra>"})
     return _figure(traces, {"barmode": "group", "title": {"text": title},
                             "xaxis": {"title": {"text": x}, "type": "category", "categoryorder": "array",
-                                      "categoryarray": _axis_labels(table, x)},
+                                      "categoryarray": categories},
                             "yaxis": {"title": {"text": y_title}}, "legend": {"title": {"text": color_by}},
                             "annotations": notes, "margin": {"l": 10, "r": 10, "t": 50, "b": 40}})
 

@@ -375,16 +375,19 @@ def test_a_group_where_no_run_reached_the_target_is_labelled_in_its_own_slot_not
 def test_a_value_where_no_group_reached_the_target_gets_one_note_not_a_label_per_slot():
     """Side by side, seven upright "none reached" labels ran into one unreadable block: where no group
     of an x value got there, one note over that value says so, counting all of its runs."""
-    trials = pd.DataFrame({"trial_id": range(12), "lr": [0.01, 0.01, 1.0, 1.0] * 3,
+    trials = pd.DataFrame({"trial_id": range(12), "lr": [0.01, 0.01, 10.0, 10.0] * 3,
                            "optimizer": ["adam"] * 4 + ["sgd"] * 4 + ["momentum"] * 4})
-    reached = pd.Series({0: 5, 1: 7, 4: 9})  # at lr 1 nobody got there; momentum never did
+    reached = pd.Series({0: 5, 1: 7, 4: 9})  # at lr 10 nobody got there; momentum never did
 
     figure = charts.epochs_to_target_bars(reached, trials, target=0.5, x="lr", color_by="optimizer")
 
     labels = [trace for trace in figure.data if trace.textposition == "outside"]
     assert [(trace.name, list(trace.x)) for trace in labels] == [("optimizer=momentum", ["0.01"])]
     [note] = figure.layout.annotations
-    assert note.x == "1" and note.y == 0 and note.text == "none<br>reached<br>(0/6)"
+    # At lr 10's position on the category axis (0.01, 10): plotly reads the label "10" as position 10,
+    # far off the axis, which it then stretched to reach.
+    assert list(figure.layout.xaxis.categoryarray) == ["0.01", "10"]
+    assert note.x == 1 and note.y == 0 and note.text == "none<br>reached<br>(0/6)"
 
 
 def test_prediction_panels_put_curves_and_boundaries_side_by_side():
