@@ -5,8 +5,6 @@ sensitivity). A DataFrame in, a figure out; the shared colours, axes and notes a
 
 from __future__ import annotations
 
-import copy
-import functools
 from typing import Any
 
 import numpy as np
@@ -22,11 +20,13 @@ from dashboard.charts import (
     SPLIT_NAMES,
     _axis_labels,
     _color_map,
+    _figure,
     _format_value,
     _is_number,
     _sort_key,
     _unique,
     _unwrap,
+    subplots_layout,
 )
 from services import analysis
 from services.safe_text import plotly_text
@@ -107,7 +107,7 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
                                         "<extra></extra>"})
     loss_type, loss_range, note = axis_plan(bands.loc[bands["split"] == "loss", "mean"] if len(bands) else [])
     rate_type = axis_plan(bands.loc[bands["split"] == "lr", "mean"] if len(bands) else [])[0]
-    layout = _secondary_y_layout()
+    layout = subplots_layout(specs=[[{"secondary_y": True}]])
     layout["xaxis"]["title"] = {"text": "epoch"}
     layout["yaxis"].update(title={"text": metric}, type=loss_type,
                            **({"range": _axis_range(loss_type, loss_range)} if loss_range is not None else {}),
@@ -121,21 +121,9 @@ def schedule_over_loss(bands: pd.DataFrame, *, color_by: str, metric: str = "val
                   margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}})
     # Built without plotly's per-property validation (our own values): validating each line and
     # layout update took most of the chart's time.
-    figure = go.Figure({"data": traces, "layout": layout}, _validate=False)
+    figure = _figure(traces, layout)
     _note(figure, note)
     return figure
-
-
-@functools.cache
-def _secondary_y_layout_kept() -> dict:
-    layout = make_subplots(specs=[[{"secondary_y": True}]]).layout.to_plotly_json()
-    return {key: value for key, value in layout.items() if key != "template"}
-
-
-def _secondary_y_layout() -> dict:
-    """One plot with a second y axis on the right, as plotly's make_subplots lays it out: computed
-    once, a copy each time."""
-    return copy.deepcopy(_secondary_y_layout_kept())
 
 
 def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_title: str, y_title: str, title: str,

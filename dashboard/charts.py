@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -367,7 +368,9 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
                            "hovertemplate": f"{color_by}={plotly_text(label)}<br>{x}=%{{x}}<br>{count}: %{{text}}"
                                             "<extra></extra>",
                            "xaxis": "x" if row == 1 else "x2", "yaxis": "y" if row == 1 else "y2"})
-    layout = _two_rows_layout()
+    layout = subplots_layout(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16, subplot_titles=[
+        "diverged (the loss became NaN or infinite)",
+        f"unstable (rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back)"])
     for note in layout["annotations"]:
         note.update(x=0, xanchor="left", font={"size": 12})  # the panels' titles fit a column
     # In the values' order, not in the order the colours first show them (0.001, 0.1, 0.01 when the
@@ -387,18 +390,18 @@ def divergence_bars(trials: pd.DataFrame, *, x: str, color_by: str) -> go.Figure
     return _figure(traces, layout)
 
 
+def subplots_layout(**options: Any) -> dict:
+    """The layout plotly's ``make_subplots(**options)`` makes (its axes' domains and anchors, the panel
+    titles), without the template: computed once per set of options, a copy each time. A chart built
+    from it and plain trace dicts (:func:`_figure`) skips make_subplots' and plotly's checks on every
+    page run."""
+    return copy.deepcopy(_subplots_layout_kept(json.dumps(options, sort_keys=True)))
+
+
 @functools.cache
-def _two_rows_layout_kept() -> dict:
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16, subplot_titles=[
-        "diverged (the loss became NaN or infinite)",
-        f"unstable (rose above {analysis.UNSTABLE_RATIO:g}x its baseline, then came back)"])
-    return {key: value for key, value in figure.layout.to_plotly_json().items() if key != "template"}
-
-
-def _two_rows_layout() -> dict:
-    """The divergence chart's two panels (diverged above unstable, one x axis), as plotly's
-    make_subplots lays them out: computed once, a copy each time."""
-    return copy.deepcopy(_two_rows_layout_kept())
+def _subplots_layout_kept(options: str) -> dict:
+    layout = make_subplots(**json.loads(options)).layout.to_plotly_json()
+    return {key: value for key, value in layout.items() if key != "template"}
 
 
 def _figure(traces: list[dict], layout: dict) -> go.Figure:
