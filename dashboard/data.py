@@ -333,6 +333,10 @@ def epochs_to_reach(experiment_id: int, *, field: str, target: float,
         return _epochs_to_reach(url, experiment_id, field, target, trial_ids)
 
 
+NORM_FIELDS = ("grad_norm", "weight_norm")  # recorded once per epoch
+FINAL_NORMS = tuple(f"final_{name}" for name in NORM_FIELDS)  # each trial's at its last epoch (final_norms)
+
+
 def final_norms(experiment_id: int) -> pd.DataFrame:
     """trial_id, final_grad_norm and final_weight_norm: each trial's gradient and weight norm at its
     last recorded epoch (services.queries.last_epoch_values), to merge into the trials table."""
@@ -349,8 +353,7 @@ def final_norms_recorded(experiment_id: int, *, statuses: tuple[str, ...]) -> tu
 
     def read() -> tuple[str, ...]:
         with session_scope(_engine(url)) as session:
-            found = last_epoch_values_recorded(session, experiment_id, fields=("grad_norm", "weight_norm"),
-                                               statuses=statuses)
+            found = last_epoch_values_recorded(session, experiment_id, fields=NORM_FIELDS, statuses=statuses)
         return tuple(f"final_{name}" for name in found)
 
     with _reading(url):
@@ -428,11 +431,11 @@ def _loss_maxima(url: str, experiment_id: int, above: float | None,
 
 def _final_norms(url: str, experiment_id: int) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
-        found = last_epoch_values(session, experiment_id, fields=("grad_norm", "weight_norm"))
+        found = last_epoch_values(session, experiment_id, fields=NORM_FIELDS)
     # Column by column: a DataFrame from 10,000 row dicts took several times as long.
     return pd.DataFrame({"trial_id": pd.Series(list(found), dtype="int64"),
                          **{f"final_{name}": pd.Series([values[name] for values in found.values()], dtype="float64")
-                            for name in ("grad_norm", "weight_norm")}})
+                            for name in NORM_FIELDS}})
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)

@@ -28,7 +28,6 @@ REGULARIZERS = ("weight_decay", "l1", "dropout", "input_noise", "label_smoothing
 FINE_TUNING = ("init_from", "freeze")  # fine-tuned against from scratch, over n_train: the first line choice
 SPLIT_METRICS = ("loss", "accuracy", "rmse", "mae", "r2")  # recorded for train and validation each epoch
 NORMS = ("grad_norm", "weight_norm")  # recorded once per epoch, no split
-FINAL_NORMS = tuple(f"final_{name}" for name in NORMS)  # each trial's at its last epoch (data.final_norms)
 BEST = {  # what "best" means for each metric: split -> trial-table column (others have only "final")
     "loss": {"train": "diag_best_train_loss", "val": "best_val_loss"},
     "accuracy": {"val": "best_val_accuracy"},
@@ -66,7 +65,7 @@ def capacity(trials: pd.DataFrame, groups: list[str], band: str, others: widgets
              recorded: tuple[str, ...] = ()) -> None:
     st.subheader("Capacity: train and validation against model size")
     metric, value, colour, facet_column = st.columns(4)
-    metrics = [*_split_metrics(trials), *(name for name in FINAL_NORMS if name in trials or name in recorded)]
+    metrics = [*_split_metrics(trials), *(name for name in data.FINAL_NORMS if name in trials or name in recorded)]
     chosen_metric = metric.segmented_control("Metric", metrics, default="loss", key="fit_capacity_metric") or "loss"
     chosen_value = value.segmented_control("Value", ["final", "best"], default="final", key="fit_capacity_value",
                                            help="final: the last epoch; best: the lowest train loss and the "
@@ -294,13 +293,6 @@ def _spread_by_capacity(trials: pd.DataFrame) -> list[int]:
     return [int(trial_id) for trial_id in dict.fromkeys(picks)]
 
 
-def norms_chosen() -> bool:
-    """Whether the capacity or heatmap metric is a final norm: only then are the norms read for every
-    trial (a join of each trial's last epoch row, about a tenth of a cold page at 10,000 trials)."""
-    chosen = {st.session_state.get("fit_capacity_metric"), st.session_state.get("fit_heatmap_metric")}
-    return not chosen.isdisjoint(FINAL_NORMS)
-
-
 st.title("Fit analysis")
 experiment_id = widgets.experiment_or_stop("fit")
 all_trials = widgets.parents_as_words(data.groupable_trials(experiment_id))
@@ -315,11 +307,9 @@ if trained.empty:
     st.info(NOTHING_KEPT, icon=":material/filter_alt_off:")
     st.stop()
 trained = trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
-recorded: tuple[str, ...] = ()  # the final norms some trial holds, offered in the metric lists though not read
-if norms_chosen():
-    trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
-else:  # a look-up that stops at the first trial holding them (a join of every trial's last epoch otherwise)
-    recorded = data.final_norms_recorded(experiment_id, statuses=widgets.TRAINED)
+trained, recorded = widgets.with_final_norms(  # the capacity and heatmap metrics may be a final norm
+    experiment_id, trained, chosen=[st.session_state.get("fit_capacity_metric"),
+                                    st.session_state.get("fit_heatmap_metric")])
 st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
            f"(failed, cancelled and unfinished trials are left out).")
 chosen_band, banded = widgets.band_controls(trained, key="fit")

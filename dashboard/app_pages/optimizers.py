@@ -25,7 +25,6 @@ RANGE_TESTS_SHOWN = 30  # each curve is up to 2,000 points; more tests than this
 SENSITIVITY_METRICS = {"final validation loss": {"val": "final_val_loss"},
                        "final weight norm": {"value": "final_weight_norm"},
                        "final gradient norm": {"value": "final_grad_norm"}}
-NORMS = ("final_grad_norm", "final_weight_norm")  # per trial, read only once a choice on the page uses them
 
 
 def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
@@ -175,13 +174,11 @@ def _drawn(trials: pd.DataFrame) -> pd.DataFrame:
     return trials if st.session_state.get("optimizers_include_diverged") else trials[~widgets.diverged_mask(trials)]
 
 
-def norms_chosen() -> bool:
-    """Whether a choice on the page (the metric that picks the best values, the sensitivity metric or
-    the compared metric) is a final norm: only then are the norms read for every trial (a join of each
-    trial's last epoch row, a tenth of the page at 10,000 trials)."""
-    chosen = {st.session_state.get("optimizers_others_best_metric"), st.session_state.get("optimizers_compare_metric"),
-              *SENSITIVITY_METRICS.get(st.session_state.get("optimizers_sensitivity_metric"), {}).values()}
-    return not chosen.isdisjoint(NORMS)
+def chosen_metrics() -> list[object]:
+    """The metrics the page's choices name: the one that picks the best values, the sensitivity
+    metric's columns and the compared one (widgets.with_final_norms reads the norms once one is)."""
+    return [st.session_state.get("optimizers_others_best_metric"), st.session_state.get("optimizers_compare_metric"),
+            *SENSITIVITY_METRICS.get(st.session_state.get("optimizers_sensitivity_metric"), {}).values()]
 
 
 def compare_two(trials: pd.DataFrame, groups: list[str], recorded: tuple[str, ...] = ()) -> None:
@@ -230,12 +227,7 @@ trained = all_trials[all_trials["status"].isin(widgets.TRAINED)]
 if trained.empty:
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
     st.stop()
-recorded: tuple[str, ...] = ()  # the norms some trial holds, offered in the metric lists though not read
-if norms_chosen():
-    trained = trained.merge(data.final_norms(experiment_id), on="trial_id", how="left")
-else:  # a look-up that stops at the first trial holding them; the index as the merge leaves it
-    trained, recorded = trained.reset_index(drop=True), data.final_norms_recorded(experiment_id,
-                                                                                  statuses=widgets.TRAINED)
+trained, recorded = widgets.with_final_norms(experiment_id, trained, chosen=chosen_metrics())
 groups = widgets.grouping_choices(all_trials)
 range_test(trained, groups)
 chosen_band, banded = widgets.band_controls(trained, key="optimizers")
