@@ -468,7 +468,7 @@ def _grouped_bars(table: pd.DataFrame, *, x: str, color_by: str, value: str, tex
                        # One slot per colour, shared with the empty bars below: a label sits in its gap.
                        "offsetgroup": label, "legendgroup": label,
                        "hovertemplate": (f"{name}<br>{x}=%{{x}}<br>%{{y:.3g}} (%{{text}})<extra></extra>")})
-        empty = rows[rows[value].isna() & ~rows[x].map(_format_value).isin(all_empty)] if empty_text is not None \
+        empty = rows[rows[value].isna() & ~labels[rows.index].isin(all_empty)] if empty_text is not None \
             else rows.iloc[:0]
         if len(empty):
             traces.append({"type": "bar", "x": [_format_value(v) for v in empty[x]], "y": [0] * len(empty),
