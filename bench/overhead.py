@@ -56,10 +56,16 @@ def bench_spec(trials: int, epochs: int) -> str:
     )
 
 
+def _stat(stat: Path) -> tuple[int, float]:
+    """(process group, CPU seconds (user + system) used so far, its own threads included) from a
+    /proc/PID/stat file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) that process ``pid`` has used so far, its own threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds that process ``pid`` has used so far."""
+    return _stat(Path(f"/proc/{pid}/stat"))[1]
 
 
 def group_cpu_s(group: int) -> float:
@@ -67,11 +73,11 @@ def group_cpu_s(group: int) -> float:
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            of, seconds = _stat(stat)
         except OSError:  # ended meanwhile
             continue
-        if int(fields[2]) == group:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if of == group:
+            total += seconds
     return total
 
 
