@@ -154,7 +154,7 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     # text columns: grouping 10,000 runs by strings took most of a page's selections. Same groups, same
     # order, same means (pandas' grouped mean), same winners as grouping by the texts.
     codes = {name: _text_codes(kept[name]) for name in lines + best}  # each column's codes once for both
-    line_id, group_id = _group_ids(codes, lines), _group_ids(codes, lines + best)
+    line_id, group_id = group_ids(codes, lines), group_ids(codes, lines + best)
     means = pd.Series(score.loc[kept.index].to_numpy()).groupby(group_id, sort=True).mean()
     groups = means.index.to_numpy()
     group_line = pd.Series(line_id).groupby(group_id, sort=True).first().to_numpy()
@@ -169,10 +169,10 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     return Selection(kept, handling, held_values, summary, metric, goal)
 
 
-def _group_ids(codes_of: dict[str, tuple], names: list[str]):
-    """One integer per row for its combination of ``names``' texts, numbered in the sorted order of
-    the texts (name by name); a missing value is a text of its own. ``codes_of``: each name's
-    :func:`_text_codes`."""
+def group_ids(codes_of: dict[str, tuple], names: list[str]):
+    """One integer per row for its combination of ``names``' values, numbered in the order of their
+    codes (name by name). ``codes_of``: each name's (codes per row, how many distinct), e.g.
+    :func:`_text_codes` (the texts' sorted order, a missing value a text of its own)."""
     import numpy as np
 
     rows = len(next(iter(codes_of.values()))[0]) if codes_of else 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from services.analysis import DATA_PARAMETERS, REFERENCE_MARGIN, _decide
 from services.models import TERMINAL_STATUSES
+from services.selection import group_ids
 
 # What services.analysis._decide reads, as columns of the trials table (diag_<name>).
 DECIDED_ON = ("tail_drop_ratio", "tail_epochs", "final_train_ratio", "final_train_loss", "train_ratio",
@@ -85,7 +86,7 @@ def _data_keys(trials):
     import numpy as np
     import pandas as pd
 
-    keys = np.zeros(len(trials), dtype=np.int64)
+    codes_of = {}
     for name in DATA_PARAMETERS:
         if name not in trials:
             continue
@@ -95,7 +96,8 @@ def _data_keys(trials):
         # A typed column holds one kind of value (a number column's missing ones are all NaN): its
         # distinct values are its distinct reprs, without writing 10,000 of them out.
         codes, uniques = pd.factorize(column, use_na_sentinel=False)
-        keys = np.unique(keys * max(len(uniques), 1) + codes, return_inverse=True)[1].astype(np.int64)
+        codes_of[name] = (codes, len(uniques))
+    keys = group_ids(codes_of, list(codes_of)) if codes_of else np.zeros(len(trials), dtype=np.int64)
     return pd.Series(keys, index=trials.index)
 
 
