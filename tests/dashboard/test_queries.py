@@ -155,3 +155,41 @@ def test_loss_maxima_of_chosen_trials_and_layer_norms_at_both_ends(database_url:
         (trial_id, epoch) for trial_id in ids[:2] for epoch in (1, int(last[trial_id]))]
     assert [row for row in every if (row["trial_id"], row["epoch"]) in {(r["trial_id"], r["epoch"]) for r in ends}] \
         == ends
+
+
+def _configs_as_decoded_one_by_one(texts: list[str | None]) -> pd.DataFrame:
+    """The reference: every stored config decoded on its own, as trial_frame did before it decoded
+    each configuration once."""
+    return pd.DataFrame(queries._dict_columns([queries.decode_json(text) or {} for text in texts]))
+
+
+@pytest.mark.parametrize("separator", [":", ": "])  # as json/orjson write it, and PostgreSQL's jsonb text
+def test_configs_decoded_once_per_configuration_are_the_configs_decoded_one_by_one(
+        separator: str, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    def text(**config) -> str:
+        return json.dumps(config, separators=(",", separator))
+
+    grid = [text(lr=lr, betas=[0.9, 0.999], width=width, early_stopping=None, seed=seed, name=f"n{width}")
+            for seed in (0, 1, 2) for lr in (0.1, 1) for width in (4, 16)]
+    shapes = {
+        "a grid": grid,
+        "configurations with different keys": [*grid, text(lr=0.1, seed=7), text(lr=0.1, seed=8, dropout=0.5)],
+        "a seed at the end, and negative": [text(lr=0.1, seed=-3), text(lr=0.1, seed=4)],
+        "a nested seed beside the top-level one": [text(lr=0.1, seed=1, start={"seed": 5}), text(lr=0.1, seed=2)],
+        "a nested seed only": [text(lr=0.1, start={"seed": 5}), text(lr=0.2, start={"seed": 5})],
+        "a float seed": [text(lr=0.1, seed=1.0), text(lr=0.1, seed=2)],
+        "no seed": [text(lr=0.1), text(lr=0.2)],
+        "a config missing": [text(lr=0.1, seed=0), None],
+        "a seed in a string": [text(lr=0.1, seed=1, name='x"seed": 9, y'), text(lr=0.1, seed=2, name="z")],
+        "nothing": [],
+    }
+    for shape, texts in shapes.items():
+        found = pd.DataFrame(queries._configuration_columns(texts))
+        pd.testing.assert_frame_equal(found, _configs_as_decoded_one_by_one(texts), obj=shape)
+    # The grid's twelve configs are decoded as four configurations, each seed read from its own text.
+    decoded = []
+    monkeypatch.setattr(queries, "decode_json", lambda text: decoded.append(text) or json.loads(text))
+    assert pd.DataFrame(queries._configuration_columns(grid))["seed"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert decoded == grid[:4]
