@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from dashboard.axes import _axis_range, _note, axis_plan, log_ticks
 from dashboard.charts import (
@@ -134,12 +133,12 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     panels = _axis_labels(bands, facet) if facet and facet in bands else [None]
     columns = min(len(panels), 4)
     grid_rows = -(-len(panels) // columns)
-    # Built without plotly's per-property validation (our own arrays and settings): a chart of 20
-    # panels x 8 lines of 100 epochs otherwise spends most of its time checking them.
-    figure = go.Figure(_validate=False) if len(panels) == 1 else make_subplots(
+    # Plain trace and layout dicts, built without plotly's per-property validation (our own arrays and
+    # settings, as make_subplots and the update_* calls would set them): a chart of 20 panels x 8 lines
+    # of 100 epochs otherwise spends most of its time checking them.
+    layout: dict[str, Any] = {} if len(panels) == 1 else subplots_layout(
         rows=grid_rows, cols=columns, shared_yaxes=True, shared_xaxes=True, horizontal_spacing=0.03,
-        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels],
-        figure=go.Figure(_validate=False))
+        vertical_spacing=0.12, subplot_titles=[f"{facet}={panel}" for panel in panels])
     colors = _color_map(bands[color_by].tolist() if color_by in bands else [])
     numeric_x = bool(len(bands)) and (_numbers_only(bands[x]) or all(_is_number(v) for v in bands[x]))
     # A band edge below 0 under a positive mean is the std's artefact, not a value: it does not veto a log axis.
@@ -160,18 +159,17 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     in_legend: set[str] = set()
     notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
     traces: list[dict] = []
-    places: list[tuple[int, int]] = []
     panel_of = bands[facet].map(_format_value) if facet else None  # once, not once per panel
     for k, panel in enumerate(panels):
         rows_of_panel = bands[panel_of == panel] if facet else bands
-        row, col = k // columns + 1, k % columns + 1
+        # The panel's axes, as make_subplots numbers them: row by row from the top left.
+        axes = {} if len(panels) == 1 else {"xaxis": f"x{k + 1 if k else ''}", "yaxis": f"y{k + 1 if k else ''}"}
         groups = rows_of_panel.groupby(_unique([color_by, "split"]), sort=False, dropna=False) \
             if len(rows_of_panel) else []
         for (value, split), rows in sorted(groups, key=lambda item: (_sort_key(item[0][0]), item[0][1])):
             label = _format_value(value)
             color = colors.get(label, _MISSING_COLOR)
             rows = rows.sort_values(x, key=lambda c: c.map(_sort_key)) if not numeric_x else rows.sort_values(x)
-            # Arrays where they can be: plotly validates a list one value at a time.
             xs = rows[x].to_numpy() if numeric_x else np.array([_format_value(v) for v in rows[x]], dtype=object)
             if split != "gap" and (rows["upper"] > rows["lower"]).any():  # a band on the gap would hide the rest
                 traces.append(dict(
@@ -179,8 +177,7 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                     y=np.concatenate([rows["upper"].to_numpy(dtype=float), rows["lower"].to_numpy(dtype=float)[::-1]]),
                     fill="toself",
                     fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip", showlegend=False,
-                    legendgroup=label, mode="lines"))
-                places.append((row, col))
+                    legendgroup=label, mode="lines", **axes))
             traces.append(dict(
                 type="scatter", x=xs, y=rows["mean"].to_numpy(dtype=float), customdata=rows["n"].to_numpy(),
                 mode="lines+markers" if len(xs) < 30 else "lines",
@@ -190,31 +187,29 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
                 showlegend=label not in in_legend,
                 hovertemplate=(f"{color_by}={plotly_text(label)}<br>{x_title} %{{x}}<br>"
                                f"{SPLIT_NAMES.get(split, split)} "
-                               f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>")))
-            places.append((row, col))
+                               f"{y_title} %{{y:.4g}} (mean of %{{customdata}} runs)<extra></extra>"),
+                **axes))
             in_legend.add(label)
-    if traces:  # at once: one add_scatter per trace re-validates the figure each time
-        if len(panels) == 1:
-            figure.add_traces(traces)
-        else:
-            figure.add_traces(traces, rows=[row for row, _ in places], cols=[col for _, col in places])
     subtitle = f"{_line_styles(bands)}band: {analysis.BANDS[band]} over the runs of each line. {note}".strip()
-    figure.update_layout(
+    layout.update(
         title={"text": title, "subtitle": {"text": subtitle}},
         margin={"l": 10, "r": 10, "t": 90, "b": 40}, legend={"title": {"text": color_by}}, hovermode="closest",
         height=(450 if len(panels) <= 4 else 300 * (-(-len(panels) // columns)) + 100),
     )
-    figure.update_xaxes(type="log" if log_x else ("linear" if numeric_x else "category"),
-                        **(log_ticks(bands[x]) if log_x and numeric_x and len(bands) else {}))
-    figure.update_yaxes(type=y_type, range=_axis_range(y_type, y_range),
-                        **(log_ticks(pd.concat([bands["mean"], bands["upper"], bands["lower"]]), y_range)
-                           if y_type == "log" and len(bands) else {}))
-    if len(panels) == 1:
-        figure.update_xaxes(title_text=x_title)
-        figure.update_yaxes(title_text=y_title)
-    else:
-        figure.update_xaxes(title_text=x_title, row=grid_rows)
-        figure.update_yaxes(title_text=y_title, col=1)
+    x_axis = {"type": "log" if log_x else ("linear" if numeric_x else "category"),
+              **(log_ticks(bands[x]) if log_x and numeric_x and len(bands) else {})}
+    y_axis = {"type": y_type, **({"range": _axis_range(y_type, y_range)} if y_range is not None else {}),
+              **(log_ticks(pd.concat([bands["mean"], bands["upper"], bands["lower"]]), y_range)
+                 if y_type == "log" and len(bands) else {})}
+    # Every panel's axes (the empty cells' of the last row too, as update_xaxes sets them); the x title
+    # under the bottom row, the y title beside the first column.
+    for k in range(grid_rows * columns):
+        row, col = k // columns + 1, k % columns + 1
+        suffix = k + 1 if k else ""
+        layout.setdefault(f"xaxis{suffix}", {}).update(x_axis, **({"title": {"text": x_title}}
+                                                                  if row == grid_rows else {}))
+        layout.setdefault(f"yaxis{suffix}", {}).update(y_axis, **({"title": {"text": y_title}} if col == 1 else {}))
+    figure = _figure(traces, layout)
     _note(figure, y_note)
     return figure
 

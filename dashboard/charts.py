@@ -311,20 +311,24 @@ def prediction_panels(artifacts: dict[int, dict[str, dict]], titles: dict[int, s
     without such an artifact are left out."""
     shown = [(trial_id, kinds) for trial_id, kinds in artifacts.items()
              if any(kind in kinds for kind in PREDICTION_KINDS)]
-    # Built without plotly's per-property validation (the artifacts' own numbers and our colours): the
-    # 300 training points' colours were checked one by one, in every panel.
-    figure = make_subplots(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04, figure=go.Figure(_validate=False),
-                           subplot_titles=[titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown])
-    traces, columns = [], []
+    # Plain trace and layout dicts, without plotly's per-property validation (the artifacts' own numbers
+    # and our colours): the 300 training points' colours were checked one by one, in every panel, and
+    # make_subplots' layout was built again on every page run. The panels' titles are set on the kept
+    # layout's (their place does not depend on their text); an empty title has none, as make_subplots does.
+    titled = [titles.get(trial_id, f"trial {trial_id}") for trial_id, _ in shown]
+    layout = subplots_layout(rows=1, cols=max(len(shown), 1), horizontal_spacing=0.04,
+                             subplot_titles=["title"] * len(shown))
+    notes = [{**note, "text": text} for note, text in zip(layout.pop("annotations", []), titled, strict=True) if text]
+    if notes:
+        layout["annotations"] = notes
+    traces = []
     for column, (_, kinds) in enumerate(shown, start=1):
         added = (_curve_1d_traces(kinds["curve_1d"]) if "curve_1d" in kinds
                  else _boundary_2d_traces(kinds["boundary_2d"]))
-        traces += added
-        columns += [column] * len(added)
-    if traces:  # as dicts, at once: add_scatter builds and checks each trace (and its 300 colours) first
-        figure.add_traces(traces, rows=[1] * len(traces), cols=columns)
-    figure.update_layout(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30}, showlegend=False)
-    return figure
+        axes = {"xaxis": f"x{column if column > 1 else ''}", "yaxis": f"y{column if column > 1 else ''}"}
+        traces += [{**trace, **axes} for trace in added]
+    layout.update(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 30}, showlegend=False)
+    return _figure(traces, layout)
 
 
 def epochs_to_target_bars(reached: pd.Series, trials: pd.DataFrame, *, target: float, x: str, color_by: str,

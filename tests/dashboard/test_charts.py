@@ -390,6 +390,39 @@ def test_a_value_where_no_group_reached_the_target_gets_one_note_not_a_label_per
     assert note.x == 1 and note.y == 0 and note.text == "none<br>reached<br>(0/6)"
 
 
+def test_band_chart_panels_are_where_plotly_puts_them():
+    """The panels' axes, domains, titles and each line's panel, against plotly's own make_subplots,
+    add_traces by row and column, and update_xaxes/update_yaxes by row and column (how the chart was
+    built before it set them itself): five panels on a 2 x 4 grid, three cells empty."""
+    from plotly.subplots import make_subplots
+
+    bands = pd.DataFrame([{"size": size, "width": width, "split": split, "epoch": epoch, "mean": size + 0.1 * epoch,
+                           "lower": size + 0.1 * epoch - 0.05, "upper": size + 0.1 * epoch + 0.05, "low": size, "n": 2}
+                          for size in (1, 2, 3, 4, 5) for width in (8, 64) for split in ("train", "val")
+                          for epoch in (1, 2, 3)])
+
+    figure = band_charts.learning_curve_bands(bands, color_by="width", facet="size", metric="loss")
+
+    reference = make_subplots(rows=2, cols=4, shared_yaxes=True, shared_xaxes=True, horizontal_spacing=0.03,
+                              vertical_spacing=0.12, subplot_titles=[f"size={size}" for size in (1, 2, 3, 4, 5)])
+    panels = [int(min(trace.y)) - 1 for trace in figure.data]  # a line's values start at its panel's size
+    reference.add_traces([{key: value for key, value in trace.to_plotly_json().items() if key not in ("xaxis", "yaxis")}
+                          for trace in figure.data],
+                         rows=[panel // 4 + 1 for panel in panels], cols=[panel % 4 + 1 for panel in panels])
+    reference.update_xaxes(title_text="epoch", row=2)
+    reference.update_yaxes(title_text="loss", col=1)
+    assert [(trace.xaxis, trace.yaxis) for trace in figure.data] == [(t.xaxis, t.yaxis) for t in reference.data]
+    assert len(set(panels)) == 5
+    axes = [name for name in reference.layout.to_plotly_json() if name.startswith(("xaxis", "yaxis"))]
+    assert len(axes) == 16 and set(axes) <= set(figure.layout.to_plotly_json())
+    for name in axes:
+        drawn, expected = figure.layout[name], reference.layout[name]
+        assert (drawn.domain, drawn.anchor, drawn.matches, drawn.showticklabels, drawn.title.text) == \
+            (expected.domain, expected.anchor, expected.matches, expected.showticklabels, expected.title.text), name
+    assert [(a.text, a.x, a.y) for a in figure.layout.annotations][:5] == \
+        [(a.text, a.x, a.y) for a in reference.layout.annotations]
+
+
 def test_prediction_panels_put_curves_and_boundaries_side_by_side():
     curve = {"x": [0.0, 0.5, 1.0], "y_pred": [0.0, 0.4, 0.9], "y_true": [0.0, 0.5, 1.0],
              "train_x": [0.1, 0.9], "train_y": [0.1, 1.1]}
@@ -406,6 +439,16 @@ def test_prediction_panels_put_curves_and_boundaries_side_by_side():
     # training points 2 x, 2 y; truth and model 3 + 3 each; grid 2 x, 2 y, 2 x 2 z; labelled points 2 + 2
     assert charts.points_shipped(figure) == 4 + 6 + 6 + 8 + 4
     go.Figure(figure.to_plotly_json())  # built without plotly's checks, it still passes them
+    # The panels where make_subplots puts them (how the chart was built before it set them itself).
+    from plotly.subplots import make_subplots
+
+    reference = make_subplots(rows=1, cols=2, horizontal_spacing=0.04, subplot_titles=["width 4", "width 256"])
+    assert [(a.text, a.x, a.y) for a in figure.layout.annotations] == \
+        [(a.text, a.x, a.y) for a in reference.layout.annotations]
+    assert (figure.layout.xaxis2.domain, figure.layout.yaxis2.anchor) == \
+        (reference.layout.xaxis2.domain, reference.layout.yaxis2.anchor)
+    untitled = charts.prediction_panels({2: {"boundary_2d": boundary}}, {2: ""})  # the trial page's
+    assert "annotations" not in untitled.layout.to_plotly_json() and {trace.xaxis for trace in untitled.data} == {"x"}
 
 
 SCHEDULE = {"loss": "val_loss", "lr": "lr"}
