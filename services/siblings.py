@@ -13,7 +13,6 @@ without being decided again (see :func:`rejudge_table`).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from services.analysis import DATA_PARAMETERS, REFERENCE_MARGIN, _decide
 from services.models import TERMINAL_STATUSES
@@ -58,26 +57,24 @@ def rejudge_table(trials):
     had_reference = _column(ended, "diag_reference_excess").notna().to_numpy()
     again = judged & ((excess > REFERENCE_MARGIN) | had_reference)
     if again.any():
-        names = [name for name in DECIDED_ON if f"diag_{name}" in ended]
-        # One list per column and a dict per row from them: DataFrame.to_dict("records") boxed the same
-        # Python values at several times the cost.
-        columns = [ended[f"diag_{name}"].to_numpy(dtype=object)[again].tolist() for name in names]
-        rows = zip(*columns, strict=True)
-        decided = [_decide(_numbers(dict(zip(names, values, strict=True)), reference=ref, excess=ex))
-                   for values, ref, ex in zip(rows, reference[again].tolist(), excess[again].tolist(), strict=True)]
+        # One list per column, the integers and the flag set column by column, and a dict per row from
+        # them: DataFrame.to_dict("records") boxed the same Python values at several times the cost, and
+        # fixing each row's dict after it was made took as long as deciding it.
+        columns = {name: ended[f"diag_{name}"].to_numpy(dtype=object)[again].tolist()
+                   for name in DECIDED_ON if f"diag_{name}" in ended}
+        for name in ("tail_epochs", "min_val_epoch"):  # integers, in the sentences
+            if name in columns:
+                columns[name] = [int(value) if isinstance(value, float) and math.isfinite(value) else value
+                                 for value in columns[name]]
+        flags = columns.get("train_fell_after_min_val", [None] * int(again.sum()))
+        columns["train_fell_after_min_val"] = [bool(flag) for flag in flags]
+        columns["reference_train_loss"], columns["reference_excess"] = reference[again].tolist(), excess[again].tolist()
+        names = list(columns)
+        decided = [_decide(dict(zip(names, values, strict=True))) for values in zip(*columns.values(), strict=True)]
         out.loc[again, "sibling_verdict"] = [verdict for verdict, _ in decided]
         for position, (_, why) in zip(again.nonzero()[0], decided, strict=True):
             reasons[position] = "; ".join(why)
     return out.assign(reasons=reasons)[["trial_id", "sibling_verdict", "reasons", *NUMBERS]]
-
-
-def _numbers(row: dict[str, Any], *, reference: float, excess: float) -> dict[str, Any]:
-    numbers = row
-    for name in ("tail_epochs", "min_val_epoch"):  # integers, in the sentences
-        if isinstance(numbers.get(name), float) and math.isfinite(numbers[name]):
-            numbers[name] = int(numbers[name])
-    numbers["train_fell_after_min_val"] = bool(numbers.get("train_fell_after_min_val"))
-    return {**numbers, "reference_train_loss": reference, "reference_excess": excess}
 
 
 def _data_keys(trials):
