@@ -163,8 +163,10 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     first[1:] = group_line[ranked][1:] != group_line[ranked][:-1]
     winners = groups[ranked][first] if lines else groups[ranked][:1]
     kept = kept[np.isin(group_id, winners)]
-    summary = (kept.assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True, dropna=False)
-               .agg(metric_mean=("_score", "mean")).reset_index())
+    # Of the grouped columns only, and one column's mean: a copy of all 90 columns and a named
+    # aggregation were half of each selection's time.
+    summary = (kept[lines + best].assign(_score=score.loc[kept.index]).groupby(lines + best, sort=True, dropna=False)
+               ["_score"].mean().reset_index(name="metric_mean"))
     summary["metric_mean"] *= 1 if goal == "minimize" else -1
     return Selection(kept, handling, held_values, summary, metric, goal)
 

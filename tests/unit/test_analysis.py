@@ -392,6 +392,27 @@ def test_best_keeps_each_lines_best_rate_and_schedule_with_all_its_seeds() -> No
     assert chosen.best_values("optimizer") == {"adam": "lr=0.01, schedule=constant", "sgd": "lr=1, schedule=step"}
 
 
+def test_the_best_summary_is_the_named_aggregation_over_the_kept_trials() -> None:
+    """Selection.best against the expression it replaced (a named aggregation over every column of the
+    kept trials), on lines and best parameters that mix numbers, text, missing values and lists."""
+    grid = optimizer_grid().assign(width=lambda f: [8, 64, None, 8] * (len(f) // 4),
+                                   betas=lambda f: ["[0.9, 0.99]", "[0.5, 0.9]"] * (len(f) // 2))
+    parameters = (*PARAMETERS, "width", "betas")
+    for shown, handling, goal in ((["optimizer"], {}, "minimize"),
+                                  (["optimizer", "width"], {"betas": "held"}, "minimize"),
+                                  (["lr"], {}, "maximize"), (["width"], {"lr": "averaged"}, "minimize")):
+        chosen = selection.select_configurations(grid, shown=shown, parameters=parameters, metric="final_val_loss",
+                                                handling=handling, goal=goal)
+        best = [name for name, how in chosen.handling.items() if how == "best"]
+        score = selection._scores(grid, "final_val_loss", goal)
+        expected = (chosen.trials.assign(_score=score.loc[chosen.trials.index])
+                    .groupby([*shown, *best], sort=True, dropna=False)
+                    .agg(metric_mean=("_score", "mean")).reset_index())
+        expected["metric_mean"] *= 1 if goal == "minimize" else -1
+        pd.testing.assert_frame_equal(chosen.best, expected)
+        assert len(chosen.best) > 1
+
+
 def test_each_band_of_a_selection_holds_one_configuration_unless_averaged() -> None:
     grid = optimizer_grid()
     for handling in ({}, {"schedule": "held"}, {"lr": "held", "schedule": "best"}):
