@@ -89,13 +89,21 @@ def _as_text(value: Any) -> Any:
 def _as_texts(column: pd.Series) -> list[Any]:
     """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
     written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
+    # By identity first: the trials of one configuration share its list and dict values
+    # (services.queries decodes each configuration once), so most are not written out even as a repr.
+    # The values stay alive in ``values`` meanwhile, so an id is never reused for another.
+    seen: dict[int, Any] = {}
     texts = []
-    for value in column.tolist():
+    values = column.tolist()
+    for value in values:
         if not isinstance(value, list | dict):
             texts.append(value)
             continue
-        key = repr(value)
-        if key not in written:
-            written[key] = _as_text(value)
-        texts.append(written[key])
+        text = seen.get(id(value))
+        if text is None:
+            key = repr(value)
+            if key not in written:
+                written[key] = _as_text(value)
+            text = seen[id(value)] = written[key]
+        texts.append(text)
     return texts

@@ -36,6 +36,19 @@ def test_groupable_writes_exactly_the_columns_that_hold_a_list_or_a_dict():
     assert rewritten == {"betas", "milestones", "early_stopping"}
 
 
+def test_groupable_writes_shared_and_equal_values_as_each_one_alone():
+    """Rows that share one list object (a configuration decoded once), equal lists that are separate
+    objects, and lists equal as values but not as text (1 and 1.0): each written as json.dumps writes it."""
+    shared, other = [0.9, 0.999], {"patience": 3, "min_delta": 0.0}
+    values = [shared, other, shared, [0.9, 0.999], [1, 2], [1.0, 2.0], other, None, shared]
+    table = pd.DataFrame({"trial_id": range(len(values)), "betas": pd.Series(values, dtype=object)})
+
+    found = trial_tables.groupable(table)["betas"].tolist()
+
+    assert found[:7] + found[8:] == [json.dumps(value, sort_keys=True) for value in values if value is not None]
+    assert pd.isna(found[7]) and found[4] == "[1, 2]" and found[5] == "[1.0, 2.0]"
+
+
 def test_number_checks_read_each_distinct_value_as_the_whole_column_would():
     columns = {
         "floats": pd.Series([0.1, None, 0.3]), "ints": pd.Series([1, 2, 3]), "bools": pd.Series([True, False]),
