@@ -300,7 +300,7 @@ widgets.networks_or_stop(all_trials, page="the fit analysis")
 groups = widgets.grouping_choices(all_trials)
 kept = widgets.trial_filter(all_trials, key="fit_filter", experiment_id=experiment_id)
 trained = kept[kept["status"].isin(widgets.TRAINED)]
-if all_trials[all_trials["status"].isin(widgets.TRAINED)].empty:
+if not all_trials["status"].isin(widgets.TRAINED).any():  # asked of the column, not of a copy of the table
     st.info(NOTHING_FINISHED, icon=":material/hourglass_empty:")
     st.stop()
 if trained.empty:

@@ -110,6 +110,12 @@ def test_json_columns_decode_as_json_does_non_finite_floats_included():
     assert decoded["betas"] == [0.9, 0.999] and decoded["name"] == "é"
     assert decode_json('{"a": 1, "b": [1.5, null]}') == {"a": 1, "b": [1.5, None]}
     assert decode_json("null") is None and decode_json(None) is None
+    # A column's texts at once, as trial_frame reads them: what decode_json(text) or {} gives each.
+    texts = [stored, '{"a": 1}', None, "null", "{}", '{"b": [1.5, null]}']
+    for column in (texts, texts[1:]):  # with a NaN (decoded by json) and without
+        found = queries._decoded(column)
+        expected = [decode_json(text) or {} for text in column]
+        assert json.dumps(found) == json.dumps(expected) and found[-1] == {"b": [1.5, None]}
 
 
 def test_trial_frame_is_the_frame_of_trial_rows(database_url: str, engine_for) -> None:
