@@ -8,6 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -230,6 +231,17 @@ def _configuration_columns(texts: Sequence[str | None]) -> dict[str, Any]:
 def _dict_columns(dicts: list[dict[str, Any]]) -> dict[str, list]:
     """One list per key of ``dicts`` (NaN where a dict lacks the key), keys in order of appearance.
     Dicts that share their keys (a grid's configs, most trials' metrics) are split in one pass."""
+    first = dicts[0] if dicts else {}
+    if len(first) > 1 and set(map(len, dicts)) == {len(first)}:
+        # As many keys in every dict as in the first: when each has the first's keys too (whatever their
+        # order), every dict's values are read in the first's key order at C speed, no tuple of keys
+        # built and hashed per dict.
+        try:
+            rows = list(map(itemgetter(*first), dicts))
+        except KeyError:  # another key somewhere: by sets of keys, below
+            pass
+        else:
+            return {key: list(values) for key, values in zip(first, zip(*rows, strict=True), strict=True)}
     by_keys: dict[tuple, list[int]] = {}
     for position, values in enumerate(dicts):
         by_keys.setdefault(tuple(values), []).append(position)

@@ -199,3 +199,26 @@ def test_configs_decoded_once_per_configuration_are_the_configs_decoded_one_by_o
     monkeypatch.setattr(queries, "decode_json", lambda text: decoded.append(text) or json.loads(text))
     assert pd.DataFrame(queries._configuration_columns(grid))["seed"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert decoded == grid[:4]
+
+
+def test_dict_columns_are_each_keys_values_in_order_of_appearance():
+    """services.queries._dict_columns against the plain rule it stands for: a column per key in order
+    of first appearance, each dict's value or NaN, whatever order each dict holds its keys in."""
+    def reference(dicts):
+        keys = list(dict.fromkeys(key for values in dicts for key in values))
+        return {key: [values.get(key, math.nan) for values in dicts] for key in keys}
+
+    shapes = {
+        "same keys, same order": [{"a": 1, "b": 2.5, "c": "x"}, {"a": 3, "b": None, "c": "y"}],
+        "same keys, another order": [{"a": 1, "b": 2}, {"b": 4, "a": 3}, {"a": 5, "b": 6}],
+        "a key missing": [{"a": 1, "b": 2}, {"a": 3}, {"b": 6, "a": 5}],
+        "as many keys, another one": [{"a": 1, "b": 2}, {"a": 3, "c": 4}],
+        "one key": [{"a": 1}, {"a": 2}],
+        "empty": [{}, {}],
+        "none": [],
+        "lists kept": [{"betas": [0.9, 0.99], "n": 1}, {"betas": [0.5, 0.9], "n": 2}],
+    }
+    for shape, dicts in shapes.items():
+        found = queries._dict_columns(dicts)
+        assert list(found) == list(reference(dicts)), shape
+        assert found == reference(dicts), shape  # math.nan is one object: equal to itself in a list
