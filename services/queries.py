@@ -221,9 +221,9 @@ def _configuration_columns(texts: Sequence[str | None]) -> dict[str, Any]:
             return _dict_columns([decode_json(text) or {} for text in texts])
     # Each column built from its few distinct values (pandas infers the same type from them as from all
     # 10,000) and repeated by position; shared list values are never changed in place.
-    distinct = pd.DataFrame(_dict_columns(configurations))
-    rows = np.asarray(codes, dtype=np.intp)
-    columns: dict[str, Any] = {name: distinct[name].take(rows).reset_index(drop=True) for name in distinct.columns}
+    repeated = pd.DataFrame(_dict_columns(configurations)).take(np.asarray(codes, dtype=np.intp))
+    repeated = repeated.reset_index(drop=True)  # taken block by block, then handed out column by column
+    columns: dict[str, Any] = {name: repeated[name] for name in repeated.columns}
     columns["seed"] = seeds
     return columns
 
