@@ -191,8 +191,9 @@ def rejudge_among_siblings(trials: list[dict]) -> dict[int, Diagnosis]:
 
 def _decide(n: dict[str, Any]) -> tuple[str, list[str]]:
     still_falling = n["tail_drop_ratio"] > NOT_CONVERGED_DROP
+    # Written only for a verdict that says it (a page re-judges thousands of trials; few are not converged).
     falling = (f"over the last {n['tail_epochs']} epochs the train loss fell by {n['tail_drop_ratio']:.3f} "
-               f"x baseline (> {NOT_CONVERGED_DROP})")
+               f"x baseline (> {NOT_CONVERGED_DROP})") if still_falling else ""
     if n["final_train_ratio"] > DIVERGED_RATIO:
         return "diverged", [f"diverged: the final train loss {n['final_train_loss']:.4g} is "
                             f"{n['final_train_ratio']:.2f} x the baseline (> {DIVERGED_RATIO})"]
