@@ -21,6 +21,7 @@ from dashboard.charts import (
     _color_map,
     _figure,
     _format_value,
+    _format_values,
     _is_number,
     _sort_key,
     _unique,
@@ -159,7 +160,8 @@ def _band_figure(bands: pd.DataFrame, *, x: str, color_by: str, band: str, x_tit
     in_legend: set[str] = set()
     notes = {_format_value(value): text for value, text in (line_notes or {}).items()}
     traces: list[dict] = []
-    panel_of = bands[facet].map(_format_value) if facet else None  # once, not once per panel
+    # Once, not once per panel, and each distinct value written once.
+    panel_of = pd.Series(_format_values(bands[facet].tolist()), index=bands.index) if facet else None
     for k, panel in enumerate(panels):
         rows_of_panel = bands[panel_of == panel] if facet else bands
         # The panel's axes, as make_subplots numbers them: row by row from the top left.

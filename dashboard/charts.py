@@ -7,7 +7,7 @@ import copy
 import functools
 import json
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -173,8 +173,9 @@ def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None
 
 def _color_map(values: list[Any]) -> dict[str, str]:
     """A colour per distinct value, keyed by its label: an ordered scale for numbers, a palette otherwise."""
-    distinct = sorted({_format_value(v): v for v in values if not _is_missing(v)}.items(),
-                      key=lambda item: _sort_key(item[1]))
+    values = list(values)
+    distinct = sorted({label: v for label, v in zip(_format_values(values), values, strict=True)
+                       if not _is_missing(v)}.items(), key=lambda item: _sort_key(item[1]))
     if not distinct:
         return {}
     if all(_is_number(value) for _, value in distinct) and len(distinct) > 1:
@@ -203,6 +204,26 @@ def _format_value(value: Any) -> str:
     if _is_number(value) and not isinstance(value, numbers.Integral):
         return f"{float(value):g}"
     return str(value)
+
+
+def _format_values(values: Iterable[Any]) -> list[str]:
+    """:func:`_format_value` of each value, each distinct one (by type and value) written once: a
+    chart labels thousands of rows with a handful of values. A zero is written each time (-0.0 equals
+    0.0 but reads "-0"), and so is a value that cannot be a key."""
+    written: dict[tuple[type, Any], str] = {}
+    labels = []
+    for value in values:
+        try:
+            key = None if value == 0 else (type(value), value)
+            label = written.get(key) if key is not None else None
+        except (TypeError, ValueError):  # unhashable, or no plain truth value
+            key = label = None
+        if label is None:
+            label = _format_value(value)
+            if key is not None:
+                written[key] = label
+        labels.append(label)
+    return labels
 
 
 def status_badges(counts: dict[str, int] | pd.Series) -> str:

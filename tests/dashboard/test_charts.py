@@ -557,3 +557,27 @@ def test_grouped_bars_keep_the_values_order_when_the_first_colour_lacks_one():
     reached = pd.Series({0: 3, 1: 4, 2: 5, 3: 6})
     bars = charts.epochs_to_target_bars(reached, trials, target=0.5, x="lr", color_by="optimizer")
     assert list(bars.layout.xaxis.categoryarray) == order
+
+
+def test_labels_written_once_per_distinct_value_are_each_values_label():
+    """charts._format_values (each distinct value written once) against _format_value of each value,
+    and the colour map built from them against the one built value by value (the reference below)."""
+    values = [0.1, 1, 1.0, True, np.float64(0.1), "1", -0.0, 0.0, 0, math.nan, None, float("nan"), [1, 2], pd.NA,
+              np.int64(3), 3, 1e-7, 0.1, "adam", -0.0]
+
+    assert charts._format_values(values) == [charts._format_value(value) for value in values]
+
+    def colours_value_by_value(values):  # the colour map as it was written before, one label per value
+        from plotly.colors import qualitative, sample_colorscale
+
+        distinct = sorted({charts._format_value(v): v for v in values if not charts._is_missing(v)}.items(),
+                          key=lambda item: charts._sort_key(item[1]))
+        if all(charts._is_number(value) for _, value in distinct) and len(distinct) > 1:
+            palette = sample_colorscale("Viridis", np.linspace(0.0, 0.85, len(distinct)).tolist())
+        else:
+            palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
+        return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
+
+    hashable = [value for value in values if not isinstance(value, list) and value is not pd.NA]
+    for shown in (hashable, [4, 16, 64, 4.0, 16] * 50, ["sgd", "adam", "sgd", None], [1, "1", 2.5], []):
+        assert charts._color_map(shown) == colours_value_by_value(shown)
