@@ -279,7 +279,8 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     # but then that UPDATE finds the trial no longer this attempt's and nothing is written.
     loss_rows = (_loss_rows(session, trial_id) if rows_stored else []) + [
         {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in inserts]
-    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value)
+    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value,
+                         range_test="lr_range" in (artifacts or {}))  # only a range test records its curve
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}

@@ -23,6 +23,15 @@ def decaying(start: float, end: float, n: int = 50, rate: float = 0.15) -> list[
     return [end + (start - end) * math.exp(-rate * i) for i in range(n)]
 
 
+def test_a_range_test_gets_no_verdict_but_keeps_its_largest_losses() -> None:
+    blown_up = rows([0.7, 0.6, 0.3, 52.0], [0.7, 0.62, 0.35, 60.0])  # the rate rose until the loss blew up
+
+    assert diagnose(blown_up, BASELINE, status="succeeded").verdict == "diverged"
+    result = diagnose(blown_up, BASELINE, status="succeeded", range_test=True)
+    assert result.verdict is None and "range test" in result.reasons[0]
+    assert (result.numbers["max_train_loss"], result.numbers["max_val_loss"]) == (52.0, 60.0)  # what "unstable" reads
+
+
 def test_a_flat_high_curve_underfits_and_says_by_how_much() -> None:
     result = diagnose(rows(decaying(0.9, 0.6), decaying(0.95, 0.62)), BASELINE, status="succeeded")
 
