@@ -173,7 +173,7 @@ def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None
 
 def _color_map(values: list[Any]) -> dict[str, str]:
     """A colour per distinct value, keyed by its label: an ordered scale for numbers, a palette otherwise."""
-    distinct = sorted({_format_value(v): v for v in values if not _is_missing(v)}.items(),
+    distinct = sorted({_format_value(v): v for v in _first_and_last(values) if not _is_missing(v)}.items(),
                       key=lambda item: _sort_key(item[1]))
     if not distinct:
         return {}
@@ -183,6 +183,22 @@ def _color_map(values: list[Any]) -> dict[str, str]:
     else:
         palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
     return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
+
+
+def _first_and_last(values: list[Any]) -> list[Any]:
+    """Each distinct value (by type and value) at its first and at its last place in ``values``, in
+    order: what a dict keyed by a function of the value keeps (the first place's order, the last
+    place's value), without calling the function on each of 10,000 trials' values."""
+    try:
+        first: dict[tuple, int] = {}
+        last: dict[tuple, int] = {}
+        for place, value in enumerate(values):
+            key = (type(value), value)
+            first.setdefault(key, place)
+            last[key] = place
+    except TypeError:  # list or dict values
+        return values
+    return [values[place] for place in sorted({*first.values(), *last.values()})]
 
 
 def _is_number(value: Any) -> bool:
