@@ -38,7 +38,7 @@ def parse_id(text: str | None) -> int | None:
 
 def experiment_or_stop(page: str) -> int:
     """The experiment selectbox of a page, or the empty state (and the page stops) when there is none."""
-    experiments = data.experiments(limit=500)
+    experiments = data.experiment_choices(limit=500)
     if experiments.empty:
         st.info(NO_EXPERIMENTS, icon=":material/science:")
         st.stop()

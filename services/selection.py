@@ -153,7 +153,7 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     # The configurations as integer codes (one per distinct text, in the texts' sorted order), not as
     # text columns: grouping 10,000 runs by strings took most of a page's selections. Same groups, same
     # order, same means (pandas' grouped mean), same winners as grouping by the texts.
-    codes = {name: _text_codes(kept[name]) for name in lines + best}  # each column's codes once for both
+    codes = {name: text_codes(kept[name]) for name in lines + best}  # each column's codes once for both
     line_id, group_id = group_ids(codes, lines), group_ids(codes, lines + best)
     means = pd.Series(score.loc[kept.index].to_numpy()).groupby(group_id, sort=True).mean()
     groups = means.index.to_numpy()
@@ -172,7 +172,7 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
 def group_ids(codes_of: dict[str, tuple], names: list[str]):
     """One integer per row for its combination of ``names``' values, numbered in the order of their
     codes (name by name). ``codes_of``: each name's (codes per row, how many distinct), e.g.
-    :func:`_text_codes` (the texts' sorted order, a missing value a text of its own)."""
+    :func:`text_codes` (the texts' sorted order, a missing value a text of its own)."""
     import numpy as np
 
     rows = len(next(iter(codes_of.values()))[0]) if codes_of else 0
@@ -184,7 +184,7 @@ def group_ids(codes_of: dict[str, tuple], names: list[str]):
     return ids
 
 
-def _text_codes(column: pd.Series):
+def text_codes(column: pd.Series):
     """(codes, number of codes): each value's rank among the column's distinct texts (str of the
     value, as astype(str) writes it). A missing value (grad_clip: null beside 1.0, no init_from) is
     one more value, "nan", so its runs are a configuration like any other and not dropped."""
@@ -194,7 +194,7 @@ def _text_codes(column: pd.Series):
     try:
         codes, uniques = pd.factorize(column, use_na_sentinel=False)
     except TypeError:  # list or dict values
-        return _text_codes(column.astype(str))
+        return text_codes(column.astype(str))
     texts = [str(value) for value in uniques]
     rank = {text: i for i, text in enumerate(sorted(set(texts)))}
     # use_na_sentinel=False: a missing value gets a code like any other, never -1.
@@ -246,7 +246,7 @@ def parameter_importance(trials: pd.DataFrame, *, parameters: Iterable[str], met
     shares = {}
     # Each parameter's values as the integer codes of their texts (the groups of astype(str), without
     # writing 10,000 values out as text twice per parameter).
-    codes = {name: _text_codes(runs[name])[0] for name in names}
+    codes = {name: text_codes(runs[name])[0] for name in names}
     for name in names:
         groups = runs["_value"].groupby(codes[name]).agg(["mean", "size"])
         shares[name] = float((groups["size"] * (groups["mean"] - grand) ** 2).sum()) / total
