@@ -203,6 +203,9 @@ class Handling:
     # The selections made in this page run, by the frame's id and the shown columns (the frame kept
     # beside each): two charts that draw the same columns share one.
     selections: dict[tuple, tuple[pd.DataFrame, Selection]] = field(default_factory=dict, compare=False, repr=False)
+    # Each column's text codes (services.selection.text_codes), by the frame's id (the frame kept beside
+    # them): every selection of a page run groups the same 10,000 runs by mostly the same columns.
+    codes: dict[int, tuple[pd.DataFrame, dict[str, tuple]]] = field(default_factory=dict, compare=False, repr=False)
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
@@ -214,8 +217,11 @@ class Handling:
         if seen is None or seen[0] is not trials:
             seen = self.varying[id(trials)] = (
                 trials, configuration_parameters(trials, trial_tables.parameter_columns(trials)))
+        coded = self.codes.get(id(trials))
+        if coded is None or coded[0] is not trials:
+            coded = self.codes[id(trials)] = (trials, {})
         chosen = select_configurations(trials, shown=shown, metric=self.metric, goal=self.goal, parameters=seen[1],
-                                       handling=self.handling, held=self.held)
+                                       handling=self.handling, held=self.held, codes=coded[1])
         self.selections[(id(trials), *shown)] = (trials, chosen)
         return chosen
 
