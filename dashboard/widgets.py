@@ -316,10 +316,21 @@ def configuration_labels(trials: pd.DataFrame, parameters: Sequence[str]) -> pd.
     names = [name for name in parameters if name not in ("seed", "ordinal")]
     if not names:
         return pd.Series("all trials", index=trials.index)
-    labels = f"{names[0]}=" + trials[names[0]].astype(str)
+    labels = f"{names[0]}=" + _texts(trials[names[0]])
     for name in names[1:]:  # column by column: a row-wise apply takes seconds on 10,000 trials
-        labels = labels + f", {name}=" + trials[name].astype(str)
+        labels = labels + f", {name}=" + _texts(trials[name])
     return labels
+
+
+def _texts(column: pd.Series) -> pd.Series:
+    """``column.astype(str)``, a missing value written too ("None", "nan"): pandas 3 keeps it missing,
+    and a configuration without a value (grad_clip: [null, 1.0]) had no label, which broke sorting them."""
+    texts = column.astype(str)
+    missing = texts.isna()
+    if missing.any():
+        texts = texts.astype(object)
+        texts[missing] = [str(value) for value in column[missing]]
+    return texts
 
 
 def trial_page_link(trial_id: int) -> str:
