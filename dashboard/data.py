@@ -314,7 +314,10 @@ def _trial_groups(trials: pd.DataFrame, by: list[str]) -> tuple[list[list], tupl
     frame = trials[list(dict.fromkeys([*by, "trial_id"]))]
     present = ~frame[by].isna().any(axis=1).to_numpy()
     positions = np.flatnonzero(present)
-    codes = {name: text_codes(frame[name].iloc[positions]) for name in by}
+    # An object column's values as their texts first: text_codes groups equal values (1, 1.0 and True),
+    # astype(str) tells them apart.
+    codes = {name: text_codes(frame[name].iloc[positions].astype(str) if frame[name].dtype == object else
+                              frame[name].iloc[positions]) for name in by}
     group = group_ids(codes, by)
     order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.diff(group[order], prepend=-1))

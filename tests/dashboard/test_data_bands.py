@@ -81,6 +81,7 @@ def trials_table(n: int = 40) -> pd.DataFrame:
         "optimizer": rng.choice(["sgd", "adam", "momentum"], n),
         "grad_clip": pd.Series(rng.choice([1.0, np.nan], n)),  # missing for some: those are in no group
         "schedule": pd.Series(rng.choice(["step", None], n), dtype=object),
+        "mixed": pd.Series([[1, 1.0, True, "1", None][i] for i in rng.integers(0, 5, n)], dtype=object),
         "seed": rng.integers(0, 3, n),
     }).sample(frac=1.0, random_state=2).reset_index(drop=True)
 
@@ -92,6 +93,7 @@ CASES = [
     (["width", "optimizer", "width"], {"train": "train_loss"}),
     (["grad_clip"], {"train": "train_loss", "val": "val_loss"}),
     (["schedule", "lr"], {"val": "val_loss"}),
+    (["mixed"], {"train": "train_loss"}),  # 1, 1.0 and True: three texts, three groups
     ([], {"train": "train_loss", "val": "val_loss"}),
 ]
 
