@@ -283,7 +283,9 @@ def divergence_rate(trials: pd.DataFrame, *, by: list[str]) -> pd.DataFrame:
     loss that blew up without becoming infinite)."""
     import pandas as pd
 
-    trained = trials[trials["status"].isin(["succeeded", "diverged"])]
+    # The columns counted here only: filtering and copying all of a trials table's 90 took most of the time.
+    used = list(dict.fromkeys([*by, *(name for name in ("status", "verdict", "unstable") if name in trials)]))
+    trained = trials.loc[trials["status"].isin(["succeeded", "diverged"]), used]
     columns = [*by, "trials", "diverged", "rate", "unstable", "unstable_rate"]
     if trained.empty:
         return pd.DataFrame(columns=columns)
