@@ -6,7 +6,6 @@ several writes (an experiment and all its trials) share one transaction.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,29 +112,13 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 def insert_ignoring_conflicts(session: Session, model: type[Base]):
     """INSERT ... ON CONFLICT DO NOTHING for this session's dialect (SQLite or PostgreSQL): a row whose
     unique key is already there is skipped, not an error. Execute it with one dict or a list of them."""
-    return _insert_ignoring_conflicts(session.get_bind().dialect.name, model.__table__)
-
-
-@functools.cache
-def _insert_ignoring_conflicts(dialect: str, table):
-    # On the Table, not the ORM class: the ORM's bulk INSERT compiles the statement anew at every call.
-    # SQLAlchemy's dialect INSERTs opt out of its statement cache, for ON CONFLICT clauses with targets
-    # or SET values; this one has neither, so nothing in it varies and it is keyed by its class alone.
-    # Compiled once per process instead of at every write of rows (~0.25 ms a job, at a trial's end).
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import dml
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
-        from sqlalchemy.dialects.sqlite import dml
-
-    class DoNothing(dml.OnConflictDoNothing):
-        _traverse_internals = []  # no conflict target
-
-    class Insert(dml.Insert):
-        inherit_cache = True
-
-    statement = Insert(table)
-    statement._post_values_clause = DoNothing()  # what on_conflict_do_nothing() sets, with the keyed clause
-    return statement
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    # On the Table, not the ORM class: the ORM's bulk INSERT compiles the statement anew at every call
+    # (~0.5 ms, as much as running it); a Core INSERT is compiled once and cached.
+    return dialect_insert(model.__table__).on_conflict_do_nothing()
 
 
 def insert_if_absent(session: Session, model: type[Base], values: dict) -> None:
