@@ -10,12 +10,14 @@ the machine may be shared); prints trials/second for each and their ratio, and t
 between the two ways' final validation losses (a sanity check; tests/unit/test_fused.py tests parity).
 Then where one more fused run spends its time (this process's CPU seconds, so a shared machine
 inflates it less than the wall clock): the training steps, the snapshot frames taken after epochs,
-the trials' ends (test set, artifacts), and the rest (set-up, each epoch's evaluation and metrics).
+the trials' ends (test set, artifacts), and the rest (set-up, each epoch's evaluation and metrics),
+each beside its matmul GFLOP and the share of the peak that makes (evaluations without gradients
+count: on grid (a) the snapshots' pictures are two thirds of the FLOPs).
 
 Then the ceiling: both ways do the same matrix-multiply FLOPs (counted with torch's
 FlopCounterMode, forward and backward), so no way can be faster than those FLOPs at this core's
-peak (a 1024x1024 sgemm, best of several). Where fused is near that floor, only fewer FLOPs, not
-less overhead, would raise the ratio.
+peak (a 1024x1024 sgemm in CPU seconds, best of several, measured again after each grid). Where
+fused is near that floor, only fewer FLOPs, not less overhead, would raise the ratio.
 
     .venv/bin/python bench/fused.py [--epochs 20] [--repeats 3]
 """
@@ -71,47 +73,56 @@ def fused(configs: list[TrialConfig]) -> tuple[float, list[float]]:
 PARTS = {"training steps": "_train_one_epoch", "snapshots": "_take_snapshots", "trial ends": "trial_results"}
 
 
-def breakdown(configs: list[TrialConfig]) -> tuple[float, dict[str, float]]:
-    """One fused run's CPU seconds in all, and in each of PARTS."""
-    spent: dict[str, float] = defaultdict(float)
-
-    def timed(part: str, function):
+def _by_part(spent: dict[str, float], *, measure) -> ExitStack:
+    """Patches that add to ``spent[part]`` what ``measure()`` grew by across each call of a part."""
+    def counted(part: str, function):
         def run(*args, **kwargs):
-            started = time.process_time()
+            before = measure()
             try:
                 return function(*args, **kwargs)
             finally:
-                spent[part] += time.process_time() - started
+                spent[part] += measure() - before
         return run
 
-    with ExitStack() as patches:
-        for part, name in PARTS.items():
-            patches.enter_context(mock.patch.object(engine, name, timed(part, getattr(engine, name))))
+    patches = ExitStack()
+    for part, name in PARTS.items():
+        patches.enter_context(mock.patch.object(engine, name, counted(part, getattr(engine, name))))
+    return patches
+
+
+def breakdown(configs: list[TrialConfig]) -> tuple[float, dict[str, float]]:
+    """One fused run's CPU seconds in all, and in each of PARTS."""
+    spent: dict[str, float] = defaultdict(float)
+    with _by_part(spent, measure=time.process_time):
         started = time.process_time()
         train_fused(configs)
         return time.process_time() - started, dict(spent)
 
 
 def peak_gflops() -> float:
-    """This core's float32 matmul rate at its best: a 1024x1024 sgemm, best of several runs."""
+    """This core's float32 matmul rate at its best: a 1024x1024 sgemm, best of several runs, in this
+    process's CPU seconds (wall seconds on a shared machine count the time other processes held the
+    core, and a peak measured low flatters every share of it)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
     best = math.inf
     for _ in range(5):
-        started = time.perf_counter()
+        started = time.process_time()
         for _ in range(10):
             a @ b
-        best = min(best, (time.perf_counter() - started) / 10)
+        best = min(best, (time.process_time() - started) / 10)
     return 2 * 1024 ** 3 / best / 1e9
 
 
-def matmul_gflop(configs: list[TrialConfig]) -> tuple[float, float]:
-    """(one-by-one, fused) matrix-multiply GFLOP of training the grid, forward and backward."""
+def matmul_gflop(configs: list[TrialConfig]) -> tuple[float, float, dict[str, float]]:
+    """(one-by-one, fused) matrix-multiply GFLOP of training the grid, forward and backward, and the
+    fused run's GFLOP in each of PARTS (evaluations under no_grad count too: snapshots, epochs' metrics)."""
     with FlopCounterMode(display=False) as solo:
         one_by_one(configs)
-    with FlopCounterMode(display=False) as stacked:
+    parts: dict[str, float] = defaultdict(float)
+    with FlopCounterMode(display=False) as stacked, _by_part(parts, measure=lambda: stacked.get_total_flops() / 1e9):
         fused(configs)
-    return solo.get_total_flops() / 1e9, stacked.get_total_flops() / 1e9
+    return solo.get_total_flops() / 1e9, stacked.get_total_flops() / 1e9, dict(parts)
 
 
 def main() -> None:
@@ -136,15 +147,19 @@ def main() -> None:
         print(f"{name}: one-by-one {len(configs) / solo_s:7.1f} trials/s ({solo_s:6.2f} s), "
               f"fused {len(configs) / fused_s:7.1f} trials/s ({fused_s:6.2f} s), "
               f"ratio {solo_s / fused_s:5.1f}x; largest final val_loss gap {gap:.1e}")
-        solo_gflop, fused_gflop = matmul_gflop(configs)
+        solo_gflop, fused_gflop, part_gflop = matmul_gflop(configs)
+        peak = max(peak, peak_gflops())  # again: the best seen so far is the nearest to the core's own
         floor_s = fused_gflop / peak
         print(f"    matmuls: {solo_gflop:.1f} GFLOP one-by-one, {fused_gflop:.1f} GFLOP fused; at the peak no way "
               f"takes under {floor_s:.2f} s, so the ratio cannot pass {solo_s / floor_s:.1f}x here "
-              f"(fused runs at {floor_s / fused_s:.0%} of the peak)")
+              f"(fused runs at {floor_s / fused_s:.0%} of the peak, {peak:.0f} GFLOP/s)")
         total, parts = breakdown(configs)
-        print(f"    fused, CPU seconds: {total:.2f} in all; " + ", ".join(f"{part} {seconds:.2f}" for part, seconds
-              in parts.items()) + f", the rest {total - sum(parts.values()):.2f}")
-
+        parts["the rest"] = total - sum(parts.values())
+        part_gflop["the rest"] = fused_gflop - sum(part_gflop.values())
+        print(f"    fused, CPU seconds: {total:.2f} in all; " + ", ".join(
+            f"{part} {seconds:.2f} ({part_gflop.get(part, 0.0):.1f} GFLOP, "
+            f"{part_gflop.get(part, 0.0) / peak / max(seconds, 1e-9):.0%} of the peak)"
+            for part, seconds in parts.items()))
 
 if __name__ == "__main__":
     main()

@@ -87,7 +87,6 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
     """
     by_trial = trials.set_index("trial_id")
     colors = _color_map(by_trial[color_by].tolist() if color_by in by_trial else [])
-    figure = go.Figure()
     # One trace per colour and split, the trials' lines in it separated by gaps (None): the same
     # picture as one trace per trial, with a hundred times fewer traces for plotly to validate and
     # the browser to lay out. Each point's text names its trial for the hover. Arrays, not lists:
@@ -111,27 +110,29 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, color_by: str, *
                for split in ("train", "val")},
             "text": np.insert(rows["trial_id"].map(names).to_numpy(dtype=object), ends, None)}
     traces = [
-        go.Scatter(x=line["x"], y=line[split],  # gaps: NaN
-                   text=line["text"], mode="lines", connectgaps=False,
-                   line={"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
-                   name=_line_name(color_by, label), legendgroup=label, showlegend=split == "train",
-                   hovertemplate=("%{text}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")
-                                  + f"<br>epoch %{{x}}<br>{split} {metric} %{{y:.4g}}<extra></extra>"))
+        {"type": "scatter", "x": line["x"], "y": line[split],  # gaps: NaN
+         "text": line["text"], "mode": "lines", "connectgaps": False,
+         "line": {"color": colors.get(label, _MISSING_COLOR), "dash": dash, "width": 1.5},
+         "name": _line_name(color_by, label), "legendgroup": label, "showlegend": split == "train",
+         "hovertemplate": ("%{text}" + ("" if color_by == "ordinal" else f" ({_line_name(color_by, label)})")
+                           + f"<br>epoch %{{x}}<br>{split} {metric} %{{y:.4g}}<extra></extra>")}
         for label, line in lines.items() for split, dash in (("train", "solid"), ("val", "dash"))
     ]
-    figure.add_traces(traces)  # at once: one add_scatter per trace re-validates the figure each time
     columns = [f"{split}_{metric}" for split in ("train", "val") if f"{split}_{metric}" in epochs]
     y_type, y_range, note = axis_plan(epochs[columns].to_numpy() if columns else [], log=log_y)
-    figure.update_layout(
-        title={"text": f"{metric.capitalize()} per epoch",
-               "subtitle": {"text": "solid: train, dashed: validation"}},
-        margin={"l": 10, "r": 10, "t": 70, "b": 40},
-        xaxis={"title": "epoch"},
-        yaxis={"title": metric, "type": y_type, "range": _axis_range(y_type, y_range),
-               **(log_ticks(epochs[columns].to_numpy(), y_range) if y_type == "log" and columns else {})},
-        legend={"title": {"text": "" if color_by == "ordinal" else color_by}},
-        hovermode="closest",
-    )
+    axis_range = _axis_range(y_type, y_range)
+    # Plain dicts (_figure), in the form plotly's checks would have given them: checking 100 trials'
+    # points and hover texts took half the chart's time.
+    figure = _figure(traces, {
+        "title": {"text": f"{metric.capitalize()} per epoch", "subtitle": {"text": "solid: train, dashed: validation"}},
+        "margin": {"l": 10, "r": 10, "t": 70, "b": 40},
+        "xaxis": {"title": {"text": "epoch"}},
+        "yaxis": {"title": {"text": metric}, "type": y_type,
+                  **({"range": axis_range} if axis_range is not None else {}),
+                  **(log_ticks(epochs[columns].to_numpy(), y_range) if y_type == "log" and columns else {})},
+        "legend": {"title": {"text": "" if color_by == "ordinal" else color_by}},
+        "hovermode": "closest",
+    })
     _note(figure, note)
     _mark_epochs(figure, epoch_marks)
     return figure
@@ -173,9 +174,8 @@ def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None
 
 def _color_map(values: list[Any]) -> dict[str, str]:
     """A colour per distinct value, keyed by its label: an ordered scale for numbers, a palette otherwise."""
-    values = list(values)
-    distinct = sorted({label: v for label, v in zip(_format_values(values), values, strict=True)
-                       if not _is_missing(v)}.items(), key=lambda item: _sort_key(item[1]))
+    distinct = sorted({_format_value(v): v for v in _first_and_last(values) if not _is_missing(v)}.items(),
+                      key=lambda item: _sort_key(item[1]))
     if not distinct:
         return {}
     if all(_is_number(value) for _, value in distinct) and len(distinct) > 1:
@@ -184,6 +184,22 @@ def _color_map(values: list[Any]) -> dict[str, str]:
     else:
         palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
     return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
+
+
+def _first_and_last(values: list[Any]) -> list[Any]:
+    """Each distinct value (by type and value) at its first and at its last place in ``values``, in
+    order: what a dict keyed by a function of the value keeps (the first place's order, the last
+    place's value), without calling the function on each of 10,000 trials' values."""
+    try:
+        first: dict[tuple, int] = {}
+        last: dict[tuple, int] = {}
+        for place, value in enumerate(values):
+            key = (type(value), value)
+            first.setdefault(key, place)
+            last[key] = place
+    except TypeError:  # list or dict values
+        return values
+    return [values[place] for place in sorted({*first.values(), *last.values()})]
 
 
 def _is_number(value: Any) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from sqlalchemy import Engine
@@ -38,6 +39,7 @@ from services.queries import (
     epoch_curves,
     epoch_moments,
     epoch_rows,
+    experiment_names,
     get_experiment,
     last_epoch_values,
     last_epoch_values_recorded,
@@ -51,6 +53,7 @@ from services.queries import (
     trials_stamp,
 )
 from services.queries import epochs_to_reach as queries_epochs_to_reach
+from services.selection import group_ids, text_codes
 from services.siblings import rejudge_table
 from services.trial_config import TRIAL_PARAMETERS
 from services.trials import EPOCH_METRIC_FIELDS
@@ -126,6 +129,13 @@ def experiments(*, limit: int = 50, search: str | None = None) -> pd.DataFrame:
         return _experiments(url, limit, (search or "").strip() or None)
 
 
+def experiment_choices(*, limit: int = 500) -> pd.DataFrame:
+    """The newest ``limit`` experiments' ``id`` and ``name``, newest first (a picker's list: no counts)."""
+    url = _ready_url()
+    with _reading(url):
+        return _experiment_choices(url, limit)
+
+
 def experiment(experiment_id: int) -> dict[str, Any] | None:
     """One experiment's row as in :func:`experiments`, or None when there is no such experiment."""
     url = _ready_url()
@@ -192,6 +202,12 @@ def csv_export(experiment_id: int, what: str) -> Callable[[], str]:
 def _experiments(url: str, limit: int, search: str | None = None) -> pd.DataFrame:
     with session_scope(_engine(url)) as session:
         return _experiment_frame(list_experiments(session, limit=limit, search=search))
+
+
+@st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
+def _experiment_choices(url: str, limit: int) -> pd.DataFrame:
+    with session_scope(_engine(url)) as session:
+        return pd.DataFrame(experiment_names(session, limit=limit), columns=["id", "name"])
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -263,27 +279,51 @@ def curve_bands(trials: pd.DataFrame, *, by: list[str], columns: dict[str, str],
     columns, computed by the database (services.queries.epoch_moments: exact, every epoch).
     ``columns`` maps a split name (train, val, value) to its epoch-metric field. Returns the ``by``
     columns and BAND_COLUMNS; ``low`` is the smallest run's value, ``n`` the number of runs behind
-    each point."""
+    each point. A trial missing a ``by`` value is in no group."""
     url = _ready_url()
     by = list(dict.fromkeys(by))
-    trials = trials[list(dict.fromkeys([*by, "trial_id"]))]  # grouped below: the other 90 columns need not be
-    grouped = list(trials.groupby([trials[name].astype(str) for name in by], sort=True)) if by and len(trials) \
-        else ([((), trials)] if len(trials) else [])
-    keys = [rows.iloc[0][by].tolist() for _, rows in grouped]
-    groups = tuple(tuple(int(i) for i in rows["trial_id"]) for _, rows in grouped)
+    keys, groups = _trial_groups(trials, by)
     with _reading(url):
         moments = _moments(url, groups, tuple(dict.fromkeys(columns.values())))
-    parts = []
-    for split, field in columns.items():
-        part = moments[["group", "epoch", *(f"{field}_{m}" for m in MOMENTS)]].rename(
-            columns={f"{field}_{m}": m for m in MOMENTS})
-        part = part[part["n"] > 0]
-        parts.append(bands_from_moments(part, band=band).assign(split=split))
-    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["group", *BAND_COLUMNS])
-    labels = pd.DataFrame(keys, columns=by).assign(group=range(len(keys))) if by else \
-        pd.DataFrame({"group": range(len(keys))})
-    return long.merge(labels, on="group")[[*by, *BAND_COLUMNS]].sort_values([*by, "split", "epoch"],
-                                                                         ignore_index=True)
+    # Every split's rows in one frame, built from the moments' arrays: a frame per split, renamed,
+    # concatenated and merged with the groups' labels took several times as long (a page draws two).
+    splits = list(columns.items())
+    rows = len(moments)
+    long = pd.DataFrame({
+        "group": np.tile(moments["group"].to_numpy(), len(splits)),
+        "epoch": np.tile(moments["epoch"].to_numpy(), len(splits)),
+        "split": np.repeat(np.array([split for split, _ in splits], dtype=object), rows),
+        **{moment: np.concatenate([moments[f"{field}_{moment}"].to_numpy(dtype=float) for _, field in splits])
+           if splits else np.array([], dtype=float) for moment in MOMENTS}})
+    long = bands_from_moments(long[long["n"] > 0], band=band)
+    labels = pd.DataFrame(keys, columns=by).iloc[long["group"].to_numpy()].reset_index(drop=True)
+    found = pd.concat([labels, long[list(BAND_COLUMNS)].reset_index(drop=True).astype({"n": "int64"})], axis=1)
+    return found.sort_values([*by, "split", "epoch"], ignore_index=True)
+
+
+def _trial_groups(trials: pd.DataFrame, by: list[str]) -> tuple[list[list], tuple[tuple[int, ...], ...]]:
+    """The groups of ``trials`` that share their ``by`` values, in the sorted order of the values'
+    texts: each one's ``by`` values (its first trial's) and its trial ids, in the frame's order. The
+    groups of ``trials.groupby([trials[name].astype(str) for name in by], sort=True)``, which leaves
+    out a trial missing a value (astype(str) keeps it missing), from integer codes: faster."""
+    if not len(trials):
+        return [], ()
+    ids = trials["trial_id"].to_numpy()
+    if not by:
+        return [[]], (tuple(int(i) for i in ids),)
+    frame = trials[list(dict.fromkeys([*by, "trial_id"]))]
+    present = ~frame[by].isna().any(axis=1).to_numpy()
+    positions = np.flatnonzero(present)
+    # An object column's values as their texts first: text_codes groups equal values (1, 1.0 and True),
+    # astype(str) tells them apart.
+    codes = {name: text_codes(frame[name].iloc[positions].astype(str) if frame[name].dtype == object else
+                              frame[name].iloc[positions]) for name in by}
+    group = group_ids(codes, by)
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
+    keys = [frame.iloc[positions[order[start]]][by].tolist() for start in starts]
+    members = np.split(ids[positions[order]], starts[1:])
+    return keys, tuple(tuple(int(i) for i in part) for part in members)
 
 
 def with_stability(experiment_id: int, trials: pd.DataFrame) -> pd.DataFrame:
@@ -473,8 +513,8 @@ def _trial(url: str, trial_id: int) -> dict[str, Any] | None:
 
 def _forget_reads() -> None:
     """Drop every cached read, so the page shows what a write changed on its next run."""
-    for cached in (_experiments, _experiment, _stamp, _epochs, _curves, _epochs_to_reach, _moments,
-                   _artifacts, _trial, _layer_grad_norms):
+    for cached in (_experiments, _experiment_choices, _experiment, _stamp, _epochs, _curves, _epochs_to_reach,
+                   _moments, _artifacts, _trial, _layer_grad_norms):
         cached.clear()
     frames.forget()
 

@@ -38,7 +38,7 @@ def parse_id(text: str | None) -> int | None:
 
 def experiment_or_stop(page: str) -> int:
     """The experiment selectbox of a page, or the empty state (and the page stops) when there is none."""
-    experiments = data.experiments(limit=500)
+    experiments = data.experiment_choices(limit=500)
     if experiments.empty:
         st.info(NO_EXPERIMENTS, icon=":material/science:")
         st.stop()
@@ -203,6 +203,9 @@ class Handling:
     # The selections made in this page run, by the frame's id and the shown columns (the frame kept
     # beside each): two charts that draw the same columns share one.
     selections: dict[tuple, tuple[pd.DataFrame, Selection]] = field(default_factory=dict, compare=False, repr=False)
+    # Each column's text codes (services.selection.text_codes), by the frame's id (the frame kept beside
+    # them): every selection of a page run groups the same 10,000 runs by mostly the same columns.
+    codes: dict[int, tuple[pd.DataFrame, dict[str, tuple]]] = field(default_factory=dict, compare=False, repr=False)
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
@@ -214,8 +217,11 @@ class Handling:
         if seen is None or seen[0] is not trials:
             seen = self.varying[id(trials)] = (
                 trials, configuration_parameters(trials, trial_tables.parameter_columns(trials)))
+        coded = self.codes.get(id(trials))
+        if coded is None or coded[0] is not trials:
+            coded = self.codes[id(trials)] = (trials, {})
         chosen = select_configurations(trials, shown=shown, metric=self.metric, goal=self.goal, parameters=seen[1],
-                                       handling=self.handling, held=self.held)
+                                       handling=self.handling, held=self.held, codes=coded[1])
         self.selections[(id(trials), *shown)] = (trials, chosen)
         return chosen
 
@@ -310,10 +316,21 @@ def configuration_labels(trials: pd.DataFrame, parameters: Sequence[str]) -> pd.
     names = [name for name in parameters if name not in ("seed", "ordinal")]
     if not names:
         return pd.Series("all trials", index=trials.index)
-    labels = f"{names[0]}=" + trials[names[0]].astype(str)
+    labels = f"{names[0]}=" + _texts(trials[names[0]])
     for name in names[1:]:  # column by column: a row-wise apply takes seconds on 10,000 trials
-        labels = labels + f", {name}=" + trials[name].astype(str)
+        labels = labels + f", {name}=" + _texts(trials[name])
     return labels
+
+
+def _texts(column: pd.Series) -> pd.Series:
+    """``column.astype(str)``, a missing value written too ("None", "nan"): pandas 3 keeps it missing,
+    and a configuration without a value (grad_clip: [null, 1.0]) had no label, which broke sorting them."""
+    texts = column.astype(str)
+    missing = texts.isna()
+    if missing.any():
+        texts = texts.astype(object)
+        texts[missing] = [str(value) for value in column[missing]]
+    return texts
 
 
 def trial_page_link(trial_id: int) -> str:

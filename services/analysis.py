@@ -8,7 +8,8 @@ first epoch's train loss stands in for it (``numbers["baseline_source"]`` says w
 
 The rule, checked in this order (first match wins):
 
-1. No verdict (None) for a trial that failed or was cancelled.
+1. No verdict (None) for a trial that failed or was cancelled, or that was a learning-rate range
+   test (its rate rises until the loss blows up: that is what it measures, not how it fits).
 2. ``diverged``: the trial ended as diverged, a recorded loss is not finite, or the final train
    loss is above ``DIVERGED_RATIO`` x the baseline.
 3. ``underfit``: the best train loss is above ``UNDERFIT_RATIO`` x the baseline, or (given the
@@ -88,9 +89,11 @@ def diagnose(
     *,
     status: str,
     reference_train_loss: float | None = None,
+    range_test: bool = False,
 ) -> Diagnosis:
     """The verdict of one trial from its per-epoch rows (in epoch order; each with train_loss and
-    val_loss) and its final metrics (baseline_train_loss / baseline_val_loss when known)."""
+    val_loss) and its final metrics (baseline_train_loss / baseline_val_loss when known).
+    ``range_test``: the trial was a learning-rate range test, which gets no verdict."""
     numbers: dict[str, Any] = {**THRESHOLDS, "epochs": len(epochs)}
     if status in ("failed", "cancelled"):
         return Diagnosis(None, [f"no verdict: the trial {status} after {len(epochs)} epochs"], numbers)
@@ -104,6 +107,10 @@ def diagnose(
         # What says that a run once blew up (:func:`unstable`), kept so that a chart of 10,000 runs
         # need not read their million epoch rows again for it.
         numbers.update(max_train_loss=max(train), max_val_loss=max(val))
+    if range_test:  # its rate rises until the loss blows up: "diverged" or "underfit" would say nothing of its fit
+        return Diagnosis(None, ["no verdict: a learning-rate range test raises the rate until the loss blows up, "
+                                "by design; its reading is the rate it suggests (the Trial page and the "
+                                "Optimizers page)"], numbers)
     if status == "diverged" or not epochs or not all(map(_finite, train + val)):
         bad = next((i for i, (t, v) in enumerate(zip(train, val, strict=True))
                     if not (_finite(t) and _finite(v))), None)
@@ -277,7 +284,9 @@ def divergence_rate(trials: pd.DataFrame, *, by: list[str]) -> pd.DataFrame:
     loss that blew up without becoming infinite)."""
     import pandas as pd
 
-    trained = trials[trials["status"].isin(["succeeded", "diverged"])]
+    # The columns counted here only: filtering and copying all of a trials table's 90 took most of the time.
+    used = list(dict.fromkeys([*by, *(name for name in ("status", "verdict", "unstable") if name in trials)]))
+    trained = trials.loc[trials["status"].isin(["succeeded", "diverged"]), used]
     columns = [*by, "trials", "diverged", "rate", "unstable", "unstable_rate"]
     if trained.empty:
         return pd.DataFrame(columns=columns)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy import bindparam, delete, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from services.config import ConfigError
@@ -182,19 +182,26 @@ def adopt_checkpoint(session: Session, first_trial_id: int, *, token: str) -> No
                     .values(attempt_token=token).execution_options(synchronize_session=False))
 
 
+_CHECKPOINTS = JobCheckpoint.__table__
+_DELETE_CHECKPOINTS = delete(_CHECKPOINTS).where(
+    _CHECKPOINTS.c.first_trial_id.in_(bindparam("first_trial_ids", expanding=True))).returning(_CHECKPOINTS.c.location)
+_DELETE_ATTEMPTS_CHECKPOINTS = delete(_CHECKPOINTS).where(
+    _CHECKPOINTS.c.first_trial_id.in_(bindparam("first_trial_ids", expanding=True)),
+    _CHECKPOINTS.c.attempt_token == bindparam("token")).returning(_CHECKPOINTS.c.location)
+
+
 def delete_checkpoints(session: Session, first_trial_ids: Iterable[int], *, token: str | None = None) -> None:
     """Remove the checkpoints of the jobs anchored at these trials (with ``token``, only the one that
     attempt owns): rows now, files once the transaction has committed."""
     ids = list(first_trial_ids)
     if not ids:
         return
-    which = JobCheckpoint.first_trial_id.in_(ids)
-    if token is not None:
-        which = which & (JobCheckpoint.attempt_token == token)
-    # One statement (a claim runs this for every job): the rows go and their files' names come back.
-    locations = [location for location in session.scalars(
-        delete(JobCheckpoint).where(which).returning(JobCheckpoint.location)
-        .execution_options(synchronize_session=False)) if location is not None]
+    # One statement, built once (a claim runs this for every job): the rows go and their files' names come back.
+    if token is None:
+        deleted = session.execute(_DELETE_CHECKPOINTS, {"first_trial_ids": ids})
+    else:
+        deleted = session.execute(_DELETE_ATTEMPTS_CHECKPOINTS, {"first_trial_ids": ids, "token": token})
+    locations = [location for location in deleted.scalars() if location is not None]
     if locations:
         _after_commit(session, lambda: [_remove_file(location, folder_too=True) for location in locations])
 

@@ -9,6 +9,7 @@ takeover or a re-queue superseded can never write again, whatever its attempt nu
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Sequence
@@ -91,17 +92,36 @@ def claim_job(session: Session, trial_ids: Sequence[int], *, worker: str, max_at
         configs = dict(session.execute(select(Trial.id, Trial.config).where(Trial.id.in_(stored.trial_ids))).all())
         return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=list(stored.trial_ids), configs=configs,
                           claims=claims, checkpoint=stored)
-    session.execute(delete(EpochMetric).where(EpochMetric.trial_id.in_(list(claims))))
+    session.execute(_DELETE_EPOCH_ROWS, {"trial_ids": list(claims)})
     delete_checkpoints(session, [anchor])  # a fresh start leaves nothing stale behind
     ids = [trial_id for trial_id in trial_ids if trial_id in claims]
     return ClaimedJob(token=token, first_trial_id=anchor, trial_ids=ids, configs={i: claims[i].config for i in ids},
                       claims=claims)
 
 
-# What a claim reads, built once: loading the whole ORM object (its final metrics' and diagnosis' JSON
-# too) cost more than the claim's UPDATE.
-_CLAIM_READ = select(Trial.status, Trial.attempts, Trial.cancel_requested, Trial.config).where(
-    Trial.id == bindparam("trial_id"))
+# The statements every job runs are built once, on the tables (Core): building an UPDATE with its
+# values cost more than running it (~0.1 ms each), and the ORM's DML path adds as much again.
+_TRIALS = Trial.__table__
+_EPOCH_ROWS = EpochMetric.__table__
+
+# What a claim reads: loading the whole ORM object (its final metrics' and diagnosis' JSON too) cost
+# more than the claim's UPDATE.
+_CLAIM_READ = select(_TRIALS.c.status, _TRIALS.c.attempts, _TRIALS.c.cancel_requested, _TRIALS.c.config).where(
+    _TRIALS.c.id == bindparam("trial_id"))
+# The usual claim, a queued trial with attempts left, in one statement instead of _CLAIM_READ and an
+# UPDATE; any other trial takes claim_trial's full path.
+_CLAIM_QUEUED = (
+    update(_TRIALS)
+    .where(_TRIALS.c.id == bindparam("trial_id"), _TRIALS.c.status == TrialStatus.queued,
+           _TRIALS.c.attempts < bindparam("max_attempts"))
+    .values(status=TrialStatus.running, attempts=_TRIALS.c.attempts + 1, epochs_done=0, error=None,
+            attempt_token=bindparam("new_token", type_=_TRIALS.c.attempt_token.type),
+            worker=bindparam("new_worker", type_=_TRIALS.c.worker.type),
+            started_at=bindparam("new_started_at", type_=_TRIALS.c.started_at.type))
+    .returning(_TRIALS.c.attempts, _TRIALS.c.config)
+)
+_DELETE_EPOCH_ROWS = delete(_EPOCH_ROWS).where(_EPOCH_ROWS.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
+_DELETE_ARTIFACTS = delete(TrialArtifact.__table__).where(TrialArtifact.__table__.c.trial_id == bindparam("trial_id"))
 
 
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
@@ -115,6 +135,11 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
     A plain duplicate message for a running trial is ignored; a taken-over trial that was asked to
     stop ends ``cancelled`` with the rows it has.
     """
+    token = token or new_token()
+    claimed = session.execute(_CLAIM_QUEUED, {"trial_id": trial_id, "max_attempts": max_attempts, "new_token": token,
+                                              "new_worker": worker, "new_started_at": utcnow()}).one_or_none()
+    if claimed is not None:
+        return Claim(trial_id=trial_id, config=dict(claimed.config), attempt=claimed.attempts, token=token)
     trial = session.execute(_CLAIM_READ, {"trial_id": trial_id}).one_or_none()
     if trial is None or trial.status in TERMINAL_STATUSES:
         return None
@@ -132,7 +157,6 @@ def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: i
         finish_trial(session, trial_id, status=TrialStatus.failed, error=error)
         return None
     previous_status, previous_attempts = trial.status, trial.attempts
-    token = token or new_token()
     claimed = session.execute(
         update(Trial)
         .where(Trial.id == trial_id, Trial.status == previous_status, Trial.attempts == previous_attempts)
@@ -162,8 +186,8 @@ def restart_job(session: Session, job: ClaimedJob) -> set[int]:
 
 
 # Built once: constructing and cache-keying a select() costs more than running it (~170 us of ~300).
-_STOP_FLAGS = select(Trial.id, Trial.status, Trial.attempt_token, Trial.cancel_requested).where(
-    Trial.id.in_(bindparam("trial_ids", expanding=True)))
+_STOP_FLAGS = select(_TRIALS.c.id, _TRIALS.c.status, _TRIALS.c.attempt_token, _TRIALS.c.cancel_requested).where(
+    _TRIALS.c.id.in_(bindparam("trial_ids", expanding=True)))
 
 
 def read_stop_flags(connection: Connection, tokens: dict[int, str]) -> tuple[set[int], set[int]]:
@@ -185,15 +209,23 @@ class TrialSuperseded(RuntimeError):
 
 
 def _claim_still_held(session: Session, trial_id: int, token: str, values: dict[str, Any]) -> None:
-    """Update the trial only while the attempt ``token`` still runs it; the UPDATE takes the row lock
-    first, so a concurrent takeover waits for this transaction and then sees (and deletes) what it wrote."""
-    held = session.execute(
-        update(Trial)
-        .where(Trial.id == trial_id, Trial.status == TrialStatus.running, Trial.attempt_token == token)
-        .values(**values).execution_options(synchronize_session=False)
-    ).rowcount
+    """Update the trial's columns ``values`` (none: just lock it) only while the attempt ``token`` still
+    runs it; the UPDATE takes the row lock first, so a concurrent takeover waits for this transaction and
+    then sees (and deletes) what it wrote."""
+    params = {f"new_{name}": value for name, value in values.items()}
+    held = session.execute(_guarded_update(tuple(values)), {"trial_id": trial_id, "token": token, **params}).rowcount
     if held != 1:
         raise TrialSuperseded(f"trial {trial_id}: attempt {token[:8]} no longer owns it")
+
+
+@functools.cache
+def _guarded_update(columns: tuple[str, ...]):
+    """_claim_still_held's UPDATE of these columns, built once for each set of them."""
+    values = {name: bindparam(f"new_{name}", type_=_TRIALS.c[name].type) for name in columns}
+    return update(_TRIALS).where(
+        _TRIALS.c.id == bindparam("trial_id"), _TRIALS.c.status == TrialStatus.running,
+        _TRIALS.c.attempt_token == bindparam("token"),
+    ).values(values or {"epochs_done": _TRIALS.c.epochs_done})
 
 
 def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *,
@@ -203,7 +235,7 @@ def record_epochs(session: Session, trial_id: int, rows: list[dict[str, Any]], *
     ``token``, raises TrialSuperseded (writing nothing) when that attempt no longer owns the trial."""
     done = {"epochs_done": max(int(row["epoch"]) for row in rows)} if rows else {}
     if token is not None:
-        _claim_still_held(session, trial_id, token, done or {"epochs_done": Trial.epochs_done})
+        _claim_still_held(session, trial_id, token, done)
     elif done:
         session.execute(update(Trial).where(Trial.id == trial_id).values(**done)
                         .execution_options(synchronize_session=False))
@@ -279,7 +311,8 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     # but then that UPDATE finds the trial no longer this attempt's and nothing is written.
     loss_rows = (_loss_rows(session, trial_id) if rows_stored else []) + [
         {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in inserts]
-    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value)
+    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value,
+                         range_test="lr_range" in (artifacts or {}))  # only a range test records its curve
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
@@ -290,7 +323,7 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
                         .execution_options(synchronize_session=False))
     if inserts:  # as record_epochs: a retried write must not fail on its own rows
         session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)
-    session.execute(delete(TrialArtifact).where(TrialArtifact.trial_id == trial_id))
+    session.execute(_DELETE_ARTIFACTS, {"trial_id": trial_id})
     if artifacts:
         session.execute(insert(TrialArtifact.__table__), [  # Core: compiled once (db.insert_ignoring_conflicts)
             {"trial_id": trial_id, "kind": kind, "data": data} for kind, data in artifacts.items()

@@ -560,24 +560,39 @@ def test_grouped_bars_keep_the_values_order_when_the_first_colour_lacks_one():
 
 
 def test_labels_written_once_per_distinct_value_are_each_values_label():
-    """charts._format_values (each distinct value written once) against _format_value of each value,
-    and the colour map built from them against the one built value by value (the reference below)."""
+    """charts._format_values (each distinct value written once, the band charts' panels) against
+    _format_value of each value: -0.0 beside 0.0, 1 beside 1.0 and True, missing and unhashable values."""
     values = [0.1, 1, 1.0, True, np.float64(0.1), "1", -0.0, 0.0, 0, math.nan, None, float("nan"), [1, 2], pd.NA,
               np.int64(3), 3, 1e-7, 0.1, "adam", -0.0]
 
     assert charts._format_values(values) == [charts._format_value(value) for value in values]
 
-    def colours_value_by_value(values):  # the colour map as it was written before, one label per value
-        from plotly.colors import qualitative, sample_colorscale
 
-        distinct = sorted({charts._format_value(v): v for v in values if not charts._is_missing(v)}.items(),
-                          key=lambda item: charts._sort_key(item[1]))
-        if all(charts._is_number(value) for _, value in distinct) and len(distinct) > 1:
-            palette = sample_colorscale("Viridis", np.linspace(0.0, 0.85, len(distinct)).tolist())
-        else:
-            palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
-        return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
+def _old_color_map(values: list) -> dict[str, str]:
+    """charts._color_map as it was (commit 33c0310): every value formatted."""
+    from plotly.colors import qualitative, sample_colorscale
 
-    hashable = [value for value in values if not isinstance(value, list) and value is not pd.NA]
-    for shown in (hashable, [4, 16, 64, 4.0, 16] * 50, ["sgd", "adam", "sgd", None], [1, "1", 2.5], []):
-        assert charts._color_map(shown) == colours_value_by_value(shown)
+    distinct = sorted({charts._format_value(v): v for v in values if not charts._is_missing(v)}.items(),
+                      key=lambda item: charts._sort_key(item[1]))
+    if not distinct:
+        return {}
+    if all(charts._is_number(value) for _, value in distinct) and len(distinct) > 1:
+        palette = sample_colorscale("Viridis", np.linspace(0.0, 0.85, len(distinct)).tolist())
+    else:
+        palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
+    return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_colour_map_of_distinct_values_is_the_map_of_every_value(seed: int) -> None:
+    """Colours from each distinct value's first and last place: the same map, in the same order, as
+    from every value (ties of equal numbers of other types, 1 and 1.0 and True, missing values)."""
+    rng = np.random.default_rng(seed)
+    pool = [1, 1.0, True, "1", 2.5, np.float64(2.5), 0.001, None, float("nan"), "adam", "sgd", 4, 16, 64, 1e-5,
+            np.int64(4), False, 0]
+    values = [pool[i] for i in rng.integers(0, len(pool) if seed % 2 else 8, int(rng.integers(0, 60)))]
+    found = charts._color_map(values)
+    assert found == _old_color_map(values)
+    assert list(found) == list(_old_color_map(values))
+    nested = [[0.9, 0.999], [0.5, 0.9], [0.9, 0.999]]  # unhashable: every value, as before
+    assert charts._color_map(nested) == _old_color_map(nested)

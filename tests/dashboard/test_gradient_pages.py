@@ -17,7 +17,7 @@ from dashboard import gradient_charts
 from services.db import make_engine
 from services.migrate import upgrade
 from services.range_test import read_range_test
-from tests.dashboard.test_analysis_pages import figure, table_with
+from tests.dashboard.test_analysis_pages import figure, figures_by_key, mean_lines, table_with
 from tests.dashboard.test_app import run_app, submit_spec, train
 
 RANGE_SPEC = """
@@ -35,6 +35,22 @@ parameters:
   min_lr: {value: 0.0001}
   lr: {value: 3.0}
   optimizer: {values: [sgd, adam]}
+"""
+MIXED_SPEC = """
+name: range-test-and-constant
+seeds: [0]
+parameters:
+  dataset: {value: moons}
+  n_train: {value: 128}
+  n_val: {value: 32}
+  n_test: {value: 0}
+  width: {value: 16}
+  batch_size: {value: 16}
+  epochs: {value: 3}
+  optimizer: {value: adam}
+  lr: {value: 0.01}
+  min_lr: {value: 0.0001}
+  schedule: {values: [lr_range_test, constant]}
 """
 VANISH_SPEC = """
 name: vanishing
@@ -60,6 +76,7 @@ class Filled:
     vanishing: int
     vanishing_trials: list[int]
     range_trials: list[int]
+    mixed: int
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +87,14 @@ def _template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Filled]:
     engine = make_engine(url)
     try:
         ranged, vanishing = submit_spec(engine, RANGE_SPEC), submit_spec(engine, VANISH_SPEC)
-        for trial_id in ranged.trial_ids + vanishing.trial_ids:
+        mixed = submit_spec(engine, MIXED_SPEC)
+        for trial_id in ranged.trial_ids + vanishing.trial_ids + mixed.trial_ids:
             assert train(engine, trial_id) in {"succeeded", "diverged"}
     finally:
         engine.dispose()
     return path, Filled(range_test=ranged.experiment_id, vanishing=vanishing.experiment_id,
-                        vanishing_trials=vanishing.trial_ids, range_trials=ranged.trial_ids)
+                        vanishing_trials=vanishing.trial_ids, range_trials=ranged.trial_ids,
+                        mixed=mixed.experiment_id)
 
 
 @pytest.fixture
@@ -98,6 +117,19 @@ def test_optimizers_page_draws_each_optimizers_range_test_and_suggests_a_rate(fi
     table = table_with(app, "suggested lr (steepest descent)")
     assert sorted(table["optimizer"]) == ["adam", "sgd"] and list(table["runs"]) == [2, 2]
     assert (table["lr at minimum loss"] > 1e-4).all() and (table["lr at minimum loss"] <= 3.0).all()
+    # Nothing else to compare: a range test's epochs say nothing of an optimizer at a rate of its own.
+    assert any("Every trial of this experiment is a learning-rate range test" in info.value for info in app.info)
+    assert "optimizers_curves_chart" not in " ".join(figures_by_key(app))
+
+
+def test_optimizers_page_compares_the_runs_that_are_not_range_tests(filled: Filled):
+    app = run_app(page="app_pages/optimizers.py", query={"experiment": str(filled.mixed)})
+
+    assert figure(app, "optimizers_range_chart")["data"]  # the range test, read on its own
+    assert any("Range-test runs (1) are left out" in caption.value for caption in app.caption)
+    curves = figure(app, "optimizers_curves_chart")
+    # The constant-rate run alone: its train and validation lines.
+    assert {name for name, _ in mean_lines(curves)} == {"schedule=constant"} and len(mean_lines(curves)) == 2
 
 
 def test_trial_page_draws_each_layers_gradient_against_depth(filled: Filled):

@@ -73,6 +73,9 @@ def test_every_epoch_row_has_each_layers_gradient_norm_and_a_range_test_its_curv
 
     range_tests = {t.id for t in trials if t.config["schedule"] == "lr_range_test"}
     assert set(curves) == range_tests
+    # A range test raises its rate until the loss blows up: it gets no fit verdict, the others one.
+    assert {t.id for t in trials if t.verdict is None} == range_tests
+    assert all("range test" in t.diagnosis["reasons"][0] for t in trials if t.id in range_tests)
     for curve in curves.values():
         assert curve["steps"] == len(curve["lr"]) == EPOCHS * 4
         assert curve["lr"][0] == pytest.approx(1e-4) and curve["lr"][-1] == pytest.approx(1.0)

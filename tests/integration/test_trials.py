@@ -363,3 +363,26 @@ def test_finish_with_its_last_rows_writes_what_rows_then_finish_write(engine, ex
             "succeeded", 4, 3)
         assert (trials[trial_id].verdict, trials[trial_id].diagnosis) == (trials[a].verdict, trials[a].diagnosis)
     assert (trials[d].status, trials[d].epochs_done) == ("running", 0)
+
+
+def test_a_retried_write_of_rows_keeps_one_copy(engine, experiment):
+    """A write whose COMMIT reached the database but whose reply was lost is sent again: its rows are
+    skipped (INSERT ... ON CONFLICT DO NOTHING), not an error."""
+    from services.trials import TrialSuperseded, record_job_epochs
+
+    a, b = experiment.trial_ids[:2]
+    with session_scope(engine) as session:
+        job = claim_job(session, [a, b], worker="w", max_attempts=3)
+    rows = {a: [_epoch(1), _epoch(2)], b: [_epoch(1)]}
+    for _ in range(2):
+        with session_scope(engine) as session:
+            assert record_job_epochs(session, rows, token=job.token) == (set(), set())
+    with session_scope(engine) as session:
+        record_epochs(session, a, [_epoch(2), _epoch(3)], token=job.token)
+        finish_trial(session, b, status="succeeded", token=job.token, rows=[_epoch(1), _epoch(2)])
+    with pytest.raises(TrialSuperseded), session_scope(engine) as session:  # the finish, sent again
+        finish_trial(session, b, status="succeeded", token=job.token, rows=[_epoch(2)])
+    with session_scope(engine) as session:
+        stored = session.execute(select(EpochMetric.trial_id, EpochMetric.epoch)).all()
+        assert sorted(stored) == [(a, 1), (a, 2), (a, 3), (b, 1), (b, 2)]
+        assert session.get(Trial, a).epochs_done == 3 and session.get(Trial, b).epochs_done == 2

@@ -23,6 +23,15 @@ def decaying(start: float, end: float, n: int = 50, rate: float = 0.15) -> list[
     return [end + (start - end) * math.exp(-rate * i) for i in range(n)]
 
 
+def test_a_range_test_gets_no_verdict_but_keeps_its_largest_losses() -> None:
+    blown_up = rows([0.7, 0.6, 0.3, 52.0], [0.7, 0.62, 0.35, 60.0])  # the rate rose until the loss blew up
+
+    assert diagnose(blown_up, BASELINE, status="succeeded").verdict == "diverged"
+    result = diagnose(blown_up, BASELINE, status="succeeded", range_test=True)
+    assert result.verdict is None and "range test" in result.reasons[0]
+    assert (result.numbers["max_train_loss"], result.numbers["max_val_loss"]) == (52.0, 60.0)  # what "unstable" reads
+
+
 def test_a_flat_high_curve_underfits_and_says_by_how_much() -> None:
     result = diagnose(rows(decaying(0.9, 0.6), decaying(0.95, 0.62)), BASELINE, status="succeeded")
 
@@ -495,6 +504,36 @@ def test_a_configuration_with_a_missing_value_competes_and_can_win():
     chosen = selection.select_configurations(grid, shown=["optimizer"], parameters=["optimizer", "grad_clip"],
                                              metric="final_val_loss")
     assert sorted(chosen.trials["final_val_loss"]) == [0.1, 0.2]
+
+
+def _old_best_summary(kept: pd.DataFrame, score: pd.Series, columns: list[str]) -> pd.DataFrame:
+    """Selection.best as it was computed before (commit 33c0310): a named aggregation over every column."""
+    return (kept.assign(_score=score.loc[kept.index]).groupby(columns, sort=True, dropna=False)
+            .agg(metric_mean=("_score", "mean")).reset_index())
+
+
+@pytest.mark.parametrize("handling", [{}, {"schedule": "held"}, {"lr": "averaged"},
+                                      {"lr": "held", "schedule": "averaged"}])
+def test_selections_that_share_codes_are_the_selections_made_alone(handling: dict[str, str]) -> None:
+    """A page keeps each column's codes across its selections (codes=): every selection, and its best
+    configurations, as when made alone; and the best table as the named aggregation gave it."""
+    grid = optimizer_grid().assign(grad_clip=[None, 1.0] * 8, tag=["a", "b", "c", "d"] * 4)
+    parameters = (*PARAMETERS, "grad_clip", "tag")
+    shared: dict[str, tuple] = {}
+    for shown in (["optimizer"], ["optimizer", "lr"], ["schedule"], ["optimizer", "lr"], ["grad_clip", "tag"]):
+        alone = selection.select_configurations(grid, shown=shown, parameters=parameters, metric="final_val_loss",
+                                                handling=handling, held={"lr": 1.0})
+        kept = selection.select_configurations(grid, shown=shown, parameters=parameters, metric="final_val_loss",
+                                               handling=handling, held={"lr": 1.0}, codes=shared)
+        pd.testing.assert_frame_equal(kept.trials, alone.trials)
+        pd.testing.assert_frame_equal(kept.best, alone.best)
+        assert kept.describe() == alone.describe()
+        best = [name for name, how in alone.handling.items() if how == "best"]
+        if best:
+            score = selection._scores(grid, "final_val_loss", "minimize")
+            pd.testing.assert_frame_equal(alone.best, _old_best_summary(
+                alone.trials, score, [name for name in shown if name in grid] + best))
+    assert shared  # filled, and used by the later selections
 
 
 def test_a_diagnosis_keeps_the_largest_losses_of_a_run_that_blew_up_and_came_back() -> None:

@@ -134,3 +134,27 @@ def test_a_bce_model_with_one_logit_gets_both_classes_in_its_boundary():
     classes = {cell for row in grid["predicted_class"] for cell in row}
     assert classes == {0, 1}
     assert all(0.5 <= p <= 1 for row in grid["probability"] for p in row if p is not None)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 12])
+@pytest.mark.parametrize("broken", [False, True])
+def test_each_cell_gets_torch_max_of_its_class_probabilities_bitwise(classes: int, broken: bool) -> None:
+    # boundary_cells reduces class by class (a last axis of a few classes is slow in torch): its
+    # probability and class must be torch.max's, ties (first class) and NaN cells (first NaN) too.
+    from worker.training.artifacts import boundary_cells, class_probabilities
+
+    logits = torch.randn(3, 500, classes, generator=torch.Generator().manual_seed(classes)) * 4
+    logits[:, :50] = logits[:, :50].round()  # ties between classes
+    if classes > 1:
+        logits[0, 50:60, :2] = 3.0  # an exact tie of the two most likely classes
+    if broken:  # a diverged row: NaN and infinite outputs, some cells fine
+        logits[1, 100:110, -1] = math.nan
+        logits[1, 110:120, 0] = math.inf
+        logits[1, 120:130] = -math.inf
+        logits[2, 130:140, 0] = math.nan
+    probability, predicted = boundary_cells(logits, multilabel=False)
+    reference, index = class_probabilities(logits.movedim(-1, 0).contiguous()).max(0)
+    assert probability.shape == predicted.shape == (3, 500)
+    assert torch.equal(probability.nan_to_num(-1.0), reference.nan_to_num(-1.0))
+    assert torch.equal(probability.isnan(), reference.isnan()) and reference.isnan().any() == broken
+    assert torch.equal(predicted, index)

@@ -111,19 +111,21 @@ def boundary_cells(logits: torch.Tensor, *, multilabel: bool) -> tuple[torch.Ten
         return torch.where(yes, positive, 1 - positive).prod(-1), (yes.long() * bits).sum(-1)
     # Class-major ([classes, ...cells]): softmax and the reductions over a last axis of a few
     # classes run ~50x slower in torch (a frame of 64 trials: 70 ms, now ~3 ms); same numbers.
-    by_class = class_probabilities(logits.movedim(-1, 0).contiguous())
-    return by_class.amax(0), _first_max_index(by_class)
+    return _first_max(class_probabilities(logits.movedim(-1, 0).contiguous()))
 
 
-def _first_max_index(by_class: torch.Tensor) -> torch.Tensor:
-    """torch.max(dim=0)'s index, class by class: the first largest, or the first NaN (max's NaN wins)."""
+def _first_max(by_class: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.max(dim=0) of class probabilities, class by class: the largest (amax's, bitwise: they hold
+    no -0.0 to tie with 0.0) and the index of the first largest. A cell's probabilities are all NaN or
+    none (softmax shares one max and one sum; the sigmoid's complement follows it), so a NaN cell keeps
+    class 0, max's first NaN, without a NaN test."""
     best, index = by_class[0], torch.zeros(by_class.shape[1:], dtype=torch.int64, device=by_class.device)
     for k in range(1, by_class.shape[0]):
         candidate = by_class[k]
-        better = (candidate > best) | (candidate.isnan() & ~best.isnan())
+        better = candidate > best
         best = torch.where(better, candidate, best)
         index = torch.where(better, k, index)
-    return index
+    return best, index
 
 
 def label_set_names(labels: tuple[str, ...]) -> list[str]:

@@ -105,7 +105,7 @@ class Snapshots:
                                "y_pred": round_for_json(values)})
             return frames
         probability, predicted = boundary_cells(outputs, multilabel=self.multilabel)
-        quantised = torch.round(probability.nan_to_num(0.0).clamp(0, 1) * 255).to(torch.uint8).numpy()
+        quantised = probability.nan_to_num(0.0).clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()
         for classes, chances, (epoch, train_loss, val_loss) in zip(predicted.numpy(), quantised, metrics, strict=True):
             frames.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                            "predicted_class": encode_bytes(classes), "probability": encode_bytes(chances)})
