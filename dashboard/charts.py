@@ -174,8 +174,8 @@ def _mark_epochs(figure: go.Figure, marks: dict[str, int | None] | None) -> None
 
 def _color_map(values: list[Any]) -> dict[str, str]:
     """A colour per distinct value, keyed by its label: an ordered scale for numbers, a palette otherwise."""
-    distinct = sorted({_format_value(v): v for v in _first_and_last(values) if not _is_missing(v)}.items(),
-                      key=lambda item: _sort_key(item[1]))
+    distinct = sorted({label: v for label, v in zip(_format_values(values), values, strict=True)
+                       if not _is_missing(v)}.items(), key=lambda item: _sort_key(item[1]))
     if not distinct:
         return {}
     if all(_is_number(value) for _, value in distinct) and len(distinct) > 1:
@@ -184,22 +184,6 @@ def _color_map(values: list[Any]) -> dict[str, str]:
     else:
         palette = [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(len(distinct))]
     return {label: color for (label, _), color in zip(distinct, palette, strict=True)}
-
-
-def _first_and_last(values: list[Any]) -> list[Any]:
-    """Each distinct value (by type and value) at its first and at its last place in ``values``, in
-    order: what a dict keyed by a function of the value keeps (the first place's order, the last
-    place's value), without calling the function on each of 10,000 trials' values."""
-    try:
-        first: dict[tuple, int] = {}
-        last: dict[tuple, int] = {}
-        for place, value in enumerate(values):
-            key = (type(value), value)
-            first.setdefault(key, place)
-            last[key] = place
-    except TypeError:  # list or dict values
-        return values
-    return [values[place] for place in sorted({*first.values(), *last.values()})]
 
 
 def _is_number(value: Any) -> bool:
@@ -439,7 +423,7 @@ def subplots_layout(**options: Any) -> dict:
     return copy.deepcopy(_subplots_layout_kept(json.dumps(options, sort_keys=True)))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: a faceted chart's options hold its panels' titles
 def _subplots_layout_kept(options: str) -> dict:
     layout = make_subplots(**json.loads(options)).layout.to_plotly_json()
     return {key: value for key, value in layout.items() if key != "template"}

@@ -314,6 +314,8 @@ def _trial_groups(trials: pd.DataFrame, by: list[str]) -> tuple[list[list], tupl
     frame = trials[list(dict.fromkeys([*by, "trial_id"]))]
     present = ~frame[by].isna().any(axis=1).to_numpy()
     positions = np.flatnonzero(present)
+    if not len(positions):  # every trial misses a value: no group (np.split would make one empty part)
+        return [], ()
     # An object column's values as their texts first: text_codes groups equal values (1, 1.0 and True),
     # astype(str) tells them apart.
     codes = {name: text_codes(frame[name].iloc[positions].astype(str) if frame[name].dtype == object else

@@ -288,13 +288,15 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
                  best_epoch: int | None = None, error: str | None = None,
                  artifacts: dict[str, dict] | None = None, token: str | None = None,
-                 rows: list[dict[str, Any]] | None = None, rows_stored: bool = True) -> None:
+                 rows: list[dict[str, Any]] | None = None, rows_stored: bool = True,
+                 range_test: bool = False) -> None:
     """Record how a trial ended: status, final metrics, the fit verdict (diagnosed from its epoch rows)
     and the prediction artifacts, which replace any earlier ones. ``rows``: its last epoch rows, not
     yet written; they are written here, and its progress moves with its status (what
     :func:`record_epochs` would do, in fewer statements). ``rows_stored=False`` says that none of its
     rows are in the database yet (its attempt started from epoch 1 and has written none), so the
-    verdict comes from ``rows`` without reading any. ``error`` is kept short enough to show in a
+    verdict comes from ``rows`` without reading any; ``range_test``: it was a learning-rate range test
+    (schedule lr_range_test), which gets no verdict. ``error`` is kept short enough to show in a
     table. With ``token``, raises TrialSuperseded (writing nothing) when that attempt no longer owns
     the trial. Its job's checkpoint stays: the job's other trials may still resume from it (the job
     removes it when it ends)."""
@@ -311,8 +313,7 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     # but then that UPDATE finds the trial no longer this attempt's and nothing is written.
     loss_rows = (_loss_rows(session, trial_id) if rows_stored else []) + [
         {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in inserts]
-    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value,
-                         range_test="lr_range" in (artifacts or {}))  # only a range test records its curve
+    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value, range_test=range_test)
     values["verdict"] = diagnosis.verdict
     values["diagnosis"] = {"reasons": diagnosis.reasons,
                            "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}

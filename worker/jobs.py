@@ -279,6 +279,7 @@ class JobRun:
                                  final_metrics={**result.final_metrics, "trained_with": len(self.stack)},
                                  best_epoch=result.best_epoch, error=result.message,
                                  artifacts=_with_weights(result.artifacts, result.best_weights),
+                                 range_test=self.job.configs[trial_id].get("schedule") == "lr_range_test",
                                  token=self.job.token, rows=self.pending[trial_id],
                                  rows_stored=self.job.checkpoint is not None or trial_id in self.rows_written)
                 except TrialSuperseded as exc:

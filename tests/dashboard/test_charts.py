@@ -585,11 +585,11 @@ def _old_color_map(values: list) -> dict[str, str]:
 
 @pytest.mark.parametrize("seed", range(30))
 def test_colour_map_of_distinct_values_is_the_map_of_every_value(seed: int) -> None:
-    """Colours from each distinct value's first and last place: the same map, in the same order, as
-    from every value (ties of equal numbers of other types, 1 and 1.0 and True, missing values)."""
+    """Colours from each distinct value's label written once: the same map, in the same order, as from
+    every value (ties of equal numbers of other types, 1 and 1.0 and True, 0.0 and -0.0, missing values)."""
     rng = np.random.default_rng(seed)
     pool = [1, 1.0, True, "1", 2.5, np.float64(2.5), 0.001, None, float("nan"), "adam", "sgd", 4, 16, 64, 1e-5,
-            np.int64(4), False, 0]
+            np.int64(4), False, 0, 0.0, -0.0]
     values = [pool[i] for i in rng.integers(0, len(pool) if seed % 2 else 8, int(rng.integers(0, 60)))]
     found = charts._color_map(values)
     assert found == _old_color_map(values)

@@ -126,3 +126,10 @@ def test_a_trial_missing_a_grouped_value_is_in_no_group(monkeypatch: pytest.Monk
     bands = data.curve_bands(trials, by=["grad_clip"], columns={"train": "train_loss"})
     assert seen == [((1, 3),)]
     assert set(bands["grad_clip"]) == {1.0}
+
+
+def test_trials_all_missing_the_grouped_value_make_no_group() -> None:
+    trials = pd.DataFrame({"trial_id": [1, 2], "grad_clip": [np.nan, np.nan]})
+
+    assert data._trial_groups(trials, ["grad_clip"]) == ([], ())
+    assert data._trial_groups(trials.iloc[:1].assign(grad_clip=0.5), ["grad_clip"]) == ([[0.5]], ((1,),))

@@ -47,7 +47,7 @@ parameters:
   width: {value: 16}
   batch_size: {value: 16}
   epochs: {value: 3}
-  optimizer: {value: adam}
+  optimizer: {values: [adam, sgd]}
   lr: {value: 0.01}
   min_lr: {value: 0.0001}
   schedule: {values: [lr_range_test, constant]}
@@ -126,10 +126,12 @@ def test_optimizers_page_compares_the_runs_that_are_not_range_tests(filled: Fill
     app = run_app(page="app_pages/optimizers.py", query={"experiment": str(filled.mixed)})
 
     assert figure(app, "optimizers_range_chart")["data"]  # the range test, read on its own
-    assert any("Range-test runs (1) are left out" in caption.value for caption in app.caption)
-    curves = figure(app, "optimizers_curves_chart")
-    # The constant-rate run alone: its train and validation lines.
-    assert {name for name, _ in mean_lines(curves)} == {"schedule=constant"} and len(mean_lines(curves)) == 2
+    assert any("Range-test runs (2) are left out" in caption.value for caption in app.caption)
+    # The constant-rate runs alone, one line per optimizer (train and validation); the schedule, which
+    # no longer varies among them, is not offered as a line.
+    assert mean_lines(figure(app, "optimizers_curves_chart")) == [
+        ("optimizer=adam", "dash"), ("optimizer=adam", "solid"), ("optimizer=sgd", "dash"), ("optimizer=sgd", "solid")]
+    assert "schedule" not in app.selectbox(key="optimizers_group").options
 
 
 def test_trial_page_draws_each_layers_gradient_against_depth(filled: Filled):
