@@ -157,7 +157,8 @@ def main() -> None:
         parts["the rest"] = total - sum(parts.values())
         part_gflop["the rest"] = fused_gflop - sum(part_gflop.values())
         # The peak is in CPU seconds: so is this share (the wall clock's above counts a shared core's waits).
-        print(f"    fused, CPU seconds: {total:.2f} in all ({fused_gflop / peak / total:.0%} of the peak); " + ", ".join(
+        share = fused_gflop / peak / total
+        print(f"    fused, CPU seconds: {total:.2f} in all ({share:.0%} of the peak); " + ", ".join(
             f"{part} {seconds:.2f} ({part_gflop.get(part, 0.0):.1f} GFLOP, "
             f"{part_gflop.get(part, 0.0) / peak / max(seconds, 1e-9):.0%} of the peak)"
             for part, seconds in parts.items()))
