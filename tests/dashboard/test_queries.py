@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import update
 
-from services import queries
+from services import json_columns, queries
 from services.analysis import bands_from_moments
 from services.db import session_scope
 from services.models import EpochMetric
@@ -102,7 +102,7 @@ def test_norms_recorded_are_those_the_last_epochs_hold(database_url: str, engine
 def test_json_columns_decode_as_json_does_non_finite_floats_included():
     import json
 
-    from services.queries import decode_json
+    from services.json_columns import decode_json
 
     stored = json.dumps({"loss": float("nan"), "max": float("inf"), "betas": [0.9, 0.999], "name": "é"})
     decoded = decode_json(stored)  # Python's json writes NaN and Infinity; orjson refuses them
@@ -113,7 +113,7 @@ def test_json_columns_decode_as_json_does_non_finite_floats_included():
     # A column's texts at once, as trial_frame reads them: what decode_json(text) or {} gives each.
     texts = [stored, '{"a": 1}', None, "null", "{}", '{"b": [1.5, null]}']
     for column in (texts, texts[1:]):  # with a NaN (decoded by json) and without
-        found = queries._decoded(column)
+        found = json_columns.decoded(column)
         expected = [decode_json(text) or {} for text in column]
         assert json.dumps(found) == json.dumps(expected) and found[-1] == {"b": [1.5, None]}
 
@@ -166,7 +166,7 @@ def test_loss_maxima_of_chosen_trials_and_layer_norms_at_both_ends(database_url:
 def _configs_as_decoded_one_by_one(texts: list[str | None]) -> pd.DataFrame:
     """The reference: every stored config decoded on its own, as trial_frame did before it decoded
     each configuration once."""
-    return pd.DataFrame(queries._dict_columns([queries.decode_json(text) or {} for text in texts]))
+    return pd.DataFrame(json_columns.dict_columns([json_columns.decode_json(text) or {} for text in texts]))
 
 
 @pytest.mark.parametrize("separator", [":", ": "])  # as json/orjson write it, and PostgreSQL's jsonb text
@@ -192,17 +192,17 @@ def test_configs_decoded_once_per_configuration_are_the_configs_decoded_one_by_o
         "nothing": [],
     }
     for shape, texts in shapes.items():
-        found = pd.DataFrame(queries._configuration_columns(texts))
+        found = pd.DataFrame(json_columns.configuration_columns(texts))
         pd.testing.assert_frame_equal(found, _configs_as_decoded_one_by_one(texts), obj=shape)
     # The grid's twelve configs are decoded as four configurations, each seed read from its own text.
     decoded = []
-    monkeypatch.setattr(queries, "decode_json", lambda text: decoded.append(text) or json.loads(text))
-    assert pd.DataFrame(queries._configuration_columns(grid))["seed"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    monkeypatch.setattr(json_columns, "decode_json", lambda text: decoded.append(text) or json.loads(text))
+    assert pd.DataFrame(json_columns.configuration_columns(grid))["seed"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert decoded == grid[:4]
 
 
 def test_dict_columns_are_each_keys_values_in_order_of_appearance():
-    """services.queries._dict_columns against the plain rule it stands for: a column per key in order
+    """services.json_columns.dict_columns against the plain rule it stands for: a column per key in order
     of first appearance, each dict's value or NaN, whatever order each dict holds its keys in."""
     def reference(dicts):
         keys = list(dict.fromkeys(key for values in dicts for key in values))
@@ -219,6 +219,6 @@ def test_dict_columns_are_each_keys_values_in_order_of_appearance():
         "lists kept": [{"betas": [0.9, 0.99], "n": 1}, {"betas": [0.5, 0.9], "n": 2}],
     }
     for shape, dicts in shapes.items():
-        found = queries._dict_columns(dicts)
+        found = json_columns.dict_columns(dicts)
         assert list(found) == list(reference(dicts)), shape
         assert found == reference(dicts), shape  # math.nan is one object: equal to itself in a list
