@@ -360,3 +360,29 @@ def networks_or_stop(trials: pd.DataFrame, *, page: str) -> None:
                 icon=":material/landscape:")
         st.page_link("app_pages/loss_surfaces.py", label="Open Loss surfaces", icon=":material/landscape:")
         st.stop()
+
+
+def _range_tests(trials: pd.DataFrame) -> pd.Series:
+    return trials["schedule"].eq("lr_range_test") if "schedule" in trials else pd.Series(False, index=trials.index)
+
+
+def without_range_tests(trained: pd.DataFrame, all_trials: pd.DataFrame, groups: list[str], *, read_at: str,
+                        shows: str) -> tuple[pd.DataFrame, list[str]]:
+    """``trained`` without its learning-rate range tests, and the parameters a chart can group by among
+    the experiment's other trials. A range test's rate rises every step until its loss blows up: its
+    epochs compare with no other run's and say nothing of how it fits. One caption says how many were
+    left out; where every run of ``trained`` is one, one sentence in place of the charts (where to read
+    them: ``read_at``; what the page would show of other runs: ``shows``), and the page stops there."""
+    ranged = _range_tests(trained)
+    if not ranged.any():
+        return trained, groups
+    if ranged.all():
+        every = _range_tests(all_trials).all()
+        st.info(f"{'Every trial of this experiment' if every else 'Every trial shown'} is a learning-rate range "
+                f"test, {read_at}. " + (f"To see {shows}, submit trials with another schedule (constant, step, "
+                                         "cosine, ...)." if every else
+                                         "This page's charts appear once trials with another schedule finish."))
+        st.stop()
+    st.caption(f"Range-test runs ({int(ranged.sum())}) are left out of the charts below: their rate rises every "
+               "step until the loss blows up, so their epochs compare with no other run's.")
+    return trained[~ranged], grouping_choices(all_trials[~_range_tests(all_trials)])

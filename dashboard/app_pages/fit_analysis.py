@@ -306,6 +306,9 @@ if not all_trials["status"].isin(widgets.TRAINED).any():  # asked of the column,
 if trained.empty:
     st.info(NOTHING_KEPT, icon=":material/filter_alt_off:")
     st.stop()
+trained, groups = widgets.without_range_tests(trained, all_trials, groups,
+                                             read_at="read on the Optimizers and schedules page",
+                                             shows="how models fit")
 trained = trained.merge(data.sibling_diagnoses(experiment_id), on="trial_id", how="left")
 trained, recorded = widgets.with_final_norms(  # the capacity and heatmap metrics may be a final norm
     experiment_id, trained, chosen=[st.session_state.get("fit_capacity_metric"),

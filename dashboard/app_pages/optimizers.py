@@ -230,22 +230,8 @@ if trained.empty:
 trained, recorded = widgets.with_final_norms(experiment_id, trained, chosen=chosen_metrics())
 groups = widgets.grouping_choices(all_trials)
 range_test(trained, groups)
-# A range test's rate rises every step until its loss blows up: its epochs compare with no other
-# run's, so the comparisons below draw the runs trained at a schedule of their own, and offer the
-# parameters that vary among those runs.
-ranged = trained["schedule"].eq("lr_range_test") if "schedule" in trained else pd.Series(False, index=trained.index)
-if ranged.all():
-    st.info("Every trial of this experiment is a learning-rate range test, read above. To compare optimizers "
-            "and schedules epoch by epoch, submit trials with another schedule (constant, step, cosine, ...)."
-            if all_trials["schedule"].eq("lr_range_test").all() else
-            "Every finished trial is a learning-rate range test, read above; the comparisons of optimizers and "
-            "schedules appear here once trials with another schedule finish.")
-    st.stop()
-if ranged.any():
-    st.caption(f"Range-test runs ({int(ranged.sum())}) are left out of the comparisons below: their rate "
-               "rises every step, so their epochs compare with no other run's.")
-    trained = trained[~ranged]
-    groups = widgets.grouping_choices(all_trials[all_trials["schedule"].ne("lr_range_test")])
+trained, groups = widgets.without_range_tests(trained, all_trials, groups, read_at="read above",
+                                             shows="the comparisons of optimizers and schedules")
 chosen_band, banded = widgets.band_controls(trained, key="optimizers")
 handled = widgets.other_parameters(trained, key="optimizers_others", metrics=COMPARED, recorded=recorded)
 if banded.empty:

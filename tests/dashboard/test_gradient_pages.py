@@ -134,6 +134,19 @@ def test_optimizers_page_compares_the_runs_that_are_not_range_tests(filled: Fill
     assert "schedule" not in app.selectbox(key="optimizers_group").options
 
 
+def test_fit_analysis_leaves_range_tests_out_and_says_where_to_read_them(filled: Filled):
+    alone = run_app(page="app_pages/fit_analysis.py", query={"experiment": str(filled.range_test)})
+    assert any("Every trial of this experiment is a learning-rate range test, read on the Optimizers"
+               in info.value for info in alone.info)
+    assert not figures_by_key(alone)  # no learning curves, verdicts or pictures of blow-ups
+
+    mixed = run_app(page="app_pages/fit_analysis.py", query={"experiment": str(filled.mixed)})
+    assert any("Range-test runs (2) are left out" in caption.value for caption in mixed.caption)
+    assert mean_lines(figure(mixed, "fit_curves_chart")) == [
+        ("optimizer=adam", "dash"), ("optimizer=adam", "solid"), ("optimizer=sgd", "dash"), ("optimizer=sgd", "solid")]
+    assert "schedule" not in mixed.selectbox(key="fit_curves_group").options
+
+
 def test_trial_page_draws_each_layers_gradient_against_depth(filled: Filled):
     trial_id = filled.vanishing_trials[-1]  # the last of the grid: depth 6, relu or sigmoid
     app = run_app(page="app_pages/trial.py", query={"trial": str(trial_id)})
