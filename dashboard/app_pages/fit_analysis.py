@@ -306,6 +306,7 @@ if not all_trials["status"].isin(widgets.TRAINED).any():  # asked of the column,
 if trained.empty:
     st.info(NOTHING_KEPT, icon=":material/filter_alt_off:")
     st.stop()
+finished = len(trained)
 trained, groups = widgets.without_range_tests(trained, all_trials, groups,
                                              read_at="read on the Optimizers and schedules page",
                                              shows="how models fit")
@@ -314,7 +315,8 @@ trained, recorded = widgets.with_final_norms(  # the capacity and heatmap metric
     experiment_id, trained, chosen=[st.session_state.get("fit_capacity_metric"),
                                     st.session_state.get("fit_heatmap_metric")])
 st.caption(f"{len(trained)} of {len(all_trials)} trials have finished training and pass the filter "
-           f"(failed, cancelled and unfinished trials are left out).")
+           f"(failed, cancelled and unfinished trials are left out"
+           f"{', and range tests' if len(trained) < finished else ''}).")
 chosen_band, banded = widgets.band_controls(trained, key="fit")
 handled = widgets.other_parameters(banded, key="fit_others", metrics=("final_val_loss", "best_val_loss",
                                                                        "final_val_accuracy", "test_loss"))

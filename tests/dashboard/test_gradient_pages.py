@@ -142,6 +142,7 @@ def test_fit_analysis_leaves_range_tests_out_and_says_where_to_read_them(filled:
 
     mixed = run_app(page="app_pages/fit_analysis.py", query={"experiment": str(filled.mixed)})
     assert any("Range-test runs (2) are left out" in caption.value for caption in mixed.caption)
+    assert any("2 of 4 trials" in caption.value and "and range tests" in caption.value for caption in mixed.caption)
     assert mean_lines(figure(mixed, "fit_curves_chart")) == [
         ("optimizer=adam", "dash"), ("optimizer=adam", "solid"), ("optimizer=sgd", "dash"), ("optimizer=sgd", "solid")]
     assert "schedule" not in mixed.selectbox(key="fit_curves_group").options
