@@ -196,34 +196,36 @@ class Handling:
     held: dict[str, object]
     metric: str
     goal: str
-    # The parameters that tell configurations apart, of each trials frame seen in this page run, by
-    # its id (the frame kept beside them, so that a new frame never inherits an old id's answer): a
-    # page's six charts need not look through 50 columns of 10,000 runs six times.
-    varying: dict[int, tuple[pd.DataFrame, list[str]]] = field(default_factory=dict, compare=False, repr=False)
-    # The selections made in this page run, by the frame's id and the shown columns (the frame kept
-    # beside each): two charts that draw the same columns share one.
-    selections: dict[tuple, tuple[pd.DataFrame, Selection]] = field(default_factory=dict, compare=False, repr=False)
-    # Each column's text codes (services.selection.text_codes), by the frame's id (the frame kept beside
-    # them): every selection of a page run groups the same 10,000 runs by mostly the same columns.
-    codes: dict[int, tuple[pd.DataFrame, dict[str, tuple]]] = field(default_factory=dict, compare=False, repr=False)
+    # What this page run learned of each trials frame it saw, by the frame's id (the frame kept beside it,
+    # so that a new frame never inherits an old id's answers): the parameters that tell its
+    # configurations apart (a page's six charts need not look through 50 columns of 10,000 runs six
+    # times), each column's text codes (services.selection.text_codes: every selection groups the same
+    # runs by mostly the same columns), and the selections made, by the shown columns (two charts that
+    # draw the same columns share one).
+    frames: dict[int, _FrameSeen] = field(default_factory=dict, compare=False, repr=False)
 
     def select(self, trials: pd.DataFrame, *, shown: Sequence[str]) -> Selection:
         """The trials a chart that draws the ``shown`` columns uses (services.selection.select_configurations)."""
-        shown = [name for name in shown if name]
-        made = self.selections.get((id(trials), *shown))
-        if made is not None and made[0] is trials:
-            return made[1]
-        seen = self.varying.get(id(trials))
-        if seen is None or seen[0] is not trials:
-            seen = self.varying[id(trials)] = (
+        shown = tuple(name for name in shown if name)
+        seen = self.frames.get(id(trials))
+        if seen is None or seen.trials is not trials:
+            seen = self.frames[id(trials)] = _FrameSeen(
                 trials, configuration_parameters(trials, trial_tables.parameter_columns(trials)))
-        coded = self.codes.get(id(trials))
-        if coded is None or coded[0] is not trials:
-            coded = self.codes[id(trials)] = (trials, {})
-        chosen = select_configurations(trials, shown=shown, metric=self.metric, goal=self.goal, parameters=seen[1],
-                                       handling=self.handling, held=self.held, codes=coded[1])
-        self.selections[(id(trials), *shown)] = (trials, chosen)
-        return chosen
+        if shown not in seen.selections:
+            seen.selections[shown] = select_configurations(
+                trials, shown=list(shown), metric=self.metric, goal=self.goal, parameters=seen.varying,
+                handling=self.handling, held=self.held, codes=seen.codes)
+        return seen.selections[shown]
+
+
+@dataclass
+class _FrameSeen:
+    """What :class:`Handling` keeps of one trials frame during a page run."""
+
+    trials: pd.DataFrame
+    varying: list[str]
+    codes: dict[str, tuple] = field(default_factory=dict)
+    selections: dict[tuple[str, ...], Selection] = field(default_factory=dict)
 
 
 def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str],
@@ -252,7 +254,7 @@ def other_parameters(trials: pd.DataFrame, *, key: str, metrics: Sequence[str],
             if how == "held":
                 values = list(dict.fromkeys(sorted(trials[name].dropna().tolist(), key=_natural_value)))
                 held[name] = value_column.selectbox(f"{name} held at", values, key=f"{key}_{name}_held")
-    return Handling(handling, held, metric, goal_of(metric), {id(trials): (trials, names)})
+    return Handling(handling, held, metric, goal_of(metric), {id(trials): _FrameSeen(trials, names)})
 
 
 def goal_of(metric: str) -> str:
@@ -362,7 +364,8 @@ def networks_or_stop(trials: pd.DataFrame, *, page: str) -> None:
         st.stop()
 
 
-def _range_tests(trials: pd.DataFrame) -> pd.Series:
+def range_tests(trials: pd.DataFrame) -> pd.Series:
+    """Which of ``trials`` are learning-rate range tests (schedule lr_range_test)."""
     return trials["schedule"].eq("lr_range_test") if "schedule" in trials else pd.Series(False, index=trials.index)
 
 
@@ -373,11 +376,11 @@ def without_range_tests(trained: pd.DataFrame, all_trials: pd.DataFrame, groups:
     epochs compare with no other run's and say nothing of how it fits. One caption says how many were
     left out; where every run of ``trained`` is one, one sentence in place of the charts (where to read
     them: ``read_at``; what the page would show of other runs: ``shows``), and the page stops there."""
-    ranged = _range_tests(trained)
+    ranged = range_tests(trained)
     if not ranged.any():
         return trained, groups
     if ranged.all():
-        every = _range_tests(all_trials).all()
+        every = range_tests(all_trials).all()
         st.info(f"{'Every trial of this experiment' if every else 'Every trial shown'} is a learning-rate range "
                 f"test, {read_at}. " + (f"To see {shows}, submit trials with another schedule (constant, step, "
                                          "cosine, ...)." if every else
@@ -385,4 +388,4 @@ def without_range_tests(trained: pd.DataFrame, all_trials: pd.DataFrame, groups:
         st.stop()
     st.caption(f"Range-test runs ({int(ranged.sum())}) are left out of the charts below: their rate rises every "
                "step until the loss blows up, so their epochs compare with no other run's.")
-    return trained[~ranged], grouping_choices(all_trials[~_range_tests(all_trials)])
+    return trained[~ranged], grouping_choices(all_trials[~range_tests(all_trials)])
