@@ -90,7 +90,7 @@ def _as_texts(column: pd.Series) -> list[Any]:
     """:func:`_as_text` of every value, each distinct value written once (10,000 trials share a few)."""
     written: dict[str, Any] = {}  # by repr: equal reprs of JSON values, equal JSON text
     # By identity first: the trials of one configuration share its list and dict values
-    # (services.queries decodes each configuration once), so most are not written out even as a repr.
+    # (services.json_columns decodes each configuration once), so most are not written out even as a repr.
     # The values stay alive in ``values`` meanwhile, so an id is never reused for another.
     seen: dict[int, Any] = {}
     texts = []

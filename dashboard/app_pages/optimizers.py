@@ -31,7 +31,7 @@ def range_test(trials: pd.DataFrame, groups: list[str]) -> None:
     """Loss against the rate of the range-test trials, one line per optimizer (by default) and
     configuration, the mean over its seeds, and the rate each suggests (services.range_test: the
     steepest descent of the smoothed loss)."""
-    tests = trials[trials["schedule"] == "lr_range_test"] if "schedule" in trials else trials.iloc[:0]
+    tests = trials[widgets.range_tests(trials)]
     if tests.empty:
         return
     st.subheader("Learning-rate range test")
