@@ -23,14 +23,16 @@ from tests.servers import WorkerProcess, fitscope_env
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLUSH_S = 3.0
-# About 0.3 s an epoch here, so ~10 epochs between two writes of rows: stopping only at a write (as
-# the cancel did before it was read every epoch) would overshoot by several epochs.
+# About 0.15-0.3 s an epoch, so ~10 epochs between two writes of rows: stopping only at a write (as
+# the cancel did before it was read every epoch) would overshoot by several epochs. Epochs must also
+# outlast the worker's stop-flag reads (every 0.1 s): width 64 took 0.05 s an epoch on a fast machine,
+# and two reads fell inside the epoch after the cancel.
 SPEC = """name: cancel-me
 fuse: false
 seeds: [0, 1, 2]
 parameters:
   n_train: {value: 10000}
-  width: {value: 64}
+  width: {value: 192}
   epochs: {value: 3000}
 """
 
