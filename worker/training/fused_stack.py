@@ -23,7 +23,7 @@ row-major, ``[slots, rows, features]`` as the data are stored, and are read tran
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,6 +98,7 @@ class StackedModel:
         self.params: list[torch.Tensor] = []
         self.statistics: list[torch.Tensor] = []  # batch norm's running mean and variance, [slots, n, 1]
         self.row_plan = _row_plan(self.layers)
+        self.train_plan = _train_plan(self.layers)
         self.use(flat)
 
     @property
@@ -133,24 +134,106 @@ class StackedModel:
         takes it)."""
         return _row_norms(self.params)
 
-    def _evaluate_row(self, x: torch.Tensor, row: int) -> torch.Tensor:
-        """Eval-mode outputs ``[outputs, n]`` of one row on feature-major inputs ``[features, n]``,
-        by :attr:`row_plan`: 2-D matmuls, the same numbers as forward's baddbmm of one batch, which
-        takes a slower path in torch (5-10% more CPU on a snapshot's 64 x 3,600 inputs), and little
-        Python per row (a snapshot evaluates 64 rows one by one at every planned epoch)."""
-        params = self.params
-        for step in self.row_plan:
-            if isinstance(step, int):  # a Linear layer: its weight's index; its bias follows
-                x = torch.addmm(params[step + 1][row], params[step][row], x)
-            elif step is None:
-                x = x.relu_()  # in place on the fresh matmul output, as in forward
-            else:
-                x = step(x)
-        return x
+    def _evaluate_rows(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Eval-mode outputs ``[rows, outputs, n]`` of these rows, one after another, on feature-major
+        inputs ``[features, n]``, by :attr:`row_plan`: per layer a 2-D matmul into one of two
+        scratch buffers reused by every row, then the bias added in place: the same numbers as
+        forward's baddbmm of one batch (which takes a slower path in torch) and as addmm, at about
+        half addmm's CPU here (addmm's fresh output and broadcast bias copy cost more than its
+        matmul on these shapes), with little Python per row (a snapshot evaluates 64 rows one by
+        one at every planned epoch)."""
+        params, n = self.params, x.shape[1]
+        scratch = [torch.empty(self.widest * n, dtype=x.dtype, device=x.device) for _ in range(2)]
+        rows = list(rows)
+        outputs = None
+        for i, row in enumerate(rows):
+            h, free = x, 0
+            for step in self.row_plan:
+                if isinstance(step, tuple):  # a Linear layer (its weight's index; its bias follows), ReLU after?
+                    weight, bias = params[step[0]][row], params[step[0] + 1][row]
+                    h = torch.mm(weight, h, out=scratch[free][:weight.shape[0] * n].view(weight.shape[0], n))
+                    _add_bias(h, bias, relu=step[1])
+                    free = 1 - free
+                elif step is None:
+                    h = h.relu_()  # in place on the fresh matmul output, as in forward
+                else:
+                    h = step(h)
+            if outputs is None:
+                outputs = torch.empty(len(rows), *h.shape, dtype=h.dtype, device=h.device)
+            outputs[i].copy_(h)
+        return outputs
 
     def _set(self, params: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
         self.params = [p.requires_grad_() for p in params]
         self.statistics = statistics
+        # by batch rows: each block's output, and the gradient at each hidden block's output
+        self._activations: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._gradients: list[torch.Tensor] | None = None  # one per parameter, rewritten every step
+
+    def loss_and_gradients(self, x: torch.Tensor, labels: torch.Tensor, row_loss: Callable, *,
+                           dropout_scales: torch.Tensor | None = None, frozen: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One training step's forward and backward: each row's loss ``[slots]`` (``row_loss`` of the
+        outputs and ``labels``) and the gradient of their sum for every parameter (contiguous; the
+        caller may change them in place). Arguments as :meth:`forward` in training.
+
+        A stack of Linear layers with ReLU (and dropout) between them runs by :attr:`train_plan`:
+        every matmul and element-wise kernel autograd would run, in the same order (the loss's own
+        backward is autograd's), but written into buffers kept from step to step, not freshly
+        allocated ones: fresh outputs cost more than the kernels on these small shapes (measured:
+        1.0 ms against 1.1-1.7 ms a step for 32 trials of width 64, batch 64). Anything else
+        (norms, other activations, polynomial features) goes through autograd."""
+        if self.train_plan is None:
+            losses = row_loss(self.forward(x, train=True, dropout_scales=dropout_scales, frozen=frozen), labels)
+            return losses, list(torch.autograd.grad(losses.sum(), self.params))
+        buffers = self._activations.get(x.shape[1])
+        if buffers is None:
+            outputs = [torch.empty(self.rows, self.params[weight].shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+                       for weight, _, _ in self.train_plan]
+            buffers = self._activations[x.shape[1]] = (outputs, [torch.empty_like(b) for b in outputs[:-1]])
+        inputs = self._planned_forward(x, dropout_scales, buffers[0])
+        outputs = inputs.pop().detach().requires_grad_()
+        losses = row_loss(outputs, labels)
+        (grad,) = torch.autograd.grad(losses.sum(), outputs)
+        return losses, self._planned_backward(grad, inputs, dropout_scales, buffers[1])
+
+    @torch.no_grad()
+    def _planned_forward(self, x: torch.Tensor, dropout_scales: torch.Tensor | None,
+                         buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each block's input (the first: ``x`` read feature-major), then the outputs; each block
+        writes into its buffer."""
+        params = self.params
+        h, inputs = x.mT, []
+        for (weight, relu, dropout), out in zip(self.train_plan, buffers, strict=True):
+            inputs.append(h)
+            h = _add_bias(torch.bmm(params[weight], h, out=out), params[weight + 1], relu=relu)
+            if dropout is not None and dropout_scales is not None:
+                # in place: relu's backward reads this block's output only for its sign, which the
+                # scale (mask / keep, >= 0) keeps wherever the gradient it passes back is not 0
+                h.mul_(dropout_scales[:, dropout])
+        inputs.append(h)
+        return inputs
+
+    @torch.no_grad()
+    def _planned_backward(self, grad: torch.Tensor, inputs: list[torch.Tensor],
+                          dropout_scales: torch.Tensor | None, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every parameter's gradient from the outputs' ``grad``, block by block back to the first;
+        the gradient at a hidden block's output goes into that block's entry of ``buffers``."""
+        params = self.params
+        if self._gradients is None:
+            self._gradients = [torch.empty_like(p, requires_grad=False) for p in params]
+        grads = self._gradients
+        for block in range(len(self.train_plan) - 1, -1, -1):
+            weight, relu, dropout = self.train_plan[block]
+            if dropout is not None and dropout_scales is not None:
+                grad.mul_(dropout_scales[:, dropout])
+            if relu:  # autograd's ReluBackward: the gradient where the output is positive, else 0
+                torch.ops.aten.threshold_backward.grad_input(grad, inputs[block + 1], 0, grad_input=grad)
+            torch.bmm(grad, inputs[block].mT, out=grads[weight])
+            torch.sum(grad, dim=-1, keepdim=True, out=grads[weight + 1])
+            if block > 0:  # the first block's input is the data: no gradient wanted
+                grad = torch.bmm(params[weight].mT, grad, out=buffers[block - 1])
+        return grads
 
     def forward(self, x: torch.Tensor, *, train: bool = False, dropout_scales: torch.Tensor | None = None,
                 frozen: torch.Tensor | None = None, rows: slice | list[int] = slice(None)) -> torch.Tensor:
@@ -198,7 +281,7 @@ class StackedModel:
         step = max(1, EVAL_CHUNK_NUMBERS // max(1, x.shape[0] * self.widest))
         if self.row_plan is not None and (step == 1 or count == 1):
             # one row at a time anyway: only the rows asked for (a snapshot's, often not all)
-            return torch.stack([self._evaluate_row(x.mT, row) for row in (range(count) if rows is None else rows)])
+            return self._evaluate_rows(x.mT, range(count) if rows is None else rows)
         if rows is None or list(rows) == list(range(count)):
             if step >= count:
                 return self.forward(x)
@@ -263,16 +346,17 @@ class StackedTraining:
                 "params": self.model.flat().to("cpu", copy=True), "best": self.best.to("cpu", copy=True),
                 "optimizer": self.optimizer.state_dict()}
 
-    def step(self, loss: torch.Tensor, *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
-        """Backward from ``loss`` (the sum of every row's loss, so each row gets its own gradient)
-        and one optimizer step at each row's rate ``lr``. When asked, returns ``[slots, 1 + layers]``:
+    def step(self, grads: list[torch.Tensor], *, lr: Sequence[float], want_norm: bool) -> torch.Tensor | None:
+        """One optimizer step at each row's rate ``lr`` from ``grads`` (one per parameter, of the sum
+        of every row's loss, so each row has its own: StackedModel.loss_and_gradients; changed here
+        in place). When asked, returns ``[slots, 1 + layers]``:
         each row's gradient norm before clipping (all parameters), then the norm of each Linear
         layer's gradient (its weight and bias), first layer first; with only Linear layers, the
         first column is the root of the sum of the others' squares."""
         params = self.model.params
         # The optimizer kernels read gradients as flat memory: a strided one would be misread with
         # no error. Autograd returns them contiguous here (feature-major layout); kept so if not.
-        grads = [g if g.is_contiguous() else g.contiguous() for g in torch.autograd.grad(loss, params)]
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         with torch.no_grad():
             if self.any_l1:  # d/dw of l1 * sum|w|: abs' backward is sign (0 at 0); weights only
                 for i in self.penalised:
@@ -417,15 +501,24 @@ def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift
     return torch.addcmul(shift, normalised.mT, scale)
 
 
-def _row_plan(layers: list[nn.Module]) -> list[int | None | nn.Module] | None:
-    """How StackedModel._evaluate_row replays the layers in eval mode: a Linear layer's weight index,
-    None for ReLU, or a stateless activation module (dropout is the identity in eval mode); None
-    (no plan) when a layer needs the stacked forward (norms, polynomial features)."""
-    plan: list[int | None | nn.Module] = []
+def _add_bias(x: torch.Tensor, bias: torch.Tensor, *, relu: bool) -> torch.Tensor:
+    """``x += bias`` in place, then ReLU if asked: one pass (aten's add-relu kernel, the same numbers
+    as add_ then relu_) instead of two."""
+    return torch.ops.aten._add_relu_(x, bias) if relu else x.add_(bias)
+
+
+def _row_plan(layers: list[nn.Module]) -> list[tuple[int, bool] | None | nn.Module] | None:
+    """How StackedModel._evaluate_rows replays the layers in eval mode: a Linear layer's weight index
+    and whether a ReLU follows it, None for another ReLU, or a stateless activation module (dropout
+    is the identity in eval mode); None (no plan) when a layer needs the stacked forward (norms,
+    polynomial features)."""
+    plan: list[tuple[int, bool] | None | nn.Module] = []
     index = 0
     for layer in layers:
         if isinstance(layer, nn.Linear) and layer.bias is not None:
-            plan.append(index)
+            plan.append((index, False))
+        elif isinstance(layer, nn.ReLU) and plan and isinstance(plan[-1], tuple) and not plan[-1][1]:
+            plan[-1] = (plan[-1][0], True)
         elif isinstance(layer, nn.ReLU):
             plan.append(None)
         elif isinstance(layer, Dropout):
@@ -435,6 +528,26 @@ def _row_plan(layers: list[nn.Module]) -> list[int | None | nn.Module] | None:
             return None
         else:
             plan.append(layer)
+        index += sum(1 for _ in layer.parameters(recurse=False))
+    return plan
+
+
+def _train_plan(layers: list[nn.Module]) -> list[tuple[int, bool, int | None]] | None:
+    """How StackedModel.loss_and_gradients trains without autograd: per Linear layer (with a bias), its
+    weight's index, whether a ReLU follows it, and the dropout layer after that (its number among the
+    model's dropout layers), if any; None when some layer is anything else."""
+    plan: list[tuple[int, bool, int | None]] = []
+    index = dropout = 0
+    for layer in layers:
+        if isinstance(layer, nn.Linear) and layer.bias is not None:
+            plan.append((index, False, None))
+        elif isinstance(layer, nn.ReLU) and plan and not plan[-1][1] and plan[-1][2] is None:
+            plan[-1] = (plan[-1][0], True, None)
+        elif isinstance(layer, Dropout) and plan and plan[-1][1] and plan[-1][2] is None:
+            plan[-1] = (plan[-1][0], True, dropout)
+            dropout += 1
+        else:
+            return None
         index += sum(1 for _ in layer.parameters(recurse=False))
     return plan
 
