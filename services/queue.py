@@ -57,8 +57,12 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_celery(settings: Settings, *, name: str = "fitscope") -> Celery:
+    """The Celery app of these settings, its broker client library already imported (it connects on
+    first use): kombu imports it at the first connection otherwise, 0.06-0.13 s here, which a
+    long-running submitter (the dashboard) would pay in a user's first submit, not at its start."""
     app = Celery(name)
     app.conf.update(celery_config(settings))
+    app.connection_for_write().release()  # resolves (imports) the transport; opens no socket
     return app
 
 
