@@ -121,7 +121,11 @@ _CLAIM_QUEUED = (
     .returning(_TRIALS.c.attempts, _TRIALS.c.config)
 )
 _DELETE_EPOCH_ROWS = delete(_EPOCH_ROWS).where(_EPOCH_ROWS.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
-_DELETE_ARTIFACTS = delete(TrialArtifact.__table__).where(TrialArtifact.__table__.c.trial_id == bindparam("trial_id"))
+_DELETE_ARTIFACTS = delete(TrialArtifact.__table__).where(
+    TrialArtifact.__table__.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
+_EPOCHS = EpochMetric.__table__.c
+_LOSS_ROWS = select(_EPOCHS.trial_id, _EPOCHS.epoch, _EPOCHS.train_loss, _EPOCHS.val_loss).where(
+    _EPOCHS.trial_id.in_(bindparam("trial_ids", expanding=True))).order_by(_EPOCHS.trial_id, _EPOCHS.epoch)
 
 
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,
@@ -285,6 +289,21 @@ def record_epoch(session: Session, trial_id: int, metrics: dict[str, Any]) -> bo
     return record_epochs(session, trial_id, [metrics])
 
 
+@dataclass
+class Ending:
+    """How one trial ended, as :func:`finish_trials` records it (:func:`finish_trial`'s arguments)."""
+
+    trial_id: int
+    status: TrialStatus
+    final_metrics: dict | None = None
+    best_epoch: int | None = None
+    error: str | None = None
+    artifacts: dict[str, dict] | None = None
+    rows: list[dict[str, Any]] | None = None
+    rows_stored: bool = True
+    range_test: bool = False
+
+
 def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_metrics: dict | None = None,
                  best_epoch: int | None = None, error: str | None = None,
                  artifacts: dict[str, dict] | None = None, token: str | None = None,
@@ -300,43 +319,71 @@ def finish_trial(session: Session, trial_id: int, *, status: TrialStatus, final_
     table. With ``token``, raises TrialSuperseded (writing nothing) when that attempt no longer owns
     the trial. Its job's checkpoint stays: the job's other trials may still resume from it (the job
     removes it when it ends)."""
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": _clip(error)}
-    if final_metrics is not None:
-        values["final_metrics"] = {key: _finite_or_none(value) for key, value in final_metrics.items()}
-        values["best_epoch"] = best_epoch
-        values["parameter_count"] = final_metrics.get("parameter_count")
-    inserts = [_epoch_row(trial_id, row) for row in rows or ()]
-    if inserts:
-        values["epochs_done"] = max(row["epoch"] for row in inserts)
-    # The rows as stored (non-finite numbers as NULL): stored ones first, then these, in epoch order.
-    # Read before the guarded UPDATE below: an attempt that took the trial over meanwhile deleted them,
-    # but then that UPDATE finds the trial no longer this attempt's and nothing is written.
-    loss_rows = (_loss_rows(session, trial_id) if rows_stored else []) + [
-        {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in inserts]
-    diagnosis = diagnose(loss_rows, final_metrics or {}, status=TrialStatus(status).value, range_test=range_test)
-    values["verdict"] = diagnosis.verdict
-    values["diagnosis"] = {"reasons": diagnosis.reasons,
-                           "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
-    if token is not None:
-        _claim_still_held(session, trial_id, token, values)
-    else:
-        session.execute(update(Trial).where(Trial.id == trial_id).values(**values)
-                        .execution_options(synchronize_session=False))
+    ending = Ending(trial_id=trial_id, status=status, final_metrics=final_metrics, best_epoch=best_epoch, error=error,
+                    artifacts=artifacts, rows=rows, rows_stored=rows_stored, range_test=range_test)
+    if finish_trials(session, [ending], token=token):
+        raise TrialSuperseded(f"trial {trial_id}: attempt {token[:8]} no longer owns it")
+
+
+def finish_trials(session: Session, endings: Sequence[Ending], *, token: str | None = None) -> set[int]:
+    """:func:`finish_trial` for several trials (a fused job's trials that ended together) in one
+    UPDATE a trial and four statements for all of them (one each took five: ~0.66 ms a trial, 21 ms
+    for a job of 32 here). With ``token``, returns the trials that attempt no longer owns: nothing
+    is written for them."""
+    # The stored rows, read before the guarded UPDATEs below: an attempt that took a trial over
+    # meanwhile deleted them, but then its UPDATE finds the trial no longer this attempt's.
+    stored = _loss_rows(session, [ending.trial_id for ending in endings if ending.rows_stored])
+    superseded: set[int] = set()
+    held, inserts, artifacts = [], [], []
+    for ending in endings:
+        trial_id = ending.trial_id
+        values: dict[str, Any] = {"status": ending.status, "finished_at": utcnow(), "error": _clip(ending.error)}
+        if ending.final_metrics is not None:
+            values["final_metrics"] = {key: _finite_or_none(value) for key, value in ending.final_metrics.items()}
+            values["best_epoch"] = ending.best_epoch
+            values["parameter_count"] = ending.final_metrics.get("parameter_count")
+        rows = [_epoch_row(trial_id, row) for row in ending.rows or ()]
+        if rows:
+            values["epochs_done"] = max(row["epoch"] for row in rows)
+        # The rows as stored (non-finite numbers as NULL): stored ones first, then these, in epoch order.
+        loss_rows = stored.get(trial_id, []) + [
+            {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"]} for row in rows]
+        diagnosis = diagnose(loss_rows, ending.final_metrics or {}, status=TrialStatus(ending.status).value,
+                             range_test=ending.range_test)
+        values["verdict"] = diagnosis.verdict
+        values["diagnosis"] = {"reasons": diagnosis.reasons,
+                               "numbers": {k: _finite_or_none(v) for k, v in diagnosis.numbers.items()}}
+        if token is not None:
+            try:
+                _claim_still_held(session, trial_id, token, values)
+            except TrialSuperseded:
+                superseded.add(trial_id)
+                continue
+        else:
+            session.execute(update(Trial).where(Trial.id == trial_id).values(**values)
+                            .execution_options(synchronize_session=False))
+        held.append(trial_id)
+        inserts += rows
+        artifacts += [{"trial_id": trial_id, "kind": kind, "data": data}
+                      for kind, data in (ending.artifacts or {}).items()]
     if inserts:  # as record_epochs: a retried write must not fail on its own rows
         session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)
-    session.execute(_DELETE_ARTIFACTS, {"trial_id": trial_id})
-    if artifacts:
-        session.execute(insert(TrialArtifact.__table__), [  # Core: compiled once (db.insert_ignoring_conflicts)
-            {"trial_id": trial_id, "kind": kind, "data": data} for kind, data in artifacts.items()
-        ])
+    if held:
+        session.execute(_DELETE_ARTIFACTS, {"trial_ids": held})
+    if artifacts:  # Core: compiled once (db.insert_ignoring_conflicts)
+        session.execute(insert(TrialArtifact.__table__), artifacts)
+    return superseded
 
 
-def _loss_rows(session: Session, trial_id: int) -> list[dict[str, Any]]:
-    result = session.execute(
-        select(EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss)
-        .where(EpochMetric.trial_id == trial_id).order_by(EpochMetric.epoch)
-    )
-    return [dict(row._mapping) for row in result]
+def _loss_rows(session: Session, trial_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """{trial id: its stored (epoch, train loss, validation loss) rows, in epoch order}, in one SELECT."""
+    if not trial_ids:
+        return {}
+    by_trial: dict[int, list[dict[str, Any]]] = {}
+    for row in session.execute(_LOSS_ROWS, {"trial_ids": trial_ids}):
+        by_trial.setdefault(row.trial_id, []).append(
+            {"epoch": row.epoch, "train_loss": row.train_loss, "val_loss": row.val_loss})
+    return by_trial
 
 
 def cancel_experiment(session: Session, experiment_id: int) -> dict[str, int]:

@@ -201,6 +201,37 @@ def test_an_attempt_superseded_by_a_requeue_can_write_nothing_even_with_the_same
         assert count_epoch_rows(session, trial_id) == 0
 
 
+def test_a_jobs_trials_finish_together_each_with_its_own_rows_verdict_and_pictures_but_not_a_superseded_one(
+        engine, experiment):
+    from services.models import TrialArtifact
+    from services.trials import Ending, finish_trials
+
+    ours, taken = experiment.trial_ids[:2]
+    with session_scope(engine) as session:
+        job = claim_job(session, [ours, taken], worker="w", max_attempts=3, redelivered=False)
+        record_epochs(session, ours, [_epoch(1)], token=job.token)  # stored; epochs 2 and 3 come with the end
+    with session_scope(engine) as session:  # another attempt takes `taken` over meanwhile
+        session.get(Trial, taken).attempt_token = "someone-else"
+    endings = [Ending(trial_id=trial_id, status="succeeded", final_metrics={"test_loss": 0.5}, best_epoch=3,
+                      artifacts={"curve_1d": {"trial": trial_id}}, rows=[_epoch(2), _epoch(3)])
+               for trial_id in (ours, taken)]
+    with session_scope(engine) as session:
+        assert finish_trials(session, endings, token=job.token) == {taken}
+    with session_scope(engine) as session:
+        trial, other = session.get(Trial, ours), session.get(Trial, taken)
+        assert (trial.status, trial.epochs_done, trial.best_epoch, trial.final_metrics) == (
+            "succeeded", 3, 3, {"test_loss": 0.5})
+        assert trial.verdict is not None and trial.finished_at is not None
+        assert session.scalars(select(EpochMetric.epoch).where(EpochMetric.trial_id == ours)
+                               .order_by(EpochMetric.epoch)).all() == [1, 2, 3]
+        assert session.scalars(select(TrialArtifact.data).where(TrialArtifact.trial_id == ours)).all() == [
+            {"trial": ours}]
+        # nothing of the superseded one: still running under the other attempt, no rows, no pictures
+        assert (other.status, other.epochs_done, other.verdict) == ("running", 0, None)
+        assert count_epoch_rows(session, taken) == 0
+        assert session.scalars(select(TrialArtifact.trial_id).where(TrialArtifact.trial_id == taken)).all() == []
+
+
 def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
@@ -209,7 +240,7 @@ def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeyp
 
     monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01, 0.01]")
     get_settings.cache_clear()  # the submit read them already
-    real_finish, failures = trials_module.finish_trial, []
+    real_finish, failures = trials_module.finish_trials, []
 
     def flaky_finish(*args, **kwargs):
         if len(failures) < 2:  # the database is down for the first two tries
@@ -217,7 +248,7 @@ def test_the_final_write_waits_out_a_database_outage(engine, experiment, monkeyp
             raise OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(jobs, "finish_trial", flaky_finish)
+    monkeypatch.setattr(jobs, "finish_trials", flaky_finish)
     trial_id = experiment.trial_ids[0]
     statuses = jobs.execute_job(engine, [trial_id], worker="w", redelivered=False)
     assert statuses == {str(trial_id): "succeeded"} and len(failures) == 2
@@ -236,7 +267,7 @@ def test_a_database_down_for_good_raises_database_down_and_keeps_the_trial_takea
     def always_down(*_args, **_kwargs):
         raise OperationalError("UPDATE trials", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(jobs, "finish_trial", always_down)
+    monkeypatch.setattr(jobs, "finish_trials", always_down)
     monkeypatch.setenv("FITSCOPE_DB_RETRY_DELAYS_S", "[0.01]")
     monkeypatch.setenv("FITSCOPE_DB_WAIT_S", "0.05")
     get_settings.cache_clear()  # the submit read them already
