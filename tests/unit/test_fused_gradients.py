@@ -89,3 +89,18 @@ def test_other_layers_go_through_autograd(case) -> None:
     config = TrialConfig(**{**SMALL, "dataset": "sine", "depth": 2, **case})
     _, template, flat, _ = _stack(config, rows=2)
     assert StackedModel(template, flat).train_plan is None
+
+
+@pytest.mark.parametrize("n", [64, 16, 3, 2000])
+def test_the_mse_losss_own_gradient_is_autograds_bitwise(n) -> None:
+    config = TrialConfig(**SMALL, dataset="sine")
+    row_loss = per_trial_loss(config, "mse")
+    generator = torch.Generator().manual_seed(n)
+    outputs = torch.randn(5, 1, n, generator=generator).requires_grad_()
+    y = torch.randn(5, n, generator=generator)
+    (want,) = torch.autograd.grad(row_loss(outputs, y).sum(), outputs)
+    with torch.no_grad():
+        got = row_loss.gradient(outputs, y)
+    assert got.shape == want.shape and torch.equal(got, want)
+    # and the loss that has none goes through autograd
+    assert per_trial_loss(config, "huber").gradient is None

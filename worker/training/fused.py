@@ -407,7 +407,8 @@ def _train_one_epoch(training: StackedTraining, running: list[_Trial], x: torch.
         input_noise, dropout_scales = noise.rows(start, end)
         if input_noise is not None:
             inputs = inputs + input_noise
-        losses, grads = model.loss_and_gradients(inputs, labels, row_loss, dropout_scales=dropout_scales, frozen=frozen)
+        losses, grads = model.loss_and_gradients(inputs, labels, row_loss, dropout_scales=dropout_scales, frozen=frozen,
+                                                 want_losses=step_losses is not None)
         if step_losses is not None:
             step_losses.append(losses.detach())
         norm = training.step(grads, lr=step_rates[step], want_norm=step == len(bounds) - 1)
