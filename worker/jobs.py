@@ -181,8 +181,10 @@ class JobRun:
         anything is allocated, and leaves the stack."""
         from services.admission import claim_problem, csv_shape, job_problem
 
-        # A CSV data set's size, as submit measured it (a fused job's trials share their data).
-        shape = write_with_retry(self.engine, lambda session: csv_shape(session, configs[0]), settings=self.settings)
+        # A CSV data set's size, as submit measured it (a fused job's trials share their data); none to
+        # read for a generated one (a transaction of nothing still cost ~0.3 ms a job).
+        shape = (write_with_retry(self.engine, lambda session: csv_shape(session, configs[0]), settings=self.settings)
+                 if getattr(configs[0].dataset, "sha256", None) else None)
         refused = {self.stack[i]: problem for i, config in enumerate(configs)
                    if (problem := claim_problem(config, csv_shape=shape))}
         for trial_id, problem in refused.items():
