@@ -510,9 +510,11 @@ def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift
 
 
 def _add_bias(x: torch.Tensor, bias: torch.Tensor, *, relu: bool) -> torch.Tensor:
-    """``x += bias`` in place, then ReLU if asked: one pass (aten's add-relu kernel, the same numbers
-    as add_ then relu_) instead of two."""
-    return torch.ops.aten._add_relu_(x, bias) if relu else x.add_(bias)
+    """``x += bias`` in place, then ReLU if asked: on the CPU one pass (aten's add-relu kernel, the
+    same numbers as add_ then relu_, which it has for the CPU only) instead of two."""
+    if not relu:
+        return x.add_(bias)
+    return torch.ops.aten._add_relu_(x, bias) if x.device.type == "cpu" else x.add_(bias).relu_()
 
 
 def _row_plan(layers: list[nn.Module]) -> list[tuple[int, bool] | None | nn.Module] | None:
