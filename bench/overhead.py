@@ -8,7 +8,8 @@ round in the order direct, service, service, direct:
             until the last trial ended (the latest finished_at the worker recorded, read once a poll
             every 0.1 s, as `fitscope submit --wait` polls, sees every trial ended: the poll alone
             would add half its interval to each run, a delay of the bench's, not the service's; the
-            total says what the poll saw too).
+            total says what the poll saw too). finished_at is stamped as the trial's final write
+            begins, so the last write itself (~2 ms) is left out of each run.
 and prints both wall times and their ratio per round, then the median of the rounds' ratios: this
 VM's speed drifts by tens of percent within a minute, and one round's ratio moved from +3% to +27%
 between two runs of the same code; the median of several rounds moves less. Both sides use one torch

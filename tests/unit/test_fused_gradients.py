@@ -104,3 +104,20 @@ def test_the_mse_losss_own_gradient_is_autograds_bitwise(n) -> None:
     assert got.shape == want.shape and torch.equal(got, want)
     # and the loss that has none goes through autograd
     assert per_trial_loss(config, "huber").gradient is None
+
+
+def test_a_nan_or_inf_in_one_row_stays_in_that_rows_loss_and_outputs() -> None:
+    # A diverging trial is found by its losses: a planned step or evaluation must carry its NaN and
+    # inf through every bias and ReLU (aten's one-pass add-relu kernel clamps inf to the largest float
+    # and, past its vector lanes, NaN to 0: a batch of 5 rows is all past them).
+    config = TrialConfig(**SMALL, dataset="sine", depth=1)
+    splits, template, flat, row_loss = _stack(config, rows=3)
+    first_bias = slice(config.width * splits.n_features, config.width * (splits.n_features + 1))
+    flat[1, first_bias] = float("nan")
+    flat[2, first_bias] = float("inf")
+    model = StackedModel(template, flat)
+    x, y = splits.x_train[:5].expand(3, 5, -1), splits.y_train[:5].reshape(1, -1).expand(3, -1)
+    losses, _ = model.loss_and_gradients(x, y, row_loss)
+    assert torch.isfinite(losses[0]) and losses[1].isnan() and not torch.isfinite(losses[2])
+    outputs = model.evaluate(splits.x_val[:5])
+    assert torch.isfinite(outputs[0]).all() and outputs[1].isnan().all() and not torch.isfinite(outputs[2]).any()

@@ -138,11 +138,11 @@ class StackedModel:
     def _evaluate_rows(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """Eval-mode outputs ``[rows, outputs, n]`` of these rows, one after another, on feature-major
         inputs ``[features, n]``, by :attr:`row_plan`: per layer a 2-D matmul into one of two
-        scratch buffers reused by every row, then the bias added in place: the same numbers as
-        forward's baddbmm of one batch (which takes a slower path in torch) and as addmm, at about
-        half addmm's CPU here (addmm's fresh output and broadcast bias copy cost more than its
-        matmul on these shapes), with little Python per row (a snapshot evaluates 64 rows one by
-        one at every planned epoch)."""
+        scratch buffers reused by every row, then the bias added in place: forward's numbers to
+        float rounding (the bias is added after the matmul, not before it as baddbmm and addmm
+        do), at about half addmm's CPU here (addmm's fresh output and broadcast bias copy cost
+        more than its matmul on these shapes), with little Python per row (a snapshot evaluates 64
+        rows one by one at every planned epoch)."""
         params, n = self.params, x.shape[1]
         scratch = [torch.empty(self.widest * n, dtype=x.dtype, device=x.device) for _ in range(2)]
         rows = list(rows)
@@ -153,7 +153,7 @@ class StackedModel:
                 if isinstance(step, tuple):  # a Linear layer (its weight's index; its bias follows), ReLU after?
                     weight, bias = params[step[0]][row], params[step[0] + 1][row]
                     h = torch.mm(weight, h, out=scratch[free][:weight.shape[0] * n].view(weight.shape[0], n))
-                    _add_bias(h, bias, relu=step[1])
+                    h = h.add_(bias).relu_() if step[1] else h.add_(bias)
                     free = 1 - free
                 elif step is None:
                     h = h.relu_()  # in place on the fresh matmul output, as in forward
@@ -167,9 +167,28 @@ class StackedModel:
     def _set(self, params: list[torch.Tensor], statistics: list[torch.Tensor]) -> None:
         self.params = [p.requires_grad_() for p in params]
         self.statistics = statistics
-        # by batch rows: each block's output, and the gradient at each hidden block's output
-        self._activations: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # the planned training step's buffers: per block, its output and (hidden blocks) the gradient
+        # at its output, flat, for the largest batch so far (a smaller batch uses their first numbers)
+        self._activations: list[torch.Tensor] = []
         self._gradients: list[torch.Tensor] | None = None  # one per parameter, rewritten every step
+
+    def _step_buffers(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each block's output buffer ``[slots, width, n]`` and each hidden block's gradient buffer for
+        a batch ``x`` of ``n`` rows (views of the flat buffers, allocated on first use)."""
+        n = x.shape[1]
+        shapes = [(self.rows, self.params[weight].shape[1], n) for weight, _, _ in self.train_plan]
+        shapes += shapes[:-1]
+        if not self._activations or any(math.prod(shape) > flat.numel()
+                                         for shape, flat in zip(shapes, self._activations, strict=True)):
+            self._activations = [torch.empty(math.prod(shape), dtype=x.dtype, device=x.device) for shape in shapes]
+        views = [flat[:math.prod(shape)].view(shape) for shape, flat in zip(shapes, self._activations, strict=True)]
+        blocks = len(self.train_plan)
+        return views[:blocks], views[blocks:]
+
+    def free_step_buffers(self) -> None:
+        """Let go of the training step's activation buffers (an evaluation needs the memory more;
+        the next step allocates them again)."""
+        self._activations = []
 
     def loss_and_gradients(self, x: torch.Tensor, labels: torch.Tensor, row_loss: PerTrialLoss, *,
                            dropout_scales: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
@@ -188,11 +207,7 @@ class StackedModel:
         if self.train_plan is None:
             losses = row_loss(self.forward(x, train=True, dropout_scales=dropout_scales, frozen=frozen), labels)
             return losses, list(torch.autograd.grad(losses.sum(), self.params))
-        buffers = self._activations.get(x.shape[1])
-        if buffers is None:
-            outputs = [torch.empty(self.rows, self.params[weight].shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-                       for weight, _, _ in self.train_plan]
-            buffers = self._activations[x.shape[1]] = (outputs, [torch.empty_like(b) for b in outputs[:-1]])
+        buffers = self._step_buffers(x)
         inputs = self._planned_forward(x, dropout_scales, buffers[0])
         outputs = inputs.pop()
         if row_loss.gradient is not None:  # the loss's backward kernels called directly
@@ -214,7 +229,9 @@ class StackedModel:
         h, inputs = x.mT, []
         for (weight, relu, dropout), out in zip(self.train_plan, buffers, strict=True):
             inputs.append(h)
-            h = _add_bias(torch.bmm(params[weight], h, out=out), params[weight + 1], relu=relu)
+            h = torch.bmm(params[weight], h, out=out).add_(params[weight + 1])
+            if relu:
+                h.relu_()
             if dropout is not None and dropout_scales is not None:
                 # in place: relu's backward reads this block's output only for its sign, which the
                 # scale (mask / keep, >= 0) keeps wherever the gradient it passes back is not 0
@@ -285,6 +302,7 @@ class StackedModel:
     def evaluate(self, x: torch.Tensor, *, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Eval-mode outputs ``[slots, outputs, n]`` of every row (or only ``rows``, in that order) on
         the shared inputs ``x`` ``[n, features]``, a few rows at a time so the activations stay small."""
+        self.free_step_buffers()  # the stack's peak memory: training's or evaluation's, not both
         count = self.rows
         step = max(1, EVAL_CHUNK_NUMBERS // max(1, x.shape[0] * self.widest))
         if self.row_plan is not None and (step == 1 or count == 1):
@@ -507,14 +525,6 @@ def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift
     fast as composing it from reductions), then each row's own scale and shift."""
     normalised = F.layer_norm(x.mT, (x.shape[1],), None, None, layer.eps)
     return torch.addcmul(shift, normalised.mT, scale)
-
-
-def _add_bias(x: torch.Tensor, bias: torch.Tensor, *, relu: bool) -> torch.Tensor:
-    """``x += bias`` in place, then ReLU if asked: on the CPU one pass (aten's add-relu kernel, the
-    same numbers as add_ then relu_, which it has for the CPU only) instead of two."""
-    if not relu:
-        return x.add_(bias)
-    return torch.ops.aten._add_relu_(x, bias) if x.device.type == "cpu" else x.add_(bias).relu_()
 
 
 def _row_plan(layers: list[nn.Module]) -> list[tuple[int, bool] | None | nn.Module] | None:
