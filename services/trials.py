@@ -123,9 +123,12 @@ _CLAIM_QUEUED = (
 _DELETE_EPOCH_ROWS = delete(_EPOCH_ROWS).where(_EPOCH_ROWS.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
 _DELETE_ARTIFACTS = delete(TrialArtifact.__table__).where(
     TrialArtifact.__table__.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
-_EPOCHS = EpochMetric.__table__.c
-_LOSS_ROWS = select(_EPOCHS.trial_id, _EPOCHS.epoch, _EPOCHS.train_loss, _EPOCHS.val_loss).where(
-    _EPOCHS.trial_id.in_(bindparam("trial_ids", expanding=True))).order_by(_EPOCHS.trial_id, _EPOCHS.epoch)
+# What finish_trials reads to diagnose the trials that end: their stored losses, in epoch order.
+_LOSS_ROWS = (
+    select(_EPOCH_ROWS.c.trial_id, _EPOCH_ROWS.c.epoch, _EPOCH_ROWS.c.train_loss, _EPOCH_ROWS.c.val_loss)
+    .where(_EPOCH_ROWS.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
+    .order_by(_EPOCH_ROWS.c.trial_id, _EPOCH_ROWS.c.epoch)
+)
 
 
 def claim_trial(session: Session, trial_id: int, *, worker: str, max_attempts: int,

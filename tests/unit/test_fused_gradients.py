@@ -18,7 +18,8 @@ SMALL = dict(n_train=64, n_val=32, n_test=32, width=16)
 CASES = [
     dict(dataset="sine", depth=2),  # regression, mse
     dict(dataset="moons", depth=3, dropout=0.5),  # binary, relu and dropout between every layer
-    dict(dataset="blobs", depth=1, label_smoothing=0.1),  # cross-entropy over classes
+    dict(dataset="blobs", depth=1, label_smoothing=0.1),  # cross-entropy over classes, through autograd
+    dict(dataset="blobs", depth=2),  # cross-entropy with its own gradient
     dict(dataset="sine", depth=0),  # one Linear layer
     dict(dataset="sine", depth=2, loss="huber"),
 ]
@@ -92,18 +93,26 @@ def test_other_layers_go_through_autograd(case) -> None:
 
 
 @pytest.mark.parametrize("n", [64, 16, 3, 2000])
-def test_the_mse_losss_own_gradient_is_autograds_bitwise(n) -> None:
-    config = TrialConfig(**SMALL, dataset="sine")
-    row_loss = per_trial_loss(config, "mse")
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_a_losss_own_gradient_is_autograds_bitwise(loss, n) -> None:
+    config = TrialConfig(**SMALL, dataset="sine" if loss == "mse" else "blobs")
+    row_loss = per_trial_loss(config, loss)
     generator = torch.Generator().manual_seed(n)
-    outputs = torch.randn(5, 1, n, generator=generator).requires_grad_()
-    y = torch.randn(5, n, generator=generator)
+    classes = 1 if loss == "mse" else 4
+    outputs = (torch.randn(5, classes, n, generator=generator) * 3).requires_grad_()
+    y = (torch.randn(5, n, generator=generator) if loss == "mse"
+         else torch.randint(0, classes, (5, n), generator=generator))
     (want,) = torch.autograd.grad(row_loss(outputs, y).sum(), outputs)
     with torch.no_grad():
         got = row_loss.gradient(outputs, y)
     assert got.shape == want.shape and torch.equal(got, want)
-    # and the loss that has none goes through autograd
+
+
+def test_the_losses_without_their_own_gradient_go_through_autograd() -> None:
+    config = TrialConfig(**SMALL, dataset="blobs")
     assert per_trial_loss(config, "huber").gradient is None
+    assert per_trial_loss(config.model_copy(update={"label_smoothing": 0.1}), "cross_entropy").gradient is None
+    assert per_trial_loss(config, "cross_entropy").gradient is not None
 
 
 def test_a_nan_or_inf_in_one_row_stays_in_that_rows_loss_and_outputs() -> None:

@@ -56,7 +56,8 @@ def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
     if loss == "cross_entropy":
         smoothing = config.label_smoothing
         return PerTrialLoss(
-            lambda output, y: F.cross_entropy(output, y, reduction="none", label_smoothing=smoothing).mean(1))
+            lambda output, y: F.cross_entropy(output, y, reduction="none", label_smoothing=smoothing).mean(1),
+            None if smoothing else _cross_entropy_gradient)
     if loss == "bce":
         return PerTrialLoss(lambda output, y: F.binary_cross_entropy_with_logits(
             output[:, 0], y.to(output.dtype), reduction="none").mean(1))
@@ -72,12 +73,27 @@ def per_trial_loss(config: TrialConfig, loss: str) -> PerTrialLoss:
     return PerTrialLoss(lambda output, y: elementwise(output[:, 0], y, reduction="none").mean(1))
 
 
+def _mean_share(output: torch.Tensor) -> torch.Tensor:
+    # The backward of each row's mean over its n examples: 1 / n, in the outputs' precision.
+    slots, n = output.shape[0], output.shape[-1]
+    return (torch.ones((), dtype=output.dtype, device=output.device) / n).expand(slots, n)
+
+
+def _cross_entropy_gradient(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # What autograd runs backward through sum -> mean(1) -> cross_entropy (reduction none, no label
+    # smoothing), which torch computes as log_softmax over the classes, then nll_loss2d on a view.
+    slots, classes, n = output.shape
+    log_probabilities = torch._log_softmax(output, 1, False)
+    nll = torch.ops.aten.nll_loss2d_backward(
+        _mean_share(output).reshape(slots, 1, n), log_probabilities.view(slots, classes, 1, n), y.view(slots, 1, n),
+        None, 0, -100, torch.zeros((), dtype=output.dtype, device=output.device))  # reduction none, no weights
+    return torch.ops.aten._log_softmax_backward_data(nll.view(slots, classes, n), log_probabilities, 1, output.dtype)
+
+
 def _mse_gradient(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # What autograd runs backward through sum -> mean(1) -> mse_loss(reduction none) -> output[:, 0]:
     # the mean's backward (1 / n in the outputs' precision) into mse_loss_backward.
-    slots, _, n = output.shape
-    share = (torch.ones((), dtype=output.dtype, device=output.device) / n).expand(slots, n)
-    return torch.ops.aten.mse_loss_backward(share, output[:, 0], y, 0).unsqueeze(1)
+    return torch.ops.aten.mse_loss_backward(_mean_share(output), output[:, 0], y, 0).unsqueeze(1)
 
 
 @torch.no_grad()
