@@ -156,8 +156,10 @@ def select_configurations(trials: pd.DataFrame, *, shown: list[str], parameters:
     # order, same means (pandas' grouped mean), same winners as grouping by the texts.
     # Each column's codes once for both; once per page run when the caller keeps them (rows not held).
     known = codes if codes is not None and kept is trials else {}
-    codes = {name: known[name] if name in known else known.setdefault(name, text_codes(kept[name]))
-             for name in lines + best}
+    for name in lines + best:
+        if name not in known:
+            known[name] = text_codes(kept[name])
+    codes = {name: known[name] for name in lines + best}
     line_id, group_id = group_ids(codes, lines), group_ids(codes, lines + best)
     means = pd.Series(score.loc[kept.index].to_numpy()).groupby(group_id, sort=True).mean()
     groups = means.index.to_numpy()

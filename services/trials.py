@@ -373,7 +373,7 @@ def finish_trials(session: Session, endings: Sequence[Ending], *, token: str | N
         session.execute(insert_ignoring_conflicts(session, EpochMetric), inserts)
     if held:
         session.execute(_DELETE_ARTIFACTS, {"trial_ids": held})
-    if artifacts:  # Core: compiled once (db.insert_ignoring_conflicts)
+    if artifacts:  # Core, on the Table: compiled once and cached
         session.execute(insert(TrialArtifact.__table__), artifacts)
     return superseded
 

@@ -150,10 +150,10 @@ class StackedModel:
         for i, row in enumerate(rows):
             h, free = x, 0
             for step in self.row_plan:
-                if isinstance(step, tuple):  # a Linear layer (its weight's index; its bias follows), ReLU after?
-                    weight, bias = params[step[0]][row], params[step[0] + 1][row]
+                if isinstance(step, int):  # a Linear layer: its weight's index; its bias follows
+                    weight = params[step][row]
                     h = torch.mm(weight, h, out=scratch[free][:weight.shape[0] * n].view(weight.shape[0], n))
-                    h = h.add_(bias).relu_() if step[1] else h.add_(bias)
+                    h.add_(params[step + 1][row])
                     free = 1 - free
                 elif step is None:
                     h = h.relu_()  # in place on the fresh matmul output, as in forward
@@ -184,11 +184,6 @@ class StackedModel:
         views = [flat[:math.prod(shape)].view(shape) for shape, flat in zip(shapes, self._activations, strict=True)]
         blocks = len(self.train_plan)
         return views[:blocks], views[blocks:]
-
-    def free_step_buffers(self) -> None:
-        """Let go of the training step's activation buffers (an evaluation needs the memory more;
-        the next step allocates them again)."""
-        self._activations = []
 
     def loss_and_gradients(self, x: torch.Tensor, labels: torch.Tensor, row_loss: PerTrialLoss, *,
                            dropout_scales: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
@@ -302,7 +297,9 @@ class StackedModel:
     def evaluate(self, x: torch.Tensor, *, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Eval-mode outputs ``[slots, outputs, n]`` of every row (or only ``rows``, in that order) on
         the shared inputs ``x`` ``[n, features]``, a few rows at a time so the activations stay small."""
-        self.free_step_buffers()  # the stack's peak memory: training's or evaluation's, not both
+        # Let go of the training step's buffers (the next step allocates them again): the stack's peak
+        # memory is training's or evaluation's, not both.
+        self._activations = []
         count = self.rows
         step = max(1, EVAL_CHUNK_NUMBERS // max(1, x.shape[0] * self.widest))
         if self.row_plan is not None and (step == 1 or count == 1):
@@ -527,18 +524,15 @@ def _layer_norm(x: torch.Tensor, layer: nn.LayerNorm, scale: torch.Tensor, shift
     return torch.addcmul(shift, normalised.mT, scale)
 
 
-def _row_plan(layers: list[nn.Module]) -> list[tuple[int, bool] | None | nn.Module] | None:
-    """How StackedModel._evaluate_rows replays the layers in eval mode: a Linear layer's weight index
-    and whether a ReLU follows it, None for another ReLU, or a stateless activation module (dropout
-    is the identity in eval mode); None (no plan) when a layer needs the stacked forward (norms,
-    polynomial features)."""
-    plan: list[tuple[int, bool] | None | nn.Module] = []
+def _row_plan(layers: list[nn.Module]) -> list[int | None | nn.Module] | None:
+    """How StackedModel._evaluate_rows replays the layers in eval mode: a Linear layer's weight index,
+    None for ReLU, or a stateless activation module (dropout is the identity in eval mode); None
+    (no plan) when a layer needs the stacked forward (norms, polynomial features)."""
+    plan: list[int | None | nn.Module] = []
     index = 0
     for layer in layers:
         if isinstance(layer, nn.Linear) and layer.bias is not None:
-            plan.append((index, False))
-        elif isinstance(layer, nn.ReLU) and plan and isinstance(plan[-1], tuple) and not plan[-1][1]:
-            plan[-1] = (plan[-1][0], True)
+            plan.append(index)
         elif isinstance(layer, nn.ReLU):
             plan.append(None)
         elif isinstance(layer, Dropout):
